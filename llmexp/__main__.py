@@ -1,0 +1,3 @@
+from llmexp.cli import main
+
+main()

@@ -1,0 +1,69 @@
+"""Registers the schemas with Hydra's ConfigStore and composes configs outside ``@hydra.main``.
+
+Every technique's schema is stored as the option ``technique/<name>``, so a plugin's
+technique is selectable (``technique=<name>``) without shipping any YAML.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import List, Sequence
+
+from hydra import compose, initialize_config_module
+from hydra.core.config_store import ConfigStore
+from hydra.core.global_hydra import GlobalHydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from llmexp.errors import UserError
+from llmexp.plugin_manager import techniques
+from llmexp.schema import RunConfig
+
+CONFIG_MODULE = "llmexp.conf"
+CONFIG_NAME = "config"
+
+
+@functools.lru_cache(maxsize=None)
+def register_configs() -> None:
+    cs = ConfigStore.instance()
+    cs.store(name="llmexp_schema", node=RunConfig)
+    for name, entry in techniques().items():
+        cs.store(group="technique", name=name, node=entry.technique.schema)
+
+
+def compose_config(overrides: Sequence[str], config_name: str = CONFIG_NAME) -> DictConfig:
+    """Compose like ``llmexp <overrides>`` would; bad input becomes a ``UserError``."""
+    register_configs()
+    GlobalHydra.instance().clear()
+    try:
+        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
+            return compose(config_name=config_name, overrides=list(overrides))
+    except (HydraException, OmegaConfBaseException) as error:
+        raise UserError(composition_message(error, overrides)) from None
+    finally:
+        GlobalHydra.instance().clear()
+
+
+def composition_message(error: Exception, overrides: Sequence[str]) -> str:
+    """One paragraph from Hydra's or OmegaConf's error, with the fix a user needs."""
+    text = " ".join(str(error).split())
+    hint = (
+        "Check the spelling against `llmexp --help` (groups and their options) and "
+        "`llmexp --cfg job` (every key with its current value and type)."
+    )
+    shown = " ".join(overrides) or "(no overrides)"
+    return f"The configuration could not be composed from `{shown}`: {text} {hint}"
+
+
+def sweep_points(overrides: List[str]) -> List[List[str]]:
+    """Expand a multirun's overrides into one override list per job, as Hydra's basic sweeper does."""
+    from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
+    from hydra.core.override_parser.overrides_parser import OverridesParser
+
+    try:
+        parsed = OverridesParser.create().parse_overrides(overrides=overrides)
+    except HydraException as error:
+        raise UserError(composition_message(error, overrides)) from None
+    batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
+    return [list(point) for batch in batches for point in batch]

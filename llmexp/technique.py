@@ -1,0 +1,76 @@
+"""The contract between the runner and a technique plugin.
+
+A technique is a class with a name, a config schema and a ``run`` method. Its module
+must import without torch (the planner and ``llmexp plugins`` load every plugin), so
+heavy imports belong inside ``run``.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, ClassVar, Dict, Optional, Tuple
+
+
+@dataclass
+class TechniqueConfig:
+    """Base schema; every technique's schema subclasses it and sets ``name``."""
+
+    name: str = ""
+
+
+@dataclass
+class ModelArtifact:
+    """A model handed from stage to stage: in memory, and where it was saved (if it was)."""
+
+    model: Any
+    tokenizer: Any
+    path: Optional[Path] = None
+    produced_by: str = ""
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: the whole config, its own node, its directory, the model so far."""
+
+    config: Any
+    stage_config: Any
+    stage_dir: Path
+    model: Optional[ModelArtifact]
+    tracker: Any
+    stage_name: str
+
+
+@dataclass
+class StageResult:
+    """What a stage returns; the runner records it in results.json."""
+
+    metrics: Dict[str, float] = field(default_factory=dict)
+    model: Optional[ModelArtifact] = None
+    artifacts: Dict[str, str] = field(default_factory=dict)
+    model_stats: Dict[str, Any] = field(default_factory=dict)
+
+
+class Technique:
+    """Subclass, set the class attributes, implement ``run``; return it from ``llmexp_techniques``.
+
+    ``memory`` tells the planner what the technique holds per device: ``inference``
+    (weights + KV cache), ``full`` (weights, grads, optimizer states, activations) or
+    ``adapter`` (frozen weights + trainable adapter and its states).
+    """
+
+    name: ClassVar[str]
+    schema: ClassVar[type]
+    memory: ClassVar[str] = "inference"
+    produces_model: ClassVar[bool] = False
+    requires: ClassVar[Tuple[str, ...]] = ()  # importable modules the technique needs
+    extra: ClassVar[Optional[str]] = None  # pip extra that installs them
+
+    def run(self, ctx: StageContext) -> StageResult:  # pragma: no cover - interface
+        raise NotImplementedError
+
+    @classmethod
+    def missing_requirements(cls) -> Tuple[str, ...]:
+        """Modules from ``requires`` that cannot be imported here (found without importing them)."""
+        return tuple(m for m in cls.requires if importlib.util.find_spec(m) is None)
