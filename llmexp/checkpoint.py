@@ -1,0 +1,191 @@
+"""Checks a local Hugging Face checkpoint directory before anything loads it.
+
+Loading a 140 GB checkpoint only to fail on its last shard wastes an hour of a GPU
+allocation, so the planner validates ``model.path`` up front, in pure Python (no torch):
+the directory exists, ``config.json`` parses and names a ``model_type``, weights are
+there, and every safetensors file is whole (its header parses and the tensor offsets it
+declares fit in the file). The architecture numbers in ``config.json`` then replace the
+preset's, so the plan describes the checkpoint actually given.
+"""
+
+from __future__ import annotations
+
+import json
+import struct
+from pathlib import Path
+from typing import Any, Dict, List
+
+from llmexp.errors import UserError
+
+FIELD = "model.path"
+
+# Bytes per element of the whole-byte safetensors dtypes; sub-byte ones (F4, F6_*) are
+# only checked for fitting in the file, not for their exact size.
+SAFETENSORS_DTYPE_BYTES = {
+    "BOOL": 1, "U8": 1, "I8": 1, "F8_E4M3": 1, "F8_E5M2": 1, "F8_E8M0": 1,
+    "U16": 2, "I16": 2, "F16": 2, "BF16": 2,
+    "U32": 4, "I32": 4, "F32": 4,
+    "U64": 8, "I64": 8, "F64": 8,
+}
+
+# Our ModelConfig field <- the Hugging Face config.json key it comes from.
+HF_KEYS = {
+    "architecture": "model_type",
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "max_position_embeddings": "max_position_embeddings",
+    "rope_theta": "rope_theta",
+    "rms_norm_eps": "rms_norm_eps",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "attention_bias": "attention_bias",
+}
+REQUIRED_HF_KEYS = ("model_type", "vocab_size", "hidden_size", "intermediate_size",
+                    "num_hidden_layers", "num_attention_heads")
+
+# What transformers assumes when config.json leaves a key out, per model_type. Qwen2 has
+# no ``attention_bias`` key: its q/k/v projections always carry a bias.
+HF_DEFAULTS: Dict[str, Dict[str, Any]] = {
+    "*": {"tie_word_embeddings": False, "attention_bias": False, "head_dim": None},
+    "qwen2": {"attention_bias": True},
+}
+
+
+def _error(path: Any, problem: str, fix: str) -> UserError:
+    return UserError(f"{FIELD}={path}: {problem}. {fix}")
+
+
+def read_hf_config(path) -> Dict[str, Any]:
+    """The parsed ``config.json`` of the checkpoint at ``path``; it must name a ``model_type``."""
+    directory = Path(path)
+    if not directory.is_dir():
+        raise _error(path, "is a file, not a directory" if directory.exists() else "no such directory",
+                     "Point model.path at a local Hugging Face checkpoint directory "
+                     "(the folder holding config.json and *.safetensors), or set model.path=null "
+                     "to use the preset's architecture without weights.")
+    config_file = directory / "config.json"
+    if not config_file.is_file():
+        raise _error(path, "the directory has no config.json",
+                     "A Hugging Face checkpoint needs config.json beside its weights; save the model "
+                     "with `model.save_pretrained(dir)` or copy config.json from the model's release.")
+    try:
+        hf_config = json.loads(config_file.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
+        raise _error(path, f"config.json could not be parsed ({error})",
+                     "Replace it with the config.json of the model's release.") from None
+    if not isinstance(hf_config, dict) or not hf_config.get("model_type"):
+        raise _error(path, "config.json has no model_type",
+                     "Add the model family (for example \"model_type\": \"llama\") or replace "
+                     "config.json with the one from the model's release.")
+    return hf_config
+
+
+def validate_checkpoint_dir(path) -> None:
+    """Raise a ``UserError`` unless ``path`` is a loadable-looking Hugging Face checkpoint.
+
+    Checks config.json (see ``read_hf_config``), that weights exist (``*.safetensors``,
+    ``model.safetensors.index.json`` or ``pytorch_model*.bin``), that every shard the
+    index names is present, and that each safetensors file is complete. ``.bin`` files are
+    pickles that only torch can read, so they are checked for presence only.
+    """
+    directory = Path(path)
+    read_hf_config(path)
+    safetensors = sorted(directory.glob("*.safetensors"))
+    index = directory / "model.safetensors.index.json"
+    bins = sorted(directory.glob("pytorch_model*.bin"))
+    if not (safetensors or index.is_file() or bins):
+        raise _error(path, "no weights found (no *.safetensors, model.safetensors.index.json "
+                     "or pytorch_model*.bin)",
+                     "Download or copy the weight files into this directory, or save the model "
+                     "there with `model.save_pretrained(dir)`.")
+    if index.is_file():
+        missing = _missing_shards(path, index)
+        if missing:
+            raise _error(path, f"model.safetensors.index.json names shards that are missing "
+                         f"({', '.join(missing)})",
+                         "Copy every shard listed in the index into the directory.")
+    for file in safetensors:
+        problem = safetensors_problem(file)
+        if problem:
+            raise _error(path, f"{file.name} is truncated or corrupt ({problem})",
+                         "Download or copy that file again and compare its size with the source's.")
+
+
+def _missing_shards(path, index: Path) -> List[str]:
+    try:
+        weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
+        shards = sorted(set(weight_map.values()))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
+        raise _error(path, "model.safetensors.index.json could not be parsed or has no weight_map",
+                     "Replace it with the index from the model's release.") from None
+    return [shard for shard in shards if not (index.parent / shard).is_file()]
+
+
+def safetensors_problem(file: Path) -> str:
+    """What is wrong with a safetensors file, or "" when its header and sizes agree.
+
+    The format is an 8-byte little-endian header length, a JSON header mapping each tensor
+    to its dtype, shape and ``data_offsets`` (relative to the end of the header), then the
+    data. A truncated copy shows up as offsets beyond the end of the file.
+    """
+    size = file.stat().st_size
+    if size < 8:
+        return f"{size} bytes, shorter than the 8-byte header length"
+    with file.open("rb") as handle:
+        (header_length,) = struct.unpack("<Q", handle.read(8))
+        if header_length > size - 8:
+            return f"header of {header_length} bytes declared, file has {size} bytes"
+        raw = handle.read(header_length)
+    try:
+        header = json.loads(raw.decode("utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError):
+        return "header is not valid JSON"
+    if not isinstance(header, dict):
+        return "header is not a JSON object"
+    data_bytes = size - 8 - header_length
+    for name, info in header.items():
+        if name == "__metadata__":
+            continue
+        try:
+            begin, end = (int(offset) for offset in info["data_offsets"])
+            shape = [int(dim) for dim in info["shape"]]
+            dtype = info["dtype"]
+        except (KeyError, TypeError, ValueError):
+            return f"tensor {name!r} has no valid dtype, shape and data_offsets"
+        if not 0 <= begin <= end <= data_bytes:
+            return f"tensor {name!r} ends at byte {end} of the data, which has only {data_bytes}"
+        if dtype in SAFETENSORS_DTYPE_BYTES:
+            expected = SAFETENSORS_DTYPE_BYTES[dtype]
+            for dim in shape:
+                expected *= dim
+            if end - begin != expected:
+                return f"tensor {name!r} holds {end - begin} bytes, its dtype and shape need {expected}"
+    return ""
+
+
+def model_numbers_from_hf_config(hf_config: Dict[str, Any]) -> Dict[str, Any]:
+    """Map a Hugging Face config.json onto ``ModelConfig`` field names.
+
+    Keys the file leaves out take transformers' defaults for that model_type (see
+    ``HF_DEFAULTS``); ``num_key_value_heads`` defaults to the attention heads (no GQA).
+    """
+    missing = [key for key in REQUIRED_HF_KEYS if hf_config.get(key) is None]
+    if missing:
+        raise UserError(
+            f"The checkpoint's config.json lacks {', '.join(missing)}, which the planner needs to "
+            f"size the model ({FIELD}). Replace config.json with the one from the model's release."
+        )
+    defaults = {**HF_DEFAULTS["*"], **HF_DEFAULTS.get(hf_config["model_type"], {})}
+    defaults["num_key_value_heads"] = hf_config["num_attention_heads"]
+    numbers = {}
+    for field_name, hf_key in HF_KEYS.items():
+        value = hf_config.get(hf_key)
+        if value is None and hf_key in defaults:
+            value = defaults[hf_key]
+        if value is not None or hf_key == "head_dim":
+            numbers[field_name] = value
+    return numbers

@@ -1,0 +1,114 @@
+"""``llmexp plan [--json] <overrides>``: will this config fit and run, before anything starts.
+
+Composes the config exactly as a run would, makes the plan and prints it: a table for
+people, JSON for scripts. Exit code 0 when the plan has no problems, 2 when it has (or
+the config does not compose); nothing is written and torch is never imported.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from typing import List
+
+from llmexp import console
+from llmexp.errors import EXIT_USER_ERROR, UserError
+
+GIB = 2**30
+
+
+def main(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(
+        prog="llmexp plan",
+        description="Plan a run without running it: parameters, memory per device, problems. "
+        "Exit code 0 when it fits and runs, 2 when it does not.",
+        epilog="example: llmexp plan model=llama3_1_70b hardware=a100_80g parallelism=tp8",
+    )
+    parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for `llmexp`")
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exit_:  # --help or a usage error: argparse has printed why
+        return int(exit_.code or 0)
+
+    from llmexp.config import compose_config
+    from llmexp.planner import make_plan
+
+    try:
+        cfg = compose_config(args.overrides)
+        plan = make_plan(cfg)
+    except UserError as error:
+        console.error(str(error))
+        return EXIT_USER_ERROR
+    if args.json:
+        print(json.dumps({**plan.to_dict(), "config": summary(cfg)}, indent=2))
+    else:
+        print_table(cfg, plan)
+    return 0 if plan.feasible else EXIT_USER_ERROR
+
+
+def summary(cfg) -> dict:
+    """The choices a plan depends on, so a JSON plan says what it is the plan of."""
+    p = cfg.parallelism
+    return {
+        "model": cfg.model.name,
+        "model_path": cfg.model.path,
+        "technique": cfg.technique.name,
+        "hardware": cfg.hardware.name,
+        "precision": getattr(cfg.precision, "value", cfg.precision),
+        "parallelism": {"name": p.name, "tp": p.tp, "pp": p.pp, "dp": p.dp, "nodes": p.nodes,
+                        "devices_per_node": p.devices_per_node, "sharding": p.sharding},
+        "seq_len": cfg.data.seq_len,
+        "micro_batch": p.micro_batch,
+        "global_batch": p.global_batch,
+    }
+
+
+def print_table(cfg, plan) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    s = summary(cfg)
+    p = s["parallelism"]
+    title = (f"llmexp plan: model={s['model']} technique={s['technique']} ({plan.technique_memory}) "
+             f"precision={s['precision']} hardware={s['hardware']} parallelism={p['name']}")
+    table = Table(show_header=False)
+    table.add_column(style="bold")
+    table.add_column(justify="right")
+    table.add_row("parameters", count(plan.parameters))
+    table.add_row("trainable", count(plan.trainable_parameters))
+    table.add_row("world size", f"{plan.world_size} = tp {p['tp']} × pp {p['pp']} × dp {p['dp']}")
+    table.add_row("devices", f"{p['nodes']} node × {p['devices_per_node']}, sharding {p['sharding']}")
+    table.add_row("micro batch", f"{s['micro_batch']} × {s['seq_len']} tokens (global {s['global_batch']})")
+    table.add_section()
+    for name, value in plan.memory_breakdown.items():
+        table.add_row(f"  {name}", size(value))
+    table.add_section()
+    share = plan.memory_per_device_bytes / plan.device_memory_bytes
+    table.add_row("memory per device", f"{size(plan.memory_per_device_bytes)} of "
+                  f"{size(plan.device_memory_bytes)} ({share:.0%})")
+    out = console.out
+    out.print(Text(title, style="bold"), soft_wrap=True)
+    out.print(table)
+    if plan.feasible:
+        out.print(Text("✓ fits and runs as configured", style="green"))
+        return
+    out.print(Text(f"✗ {len(plan.problems)} problem(s):", style="red bold"))
+    for problem in plan.problems:
+        out.print(Text(f"  - {problem}"), soft_wrap=True)  # unbroken, so it can be grepped
+
+
+def count(parameters: int) -> str:
+    for unit, scale in (("B", 1e9), ("M", 1e6), ("K", 1e3)):
+        if parameters >= scale:
+            return f"{parameters / scale:.2f} {unit}"
+    return str(parameters)
+
+
+def size(nbytes: float) -> str:
+    return f"{nbytes / GIB:.2f} GiB" if nbytes >= GIB else f"{nbytes / 2**20:.1f} MiB"
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))

@@ -1,0 +1,431 @@
+"""Will it fit, will it run? The plan of a composed config, in pure Python.
+
+The planner turns architecture numbers, precision, technique and parallelism into a
+parameter count, a per-device memory estimate and a list of problems, each naming the
+config field, its value and the fix. It never imports torch, transformers or lightning,
+so ``llmexp plan`` answers in well under a second and every sweep point can be checked
+before a job is queued.
+
+Units: ``hardware.memory_gb`` is read as GiB (2**30 bytes), which is what nvidia-smi
+reports (an "80 GB" A100 shows 81920 MiB); every byte figure here is exact bytes.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from collections.abc import Mapping
+from dataclasses import asdict, dataclass, field
+from typing import Any, Callable, Dict, List
+
+from omegaconf import OmegaConf
+
+from llmexp import plugin_manager
+from llmexp.checkpoint import model_numbers_from_hf_config, read_hf_config, validate_checkpoint_dir
+from llmexp.errors import UserError
+
+GIB = 2**30
+
+# Bytes per stored value for each ``precision``. Weights (and, in full training, their
+# gradients) are held in the run's precision. Activations of fp8/fp4 runs stay 16-bit, as
+# Transformer Engine keeps them; serving stacks have FP8 KV caches but no FP4 one.
+WEIGHT_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "fp4": 0.5}
+ACTIVATION_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 2, "fp4": 2}
+KV_CACHE_BYTES = {"fp32": 4, "bf16": 2, "fp16": 2, "fp8": 1, "fp4": 1}
+
+ADAM_MOMENT_BYTES = 8  # two fp32 moments per trained parameter
+MASTER_WEIGHT_BYTES = 4  # the fp32 copy a mixed-precision optimizer steps on
+ADAPTER_VALUE_BYTES = 4  # PEFT keeps adapter weights (and so their grads) in fp32
+
+# What a precision needs from the hardware and which preset has it; the check itself is
+# ``hardware.dtypes``, this only explains a failure and suggests a way out.
+PRECISION_NEEDS = {
+    "fp32": ("FP32 runs everywhere", "cpu"),
+    "fp16": ("FP16 needs Volta or newer", "v100"),
+    "bf16": ("BF16 needs Ampere or newer", "a100_80g"),
+    "fp8": ("FP8 needs Ada/Hopper or newer", "h100"),
+    "fp4": ("FP4 needs Blackwell", "b200"),
+}
+# Fewest bits first: the suggested fallback is the next entry the hardware supports.
+PRECISION_FALLBACK = ["fp4", "fp8", "bf16", "fp16", "fp32"]
+
+# (in_features, out_features) of each linear layer of a Llama-style decoder layer, as PEFT
+# names them in ``target_modules``; "all-linear" targets every one.
+LINEAR_SHAPES: Dict[str, Callable[[Dict[str, Any]], tuple]] = {
+    "q_proj": lambda m: (m["hidden_size"], m["num_attention_heads"] * m["head_dim"]),
+    "k_proj": lambda m: (m["hidden_size"], m["num_key_value_heads"] * m["head_dim"]),
+    "v_proj": lambda m: (m["hidden_size"], m["num_key_value_heads"] * m["head_dim"]),
+    "o_proj": lambda m: (m["num_attention_heads"] * m["head_dim"], m["hidden_size"]),
+    "gate_proj": lambda m: (m["hidden_size"], m["intermediate_size"]),
+    "up_proj": lambda m: (m["hidden_size"], m["intermediate_size"]),
+    "down_proj": lambda m: (m["intermediate_size"], m["hidden_size"]),
+}
+DEFAULT_ADAPTER_RANK = 16
+DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
+
+# Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
+# Table 2: a layer stores s*b*h*(34 + 5*a*s/h) bytes of 16-bit activations. The 5*a*s/h
+# term is the s-by-s attention scores, which fused SDPA/FlashAttention kernels never store,
+# so only the 34 remains; with activation checkpointing a layer keeps just its 16-bit
+# input (2*s*b*h) and one layer at a time is recomputed in full.
+ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 34
+CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN = 2
+LOGIT_BYTES = 4  # the loss reads fp32 logits: s*b*vocab of them
+
+SHARDINGS = ("none", "fsdp")  # fsdp: weights, grads and optimizer states split over dp
+LAYOUT_FIELDS = ("tp", "pp", "dp", "nodes", "devices_per_node", "micro_batch", "global_batch")
+
+
+@dataclass
+class Plan:
+    """What a config needs: parameters, bytes per device by kind, and what stops it running."""
+
+    parameters: int
+    memory_per_device_bytes: int
+    memory_breakdown: Dict[str, int]  # weights, gradients, optimizer, activations, kv_cache, adapter
+    world_size: int  # tp * pp * dp
+    device_memory_bytes: int
+    technique_memory: str  # inference | full | adapter
+    problems: List[str] = field(default_factory=list)
+    trainable_parameters: int = 0  # all of them in full training, the adapter's, or none
+
+    @property
+    def feasible(self) -> bool:
+        return not self.problems
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {**asdict(self), "feasible": self.feasible}
+
+
+def architecture(model: Any) -> Dict[str, Any]:
+    """Architecture numbers from a dict or a ModelConfig-like object, ``head_dim`` resolved."""
+    names = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
+             "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias")
+    if isinstance(model, Mapping):
+        numbers = {name: model.get(name) for name in names}
+    else:
+        numbers = {name: getattr(model, name, None) for name in names}
+    if numbers["num_key_value_heads"] is None:
+        numbers["num_key_value_heads"] = numbers["num_attention_heads"]
+    if numbers["head_dim"] is None:
+        numbers["head_dim"] = numbers["hidden_size"] // numbers["num_attention_heads"]
+    numbers["tie_word_embeddings"] = bool(numbers["tie_word_embeddings"])
+    numbers["attention_bias"] = bool(numbers["attention_bias"])
+    return numbers
+
+
+def count_parameters(model_numbers: Any) -> int:
+    """Parameters of a Llama-style decoder (GQA attention, SwiGLU MLP, RMSNorm).
+
+    Embeddings V*H, the LM head V*H unless tied, and per layer: q H*(nh*hd), k and v
+    H*(nkv*hd) each, o (nh*hd)*H, biases on q/k/v when ``attention_bias``, the gate/up/down
+    MLP 3*H*I and two RMSNorm weights 2*H; then the final norm H.
+    """
+    m = architecture(model_numbers)
+    h, heads, kv_heads, head_dim = (m["hidden_size"], m["num_attention_heads"],
+                                    m["num_key_value_heads"], m["head_dim"])
+    attention = 2 * h * heads * head_dim + 2 * h * kv_heads * head_dim
+    if m["attention_bias"]:
+        attention += heads * head_dim + 2 * kv_heads * head_dim
+    per_layer = attention + 3 * h * m["intermediate_size"] + 2 * h
+    embeddings = m["vocab_size"] * h * (1 if m["tie_word_embeddings"] else 2)
+    return embeddings + m["num_layers"] * per_layer + h
+
+
+def make_plan(cfg) -> Plan:
+    """The plan of a composed config (``llmexp.schema.RunConfig``), problems included.
+
+    Memory is that of the ``technique`` node, the stage that holds the most (a following
+    evaluation is inference on the same model). Plugin checks (the ``llmexp_plan_problems``
+    hook) run last and see the plan so far.
+    """
+    problems: List[str] = []
+    model = model_numbers(cfg, problems)
+    precision = _value(cfg.precision)
+    layout = {name: int(cfg.parallelism[name]) for name in LAYOUT_FIELDS}
+    problems += layout_problems(cfg, layout)
+    layout = {name: max(1, value) for name, value in layout.items()}  # keep the arithmetic defined
+    problems += precision_problems(cfg, precision)
+    problems += divisibility_problems(cfg, model, layout)
+
+    memory_mode = plugin_manager.technique(cfg.technique.name).memory
+    estimate = MEMORY_ESTIMATES.get(memory_mode)
+    if estimate is None:
+        problems.append(
+            f"technique={cfg.technique.name} declares memory={memory_mode!r}, which the planner does "
+            f"not know; the technique's class must set memory to one of {', '.join(MEMORY_ESTIMATES)}."
+        )
+        estimate = MEMORY_ESTIMATES["inference"]
+    breakdown, trainable = estimate(cfg, model, precision, layout, problems)
+    breakdown = {name: int(math.ceil(value)) for name, value in breakdown.items()}
+    plan = Plan(
+        parameters=count_parameters(model),
+        memory_per_device_bytes=sum(breakdown.values()),
+        memory_breakdown=breakdown,
+        world_size=layout["tp"] * layout["pp"] * layout["dp"],
+        device_memory_bytes=device_memory_bytes(cfg, layout),
+        technique_memory=memory_mode,
+        problems=problems,
+        trainable_parameters=trainable,
+    )
+    plan.problems += memory_problems(cfg, plan)
+    plan.problems += plugin_manager.plan_problems(cfg, plan)
+    return plan
+
+
+def model_numbers(cfg, problems: List[str]) -> Dict[str, Any]:
+    """The preset's numbers, or the checkpoint's config.json ones when ``model.path`` is set."""
+    numbers = architecture(cfg.model)
+    path = cfg.model.path
+    if path is None:
+        return numbers
+    try:
+        validate_checkpoint_dir(path)
+    except UserError as error:
+        problems.append(str(error))
+    try:
+        return architecture(model_numbers_from_hf_config(read_hf_config(path)))
+    except UserError as error:
+        if str(error) not in problems:
+            problems.append(str(error))
+        return numbers
+
+
+# ---------------------------------------------------------------- memory per device
+
+
+def _state_shards(cfg, layout) -> int:
+    """How many ways weights, grads and optimizer states are split: tp*pp, times dp under FSDP."""
+    shards = layout["tp"] * layout["pp"]
+    return shards * layout["dp"] if cfg.parallelism.sharding == "fsdp" else shards
+
+
+def inference_memory(cfg, model, precision, layout, problems):
+    """Weights in the run's precision plus the KV cache; forward activations are transient.
+
+    KV cache: 2 (k and v) * layers * kv_heads * head_dim * seq_len * micro_batch values,
+    split over tp (by kv head) and pp (by layer).
+    """
+    weights = count_parameters(model) * WEIGHT_BYTES[precision] / _state_shards(cfg, layout)
+    kv_cache = (2 * model["num_layers"] * model["num_key_value_heads"] * model["head_dim"]
+                * cfg.data.seq_len * layout["micro_batch"] * KV_CACHE_BYTES[precision]
+                / (layout["tp"] * layout["pp"]))
+    return {"weights": weights, "kv_cache": kv_cache}, 0
+
+
+def full_memory(cfg, model, precision, layout, problems):
+    """Weights and grads in the run's precision, Adam states, activations of the busiest stage.
+
+    Adam keeps two fp32 moments per parameter, and an fp32 master copy unless the run is
+    already fp32. Activations: see ``activation_bytes``.
+    """
+    parameters = count_parameters(model)
+    shards = _state_shards(cfg, layout)
+    optimizer = ADAM_MOMENT_BYTES + (0 if precision == "fp32" else MASTER_WEIGHT_BYTES)
+    return {
+        "weights": parameters * WEIGHT_BYTES[precision] / shards,
+        "gradients": parameters * WEIGHT_BYTES[precision] / shards,
+        "optimizer": parameters * optimizer / shards,
+        "activations": activation_bytes(cfg, model, precision, layout),
+    }, parameters
+
+
+def adapter_memory(cfg, model, precision, layout, problems):
+    """Frozen weights in the run's precision; the adapter, its grads and Adam states in fp32.
+
+    An adapter of rank r on a linear layer (in -> out) has r*(in + out) parameters, for each
+    of ``technique.target_modules`` in every layer. ``gradients`` and ``optimizer`` here are
+    the adapter's only. Activations are those of full training: backward still runs through
+    every frozen layer.
+    """
+    rank = OmegaConf.select(cfg, "technique.rank", default=DEFAULT_ADAPTER_RANK)
+    targets = OmegaConf.select(cfg, "technique.target_modules", default=None) or DEFAULT_TARGET_MODULES
+    targets = list(LINEAR_SHAPES) if targets == "all-linear" else list(targets)
+    unknown = [name for name in targets if name not in LINEAR_SHAPES]
+    if unknown:
+        problems.append(
+            f"technique.target_modules names {', '.join(unknown)}, which a {model_kind(cfg)} layer does "
+            f"not have; choose from {', '.join(LINEAR_SHAPES)} or all-linear."
+        )
+    per_layer = sum(rank * sum(LINEAR_SHAPES[name](model)) for name in targets if name in LINEAR_SHAPES)
+    adapter = per_layer * model["num_layers"]
+    shards = _state_shards(cfg, layout)
+    return {
+        "weights": count_parameters(model) * WEIGHT_BYTES[precision] / shards,
+        "adapter": adapter * ADAPTER_VALUE_BYTES / shards,
+        "gradients": adapter * ADAPTER_VALUE_BYTES / shards,
+        "optimizer": adapter * ADAM_MOMENT_BYTES / shards,
+        "activations": activation_bytes(cfg, model, precision, layout),
+    }, adapter
+
+
+MEMORY_ESTIMATES = {"inference": inference_memory, "full": full_memory, "adapter": adapter_memory}
+
+
+def activation_bytes(cfg, model, precision, layout) -> float:
+    """Activations kept for backward on the busiest pipeline stage.
+
+    Per layer 34*s*b*h bytes at 16-bit (see ``ACTIVATION_BYTES_PER_TOKEN_HIDDEN``), split
+    over tp as Megatron's sequence parallelism does. Under the 1F1B schedule the first stage
+    holds min(pp, micro-batches per step) micro-batches of its layers; the last holds one
+    plus the fp32 logits (s*b*vocab / tp) that the loss reads.
+    """
+    s, b, h = cfg.data.seq_len, layout["micro_batch"], model["hidden_size"]
+    scale = ACTIVATION_BYTES[precision] / 2
+    full_layer = ACTIVATION_BYTES_PER_TOKEN_HIDDEN * s * b * h * scale / layout["tp"]
+    if cfg.parallelism.activation_checkpointing:
+        kept_layer = CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN * s * b * h * scale / layout["tp"]
+        recompute = full_layer
+    else:
+        kept_layer, recompute = full_layer, 0
+    stage_layers = model["num_layers"] / layout["pp"]
+    micro_batches = max(1, layout["global_batch"] // (layout["micro_batch"] * layout["dp"]))
+    first_stage = stage_layers * min(layout["pp"], micro_batches) * kept_layer
+    last_stage = stage_layers * kept_layer + LOGIT_BYTES * s * b * model["vocab_size"] / layout["tp"]
+    return max(first_stage, last_stage) + recompute
+
+
+def device_memory_bytes(cfg, layout) -> int:
+    """One device's memory: ``hardware.memory_gb`` GiB, or on CPU this machine's RAM shared
+    by the ``devices_per_node`` processes that run on it."""
+    if cfg.hardware.memory_gb is not None:
+        return int(cfg.hardware.memory_gb * GIB)
+    return machine_ram_bytes() // layout["devices_per_node"]
+
+
+def machine_ram_bytes() -> int:
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+# ---------------------------------------------------------------- problems
+
+
+def layout_problems(cfg, layout) -> List[str]:
+    """Counts must be positive; tp*pp*dp must use exactly the devices the job asks for; a
+    node cannot give more GPUs than it has (CPU ranks are processes, so no limit there)."""
+    problems = [
+        f"parallelism.{name}={value} must be a positive integer; set it to 1 or more."
+        for name, value in layout.items() if value < 1
+    ]
+    if problems:
+        return problems
+    p = cfg.parallelism
+    if p.sharding not in SHARDINGS:
+        problems.append(f"parallelism.sharding={p.sharding} is not known; choose one of {', '.join(SHARDINGS)}.")
+    world, devices = p.tp * p.pp * p.dp, p.nodes * p.devices_per_node
+    if world != devices:
+        fixes = []
+        if world % p.nodes == 0:
+            fixes.append(f"set parallelism.devices_per_node={world // p.nodes}")
+        if devices % (p.tp * p.pp) == 0:
+            fixes.append(f"set parallelism.dp={devices // (p.tp * p.pp)}")
+        fix = " or ".join(fixes) or (
+            f"set parallelism.nodes and parallelism.devices_per_node so their product is {world}")
+        problems.append(
+            f"parallelism.tp*pp*dp = {p.tp}*{p.pp}*{p.dp} = {world} ranks but parallelism.nodes*"
+            f"devices_per_node = {p.nodes}*{p.devices_per_node} = {devices} devices (parallelism="
+            f"{p.name}); they must be equal — {fix}."
+        )
+    if cfg.hardware.accelerator == "gpu" and p.devices_per_node > cfg.hardware.gpus_per_node:
+        gpn = cfg.hardware.gpus_per_node
+        problems.append(
+            f"parallelism.devices_per_node={p.devices_per_node} but hardware={cfg.hardware.name} has "
+            f"hardware.gpus_per_node={gpn}; spread the job over more nodes (parallelism.nodes="
+            f"{-(-p.nodes * p.devices_per_node // gpn)} with devices_per_node={gpn}) or choose "
+            f"hardware with {p.devices_per_node} GPUs per node."
+        )
+    return problems
+
+
+def precision_problems(cfg, precision: str) -> List[str]:
+    hardware = cfg.hardware
+    dtypes = list(hardware.dtypes)
+    if precision in dtypes:
+        return []
+    rule, preset = PRECISION_NEEDS[precision]
+    fallback = next((p for p in PRECISION_FALLBACK[PRECISION_FALLBACK.index(precision) + 1:]
+                     if p in dtypes), "fp32")
+    return [
+        f"precision={precision} is not supported by hardware={hardware.name} ({hardware.generation}: "
+        f"{', '.join(dtypes)}); {rule} — choose hardware={preset} or precision={fallback}."
+    ]
+
+
+def divisibility_problems(cfg, model, layout) -> List[str]:
+    """Heads split over tp, layers over pp, and a step's batch into whole micro-batches."""
+    problems = []
+    tp, pp = layout["tp"], layout["pp"]
+    heads, kv_heads = model["num_attention_heads"], model["num_key_value_heads"]
+    tp_choices = ", ".join(map(str, _divisors(math.gcd(heads, kv_heads))))
+    for field_name, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+        if value % tp:
+            problems.append(
+                f"model.{field_name}={value} is not divisible by parallelism.tp={tp} "
+                f"(model={model_kind(cfg)}); every tensor-parallel rank needs whole heads — choose "
+                f"parallelism.tp from {tp_choices}."
+            )
+    if model["num_layers"] % pp:
+        choices = ", ".join(str(d) for d in _divisors(model["num_layers"]) if d <= 16)
+        problems.append(
+            f"model.num_layers={model['num_layers']} is not divisible by parallelism.pp={pp} "
+            f"(model={model_kind(cfg)}); pipeline stages need equal whole layers — choose "
+            f"parallelism.pp from {choices}."
+        )
+    step = layout["micro_batch"] * layout["dp"]
+    if layout["global_batch"] % step:
+        problems.append(
+            f"parallelism.global_batch={layout['global_batch']} is not divisible by "
+            f"parallelism.micro_batch*dp = {layout['micro_batch']}*{layout['dp']} = {step}; each "
+            f"data-parallel rank needs whole micro-batches — set parallelism.global_batch to a "
+            f"multiple of {step} (e.g. {-(-layout['global_batch'] // step) * step}) or change "
+            f"parallelism.micro_batch."
+        )
+    return problems
+
+
+def memory_problems(cfg, plan: Plan) -> List[str]:
+    need, have = plan.memory_per_device_bytes, plan.device_memory_bytes
+    if need <= have:
+        return []
+    parts = ", ".join(f"{name} {value / GIB:.1f}" for name, value in plan.memory_breakdown.items())
+    fixes = ["raise parallelism.tp or parallelism.pp", "use parallelism.sharding=fsdp",
+             f"lower parallelism.micro_batch (now {cfg.parallelism.micro_batch})"]
+    if cfg.hardware.accelerator == "cpu":
+        where = f"hardware={cfg.hardware.name} has {have / GIB:.1f} GiB of RAM per process"
+        fixes.append("use a machine with more RAM")
+    else:
+        where = f"hardware={cfg.hardware.name} holds {have / GIB:.1f} GiB"
+        roomy = [name for name, gib in hardware_presets() if gib * GIB >= need]
+        if roomy:
+            fixes.append(f"choose a GPU with more memory (hardware={', '.join(roomy)})")
+    return [
+        f"Memory per device is {need / GIB:.1f} GiB ({parts}) but {where}, {(need - have) / GIB:.1f} "
+        f"GiB short; {', '.join(fixes[:-1])} or {fixes[-1]}."
+    ]
+
+
+def hardware_presets() -> List[tuple]:
+    """(name, memory GiB) of each GPU preset in conf/hardware, smallest first."""
+    from importlib.resources import files
+
+    import yaml
+
+    presets = []
+    for entry in files("llmexp.conf").joinpath("hardware").iterdir():
+        if entry.name.endswith(".yaml"):
+            preset = yaml.safe_load(entry.read_text(encoding="utf-8")) or {}
+            if preset.get("memory_gb"):
+                presets.append((entry.name[:-5], preset["memory_gb"]))
+    return sorted(presets, key=lambda preset: (preset[1], preset[0]))
+
+
+def model_kind(cfg) -> str:
+    return cfg.model.name if cfg.model.path is None else f"{cfg.model.name} from {cfg.model.path}"
+
+
+def _divisors(n: int) -> List[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def _value(precision: Any) -> str:
+    return getattr(precision, "value", precision)

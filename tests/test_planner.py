@@ -1,0 +1,359 @@
+"""The planner on real composed configs: counts, memory per device, and every kind of problem."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List
+
+import numpy as np
+import pytest
+from safetensors.numpy import save_file
+
+import llmexp.config
+from llmexp import plugin_manager
+from llmexp.config import compose_config
+from llmexp.hookspecs import hookimpl
+from llmexp.planner import GIB, count_parameters, make_plan
+from llmexp.technique import Technique, TechniqueConfig
+
+REPO = Path(__file__).resolve().parents[1]
+
+LLAMA_3_1_70B_CONFIG = {
+    "model_type": "llama", "vocab_size": 128256, "hidden_size": 8192, "intermediate_size": 28672,
+    "num_hidden_layers": 80, "num_attention_heads": 64, "num_key_value_heads": 8, "head_dim": 128,
+    "max_position_embeddings": 131072, "rope_theta": 500000.0, "rms_norm_eps": 1e-05,
+    "tie_word_embeddings": False,
+}
+
+
+def plan_of(*overrides):
+    return make_plan(compose_config(list(overrides)))
+
+
+def only(problems, fragment):
+    """The one problem containing ``fragment``."""
+    found = [problem for problem in problems if fragment in problem]
+    assert len(found) == 1, problems
+    return found[0]
+
+
+def write_checkpoint(directory, hf_config):
+    """config.json with the given numbers and a small real safetensors file (the planner reads
+    the numbers; it does not compare them with the weights)."""
+    directory.mkdir(parents=True)
+    (directory / "config.json").write_text(json.dumps(hf_config))
+    save_file({"placeholder": np.zeros((4,), dtype=np.float16)}, str(directory / "model.safetensors"))
+    return directory
+
+
+# ---------------------------------------------------------------- test-only techniques
+
+
+@dataclass
+class AdapterConfig(TechniqueConfig):
+    name: str = "plan_test_adapter"
+    rank: int = 16
+    target_modules: List[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+
+
+class AdapterTechnique(Technique):
+    name = "plan_test_adapter"
+    schema = AdapterConfig
+    memory = "adapter"
+
+
+@dataclass
+class OddConfig(TechniqueConfig):
+    name: str = "plan_test_odd"
+
+
+class OddMemoryTechnique(Technique):
+    name = "plan_test_odd"
+    schema = OddConfig
+    memory = "streaming"
+
+
+class PlanTestPlugin:
+    """Registered through the real hooks, as a third-party package would be."""
+
+    @hookimpl
+    def llmexp_techniques(self):
+        return [AdapterTechnique, OddMemoryTechnique]
+
+    @hookimpl
+    def llmexp_plan_problems(self, config, plan):
+        if config.technique.name == "plan_test_adapter" and config.technique.rank > 256:
+            return [f"technique.rank={config.technique.rank} is above 256 (plan has {plan.parameters} parameters)."]
+        return []
+
+
+@pytest.fixture
+def test_plugin():
+    def refresh():
+        plugin_manager.techniques.cache_clear()
+        llmexp.config.register_configs.cache_clear()
+
+    plugin = PlanTestPlugin()
+    plugin_manager.plugin_manager().register(plugin)
+    refresh()
+    yield plugin
+    plugin_manager.plugin_manager().unregister(plugin)
+    refresh()
+
+
+# ---------------------------------------------------------------- parameters
+
+
+def test_count_parameters_by_hand():
+    numbers = {"vocab_size": 10, "hidden_size": 8, "intermediate_size": 16, "num_layers": 2,
+               "num_attention_heads": 2, "num_key_value_heads": 1, "head_dim": None,
+               "tie_word_embeddings": False, "attention_bias": False}
+    # head_dim 4: q 8*8, k 8*4, v 8*4, o 8*8, mlp 3*8*16, norms 2*8
+    per_layer = 64 + 32 + 32 + 64 + 384 + 16
+    assert count_parameters(numbers) == 2 * 10 * 8 + 2 * per_layer + 8
+    assert count_parameters({**numbers, "tie_word_embeddings": True}) == 10 * 8 + 2 * per_layer + 8
+    # q/k/v biases: 8 + 4 + 4 per layer
+    assert count_parameters({**numbers, "attention_bias": True}) == 2 * 10 * 8 + 2 * (per_layer + 16) + 8
+
+
+@pytest.mark.parametrize("name, published", [
+    ("llama3_2_1b", 1.24e9), ("llama3_2_3b", 3.21e9), ("llama3_1_8b", 8.03e9), ("llama3_1_70b", 70.6e9),
+    ("llama3_1_405b", 405.9e9), ("mistral_7b", 7.24e9), ("qwen2_5_7b", 7.62e9),
+])
+def test_plan_parameters_match_published(name, published):
+    plan = plan_of(f"model={name}")
+    assert abs(plan.parameters - published) / published < 0.01
+
+
+# ---------------------------------------------------------------- feasible plans and memory
+
+
+def test_the_embedded_default_plan_is_feasible():
+    plan = plan_of()
+    assert plan.problems == [] and plan.feasible
+    assert plan.parameters == count_parameters(compose_config([]).model)
+    assert plan.technique_memory == "full"
+    assert set(plan.memory_breakdown) == {"weights", "gradients", "optimizer", "activations"}
+    assert plan.memory_per_device_bytes == sum(plan.memory_breakdown.values())
+    assert plan.world_size == 1
+    # fp32: weights and grads 4 bytes, Adam moments 8, no master copy
+    assert plan.memory_breakdown["weights"] == plan.parameters * 4
+    assert plan.memory_breakdown["optimizer"] == plan.parameters * 8
+    assert plan.to_dict()["feasible"] is True
+
+
+def test_cpu_memory_is_this_machines_ram_shared_by_its_processes():
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    assert plan_of().device_memory_bytes == ram
+    assert plan_of("parallelism=dp2").device_memory_bytes == ram // 2
+    assert plan_of("parallelism=dp2").problems == []  # CPU ranks are processes: no gpus_per_node limit
+
+
+def test_gpu_memory_is_read_as_gib():
+    assert plan_of("hardware=a100_80g").device_memory_bytes == 80 * GIB
+    assert plan_of("hardware=h200").device_memory_bytes == 141 * GIB
+
+
+def test_70b_full_training_does_not_fit_one_a100_80g():
+    plan = plan_of("model=llama3_1_70b", "hardware=a100_80g", "precision=bf16")
+    assert plan.memory_per_device_bytes > 16 * plan.parameters  # 2 + 2 + 12 bytes per parameter
+    problem = only(plan.problems, "Memory per device")
+    assert "hardware=a100_80g holds 80.0 GiB" in problem
+    assert "parallelism.sharding=fsdp" in problem and "parallelism.micro_batch" in problem
+    assert "GiB short" in problem
+    assert len(plan.problems) == 1
+
+
+def test_70b_inference_with_tp8_fits_a100_80g(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "llama-3.1-70b", LLAMA_3_1_70B_CONFIG)
+    plan = plan_of("model=llama3_1_70b", "hardware=a100_80g", "parallelism=tp8", "technique=evaluate",
+                   "precision=bf16", f"model.path={checkpoint}")
+    assert plan.problems == []
+    assert plan.technique_memory == "inference"
+    assert set(plan.memory_breakdown) == {"weights", "kv_cache"}
+    assert plan.memory_breakdown["weights"] == pytest.approx(plan.parameters * 2 / 8, abs=1)
+    assert plan.memory_per_device_bytes < 20 * GIB
+    # KV cache: 2 * 80 layers * 8 kv heads * 128 * seq 64 * micro batch 4 * 2 bytes, over tp 8
+    assert plan.memory_breakdown["kv_cache"] == 2 * 80 * 8 * 128 * 64 * 4 * 2 // 8
+
+
+def test_70b_inference_on_one_a100_80g_does_not_fit(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "llama-3.1-70b", LLAMA_3_1_70B_CONFIG)
+    plan = plan_of("model=llama3_1_70b", "hardware=a100_80g", "technique=evaluate", "precision=bf16",
+                   f"model.path={checkpoint}")
+    problem = only(plan.problems, "Memory per device")
+    assert "hardware=h200, b200" in problem  # the presets that would hold 131 GiB
+
+
+def test_tp_pp_and_fsdp_divide_the_states():
+    single = plan_of("model=llama3_1_8b", "hardware=h100", "precision=bf16").memory_breakdown
+    tp8 = plan_of("model=llama3_1_8b", "hardware=h100", "precision=bf16", "parallelism=tp8").memory_breakdown
+    fsdp = plan_of("model=llama3_1_8b", "hardware=h100", "precision=bf16", "parallelism=fsdp8").memory_breakdown
+    ddp = plan_of("model=llama3_1_8b", "hardware=h100", "precision=bf16", "parallelism=dp8").memory_breakdown
+    for kind in ("weights", "gradients", "optimizer"):
+        assert tp8[kind] == pytest.approx(single[kind] / 8, abs=1)
+        assert fsdp[kind] == pytest.approx(single[kind] / 8, abs=1)
+        assert ddp[kind] == single[kind]
+    assert single["optimizer"] == pytest.approx(single["weights"] * 6, abs=8)  # 12 bytes vs 2
+
+
+def test_activation_checkpointing_and_micro_batch_shrink_activations():
+    base = ["model=llama3_1_8b", "hardware=h100", "precision=bf16", "data.seq_len=4096",
+            "parallelism.micro_batch=2"]
+    plain = plan_of(*base).memory_breakdown["activations"]
+    checkpointed = plan_of(*base, "parallelism.activation_checkpointing=true").memory_breakdown["activations"]
+    smaller = plan_of(*base[:-1], "parallelism.micro_batch=1").memory_breakdown["activations"]
+    assert checkpointed < plain / 5
+    assert smaller == pytest.approx(plain / 2, rel=1e-6)
+    # 34*s*b*h per layer at 16-bit, 32 layers, plus fp32 logits s*b*vocab
+    s, b, h = 4096, 2, 4096
+    assert plain == pytest.approx(34 * s * b * h * 32 + 4 * s * b * 128256, abs=1)
+
+
+def test_adapter_memory(test_plugin):
+    plan = plan_of("technique=plan_test_adapter", "model=llama3_1_8b", "hardware=a100_40g", "precision=bf16")
+    assert plan.technique_memory == "adapter"
+    # rank 16 on q (4096->4096), k and v (4096->1024), o (4096->4096) in 32 layers
+    adapter = 16 * (2 * 8192 + 2 * 5120) * 32
+    assert plan.trainable_parameters == adapter == 13_631_488
+    assert plan.memory_breakdown["weights"] == plan.parameters * 2
+    assert plan.memory_breakdown["adapter"] == adapter * 4
+    assert plan.memory_breakdown["gradients"] == adapter * 4
+    assert plan.memory_breakdown["optimizer"] == adapter * 8
+    assert plan.problems == []
+    wider = plan_of("technique=plan_test_adapter", "technique.rank=64",
+                    "technique.target_modules=[q_proj,gate_proj]", "model=llama3_1_8b")
+    assert wider.trainable_parameters == 64 * (8192 + 4096 + 14336) * 32
+
+
+def test_adapter_with_an_unknown_target_module(test_plugin):
+    plan = plan_of("technique=plan_test_adapter", "technique.target_modules=[q_proj,qkv]")
+    problem = only(plan.problems, "technique.target_modules")
+    assert "qkv" in problem and "all-linear" in problem
+
+
+def test_plugins_add_problems_through_the_hook(test_plugin):
+    plan = plan_of("technique=plan_test_adapter", "technique.rank=512")
+    assert plan.problems == [f"technique.rank=512 is above 256 (plan has {plan.parameters} parameters)."]
+
+
+def test_an_unknown_memory_mode_is_a_problem(test_plugin):
+    problem = only(plan_of("technique=plan_test_odd").problems, "memory='streaming'")
+    assert "inference, full, adapter" in problem
+
+
+# ---------------------------------------------------------------- problems
+
+
+def test_precision_the_hardware_cannot_compute():
+    plan = plan_of("hardware=a100_80g", "precision=fp8")
+    assert plan.problems == [
+        "precision=fp8 is not supported by hardware=a100_80g (ampere: fp32, tf32, fp16, bf16, int8); "
+        "FP8 needs Ada/Hopper or newer — choose hardware=h100 or precision=bf16."
+    ]
+    assert "BF16 needs Ampere or newer — choose hardware=a100_80g or precision=fp16." in only(
+        plan_of("hardware=v100", "precision=bf16").problems, "precision=bf16")
+    assert "FP4 needs Blackwell — choose hardware=b200 or precision=fp8." in only(
+        plan_of("hardware=h100", "precision=fp4").problems, "precision=fp4")
+    assert plan_of("hardware=b200", "precision=fp4").problems == []
+    assert plan_of("hardware=l40s", "precision=fp8").problems == []
+
+
+def test_world_size_must_match_the_devices():
+    problem = only(plan_of("parallelism=single", "parallelism.tp=2").problems, "parallelism.tp*pp*dp")
+    assert "= 2 ranks" in problem and "= 1 devices" in problem
+    assert "parallelism.devices_per_node=2" in problem
+    problem = only(plan_of("parallelism=tp8_pp2", "parallelism.nodes=4").problems, "parallelism.tp*pp*dp")
+    assert "parallelism.dp=2" in problem
+
+
+def test_more_devices_per_node_than_the_hardware_has():
+    plan = plan_of("hardware=l40s", "parallelism=dp8", "precision=bf16")
+    problem = only(plan.problems, "devices_per_node=8")
+    assert "hardware=l40s has hardware.gpus_per_node=4" in problem
+    assert "parallelism.nodes=2 with devices_per_node=4" in problem
+
+
+def test_heads_not_divisible_by_tp():
+    plan = plan_of("model=qwen2_5_7b", "hardware=h100", "parallelism=tp8", "precision=bf16")
+    heads = only(plan.problems, "model.num_attention_heads=28")
+    kv_heads = only(plan.problems, "model.num_key_value_heads=4")
+    for problem in (heads, kv_heads):
+        assert "parallelism.tp=8" in problem and "choose parallelism.tp from 1, 2, 4." in problem
+
+
+def test_layers_not_divisible_by_pp():
+    plan = plan_of("model=llama3_1_405b", "hardware=h100", "parallelism=tp4_pp4_dp4", "precision=bf16")
+    problem = only(plan.problems, "model.num_layers=126")
+    assert "parallelism.pp=4" in problem and "1, 2, 3, 6, 7, 9, 14" in problem
+
+
+def test_global_batch_not_divisible_by_micro_batch_times_dp():
+    plan = plan_of("parallelism=dp2", "parallelism.micro_batch=3")
+    problem = only(plan.problems, "parallelism.global_batch=16")
+    assert "micro_batch*dp = 3*2 = 6" in problem and "(e.g. 18)" in problem
+
+
+def test_non_positive_counts_are_problems_not_crashes():
+    problem = only(plan_of("parallelism.micro_batch=0").problems, "parallelism.micro_batch=0")
+    assert "positive" in problem
+
+
+def test_an_unknown_sharding_is_a_problem():
+    problem = only(plan_of("parallelism.sharding=zero3").problems, "parallelism.sharding=zero3")
+    assert "none, fsdp" in problem
+
+
+# ---------------------------------------------------------------- model.path
+
+
+def test_model_path_takes_numbers_from_config_json(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "small", {
+        "model_type": "llama", "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 3, "num_attention_heads": 4, "num_key_value_heads": 4,
+    })
+    plan = plan_of("model=llama3_1_70b", f"model.path={checkpoint}")
+    assert plan.parameters == count_parameters({
+        "vocab_size": 512, "hidden_size": 64, "intermediate_size": 128, "num_layers": 3,
+        "num_attention_heads": 4, "num_key_value_heads": 4})
+    assert plan.problems == []
+
+
+def test_a_bad_model_path_is_a_problem(tmp_path):
+    plan = plan_of(f"model.path={tmp_path / 'missing'}")
+    problem = only(plan.problems, "model.path=")
+    assert "no such directory" in problem
+    assert plan.parameters == count_parameters(compose_config([]).model)  # the preset's, as a fallback
+
+    checkpoint = write_checkpoint(tmp_path / "cut", LLAMA_3_1_70B_CONFIG)
+    weights = checkpoint / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:-3])
+    plan = plan_of("model=llama3_1_70b", f"model.path={checkpoint}")
+    assert "model.safetensors is truncated or corrupt" in only(plan.problems, "model.path=")
+    assert plan.parameters == 70_553_706_496  # config.json is fine, so its numbers are used
+
+
+# ---------------------------------------------------------------- no heavy imports
+
+
+def test_planning_imports_no_torch(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "llama-3.1-70b", LLAMA_3_1_70B_CONFIG)
+    script = (
+        "import sys\n"
+        "from llmexp.config import compose_config\n"
+        "from llmexp.planner import make_plan\n"
+        "for overrides in ([], ['model=llama3_1_70b', 'hardware=a100_80g', 'parallelism=tp8'],\n"
+        f"                  ['technique=evaluate', 'model.path={checkpoint}']):\n"
+        "    make_plan(compose_config(overrides))\n"
+        "heavy = ('torch', 'transformers', 'lightning', 'pytorch_lightning')\n"
+        "print(sorted(m for m in sys.modules if m.split('.')[0] in heavy))\n"
+    )
+    result = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=REPO,
+                            timeout=120)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "[]"
