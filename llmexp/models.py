@@ -1,0 +1,108 @@
+"""Models are Hugging Face transformers models; checkpoints are HF directories (safetensors).
+
+Anything saved here loads with plain ``AutoModelForCausalLM.from_pretrained``. Imports of
+torch and transformers stay inside the functions: the planner imports this package too.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any, Dict, Optional, Tuple
+
+from llmexp.errors import UserError
+
+# Our ModelConfig field -> the Hugging Face config key it becomes.
+_HF_KEYS = {
+    "vocab_size": "vocab_size",
+    "hidden_size": "hidden_size",
+    "intermediate_size": "intermediate_size",
+    "num_layers": "num_hidden_layers",
+    "num_attention_heads": "num_attention_heads",
+    "num_key_value_heads": "num_key_value_heads",
+    "head_dim": "head_dim",
+    "max_position_embeddings": "max_position_embeddings",
+    "rope_theta": "rope_theta",
+    "rms_norm_eps": "rms_norm_eps",
+    "tie_word_embeddings": "tie_word_embeddings",
+    "attention_bias": "attention_bias",
+}
+
+
+def build_model(model_cfg, tokenizer=None):
+    """A freshly initialised causal LM with ``model_cfg``'s architecture numbers (call after seeding)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    kwargs = {hf: model_cfg[ours] for ours, hf in _HF_KEYS.items() if model_cfg.get(ours) is not None}
+    if model_cfg.architecture == "qwen2":
+        kwargs.pop("attention_bias", None)  # Qwen2 always has q/k/v biases
+    if tokenizer is not None:
+        if len(tokenizer) > model_cfg.vocab_size:
+            raise UserError(
+                f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens; "
+                f"set model.vocab_size={_round_up(len(tokenizer), 64)} or more."
+            )
+        kwargs.update(
+            bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
+        )
+    config = AutoConfig.for_model(model_cfg.architecture, **kwargs)
+    model = AutoModelForCausalLM.from_config(config)
+    model.config.architectures = [type(model).__name__]  # from_config leaves it unset; exporters need it
+    return model
+
+
+def load_model(path: str | Path) -> Tuple[Any, Any]:
+    """Model and tokenizer from a local HF directory; a broken directory is a ``UserError``."""
+    from llmexp.checkpoint import validate_checkpoint_dir
+
+    validate_checkpoint_dir(path)
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
+        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype="auto")
+    except (OSError, ValueError, KeyError) as error:
+        raise UserError(
+            f"model.path={path} could not be loaded as a Hugging Face checkpoint: {' '.join(str(error).split())} "
+            "Point model.path at a directory written by `save_pretrained` (config.json, weights and tokenizer files)."
+        ) from None
+    return model, tokenizer
+
+
+def save_model(model, tokenizer, path: Path) -> Dict[str, Any]:
+    """Save as an HF directory (safetensors + tokenizer) and return its model stats."""
+    path.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(str(path), safe_serialization=True)
+    tokenizer.save_pretrained(str(path))
+    return model_stats(model, path)
+
+
+def model_stats(model, path: Optional[Path] = None) -> Dict[str, Any]:
+    """Parameters (unique tensors, tied ones once), bytes on disk of the weights, bits per weight."""
+    seen, parameters = set(), 0
+    for tensor in model.parameters():
+        if tensor.data_ptr() not in seen:
+            seen.add(tensor.data_ptr())
+            parameters += tensor.numel()
+    stats: Dict[str, Any] = {"parameters": parameters}
+    if path is not None:
+        weight_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
+        stats["bytes_on_disk"] = weight_bytes
+        stats["bits_per_weight"] = round(8 * weight_bytes / parameters, 3)
+    return stats
+
+
+def _round_up(value: int, multiple: int) -> int:
+    return -(-value // multiple) * multiple
+
+
+def input_model(ctx) -> Optional["ModelArtifact"]:
+    """The model a stage starts from: the previous stage's, else the one at ``model.path``, else None."""
+    from llmexp.technique import ModelArtifact
+
+    if ctx.model is not None:
+        return ctx.model
+    path = ctx.config.model.path
+    if not path:
+        return None
+    model, tokenizer = load_model(path)
+    return ModelArtifact(model, tokenizer, Path(path), produced_by="model.path")

@@ -1,0 +1,42 @@
+"""Shared fixtures: run the real ``llmexp`` command, and a tiny HF checkpoint on disk."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from llmexp.results import read_results  # noqa: F401  (the tests read runs through it)
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def run_llmexp(*args: str, cwd: Path, env: dict | None = None, timeout: int = 600) -> subprocess.CompletedProcess:
+    """``llmexp <args>`` in a fresh process, as a user runs it (offline trackers, no network)."""
+    full_env = {**os.environ, "WANDB_MODE": "offline", "HF_HUB_OFFLINE": "1", **(env or {})}
+    full_env.pop("WANDB_API_KEY", None)
+    return subprocess.run(
+        [sys.executable, "-m", "llmexp", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
+    )
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoint(tmp_path_factory) -> Path:
+    """A 2-layer Llama with the embedded tokenizer, saved with save_pretrained (random weights)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from llmexp.data.embedded import build_world
+    from llmexp.data.tokenizer import word_level_tokenizer
+    from llmexp.models import build_model, save_model
+
+    torch.manual_seed(0)
+    model_cfg = OmegaConf.load(REPO / "conf/model/tiny_llama.yaml")
+    model_cfg.num_layers = 2
+    tokenizer = word_level_tokenizer(build_world(0).vocabulary())
+    path = tmp_path_factory.mktemp("ckpt") / "tiny"
+    save_model(build_model(model_cfg, tokenizer), tokenizer, path)
+    return path
