@@ -1,0 +1,140 @@
+"""The ``evaluate`` technique: score a model on the embedded tasks (and GSM8K if given).
+
+``llmexp technique=evaluate model.path=/ckpt/my-model`` evaluates a checkpoint; in the
+default pipeline the same technique runs as the ``evaluation`` stage after training or
+compression. Tasks and their metrics are listed in ``tasks.py``; how scores are computed
+(lm-evaluation-harness conventions) in ``scoring.py``. Per-item predictions go to
+``<stage dir>/<task>.jsonl``.
+
+This module imports without torch: the planner loads every plugin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from omegaconf import DictConfig, OmegaConf
+
+from llmexp.data.embedded import build_world
+from llmexp.data.gsm8k import load_gsm8k
+from llmexp.errors import UserError
+from llmexp.hookspecs import hookimpl
+from llmexp.plugins.evaluate.tasks import EMBEDDED_TASKS, TASKS, TaskInputs, selected_tasks
+from llmexp.technique import StageContext, StageResult, Technique, TechniqueConfig
+
+
+@dataclass
+class EvaluateConfig(TechniqueConfig):
+    """What to evaluate. ``llmexp technique=evaluate technique.limit=50 technique.gsm8k_path=test.jsonl``"""
+
+    name: str = "evaluate"
+    # embedded tasks: multiple_choice, free_answer, word_problems, perplexity (and gsm8k)
+    tasks: List[str] = field(default_factory=lambda: list(EMBEDDED_TASKS))
+    limit: Optional[int] = None  # at most this many items per task (None: all)
+    batch_size: int = 32  # sequences per forward pass / generate call
+    max_new_tokens: int = 40  # generation budget per answer (real models on GSM8K want ~256)
+    gsm8k_path: Optional[str] = None  # a GSM8K-format JSONL test file; adds the gsm8k task
+
+
+class Evaluate(Technique):
+    """Scores the input model; produces metrics and per-item predictions, not a model."""
+
+    name = "evaluate"
+    schema = EvaluateConfig
+    memory = "inference"
+    produces_model = False
+    requires = ("torch", "transformers")
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from rich.console import Console
+        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+
+        from llmexp.data.jsonl import write_jsonl
+        from llmexp.models import input_model
+        from llmexp.plugins.evaluate.scoring import Scorer
+
+        cfg = ctx.stage_config
+        problems = config_problems(cfg, ctx.stage_name)
+        if problems:
+            raise UserError(" ".join(problems))
+        artifact = input_model(ctx)
+        if artifact is None:
+            raise UserError(_NO_MODEL.format(stage=ctx.stage_name))
+        data = ctx.config.data
+        inputs = TaskInputs(
+            world=build_world(data.seed, data.num_people),
+            heldout_documents=data.heldout_documents,
+            limit=cfg.limit,
+            gsm8k_path=cfg.gsm8k_path,
+        )
+        metrics, artifacts = {}, {}
+        progress = Progress(
+            TextColumn("[bold]evaluate[/] {task.description:<16}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            console=Console(stderr=True),
+        )
+        with progress:
+            scorer = Scorer(artifact.model, artifact.tokenizer, cfg.batch_size, cfg.max_new_tokens, progress)
+            for task in selected_tasks(cfg.tasks, cfg.gsm8k_path):
+                scorer.track(task)
+                result = TASKS[task](inputs, scorer)
+                path = write_jsonl(Path(ctx.stage_dir) / f"{task}.jsonl", result.rows)
+                metrics.update({key: float(value) for key, value in result.metrics.items()})
+                metrics[f"{task}_n"] = len(result.rows)
+                artifacts[task] = str(path)
+        return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+_NO_MODEL = (
+    "{stage}: nothing to evaluate: no stage before it produced a model and model.path is unset. "
+    "Set model.path=<a Hugging Face checkpoint directory> or run a training technique before it "
+    "(e.g. the default pipeline: `llmexp technique=pretrain`)."
+)
+
+
+def config_problems(cfg, prefix: str) -> List[str]:
+    """Problems with one evaluate node (``prefix`` is its key: ``technique`` or ``evaluation``)."""
+    problems = []
+    unknown = [task for task in cfg.tasks if task not in TASKS]
+    if unknown:
+        problems.append(
+            f"{prefix}.tasks has unknown task(s) {', '.join(map(repr, unknown))}. "
+            f"Known tasks: {', '.join(TASKS)}."
+        )
+    if "gsm8k" in cfg.tasks and not cfg.gsm8k_path:
+        problems.append(f"{prefix}.tasks lists 'gsm8k' but {prefix}.gsm8k_path is unset; set it to a GSM8K JSONL file.")
+    for key, value in (("limit", cfg.limit), ("batch_size", cfg.batch_size), ("max_new_tokens", cfg.max_new_tokens)):
+        if value is not None and value < 1:
+            problems.append(f"{prefix}.{key}={value} must be at least 1.")
+    if cfg.gsm8k_path:
+        try:
+            if not load_gsm8k(cfg.gsm8k_path):
+                problems.append(
+                    f"{prefix}.gsm8k_path={cfg.gsm8k_path} holds no problems; point it at a GSM8K test file."
+                )
+        except UserError as error:
+            problems.append(f"{prefix}.gsm8k_path={cfg.gsm8k_path}: {error}")
+    return problems
+
+
+@hookimpl
+def llmexp_techniques():
+    return [Evaluate]
+
+
+@hookimpl
+def llmexp_plan_problems(config, plan):
+    """Checks the evaluate stages this run includes: task names, numbers, the GSM8K file."""
+    problems: List[str] = []
+    for index, stage in enumerate(OmegaConf.select(config, "pipeline.stages", default=None) or []):
+        node = OmegaConf.select(config, stage, default=None)
+        if not isinstance(node, DictConfig) or node.get("name") != Evaluate.name:
+            continue
+        if index == 0 and not OmegaConf.select(config, "model.path", default=None):
+            problems.append(_NO_MODEL.format(stage=stage))
+        problems += config_problems(node, stage)
+    return problems

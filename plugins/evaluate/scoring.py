@@ -1,0 +1,264 @@
+"""How numbers are read off a causal LM: log-likelihoods, greedy generations, document NLL.
+
+Scoring follows lm-evaluation-harness so results agree with it on the same prompts:
+
+* a (context, continuation) pair is scored by tokenizing ``context + continuation`` whole
+  (special tokens as the tokenizer adds them, so a Llama-style tokenizer's BOS comes
+  first), dropping as many tokens as ``context`` alone encodes to, and summing the
+  log-probabilities of the rest; whitespace at the end of the context moves onto the
+  continuation first. Too long inputs are truncated on the left.
+* generation is greedy, prompts left-padded in a batch, cut at EOS and at stop strings.
+
+Everything runs with the model in eval mode under ``torch.no_grad``, in fixed batches, so
+two runs give the same numbers. ``Scorer`` bundles a model with its settings and a progress
+bar; the tasks (``tasks.py``) only talk to it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+
+import torch
+
+# Called after each batch with (rows done, rows in this call).
+Report = Callable[[int, int], None]
+# Input token ids, and the ids the input's last len(targets) positions must predict.
+_Row = Tuple[List[int], List[int]]
+
+
+@dataclass(frozen=True)
+class LogLikelihood:
+    """A continuation's summed log-probability, whether greedy decoding yields it, its token count."""
+
+    logprob: float
+    is_greedy: bool
+    tokens: int
+
+
+def encode_pair(tokenizer, context: str, continuation: str) -> Tuple[List[int], List[int]]:
+    """Context and continuation token ids as lm-eval splits them (see the module docstring)."""
+    spaces = len(context) - len(context.rstrip())
+    if spaces:
+        context, continuation = context[:-spaces], context[-spaces:] + continuation
+    whole = tokenizer(context + continuation).input_ids
+    context_ids = tokenizer(context).input_ids
+    if not context_ids:  # no BOS and an empty context: condition on EOS as lm-eval does
+        prefix = tokenizer.bos_token_id if tokenizer.bos_token_id is not None else tokenizer.eos_token_id
+        return [prefix], whole
+    return whole[: len(context_ids)], whole[len(context_ids) :]
+
+
+def loglikelihood(
+    model,
+    tokenizer,
+    requests: Sequence[Tuple[str, str]],
+    batch_size: int = 32,
+    report: Optional[Report] = None,
+) -> List[LogLikelihood]:
+    """``LogLikelihood`` of each ``(context, continuation)``, in order; batches are right-padded."""
+    limit = max_length(model, tokenizer)
+    rows: List[_Row] = []
+    for context, continuation in requests:
+        context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
+        whole = (context_ids + continuation_ids)[-(limit + 1) :]
+        # a continuation longer than the model's context keeps only the tokens that fit
+        rows.append((whole[:-1], continuation_ids[-(len(whole) - 1) :]))
+    scores = _score_rows(model, tokenizer, rows, batch_size, report)
+    return [LogLikelihood(logprob, greedy, len(targets)) for (logprob, greedy), (_, targets) in zip(scores, rows)]
+
+
+def document_nll(
+    model,
+    tokenizer,
+    documents: Sequence[str],
+    batch_size: int = 32,
+    report: Optional[Report] = None,
+) -> List[Tuple[float, int]]:
+    """Summed negative log-likelihood and predicted-token count of each document.
+
+    A document is scored as it is trained on: the tokenizer's encoding (BOS first where it
+    adds one) with EOS appended; every token after the first is predicted. Documents longer
+    than the model's context are cut into disjoint windows.
+    """
+    limit = max_length(model, tokenizer)
+    rows: List[_Row] = []
+    owners: List[int] = []
+    for index, document in enumerate(documents):
+        ids = list(tokenizer(document).input_ids)
+        if tokenizer.eos_token_id is not None and (not ids or ids[-1] != tokenizer.eos_token_id):
+            ids.append(tokenizer.eos_token_id)
+        for start in range(0, len(ids) - 1, limit):
+            targets = ids[start + 1 : start + limit + 1]
+            rows.append((ids[start : start + len(targets)], targets))
+            owners.append(index)
+    totals = [[0.0, 0] for _ in documents]
+    for (logprob, _), (_, targets), owner in zip(_score_rows(model, tokenizer, rows, batch_size, report), rows, owners):
+        totals[owner][0] -= logprob
+        totals[owner][1] += len(targets)
+    return [(nll, count) for nll, count in totals]
+
+
+def greedy_generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int = 40,
+    batch_size: int = 32,
+    stop: Sequence[str] = ("\n",),
+    report: Optional[Report] = None,
+) -> List[str]:
+    """Greedy continuation of each prompt, cut at the first EOS and then at the first ``stop`` string."""
+    from transformers import GenerationConfig
+
+    keep = max(1, max_length(model, tokenizer) - max_new_tokens)
+    encoded = [list(tokenizer(prompt).input_ids)[-keep:] for prompt in prompts]
+    pad = _pad_id(tokenizer)
+    eos = _eos_ids(model, tokenizer)
+    settings = GenerationConfig(
+        max_new_tokens=max_new_tokens,
+        do_sample=False,
+        num_beams=1,
+        eos_token_id=sorted(eos) or None,
+        pad_token_id=pad,
+        bos_token_id=tokenizer.bos_token_id,
+    )
+    device = _device(model)
+    texts: List[str] = []
+    with _evaluating(model):
+        for start in range(0, len(encoded), batch_size):
+            batch = encoded[start : start + batch_size]
+            width = max(len(ids) for ids in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, ids in enumerate(batch):
+                input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[i, width - len(ids) :] = 1
+            output = model.generate(
+                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=settings
+            )
+            for new in output[:, width:].tolist():
+                end = next((i for i, token in enumerate(new) if token in eos), len(new))
+                texts.append(cut_at_stop(tokenizer.decode(new[:end], skip_special_tokens=True), stop))
+            if report is not None:
+                report(min(start + batch_size, len(encoded)), len(encoded))
+    return texts
+
+
+def cut_at_stop(text: str, stop: Sequence[str]) -> str:
+    """``text`` up to (not including) the earliest of the ``stop`` strings."""
+    end = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
+    return text[:end]
+
+
+def max_length(model, tokenizer) -> int:
+    """The longest input the model takes: its position limit, else the tokenizer's, else 2048."""
+    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
+    if not limit:
+        limit = getattr(tokenizer, "model_max_length", None)
+        limit = limit if limit and limit < 10**9 else 2048
+    return int(limit)
+
+
+class Scorer:
+    """A model, its tokenizer and batch settings, with one progress bar per evaluation task."""
+
+    def __init__(self, model, tokenizer, batch_size: int = 32, max_new_tokens: int = 40, progress=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self.batch_size = batch_size
+        self.max_new_tokens = max_new_tokens
+        self.progress = progress  # a started rich.progress.Progress, or None
+        self._bar = None
+        self._completed = 0
+
+    def track(self, description: str) -> None:
+        """Start a new progress bar; scoring calls that follow advance it."""
+        if self.progress is not None:
+            self._bar = self.progress.add_task(description, total=None)
+            self._completed = 0
+
+    def loglikelihood(self, requests: Sequence[Tuple[str, str]]) -> List[LogLikelihood]:
+        return loglikelihood(self.model, self.tokenizer, requests, self.batch_size, self._report())
+
+    def generate(self, prompts: Sequence[str], stop: Sequence[str]) -> List[str]:
+        return greedy_generate(
+            self.model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size, stop, self._report()
+        )
+
+    def document_nll(self, documents: Sequence[str]) -> List[Tuple[float, int]]:
+        return document_nll(self.model, self.tokenizer, documents, self.batch_size, self._report())
+
+    def _report(self) -> Optional[Report]:
+        if self.progress is None or self._bar is None:
+            return None
+        base = self._completed
+
+        def report(done: int, total: int) -> None:
+            self.progress.update(self._bar, completed=base + done, total=base + total)
+            if done == total:
+                self._completed = base + total
+
+        return report
+
+
+def _score_rows(
+    model, tokenizer, rows: Sequence[_Row], batch_size: int, report: Optional[Report]
+) -> List[Tuple[float, bool]]:
+    """(summed log-prob of the targets, whether each target is the argmax) for every row."""
+    pad = _pad_id(tokenizer)
+    device = _device(model)
+    scores: List[Tuple[float, bool]] = []
+    with _evaluating(model):
+        for start in range(0, len(rows), batch_size):
+            batch = rows[start : start + batch_size]
+            width = max(len(ids) for ids, _ in batch)
+            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+            for i, (ids, _) in enumerate(batch):
+                input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
+                attention_mask[i, : len(ids)] = 1
+            logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
+            for i, (ids, targets) in enumerate(batch):
+                if not targets:
+                    scores.append((0.0, True))
+                    continue
+                positions = logits[i, len(ids) - len(targets) : len(ids)].float().log_softmax(dim=-1)
+                wanted = torch.tensor(targets, dtype=torch.long, device=positions.device)
+                logprob = positions.gather(-1, wanted[:, None]).sum().item()
+                scores.append((logprob, bool((positions.argmax(dim=-1) == wanted).all())))
+            if report is not None:
+                report(min(start + batch_size, len(rows)), len(rows))
+    return scores
+
+
+@contextlib.contextmanager
+def _evaluating(model) -> Iterator[None]:
+    """Eval mode and no autograd for the block; the model's training flag is restored after."""
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
+
+
+def _pad_id(tokenizer) -> int:
+    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
+        if candidate is not None:
+            return int(candidate)
+    return 0
+
+
+def _eos_ids(model, tokenizer) -> set:
+    """EOS ids from the tokenizer and the model's generation config (Llama 3 lists several)."""
+    ids = {tokenizer.eos_token_id}
+    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
+    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
+    return {int(i) for i in ids if i is not None}
+
+
+def _device(model) -> torch.device:
+    return next(model.parameters()).device

@@ -1,0 +1,178 @@
+"""The evaluation tasks: what each asks the model and how the answers are graded.
+
+A task is a function ``(TaskInputs, Scorer) -> TaskResult`` registered in ``TASKS`` by the
+name users put in ``tasks``. This module does not import torch (the planner reads
+``TASKS`` to check names); the numbers come from the ``Scorer`` in ``scoring.py``.
+
+Metrics, all in [0, 1] except perplexity:
+
+* ``multiple_choice``: ``mc_cloze_acc`` (each option's text scored as the continuation of
+  the bare question, OLMES "CF"), ``mc_cloze_acc_norm`` (the same divided by the
+  continuation's length in characters, lm-eval's ``acc_norm``), ``mc_letter_acc`` (MMLU
+  style: `` A``..`` D`` after the lettered options).
+* ``free_answer``: ``free_answer_em``, exact match of the greedy answer (whitespace and
+  case ignored) up to EOS, a newline or a new ``Question:``.
+* ``word_problems`` / ``gsm8k``: ``word_problem_em`` / ``gsm8k_em``, the number after the
+  first ``####`` in the greedy solution (``llmexp.data.gsm8k.extract_answer``) equals the
+  reference.
+* ``perplexity``: exp of the token-weighted mean NLL over held-out documents.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+from llmexp.data.embedded import LETTERS, EmbeddedWorld
+from llmexp.data.gsm8k import extract_answer, load_gsm8k
+
+# Where a generated answer ends besides EOS. lm-eval's gsm8k stops at "Question:"; a worked
+# solution spans lines, a short answer does not.
+ANSWER_STOP = ("\n", "Question:")
+SOLUTION_STOP = ("Question:",)
+
+
+@dataclass
+class TaskInputs:
+    """The data a task draws on; ``limit`` caps the items of every task."""
+
+    world: EmbeddedWorld
+    heldout_documents: int = 200
+    limit: Optional[int] = None
+    gsm8k_path: Optional[str] = None
+
+    def first(self, items: Sequence[Any]) -> List[Any]:
+        return list(items if self.limit is None else items[: self.limit])
+
+
+@dataclass
+class TaskResult:
+    metrics: Dict[str, float]
+    rows: List[Dict[str, Any]] = field(default_factory=list)  # one per item, for <task>.jsonl
+
+
+def normalise_answer(text: str) -> str:
+    """Case-folded, whitespace collapsed: how free answers are compared."""
+    return " ".join(text.split()).lower()
+
+
+def multiple_choice(inputs: TaskInputs, scorer) -> TaskResult:
+    items = inputs.first(inputs.world.multiple_choice_test())
+    requests = []
+    for item in items:
+        requests += [(item.cloze_prompt(), f" {choice}") for choice in item.choices]
+        requests += [(item.letter_prompt(), f" {letter}") for letter in LETTERS[: len(item.choices)]]
+    scores = iter(scorer.loglikelihood(requests))
+    rows = []
+    for item in items:
+        cloze = [next(scores).logprob for _ in item.choices]
+        letter = [next(scores).logprob for _ in item.choices]
+        cloze_norm = [lp / len(f" {choice}") for lp, choice in zip(cloze, item.choices)]
+        picked = {"cloze": _argmax(cloze), "cloze_norm": _argmax(cloze_norm), "letter": _argmax(letter)}
+        rows.append(
+            {
+                "prompt": item.cloze_prompt(),
+                "letter_prompt": item.letter_prompt(),
+                "choices": list(item.choices),
+                "expected": item.choices[item.answer],
+                "expected_letter": LETTERS[item.answer],
+                "cloze_scores": cloze,
+                "letter_scores": letter,
+                "predicted": item.choices[picked["cloze"]],
+                "predicted_norm": item.choices[picked["cloze_norm"]],
+                "predicted_letter": LETTERS[picked["letter"]],
+                "correct": picked["cloze"] == item.answer,
+                "correct_norm": picked["cloze_norm"] == item.answer,
+                "correct_letter": picked["letter"] == item.answer,
+            }
+        )
+    return TaskResult(
+        {
+            "mc_cloze_acc": _mean(row["correct"] for row in rows),
+            "mc_cloze_acc_norm": _mean(row["correct_norm"] for row in rows),
+            "mc_letter_acc": _mean(row["correct_letter"] for row in rows),
+        },
+        rows,
+    )
+
+
+def free_answer(inputs: TaskInputs, scorer) -> TaskResult:
+    items = inputs.first(inputs.world.free_answer_test())
+    generated = scorer.generate([item.prompt for item in items], stop=ANSWER_STOP)
+    rows = [
+        {
+            "prompt": item.prompt,
+            "expected": item.answer,
+            "predicted": text.strip(),
+            "correct": normalise_answer(text) == normalise_answer(item.answer),
+        }
+        for item, text in zip(items, generated)
+    ]
+    return TaskResult({"free_answer_em": _mean(row["correct"] for row in rows)}, rows)
+
+
+def word_problems(inputs: TaskInputs, scorer) -> TaskResult:
+    return _solve(inputs.first(inputs.world.word_problem_test()), scorer, "word_problem_em")
+
+
+def gsm8k(inputs: TaskInputs, scorer) -> TaskResult:
+    return _solve(load_gsm8k(inputs.gsm8k_path, limit=inputs.limit), scorer, "gsm8k_em")
+
+
+def perplexity(inputs: TaskInputs, scorer) -> TaskResult:
+    documents = inputs.first(inputs.world.heldout_documents(inputs.heldout_documents))
+    scored = scorer.document_nll(documents)
+    rows = [
+        {"document": doc, "tokens": count, "nll": nll, "perplexity": math.exp(nll / count) if count else float("nan")}
+        for doc, (nll, count) in zip(documents, scored)
+    ]
+    tokens = sum(count for _, count in scored)
+    value = math.exp(sum(nll for nll, _ in scored) / tokens) if tokens else float("nan")
+    return TaskResult({"perplexity": value, "perplexity_tokens": float(tokens)}, rows)
+
+
+def _solve(problems: Sequence[Any], scorer, metric: str) -> TaskResult:
+    """Greedy worked solutions graded by the number after their first ``####``."""
+    generated = scorer.generate([problem.prompt for problem in problems], stop=SOLUTION_STOP)
+    rows = []
+    for problem, text in zip(problems, generated):
+        predicted = extract_answer(text)
+        rows.append(
+            {
+                "prompt": problem.prompt,
+                "expected": problem.answer,
+                "generated": text,
+                "predicted": predicted,
+                "correct": predicted is not None and predicted == problem.answer,
+            }
+        )
+    return TaskResult({metric: _mean(row["correct"] for row in rows)}, rows)
+
+
+TASKS: Dict[str, Callable[[TaskInputs, Any], TaskResult]] = {
+    "multiple_choice": multiple_choice,
+    "free_answer": free_answer,
+    "word_problems": word_problems,
+    "perplexity": perplexity,
+    "gsm8k": gsm8k,
+}
+EMBEDDED_TASKS = ["multiple_choice", "free_answer", "word_problems", "perplexity"]
+
+
+def selected_tasks(tasks: Sequence[str], gsm8k_path: Optional[str]) -> List[str]:
+    """The tasks to run in order: ``tasks``, then ``gsm8k`` when a GSM8K file is given."""
+    names = list(dict.fromkeys(tasks))
+    if gsm8k_path and "gsm8k" not in names:
+        names.append("gsm8k")
+    return names
+
+
+def _argmax(values: Sequence[float]) -> int:
+    """Index of the largest value; the first on ties, as numpy's argmax."""
+    return max(range(len(values)), key=lambda i: (values[i], -i))
+
+
+def _mean(flags) -> float:
+    flags = list(flags)
+    return sum(map(float, flags)) / len(flags) if flags else float("nan")
