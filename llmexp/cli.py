@@ -1,0 +1,85 @@
+"""The ``llmexp`` command: subcommands (``plan``, ``plugins``) or a Hydra run/multirun.
+
+Before Hydra creates any output directory, every point of the invocation is composed and
+a plain run is planned, so bad input (unknown option, misspelled key, wrong type,
+infeasible plan) ends with one paragraph and exit code 2, having written nothing.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Callable, Dict, List, Optional
+
+import hydra
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig
+
+from llmexp import console
+from llmexp.config import CONFIG_NAME, compose_config, register_configs, sweep_points
+from llmexp.errors import EXIT_USER_ERROR, UserError
+
+
+def _plan(argv: List[str]) -> int:
+    from llmexp.plan_command import main
+
+    return main(argv)
+
+
+def _plugins(argv: List[str]) -> int:
+    from llmexp.plugins_command import main
+
+    return main(argv)
+
+
+SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {"plan": _plan, "plugins": _plugins}
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    try:
+        if argv and argv[0] in SUBCOMMANDS:
+            sys.exit(SUBCOMMANDS[argv[0]](argv[1:]))
+        register_configs()
+        preflight(argv)
+    except UserError as error:
+        console.error(str(error))
+        sys.exit(EXIT_USER_ERROR)
+    sys.argv = [sys.argv[0], *argv]
+    hydra_entry()
+
+
+def preflight(argv: List[str]) -> None:
+    """Compose every job of this invocation and plan a plain run; raise ``UserError`` on bad input."""
+    from hydra._internal.utils import get_args_parser
+
+    args = get_args_parser().parse_args(argv)
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_dir:
+        return  # Hydra answers these itself
+    config_name = args.config_name or CONFIG_NAME
+    points = sweep_points(args.overrides) if args.multirun else [args.overrides]
+    for overrides in points:
+        cfg = compose_config(overrides, config_name)
+    if not args.multirun and args.cfg is None:
+        from llmexp.planner import make_plan
+
+        problems = make_plan(cfg).problems
+        if problems:
+            raise UserError(" ".join(problems))
+
+
+@hydra.main(version_base="1.3", config_path="pkg://llmexp.conf", config_name=CONFIG_NAME)
+def hydra_entry(cfg: DictConfig) -> None:
+    from llmexp.runner import run_experiment
+
+    hydra_cfg = HydraConfig.get()
+    try:
+        run_experiment(cfg, Path(hydra_cfg.runtime.output_dir), multirun=hydra_cfg.mode == RunMode.MULTIRUN)
+    except UserError as error:
+        console.error(str(error))
+        sys.exit(EXIT_USER_ERROR)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,107 @@
+"""The ``llmexp`` command as a user meets it: Hydra's features, bad input, sweeps, plugins."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+
+from .conftest import REPO, read_results, run_llmexp
+
+SHORT = ["technique.max_steps=3", "technique.save_model=false", "evaluation.limit=4"]
+
+
+def assert_user_error(result, *fragments):
+    assert result.returncode == 2, result.stderr
+    assert "Traceback" not in result.stderr
+    for fragment in fragments:
+        assert fragment in " ".join(result.stderr.split()), result.stderr
+
+
+def test_help_lists_every_group_and_option(tmp_path):
+    result = run_llmexp("--help", cwd=tmp_path)
+    assert result.returncode == 0
+    for option in ("llama3_1_405b", "qwen2_5_7b", "b200", "tp4_pp4_dp4", "pretrain", "evaluate", "wandb", "mlflow"):
+        assert option in result.stdout
+
+
+def test_cfg_job_shows_overrides(tmp_path):
+    result = run_llmexp("--cfg", "job", "technique.lr=3e-4", "model=llama3_2_1b", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "lr: 0.0003" in result.stdout and "hidden_size: 2048" in result.stdout
+    assert not list(tmp_path.iterdir())
+
+
+@pytest.mark.parametrize(
+    "override, fragments",
+    [
+        ("technique.lrr=1", ["technique.lrr", "llmexp --cfg job"]),
+        ("technique.max_steps=many", ["max_steps", "many"]),
+        ("model=llama9", ["model", "llama9"]),
+        ("precision=fp8", ["precision=fp8", "hardware=cpu"]),
+        ("model.path=/no/such/dir", ["model.path", "/no/such/dir"]),
+    ],
+)
+def test_bad_input_is_one_paragraph_exit_2_and_writes_nothing(tmp_path, override, fragments):
+    result = run_llmexp(override, cwd=tmp_path)
+    assert_user_error(result, *fragments)
+    assert not list(tmp_path.iterdir())
+
+
+def test_corrupt_checkpoint_is_refused_before_anything_is_written(tmp_path, tiny_checkpoint):
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for f in tiny_checkpoint.iterdir():
+        (broken / f.name).write_bytes(f.read_bytes())
+    weights = broken / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_llmexp("technique=evaluate", f"model.path={broken}", cwd=work)
+    assert_user_error(result, "model.path")
+    assert not list(work.iterdir())
+
+
+def test_multirun_records_infeasible_points_as_skipped(tmp_path):
+    result = run_llmexp("-m", "precision=fp32,fp8", *SHORT, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    jobs = sorted((tmp_path / "sweep").glob("*/results.json"))
+    assert len(jobs) == 2
+    by_precision = {r["config"]["precision"]: r for r in map(lambda p: json.loads(p.read_text()), jobs)}
+    assert by_precision["fp32"]["status"] == "completed"
+    assert by_precision["fp32"]["stages"]["pretrain"]["metrics"]["steps"] == 3
+    assert by_precision["fp8"]["status"] == "skipped"
+    assert "fp8" in by_precision["fp8"]["reason"] and by_precision["fp8"]["stages"] == {}
+
+
+def test_plugins_lists_built_ins_with_their_package(tmp_path):
+    result = run_llmexp("plugins", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    for fragment in ("pretrain", "evaluate", "llmexp 0.1.0", "installed"):
+        assert fragment in result.stdout
+
+
+def test_out_of_tree_plugin_runs_by_name(tmp_path, tiny_checkpoint):
+    """Install the example plugin package for real and run its technique through Hydra."""
+    site = tmp_path / "site"
+    subprocess.run(
+        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site),
+         str(REPO / "examples/llmexp-weightstats")],
+        check=True, capture_output=True,
+    )
+    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    listing = run_llmexp("plugins", cwd=tmp_path, env=env)
+    assert "weightstats" in listing.stdout and "llmexp-weightstats 0.1.0" in listing.stdout
+
+    result = run_llmexp("technique=weightstats", "technique.top_k=2", f"model.path={tiny_checkpoint}",
+                        "pipeline=single", "hydra.run.dir=run", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    stage = read_results(tmp_path / "run")["stages"]["weightstats"]
+    assert stage["metrics"]["matrices"] == 2 * 7 + 1  # q k v o gate up down per layer, tied embedding
+    assert len(json.loads((tmp_path / "run/weightstats/top_norms.json").read_text())) == 2
+
+    refused = run_llmexp("technique=weightstats", "technique.top_k=0", f"model.path={tiny_checkpoint}", cwd=tmp_path, env=env)
+    assert_user_error(refused, "technique.top_k=0")

@@ -1,0 +1,41 @@
+"""The embedded default end to end: `llmexp` with no arguments learns, evaluates and reports."""
+
+from __future__ import annotations
+
+import pytest
+
+from .conftest import read_results, run_llmexp
+
+
+@pytest.mark.slow
+def test_default_run_learns_the_embedded_world(tmp_path):
+    result = run_llmexp("hydra.run.dir=run", cwd=tmp_path, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    record = read_results(tmp_path / "run")
+    assert record["status"] == "completed"
+    train = record["stages"]["pretrain"]["metrics"]
+    scores = record["stages"]["evaluate"]["metrics"]
+    assert train["steps"] == 1000 and train["final_loss"] < 1.0
+    assert scores["mc_cloze_acc"] > 0.6  # chance is 0.25 on 150 questions
+    assert scores["free_answer_em"] > 0.5
+    assert 1.0 < scores["perplexity"] < 3.0
+    assert 0.0 <= scores["mc_letter_acc"] <= 1.0 and 0.0 <= scores["word_problem_em"] <= 1.0
+    assert (tmp_path / "run/pretrain/model/model.safetensors").exists()
+    assert record["model_stats"]["parameters"] == 1_607_808
+    assert "run directory:" in result.stdout and "mc_cloze_acc" in result.stdout
+
+
+@pytest.mark.slow
+def test_same_seed_same_numbers(tmp_path):
+    args = ["technique.max_steps=40", "evaluation.limit=24"]
+    first = run_llmexp(*args, "hydra.run.dir=a", cwd=tmp_path)
+    second = run_llmexp(*args, "hydra.run.dir=b", cwd=tmp_path)
+    assert first.returncode == 0 and second.returncode == 0, first.stderr[-2000:] + second.stderr[-2000:]
+    a, b = read_results(tmp_path / "a"), read_results(tmp_path / "b")
+    for stage in ("pretrain", "evaluate"):
+        metrics_a = {k: v for k, v in a["stages"][stage]["metrics"].items() if "time" not in k and "per_s" not in k}
+        metrics_b = {k: v for k, v in b["stages"][stage]["metrics"].items() if "time" not in k and "per_s" not in k}
+        assert metrics_a == metrics_b
+    other = run_llmexp(*args, "seed=1", "hydra.run.dir=c", cwd=tmp_path)
+    assert read_results(tmp_path / "c")["stages"]["pretrain"]["metrics"]["final_loss"] != a["stages"]["pretrain"]["metrics"]["final_loss"]
+    assert other.returncode == 0
