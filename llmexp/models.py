@@ -9,30 +9,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, Optional, Tuple
 
+from llmexp.checkpoint import HF_KEYS
 from llmexp.errors import UserError
-
-# Our ModelConfig field -> the Hugging Face config key it becomes.
-_HF_KEYS = {
-    "vocab_size": "vocab_size",
-    "hidden_size": "hidden_size",
-    "intermediate_size": "intermediate_size",
-    "num_layers": "num_hidden_layers",
-    "num_attention_heads": "num_attention_heads",
-    "num_key_value_heads": "num_key_value_heads",
-    "head_dim": "head_dim",
-    "max_position_embeddings": "max_position_embeddings",
-    "rope_theta": "rope_theta",
-    "rms_norm_eps": "rms_norm_eps",
-    "tie_word_embeddings": "tie_word_embeddings",
-    "attention_bias": "attention_bias",
-}
 
 
 def build_model(model_cfg, tokenizer=None):
     """A freshly initialised causal LM with ``model_cfg``'s architecture numbers (call after seeding)."""
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    kwargs = {hf: model_cfg[ours] for ours, hf in _HF_KEYS.items() if model_cfg.get(ours) is not None}
+    kwargs = {
+        hf: model_cfg[ours]
+        for ours, hf in HF_KEYS.items()
+        if ours != "architecture" and model_cfg.get(ours) is not None
+    }
     if model_cfg.architecture == "qwen2":
         kwargs.pop("attention_bias", None)  # Qwen2 always has q/k/v biases
     if tokenizer is not None:

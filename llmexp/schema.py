@@ -129,12 +129,3 @@ class RunConfig:
     precision: Precision = Precision.fp32
     seed: int = 0
 
-
-GROUP_SCHEMAS = {
-    "model": ModelConfig,
-    "hardware": HardwareConfig,
-    "parallelism": ParallelismConfig,
-    "data": DataConfig,
-    "tracker": TrackerConfig,
-    "pipeline": PipelineConfig,
-}

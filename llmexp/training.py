@@ -8,14 +8,21 @@ progress) and the throughput figures.
 
 from __future__ import annotations
 
+import logging
 import math
 import time
+import warnings
 from typing import Any, Dict
 
 import lightning as L
 import torch
 
 from llmexp.errors import UserError
+
+# Lightning announces "GPU available: False", a product tip and more on every Trainer; its
+# warnings still come through. The pytree notice is Lightning 2.6 calling an API torch 2.13 deprecated.
+logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
+warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
 
 # Our precision names -> Lightning's. Mixed precision keeps fp32 master weights.
 LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
@@ -91,6 +98,7 @@ def make_trainer(config, max_steps: int, logger, log_every: int, grad_clip: floa
         devices=1,
         precision=LIGHTNING_PRECISION[precision],
         max_steps=max_steps,
+        max_epochs=1,  # techniques hand over exactly max_steps optimiser steps of data
         accumulate_grad_batches=accumulation_steps(config.parallelism),
         gradient_clip_val=grad_clip or None,
         logger=logger,

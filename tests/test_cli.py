@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -86,10 +87,11 @@ def test_plugins_lists_built_ins_with_their_package(tmp_path):
 
 def test_out_of_tree_plugin_runs_by_name(tmp_path, tiny_checkpoint):
     """Install the example plugin package for real and run its technique through Hydra."""
-    site = tmp_path / "site"
+    site, source = tmp_path / "site", tmp_path / "llmexp-weightstats"
+    shutil.copytree(REPO / "examples/llmexp-weightstats", source)  # pip builds in place: keep the repo clean
     subprocess.run(
         [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site),
-         str(REPO / "examples/llmexp-weightstats")],
+         str(source)],
         check=True, capture_output=True,
     )
     env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
@@ -105,3 +107,18 @@ def test_out_of_tree_plugin_runs_by_name(tmp_path, tiny_checkpoint):
 
     refused = run_llmexp("technique=weightstats", "technique.top_k=0", f"model.path={tiny_checkpoint}", cwd=tmp_path, env=env)
     assert_user_error(refused, "technique.top_k=0")
+
+
+def test_run_tracked_in_mlflow_matches_results_json(tmp_path):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    result = run_llmexp("tracker=mlflow", f"tracker.uri={uri}", *SHORT, "technique.log_every=1", "hydra.run.dir=run",
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-2000:]
+    record = read_results(tmp_path / "run")
+    client = MlflowClient(tracking_uri=uri)
+    [run] = client.search_runs([client.get_experiment_by_name("llmexp").experiment_id])
+    assert run.data.metrics["pretrain/final_loss"] == pytest.approx(record["stages"]["pretrain"]["metrics"]["final_loss"])
+    assert run.data.metrics["evaluate/mc_cloze_acc"] == pytest.approx(record["stages"]["evaluate"]["metrics"]["mc_cloze_acc"])
+    assert len(client.get_metric_history(run.info.run_id, "pretrain/train/loss")) == 3
