@@ -122,3 +122,19 @@ def test_run_tracked_in_mlflow_matches_results_json(tmp_path):
     assert run.data.metrics["pretrain/final_loss"] == pytest.approx(record["stages"]["pretrain"]["metrics"]["final_loss"])
     assert run.data.metrics["evaluate/mc_cloze_acc"] == pytest.approx(record["stages"]["evaluate"]["metrics"]["mc_cloze_acc"])
     assert len(client.get_metric_history(run.info.run_id, "pretrain/train/loss")) == 3
+
+
+def test_malformed_jsonl_and_non_hf_directory_are_refused_with_their_location(tmp_path, tiny_checkpoint):
+    bad = tmp_path / "gsm8k.jsonl"
+    bad.write_text('{"question": "1 + 1?", "answer": "1 + 1 = 2\\n#### 2"}\n{"question": "oops"\n')
+    work = tmp_path / "work"
+    work.mkdir()
+    result = run_llmexp("technique=evaluate", f"model.path={tiny_checkpoint}", f"technique.gsm8k_path={bad}", cwd=work)
+    assert_user_error(result, f"{bad}:2")
+
+    not_hf = tmp_path / "notes"
+    not_hf.mkdir()
+    (not_hf / "readme.txt").write_text("not a checkpoint")
+    result = run_llmexp("technique=evaluate", f"model.path={not_hf}", cwd=work)
+    assert_user_error(result, "model.path", "config.json")
+    assert not list(work.iterdir())
