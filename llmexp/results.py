@@ -171,8 +171,8 @@ def summary_metrics(results: Mapping[str, Any]) -> Dict[str, float]:
     """
     flat: Dict[str, float] = {}
     for stage, entry in (results.get("stages") or {}).items():
-        flat.update(_numbers(entry.get("metrics") or {}, prefix=f"{stage}/"))
-    flat.update(_numbers(results.get("model_stats") or {}, prefix="model/"))
+        flat.update(flatten_numbers(entry.get("metrics") or {}, prefix=f"{stage}/"))
+    flat.update(flatten_numbers(results.get("model_stats") or {}, prefix="model/"))
     return flat
 
 
@@ -342,11 +342,12 @@ def _to_json(value: Any) -> Any:
     raise TypeError(f"{type(value).__name__} is not JSON serializable: {value!r}")
 
 
-def _numbers(tree: Mapping[str, Any], prefix: str) -> Dict[str, float]:
+def flatten_numbers(tree: Mapping[str, Any], prefix: str = "") -> Dict[str, float]:
+    """``{prefix}{key}`` (nested keys joined by ``/``) for every numeric leaf; other values are left out."""
     flat: Dict[str, float] = {}
     for key, value in tree.items():
         if isinstance(value, Mapping):
-            flat.update(_numbers(value, f"{prefix}{key}/"))
+            flat.update(flatten_numbers(value, f"{prefix}{key}/"))
         elif isinstance(value, (int, float)) and not isinstance(value, bool):
             flat[f"{prefix}{key}"] = float(value)
     return flat

@@ -18,7 +18,7 @@ from llmexp import console
 from llmexp.errors import UserError
 from llmexp.planner import make_plan
 from llmexp.plugin_manager import technique
-from llmexp.results import RunRecord, redact_hydra_record
+from llmexp.results import RunRecord, flatten_numbers, redact_hydra_record
 from llmexp.technique import ModelArtifact, StageContext
 from llmexp.tracking import make_tracker
 
@@ -68,7 +68,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord) -> N
         result = cls().run(StageContext(cfg, node, stage_dir, model, tracker, stage_name))
         record.add_stage(stage_name, cls.name, result, wall_time_s=time.perf_counter() - clock)
         record.write()  # a run that dies later still shows what finished (status "running")
-        tracker.log_metrics({f"{stage_name}/{k}": v for k, v in result.metrics.items() if _is_number(v)})
+        tracker.log_metrics(flatten_numbers(result.metrics, prefix=f"{stage_name}/"))
         if result.model is not None:
             model, models_produced = result.model, models_produced + 1
 
@@ -85,7 +85,3 @@ def _unique(name: str, taken: Dict[str, object]) -> str:
     while candidate in taken:
         candidate, n = f"{name}-{n}", n + 1
     return candidate
-
-
-def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)

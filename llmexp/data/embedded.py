@@ -162,7 +162,7 @@ class EmbeddedWorld:
 
     # -- makers -----------------------------------------------------------------------
     def _values(self, relation: str) -> List[str]:
-        return self.towns if relation == "town" else VALUES[relation]
+        return _relation_values(relation, self.towns)
 
     def _statement(self, rng: random.Random, fact: Fact) -> str:
         return rng.choice(STATEMENTS[fact.relation]).format(p=fact.person, v=fact.value)
@@ -213,6 +213,11 @@ _WP_TEMPLATE = "{p} has {a} {i} . {p} buys {b} more and gives away {c} . how man
 _WP_SOLUTION = "{a} + {b} = {t} . {t} - {c} = {r} . #### {r}"
 
 
+def _relation_values(relation: str, towns: List[str]) -> List[str]:
+    """The values a relation can take: the world's invented towns, or a fixed pool."""
+    return towns if relation == "town" else VALUES[relation]
+
+
 def _random_triple(rng: random.Random) -> Tuple[int, int, int]:
     a, b = rng.randint(1, WORD_PROBLEM_MAX), rng.randint(1, WORD_PROBLEM_MAX)
     return a, b, rng.randint(1, a + b - 1)
@@ -234,7 +239,7 @@ def build_world(seed: int = 0, num_people: int = 30) -> EmbeddedWorld:
     people = _invent_names(rng, num_people, parts=2)
     towns = [t for t in _invent_names(rng, 10 + num_people, parts=2, endings=_TOWN_ENDINGS) if t not in people][:10]
     facts = [
-        Fact(person, relation, rng.choice(towns if relation == "town" else VALUES[relation]))
+        Fact(person, relation, rng.choice(_relation_values(relation, towns)))
         for person in people
         for relation in RELATIONS
     ]
