@@ -44,6 +44,9 @@ QUESTIONS: Dict[str, List[str]] = {
     "food": ["what does {p} eat ?", "what is the favourite food of {p} ?", "what does {p} cook for dinner ?", "which food does {p} like ?"],
 }
 TRAIN_TEMPLATES = 3
+# Words of the Text2SQL set (llmexp.data.text2sql) that the texts above lack. They come after
+# the sorted words, never merged into them, so every older token id (and checkpoint) stays valid.
+TEXT2SQL_WORDS = ("write", "SQL", "query", "that", "answers", "question", "SELECT", "FROM", "WHERE", "people", "name")
 
 ITEMS = ["apples", "pens", "coins", "stamps", "books", "shells", "cards", "marbles"]
 WORD_PROBLEM_MAX = 12  # a, b in 1..12; c in 1..a+b-1
@@ -158,7 +161,7 @@ class EmbeddedWorld:
         for text in texts + [_WP_TEMPLATE, _WP_SOLUTION, "Question: Answer:"]:
             words.update(w for w in text.split() if "{" not in w)
         words.update(str(n) for n in range(0, 2 * WORD_PROBLEM_MAX + 1))
-        return sorted(words)
+        return sorted(words) + list(TEXT2SQL_WORDS)
 
     # -- makers -----------------------------------------------------------------------
     def _values(self, relation: str) -> List[str]:

@@ -1,0 +1,177 @@
+"""Instruction data for SFT and LoRA: prompt/response pairs, tokenized so loss falls on the response only.
+
+Files are JSON Lines in any of the common layouts (``FORMATS``). A prompt stays plain text
+until ``format_prompt`` wraps it in the tokenizer's chat template; evaluation builds its
+prompts the same way, so a model is asked exactly as it was trained.
+"""
+
+from __future__ import annotations
+
+import random
+from dataclasses import dataclass
+from functools import partial
+from typing import Any, Callable, Dict, List, Sequence, Tuple, TypeVar
+
+from llmexp.data.embedded import build_world
+from llmexp.data.jsonl import PathLike, read_jsonl_numbered
+from llmexp.errors import UserError
+
+T = TypeVar("T")
+IGNORE_INDEX = -100  # label of a token the loss skips (PyTorch's cross_entropy default)
+
+
+@dataclass(frozen=True)
+class Example:
+    """``prompt`` is the user's side as plain text (not chat-templated yet), ``response`` the target."""
+
+    prompt: str
+    response: str
+
+
+@dataclass(frozen=True)
+class RecordFormat:
+    """One JSONL layout: the prompt is ``prompt_fields`` joined by newlines, the target ``response_field``."""
+
+    name: str
+    prompt_fields: Tuple[str, ...]
+    response_field: str
+    optional: Tuple[str, ...] = ()
+
+    def matches(self, record: Dict) -> bool:
+        required = (set(self.prompt_fields) - set(self.optional)) | {self.response_field}
+        return required <= record.keys()
+
+
+# Tried in order, the first match wins; other fields on a line are ignored.
+FORMATS: Sequence[RecordFormat] = (
+    RecordFormat("instruction+(input)+output", ("instruction", "input"), "output", optional=("input",)),
+    RecordFormat("prompt+completion", ("prompt",), "completion"),
+    RecordFormat("input+output", ("input",), "output"),
+)
+
+
+def read_instruction_file(path: PathLike) -> List[Example]:
+    """The examples in a JSONL file, in file order; a bad line raises ``UserError`` naming ``file:line``."""
+    examples = []
+    for line, record in read_jsonl_numbered(path):
+        layout = next((f for f in FORMATS if f.matches(record)), None)
+        if layout is None:
+            expected = ", ".join(f.name for f in FORMATS)
+            raise UserError(f"{path}:{line}: has fields {sorted(record)}; expected one of: {expected}.")
+        parts = [record.get(field, "") for field in layout.prompt_fields]
+        response = record[layout.response_field]
+        for field, value in [*zip(layout.prompt_fields, parts), (layout.response_field, response)]:
+            if not isinstance(value, str):
+                raise UserError(f"{path}:{line}: the {field!r} field is not text. Give it as a JSON string.")
+        prompt = "\n".join(part for part in parts if part.strip())
+        for field, value in (("/".join(layout.prompt_fields), prompt), (layout.response_field, response)):
+            if not value.strip():
+                raise UserError(f"{path}:{line}: the {field!r} text is empty. Fill it in or delete the line.")
+        examples.append(Example(prompt, response))
+    return examples
+
+
+def split_validation(records: Sequence[T], data_cfg) -> Tuple[List[T], List[T]]:
+    """Hold out ``data.validation_split`` of ``records``: the same ones for the same ``data.seed``.
+
+    At least one record is held out when there are two or more and the share is above 0;
+    both lists keep file order.
+    """
+    share = data_cfg.validation_split
+    if not 0 <= share < 1:
+        raise UserError(
+            f"data.validation_split={share} is outside [0, 1). Give the share of training records "
+            "to hold out for validation, e.g. data.validation_split=0.1 (0 for none)."
+        )
+    count = 0 if share == 0 or len(records) < 2 else min(len(records) - 1, max(1, round(share * len(records))))
+    held = set(random.Random(f"{data_cfg.seed}/validation").sample(range(len(records)), count))
+    train = [r for i, r in enumerate(records) if i not in held]
+    return train, [r for i, r in enumerate(records) if i in held]
+
+
+def read_train_and_validation(data_cfg, read_file: Callable[[PathLike], List[T]]) -> Tuple[List[T], List[T]]:
+    """``data.path`` read with ``read_file``; validation from ``data.validation_path`` or ``split_validation``."""
+    train = _read_nonempty(data_cfg.path, read_file)
+    if data_cfg.validation_path:
+        return train, _read_nonempty(data_cfg.validation_path, read_file)
+    return split_validation(train, data_cfg)
+
+
+def instruction_data(data_cfg) -> Tuple[List[Example], List[Example]]:
+    """(train, validation) examples for the ``data`` option of an SFT or LoRA run."""
+    if data_cfg.name == "embedded":
+        from llmexp.data.text2sql import text2sql_examples  # text2sql builds on Example, so not at the top
+
+        return split_validation(text2sql_examples(build_world(data_cfg.seed, data_cfg.num_people)), data_cfg)
+    if data_cfg.name == "jsonl":
+        if not data_cfg.path:
+            raise UserError(
+                "data=jsonl needs data.path=<train.jsonl>: a JSONL file of prompt+completion, input+output "
+                "or instruction+(input)+output records (data.validation_path=<valid.jsonl> optional)."
+            )
+        return read_train_and_validation(data_cfg, read_instruction_file)
+    raise UserError(
+        f"data={data_cfg.name} holds no instruction data. For SFT and LoRA use data=embedded "
+        "(the built-in Text2SQL set) or data=jsonl data.path=<train.jsonl>."
+    )
+
+
+def format_prompt(prompt_text: str, tokenizer) -> str:
+    """The text a model sees before its answer: the chat template's user turn, or the prompt and a newline."""
+    if getattr(tokenizer, "chat_template", None):
+        return tokenizer.apply_chat_template(
+            [{"role": "user", "content": prompt_text}], tokenize=False, add_generation_prompt=True
+        )
+    return prompt_text + "\n"
+
+
+def prompt_ids(prompt_text: str, tokenizer) -> List[int]:
+    """The token ids of ``format_prompt``; a chat template writes its own BOS, so none is added twice."""
+    has_template = bool(getattr(tokenizer, "chat_template", None))
+    return tokenizer(format_prompt(prompt_text, tokenizer), add_special_tokens=not has_template)["input_ids"]
+
+
+def encode_example(example: Example, tokenizer, max_len: int) -> Tuple[List[int], List[int]]:
+    """``(input_ids, labels)`` of prompt + response + EOS, with the prompt masked out of the loss.
+
+    Longer than ``max_len``, the prompt loses tokens from its start (a leading BOS stays) so
+    the answer survives; a response that alone is too long loses its end.
+    """
+    prompt = prompt_ids(example.prompt, tokenizer)
+    response = tokenizer(example.response, add_special_tokens=False)["input_ids"] + [tokenizer.eos_token_id]
+    if len(prompt) + len(response) > max_len:
+        bos = prompt[:1] if prompt[:1] == [tokenizer.bos_token_id] else []
+        response = response[: max_len - len(bos)]
+        body = prompt[len(bos):]
+        prompt = bos + body[len(body) - (max_len - len(bos) - len(response)):]
+    return prompt + response, [IGNORE_INDEX] * len(prompt) + response
+
+
+def pad_batch(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int, length: int) -> Dict[str, Any]:
+    """``(input_ids, labels)`` rows right-padded to ``length`` as LongTensors, with their attention mask."""
+    import torch
+
+    def padded(values: List[int], fill: int) -> List[int]:
+        return values + [fill] * (length - len(values))
+
+    return {
+        "input_ids": torch.tensor([padded(ids, pad_id) for ids, _ in rows], dtype=torch.long),
+        "labels": torch.tensor([padded(labels, IGNORE_INDEX) for _, labels in rows], dtype=torch.long),
+        "attention_mask": torch.tensor([padded([1] * len(ids), 0) for ids, _ in rows], dtype=torch.long),
+    }
+
+
+def pad_collate(pad_id: int) -> Callable[[Sequence[Tuple[List[int], List[int]]]], Dict[str, Any]]:
+    """A DataLoader ``collate_fn`` padding each batch to its longest row; picklable for worker processes."""
+    return partial(_pad_to_longest, pad_id=pad_id)
+
+
+def _pad_to_longest(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int) -> Dict[str, Any]:
+    return pad_batch(rows, pad_id, max(len(ids) for ids, _ in rows))
+
+
+def _read_nonempty(path: str, read_file: Callable[[PathLike], List[T]]) -> List[T]:
+    records = read_file(path)
+    if not records:
+        raise UserError(f"{path} holds no records. Give a JSONL file with one record per line.")
+    return records

@@ -1,0 +1,70 @@
+"""Plain-text corpora for continued pretraining: files and folders of documents.
+
+A paragraph is the natural document of prose and Markdown (blank lines separate them); a
+JSONL corpus, the usual export of a scraped or filtered set, gives one ``"text"`` per line.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Callable, Dict, List, Sequence
+
+from llmexp.data.jsonl import read_jsonl_numbered
+from llmexp.errors import UserError
+
+_PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
+_FIX = "Give text files or folders of them, e.g. data.paths=[corpus/] or data.paths=[notes.md,more.jsonl]."
+
+
+def _paragraphs(path: Path) -> List[str]:
+    try:
+        text = path.read_text(encoding="utf-8-sig")
+    except UnicodeDecodeError:
+        raise UserError(f"data.paths: {path} is not UTF-8 text. Save it as UTF-8.") from None
+    return [p.strip() for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
+
+
+def _jsonl_texts(path: Path) -> List[str]:
+    texts = []
+    for line, record in read_jsonl_numbered(path):
+        if not isinstance(record.get("text"), str):
+            raise UserError(
+                f'{path}:{line}: no text in a "text" field (fields on that line: {sorted(record)}). '
+                'Each line of a text corpus in JSONL looks like {"text": "..."}.'
+            )
+        if record["text"].strip():
+            texts.append(record["text"])
+    return texts
+
+
+READERS: Dict[str, Callable[[Path], List[str]]] = {".txt": _paragraphs, ".md": _paragraphs, ".jsonl": _jsonl_texts}
+
+
+def read_text_documents(paths: Sequence[str]) -> List[str]:
+    """Every document under ``paths`` (files, or folders searched recursively in sorted order)."""
+    if not paths:
+        raise UserError(f"data=text needs data.paths: the files or folders of the corpus. {_FIX}")
+    documents: List[str] = []
+    for entry in map(Path, paths):
+        if entry.is_dir():
+            files = sorted(f for f in entry.rglob("*") if f.suffix in READERS and f.is_file())
+        elif entry.is_file():
+            if entry.suffix not in READERS:
+                raise UserError(
+                    f"data.paths: {entry} is a {entry.suffix or 'extensionless'} file; "
+                    f"text corpora are {', '.join(READERS)} files. {_FIX}"
+                )
+            files = [entry]
+        else:
+            raise UserError(
+                f"data.paths: {entry} does not exist (relative paths are resolved against {Path.cwd()}). {_FIX}"
+            )
+        for file in files:
+            documents.extend(READERS[file.suffix](file))
+    if not documents:
+        raise UserError(
+            f"data.paths={list(paths)} holds no documents (no non-empty paragraph "
+            f"in a {', '.join(READERS)} file). {_FIX}"
+        )
+    return documents
