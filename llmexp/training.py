@@ -1,31 +1,186 @@
-"""The one Lightning training loop every training technique shares.
+"""The one training loop every training technique shares (pretrain, continued pretraining, SFT, LoRA, DPO).
 
-A technique hands over an HF causal LM, its batches and its optimiser settings; this module
-supplies the LightningModule (loss, AdamW, warm-up + cosine schedule), the Trainer
-(precision from the config, gradient accumulation to reach ``global_batch``, clipping,
-progress) and the throughput figures.
+A technique brings its model, its examples, a collate function and a loss function; ``train``
+does the rest: seeding, the order the examples are seen in, micro-batches, the Lightning
+Trainer (precision, gradient accumulation to ``global_batch``, clipping), activation
+checkpointing, AdamW with a warm-up + cosine schedule, validation, the step log
+(``<stage_dir>/train_log.jsonl`` and the tracker's Lightning logger), resumable checkpoints
+(``llmexp.resume``) and the figures every technique reports.
+
+Nothing heavy is imported at module level: technique schemas subclass ``TrainingConfig``
+and the planner loads every schema without torch.
 """
 
 from __future__ import annotations
 
+import functools
+import json
 import logging
 import math
 import time
 import warnings
-from typing import Any, Dict
+from dataclasses import dataclass, field
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-import lightning as L
-import torch
-
+from llmexp import console
 from llmexp.errors import UserError
+from llmexp.results import redact_secrets
+from llmexp.technique import StageContext, TechniqueConfig
 
 # Lightning announces "GPU available: False", a product tip and more on every Trainer; its
 # warnings still come through. The pytree notice is Lightning 2.6 calling an API torch 2.13 deprecated.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+# On a mid-epoch resume the batch sampler starts at the saved data position itself (see _MicroBatches).
+warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
 # Our precision names -> Lightning's. Mixed precision keeps fp32 master weights.
 LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+TRAIN_LOG = "train_log.jsonl"
+CHECKPOINT_DIR = "checkpoints"
+
+
+@dataclass
+class TrainingConfig(TechniqueConfig):
+    """What every training technique's schema shares; batch sizes come from ``parallelism``.
+
+    The defaults are the embedded default's recipe: AdamW (0.9, 0.95, wd 0.1), lr 1e-2 with
+    50 warm-up steps and a cosine decay to 10%, 1,000 steps, clip 1.0.
+    """
+
+    max_steps: int = 1000  # optimiser steps; each sees parallelism.global_batch examples
+    lr: float = 1e-2
+    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
+    warmup_steps: int = 50
+    weight_decay: float = 0.1  # not applied to norms and biases
+    beta1: float = 0.9
+    beta2: float = 0.95
+    grad_clip: float = 1.0  # gradient-norm clipping; 0 turns it off
+    log_every: int = 10  # steps between rows of train_log.jsonl and points of the tracker's curve
+    val_every: int = 0  # validate every N optimiser steps on the validation set, and after the last (0: never)
+    checkpoint_every: int = 200  # resumable checkpoint every N optimiser steps (0: never)
+    keep_checkpoints: int = 2  # the newest K are kept
+    save_model: bool = True  # write the HF checkpoint to <stage dir>/model
+
+
+@dataclass
+class LossOutput:
+    """A technique's loss on one micro-batch."""
+
+    loss: Any  # scalar tensor to minimise
+    tokens: int  # tokens it covers: throughput, and the weight of this batch in the validation mean
+    logs: Dict[str, Any] = field(default_factory=dict)  # floats or 0-d tensors, logged as train/<k> or val/<k>
+
+
+LossFn = Callable[[Any, Any], LossOutput]
+
+
+def train(
+    ctx: StageContext,
+    model,
+    loss_fn: LossFn,
+    train_data: Sequence,
+    collate: Callable,
+    val_data: Optional[Sequence] = None,
+    shuffle: bool = True,
+    extra_modules: Sequence = (),
+    callbacks: Sequence = (),
+) -> Dict[str, float]:
+    """Train ``model`` for ``max_steps`` optimiser steps of ``loss_fn(model, collate(examples))``; return its figures.
+
+    ``extra_modules`` are frozen modules the loss uses (DPO's reference model): moved to the
+    training device and put in eval mode, but not optimised and not saved in checkpoints.
+    ``callbacks`` are extra Lightning callbacks (the throughput benchmark times steps with one).
+    A stage directory holding checkpoints of the same config resumes from the newest valid one.
+
+    Metrics: ``train_time_s``, ``tokens_per_s`` (this attempt's), ``train_tokens`` (the whole
+    run's), ``final_loss`` (the last optimiser step's loss: the mean over its micro-batches),
+    ``steps``, ``val_loss`` and ``val_<log>`` for the loss's other logs (the last validation, when
+    validating), ``trainable_parameters``,
+    ``total_parameters``, ``trainable_fraction``, ``peak_memory_mb`` and ``resumed_from_step``.
+    The model is left in eval mode.
+    """
+    import lightning as L
+    import torch
+    from torch.utils.data import DataLoader
+
+    from llmexp import resume
+    from llmexp.peak_memory import PeakMemory
+
+    cfg, tcfg = ctx.config, ctx.stage_config
+    _check(tcfg, ctx.stage_name, train_data, val_data)
+    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    torch.set_flush_denormal(True)  # denormals in tiny models' grads cost up to 10x on CPU
+    L.seed_everything(cfg.seed, workers=True, verbose=False)
+    accumulation = accumulation_steps(cfg.parallelism)
+    micro_batch = cfg.parallelism.micro_batch
+    order = data_order(len(train_data), tcfg.max_steps * cfg.parallelism.global_batch, cfg.seed, shuffle)
+
+    checkpoints = resume.Checkpoints(
+        ctx.stage_dir / CHECKPOINT_DIR, tcfg.checkpoint_every, tcfg.keep_checkpoints, config_fingerprint(cfg)
+    )
+    point = checkpoints.resume_point()
+    if point is not None:
+        console.warn(f"{ctx.stage_name}: resuming from {point.path} (step {point.step} of {tcfg.max_steps})")
+    log_path = ctx.stage_dir / TRAIN_LOG
+    resume.truncate_log(log_path, point.step if point else 0)
+
+    if cfg.parallelism.activation_checkpointing:
+        enable_activation_checkpointing(model)
+    checkpoint_io = resume.AtomicCheckpointIO()
+    if point is not None:
+        checkpoint_io.preload(point)
+    trainer = make_trainer(
+        cfg, tcfg, ctx.tracker.lightning_logger(ctx.stage_name), plugins=[checkpoint_io], callbacks=callbacks
+    )
+    position = point.state["micro_batches"] if point else 0
+    loader = DataLoader(
+        _Samples(train_data, order),
+        batch_sampler=_MicroBatches(len(order) // micro_batch, micro_batch, position),
+        collate_fn=collate,
+    )
+    val_batches = functools.partial(_batches, val_data, collate, micro_batch) if tcfg.val_every else None
+    module = _module_class()(model, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints)
+    model.train()  # Lightning keeps the modes it finds; a loaded model arrives in eval mode
+    with PeakMemory(trainer.strategy.root_device) as peak:
+        start = time.perf_counter()
+        trainer.fit(module, train_dataloaders=loader, ckpt_path=point.path if point else None, weights_only=True)
+        seconds = time.perf_counter() - start
+    model.eval()
+
+    trainable, total = parameter_counts(model)
+    metrics = {
+        "train_time_s": round(seconds, 3),
+        "train_tokens": module.tokens,
+        "tokens_per_s": round(module.session_tokens / seconds, 1),
+        "final_loss": round(module.final_loss(), 5),
+        "steps": trainer.global_step,
+    }
+    metrics.update({f"val_{key}": round(value, 5) for key, value in module.val_metrics.items()})
+    metrics.update(
+        trainable_parameters=trainable,
+        total_parameters=total,
+        trainable_fraction=round(trainable / total, 6),
+        peak_memory_mb=peak.mb,
+        resumed_from_step=point.step if point else 0,
+    )
+    return metrics
+
+
+def data_order(num_examples: int, num_samples: int, seed: int, shuffle: bool = True):
+    """The example index of each of ``num_samples`` training samples, in the order they are seen (a LongTensor).
+
+    Shuffled: seeded permutations of ``range(num_examples)``, one per pass, concatenated;
+    unshuffled: ``0 .. num_examples - 1`` repeated. It depends on the arguments alone, so a
+    resumed run sees the order the interrupted one would have.
+    """
+    import torch
+
+    if not shuffle:
+        return torch.arange(num_samples) % num_examples
+    generator = torch.Generator().manual_seed(seed)
+    passes = -(-num_samples // num_examples)
+    return torch.cat([torch.randperm(num_examples, generator=generator) for _ in range(passes)])[:num_samples]
 
 
 def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
@@ -36,46 +191,16 @@ def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
-class CausalLMModule(L.LightningModule):
-    """Next-token loss on ``input_ids`` batches (padding, if any, masked with ``labels=-100``)."""
-
-    def __init__(self, model, optim: Dict[str, Any], max_steps: int):
-        super().__init__()
-        self.model = model
-        self.optim = optim
-        self.max_steps = max_steps
-        self.tokens_seen = 0
-
-    def training_step(self, batch, batch_idx):
-        input_ids = batch[0] if isinstance(batch, (list, tuple)) else batch
-        loss = self.model(input_ids=input_ids, labels=input_ids).loss
-        self.tokens_seen += input_ids.numel()
-        self.log("train/loss", loss, prog_bar=True, on_step=True, on_epoch=False)
-        return loss
-
-    def configure_optimizers(self):
-        decay, no_decay = [], []
-        for name, param in self.model.named_parameters():
-            if param.requires_grad:
-                (no_decay if param.ndim < 2 else decay).append(param)  # no decay on norms and biases
-        o = self.optim
-        optimizer = torch.optim.AdamW(
-            [{"params": decay, "weight_decay": o["weight_decay"]}, {"params": no_decay, "weight_decay": 0.0}],
-            lr=o["lr"],
-            betas=(o["beta1"], o["beta2"]),
-        )
-        schedule = torch.optim.lr_scheduler.LambdaLR(
-            optimizer, lambda step: warmup_cosine(step, o["warmup_steps"], self.max_steps, o["min_lr_ratio"])
-        )
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-
 def accumulation_steps(parallelism) -> int:
     """Micro-batches per optimiser step so that micro_batch * dp * steps = global_batch."""
     return parallelism.global_batch // (parallelism.micro_batch * parallelism.dp)
 
 
-def make_trainer(config, max_steps: int, logger, log_every: int, grad_clip: float) -> L.Trainer:
+def make_trainer(config, training, logger=False, plugins: Sequence = (), callbacks: Sequence = ()):
+    """The Lightning Trainer for ``config`` and the technique's ``training`` settings; refuses what cannot run here."""
+    import lightning as L
+    import torch
+
     precision = config.precision.value
     if precision not in LIGHTNING_PRECISION:
         raise UserError(
@@ -97,26 +222,234 @@ def make_trainer(config, max_steps: int, logger, log_every: int, grad_clip: floa
         accelerator="cpu" if config.hardware.accelerator == "cpu" else "gpu",
         devices=1,
         precision=LIGHTNING_PRECISION[precision],
-        max_steps=max_steps,
-        max_epochs=1,  # techniques hand over exactly max_steps optimiser steps of data
+        max_steps=training.max_steps,
+        max_epochs=1,  # the data order holds exactly max_steps optimiser steps of samples
         accumulate_grad_batches=accumulation_steps(config.parallelism),
-        gradient_clip_val=grad_clip or None,
+        gradient_clip_val=training.grad_clip or None,
         logger=logger,
-        log_every_n_steps=log_every,
-        enable_checkpointing=False,
+        log_every_n_steps=training.log_every,
+        enable_checkpointing=False,  # llmexp.resume writes the checkpoints
         enable_model_summary=False,
         num_sanity_val_steps=0,
         deterministic=True,
+        plugins=list(plugins),
+        callbacks=list(callbacks),
     )
 
 
-def fit(trainer: L.Trainer, module: CausalLMModule, loader) -> Dict[str, float]:
-    """Train and return wall time and throughput (tokens per second of the whole fit)."""
-    start = time.perf_counter()
-    trainer.fit(module, train_dataloaders=loader)
-    seconds = time.perf_counter() - start
-    return {
-        "train_time_s": round(seconds, 3),
-        "train_tokens": module.tokens_seen,
-        "tokens_per_s": round(module.tokens_seen / seconds, 1),
-    }
+def enable_activation_checkpointing(model) -> None:
+    """Hugging Face activation checkpointing (non-reentrant), for plain and PEFT-wrapped models alike.
+
+    A model with frozen parameters (an adapter on a frozen base) also gets its input
+    embeddings' output marked as requiring grad: otherwise no gradient would reach the
+    adapters inside checkpointed blocks. A PEFT model passes both calls on to its base model.
+    """
+    # transformers 5 renamed gradient_checkpointing_enable (kept as a deprecated alias)
+    enable = getattr(model, "activation_checkpointing_enable", None) or getattr(
+        model, "gradient_checkpointing_enable", None
+    )
+    if enable is None:
+        raise UserError(
+            f"parallelism.activation_checkpointing=true needs a Hugging Face model, and {type(model).__name__} "
+            "has no activation checkpointing; set parallelism.activation_checkpointing=false."
+        )
+    enable({"use_reentrant": False})
+    if any(not p.requires_grad for p in model.parameters()):
+        model.enable_input_require_grads()
+
+
+def parameter_counts(model) -> Tuple[int, int]:
+    """(trainable, total) parameters; tied parameters count once."""
+    params = list(model.parameters())
+    return sum(p.numel() for p in params if p.requires_grad), sum(p.numel() for p in params)
+
+
+def config_fingerprint(config) -> str:
+    """The run's redacted config as canonical JSON: a checkpoint resumes only a run with the same one."""
+    return json.dumps(redact_secrets(config), sort_keys=True, default=str)
+
+
+def _check(tcfg, stage_name: str, train_data: Sequence, val_data: Optional[Sequence]) -> None:
+    for key in ("max_steps", "log_every"):
+        if getattr(tcfg, key) < 1:
+            raise UserError(f"technique.{key}={getattr(tcfg, key)} must be at least 1; set it to 1 or more.")
+    for key in ("val_every", "checkpoint_every"):
+        if getattr(tcfg, key) < 0:
+            raise UserError(f"technique.{key}={getattr(tcfg, key)} is negative; set it to 0 (never) or a step count.")
+    if tcfg.checkpoint_every and tcfg.keep_checkpoints < 1:
+        raise UserError(
+            f"technique.keep_checkpoints={tcfg.keep_checkpoints} keeps no checkpoint to resume from; set it to 1 "
+            "or more, or turn checkpoints off with technique.checkpoint_every=0."
+        )
+    if len(train_data) == 0:
+        raise UserError(f"{stage_name} has no training examples; check the data.* settings that select them.")
+    if tcfg.val_every and not _has_examples(val_data):
+        raise UserError(
+            f"technique.val_every={tcfg.val_every} asks for validation, but {stage_name} has no validation examples; "
+            "give it validation data (data.validation_path or data.validation_split) or set technique.val_every=0."
+        )
+
+
+def _has_examples(data: Optional[Sequence]) -> bool:
+    return data is not None and len(data) > 0  # not `bool(data)`: a tensor of examples has no truth value
+
+
+class _Samples:
+    """``data`` in the order of ``data_order``: sample ``i`` is ``data[order[i]]`` (a map-style dataset)."""
+
+    def __init__(self, data: Sequence, order):
+        self.data, self.order = data, order.numpy()
+
+    def __len__(self) -> int:
+        return len(self.order)
+
+    def __getitem__(self, i: int):
+        return self.data[int(self.order[i])]
+
+
+class _MicroBatches:
+    """Sample indices of micro-batches ``start .. total - 1``, each ``size`` consecutive samples.
+
+    Its length is the run's ``total`` even when it starts later: on a resume Lightning counts
+    the epoch's batches from the restored position, so the run's last batch is still the last.
+    """
+
+    def __init__(self, total: int, size: int, start: int):
+        self.total, self.size, self.start = total, size, start
+
+    def __len__(self) -> int:
+        return self.total
+
+    def __iter__(self):
+        for batch in range(self.start, self.total):
+            yield list(range(batch * self.size, (batch + 1) * self.size))
+
+
+def _batches(data: Sequence, collate: Callable, size: int):
+    for begin in range(0, len(data), size):
+        yield collate([data[i] for i in range(begin, min(begin + size, len(data)))])
+
+
+@functools.lru_cache(maxsize=None)
+def _module_class() -> type:
+    """The LightningModule class, made on first use so that importing this module stays free of lightning."""
+    import lightning as L
+    import torch
+
+    from llmexp import resume
+
+    class TrainingModule(L.LightningModule):
+        """Runs ``loss_fn`` per micro-batch; at each optimiser step logs, validates and checkpoints as due.
+
+        Losses stay tensors between logged steps: reading one (``float``) waits for the device,
+        so that happens only on logged, validated and checkpointed steps.
+        """
+
+        def __init__(self, model, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints):
+            super().__init__()
+            self.model = model
+            self.loss_fn, self.tcfg, self.accumulation = loss_fn, tcfg, accumulation
+            self.extra_modules = list(extra_modules)  # a list, not submodules: neither saved nor optimised
+            self.val_batches, self.log_path, self.checkpoints = val_batches, log_path, checkpoints
+            self.tokens = self.session_tokens = 0
+            self.val_metrics: Dict[str, float] = {}  # the last validation's means: loss and the loss's logs
+            self._loss_sum = self._step_loss = None
+            self._logs: Dict[str, Any] = {}
+            self._done_step = 0
+            self._restored: Optional[Dict[str, Any]] = None
+
+        def training_step(self, batch, batch_idx):
+            out = self.loss_fn(self.model, batch)
+            self.tokens += out.tokens
+            self.session_tokens += out.tokens
+            loss = out.loss.detach()
+            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
+            self._logs = out.logs
+            return out.loss
+
+        def on_fit_start(self):
+            for module in self.extra_modules:
+                module.to(self.device).eval()
+
+        def on_train_start(self):
+            self._done_step = self.trainer.global_step
+            if self._restored is not None:  # here, after Lightning made its data iterator (which draws a seed)
+                resume.restore_rng(self._restored["rng"])
+
+        def on_train_batch_end(self, outputs, batch, batch_idx):
+            step = self.trainer.global_step
+            if step == self._done_step:  # still accumulating micro-batches
+                return
+            self._done_step = step
+            self._step_loss, self._loss_sum = self._loss_sum / self.accumulation, None
+            last = step == self.tcfg.max_steps
+            if step % self.tcfg.log_every == 0 or last:
+                self._log_step(step)
+            if self.val_batches is not None and (step % self.tcfg.val_every == 0 or last):
+                self._validate(step)
+            if self.checkpoints.due(step):
+                self.checkpoints.save(self.trainer, step)
+
+        def _log_step(self, step: int) -> None:
+            t = self.tcfg
+            loss = float(self._step_loss)
+            lr = t.lr * warmup_cosine(step - 1, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+            logs = {k: float(v) for k, v in self._logs.items()}
+            self._record({"step": step, "loss": loss, "lr": lr, **logs}, "train", {"loss": loss, "lr": lr, **logs})
+            self.log("train/loss", loss, prog_bar=True, logger=False)
+
+        def _validate(self, step: int) -> None:
+            was_training = self.model.training
+            self.model.eval()
+            sums: Dict[str, Any] = {}
+            tokens = 0
+            with torch.no_grad(), self.trainer.precision_plugin.forward_context():
+                for batch in self.val_batches():
+                    out = self.loss_fn(self.model, self.trainer.strategy.batch_to_device(batch))
+                    for key, value in {"loss": out.loss, **out.logs}.items():
+                        value = value.detach().float() if torch.is_tensor(value) else value
+                        sums[key] = sums.get(key, 0.0) + value * out.tokens
+                    tokens += out.tokens
+            self.model.train(was_training)
+            means = {key: float(total) / tokens for key, total in sums.items()}
+            self.val_metrics = means
+            row = {"step": step, **{f"val_{key}": value for key, value in means.items()}}
+            self._record(row, "val", means)
+
+        def _record(self, row: Dict[str, Any], prefix: str, metrics: Dict[str, float]) -> None:
+            with open(self.log_path, "a", encoding="utf-8") as log:  # closed at once: a killed run keeps its rows
+                log.write(json.dumps(row) + "\n")
+            for logger in self.trainer.loggers:
+                logger.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=row["step"])
+                logger.save()
+
+        def final_loss(self) -> float:
+            return float(self._step_loss) if self._step_loss is not None else self._restored["stats"]["loss"]
+
+        def configure_optimizers(self):
+            decay, no_decay = [], []
+            for param in self.model.parameters():
+                if param.requires_grad:
+                    (no_decay if param.ndim < 2 else decay).append(param)  # no decay on norms and biases
+            t = self.tcfg
+            optimizer = torch.optim.AdamW(
+                [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+                lr=t.lr,
+                betas=(t.beta1, t.beta2),
+            )
+            schedule = torch.optim.lr_scheduler.LambdaLR(
+                optimizer, lambda step: warmup_cosine(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
+            )
+            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+
+        def on_save_checkpoint(self, checkpoint):
+            stats = {"tokens": self.tokens, "loss": float(self._step_loss), "val": self.val_metrics}
+            micro_batches = self.trainer.global_step * self.accumulation
+            checkpoint[resume.STATE_KEY] = resume.resume_state(self.checkpoints.fingerprint, micro_batches, stats)
+
+        def on_load_checkpoint(self, checkpoint):
+            self._restored = checkpoint[resume.STATE_KEY]
+            self.tokens = self._restored["stats"]["tokens"]
+            self.val_metrics = self._restored["stats"]["val"]
+
+    return TrainingModule
