@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Dict, Optional
+from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 from rich.table import Table
@@ -44,11 +44,25 @@ def print_results(record: Dict[str, Any]) -> None:
             table.add_row(stage_name, metric, _format(value))
             stage_name = ""
     out.print(table)
+    print_comparison(record.get("comparison") or [])
     stats = record.get("model_stats") or {}
     if stats:
         out.print("model: " + ", ".join(f"{k}={_format(v)}" for k, v in stats.items()))
     out.print(f"wall time: {record['wall_time_s']:.1f} s")
     out.print(f"run directory: {record['run_dir']}", soft_wrap=True, highlight=False)
+
+
+def print_comparison(rows: List[Dict[str, Any]]) -> None:
+    """The evaluations side by side with the cost of their models, when there are several."""
+    if len(rows) < 2:
+        return
+    columns = list(dict.fromkeys(key for row in rows for key in row if not key.endswith("_n")))
+    table = Table(title="Comparison", title_justify="left")
+    for column in columns:
+        table.add_column(column, justify="left" if column in ("stage", "model", "made_by") else "right")
+    for row in rows:
+        table.add_row(*("-" if row.get(column) is None else _format(row[column]) for column in columns))
+    out.print(table)
 
 
 def _format(value: Any) -> str:

@@ -30,7 +30,7 @@ import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Dict, Mapping, Optional
+from typing import Any, Dict, List, Mapping, Optional
 
 RESULTS_FILE = "results.json"
 REDACTED = "<redacted>"
@@ -176,6 +176,32 @@ def summary_metrics(results: Mapping[str, Any]) -> Dict[str, float]:
     return flat
 
 
+# What a comparison row takes from the stage that made the evaluated model: its cost.
+COST_METRICS = ("trainable_parameters", "train_time_s", "peak_memory_mb")
+
+
+def comparison(stages: Mapping[str, Any]) -> List[Dict[str, Any]]:
+    """One row per evaluation of a model: its metrics beside what making that model cost.
+
+    An evaluation is a stage that made no model (no ``model_stats``) and started from one.
+    Its row names the model's stage and technique and carries that stage's trainable
+    parameters, training time and peak memory: the customization comparison (zero-shot,
+    few-shot, LoRA, full SFT) in one table.
+    """
+    rows = []
+    for name, entry in stages.items():
+        source = entry.get("input_model")
+        if entry.get("model_stats") or not source or entry.get("status") != "completed":
+            continue
+        maker = stages.get(source) or {}
+        made = maker.get("metrics") or {}
+        row = {"stage": name, "model": source, "made_by": maker.get("technique", source)}
+        row.update({key: made.get(key) for key in COST_METRICS})
+        row.update(flatten_numbers(entry.get("metrics") or {}))
+        rows.append(row)
+    return rows
+
+
 @dataclasses.dataclass
 class RunRecord:
     """Builds the results document of one run; ``write()`` it whenever it should be on disk.
@@ -232,15 +258,19 @@ class RunRecord:
         status: str = "completed",
         wall_time_s: Optional[float] = None,
         reason: Optional[str] = None,
+        input_model: Optional[str] = None,
     ) -> Dict[str, Any]:
         """Record a stage from its ``StageResult`` (metrics, model_stats, artifacts); returns the entry.
 
-        A stage that yields model stats makes them the run's ``model_stats`` (the last model wins).
+        ``input_model`` says which model the stage started from: an earlier stage's name,
+        ``model.path``, or None. A stage that yields model stats makes them the run's
+        ``model_stats`` (the last model wins).
         """
         entry = {
             "technique": technique,
             "status": status,
             "reason": reason,
+            "input_model": input_model,
             "metrics": _plain(getattr(result, "metrics", None) or {}),
             "model_stats": _plain(getattr(result, "model_stats", None) or {}),
             "artifacts": _plain(getattr(result, "artifacts", None) or {}),
@@ -272,6 +302,7 @@ class RunRecord:
             "wall_time_s": wall,
             "model_stats": self.model_stats,
             "stages": self.stages,
+            "comparison": comparison(self.stages),
             "plan": self.plan,
             "config": self.config,
             "environment": self.environment,

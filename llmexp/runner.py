@@ -3,23 +3,34 @@
 Called by Hydra once per job (a plain run, or each point of a multirun). In a multirun a
 point that cannot run is recorded as ``skipped`` (infeasible plan) or ``failed`` (its
 error), and the sweep goes on.
+
+Running the same command again in the same run directory (``hydra.run.dir=<dir>``) picks it
+up: when its results.json holds the same config, the stages it records as completed are kept
+rather than run again (a model-producing stage's model is loaded from its saved ``model``
+directory; one that saved none runs again, and so does every stage after it), and a training
+stage that was cut short resumes from its checkpoints (``llmexp.resume``). A different config
+starts afresh.
 """
 
 from __future__ import annotations
 
+import json
 import time
 import traceback
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Any, Dict, Optional
 
 from omegaconf import DictConfig
 
 from llmexp import console
+from llmexp.checkpoint import validate_checkpoint_dir
 from llmexp.errors import UserError
+from llmexp.models import load_model
+from llmexp.pipeline import TOP_LEVEL_NODES, input_stage, stage_nodes
 from llmexp.planner import make_plan
 from llmexp.plugin_manager import technique
-from llmexp.results import RunRecord, flatten_numbers, redact_hydra_record
-from llmexp.technique import ModelArtifact, StageContext
+from llmexp.results import RunRecord, flatten_numbers, read_results, redact_hydra_record
+from llmexp.technique import ModelArtifact, StageContext, StageResult
 from llmexp.tracking import make_tracker
 
 
@@ -32,9 +43,10 @@ def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
             raise UserError(" ".join(plan.problems))
         return _close(record, "skipped", " ".join(plan.problems))
 
+    earlier = _completed_earlier(record)
     tracker = make_tracker(cfg.tracker, run_dir, record.config)
     try:
-        _run_stages(cfg, run_dir, tracker, record)
+        _run_stages(cfg, run_dir, tracker, record, earlier)
     except Exception as error:
         tracker.finish("failed")
         if not multirun:
@@ -49,28 +61,73 @@ def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
     return record
 
 
-def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord) -> None:
-    # A technique that produces no model (evaluate, benchmark) has nothing new to look at
-    # if no model was produced since it last ran: `technique=evaluate` evaluates once.
-    model: Optional[ModelArtifact] = None
-    models_produced, last_seen = 0, {}
-    for key in cfg.pipeline.stages:
-        node = cfg[key]
+def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earlier: Dict[str, Any]) -> None:
+    # A top-level stage whose technique produces no model (evaluate, benchmark) is skipped when
+    # that technique already looked at the same model: `technique=evaluate` evaluates once, not
+    # twice. A pipeline's own nodes always run: its author put each there on purpose.
+    models: Dict[str, ModelArtifact] = {}  # by stage; model None, path set: kept, loaded when needed
+    latest: Optional[str] = None  # the stage that made the newest model
+    looked_at, taken = set(), set()
+    for key, node in stage_nodes(cfg):
         cls = technique(node.name)
-        if not cls.produces_model and last_seen.get(cls.name) == models_produced:
+        source = input_stage(cfg, key) or latest
+        if not cls.produces_model:
+            if key in TOP_LEVEL_NODES and (source, cls.name) in looked_at:
+                continue
+            looked_at.add((source, cls.name))
+        stage_name = key if key not in TOP_LEVEL_NODES else _unique(cls.name, taken)
+        taken.add(stage_name)
+        input_model = source or ("model.path" if cfg.model.path else None)
+        console.stage_banner(stage_name)
+        entry = earlier.get(stage_name)
+        if _can_keep(entry, cls, stage_name):
+            kept = StageResult(entry["metrics"], artifacts=entry["artifacts"], model_stats=entry["model_stats"])
+            record.add_stage(stage_name, cls.name, kept, wall_time_s=entry["wall_time_s"], input_model=input_model)
+            if cls.produces_model:
+                models[stage_name] = ModelArtifact(None, None, Path(entry["artifacts"]["model"]), produced_by=stage_name)
+                latest = stage_name
             continue
-        last_seen[cls.name] = models_produced
-        stage_name = _unique(cls.name, record.stages)
+        earlier = {}  # the stages after one that runs again run again too: their input may differ
+        model = models.get(source) if source else None
+        if model is not None and model.model is None:
+            model = models[source] = ModelArtifact(*load_model(model.path), path=model.path, produced_by=source)
         stage_dir = run_dir / stage_name
         stage_dir.mkdir(parents=True, exist_ok=True)
-        console.stage_banner(stage_name)
         clock = time.perf_counter()
         result = cls().run(StageContext(cfg, node, stage_dir, model, tracker, stage_name))
-        record.add_stage(stage_name, cls.name, result, wall_time_s=time.perf_counter() - clock)
+        record.add_stage(stage_name, cls.name, result, wall_time_s=time.perf_counter() - clock, input_model=input_model)
         record.write()  # a run that dies later still shows what finished (status "running")
         tracker.log_metrics(flatten_numbers(result.metrics, prefix=f"{stage_name}/"))
         if result.model is not None:
-            model, models_produced = result.model, models_produced + 1
+            models[stage_name], latest = result.model, stage_name
+
+
+def _completed_earlier(record: RunRecord) -> Dict[str, Any]:
+    """Completed stages of an earlier attempt at this run directory with the same config, by stage name."""
+    try:
+        earlier = read_results(record.run_dir)
+    except (OSError, ValueError):  # none yet, or unreadable: start afresh
+        return {}
+    if earlier.get("config") != json.loads(json.dumps(record.config)):
+        return {}
+    return {name: entry for name, entry in (earlier.get("stages") or {}).items() if entry.get("status") == "completed"}
+
+
+def _can_keep(entry: Optional[Dict[str, Any]], cls, stage_name: str) -> bool:
+    """Whether an earlier attempt's record of this stage stands; a model-producing stage needs its saved model."""
+    if entry is None or entry.get("technique") != cls.name:
+        return False
+    if cls.produces_model:
+        path = (entry.get("artifacts") or {}).get("model")
+        if not path:
+            return False
+        try:
+            validate_checkpoint_dir(path)
+        except UserError as error:
+            console.warn(f"{stage_name}: the model it saved earlier is unusable, so it runs again ({error})")
+            return False
+    console.warn(f"{stage_name}: completed by an earlier attempt at this run directory; kept, not run again")
+    return True
 
 
 def _close(record: RunRecord, status: str, reason: Optional[str] = None) -> RunRecord:
@@ -80,7 +137,7 @@ def _close(record: RunRecord, status: str, reason: Optional[str] = None) -> RunR
     return record
 
 
-def _unique(name: str, taken: Dict[str, object]) -> str:
+def _unique(name: str, taken: set) -> str:
     candidate, n = name, 2
     while candidate in taken:
         candidate, n = f"{name}-{n}", n + 1

@@ -1,0 +1,50 @@
+"""Which technique node each pipeline stage runs, and which model it starts from.
+
+A stage key is ``technique`` or ``evaluation`` (the top-level nodes every run has) or a
+key of ``pipeline.nodes``, where a pipeline preset keeps nodes of its own (the
+``customize`` pipeline's ``base``, ``lora``, ``sft`` ...). A stage starts from the model
+the stage before it produced, unless ``pipeline.inputs`` names another stage (``sft:
+base`` fine-tunes the base model, not the LoRA model trained just before it).
+"""
+
+from __future__ import annotations
+
+from typing import Any, List, Tuple
+
+from omegaconf import OmegaConf
+
+from llmexp.errors import UserError
+
+TOP_LEVEL_NODES = ("technique", "evaluation")
+
+
+def stage_nodes(config) -> List[Tuple[str, Any]]:
+    """``(key, node)`` of every stage in order; an unknown key or input is a ``UserError``."""
+    nodes = OmegaConf.select(config, "pipeline.nodes", default=None) or {}
+    stages = list(OmegaConf.select(config, "pipeline.stages", default=None) or [])
+    resolved = []
+    for key in stages:
+        if key in nodes:
+            resolved.append((key, nodes[key]))
+        elif key in TOP_LEVEL_NODES:
+            resolved.append((key, config[key]))
+        else:
+            known = list(TOP_LEVEL_NODES) + list(nodes)
+            raise UserError(
+                f"pipeline.stages names {key!r}, which is not a stage node; use one of {', '.join(known)} "
+                "(pipeline.nodes holds a pipeline's own nodes)."
+            )
+    inputs = OmegaConf.select(config, "pipeline.inputs", default=None) or {}
+    for stage, source in inputs.items():
+        if stage not in stages or source not in stages or stages.index(source) >= stages.index(stage):
+            raise UserError(
+                f"pipeline.inputs.{stage}={source}: both must be stages of pipeline.stages "
+                f"({', '.join(stages)}) and {source!r} must come before {stage!r}."
+            )
+    return resolved
+
+
+def input_stage(config, key: str) -> str | None:
+    """The stage whose model ``key`` starts from, when ``pipeline.inputs`` names one."""
+    inputs = OmegaConf.select(config, "pipeline.inputs", default=None) or {}
+    return inputs.get(key)
