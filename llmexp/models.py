@@ -95,3 +95,64 @@ def input_model(ctx) -> Optional["ModelArtifact"]:
         return None
     model, tokenizer = load_model(path)
     return ModelArtifact(model, tokenizer, Path(path), produced_by="model.path")
+
+
+def starting_model(ctx) -> Optional["ModelArtifact"]:
+    """A private copy of the model a training stage starts from (see ``input_model``), or None.
+
+    A copy, because training changes weights in place and an earlier stage's model may
+    still be needed: the ``customize`` pipeline fine-tunes the same base twice.
+    """
+    import copy
+
+    from llmexp.technique import ModelArtifact
+
+    artifact = input_model(ctx)
+    if artifact is None or ctx.model is None:
+        return artifact  # a model read from model.path is this stage's own already
+    model = copy.deepcopy(artifact.model).requires_grad_(True)  # a merged LoRA model arrives frozen
+    return ModelArtifact(model, artifact.tokenizer, artifact.path, artifact.produced_by)
+
+
+def base_model(ctx) -> "ModelArtifact":
+    """What a fine-tuning stage starts from: ``starting_model``, else random weights with a warning."""
+    from llmexp import console
+
+    start = starting_model(ctx)
+    if start is None:
+        console.warn(
+            f"{ctx.stage_name}: no base model (model.path unset and no earlier stage made one), so it starts from "
+            "random weights. `llmexp pipeline=customize` pretrains a base first; or set model.path=<checkpoint>."
+        )
+        start = new_embedded_model(ctx.config)
+    return start
+
+
+def trained_model_result(ctx, model, tokenizer, metrics, artifacts=None, save: bool = True):
+    """The ``StageResult`` of a stage that trained ``model``: saved to ``<stage dir>/model`` when ``save``."""
+    from llmexp.technique import ModelArtifact, StageResult
+
+    artifacts = dict(artifacts or {})
+    path = Path(ctx.stage_dir) / "model"
+    stats = save_model(model, tokenizer, path) if save else model_stats(model)
+    if save:
+        artifacts["model"] = str(path)
+    return StageResult(
+        metrics=metrics,
+        model=ModelArtifact(model, tokenizer, path if save else None, produced_by=ctx.stage_name),
+        artifacts=artifacts,
+        model_stats=stats,
+    )
+
+
+def new_embedded_model(config) -> "ModelArtifact":
+    """A randomly initialised ``model`` with the embedded world's tokenizer, seeded by ``config.seed``."""
+    import torch
+
+    from llmexp.data.embedded import build_world
+    from llmexp.data.tokenizer import word_level_tokenizer
+    from llmexp.technique import ModelArtifact
+
+    torch.manual_seed(config.seed)
+    tokenizer = word_level_tokenizer(build_world(config.data.seed, config.data.num_people).vocabulary())
+    return ModelArtifact(build_model(config.model, tokenizer), tokenizer, None, produced_by="random init")

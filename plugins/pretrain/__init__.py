@@ -1,7 +1,10 @@
-"""The ``pretrain`` technique: next-token training of a causal LM from scratch (or from ``model.path``).
+"""Next-token training on raw text: ``pretrain`` (from scratch) and ``cpt`` (continued pretraining).
 
-This module is what the entry point loads, so it stays free of torch; the training loop
-lives in ``loop.py`` and is imported only when the technique runs.
+Both read ``data=embedded`` (the generated corpus) or ``data=text`` (the user's files) and
+share one loop (``loop.py``). ``pretrain`` starts from ``model.path`` or the previous
+stage's model when there is one, else from scratch; ``cpt`` continues a base model, with a
+gentler default schedule. This module is what the entry point loads, so it stays free of
+torch; the loop is imported only when a technique runs.
 """
 
 from __future__ import annotations
@@ -9,28 +12,25 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmexp.hookspecs import hookimpl
-from llmexp.technique import StageContext, StageResult, Technique, TechniqueConfig
+from llmexp.technique import StageContext, StageResult, Technique
+from llmexp.training import TrainingConfig
 
 
 @dataclass
-class PretrainConfig(TechniqueConfig):
-    """Optimiser and schedule; batch sizes come from ``parallelism``, sequence length from ``data``.
-
-    The defaults are the embedded default's recipe: AdamW (0.9, 0.95, wd 0.1), lr 1e-2 with
-    50 warm-up steps and a cosine decay to 10%, 1,000 steps of 16 x 64 tokens, clip 1.0.
-    """
+class PretrainConfig(TrainingConfig):
+    """The shared training settings (``llmexp.training.TrainingConfig``): the embedded default's recipe."""
 
     name: str = "pretrain"
-    max_steps: int = 1000
-    lr: float = 1e-2
-    min_lr_ratio: float = 0.1
-    warmup_steps: int = 50
-    weight_decay: float = 0.1
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0
-    log_every: int = 10
-    save_model: bool = True
+
+
+@dataclass
+class CptConfig(TrainingConfig):
+    """Continued pretraining: a tenth of pretraining's learning rate, so the base is adapted, not overwritten."""
+
+    name: str = "cpt"
+    max_steps: int = 300
+    lr: float = 1e-3
+    warmup_steps: int = 20
 
 
 class Pretrain(Technique):
@@ -46,6 +46,32 @@ class Pretrain(Technique):
         return pretrain(ctx)
 
 
+class ContinuedPretraining(Pretrain):
+    name = "cpt"
+    schema = CptConfig
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from llmexp.plugins.pretrain.loop import continued_pretraining
+
+        return continued_pretraining(ctx)
+
+
 @hookimpl
 def llmexp_techniques():
-    return [Pretrain]
+    return [Pretrain, ContinuedPretraining]
+
+
+@hookimpl
+def llmexp_plan_problems(config, plan):
+    """A ``data=text`` stage's files are read now, so a missing one stops the run before it starts."""
+    from llmexp.data.text import read_text_documents
+    from llmexp.errors import UserError
+    from llmexp.pipeline import stage_nodes
+
+    if config.data.name != "text" or not any(node.name in ("pretrain", "cpt") for _, node in stage_nodes(config)):
+        return []
+    try:
+        read_text_documents(config.data.paths)
+    except UserError as error:
+        return [str(error)]
+    return []

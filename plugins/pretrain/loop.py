@@ -1,53 +1,64 @@
-"""Pretraining on the embedded corpus through the shared Lightning loop."""
+"""Next-token training on packed blocks of text through ``llmexp.training``: pretrain and cpt.
+
+``data=embedded``: the generated corpus, packed into exactly the run's blocks and seen once
+each, in stream order. ``data=text``: the user's documents, packed once into as many full
+blocks as they fill and cycled through in a seeded shuffled order.
+"""
 
 from __future__ import annotations
 
-import lightning as L
 import torch
-from torch.utils.data import DataLoader, TensorDataset
 
 from llmexp.data.embedded import build_world, embedded_token_stream
 from llmexp.data.packing import pack_documents
-from llmexp.data.tokenizer import word_level_tokenizer
+from llmexp.data.text import read_text_documents
 from llmexp.errors import UserError
-from llmexp.models import build_model, input_model, model_stats, save_model
+from llmexp.models import base_model, new_embedded_model, starting_model, trained_model_result
 from llmexp.technique import ModelArtifact, StageContext, StageResult
-from llmexp.training import CausalLMModule, fit, make_trainer
+from llmexp.training import LossOutput, train
+
+
+def next_token_loss(model, input_ids) -> LossOutput:
+    return LossOutput(model(input_ids=input_ids, labels=input_ids).loss, input_ids.numel())
 
 
 def pretrain(ctx: StageContext) -> StageResult:
+    """From ``model.path`` or the previous stage's model, else from scratch (its purpose: no warning)."""
+    return _train_on_text(ctx, starting_model(ctx) or new_embedded_model(ctx.config))
+
+
+def continued_pretraining(ctx: StageContext) -> StageResult:
+    """From a base model; without one it warns and starts from random weights."""
+    return _train_on_text(ctx, base_model(ctx))
+
+
+def _train_on_text(ctx: StageContext, start: ModelArtifact) -> StageResult:
     cfg, tcfg = ctx.config, ctx.stage_config
-    if cfg.data.name != "embedded":
-        raise UserError(f"technique=pretrain reads data=embedded; data={cfg.data.name} is not supported by it.")
-    torch.set_flush_denormal(True)  # denormals in tiny models' grads cost up to 10x on CPU
-    L.seed_everything(cfg.seed, workers=True, verbose=False)
-    world = build_world(cfg.data.seed, cfg.data.num_people)
-    start = input_model(ctx)
-    if start is None:
-        tokenizer = word_level_tokenizer(world.vocabulary())
-        model = build_model(cfg.model, tokenizer)
+    tokenizer = start.tokenizer
+    if cfg.data.name == "embedded":
+        world = build_world(cfg.data.seed, cfg.data.num_people)
+        stream = embedded_token_stream(world, tokenizer, cfg.data.word_problem_weight)
+        blocks = pack_documents(stream, seq_len=cfg.data.seq_len, num_blocks=tcfg.max_steps * cfg.parallelism.global_batch)
+        shuffle = False
+    elif cfg.data.name == "text":
+        blocks = text_blocks(read_text_documents(cfg.data.paths), tokenizer, cfg.data.seq_len)
+        shuffle = True
     else:
-        model, tokenizer = start.model, start.tokenizer
+        raise UserError(
+            f"technique={tcfg.name} trains on raw text: data=embedded or data=text (data.paths=[...]); "
+            f"data={cfg.data.name} holds instructions or pairs (technique=sft, lora or dpo read those)."
+        )
+    metrics = train(ctx, start.model, next_token_loss, blocks, torch.stack, shuffle=shuffle)
+    return trained_model_result(ctx, start.model, tokenizer, metrics, save=tcfg.save_model)
 
-    blocks = pack_documents(
-        embedded_token_stream(world, tokenizer, cfg.data.word_problem_weight),
-        seq_len=cfg.data.seq_len,
-        num_blocks=tcfg.max_steps * cfg.parallelism.global_batch,
-    )
-    loader = DataLoader(TensorDataset(blocks), batch_size=cfg.parallelism.micro_batch, shuffle=False)
-    optim = {k: tcfg[k] for k in ("lr", "weight_decay", "beta1", "beta2", "warmup_steps", "min_lr_ratio")}
-    module = CausalLMModule(model, optim, tcfg.max_steps)
-    trainer = make_trainer(cfg, tcfg.max_steps, ctx.tracker.lightning_logger(ctx.stage_name), tcfg.log_every, tcfg.grad_clip)
-    metrics = fit(trainer, module, loader)
-    metrics["final_loss"] = round(float(trainer.callback_metrics["train/loss"]), 5)
-    metrics["steps"] = trainer.global_step
-    model.eval()
 
-    path = ctx.stage_dir / "model"
-    stats = save_model(model, tokenizer, path) if tcfg.save_model else model_stats(model)
-    return StageResult(
-        metrics=metrics,
-        model=ModelArtifact(model, tokenizer, path if tcfg.save_model else None, produced_by=ctx.stage_name),
-        artifacts={"model": str(path)} if tcfg.save_model else {},
-        model_stats=stats,
-    )
+def text_blocks(documents, tokenizer, seq_len: int) -> torch.Tensor:
+    """Every document tokenized and ended with EOS, packed into full ``seq_len`` blocks (the tail dropped)."""
+    stream = [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(documents))["input_ids"]]
+    tokens = sum(len(ids) for ids in stream)
+    if tokens < seq_len:
+        raise UserError(
+            f"data.paths holds {tokens} tokens, fewer than one block of data.seq_len={seq_len}; "
+            "add text or lower data.seq_len."
+        )
+    return pack_documents(stream, seq_len=seq_len, num_blocks=tokens // seq_len)
