@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import List, Optional
 
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import OmegaConf
 
 from llmexp.data.embedded import build_world
 from llmexp.data.gsm8k import load_gsm8k
@@ -36,6 +36,7 @@ class EvaluateConfig(TechniqueConfig):
     batch_size: int = 32  # sequences per forward pass / generate call
     max_new_tokens: int = 40  # generation budget per answer (real models on GSM8K want ~256)
     gsm8k_path: Optional[str] = None  # a GSM8K-format JSONL test file; adds the gsm8k task
+    num_fewshot: int = 0  # solved examples in the prompt (the text2sql task)
 
 
 class Evaluate(Technique):
@@ -68,6 +69,7 @@ class Evaluate(Technique):
             heldout_documents=data.heldout_documents,
             limit=cfg.limit,
             gsm8k_path=cfg.gsm8k_path,
+            num_fewshot=cfg.num_fewshot,
         )
         metrics, artifacts = {}, {}
         progress = Progress(
@@ -110,6 +112,8 @@ def config_problems(cfg, prefix: str) -> List[str]:
     for key, value in (("limit", cfg.limit), ("batch_size", cfg.batch_size), ("max_new_tokens", cfg.max_new_tokens)):
         if value is not None and value < 1:
             problems.append(f"{prefix}.{key}={value} must be at least 1.")
+    if cfg.num_fewshot < 0:
+        problems.append(f"{prefix}.num_fewshot={cfg.num_fewshot} must be 0 or more.")
     if cfg.gsm8k_path:
         try:
             if not load_gsm8k(cfg.gsm8k_path):
@@ -129,12 +133,13 @@ def llmexp_techniques():
 @hookimpl
 def llmexp_plan_problems(config, plan):
     """Checks the evaluate stages this run includes: task names, numbers, the GSM8K file."""
+    from llmexp.pipeline import stage_nodes
+
     problems: List[str] = []
-    for index, stage in enumerate(OmegaConf.select(config, "pipeline.stages", default=None) or []):
-        node = OmegaConf.select(config, stage, default=None)
-        if not isinstance(node, DictConfig) or node.get("name") != Evaluate.name:
+    for index, (key, node) in enumerate(stage_nodes(config)):
+        if node.get("name") != Evaluate.name:
             continue
         if index == 0 and not OmegaConf.select(config, "model.path", default=None):
-            problems.append(_NO_MODEL.format(stage=stage))
-        problems += config_problems(node, stage)
+            problems.append(_NO_MODEL.format(stage=key))
+        problems += config_problems(node, key)
     return problems

@@ -16,16 +16,23 @@ Metrics, all in [0, 1] except perplexity:
   first ``####`` in the greedy solution (``llmexp.data.gsm8k.extract_answer``) equals the
   reference.
 * ``perplexity``: exp of the token-weighted mean NLL over held-out documents.
+* ``text2sql``: the embedded instruction task (``llmexp.data.text2sql``), prompted as the
+  sft/lora techniques train it; ``text2sql_em`` (exact match of the greedy SQL, whitespace
+  normalised) and ``text2sql_exec_acc`` (the SQL returns the gold query's rows on sqlite3).
+  With ``num_fewshot`` = k, k solved training examples precede each prompt.
 """
 
 from __future__ import annotations
 
 import math
+import random
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from llmexp.data.embedded import LETTERS, EmbeddedWorld
 from llmexp.data.gsm8k import extract_answer, load_gsm8k
+from llmexp.data.instructions import format_prompt
+from llmexp.data.text2sql import execute, sql_exact_match, text2sql_examples, text2sql_test
 
 # Where a generated answer ends besides EOS. lm-eval's gsm8k stops at "Question:"; a worked
 # solution spans lines, a short answer does not.
@@ -41,9 +48,14 @@ class TaskInputs:
     heldout_documents: int = 200
     limit: Optional[int] = None
     gsm8k_path: Optional[str] = None
+    num_fewshot: int = 0
 
     def first(self, items: Sequence[Any]) -> List[Any]:
         return list(items if self.limit is None else items[: self.limit])
+
+    def shots(self, examples: Sequence[Any]) -> List[Any]:
+        """``num_fewshot`` examples drawn once per world seed, the same for every item."""
+        return random.Random(f"{self.world.seed}/fewshot").sample(list(examples), self.num_fewshot)
 
 
 @dataclass
@@ -132,6 +144,33 @@ def perplexity(inputs: TaskInputs, scorer) -> TaskResult:
     return TaskResult({"perplexity": value, "perplexity_tokens": float(tokens)}, rows)
 
 
+def text2sql(inputs: TaskInputs, scorer) -> TaskResult:
+    items = inputs.first(text2sql_test(inputs.world))
+    tokenizer = scorer.tokenizer
+    prefix = "".join(
+        f"{format_prompt(shot.prompt, tokenizer)}{shot.response}\n\n" for shot in inputs.shots(text2sql_examples(inputs.world))
+    )
+    generated = scorer.generate([prefix + format_prompt(item.prompt, tokenizer) for item in items], stop=ANSWER_STOP)
+    rows = []
+    for item, text in zip(items, generated):
+        gold_rows, predicted_rows = execute(item.sql, inputs.world), execute(text, inputs.world)
+        rows.append(
+            {
+                "prompt": item.prompt,
+                "expected": item.sql,
+                "predicted": text.strip(),
+                "correct": sql_exact_match(text, item.sql),
+                "executes": predicted_rows is not None,
+                "correct_execution": predicted_rows is not None and predicted_rows == gold_rows,
+            }
+        )
+    metrics = {
+        "text2sql_em": _mean(row["correct"] for row in rows),
+        "text2sql_exec_acc": _mean(row["correct_execution"] for row in rows),
+    }
+    return TaskResult(metrics, rows)
+
+
 def _solve(problems: Sequence[Any], scorer, metric: str) -> TaskResult:
     """Greedy worked solutions graded by the number after their first ``####``."""
     generated = scorer.generate([problem.prompt for problem in problems], stop=SOLUTION_STOP)
@@ -156,6 +195,7 @@ TASKS: Dict[str, Callable[[TaskInputs, Any], TaskResult]] = {
     "word_problems": word_problems,
     "perplexity": perplexity,
     "gsm8k": gsm8k,
+    "text2sql": text2sql,
 }
 EMBEDDED_TASKS = ["multiple_choice", "free_answer", "word_problems", "perplexity"]
 
