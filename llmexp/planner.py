@@ -23,6 +23,7 @@ from omegaconf import OmegaConf
 from llmexp import plugin_manager
 from llmexp.checkpoint import model_numbers_from_hf_config, read_hf_config, validate_checkpoint_dir
 from llmexp.errors import UserError
+from llmexp.pipeline import stage_nodes
 
 GIB = 2**30
 
@@ -63,14 +64,22 @@ LINEAR_SHAPES: Dict[str, Callable[[Dict[str, Any]], tuple]] = {
 DEFAULT_ADAPTER_RANK = 16
 DEFAULT_TARGET_MODULES = ["q_proj", "k_proj", "v_proj", "o_proj"]
 
-# Korthikanti et al. 2022 ("Reducing Activation Recomputation in Large Transformer Models"),
-# Table 2: a layer stores s*b*h*(34 + 5*a*s/h) bytes of 16-bit activations. The 5*a*s/h
-# term is the s-by-s attention scores, which fused SDPA/FlashAttention kernels never store,
-# so only the 34 remains; with activation checkpointing a layer keeps just its 16-bit
-# input (2*s*b*h) and one layer at a time is recomputed in full.
-ACTIVATION_BYTES_PER_TOKEN_HIDDEN = 34
-CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN = 2
-LOGIT_BYTES = 4  # the loss reads fp32 logits: s*b*vocab of them
+# Activations the torch backend keeps for backward, per token, in values of the activation
+# dtype: counted with torch.autograd.graph.saved_tensors_hooks on transformers'
+# LlamaForCausalLM (SDPA attention, which keeps no s-by-s scores) at several hidden,
+# intermediate, kv and vocabulary sizes, and fitted to within 5%. A decoder layer keeps
+# ~9 per hidden unit (norm inputs and outputs, q, rotated q and k, attention output,
+# residuals), ~4.4 per MLP unit (gate, up, SiLU, their product) and ~2.25 per k/v unit;
+# outside the layers, ~3 per hidden unit (embeddings, final norm) and ~1.1 per vocabulary
+# entry (the fp32 logits the loss reads). With activation checkpointing a layer keeps its
+# input (1 per hidden unit) and one layer at a time is recomputed in full.
+LAYER_VALUES_PER_HIDDEN = 9
+LAYER_VALUES_PER_INTERMEDIATE = 4.375
+LAYER_VALUES_PER_KV = 2.25
+CHECKPOINTED_VALUES_PER_HIDDEN = 1
+OUTSIDE_VALUES_PER_HIDDEN = 3
+LOGIT_VALUES_PER_VOCAB = 1.125
+LOGIT_BYTES = 4  # logits are fp32 whatever the precision
 
 SHARDINGS = ("none", "fsdp")  # fsdp: weights, grads and optimizer states split over dp
 LAYOUT_FIELDS = ("tp", "pp", "dp", "nodes", "devices_per_node", "micro_batch", "global_batch")
@@ -85,7 +94,7 @@ class Plan:
     memory_breakdown: Dict[str, int]  # weights, gradients, optimizer, activations, kv_cache, adapter
     world_size: int  # tp * pp * dp
     device_memory_bytes: int
-    technique_memory: str  # inference | full | adapter
+    technique_memory: str  # inference | full | adapter | preference (of the heaviest stage)
     problems: List[str] = field(default_factory=list)
     trainable_parameters: int = 0  # all of them in full training, the adapter's, or none
 
@@ -135,9 +144,8 @@ def count_parameters(model_numbers: Any) -> int:
 def make_plan(cfg) -> Plan:
     """The plan of a composed config (``llmexp.schema.RunConfig``), problems included.
 
-    Memory is that of the ``technique`` node, the stage that holds the most (a following
-    evaluation is inference on the same model). Plugin checks (the ``llmexp_plan_problems``
-    hook) run last and see the plan so far.
+    Memory is that of the pipeline stage that holds the most (``heaviest_stage``). Plugin
+    checks (the ``llmexp_plan_problems`` hook) run last and see the plan so far.
     """
     problems: List[str] = []
     model = model_numbers(cfg, problems)
@@ -148,16 +156,7 @@ def make_plan(cfg) -> Plan:
     problems += precision_problems(cfg, precision)
     problems += divisibility_problems(cfg, model, layout)
 
-    memory_mode = plugin_manager.technique(cfg.technique.name).memory
-    estimate = MEMORY_ESTIMATES.get(memory_mode)
-    if estimate is None:
-        problems.append(
-            f"technique={cfg.technique.name} declares memory={memory_mode!r}, which the planner does "
-            f"not know; the technique's class must set memory to one of {', '.join(MEMORY_ESTIMATES)}."
-        )
-        estimate = MEMORY_ESTIMATES["inference"]
-    breakdown, trainable = estimate(cfg, model, precision, layout, problems)
-    breakdown = {name: int(math.ceil(value)) for name, value in breakdown.items()}
+    memory_mode, breakdown, trainable = heaviest_stage(cfg, model, precision, layout, problems)
     plan = Plan(
         parameters=count_parameters(model),
         memory_per_device_bytes=sum(breakdown.values()),
@@ -171,6 +170,34 @@ def make_plan(cfg) -> Plan:
     plan.problems += memory_problems(cfg, plan)
     plan.problems += plugin_manager.plan_problems(cfg, plan)
     return plan
+
+
+def heaviest_stage(cfg, model, precision, layout, problems: List[str]):
+    """``(memory mode, breakdown, trainable parameters)`` of the stage needing the most memory.
+
+    Stages run one after another, so the run needs what its heaviest stage needs. A
+    pipeline the planner cannot read (see ``llmexp.pipeline``) is planned by ``technique``.
+    """
+    try:
+        stages = stage_nodes(cfg)
+    except UserError as error:
+        problems.append(str(error))
+        stages = [("technique", cfg.technique)]
+    best = None
+    for key, node in stages or [("technique", cfg.technique)]:
+        mode = plugin_manager.technique(node.name).memory
+        estimate = MEMORY_ESTIMATES.get(mode)
+        if estimate is None:
+            problems.append(
+                f"technique={node.name} declares memory={mode!r}, which the planner does not know; the "
+                f"technique's class must set memory to one of {', '.join(MEMORY_ESTIMATES)}."
+            )
+            continue
+        breakdown, trainable = estimate(cfg, node, key, model, precision, layout, problems)
+        breakdown = {name: int(math.ceil(value)) for name, value in breakdown.items()}
+        if best is None or sum(breakdown.values()) > sum(best[1].values()):
+            best = (mode, breakdown, trainable)
+    return best or ("inference", {}, 0)
 
 
 def model_numbers(cfg, problems: List[str]) -> Dict[str, Any]:
@@ -200,7 +227,7 @@ def _state_shards(cfg, layout) -> int:
     return shards * layout["dp"] if cfg.parallelism.sharding == "fsdp" else shards
 
 
-def inference_memory(cfg, model, precision, layout, problems):
+def inference_memory(cfg, node, key, model, precision, layout, problems):
     """Weights in the run's precision plus the KV cache; forward activations are transient.
 
     KV cache: 2 (k and v) * layers * kv_heads * head_dim * seq_len * micro_batch values,
@@ -213,7 +240,7 @@ def inference_memory(cfg, model, precision, layout, problems):
     return {"weights": weights, "kv_cache": kv_cache}, 0
 
 
-def full_memory(cfg, model, precision, layout, problems):
+def full_memory(cfg, node, key, model, precision, layout, problems):
     """Weights and grads in the run's precision, Adam states, activations of the busiest stage.
 
     Adam keeps two fp32 moments per parameter, and an fp32 master copy unless the run is
@@ -230,22 +257,22 @@ def full_memory(cfg, model, precision, layout, problems):
     }, parameters
 
 
-def adapter_memory(cfg, model, precision, layout, problems):
+def adapter_memory(cfg, node, key, model, precision, layout, problems):
     """Frozen weights in the run's precision; the adapter, its grads and Adam states in fp32.
 
     An adapter of rank r on a linear layer (in -> out) has r*(in + out) parameters, for each
-    of ``technique.target_modules`` in every layer. ``gradients`` and ``optimizer`` here are
+    of the node's ``target_modules`` in every layer. ``gradients`` and ``optimizer`` here are
     the adapter's only. Activations are those of full training: backward still runs through
     every frozen layer.
     """
-    rank = OmegaConf.select(cfg, "technique.rank", default=DEFAULT_ADAPTER_RANK)
-    targets = OmegaConf.select(cfg, "technique.target_modules", default=None) or DEFAULT_TARGET_MODULES
-    targets = list(LINEAR_SHAPES) if targets == "all-linear" else list(targets)
+    rank = node.get("rank", DEFAULT_ADAPTER_RANK)
+    targets = list(node.get("target_modules", None) or DEFAULT_TARGET_MODULES)
+    targets = list(LINEAR_SHAPES) if targets == ["all-linear"] else targets
     unknown = [name for name in targets if name not in LINEAR_SHAPES]
     if unknown:
         problems.append(
-            f"technique.target_modules names {', '.join(unknown)}, which a {model_kind(cfg)} layer does "
-            f"not have; choose from {', '.join(LINEAR_SHAPES)} or all-linear."
+            f"{key}.target_modules names {', '.join(unknown)}, which a {model_kind(cfg)} layer does "
+            f"not have; choose from {', '.join(LINEAR_SHAPES)} or [all-linear]."
         )
     per_layer = sum(rank * sum(LINEAR_SHAPES[name](model)) for name in targets if name in LINEAR_SHAPES)
     adapter = per_layer * model["num_layers"]
@@ -259,29 +286,52 @@ def adapter_memory(cfg, model, precision, layout, problems):
     }, adapter
 
 
-MEMORY_ESTIMATES = {"inference": inference_memory, "full": full_memory, "adapter": adapter_memory}
+def preference_memory(cfg, node, key, model, precision, layout, problems):
+    """Full training of the policy plus a frozen reference model (DPO).
+
+    Each micro-batch holds a chosen and a rejected sequence per pair, so activations are
+    those of twice the micro-batch; the reference runs without grad and keeps none.
+    """
+    breakdown, trainable = full_memory(cfg, node, key, model, precision, layout, problems)
+    breakdown["reference"] = count_parameters(model) * WEIGHT_BYTES[precision] / _state_shards(cfg, layout)
+    breakdown["activations"] = activation_bytes(cfg, model, precision, layout, sequences_per_example=2)
+    return breakdown, trainable
 
 
-def activation_bytes(cfg, model, precision, layout) -> float:
+MEMORY_ESTIMATES = {
+    "inference": inference_memory,
+    "full": full_memory,
+    "adapter": adapter_memory,
+    "preference": preference_memory,
+}
+
+
+def activation_bytes(cfg, model, precision, layout, sequences_per_example: int = 1) -> float:
     """Activations kept for backward on the busiest pipeline stage.
 
-    Per layer 34*s*b*h bytes at 16-bit (see ``ACTIVATION_BYTES_PER_TOKEN_HIDDEN``), split
-    over tp as Megatron's sequence parallelism does. Under the 1F1B schedule the first stage
-    holds min(pp, micro-batches per step) micro-batches of its layers; the last holds one
-    plus the fp32 logits (s*b*vocab / tp) that the loss reads.
+    Per layer and token the values of ``LAYER_VALUES_PER_*`` in the activation dtype, split
+    over tp as sequence parallelism does. Under the 1F1B schedule the first stage holds
+    min(pp, micro-batches per step) micro-batches of its layers; the last holds one plus
+    the embeddings, final norm and fp32 logits. ``sequences_per_example``: DPO runs a chosen
+    and a rejected sequence per example.
     """
-    s, b, h = cfg.data.seq_len, layout["micro_batch"], model["hidden_size"]
-    scale = ACTIVATION_BYTES[precision] / 2
-    full_layer = ACTIVATION_BYTES_PER_TOKEN_HIDDEN * s * b * h * scale / layout["tp"]
+    tokens = cfg.data.seq_len * layout["micro_batch"] * sequences_per_example
+    h, kv = model["hidden_size"], model["num_key_value_heads"] * model["head_dim"]
+    value_bytes = ACTIVATION_BYTES[precision]
+    layer_values = (LAYER_VALUES_PER_HIDDEN * h + LAYER_VALUES_PER_INTERMEDIATE * model["intermediate_size"]
+                    + LAYER_VALUES_PER_KV * kv)
+    full_layer = tokens * layer_values * value_bytes / layout["tp"]
     if cfg.parallelism.activation_checkpointing:
-        kept_layer = CHECKPOINTED_BYTES_PER_TOKEN_HIDDEN * s * b * h * scale / layout["tp"]
+        kept_layer = tokens * CHECKPOINTED_VALUES_PER_HIDDEN * h * value_bytes / layout["tp"]
         recompute = full_layer
     else:
         kept_layer, recompute = full_layer, 0
+    outside = tokens * (OUTSIDE_VALUES_PER_HIDDEN * h * value_bytes
+                        + LOGIT_VALUES_PER_VOCAB * model["vocab_size"] * LOGIT_BYTES) / layout["tp"]
     stage_layers = model["num_layers"] / layout["pp"]
     micro_batches = max(1, layout["global_batch"] // (layout["micro_batch"] * layout["dp"]))
     first_stage = stage_layers * min(layout["pp"], micro_batches) * kept_layer
-    last_stage = stage_layers * kept_layer + LOGIT_BYTES * s * b * model["vocab_size"] / layout["tp"]
+    last_stage = stage_layers * kept_layer + outside
     return max(first_stage, last_stage) + recompute
 
 
