@@ -24,13 +24,14 @@ import json
 import os
 import platform
 import re
-import secrets
 import socket
 import subprocess
 import time
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
+
+from llmexp.atomic import replace_atomically
 
 RESULTS_FILE = "results.json"
 REDACTED = "<redacted>"
@@ -54,29 +55,14 @@ OPTIONAL_PACKAGES = ("wandb", "mlflow", "peft", "nvidia-modelopt", "megatron-cor
 def write_json_atomic(path: Path | str, data: Any) -> Path:
     """Write ``data`` as JSON to ``path`` so that readers see the old file or the new one, never a part.
 
-    The JSON goes to a temporary file beside ``path`` (same filesystem), is flushed and
-    fsynced, then ``os.replace``-d over ``path``. On any error the temporary file is removed
-    and ``path`` is left as it was. Paths, enums, dataclasses and 0-d tensors/arrays are
+    See ``llmexp.atomic``. Paths, enums, dataclasses and 0-d tensors/arrays are
     converted; anything else JSON cannot hold raises ``TypeError``.
     """
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    # os.open with 0o666 lets the umask decide the mode, as a plain open() would
-    # (tempfile's 0600 would hide results from the rest of a team on a shared cluster).
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as handle:
-            json.dump(data, handle, indent=2, default=_to_json)
-            handle.write("\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    _fsync_directory(path.parent)
-    return path
+    def write(handle) -> None:
+        json.dump(data, handle, indent=2, default=_to_json)
+        handle.write("\n")
+
+    return replace_atomically(path, write)
 
 
 def read_results(run_dir: Path | str) -> Dict[str, Any]:
@@ -399,20 +385,6 @@ def _git(args: list, cwd: Path | str | None) -> Optional[str]:
     except (OSError, subprocess.SubprocessError):  # git missing, cwd gone, or hung
         return None
     return done.stdout.strip() if done.returncode == 0 else None
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Make the rename itself durable (POSIX); a no-op where directories cannot be opened."""
-    try:
-        fd = os.open(directory, os.O_RDONLY)
-    except OSError:
-        return
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def _now() -> str:

@@ -15,7 +15,6 @@ import json
 import os
 import random
 import re
-import secrets
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Tuple
@@ -25,6 +24,7 @@ import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 
 from llmexp import console
+from llmexp.atomic import replace_atomically
 
 STATE_KEY = "llmexp"
 FILE_NAME = "step-{:08d}.ckpt"
@@ -118,7 +118,7 @@ class AtomicCheckpointIO(TorchCheckpointIO):
         self._preloaded = point
 
     def save_checkpoint(self, checkpoint: Dict[str, Any], path, storage_options: Optional[Any] = None) -> None:
-        replace_atomically(Path(path), lambda handle: torch.save(checkpoint, handle))
+        replace_atomically(Path(path), lambda handle: torch.save(checkpoint, handle), binary=True)
 
     def load_checkpoint(self, path, map_location: Optional[Any] = None, weights_only: Optional[bool] = None):
         point, self._preloaded = self._preloaded, None
@@ -174,23 +174,5 @@ def truncate_log(path: Path, step: int) -> None:
                 break
             if row.get("step", 0) <= step:
                 kept.append(line if line.endswith("\n") else line + "\n")
-    replace_atomically(path, lambda handle: handle.write("".join(kept).encode("utf-8")))
+    replace_atomically(path, lambda handle: handle.write("".join(kept)))
 
-
-def replace_atomically(path: Path, write: Callable[[Any], None]) -> None:
-    """Write ``path`` through ``write(binary_handle)`` on a temporary file beside it, fsync, ``os.replace``."""
-    temp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
-    try:
-        with open(temp, "wb") as handle:
-            write(handle)
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temp, path)
-    except BaseException:
-        temp.unlink(missing_ok=True)
-        raise
-    directory = os.open(path.parent, os.O_RDONLY)
-    try:
-        os.fsync(directory)  # the rename itself survives a crash
-    finally:
-        os.close(directory)

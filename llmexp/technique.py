@@ -7,6 +7,7 @@ heavy imports belong inside ``run``.
 
 from __future__ import annotations
 
+import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -66,9 +67,15 @@ class Technique:
     produces_model: ClassVar[bool] = False
     requires: ClassVar[Tuple[str, ...]] = ()  # importable modules the technique needs
     extra: ClassVar[Optional[str]] = None  # pip extra that installs them
+    # "module:function" taking a StageContext: the heavy code ``run`` imports only when it runs
+    entry: ClassVar[Optional[str]] = None
 
-    def run(self, ctx: StageContext) -> StageResult:  # pragma: no cover - interface
-        raise NotImplementedError
+    def run(self, ctx: StageContext) -> StageResult:
+        """Calls ``entry``; override instead when the technique has none."""
+        if self.entry is None:  # pragma: no cover - interface
+            raise NotImplementedError(f"{type(self).__name__} sets neither entry nor run")
+        module, function = self.entry.split(":")
+        return getattr(importlib.import_module(module), function)(ctx)
 
     @classmethod
     def missing_requirements(cls) -> Tuple[str, ...]:

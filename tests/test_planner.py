@@ -210,9 +210,11 @@ def test_activation_checkpointing_and_micro_batch_shrink_activations():
     smaller = plan_of(*base[:-1], "parallelism.micro_batch=1").memory_breakdown["activations"]
     assert checkpointed < plain / 5
     assert smaller == pytest.approx(plain / 2, rel=1e-6)
-    # 34*s*b*h per layer at 16-bit, 32 layers, plus fp32 logits s*b*vocab
-    s, b, h = 4096, 2, 4096
-    assert plain == pytest.approx(34 * s * b * h * 32 + 4 * s * b * 128256, abs=1)
+    # per token: 32 layers of (9*h + 4.375*I + 2.25*kv) bf16 values, then 3*h bf16 values and
+    # 1.125*vocab fp32 logits outside the layers
+    tokens, h, i, kv, vocab = 4096 * 2, 4096, 14336, 8 * 128, 128256
+    layers = 32 * (9 * h + 4.375 * i + 2.25 * kv) * 2
+    assert plain == pytest.approx(tokens * (layers + 3 * h * 2 + 1.125 * vocab * 4), abs=1)
 
 
 def test_adapter_memory(test_plugin):

@@ -211,6 +211,7 @@ def test_run_record_builds_writes_and_reads_back(tmp_path):
         "technique": "pretrain",
         "status": "completed",
         "reason": None,
+        "input_model": None,
         "metrics": {"final_loss": 1.25},
         "model_stats": {"params": 1000, "bits_per_weight": 32.0},
         "artifacts": {"model": str(tmp_path / "model")},

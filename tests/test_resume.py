@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 
-from llmexp.resume import replace_atomically
+from llmexp.atomic import replace_atomically
 
 from .conftest import read_results, run_llmexp
 
@@ -66,7 +66,7 @@ def test_a_failed_checkpoint_write_leaves_the_previous_file_and_no_temporary_one
         raise OSError("No space left on device")
 
     with pytest.raises(OSError):
-        replace_atomically(target, write_then_fail)
+        replace_atomically(target, write_then_fail, binary=True)
     assert target.read_bytes() == b"previous"
     assert list(tmp_path.iterdir()) == [target]
 

@@ -12,6 +12,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Tuple, Union
 
+from llmexp.atomic import replace_atomically
 from llmexp.errors import UserError
 
 PathLike = Union[str, "os.PathLike[str]"]
@@ -64,19 +65,12 @@ def read_jsonl(path: PathLike) -> Iterator[Dict[str, Any]]:
 
 def write_jsonl(path: PathLike, records: Iterable[Dict[str, Any]]) -> Path:
     """Write ``records`` one per line to ``path`` atomically and return the path."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    temporary = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    try:
-        with temporary.open("w", encoding="utf-8") as handle:
-            for record in records:
-                handle.write(json.dumps(record, ensure_ascii=False) + "\n")
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, path)
-    finally:
-        temporary.unlink(missing_ok=True)
-    return path
+
+    def write(handle) -> None:
+        for record in records:
+            handle.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    return replace_atomically(path, write)
 
 
 def _json_kind(value: Any) -> str:

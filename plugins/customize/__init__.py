@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 from llmexp.hookspecs import hookimpl
-from llmexp.technique import StageContext, StageResult, Technique
+from llmexp.technique import Technique
 from llmexp.training import TrainingConfig
 
 
@@ -70,10 +70,7 @@ class SFT(Technique):
     produces_model = True
     requires = ("torch", "transformers", "lightning")
 
-    def run(self, ctx: StageContext) -> StageResult:
-        from llmexp.plugins.customize.stages import run_sft
-
-        return run_sft(ctx)
+    entry = "llmexp.plugins.customize.stages:run_sft"
 
 
 class LoRA(Technique):
@@ -83,10 +80,7 @@ class LoRA(Technique):
     produces_model = True
     requires = ("torch", "transformers", "lightning", "peft")
 
-    def run(self, ctx: StageContext) -> StageResult:
-        from llmexp.plugins.customize.stages import run_lora
-
-        return run_lora(ctx)
+    entry = "llmexp.plugins.customize.stages:run_lora"
 
 
 class DPO(Technique):
@@ -96,10 +90,7 @@ class DPO(Technique):
     produces_model = True
     requires = ("torch", "transformers", "lightning")
 
-    def run(self, ctx: StageContext) -> StageResult:
-        from llmexp.plugins.customize.stages import run_dpo
-
-        return run_dpo(ctx)
+    entry = "llmexp.plugins.customize.stages:run_dpo"
 
 
 TECHNIQUES = (SFT, LoRA, DPO)

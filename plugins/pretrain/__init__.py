@@ -12,7 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmexp.hookspecs import hookimpl
-from llmexp.technique import StageContext, StageResult, Technique
+from llmexp.technique import Technique
 from llmexp.training import TrainingConfig
 
 
@@ -40,20 +40,14 @@ class Pretrain(Technique):
     produces_model = True
     requires = ("torch", "transformers", "lightning")
 
-    def run(self, ctx: StageContext) -> StageResult:
-        from llmexp.plugins.pretrain.loop import pretrain
-
-        return pretrain(ctx)
+    entry = "llmexp.plugins.pretrain.loop:pretrain"
 
 
 class ContinuedPretraining(Pretrain):
     name = "cpt"
     schema = CptConfig
 
-    def run(self, ctx: StageContext) -> StageResult:
-        from llmexp.plugins.pretrain.loop import continued_pretraining
-
-        return continued_pretraining(ctx)
+    entry = "llmexp.plugins.pretrain.loop:continued_pretraining"
 
 
 @hookimpl
