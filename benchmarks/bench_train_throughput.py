@@ -11,7 +11,8 @@ What is compared, per technique
 (tiny_llama; LoRA wrapped by ``add_lora``; DPO with its frozen reference), its examples and
 collate function, its loss, on a config composed by ``compose_config`` (fp32, clip 1.0,
 deterministic Lightning, its progress bar, checkpoints every 200 steps, the train_log and
-the ``tracker=none`` CSV logger). Nothing is turned off that a user has on.
+the ``tracker=none`` CSV logger). Validation is turned off (``val_every=0``): the
+hand-written loop has none to compare it with.
 
 *hand-written*: what one would write without the framework: a copy of the same starting
 model, the same micro-batches in the same order (``data_order``), the same loss function
@@ -78,7 +79,8 @@ class Setup:
 
 
 def setup(technique: str, steps: int) -> Setup:
-    cfg = compose_config([f"technique={technique}", f"technique.max_steps={steps}", "pipeline=single"])
+    # validation is off: the hand-written loop has none to match it
+    cfg = compose_config([f"technique={technique}", f"technique.max_steps={steps}", "technique.val_every=0", "pipeline=single"])
     start = new_embedded_model(cfg)
     model, tokenizer = start.model, start.tokenizer
     if technique in ("pretrain", "cpt"):
