@@ -18,8 +18,12 @@ from llmexp.errors import UserError
 TOP_LEVEL_NODES = ("technique", "evaluation")
 
 
-def stage_nodes(config) -> List[Tuple[str, Any]]:
-    """``(key, node)`` of every stage in order; an unknown key or input is a ``UserError``."""
+def stage_nodes(config, strict: bool = True) -> List[Tuple[str, Any]]:
+    """``(key, node)`` of every stage in order; an unknown key or input is a ``UserError``.
+
+    ``strict=False`` (plugins' plan checks) leaves unknown keys out instead: the planner
+    itself reports them, once.
+    """
     nodes = OmegaConf.select(config, "pipeline.nodes", default=None) or {}
     stages = list(OmegaConf.select(config, "pipeline.stages", default=None) or [])
     resolved = []
@@ -28,14 +32,14 @@ def stage_nodes(config) -> List[Tuple[str, Any]]:
             resolved.append((key, nodes[key]))
         elif key in TOP_LEVEL_NODES:
             resolved.append((key, config[key]))
-        else:
+        elif strict:
             known = list(TOP_LEVEL_NODES) + list(nodes)
             raise UserError(
                 f"pipeline.stages names {key!r}, which is not a stage node; use one of {', '.join(known)} "
                 "(pipeline.nodes holds a pipeline's own nodes)."
             )
     inputs = OmegaConf.select(config, "pipeline.inputs", default=None) or {}
-    for stage, source in inputs.items():
+    for stage, source in inputs.items() if strict else ():
         if stage not in stages or source not in stages or stages.index(source) >= stages.index(stage):
             raise UserError(
                 f"pipeline.inputs.{stage}={source}: both must be stages of pipeline.stages "

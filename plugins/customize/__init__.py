@@ -110,7 +110,7 @@ def llmexp_plan_problems(config, plan):
     names = {cls.name for cls in TECHNIQUES}
     return [
         problem
-        for index, (key, node) in enumerate(stage_nodes(config))
+        for index, (key, node) in enumerate(stage_nodes(config, strict=False))
         if node.get("name") in names
         for problem in stage_problems(config, node, key, first=index == 0)
     ]

@@ -136,7 +136,7 @@ def llmexp_plan_problems(config, plan):
     from llmexp.pipeline import stage_nodes
 
     problems: List[str] = []
-    for index, (key, node) in enumerate(stage_nodes(config)):
+    for index, (key, node) in enumerate(stage_nodes(config, strict=False)):
         if node.get("name") != Evaluate.name:
             continue
         if index == 0 and not OmegaConf.select(config, "model.path", default=None):

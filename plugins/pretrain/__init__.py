@@ -62,7 +62,7 @@ def llmexp_plan_problems(config, plan):
     from llmexp.errors import UserError
     from llmexp.pipeline import stage_nodes
 
-    if config.data.name != "text" or not any(node.name in ("pretrain", "cpt") for _, node in stage_nodes(config)):
+    if config.data.name != "text" or not any(node.name in ("pretrain", "cpt") for _, node in stage_nodes(config, strict=False)):
         return []
     try:
         read_text_documents(config.data.paths)
