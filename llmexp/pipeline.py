@@ -48,6 +48,11 @@ def stage_nodes(config, strict: bool = True) -> List[Tuple[str, Any]]:
     return resolved
 
 
+def node_path(key: str) -> str:
+    """Where the node of stage ``key`` sits in the config, for messages naming a field."""
+    return key if key in TOP_LEVEL_NODES else f"pipeline.nodes.{key}"
+
+
 def input_stage(config, key: str) -> str | None:
     """The stage whose model ``key`` starts from, when ``pipeline.inputs`` names one."""
     inputs = OmegaConf.select(config, "pipeline.inputs", default=None) or {}

@@ -20,12 +20,12 @@ import math
 import time
 import warnings
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Optional, Sequence, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
 from llmexp import console
 from llmexp.errors import UserError
 from llmexp.results import redact_secrets
-from llmexp.technique import StageContext, TechniqueConfig
+from llmexp.technique import StageContext, Technique, TechniqueConfig
 
 # Lightning announces "GPU available: False", a product tip and more on every Trainer; its
 # warnings still come through. The pytree notice is Lightning 2.6 calling an API torch 2.13 deprecated.
@@ -61,6 +61,14 @@ class TrainingConfig(TechniqueConfig):
     checkpoint_every: int = 200  # resumable checkpoint every N optimiser steps (0: never)
     keep_checkpoints: int = 2  # the newest K are kept
     save_model: bool = True  # write the HF checkpoint to <stage dir>/model
+
+
+class TrainingTechnique(Technique):
+    """Base class of a technique that trains through ``train``: it makes a model and needs the stack."""
+
+    memory: ClassVar[str] = "full"
+    produces_model: ClassVar[bool] = True
+    requires: ClassVar[Tuple[str, ...]] = ("torch", "transformers", "lightning")
 
 
 @dataclass
@@ -269,18 +277,30 @@ def config_fingerprint(config) -> str:
     return json.dumps(redact_secrets(config), sort_keys=True, default=str)
 
 
-def _check(tcfg, stage_name: str, train_data: Sequence, val_data: Optional[Sequence]) -> None:
-    for key in ("max_steps", "log_every"):
-        if getattr(tcfg, key) < 1:
-            raise UserError(f"technique.{key}={getattr(tcfg, key)} must be at least 1; set it to 1 or more.")
-    for key in ("val_every", "checkpoint_every"):
-        if getattr(tcfg, key) < 0:
-            raise UserError(f"technique.{key}={getattr(tcfg, key)} is negative; set it to 0 (never) or a step count.")
-    if tcfg.checkpoint_every and tcfg.keep_checkpoints < 1:
-        raise UserError(
-            f"technique.keep_checkpoints={tcfg.keep_checkpoints} keeps no checkpoint to resume from; set it to 1 "
-            "or more, or turn checkpoints off with technique.checkpoint_every=0."
+def training_problems(node, key: str = "technique") -> List[str]:
+    """Settings of a training node that cannot work (``key``: where the node sits in the config).
+
+    Pure Python: plugins' plan checks call it, so a bad value stops the run before it starts.
+    """
+    problems = []
+    for name in ("max_steps", "log_every"):
+        if node[name] < 1:
+            problems.append(f"{key}.{name}={node[name]} must be at least 1; set it to 1 or more.")
+    for name in ("val_every", "checkpoint_every"):
+        if node[name] < 0:
+            problems.append(f"{key}.{name}={node[name]} is negative; set it to 0 (never) or a step count.")
+    if node["checkpoint_every"] and node["keep_checkpoints"] < 1:
+        problems.append(
+            f"{key}.keep_checkpoints={node['keep_checkpoints']} keeps no checkpoint to resume from; set it to 1 "
+            f"or more, or turn checkpoints off with {key}.checkpoint_every=0."
         )
+    return problems
+
+
+def _check(tcfg, stage_name: str, train_data: Sequence, val_data: Optional[Sequence]) -> None:
+    problems = training_problems(tcfg)
+    if problems:
+        raise UserError(" ".join(problems))
     if len(train_data) == 0:
         raise UserError(f"{stage_name} has no training examples; check the data.* settings that select them.")
     if tcfg.val_every and not _has_examples(val_data):

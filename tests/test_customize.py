@@ -131,3 +131,15 @@ def test_cpt_continues_pretraining_a_checkpoint_on_text_files(tmp_path, tiny_che
     metrics = results["stages"]["cpt"]["metrics"]
     assert metrics["steps"] == 20 and metrics["final_loss"] < 3.0  # from ~5.3 (random init, 205 tokens)
     assert (tmp_path / "run/cpt/model/model.safetensors").exists()
+
+
+@pytest.mark.parametrize(
+    "args, fragment",
+    [
+        (["technique.max_steps=0"], "technique.max_steps=0 must be at least 1"),
+        (["technique=cpt", "technique.checkpoint_every=-1"], "technique.checkpoint_every=-1 is negative"),
+        (["pipeline=customize", "pipeline.nodes.sft.keep_checkpoints=0"], "pipeline.nodes.sft.keep_checkpoints=0 keeps no checkpoint"),
+    ],
+)
+def test_bad_training_settings_are_refused_before_the_run(tmp_path, args, fragment):
+    assert fragment in run_refused(tmp_path, *args)

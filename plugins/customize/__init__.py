@@ -15,8 +15,7 @@ from dataclasses import dataclass, field
 from typing import List
 
 from llmexp.hookspecs import hookimpl
-from llmexp.technique import Technique
-from llmexp.training import TrainingConfig
+from llmexp.training import TrainingConfig, TrainingTechnique
 
 
 @dataclass
@@ -63,32 +62,26 @@ class DPOConfig(TrainingConfig):
     beta: float = 0.1
 
 
-class SFT(Technique):
+class SFT(TrainingTechnique):
     name = "sft"
     schema = SFTConfig
-    memory = "full"
-    produces_model = True
-    requires = ("torch", "transformers", "lightning")
 
     entry = "llmexp.plugins.customize.stages:run_sft"
 
 
-class LoRA(Technique):
+class LoRA(TrainingTechnique):
     name = "lora"
     schema = LoRAConfig
     memory = "adapter"
-    produces_model = True
-    requires = ("torch", "transformers", "lightning", "peft")
+    requires = (*TrainingTechnique.requires, "peft")
 
     entry = "llmexp.plugins.customize.stages:run_lora"
 
 
-class DPO(Technique):
+class DPO(TrainingTechnique):
     name = "dpo"
     schema = DPOConfig
     memory = "preference"
-    produces_model = True
-    requires = ("torch", "transformers", "lightning")
 
     entry = "llmexp.plugins.customize.stages:run_dpo"
 
@@ -104,7 +97,7 @@ def llmexp_techniques():
 @hookimpl
 def llmexp_plan_problems(config, plan):
     """Checks every customization stage of the pipeline, its data files included, before the run starts."""
-    from llmexp.pipeline import stage_nodes
+    from llmexp.pipeline import node_path, stage_nodes
     from llmexp.plugins.customize.checks import stage_problems
 
     names = {cls.name for cls in TECHNIQUES}
@@ -112,5 +105,5 @@ def llmexp_plan_problems(config, plan):
         problem
         for index, (key, node) in enumerate(stage_nodes(config, strict=False))
         if node.get("name") in names
-        for problem in stage_problems(config, node, key, first=index == 0)
+        for problem in stage_problems(config, node, node_path(key), first=index == 0)
     ]

@@ -12,6 +12,7 @@ from typing import List
 from llmexp.data.instructions import instruction_data
 from llmexp.data.preference import preference_data
 from llmexp.errors import UserError
+from llmexp.training import training_problems
 
 # What each technique reads from the `data` group.
 DATA_READERS = {"sft": instruction_data, "lora": instruction_data, "dpo": preference_data}
@@ -19,7 +20,7 @@ DATA_READERS = {"sft": instruction_data, "lora": instruction_data, "dpo": prefer
 
 def stage_problems(config, node, key: str, first: bool) -> List[str]:
     """Problems of the customization stage ``key`` (``first``: no stage before it makes a model)."""
-    problems = numbers_problems(node, key)
+    problems = training_problems(node, key) + numbers_problems(node, key)
     try:
         train, _ = DATA_READERS[node.name](config.data)
         if not train:
@@ -35,9 +36,9 @@ def stage_problems(config, node, key: str, first: bool) -> List[str]:
 
 
 def numbers_problems(node, key: str) -> List[str]:
-    """Values a node must keep in range."""
+    """Values of a customization node's own settings that must keep in range."""
     problems = []
-    for name in ("max_steps", "rank", "alpha"):
+    for name in ("rank", "alpha"):
         value = node.get(name)
         if value is not None and value < 1:
             problems.append(f"{key}.{name}={value} must be at least 1.")

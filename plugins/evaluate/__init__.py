@@ -133,7 +133,7 @@ def llmexp_techniques():
 @hookimpl
 def llmexp_plan_problems(config, plan):
     """Checks the evaluate stages this run includes: task names, numbers, the GSM8K file."""
-    from llmexp.pipeline import stage_nodes
+    from llmexp.pipeline import node_path, stage_nodes
 
     problems: List[str] = []
     for index, (key, node) in enumerate(stage_nodes(config, strict=False)):
@@ -141,5 +141,5 @@ def llmexp_plan_problems(config, plan):
             continue
         if index == 0 and not OmegaConf.select(config, "model.path", default=None):
             problems.append(_NO_MODEL.format(stage=key))
-        problems += config_problems(node, key)
+        problems += config_problems(node, node_path(key))
     return problems

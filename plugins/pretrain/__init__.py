@@ -12,8 +12,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmexp.hookspecs import hookimpl
-from llmexp.technique import Technique
-from llmexp.training import TrainingConfig
+from llmexp.training import TrainingConfig, TrainingTechnique
 
 
 @dataclass
@@ -33,12 +32,9 @@ class CptConfig(TrainingConfig):
     warmup_steps: int = 20
 
 
-class Pretrain(Technique):
+class Pretrain(TrainingTechnique):
     name = "pretrain"
     schema = PretrainConfig
-    memory = "full"
-    produces_model = True
-    requires = ("torch", "transformers", "lightning")
 
     entry = "llmexp.plugins.pretrain.loop:pretrain"
 
@@ -57,15 +53,17 @@ def llmexp_techniques():
 
 @hookimpl
 def llmexp_plan_problems(config, plan):
-    """A ``data=text`` stage's files are read now, so a missing one stops the run before it starts."""
+    """Each pretrain/cpt stage's settings, and a ``data=text`` run's files, checked before the run starts."""
     from llmexp.data.text import read_text_documents
     from llmexp.errors import UserError
-    from llmexp.pipeline import stage_nodes
+    from llmexp.pipeline import node_path, stage_nodes
+    from llmexp.training import training_problems
 
-    if config.data.name != "text" or not any(node.name in ("pretrain", "cpt") for _, node in stage_nodes(config, strict=False)):
-        return []
-    try:
-        read_text_documents(config.data.paths)
-    except UserError as error:
-        return [str(error)]
-    return []
+    stages = [(key, node) for key, node in stage_nodes(config, strict=False) if node.name in ("pretrain", "cpt")]
+    problems = [problem for key, node in stages for problem in training_problems(node, node_path(key))]
+    if stages and config.data.name == "text":
+        try:
+            read_text_documents(config.data.paths)
+        except UserError as error:
+            problems.append(str(error))
+    return problems
