@@ -87,13 +87,19 @@ def read_hf_config(path) -> Dict[str, Any]:
 def validate_checkpoint_dir(path) -> None:
     """Raise a ``UserError`` unless ``path`` is a loadable-looking Hugging Face checkpoint.
 
-    Checks config.json (see ``read_hf_config``), that weights exist (``*.safetensors``,
-    ``model.safetensors.index.json`` or ``pytorch_model*.bin``), that every shard the
+    Checks config.json (see ``read_hf_config``), that the directory is not a ModelOpt deployment
+    export (``is_modelopt_export``: transformers would load it without its scales), that weights
+    exist (``*.safetensors``, ``model.safetensors.index.json`` or ``pytorch_model*.bin``), that every shard the
     index names is present, and that each safetensors file is complete. ``.bin`` files are
     pickles that only torch can read, so they are checked for presence only.
     """
     directory = Path(path)
-    read_hf_config(path)
+    if is_modelopt_export(directory, read_hf_config(path)):
+        raise _error(path, "is a ModelOpt unified HF export: a deployment checkpoint for TensorRT-LLM or vLLM, "
+                     "whose quantization scales transformers silently drops (it would load a wrong model)",
+                     "Point model.path at the quantize stage's `model` directory beside it "
+                     "(<run>/<stage>/model, saved with modelopt_state.pth), which reloads exactly; serve the "
+                     "export with TensorRT-LLM or vLLM.")
     safetensors = sorted(directory.glob("*.safetensors"))
     index = directory / "model.safetensors.index.json"
     bins = sorted(directory.glob("pytorch_model*.bin"))
@@ -113,6 +119,14 @@ def validate_checkpoint_dir(path) -> None:
         if problem:
             raise _error(path, f"{file.name} is truncated or corrupt ({problem})",
                          "Download or copy that file again and compare its size with the source's.")
+
+
+def is_modelopt_export(directory: Path, hf_config: Dict[str, Any]) -> bool:
+    """Whether a directory is ModelOpt's unified HF export (``export_hf_checkpoint``): its config.json
+    says ``quant_method: modelopt``, or it has ModelOpt's hf_quant_config.json."""
+    quantization = hf_config.get("quantization_config")
+    method = quantization.get("quant_method") if isinstance(quantization, dict) else None
+    return method == "modelopt" or (directory / "hf_quant_config.json").is_file()
 
 
 def _missing_shards(path, index: Path) -> List[str]:

@@ -6,11 +6,26 @@ torch and transformers stay inside the functions: the planner imports this packa
 
 from __future__ import annotations
 
+import contextlib
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Iterator, Optional, Tuple
 
 from llmexp.checkpoint import HF_KEYS
 from llmexp.errors import UserError
+
+
+@contextlib.contextmanager
+def evaluating(model) -> Iterator[None]:
+    """Eval mode and no autograd for the block; the model's training flag is restored after."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        model.train(was_training)
 
 
 def build_model(model_cfg, tokenizer=None):
@@ -40,10 +55,16 @@ def build_model(model_cfg, tokenizer=None):
 
 
 def load_model(path: str | Path) -> Tuple[Any, Any]:
-    """Model and tokenizer from a local HF directory; a broken directory is a ``UserError``."""
+    """Model and tokenizer from a local HF directory; a broken directory is a ``UserError``.
+
+    A directory holding ``modelopt_state.pth`` (what the quantize stage saves) is restored
+    through ModelOpt: the same quantizers, calibrated the same, so the same logits.
+    """
     from llmexp.checkpoint import validate_checkpoint_dir
 
-    validate_checkpoint_dir(path)
+    validate_checkpoint_dir(path)  # refuses a ModelOpt deployment export, whose scales transformers drops
+    if (Path(path) / MODELOPT_STATE).is_file():
+        enable_modelopt_checkpointing()
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
     try:
@@ -57,6 +78,30 @@ def load_model(path: str | Path) -> Tuple[Any, Any]:
     return model, tokenizer
 
 
+MODELOPT_STATE = "modelopt_state.pth"  # ModelOpt's HF checkpointing writes it beside the weights
+
+
+def enable_modelopt_checkpointing() -> None:
+    """From now on ``save_pretrained`` of a ModelOpt-converted model also writes its ``modelopt_state.pth``,
+    and ``from_pretrained`` of a directory holding one restores it before loading the weights.
+
+    Process-wide (ModelOpt patches transformers' classes) and idempotent; a model ModelOpt never
+    converted saves and loads as before. Imports modelopt (seconds): call it only when needed.
+    """
+    import contextlib
+    import sys
+    import warnings
+
+    # modelopt warns on import that it was not tested with transformers 5; the save/restore round trip
+    # used here is (tests/test_quantize.py)
+    warnings.filterwarnings("ignore", message=r"transformers .* is not tested with current version of modelopt")
+    import modelopt.torch.opt as mto
+    import modelopt.torch.quantization  # noqa: F401  registers the quantize mode a restore replays
+
+    with contextlib.redirect_stdout(sys.stderr):  # its notice is not a result: stdout keeps those
+        mto.enable_huggingface_checkpointing()
+
+
 def save_model(model, tokenizer, path: Path) -> Dict[str, Any]:
     """Save as an HF directory (safetensors + tokenizer) and return its model stats."""
     path.mkdir(parents=True, exist_ok=True)
@@ -65,19 +110,29 @@ def save_model(model, tokenizer, path: Path) -> Dict[str, Any]:
     return model_stats(model, path)
 
 
-def model_stats(model, path: Optional[Path] = None) -> Dict[str, Any]:
-    """Parameters (unique tensors, tied ones once), bytes on disk of the weights, bits per weight."""
+def model_stats(model, path: Optional[Path] = None, precision: Optional[str] = None) -> Dict[str, Any]:
+    """Parameters (unique tensors, tied ones once), layers, precision, bytes on disk of the weights, bits per weight.
+
+    ``precision`` defaults to the weights' dtype (``fp32``, ``bf16`` ...); a quantized model names its format.
+    """
     seen, parameters = set(), 0
     for tensor in model.parameters():
         if tensor.data_ptr() not in seen:
             seen.add(tensor.data_ptr())
             parameters += tensor.numel()
-    stats: Dict[str, Any] = {"parameters": parameters}
+    stats: Dict[str, Any] = {
+        "parameters": parameters,
+        "layers": getattr(model.config, "num_hidden_layers", None),
+        "precision": precision or DTYPE_NAMES.get(str(model.dtype), str(model.dtype)),
+    }
     if path is not None:
         weight_bytes = sum(f.stat().st_size for f in Path(path).glob("*.safetensors"))
         stats["bytes_on_disk"] = weight_bytes
         stats["bits_per_weight"] = round(8 * weight_bytes / parameters, 3)
     return stats
+
+
+DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
 
 
 def _round_up(value: int, multiple: int) -> int:
