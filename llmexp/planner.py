@@ -18,8 +18,6 @@ from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any, Callable, Dict, List
 
-from omegaconf import OmegaConf
-
 from llmexp import plugin_manager
 from llmexp.checkpoint import model_numbers_from_hf_config, read_hf_config, validate_checkpoint_dir
 from llmexp.errors import UserError
@@ -80,6 +78,9 @@ CHECKPOINTED_VALUES_PER_HIDDEN = 1
 OUTSIDE_VALUES_PER_HIDDEN = 3
 LOGIT_VALUES_PER_VOCAB = 1.125
 LOGIT_BYTES = 4  # logits are fp32 whatever the precision
+# Distillation's extra fp32 values per token and vocabulary entry: the teacher's logits and
+# log-probabilities, and the student's tempered log-probabilities kept for backward.
+DISTILL_VALUES_PER_VOCAB = 3
 
 SHARDINGS = ("none", "fsdp")  # fsdp: weights, grads and optimizer states split over dp
 LAYOUT_FIELDS = ("tp", "pp", "dp", "nodes", "devices_per_node", "micro_batch", "global_batch")
@@ -139,6 +140,40 @@ def count_parameters(model_numbers: Any) -> int:
     per_layer = attention + 3 * h * m["intermediate_size"] + 2 * h
     embeddings = m["vocab_size"] * h * (1 if m["tie_word_embeddings"] else 2)
     return embeddings + m["num_layers"] * per_layer + h
+
+
+def pruned_numbers(model_numbers: Any, node: Any) -> Dict[str, Any]:
+    """Architecture numbers of what a ``prune`` node (``llmexp.plugins.prune``) makes of a model with ``model_numbers``.
+
+    ``method=depth``: fewer layers, by the length of ``drop_layers`` or by ``num_layers_to_drop``
+    (unset: a quarter of them, rounded half up). ``method=width``: ``ffn_hidden_size``,
+    ``num_heads`` and ``hidden_size`` where set; with ``target_parameters``, the sizes this rule
+    reaches: shrink the MLP, then the hidden size (each to the next lower multiple of 8, down
+    to half its size), then the query heads (one per KV group at a time, down to one per
+    group), each only until the count is at or below the target. MLP and hidden channels go
+    first because Minitron (Muralidharan et al. 2024) found them cheaper to prune than heads.
+    Where the rule cannot reach the target, the smallest sizes it allows are returned.
+    """
+    numbers = architecture(model_numbers)
+    if node.get("method", "depth") == "depth":
+        dropped = node.get("drop_layers")
+        count = len(set(dropped)) if dropped else node.get("num_layers_to_drop")
+        if count is None:
+            count = math.floor(numbers["num_layers"] / 4 + 0.5)
+        return {**numbers, "num_layers": numbers["num_layers"] - count}
+    target = node.get("target_parameters")
+    if target is None:
+        sizes = {"intermediate_size": "ffn_hidden_size", "num_attention_heads": "num_heads",
+                 "hidden_size": "hidden_size"}
+        return {**numbers, **{ours: node[key] for ours, key in sizes.items() if node.get(key) is not None}}
+    kv_heads = numbers["num_key_value_heads"]
+    steps = (("intermediate_size", 8, numbers["intermediate_size"] // 2),
+             ("hidden_size", 8, numbers["hidden_size"] // 2),
+             ("num_attention_heads", kv_heads, kv_heads))
+    for name, step, floor in steps:
+        while count_parameters(numbers) > target and (numbers[name] - 1) // step * step >= max(floor, step):
+            numbers[name] = (numbers[name] - 1) // step * step
+    return numbers
 
 
 def make_plan(cfg) -> Plan:
@@ -298,11 +333,34 @@ def preference_memory(cfg, node, key, model, precision, layout, problems):
     return breakdown, trainable
 
 
+def distill_memory(cfg, node, key, model, precision, layout, problems):
+    """Full training of the student plus a frozen teacher and its fp32 logits (distillation).
+
+    The teacher's weights are held in the run's precision; it runs without grad, so of its
+    forward pass only what the loss reads stays: its logits, its log-probabilities and the
+    student's tempered log-probabilities (``DISTILL_VALUES_PER_VOCAB``). Its architecture is
+    ``teacher.path``'s config.json, else the run's model (an earlier stage's model is the
+    run's model or one made smaller from it); the student is counted as the run's model too.
+    """
+    breakdown, trainable = full_memory(cfg, node, key, model, precision, layout, problems)
+    teacher = model
+    if node.teacher.path:
+        try:
+            teacher = architecture(model_numbers_from_hf_config(read_hf_config(node.teacher.path)))
+        except UserError:
+            pass  # the distill plugin's check reports a bad teacher.path
+    breakdown["teacher"] = count_parameters(teacher) * WEIGHT_BYTES[precision] / _state_shards(cfg, layout)
+    tokens = cfg.data.seq_len * layout["micro_batch"]
+    breakdown["teacher_logits"] = tokens * DISTILL_VALUES_PER_VOCAB * teacher["vocab_size"] * LOGIT_BYTES / layout["tp"]
+    return breakdown, trainable
+
+
 MEMORY_ESTIMATES = {
     "inference": inference_memory,
     "full": full_memory,
     "adapter": adapter_memory,
     "preference": preference_memory,
+    "distill": distill_memory,
 }
 
 
