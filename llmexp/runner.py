@@ -28,6 +28,7 @@ from llmexp.errors import UserError
 from llmexp.models import load_model
 from llmexp.pipeline import TOP_LEVEL_NODES, input_stage, stage_nodes
 from llmexp.planner import make_plan
+from llmexp.report import write_report
 from llmexp.plugin_manager import technique
 from llmexp.results import RunRecord, flatten_numbers, read_results, redact_hydra_record
 from llmexp.technique import ModelArtifact, StageContext, StageResult
@@ -55,9 +56,13 @@ def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
         reason = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
         return _close(record, "failed", f"{reason} (traceback: {run_dir / 'error.log'})")
     _close(record, "completed")
-    tracker.log_results(record.to_dict())
+    results = record.to_dict()
+    if len(results["comparison"]) > 1:
+        for path in write_report(run_dir, results["comparison"]).values():
+            tracker.log_file(path)
+    tracker.log_results(results)
     tracker.finish("completed")
-    console.print_results(record.to_dict())
+    console.print_results(results)
     return record
 
 
@@ -88,18 +93,33 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
                 latest = stage_name
             continue
         earlier = {}  # the stages after one that runs again run again too: their input may differ
-        model = models.get(source) if source else None
-        if model is not None and model.model is None:
-            model = models[source] = ModelArtifact(*load_model(model.path), path=model.path, produced_by=source)
+        model = _model_of(models, source) if source else None
         stage_dir = run_dir / stage_name
         stage_dir.mkdir(parents=True, exist_ok=True)
         clock = time.perf_counter()
-        result = cls().run(StageContext(cfg, node, stage_dir, model, tracker, stage_name))
+        context = StageContext(
+            cfg, node, stage_dir, model, tracker, stage_name,
+            model_of=lambda stage: _model_of(models, stage, asked_by=stage_name), earlier=dict(record.stages),
+        )
+        result = cls().run(context)
         record.add_stage(stage_name, cls.name, result, wall_time_s=time.perf_counter() - clock, input_model=input_model)
         record.write()  # a run that dies later still shows what finished (status "running")
         tracker.log_metrics(flatten_numbers(result.metrics, prefix=f"{stage_name}/"))
         if result.model is not None:
             models[stage_name], latest = result.model, stage_name
+
+
+def _model_of(models: Dict[str, ModelArtifact], stage: str, asked_by: Optional[str] = None) -> ModelArtifact:
+    """The model ``stage`` made, loaded from its saved directory when only the path is kept."""
+    artifact = models.get(stage)
+    if artifact is None:
+        raise UserError(
+            f"{asked_by}: it needs the model of stage {stage!r}, but no stage of that name made a model before it; "
+            f"name one of the stages before it that made a model ({', '.join(models) or 'none so far'})."
+        )
+    if artifact.model is None:
+        artifact = models[stage] = ModelArtifact(*load_model(artifact.path), path=artifact.path, produced_by=stage)
+    return artifact
 
 
 def _completed_earlier(record: RunRecord) -> Dict[str, Any]:

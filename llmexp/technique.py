@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ClassVar, Dict, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
 
 
 @dataclass
@@ -31,9 +31,19 @@ class ModelArtifact:
     produced_by: str = ""
 
 
+def _no_models(stage: str) -> ModelArtifact:
+    raise LookupError(f"no stage named {stage!r} made a model in this run")
+
+
 @dataclass
 class StageContext:
-    """What a stage gets: the whole config, its own node, its directory, the model so far."""
+    """What a stage gets: the whole config, its own node, its directory, the model so far.
+
+    ``model_of(stage)`` is the model an earlier stage made (loaded from its directory when it
+    is no longer in memory): a distillation's teacher, an evaluation's baseline. ``earlier``
+    holds the records of the stages before this one (metrics, artifacts, model stats, the
+    model each started from), as results.json has them.
+    """
 
     config: Any
     stage_config: Any
@@ -41,6 +51,8 @@ class StageContext:
     model: Optional[ModelArtifact]
     tracker: Any
     stage_name: str
+    model_of: Callable[[str], ModelArtifact] = _no_models
+    earlier: Mapping[str, Dict[str, Any]] = field(default_factory=dict)
 
 
 @dataclass

@@ -277,15 +277,16 @@ def config_fingerprint(config) -> str:
     return json.dumps(redact_secrets(config), sort_keys=True, default=str)
 
 
-def training_problems(node, key: str = "technique") -> List[str]:
+def training_problems(node, key: str = "technique", min_steps: int = 1) -> List[str]:
     """Settings of a training node that cannot work (``key``: where the node sits in the config).
 
     Pure Python: plugins' plan checks call it, so a bad value stops the run before it starts.
+    ``min_steps=0``: the technique takes ``max_steps=0`` as "use the starting model as it is".
     """
     problems = []
-    for name in ("max_steps", "log_every"):
-        if node[name] < 1:
-            problems.append(f"{key}.{name}={node[name]} must be at least 1; set it to 1 or more.")
+    for name, least in (("max_steps", min_steps), ("log_every", 1)):
+        if node[name] < least:
+            problems.append(f"{key}.{name}={node[name]} must be at least {least}; set it to {least} or more.")
     for name in ("val_every", "checkpoint_every"):
         if node[name] < 0:
             problems.append(f"{key}.{name}={node[name]} is negative; set it to 0 (never) or a step count.")
@@ -298,7 +299,7 @@ def training_problems(node, key: str = "technique") -> List[str]:
 
 
 def _check(tcfg, stage_name: str, train_data: Sequence, val_data: Optional[Sequence]) -> None:
-    problems = training_problems(tcfg)
+    problems = training_problems(tcfg)  # max_steps=0 never reaches the loop: techniques taking it return first
     if problems:
         raise UserError(" ".join(problems))
     if len(train_data) == 0:

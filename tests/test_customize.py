@@ -136,7 +136,8 @@ def test_cpt_continues_pretraining_a_checkpoint_on_text_files(tmp_path, tiny_che
 @pytest.mark.parametrize(
     "args, fragment",
     [
-        (["technique.max_steps=0"], "technique.max_steps=0 must be at least 1"),
+        (["technique=sft", "technique.max_steps=0"], "technique.max_steps=0 must be at least 1"),
+        (["technique.max_steps=-1"], "technique.max_steps=-1 must be at least 0"),  # pretrain: 0 passes the model on
         (["technique=cpt", "technique.checkpoint_every=-1"], "technique.checkpoint_every=-1 is negative"),
         (["pipeline=customize", "pipeline.nodes.sft.keep_checkpoints=0"], "pipeline.nodes.sft.keep_checkpoints=0 keeps no checkpoint"),
     ],

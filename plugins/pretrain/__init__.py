@@ -17,7 +17,10 @@ from llmexp.training import TrainingConfig, TrainingTechnique
 
 @dataclass
 class PretrainConfig(TrainingConfig):
-    """The shared training settings (``llmexp.training.TrainingConfig``): the embedded default's recipe."""
+    """The shared training settings (``llmexp.training.TrainingConfig``): the embedded default's recipe.
+
+    ``max_steps=0`` passes the starting model (``model.path``) on untrained.
+    """
 
     name: str = "pretrain"
 
@@ -60,7 +63,8 @@ def llmexp_plan_problems(config, plan):
     from llmexp.training import training_problems
 
     stages = [(key, node) for key, node in stage_nodes(config, strict=False) if node.name in ("pretrain", "cpt")]
-    problems = [problem for key, node in stages for problem in training_problems(node, node_path(key))]
+    problems = [problem for key, node in stages
+                for problem in training_problems(node, node_path(key), min_steps=0 if node.name == "pretrain" else 1)]
     if stages and config.data.name == "text":
         try:
             read_text_documents(config.data.paths)

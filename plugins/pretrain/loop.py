@@ -7,13 +7,13 @@ blocks as they fill and cycled through in a seeded shuffled order.
 
 from __future__ import annotations
 
+from typing import Tuple
+
 import torch
 
-from llmexp.data.embedded import build_world, embedded_token_stream
-from llmexp.data.packing import pack_documents
-from llmexp.data.text import read_text_documents
+from llmexp.data.blocks import raw_text_blocks
 from llmexp.errors import UserError
-from llmexp.models import base_model, new_embedded_model, starting_model, trained_model_result
+from llmexp.models import base_model, input_model, model_stats, new_embedded_model, starting_model, trained_model_result
 from llmexp.technique import ModelArtifact, StageContext, StageResult
 from llmexp.training import LossOutput, train
 
@@ -23,8 +23,30 @@ def next_token_loss(model, input_ids) -> LossOutput:
 
 
 def pretrain(ctx: StageContext) -> StageResult:
-    """From ``model.path`` or the previous stage's model, else from scratch (its purpose: no warning)."""
+    """From ``model.path`` or the previous stage's model, else from scratch (its purpose: no warning).
+
+    ``max_steps=0`` passes the starting model on untrained: how a pipeline whose first stage
+    trains the embedded default's baseline (``pipeline=compress``) takes a real checkpoint as
+    its baseline instead (``model.path=... pipeline.nodes.baseline.max_steps=0``).
+    """
+    if ctx.stage_config.max_steps == 0:
+        return _as_given(ctx)
     return _train_on_text(ctx, starting_model(ctx) or new_embedded_model(ctx.config))
+
+
+def _as_given(ctx: StageContext) -> StageResult:
+    """The input model unchanged; one read from ``model.path`` is not copied, only pointed at."""
+    start = input_model(ctx)
+    if start is None:
+        start = new_embedded_model(ctx.config)
+    if start.path is None:
+        return trained_model_result(ctx, start.model, start.tokenizer, {"steps": 0})
+    return StageResult(
+        metrics={"steps": 0},
+        model=ModelArtifact(start.model, start.tokenizer, start.path, produced_by=ctx.stage_name),
+        artifacts={"model": str(start.path)},
+        model_stats=model_stats(start.model, start.path),
+    )
 
 
 def continued_pretraining(ctx: StageContext) -> StageResult:
@@ -33,32 +55,20 @@ def continued_pretraining(ctx: StageContext) -> StageResult:
 
 
 def _train_on_text(ctx: StageContext, start: ModelArtifact) -> StageResult:
-    cfg, tcfg = ctx.config, ctx.stage_config
-    tokenizer = start.tokenizer
-    if cfg.data.name == "embedded":
-        world = build_world(cfg.data.seed, cfg.data.num_people)
-        stream = embedded_token_stream(world, tokenizer, cfg.data.word_problem_weight)
-        blocks = pack_documents(stream, seq_len=cfg.data.seq_len, num_blocks=tcfg.max_steps * cfg.parallelism.global_batch)
-        shuffle = False
-    elif cfg.data.name == "text":
-        blocks = text_blocks(read_text_documents(cfg.data.paths), tokenizer, cfg.data.seq_len)
-        shuffle = True
-    else:
-        raise UserError(
-            f"technique={tcfg.name} trains on raw text: data=embedded or data=text (data.paths=[...]); "
-            f"data={cfg.data.name} holds instructions or pairs (technique=sft, lora or dpo read those)."
-        )
+    blocks, shuffle = training_blocks(ctx, start.tokenizer)
     metrics = train(ctx, start.model, next_token_loss, blocks, torch.stack, shuffle=shuffle)
-    return trained_model_result(ctx, start.model, tokenizer, metrics, save=tcfg.save_model)
+    return trained_model_result(ctx, start.model, start.tokenizer, metrics, save=ctx.stage_config.save_model)
 
 
-def text_blocks(documents, tokenizer, seq_len: int) -> torch.Tensor:
-    """Every document tokenized and ended with EOS, packed into full ``seq_len`` blocks (the tail dropped)."""
-    stream = [ids + [tokenizer.eos_token_id] for ids in tokenizer(list(documents))["input_ids"]]
-    tokens = sum(len(ids) for ids in stream)
-    if tokens < seq_len:
-        raise UserError(
-            f"data.paths holds {tokens} tokens, fewer than one block of data.seq_len={seq_len}; "
-            "add text or lower data.seq_len."
-        )
-    return pack_documents(stream, seq_len=seq_len, num_blocks=tokens // seq_len)
+def training_blocks(ctx: StageContext, tokenizer) -> Tuple[torch.Tensor, bool]:
+    """The stage's raw-text training blocks and whether ``train`` shuffles them (see the module docstring).
+
+    Shared with distillation, which reads the same data as pretraining.
+    """
+    cfg, tcfg = ctx.config, ctx.stage_config
+    if cfg.data.name in ("embedded", "text"):
+        return raw_text_blocks(cfg.data, tokenizer, tcfg.max_steps * cfg.parallelism.global_batch)
+    raise UserError(
+        f"technique={tcfg.name} trains on raw text: data=embedded or data=text (data.paths=[...]); "
+        f"data={cfg.data.name} holds instructions or pairs (technique=sft, lora or dpo read those)."
+    )
