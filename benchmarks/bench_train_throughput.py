@@ -58,7 +58,7 @@ from llmexp.plugins.customize.stages import add_lora
 from llmexp.plugins.pretrain.loop import next_token_loss
 from llmexp.technique import StageContext
 from llmexp.tracking import make_tracker
-from llmexp.training import data_order, train, warmup_cosine
+from llmexp.training import data_order, train
 from machine_load import OtherLoad, describe
 
 TARGET_RATIO = 0.95

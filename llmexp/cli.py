@@ -17,7 +17,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig
 
 from llmexp import console
-from llmexp.config import CONFIG_NAME, compose_config, register_configs, sweep_points
+from llmexp.config import CONFIG_NAME, compose_config, register_configs, sweep_points, with_implied_pipeline
 from llmexp.errors import EXIT_USER_ERROR, UserError
 
 
@@ -46,7 +46,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except UserError as error:
         console.error(str(error))
         sys.exit(EXIT_USER_ERROR)
-    sys.argv = [sys.argv[0], *argv]
+    sys.argv = [sys.argv[0], *with_implied_pipeline(argv)]
     hydra_entry()
 
 

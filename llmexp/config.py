@@ -32,13 +32,31 @@ def register_configs() -> None:
         cs.store(group="technique", name=name, node=entry.technique.schema)
 
 
+# Overrides of these top-level keys say "run this technique": they imply pipeline=default.
+SINGLE_TECHNIQUE_KEYS = ("technique", "evaluation")
+
+
+def with_implied_pipeline(overrides: Sequence[str]) -> List[str]:
+    """``overrides`` plus ``pipeline=default`` when they choose or tune a technique but name no pipeline.
+
+    ``llmexp`` alone runs the whole workflow (the compress pipeline, conf/config.yaml);
+    ``llmexp technique=lora`` or ``llmexp technique.max_steps=300`` means that technique and
+    its evaluation, as a user of any single-recipe tool expects. Naming a pipeline wins.
+    """
+    keys = [override.lstrip("+~").split("=", 1)[0] for override in overrides]
+    tops = {key.split(".", 1)[0] for key in keys}
+    if "pipeline" in tops or not tops.intersection(SINGLE_TECHNIQUE_KEYS):
+        return list(overrides)
+    return [*overrides, "pipeline=default"]
+
+
 def compose_config(overrides: Sequence[str], config_name: str = CONFIG_NAME) -> DictConfig:
     """Compose like ``llmexp <overrides>`` would; bad input becomes a ``UserError``."""
     register_configs()
     GlobalHydra.instance().clear()
     try:
         with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            return compose(config_name=config_name, overrides=list(overrides))
+            return compose(config_name=config_name, overrides=with_implied_pipeline(overrides))
     except (HydraException, OmegaConfBaseException) as error:
         raise UserError(composition_message(error, overrides)) from None
     finally:

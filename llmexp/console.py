@@ -13,6 +13,8 @@ from typing import Any, Dict, List, Optional
 from rich.console import Console
 from rich.table import Table
 
+from llmexp import report
+
 
 def _width(stream) -> Optional[int]:
     """Terminals report their width; piped output gets room so tables do not wrap names."""
@@ -35,39 +37,38 @@ def error(message: str) -> None:
     err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
 
 
+# Differences from a baseline: results.json and comparison.md keep them, the console leaves them out.
+PAIRED_SUFFIXES = ("_delta", "_delta_se")
+
+
 def print_results(record: Dict[str, Any]) -> None:
     table = Table(title="Results", title_justify="left")
     for column in ("stage", "metric", "value"):
         table.add_column(column, justify="right" if column == "value" else "left")
     for stage_name, stage in record["stages"].items():
         for metric, value in stage["metrics"].items():
-            table.add_row(stage_name, metric, _format(value))
+            if metric.endswith(PAIRED_SUFFIXES):
+                continue
+            table.add_row(stage_name, metric, report.format_value(value))
             stage_name = ""
     out.print(table)
     print_comparison(record.get("comparison") or [])
     stats = record.get("model_stats") or {}
     if stats:
-        out.print("model: " + ", ".join(f"{k}={_format(v)}" for k, v in stats.items()))
+        out.print("model: " + ", ".join(f"{k}={report.format_value(v)}" for k, v in stats.items()))
     out.print(f"wall time: {record['wall_time_s']:.1f} s")
     out.print(f"run directory: {record['run_dir']}", soft_wrap=True, highlight=False)
 
 
 def print_comparison(rows: List[Dict[str, Any]]) -> None:
-    """The evaluations side by side with the cost of their models, when there are several."""
+    """The evaluations side by side with their models' stats and cost (the run's comparison.md has every column)."""
     if len(rows) < 2:
         return
-    columns = list(dict.fromkeys(key for row in rows for key in row if not key.endswith("_n")))
+    rows = report.report_rows(rows)
+    columns = report.table_columns(rows, report.CONSOLE_COLUMNS)
     table = Table(title="Comparison", title_justify="left")
     for column in columns:
-        table.add_column(column, justify="left" if column in ("stage", "model", "made_by") else "right")
+        table.add_column(column, justify="left" if column in ("stage", "made_by", "precision") else "right")
     for row in rows:
-        table.add_row(*("-" if row.get(column) is None else _format(row[column]) for column in columns))
+        table.add_row(*(report.format_value(row.get(column)) for column in columns))
     out.print(table)
-
-
-def _format(value: Any) -> str:
-    if isinstance(value, float):
-        return f"{value:.4f}" if abs(value) < 1000 else f"{value:,.1f}"
-    if isinstance(value, int) and not isinstance(value, bool):
-        return f"{value:,}"
-    return str(value)

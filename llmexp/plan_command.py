@@ -48,6 +48,9 @@ def main(argv: List[str]) -> int:
     return 0 if plan.feasible else EXIT_USER_ERROR
 
 
+SINGLE_TECHNIQUE = ("default", "single")  # pipelines of the chosen technique (and evaluation)
+
+
 def summary(cfg) -> dict:
     """The choices a plan depends on, so a JSON plan says what it is the plan of."""
     p = cfg.parallelism
@@ -55,6 +58,7 @@ def summary(cfg) -> dict:
         "model": cfg.model.name,
         "model_path": cfg.model.path,
         "technique": cfg.technique.name,
+        "pipeline": cfg.pipeline.name,
         "hardware": cfg.hardware.name,
         "precision": getattr(cfg.precision, "value", cfg.precision),
         "parallelism": {"name": p.name, "tp": p.tp, "pp": p.pp, "dp": p.dp, "nodes": p.nodes,
@@ -71,7 +75,9 @@ def print_table(cfg, plan) -> None:
 
     s = summary(cfg)
     p = s["parallelism"]
-    title = (f"llmexp plan: model={s['model']} technique={s['technique']} ({plan.technique_memory}) "
+    # a pipeline of its own nodes is planned by its heaviest stage, whose memory mode follows
+    what = f"technique={s['technique']}" if s["pipeline"] in SINGLE_TECHNIQUE else f"pipeline={s['pipeline']}"
+    title = (f"llmexp plan: model={s['model']} {what} ({plan.technique_memory}) "
              f"precision={s['precision']} hardware={s['hardware']} parallelism={p['name']}")
     table = Table(show_header=False)
     table.add_column(style="bold")

@@ -162,17 +162,20 @@ def summary_metrics(results: Mapping[str, Any]) -> Dict[str, float]:
     return flat
 
 
-# What a comparison row takes from the stage that made the evaluated model: its cost.
+# What a comparison row takes from the stage that made the evaluated model: its cost, and
+# what the model is (precision or quantization format, layers, size).
 COST_METRICS = ("trainable_parameters", "train_time_s", "peak_memory_mb")
+MODEL_STATS = ("precision", "simulated", "layers", "parameters", "bytes_on_disk", "bits_per_weight")
 
 
 def comparison(stages: Mapping[str, Any]) -> List[Dict[str, Any]]:
     """One row per evaluation of a model: its metrics beside what making that model cost.
 
     An evaluation is a stage that made no model (no ``model_stats``) and started from one.
-    Its row names the model's stage and technique and carries that stage's trainable
-    parameters, training time and peak memory: the customization comparison (zero-shot,
-    few-shot, LoRA, full SFT) in one table.
+    Its row names the model's stage and technique and carries that stage's model stats
+    (precision, layers, parameters, size) and cost (trainable parameters, training time, peak
+    memory): the customization comparison (zero-shot, few-shot, LoRA, full SFT) and the
+    compression one (baseline, quantized, pruned, distilled) each in one table.
     """
     rows = []
     for name, entry in stages.items():
@@ -182,6 +185,8 @@ def comparison(stages: Mapping[str, Any]) -> List[Dict[str, Any]]:
         maker = stages.get(source) or {}
         made = maker.get("metrics") or {}
         row = {"stage": name, "model": source, "made_by": maker.get("technique", source)}
+        stats = maker.get("model_stats") or {}
+        row.update({key: stats.get(key) for key in MODEL_STATS})
         row.update({key: made.get(key) for key in COST_METRICS})
         row.update(flatten_numbers(entry.get("metrics") or {}))
         rows.append(row)

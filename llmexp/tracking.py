@@ -24,6 +24,7 @@ import importlib
 import json
 import os
 import re
+import shutil
 import tempfile
 import time
 from argparse import Namespace
@@ -66,6 +67,9 @@ class Tracker:
 
     def log_results(self, results: Mapping[str, Any]) -> None:
         """Mirror a finished results document."""
+
+    def log_file(self, path: str) -> None:
+        """Keep a file of the run (the comparison table, the Pareto plot) with the tracked run."""
 
     def finish(self, status: str = "completed") -> None:
         """Close the run as ``completed``, ``skipped`` or ``failed``; later calls do nothing."""
@@ -152,6 +156,9 @@ class WandbTracker(Tracker):
         # Files in run.dir are the run's files: uploaded with it (or by `wandb sync`).
         write_json_atomic(Path(self.run.dir) / RESULTS_FILE, redact_secrets(results))
 
+    def log_file(self, path: str) -> None:
+        shutil.copyfile(path, Path(self.run.dir) / Path(path).name)
+
     def _close(self, status: str) -> None:
         import wandb
 
@@ -228,6 +235,9 @@ class MlflowTracker(Tracker):
         with tempfile.TemporaryDirectory() as folder:
             path = write_json_atomic(Path(folder) / RESULTS_FILE, redact_secrets(results))
             self.client.log_artifact(self.run_id, str(path))
+
+    def log_file(self, path: str) -> None:
+        self.client.log_artifact(self.run_id, path)
 
     def _close(self, status: str) -> None:
         self.client.set_tag(self.run_id, "llmexp.status", status)

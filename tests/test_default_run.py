@@ -1,4 +1,4 @@
-"""The embedded default end to end: `llmexp` with no arguments learns, evaluates and reports."""
+"""The embedded default end to end: `llmexp` with no arguments learns, compresses, evaluates and reports."""
 
 from __future__ import annotations
 
@@ -8,21 +8,28 @@ from .conftest import read_results, run_llmexp
 
 
 @pytest.mark.slow
-def test_default_run_learns_the_embedded_world(tmp_path):
+def test_default_run_learns_the_embedded_world_then_compresses_it(tmp_path):
     result = run_llmexp("hydra.run.dir=run", cwd=tmp_path, timeout=900)
     assert result.returncode == 0, result.stderr[-3000:]
     record = read_results(tmp_path / "run")
     assert record["status"] == "completed"
-    train = record["stages"]["pretrain"]["metrics"]
-    scores = record["stages"]["evaluate"]["metrics"]
+    stages = record["stages"]
+    train = stages["baseline"]["metrics"]
+    scores = stages["baseline_eval"]["metrics"]
     assert train["steps"] == 1000 and train["final_loss"] < 1.0
     assert scores["mc_cloze_acc"] > 0.6  # chance is 0.25 on 150 questions
-    assert scores["free_answer_em"] > 0.5
     assert 1.0 < scores["perplexity"] < 3.0
     assert 0.0 <= scores["mc_letter_acc"] <= 1.0 and 0.0 <= scores["word_problem_em"] <= 1.0
-    assert (tmp_path / "run/pretrain/model/model.safetensors").exists()
-    assert record["model_stats"]["parameters"] == 1_607_808
-    assert "run directory:" in result.stdout and "mc_cloze_acc" in result.stdout
+    assert (tmp_path / "run/baseline/model/model.safetensors").exists()
+    assert stages["baseline"]["model_stats"]["parameters"] == 1_607_808
+    fp8 = stages["fp8_eval"]["metrics"]
+    assert abs(fp8["perplexity_rel_delta"]) < 0.005 and fp8["flip_rate_multiple_choice"] <= 0.02
+    pruned, distilled = stages["prune_eval"]["metrics"], stages["distill_eval"]["metrics"]
+    assert stages["prune"]["model_stats"]["layers"] == 6
+    assert distilled["kl_to_baseline"] < pruned["kl_to_baseline"]  # distillation moves it back toward its teacher
+    assert stages["width_prune"]["model_stats"]["parameters"] < 1_607_808
+    assert (tmp_path / "run/comparison.md").exists() and (tmp_path / "run/pareto.png").exists()
+    assert "run directory:" in result.stdout and "Comparison" in result.stdout
 
 
 @pytest.mark.slow

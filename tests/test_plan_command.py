@@ -39,6 +39,9 @@ def run_module(*args):
 def test_default_plan_prints_a_table_and_exits_0(capsys):
     assert plan_command.main([]) == 0
     out = capsys.readouterr().out
+    assert "model=tiny_llama pipeline=compress (distill)" in out  # the heaviest stage of `llmexp`'s pipeline
+    assert plan_command.main(["technique=pretrain"]) == 0
+    out = capsys.readouterr().out
     assert "model=tiny_llama technique=pretrain (full)" in out
     assert "1.61 M" in out  # parameters
     for row in ("weights", "gradients", "optimizer", "activations", "memory per device", "world size"):
@@ -47,7 +50,7 @@ def test_default_plan_prints_a_table_and_exits_0(capsys):
 
 
 def test_json_output_of_a_plan_that_does_not_fit(capsys):
-    code = plan_command.main(["--json", "model=llama3_1_70b", "hardware=a100_80g", "parallelism=tp8"])
+    code = plan_command.main(["--json", "technique=pretrain", "model=llama3_1_70b", "hardware=a100_80g", "parallelism=tp8"])
     assert code == 2
     plan = json.loads(capsys.readouterr().out)
     assert plan["parameters"] == 70_553_706_496
@@ -69,7 +72,8 @@ def test_json_output_of_a_plan_that_fits(capsys, tmp_path):
 
 
 def test_problems_are_printed_one_per_line(capsys):
-    assert plan_command.main(["model=qwen2_5_7b", "hardware=a100_80g", "parallelism=tp8", "precision=fp8"]) == 2
+    assert plan_command.main(["technique=pretrain", "model=qwen2_5_7b", "hardware=a100_80g", "parallelism=tp8",
+                              "precision=fp8"]) == 2
     out = capsys.readouterr().out
     assert "3 problem(s)" in out
     lines = [line for line in out.splitlines() if line.startswith("  - ")]

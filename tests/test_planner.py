@@ -32,7 +32,9 @@ LLAMA_3_1_70B_CONFIG = {
 
 
 def plan_of(*overrides):
-    return make_plan(compose_config(list(overrides)))
+    """The plan of one technique (pretrain unless the overrides choose), not of `llmexp`'s whole pipeline."""
+    chosen = any(o.split("=")[0] in ("technique", "pipeline") for o in overrides)
+    return make_plan(compose_config(list(overrides) if chosen else ["technique=pretrain", *overrides]))
 
 
 def only(problems, fragment):

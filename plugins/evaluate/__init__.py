@@ -21,7 +21,7 @@ from llmexp.data.embedded import build_world
 from llmexp.data.gsm8k import load_gsm8k
 from llmexp.errors import UserError
 from llmexp.hookspecs import hookimpl
-from llmexp.plugins.evaluate.tasks import EMBEDDED_TASKS, TASKS, TaskInputs, selected_tasks
+from llmexp.plugins.evaluate.tasks import EMBEDDED_TASKS, HEADLINE, TASKS, TaskInputs, selected_tasks
 from llmexp.technique import StageContext, StageResult, Technique, TechniqueConfig
 
 
@@ -37,6 +37,9 @@ class EvaluateConfig(TechniqueConfig):
     max_new_tokens: int = 40  # generation budget per answer (real models on GSM8K want ~256)
     gsm8k_path: Optional[str] = None  # a GSM8K-format JSONL test file; adds the gsm8k task
     num_fewshot: int = 0  # solved examples in the prompt (the text2sql task)
+    # an earlier evaluate stage of the pipeline (same tasks) to compare with item by item:
+    # deltas, flip rates, paired standard errors and KL(baseline || model) (paired.py)
+    baseline: Optional[str] = None
 
 
 class Evaluate(Technique):
@@ -54,6 +57,7 @@ class Evaluate(Technique):
 
         from llmexp.data.jsonl import write_jsonl
         from llmexp.models import input_model
+        from llmexp.peak_memory import PeakMemory
         from llmexp.plugins.evaluate.scoring import Scorer
 
         cfg = ctx.stage_config
@@ -79,16 +83,49 @@ class Evaluate(Technique):
             TimeElapsedColumn(),
             console=Console(stderr=True),
         )
-        with progress:
+        tasks = selected_tasks(cfg.tasks, cfg.gsm8k_path)
+        rows = {}
+        with progress, PeakMemory(next(artifact.model.parameters()).device) as peak:
             scorer = Scorer(artifact.model, artifact.tokenizer, cfg.batch_size, cfg.max_new_tokens, progress)
-            for task in selected_tasks(cfg.tasks, cfg.gsm8k_path):
+            for task in tasks:
                 scorer.track(task)
                 result = TASKS[task](inputs, scorer)
+                rows[task] = result.rows
                 path = write_jsonl(Path(ctx.stage_dir) / f"{task}.jsonl", result.rows)
                 metrics.update({key: float(value) for key, value in result.metrics.items()})
                 metrics[f"{task}_n"] = len(result.rows)
                 artifacts[task] = str(path)
+            if cfg.baseline:
+                scorer.track("vs baseline")
+                metrics.update(_compared_with_baseline(ctx, scorer, inputs, tasks, metrics, rows))
+        metrics["eval_peak_memory_mb"] = peak.mb
         return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def _compared_with_baseline(ctx: StageContext, scorer, inputs: TaskInputs, tasks, metrics, rows):
+    """Paired measures against the evaluation ``baseline`` names, and KL to the model it evaluated."""
+    from llmexp.models import load_model
+    from llmexp.plugins.evaluate.paired import baseline_rows, paired_measures
+
+    name, field_name = ctx.stage_config.baseline, f"{ctx.stage_name}.baseline"
+    entry = ctx.earlier.get(name)
+    if entry is None or entry.get("technique") != Evaluate.name:
+        raise UserError(f"{field_name}={name} is not an evaluate stage that ran before {ctx.stage_name}; name one.")
+    paired = paired_measures(
+        metrics, rows, entry["metrics"], baseline_rows(entry, tasks, name, field_name), HEADLINE
+    )
+    source = entry.get("input_model")
+    reference = load_model(ctx.config.model.path)[0] if source == "model.path" else ctx.model_of(source).model
+    if reference.config.vocab_size != scorer.model.config.vocab_size:
+        raise UserError(
+            f"{field_name}={name}: its model has a vocabulary of {reference.config.vocab_size} tokens and this one "
+            f"{scorer.model.config.vocab_size}, so their next-token distributions cannot be compared; name a baseline "
+            "with the same tokenizer."
+        )
+    documents = inputs.first(inputs.world.heldout_documents(inputs.heldout_documents))
+    total, count = scorer.next_token_kl(reference, documents)
+    paired["kl_to_baseline"] = total / count
+    return paired
 
 
 _NO_MODEL = (
@@ -136,10 +173,18 @@ def llmexp_plan_problems(config, plan):
     from llmexp.pipeline import node_path, stage_nodes
 
     problems: List[str] = []
+    evaluations: List[str] = []
     for index, (key, node) in enumerate(stage_nodes(config, strict=False)):
         if node.get("name") != Evaluate.name:
             continue
         if index == 0 and not OmegaConf.select(config, "model.path", default=None):
             problems.append(_NO_MODEL.format(stage=key))
         problems += config_problems(node, node_path(key))
+        baseline = node.get("baseline")
+        if baseline and baseline not in evaluations:
+            problems.append(
+                f"{node_path(key)}.baseline={baseline} must name an evaluate stage that runs before {key!r} "
+                f"({', '.join(evaluations) or 'there is none'}): the evaluation of the baseline model, with the same tasks."
+            )
+        evaluations.append(key)
     return problems

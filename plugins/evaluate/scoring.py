@@ -16,11 +16,12 @@ bar; the tasks (``tasks.py``) only talk to it.
 
 from __future__ import annotations
 
-import contextlib
 from dataclasses import dataclass
-from typing import Callable, Iterator, List, Optional, Sequence, Tuple
+from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
+
+from llmexp.models import evaluating
 
 # Called after each batch with (rows done, rows in this call).
 Report = Callable[[int, int], None]
@@ -82,7 +83,16 @@ def document_nll(
     adds one) with EOS appended; every token after the first is predicted. Documents longer
     than the model's context are cut into disjoint windows.
     """
-    limit = max_length(model, tokenizer)
+    rows, owners = document_rows(tokenizer, documents, max_length(model, tokenizer))
+    totals = [[0.0, 0] for _ in documents]
+    for (logprob, _), (_, targets), owner in zip(_score_rows(model, tokenizer, rows, batch_size, report), rows, owners):
+        totals[owner][0] -= logprob
+        totals[owner][1] += len(targets)
+    return [(nll, count) for nll, count in totals]
+
+
+def document_rows(tokenizer, documents: Sequence[str], limit: int) -> Tuple[List[_Row], List[int]]:
+    """Rows scoring every document (EOS appended, windows of ``limit``) and the document each belongs to."""
     rows: List[_Row] = []
     owners: List[int] = []
     for index, document in enumerate(documents):
@@ -93,11 +103,64 @@ def document_nll(
             targets = ids[start + 1 : start + limit + 1]
             rows.append((ids[start : start + len(targets)], targets))
             owners.append(index)
-    totals = [[0.0, 0] for _ in documents]
-    for (logprob, _), (_, targets), owner in zip(_score_rows(model, tokenizer, rows, batch_size, report), rows, owners):
-        totals[owner][0] -= logprob
-        totals[owner][1] += len(targets)
-    return [(nll, count) for nll, count in totals]
+    return rows, owners
+
+
+def next_token_kl(
+    model, reference, tokenizer, documents: Sequence[str], batch_size: int = 32, report: Optional[Report] = None
+) -> Tuple[float, int]:
+    """Summed KL(reference || model) of the next-token distributions at every predicted token, and the count.
+
+    Both models read the same token rows as ``document_nll``'s. The mean (sum / count) is the
+    paired, continuous measure of how far a compressed model moved from its baseline: it sees
+    changes far below what an accuracy over a few hundred items can resolve.
+    """
+    rows, _ = document_rows(tokenizer, documents, min(max_length(model, tokenizer), max_length(reference, tokenizer)))
+    total, count = 0.0, 0
+    with evaluating(model), evaluating(reference):
+        for start, input_ids, attention_mask in _padded_batches(rows, batch_size, _pad_id(tokenizer), right=True):
+            mine = model(input_ids=input_ids.to(_device(model)), attention_mask=attention_mask.to(_device(model))).logits
+            theirs = reference(
+                input_ids=input_ids.to(_device(reference)), attention_mask=attention_mask.to(_device(reference))
+            ).logits
+            mask = attention_mask.bool().to(mine.device)
+            log_p = theirs.to(mine.device)[mask].float().log_softmax(-1)
+            log_q = mine[mask].float().log_softmax(-1)
+            total += (log_p.exp() * (log_p - log_q)).sum().item()
+            count += int(mask.sum())
+            if report is not None:
+                report(min(start + batch_size, len(rows)), len(rows))
+    return total, count
+
+
+def forward_throughput(
+    model, tokenizer, documents: Sequence[str], batch_size: int = 32, min_seconds: float = 0.5
+) -> float:
+    """Tokens per second of batched forward passes over ``documents``, repeated for at least ``min_seconds``.
+
+    One warm-up pass first; then whole passes until the time is reached, so a fast model is
+    timed over many passes rather than one noisy one. On a fake-quantized model this is the
+    speed of the simulation, not of a deployed engine.
+    """
+    import time
+
+    rows, _ = document_rows(tokenizer, documents, max_length(model, tokenizer))
+    batches = [(ids, mask) for _, ids, mask in _padded_batches(rows, batch_size, _pad_id(tokenizer), right=True)]
+    tokens = sum(int(mask.sum()) for _, mask in batches)
+    device = _device(model)
+    with evaluating(model):
+
+        def one_pass() -> None:
+            for input_ids, attention_mask in batches:
+                model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device))
+
+        one_pass()
+        passes, clock = 0, time.perf_counter()
+        while passes == 0 or time.perf_counter() - clock < min_seconds:
+            one_pass()
+            passes += 1
+        elapsed = time.perf_counter() - clock
+    return passes * tokens / elapsed
 
 
 def greedy_generate(
@@ -126,15 +189,11 @@ def greedy_generate(
     )
     device = _device(model)
     texts: List[str] = []
-    with _evaluating(model):
-        for start in range(0, len(encoded), batch_size):
-            batch = encoded[start : start + batch_size]
-            width = max(len(ids) for ids in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, ids in enumerate(batch):
-                input_ids[i, width - len(ids) :] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[i, width - len(ids) :] = 1
+    with evaluating(model):
+        for start, input_ids, attention_mask in _padded_batches(
+            [(ids, []) for ids in encoded], batch_size, pad, right=False
+        ):
+            width = input_ids.shape[1]
             output = model.generate(
                 input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=settings
             )
@@ -190,6 +249,12 @@ class Scorer:
     def document_nll(self, documents: Sequence[str]) -> List[Tuple[float, int]]:
         return document_nll(self.model, self.tokenizer, documents, self.batch_size, self._report())
 
+    def next_token_kl(self, reference, documents: Sequence[str]) -> Tuple[float, int]:
+        return next_token_kl(self.model, reference, self.tokenizer, documents, self.batch_size, self._report())
+
+    def forward_throughput(self, documents: Sequence[str]) -> float:
+        return forward_throughput(self.model, self.tokenizer, documents, self.batch_size)
+
     def _report(self) -> Optional[Report]:
         if self.progress is None or self._bar is None:
             return None
@@ -207,18 +272,11 @@ def _score_rows(
     model, tokenizer, rows: Sequence[_Row], batch_size: int, report: Optional[Report]
 ) -> List[Tuple[float, bool]]:
     """(summed log-prob of the targets, whether each target is the argmax) for every row."""
-    pad = _pad_id(tokenizer)
     device = _device(model)
     scores: List[Tuple[float, bool]] = []
-    with _evaluating(model):
-        for start in range(0, len(rows), batch_size):
+    with evaluating(model):
+        for start, input_ids, attention_mask in _padded_batches(rows, batch_size, _pad_id(tokenizer), right=True):
             batch = rows[start : start + batch_size]
-            width = max(len(ids) for ids, _ in batch)
-            input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-            attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-            for i, (ids, _) in enumerate(batch):
-                input_ids[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
-                attention_mask[i, : len(ids)] = 1
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
             for i, (ids, targets) in enumerate(batch):
                 if not targets:
@@ -233,16 +291,18 @@ def _score_rows(
     return scores
 
 
-@contextlib.contextmanager
-def _evaluating(model) -> Iterator[None]:
-    """Eval mode and no autograd for the block; the model's training flag is restored after."""
-    was_training = model.training
-    model.eval()
-    try:
-        with torch.no_grad():
-            yield
-    finally:
-        model.train(was_training)
+def _padded_batches(rows: Sequence[_Row], batch_size: int, pad: int, right: bool):
+    """``(start, input_ids, attention_mask)`` per batch of rows' inputs, padded on the right (scoring) or left (generation)."""
+    for start in range(0, len(rows), batch_size):
+        batch = [ids for ids, _ in rows[start : start + batch_size]]
+        width = max(len(ids) for ids in batch)
+        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
+        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
+        for i, ids in enumerate(batch):
+            span = slice(0, len(ids)) if right else slice(width - len(ids), width)
+            input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
+            attention_mask[i, span] = 1
+        yield start, input_ids, attention_mask
 
 
 def _pad_id(tokenizer) -> int:

@@ -16,6 +16,8 @@ Metrics, all in [0, 1] except perplexity:
   first ``####`` in the greedy solution (``llmexp.data.gsm8k.extract_answer``) equals the
   reference.
 * ``perplexity``: exp of the token-weighted mean NLL over held-out documents.
+* ``throughput``: ``tokens_per_s`` of batched forward passes over the held-out documents
+  (``scoring.forward_throughput``); for a fake-quantized model, the simulation's speed.
 * ``text2sql``: the embedded instruction task (``llmexp.data.text2sql``), prompted as the
   sft/lora techniques train it; ``text2sql_em`` (exact match of the greedy SQL, whitespace
   normalised) and ``text2sql_exec_acc`` (the SQL returns the gold query's rows on sqlite3).
@@ -144,6 +146,12 @@ def perplexity(inputs: TaskInputs, scorer) -> TaskResult:
     return TaskResult({"perplexity": value, "perplexity_tokens": float(tokens)}, rows)
 
 
+def throughput(inputs: TaskInputs, scorer) -> TaskResult:
+    documents = inputs.first(inputs.world.heldout_documents(inputs.heldout_documents))
+    value = scorer.forward_throughput(documents)
+    return TaskResult({"tokens_per_s": value}, [{"documents": len(documents), "tokens_per_s": value}])
+
+
 def text2sql(inputs: TaskInputs, scorer) -> TaskResult:
     items = inputs.first(text2sql_test(inputs.world))
     tokenizer = scorer.tokenizer
@@ -196,8 +204,17 @@ TASKS: Dict[str, Callable[[TaskInputs, Any], TaskResult]] = {
     "perplexity": perplexity,
     "gsm8k": gsm8k,
     "text2sql": text2sql,
+    "throughput": throughput,
 }
 EMBEDDED_TASKS = ["multiple_choice", "free_answer", "word_problems", "perplexity"]
+# The metric each graded task's rows' ``correct`` flags make: what a paired comparison tests.
+HEADLINE = {
+    "multiple_choice": "mc_cloze_acc",
+    "free_answer": "free_answer_em",
+    "word_problems": "word_problem_em",
+    "gsm8k": "gsm8k_em",
+    "text2sql": "text2sql_em",
+}
 
 
 def selected_tasks(tasks: Sequence[str], gsm8k_path: Optional[str]) -> List[str]:
