@@ -53,6 +53,15 @@ def node_path(key: str) -> str:
     return key if key in TOP_LEVEL_NODES else f"pipeline.nodes.{key}"
 
 
+def stage_node_path(ctx) -> str:
+    """Where the running stage's node sits: ``pipeline.nodes.<stage>``, else the top-level ``technique``.
+
+    For messages of a model-making stage (a top-level one is always the ``technique`` node).
+    """
+    nodes = OmegaConf.select(ctx.config, "pipeline.nodes", default=None) or {}
+    return node_path(ctx.stage_name if ctx.stage_name in nodes else "technique")
+
+
 def input_stage(config, key: str) -> str | None:
     """The stage whose model ``key`` starts from, when ``pipeline.inputs`` names one."""
     inputs = OmegaConf.select(config, "pipeline.inputs", default=None) or {}

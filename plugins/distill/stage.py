@@ -14,7 +14,7 @@ import torch
 from llmexp import console
 from llmexp.errors import UserError
 from llmexp.models import load_model, new_embedded_model, starting_model, trained_model_result
-from llmexp.pipeline import node_path
+from llmexp.pipeline import stage_node_path
 from llmexp.plugins.distill import hidden_size_mismatch, teacher_path_error, vocabulary_mismatch
 from llmexp.plugins.distill.loss import DistillationLoss
 from llmexp.plugins.pretrain.loop import training_blocks
@@ -23,7 +23,7 @@ from llmexp.training import train
 
 
 def run_distill(ctx: StageContext) -> StageResult:
-    node, key = ctx.stage_config, stage_key(ctx)
+    node, key = ctx.stage_config, stage_node_path(ctx)
     teacher = teacher_model(ctx, key)
     student = starting_model(ctx)
     if student is None:
@@ -37,11 +37,6 @@ def run_distill(ctx: StageContext) -> StageResult:
     loss = DistillationLoss(teacher.model, node.temperature, node.kl_weight, node.lm_weight, node.hidden_weight)
     metrics = train(ctx, student.model, loss, blocks, torch.stack, shuffle=shuffle, extra_modules=[teacher.model])
     return trained_model_result(ctx, student.model, student.tokenizer, metrics, save=node.save_model)
-
-
-def stage_key(ctx: StageContext) -> str:
-    """Where this stage's node sits in the config (``technique`` or ``pipeline.nodes.<stage>``)."""
-    return node_path(ctx.stage_name if ctx.stage_name in ctx.config.pipeline.nodes else "technique")
 
 
 def teacher_model(ctx: StageContext, key: str) -> ModelArtifact:

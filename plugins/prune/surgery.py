@@ -17,7 +17,7 @@ from torch import nn
 from llmexp.checkpoint import model_numbers_from_hf_config
 from llmexp.data.blocks import calibration_blocks
 from llmexp.models import base_model, model_stats, trained_model_result
-from llmexp.pipeline import node_path
+from llmexp.pipeline import stage_node_path
 from llmexp.results import write_json_atomic
 from llmexp.planner import architecture, pruned_numbers
 from llmexp.plugins.prune import calibrates
@@ -43,8 +43,7 @@ def prune(ctx: StageContext) -> StageResult:
     target = pruned_numbers(architecture(model_numbers_from_hf_config(model.config.to_dict())), node)
     scores, seconds = None, 0.0
     if calibrates(node):
-        key = ctx.stage_name if ctx.stage_name in ctx.config.pipeline.nodes else "technique"
-        field = f"{node_path(key)}.calibration_size"
+        field = f"{stage_node_path(ctx)}.calibration_size"
         blocks = calibration_blocks(ctx.config, start.tokenizer, node.calibration_size, field)
         measure = width_importance if node.method == "width" else LAYER_IMPORTANCE[node.importance]
         clock = time.perf_counter()

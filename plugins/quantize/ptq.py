@@ -29,7 +29,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from llmexp.checkpoint import model_numbers_from_hf_config
 from llmexp.errors import UserError
 from llmexp.models import enable_modelopt_checkpointing, model_stats, save_model, starting_model
-from llmexp.pipeline import node_path
+from llmexp.pipeline import stage_node_path
 from llmexp.planner import architecture
 from llmexp.data.blocks import calibration_blocks
 from llmexp.plugins.quantize import NO_MODEL, block_size, group_size_problems, runs_natively
@@ -40,7 +40,7 @@ from llmexp.technique import ModelArtifact, StageContext, StageResult
 def quantize(ctx: StageContext) -> StageResult:
     """Quantize a copy of the stage's input model to ``format``; save it to ``model/`` and export it to ``export/``."""
     node, cfg = ctx.stage_config, ctx.config
-    field = node_path(ctx.stage_name if ctx.stage_name in cfg.pipeline.nodes else "technique")
+    field = stage_node_path(ctx)
     preset = FORMATS[node.format]  # the plan hook refuses unknown formats
     device = _device(cfg.hardware, node.format, preset)
     start = starting_model(ctx)  # a copy when an earlier stage made it: later stages may start from it too
