@@ -68,3 +68,18 @@ def read_text_documents(paths: Sequence[str]) -> List[str]:
             f"in a {', '.join(READERS)} file). {_FIX}"
         )
     return documents
+
+
+RAW_TEXT_DATA = ("embedded", "text")  # what pretraining, calibration and distillation read
+
+
+def raw_text_problems(data, refusal: str) -> List[str]:
+    """Problems of a run reading raw text: ``[refusal]`` for other data, and unreadable ``data=text`` files."""
+    if data.name not in RAW_TEXT_DATA:
+        return [refusal]
+    if data.name == "text":
+        try:
+            read_text_documents(data.paths)
+        except UserError as error:
+            return [str(error)]
+    return []

@@ -132,20 +132,12 @@ def _numbers_problems(node, key: str) -> List[str]:
 
 
 def _data_problems(config, key: str) -> List[str]:
-    from llmexp.data.text import read_text_documents
-    from llmexp.errors import UserError
+    from llmexp.data.text import raw_text_problems
 
-    if config.data.name == "text":
-        try:
-            read_text_documents(config.data.paths)
-        except UserError as error:
-            return [str(error)]
-    elif config.data.name != "embedded":
-        return [
-            f"data={config.data.name} holds instructions or pairs, and {key} (technique=distill) trains on the "
-            "text pretraining reads: use data=embedded or data=text (data.paths=[...])."
-        ]
-    return []
+    return raw_text_problems(config.data, (
+        f"data={config.data.name} holds instructions or pairs, and {key} (technique=distill) trains on the "
+        "text pretraining reads: use data=embedded or data=text (data.paths=[...])."
+    ))
 
 
 def _model_makers(earlier) -> List[str]:

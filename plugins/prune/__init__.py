@@ -20,7 +20,6 @@ from llmexp.technique import Technique, TechniqueConfig
 
 METHODS = ("depth", "width")
 IMPORTANCES = ("block", "perplexity")  # llmexp.plugins.prune.importance.LAYER_IMPORTANCE
-CALIBRATION_DATA = ("embedded", "text")  # raw text to run the model on
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # model types whose modules surgery.py knows
 DEPTH_FIELDS = ("drop_layers", "num_layers_to_drop")
 # width field -> the architecture number (llmexp.planner.architecture) it sets
@@ -207,21 +206,13 @@ def width_problems(node, key: str, numbers: Dict[str, Any]) -> List[str]:
 
 def data_problems(config, key: str) -> List[str]:
     """Calibration runs the model on raw text; ``data=text`` files are read now, so a bad one stops the plan."""
-    from llmexp.data.text import read_text_documents
-    from llmexp.errors import UserError
+    from llmexp.data.text import raw_text_problems
 
-    if config.data.name not in CALIBRATION_DATA:
-        return [
-            f"{key}: pruning calibrates on raw text, data=embedded or data=text (data.paths=[...]), and data="
-            f"{config.data.name} holds records of another kind; choose one of those, or name the layers to drop "
-            f"with {key}.method=depth {key}.drop_layers=[...] (no calibration)."
-        ]
-    if config.data.name == "text":
-        try:
-            read_text_documents(config.data.paths)
-        except UserError as error:
-            return [str(error)]
-    return []
+    return raw_text_problems(config.data, (
+        f"{key}: pruning calibrates on raw text, data=embedded or data=text (data.paths=[...]), and data="
+        f"{config.data.name} holds records of another kind; choose one of those, or name the layers to drop "
+        f"with {key}.method=depth {key}.drop_layers=[...] (no calibration)."
+    ))
 
 
 def architecture_problems(config) -> List[str]:

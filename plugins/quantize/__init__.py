@@ -20,7 +20,6 @@ from llmexp.hookspecs import hookimpl
 from llmexp.plugins.quantize.formats import FORMATS, Format
 from llmexp.technique import Technique, TechniqueConfig
 
-CALIBRATION_DATA = ("embedded", "text")  # raw text the model is run on
 
 NO_MODEL = (
     "{field}: nothing to quantize: no stage before it produced a model and model.path is unset. Set "
@@ -178,21 +177,16 @@ def group_size_problems(node, preset: Format, numbers: Dict[str, Any], field: st
 
 def data_problems(config, node, field: str) -> List[str]:
     """Calibration runs the model on raw text: embedded, or data=text's files, enough for ``calibration_size``."""
-    from llmexp.data.text import read_text_documents
-    from llmexp.errors import UserError
+    from llmexp.data.text import raw_text_problems, read_text_documents
 
     data = config.data
-    if data.name not in CALIBRATION_DATA:
-        return [
-            f"{field}: quantization calibrates on raw text, data=embedded or data=text (data.paths=[...]), and "
-            f"data={data.name} holds records of another kind; choose one of those."
-        ]
-    if data.name == "embedded":
-        return []
-    try:
-        documents = read_text_documents(data.paths)
-    except UserError as error:
-        return [str(error)]
+    problems = raw_text_problems(data, (
+        f"{field}: quantization calibrates on raw text, data=embedded or data=text (data.paths=[...]), and "
+        f"data={data.name} holds records of another kind; choose one of those."
+    ))
+    if problems or data.name == "embedded":
+        return problems
+    documents = read_text_documents(data.paths)
     available = text_blocks_available(config, documents)
     if available is None or available >= node.calibration_size:
         return []
