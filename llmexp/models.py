@@ -10,6 +10,7 @@ import contextlib
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
+from llmexp import distributed
 from llmexp.checkpoint import HF_KEYS
 from llmexp.errors import UserError
 
@@ -184,12 +185,13 @@ def base_model(ctx) -> "ModelArtifact":
 
 
 def trained_model_result(ctx, model, tokenizer, metrics, artifacts=None, save: bool = True):
-    """The ``StageResult`` of a stage that trained ``model``: saved to ``<stage dir>/model`` when ``save``."""
+    """The ``StageResult`` of a stage that trained ``model``: saved to ``<stage dir>/model`` when ``save`` (by rank 0)."""
     from llmexp.technique import ModelArtifact, StageResult
 
     artifacts = dict(artifacts or {})
     path = Path(ctx.stage_dir) / "model"
-    stats = save_model(model, tokenizer, path) if save else model_stats(model)
+    # on several ranks each holds the trained model; rank 0 saves it, and its stats are the ones recorded
+    stats = save_model(model, tokenizer, path) if save and distributed.is_rank_zero() else model_stats(model)
     if save:
         artifacts["model"] = str(path)
     return StageResult(

@@ -190,6 +190,7 @@ def make_plan(cfg) -> Plan:
     layout = {name: max(1, value) for name, value in layout.items()}  # keep the arithmetic defined
     problems += precision_problems(cfg, precision)
     problems += divisibility_problems(cfg, model, layout)
+    problems += training_layout_problems(cfg, layout)
 
     memory_mode, breakdown, trainable = heaviest_stage(cfg, model, precision, layout, problems)
     plan = Plan(
@@ -460,16 +461,19 @@ def precision_problems(cfg, precision: str) -> List[str]:
 
 
 def divisibility_problems(cfg, model, layout) -> List[str]:
-    """Heads split over tp, layers over pp, and a step's batch into whole micro-batches."""
+    """Heads and the MLP split over tp, layers over pp, and a step's batch into whole micro-batches."""
     problems = []
     tp, pp = layout["tp"], layout["pp"]
     heads, kv_heads = model["num_attention_heads"], model["num_key_value_heads"]
-    tp_choices = ", ".join(map(str, _divisors(math.gcd(heads, kv_heads))))
-    for field_name, value in (("num_attention_heads", heads), ("num_key_value_heads", kv_heads)):
+    intermediate = model["intermediate_size"]
+    tp_choices = ", ".join(map(str, _divisors(math.gcd(heads, kv_heads, intermediate))))
+    for field_name, value, what in (("num_attention_heads", heads, "whole heads"),
+                                    ("num_key_value_heads", kv_heads, "whole heads"),
+                                    ("intermediate_size", intermediate, "an equal share of the MLP")):
         if value % tp:
             problems.append(
                 f"model.{field_name}={value} is not divisible by parallelism.tp={tp} "
-                f"(model={model_kind(cfg)}); every tensor-parallel rank needs whole heads — choose "
+                f"(model={model_kind(cfg)}); every tensor-parallel rank needs {what} — choose "
                 f"parallelism.tp from {tp_choices}."
             )
     if model["num_layers"] % pp:
@@ -487,6 +491,26 @@ def divisibility_problems(cfg, model, layout) -> List[str]:
             f"data-parallel rank needs whole micro-batches — set parallelism.global_batch to a "
             f"multiple of {step} (e.g. {-(-layout['global_batch'] // step) * step}) or change "
             f"parallelism.micro_batch."
+        )
+    return problems
+
+
+def training_layout_problems(cfg, layout) -> List[str]:
+    """Layouts the torch backend's training loop (``llmexp.training``) cannot run: pipeline stages,
+    and tensor-parallel LoRA adapters (PEFT's adapter layers are not the linear layers tp splits)."""
+    from llmexp.training import TrainingTechnique, pipeline_training_problem
+
+    stages = [plugin_manager.technique(node.name) for _, node in stage_nodes(cfg, strict=False)]
+    training = [cls for cls in stages if issubclass(cls, TrainingTechnique)]
+    problems = []
+    if training and layout["pp"] > 1:
+        problems.append(pipeline_training_problem(cfg.parallelism))
+    adapters = [cls.name for cls in training if cls.memory == "adapter"]
+    if adapters and layout["tp"] > 1:
+        problems.append(
+            f"parallelism.tp={layout['tp']} with technique={adapters[0]}: tensor parallelism splits a model's linear "
+            f"layers, and {adapters[0]}'s adapters wrap them; train it with parallelism.tp=1 (parallelism.dp for "
+            "data parallel, with parallelism.sharding=fsdp to split the frozen weights too)."
         )
     return problems
 

@@ -7,6 +7,9 @@ and the loop's running figures. Files are written atomically (temporary file in 
 directory, fsync, ``os.replace``), so a kill leaves the previous checkpoint or the new one,
 never a part; the newest ``keep`` are kept. A file that still cannot be read (a truncated copy,
 a full disk) is skipped with a warning and the one before it is used.
+
+On several ranks rank 0 writes, prunes and picks the checkpoint to resume from; the other
+ranks read the one it picked (a filesystem every rank sees, as a cluster's shared one).
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 from lightning.pytorch.plugins import TorchCheckpointIO
 
-from llmexp import console
+from llmexp import console, distributed
 from llmexp.atomic import replace_atomically
 
 STATE_KEY = "llmexp"
@@ -62,18 +65,36 @@ class Checkpoints:
         return sorted((int(m.group(1)), p) for m, p in found if m)
 
     def save(self, trainer, step: int) -> None:
-        """Write the checkpoint of ``step`` through ``trainer`` (its ``AtomicCheckpointIO``), then prune."""
-        self.directory.mkdir(parents=True, exist_ok=True)
+        """Write the checkpoint of ``step`` through ``trainer`` (its ``AtomicCheckpointIO``), then prune.
+
+        Every rank calls it (gathering the training state may be collective); rank 0 writes.
+        """
+        lead = distributed.is_rank_zero()
+        if lead:
+            self.directory.mkdir(parents=True, exist_ok=True)
         path = self.directory / FILE_NAME.format(step)
         trainer.save_checkpoint(path, weights_only=False)  # the whole training state
-        for _, old in self.files()[: -self.keep]:
-            old.unlink(missing_ok=True)
+        if lead:
+            for _, old in self.files()[: -self.keep]:
+                old.unlink(missing_ok=True)
 
     def resume_point(self) -> Optional[ResumePoint]:
         """The newest checkpoint that loads, has every part and belongs to this config; None to start afresh.
 
-        Files that do not qualify are named in a warning and removed, as are temporary files a
-        killed write left: the run now continues from the point returned and rewrites what follows.
+        Rank 0 chooses; the other ranks read the file it chose.
+        """
+        chosen = self._choose() if distributed.is_rank_zero() else None
+        path = distributed.decided_by_rank_zero(lambda: chosen.path if chosen else None)
+        if chosen is not None or path is None:
+            return chosen
+        problem, checkpoint = self._read(path)
+        if problem is not None:
+            raise RuntimeError(f"rank {distributed.rank()} cannot read checkpoint {path}, which rank 0 read: {problem}")
+        return ResumePoint(path, int(checkpoint["global_step"]), checkpoint)
+
+    def _choose(self) -> Optional[ResumePoint]:
+        """Rank 0's choice. Files that do not qualify are named in a warning and removed, as are temporary files a
+        killed write left: the run now continues from the point chosen and rewrites what follows.
         """
         for temp in self.directory.glob(".*.tmp") if self.directory.is_dir() else ():
             temp.unlink(missing_ok=True)

@@ -10,19 +10,26 @@ rather than run again (a model-producing stage's model is loaded from its saved 
 directory; one that saved none runs again, and so does every stage after it), and a training
 stage that was cut short resumes from its checkpoints (``llmexp.resume``). A different config
 starts afresh.
+
+A job of several ranks (``llmexp.distributed``) runs this on every rank. Rank 0 does every
+write: results.json, the console, the tracker, each stage's files. The other ranks take part
+only in the stages that train (``llmexp.training``: the training loop is theirs too) and skip
+the others; after each stage rank 0 tells them what it recorded and where its model is, so
+that the next training stage starts from the same model on every rank.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Tuple
 
 from omegaconf import DictConfig
 
-from llmexp import console
+from llmexp import console, distributed
 from llmexp.checkpoint import validate_checkpoint_dir
 from llmexp.errors import UserError
 from llmexp.models import load_model
@@ -32,29 +39,41 @@ from llmexp.report import write_report
 from llmexp.plugin_manager import technique
 from llmexp.results import RunRecord, flatten_numbers, read_results, redact_hydra_record
 from llmexp.technique import ModelArtifact, StageContext, StageResult
-from llmexp.tracking import make_tracker
+from llmexp.tracking import Tracker, make_tracker
+from llmexp.training import TrainingTechnique
 
 
 def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
-    redact_hydra_record(run_dir / ".hydra", cfg)
+    lead = distributed.is_rank_zero()
+    if lead:
+        redact_hydra_record(run_dir / ".hydra", cfg)
     plan = make_plan(cfg)
     record = RunRecord.start(run_dir, cfg, plan.to_dict())
     if plan.problems:
         if not multirun:
             raise UserError(" ".join(plan.problems))
-        return _close(record, "skipped", " ".join(plan.problems))
+        return _close(record, "skipped", " ".join(plan.problems)) if lead else record
 
-    earlier = _completed_earlier(record)
-    tracker = make_tracker(cfg.tracker, run_dir, record.config)
+    earlier = distributed.decided_by_rank_zero(lambda: _completed_earlier(record))
+    if lead:
+        tracker = make_tracker(cfg.tracker, run_dir, record.config)
+    else:  # tracker=none's, which the other ranks never ask for a logger: nothing leaves them
+        tracker = Tracker(cfg.tracker, run_dir, record.config)
     try:
         _run_stages(cfg, run_dir, tracker, record, earlier)
     except Exception as error:
         tracker.finish("failed")
         if not multirun:
             raise
-        (run_dir / "error.log").write_text(traceback.format_exc())
-        reason = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-        return _close(record, "failed", f"{reason} (traceback: {run_dir / 'error.log'})")
+        if lead:
+            (run_dir / "error.log").write_text(traceback.format_exc())
+            reason = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
+            _close(record, "failed", f"{reason} (traceback: {run_dir / 'error.log'})")
+        if distributed.world_size() > 1:
+            raise  # the other ranks may be waiting for this one: the job ends on every rank
+        return record
+    if not lead:
+        return record
     _close(record, "completed")
     results = record.to_dict()
     if len(results["comparison"]) > 1:
@@ -73,6 +92,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
     models: Dict[str, ModelArtifact] = {}  # by stage; model None, path set: kept, loaded when needed
     latest: Optional[str] = None  # the stage that made the newest model
     looked_at, taken = set(), set()
+    lead = distributed.is_rank_zero()
     for key, node in stage_nodes(cfg):
         cls = technique(node.name)
         source = input_stage(cfg, key) or latest
@@ -83,9 +103,10 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
         stage_name = key if key not in TOP_LEVEL_NODES else _unique(cls.name, taken)
         taken.add(stage_name)
         input_model = source or ("model.path" if cfg.model.path else None)
-        console.stage_banner(stage_name)
+        if lead:
+            console.stage_banner(stage_name)
         entry = earlier.get(stage_name)
-        if _can_keep(entry, cls, stage_name):
+        if distributed.decided_by_rank_zero(lambda: _can_keep(entry, cls, stage_name)):
             kept = StageResult(entry["metrics"], artifacts=entry["artifacts"], model_stats=entry["model_stats"])
             record.add_stage(stage_name, cls.name, kept, wall_time_s=entry["wall_time_s"], input_model=input_model)
             if cls.produces_model:
@@ -93,20 +114,42 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
                 latest = stage_name
             continue
         earlier = {}  # the stages after one that runs again run again too: their input may differ
-        model = _model_of(models, source) if source else None
-        stage_dir = run_dir / stage_name
-        stage_dir.mkdir(parents=True, exist_ok=True)
         clock = time.perf_counter()
-        context = StageContext(
-            cfg, node, stage_dir, model, tracker, stage_name,
-            model_of=lambda stage: _model_of(models, stage, asked_by=stage_name), earlier=dict(record.stages),
-        )
-        result = cls().run(context)
-        record.add_stage(stage_name, cls.name, result, wall_time_s=time.perf_counter() - clock, input_model=input_model)
-        record.write()  # a run that dies later still shows what finished (status "running")
-        tracker.log_metrics(flatten_numbers(result.metrics, prefix=f"{stage_name}/"))
-        if result.model is not None:
-            models[stage_name], latest = result.model, stage_name
+        stage_dir = run_dir / stage_name
+        if lead:
+            stage_dir.mkdir(parents=True, exist_ok=True)
+
+        def run_stage() -> StageResult:
+            model = _model_of(models, source) if source else None
+            context = StageContext(
+                cfg, node, stage_dir, model, tracker, stage_name,
+                model_of=lambda stage: _model_of(models, stage, asked_by=stage_name), earlier=dict(record.stages),
+            )
+            return cls().run(context)
+
+        result = None
+        if issubclass(cls, TrainingTechnique):
+            result = run_stage()
+        else:
+            with distributed.rank_zero_alone():
+                if lead:
+                    result = run_stage()
+        wall_time = time.perf_counter() - clock
+        shared = distributed.decided_by_rank_zero(lambda: _shareable(result, wall_time))
+        recorded, wall_time, made_model, saved_at = shared
+        record.add_stage(stage_name, cls.name, recorded, wall_time_s=wall_time, input_model=input_model)
+        if lead:
+            record.write()  # a run that dies later still shows what finished (status "running")
+            tracker.log_metrics(flatten_numbers(recorded.metrics, prefix=f"{stage_name}/"))
+        if made_model:  # a trained model is in every rank's memory; another is loaded from where rank 0 saved it
+            made = result.model if result is not None else ModelArtifact(None, None, saved_at, produced_by=stage_name)
+            models[stage_name], latest = made, stage_name
+
+
+def _shareable(result: StageResult, wall_time: float) -> Tuple[StageResult, float, bool, Optional[Path]]:
+    """What rank 0 tells the other ranks of a stage: its record, wall time, whether it made a model, where that is."""
+    path = result.model.path if result.model is not None else None
+    return dataclasses.replace(result, model=None), wall_time, result.model is not None, path
 
 
 def _model_of(models: Dict[str, ModelArtifact], stage: str, asked_by: Optional[str] = None) -> ModelArtifact:
@@ -116,6 +159,11 @@ def _model_of(models: Dict[str, ModelArtifact], stage: str, asked_by: Optional[s
         raise UserError(
             f"{asked_by}: it needs the model of stage {stage!r}, but no stage of that name made a model before it; "
             f"name one of the stages before it that made a model ({', '.join(models) or 'none so far'})."
+        )
+    if artifact.model is None and artifact.path is None:
+        raise UserError(
+            f"{asked_by}: it needs the model of stage {stage!r} on every rank, and only rank 0 ran that stage, "
+            f"which did not save its model; let {stage!r} save it (its save_model=true) or run with parallelism=single."
         )
     if artifact.model is None:
         artifact = models[stage] = ModelArtifact(*load_model(artifact.path), path=artifact.path, produced_by=stage)

@@ -5,7 +5,16 @@ does the rest: seeding, the order the examples are seen in, micro-batches, the L
 Trainer (precision, gradient accumulation to ``global_batch``, clipping), activation
 checkpointing, AdamW with a warm-up + cosine schedule, validation, the step log
 (``<stage_dir>/train_log.jsonl`` and the tracker's Lightning logger), resumable checkpoints
-(``llmexp.resume``) and the figures every technique reports.
+(``llmexp.resume``), a stop at a step boundary when the cluster asks (``llmexp.preemption``)
+and the figures every technique reports.
+
+On several ranks (``parallelism``, ``llmexp.distributed``) every rank runs ``train`` together:
+data parallel through Lightning's DDP, and FSDP2 (``parallelism.sharding=fsdp``) and tensor
+parallel through its ModelParallelStrategy (``llmexp.model_parallel``). Each data-parallel rank
+sees its share of every optimiser step's global batch, so a step averages the gradient of the
+same examples as on one rank; tensor-parallel ranks of a data-parallel group see the same
+examples. Rank 0 does every write (step log, logger, checkpoints through Lightning's rank-zero
+saving); the logged losses are means over the ranks.
 
 Nothing heavy is imported at module level: technique schemas subclass ``TrainingConfig``
 and the planner loads every schema without torch.
@@ -13,6 +22,7 @@ and the planner loads every schema without torch.
 
 from __future__ import annotations
 
+import copy
 import functools
 import json
 import logging
@@ -22,7 +32,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
-from llmexp import console
+from llmexp import console, distributed
 from llmexp.errors import UserError
 from llmexp.results import redact_secrets
 from llmexp.technique import StageContext, Technique, TechniqueConfig
@@ -38,6 +48,7 @@ warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint th
 LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
 TRAIN_LOG = "train_log.jsonl"
 CHECKPOINT_DIR = "checkpoints"
+STOP_SIGNAL_SKEW_S = 30  # how much later than another rank a rank may get the cluster's stop signal
 
 
 @dataclass
@@ -112,55 +123,67 @@ def train(
     import torch
     from torch.utils.data import DataLoader
 
-    from llmexp import resume
+    from llmexp import model_parallel, preemption, resume
     from llmexp.peak_memory import PeakMemory
 
     cfg, tcfg = ctx.config, ctx.stage_config
+    lead = distributed.is_rank_zero()
     _check(tcfg, ctx.stage_name, train_data, val_data)
-    ctx.stage_dir.mkdir(parents=True, exist_ok=True)
+    if lead:
+        ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     torch.set_flush_denormal(True)  # denormals in tiny models' grads cost up to 10x on CPU
     L.seed_everything(cfg.seed, workers=True, verbose=False)
-    accumulation = accumulation_steps(cfg.parallelism)
-    micro_batch = cfg.parallelism.micro_batch
-    order = data_order(len(train_data), tcfg.max_steps * cfg.parallelism.global_batch, cfg.seed, shuffle)
+    parallelism = cfg.parallelism
+    accumulation = accumulation_steps(parallelism)
+    micro_batch = parallelism.micro_batch
+    order = data_order(len(train_data), tcfg.max_steps * parallelism.global_batch, cfg.seed, shuffle)
 
     checkpoints = resume.Checkpoints(
         ctx.stage_dir / CHECKPOINT_DIR, tcfg.checkpoint_every, tcfg.keep_checkpoints, config_fingerprint(cfg)
     )
     point = checkpoints.resume_point()
-    if point is not None:
-        console.warn(f"{ctx.stage_name}: resuming from {point.path} (step {point.step} of {tcfg.max_steps})")
     log_path = ctx.stage_dir / TRAIN_LOG
-    resume.truncate_log(log_path, point.step if point else 0)
+    if lead:
+        if point is not None:
+            console.warn(f"{ctx.stage_name}: resuming from {point.path} (step {point.step} of {tcfg.max_steps})")
+        resume.truncate_log(log_path, point.step if point else 0)
 
-    if cfg.parallelism.activation_checkpointing:
+    if parallelism.activation_checkpointing:
         enable_activation_checkpointing(model)
     checkpoint_io = resume.AtomicCheckpointIO()
     if point is not None:
         checkpoint_io.preload(point)
-    trainer = make_trainer(
-        cfg, tcfg, ctx.tracker.lightning_logger(ctx.stage_name), plugins=[checkpoint_io], callbacks=callbacks
-    )
+    logger = ctx.tracker.lightning_logger(ctx.stage_name) if lead else False
+    trainer = make_trainer(cfg, tcfg, logger, plugins=[checkpoint_io], callbacks=callbacks)
     position = point.state["micro_batches"] if point else 0
     loader = DataLoader(
         _Samples(train_data, order),
-        batch_sampler=_MicroBatches(len(order) // micro_batch, micro_batch, position),
+        batch_sampler=_MicroBatches(
+            len(order) // micro_batch, micro_batch, position, distributed.rank() // parallelism.tp, parallelism.dp
+        ),
         collate_fn=collate,
     )
     val_batches = functools.partial(_batches, val_data, collate, micro_batch) if tcfg.val_every else None
-    module = _module_class()(model, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints)
     model.train()  # Lightning keeps the modes it finds; a loaded model arrives in eval mode
-    with PeakMemory(trainer.strategy.root_device) as peak:
+    split = _splits_model(parallelism)
+    trained = copy.deepcopy(model) if split else model  # split in place: ``model`` stays a plain HF model
+    module = _module_class()(
+        trained, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints, parallelism, split
+    )
+    with PeakMemory(trainer.strategy.root_device) as peak, preemption.training_steps():
         start = time.perf_counter()
         trainer.fit(module, train_dataloaders=loader, ckpt_path=point.path if point else None, weights_only=True)
         seconds = time.perf_counter() - start
+    if split:
+        model_parallel.load_full_weights(trained, model)
     model.eval()
 
     trainable, total = parameter_counts(model)
+    session_tokens = module.session_tokens_of_all_ranks()
     metrics = {
         "train_time_s": round(seconds, 3),
-        "train_tokens": module.tokens,
-        "tokens_per_s": round(module.session_tokens / seconds, 1),
+        "train_tokens": module.tokens_before + session_tokens,
+        "tokens_per_s": round(session_tokens / seconds, 1),
         "final_loss": round(module.final_loss(), 5),
         "steps": trainer.global_step,
     }
@@ -205,9 +228,15 @@ def accumulation_steps(parallelism) -> int:
 
 
 def make_trainer(config, training, logger=False, plugins: Sequence = (), callbacks: Sequence = ()):
-    """The Lightning Trainer for ``config`` and the technique's ``training`` settings; refuses what cannot run here."""
+    """The Lightning Trainer for ``config`` and the technique's ``training`` settings; refuses what cannot run here.
+
+    On several ranks it joins the process group ``llmexp.distributed`` set up (Lightning's
+    torchrun cluster environment: it starts no processes of its own), with the strategy of
+    ``training_strategy``.
+    """
     import lightning as L
     import torch
+    from lightning.pytorch.plugins.environments import TorchElasticEnvironment
 
     precision = config.precision.value
     if precision not in LIGHTNING_PRECISION:
@@ -215,24 +244,36 @@ def make_trainer(config, training, logger=False, plugins: Sequence = (), callbac
             f"precision={precision} is not available for training on the torch backend "
             f"(it supports {', '.join(LIGHTNING_PRECISION)}); train with precision=bf16 and quantize afterwards."
         )
-    world_size = config.parallelism.tp * config.parallelism.pp * config.parallelism.dp
-    if world_size > 1:
+    parallelism = config.parallelism
+    world_size = distributed.world_size_of(parallelism)
+    if world_size != distributed.world_size():
         raise UserError(
-            f"parallelism={config.parallelism.name} (world size {world_size}) passes the planner, but the torch "
-            "backend does not execute tp/pp/dp yet; train with parallelism=single."
+            f"parallelism={parallelism.name} trains on {world_size} ranks (tp*pp*dp), and this process is not one "
+            f"of them; run it through `llmexp`, which starts the ranks (or under torchrun or a cluster launcher), "
+            "or train in this process with parallelism=single."
         )
     if config.hardware.accelerator != "cpu" and not torch.cuda.is_available():
         raise UserError(
             f"hardware={config.hardware.name} needs a CUDA GPU and this machine has none; run with hardware=cpu, "
             "or use `llmexp plan` to check the configuration without running it."
         )
+    layout: Dict[str, Any] = {"devices": 1}
+    if world_size > 1:
+        local = distributed.local_world_size()
+        layout = dict(
+            devices=local,
+            num_nodes=world_size // local,
+            strategy=training_strategy(parallelism, config.hardware.accelerator),
+            use_distributed_sampler=False,  # train() gives each data-parallel rank its share itself
+        )
+        plugins = [*plugins, TorchElasticEnvironment()]
     return L.Trainer(
         accelerator="cpu" if config.hardware.accelerator == "cpu" else "gpu",
-        devices=1,
+        **layout,
         precision=LIGHTNING_PRECISION[precision],
         max_steps=training.max_steps,
         max_epochs=1,  # the data order holds exactly max_steps optimiser steps of samples
-        accumulate_grad_batches=accumulation_steps(config.parallelism),
+        accumulate_grad_batches=accumulation_steps(parallelism),
         gradient_clip_val=training.grad_clip or None,
         logger=logger,
         log_every_n_steps=training.log_every,
@@ -243,6 +284,43 @@ def make_trainer(config, training, logger=False, plugins: Sequence = (), callbac
         plugins=list(plugins),
         callbacks=list(callbacks),
     )
+
+
+def training_strategy(parallelism, accelerator: str):
+    """Lightning's strategy for a layout of several ranks.
+
+    Data parallel alone: DDP (every rank holds the whole model). FSDP2 or tensor parallel:
+    ModelParallelStrategy, on a data x tensor device mesh; the module splits the model there
+    (``llmexp.model_parallel``). Tensor parallel with dp > 1 shards over dp with FSDP2 whatever
+    ``parallelism.sharding`` says: that strategy composes tensor parallelism with FSDP2 only.
+    Its checkpoints are whole (gathered on rank 0) so ``llmexp.resume`` keeps one atomic file.
+    """
+    from lightning.pytorch.strategies import DDPStrategy, ModelParallelStrategy
+
+    backend = "gloo" if accelerator == "cpu" else "nccl"
+    if parallelism.pp > 1:
+        raise UserError(pipeline_training_problem(parallelism))
+    if not _splits_model(parallelism):
+        return DDPStrategy(process_group_backend=backend)
+    return ModelParallelStrategy(
+        data_parallel_size=parallelism.dp,
+        tensor_parallel_size=parallelism.tp,
+        save_distributed_checkpoint=False,
+        process_group_backend=backend,
+    )
+
+
+def pipeline_training_problem(parallelism) -> str:
+    return (
+        f"parallelism.pp={parallelism.pp} (parallelism={parallelism.name}): the torch backend does not train "
+        "through pipeline stages; split the model with parallelism.tp (tensor parallel) or "
+        "parallelism.sharding=fsdp over parallelism.dp instead, and set parallelism.pp=1."
+    )
+
+
+def _splits_model(parallelism) -> bool:
+    """Whether the layout splits the model's weights (tensor parallel or FSDP2) rather than replicating them."""
+    return parallelism.tp > 1 or (parallelism.sharding == "fsdp" and parallelism.dp > 1)
 
 
 def enable_activation_checkpointing(model) -> None:
@@ -329,20 +407,24 @@ class _Samples:
 
 
 class _MicroBatches:
-    """Sample indices of micro-batches ``start .. total - 1``, each ``size`` consecutive samples.
+    """This data-parallel rank's share of micro-batches ``start .. total - 1``, each ``size`` consecutive samples.
 
-    Its length is the run's ``total`` even when it starts later: on a resume Lightning counts
-    the epoch's batches from the restored position, so the run's last batch is still the last.
+    Rank ``shard`` of ``shards`` takes every ``shards``-th micro-batch, so the micro-batches of
+    one optimiser step (``accumulation * shards`` consecutive ones) are split between the ranks.
+    ``start`` counts micro-batches of all ranks. The length is this rank's share of the run's
+    ``total`` even when it starts later: on a resume Lightning counts the epoch's batches from
+    the restored position, so the run's last batch is still the last.
     """
 
-    def __init__(self, total: int, size: int, start: int):
+    def __init__(self, total: int, size: int, start: int, shard: int = 0, shards: int = 1):
         self.total, self.size, self.start = total, size, start
+        self.shard, self.shards = shard, shards
 
     def __len__(self) -> int:
-        return self.total
+        return self.total // self.shards
 
     def __iter__(self):
-        for batch in range(self.start, self.total):
+        for batch in range(self.start + self.shard, self.total, self.shards):
             yield list(range(batch * self.size, (batch + 1) * self.size))
 
 
@@ -351,37 +433,67 @@ def _batches(data: Sequence, collate: Callable, size: int):
         yield collate([data[i] for i in range(begin, min(begin + size, len(data)))])
 
 
+def _await_own_stop_signal() -> None:
+    """Wait until this rank has the stop signal another rank got first (its launcher's handler needs it).
+
+    A cluster signals every task of a job, within moments of each other; the ranks stop after
+    the step where the first of them had it, and each hands over to its launcher's handler.
+    """
+    from llmexp import preemption
+
+    deadline = time.monotonic() + STOP_SIGNAL_SKEW_S
+    while not preemption.requested():
+        if time.monotonic() > deadline:
+            raise RuntimeError(
+                f"rank {distributed.rank()} stopped with the ranks that got the stop signal, but got none itself "
+                f"within {STOP_SIGNAL_SKEW_S} s; its launcher must signal every task of the job."
+            )
+        time.sleep(0.05)
+
+
 @functools.lru_cache(maxsize=None)
 def _module_class() -> type:
     """The LightningModule class, made on first use so that importing this module stays free of lightning."""
     import lightning as L
     import torch
 
-    from llmexp import resume
+    from llmexp import model_parallel, preemption, resume
 
     class TrainingModule(L.LightningModule):
         """Runs ``loss_fn`` per micro-batch; at each optimiser step logs, validates and checkpoints as due.
 
         Losses stay tensors between logged steps: reading one (``float``) waits for the device,
-        so that happens only on logged, validated and checkpointed steps.
+        and on several ranks averaging one is a collective, so both happen only on logged,
+        validated and checkpointed steps. Every rank takes every such step alike; only rank 0 writes.
         """
 
-        def __init__(self, model, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints):
+        def __init__(
+            self, model, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints,
+            parallelism, split,
+        ):
             super().__init__()
             self.model = model
             self.loss_fn, self.tcfg, self.accumulation = loss_fn, tcfg, accumulation
             self.extra_modules = list(extra_modules)  # a list, not submodules: neither saved nor optimised
             self.val_batches, self.log_path, self.checkpoints = val_batches, log_path, checkpoints
-            self.tokens = self.session_tokens = 0
+            self.parallelism, self.split = parallelism, split
+            self.replicas = parallelism.tp * parallelism.pp  # ranks that see the same examples
+            self.tokens_before = 0  # of the attempts before this one, all ranks (restored from the checkpoint)
+            self.session_tokens = 0  # this rank's, this attempt
             self.val_metrics: Dict[str, float] = {}  # the last validation's means: loss and the loss's logs
-            self._loss_sum = self._step_loss = None
+            self._loss_sum = self._step_loss = self._step_mean = None
             self._logs: Dict[str, Any] = {}
             self._done_step = 0
             self._restored: Optional[Dict[str, Any]] = None
 
+        def configure_model(self):
+            """Under ModelParallelStrategy: split the model over its device mesh (``llmexp.model_parallel``)."""
+            if self.split:
+                p = self.parallelism
+                model_parallel.parallelize(self.model, self.device_mesh, tensor_parallel=p.tp > 1, shard=p.dp > 1)
+
         def training_step(self, batch, batch_idx):
             out = self.loss_fn(self.model, batch)
-            self.tokens += out.tokens
             self.session_tokens += out.tokens
             loss = out.loss.detach()
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
@@ -402,24 +514,49 @@ def _module_class() -> type:
             if step == self._done_step:  # still accumulating micro-batches
                 return
             self._done_step = step
-            self._step_loss, self._loss_sum = self._loss_sum / self.accumulation, None
+            self._step_loss, self._loss_sum, self._step_mean = self._loss_sum / self.accumulation, None, None
             last = step == self.tcfg.max_steps
             if step % self.tcfg.log_every == 0 or last:
                 self._log_step(step)
             if self.val_batches is not None and (step % self.tcfg.val_every == 0 or last):
                 self._validate(step)
-            if self.checkpoints.due(step):
+            stop = self._stop_requested()
+            if self.checkpoints.due(step) or stop:
                 self.checkpoints.save(self.trainer, step)
+            if stop:
+                _await_own_stop_signal()
+                preemption.requeue_now()
+
+        def _stop_requested(self) -> bool:
+            """Whether a stop signal came to any rank: all of them stop after the same step."""
+            flag = torch.tensor(int(preemption.requested()), device=self.device)
+            return bool(self.trainer.strategy.reduce(flag, reduce_op="max"))
+
+        def _mean(self, value) -> float:
+            """The mean of ``value`` over the ranks (tensor-parallel ranks hold equal ones)."""
+            tensor = torch.as_tensor(value, dtype=torch.float32, device=self.device).detach().clone()
+            return float(self.trainer.strategy.reduce(tensor, reduce_op="mean"))
+
+        def _mean_step_loss(self) -> float:
+            if self._step_mean is None:
+                self._step_mean = self._mean(self._step_loss)
+            return self._step_mean
+
+        def session_tokens_of_all_ranks(self) -> int:
+            """Tokens every data-parallel rank trained on in this attempt (a collective)."""
+            tokens = torch.tensor(self.session_tokens, dtype=torch.int64, device=self.device)
+            return int(self.trainer.strategy.reduce(tokens, reduce_op="sum")) // self.replicas
 
         def _log_step(self, step: int) -> None:
             t = self.tcfg
-            loss = float(self._step_loss)
+            loss = self._mean_step_loss()
             lr = t.lr * warmup_cosine(step - 1, t.warmup_steps, t.max_steps, t.min_lr_ratio)
-            logs = {k: float(v) for k, v in self._logs.items()}
+            logs = {k: self._mean(v) for k, v in self._logs.items()}
             self._record({"step": step, "loss": loss, "lr": lr, **logs}, "train", {"loss": loss, "lr": lr, **logs})
             self.log("train/loss", loss, prog_bar=True, logger=False)
 
         def _validate(self, step: int) -> None:
+            """Every rank validates on the whole validation set: split models need all ranks in each forward."""
             was_training = self.model.training
             self.model.eval()
             sums: Dict[str, Any] = {}
@@ -438,6 +575,8 @@ def _module_class() -> type:
             self._record(row, "val", means)
 
         def _record(self, row: Dict[str, Any], prefix: str, metrics: Dict[str, float]) -> None:
+            if not distributed.is_rank_zero():
+                return
             with open(self.log_path, "a", encoding="utf-8") as log:  # closed at once: a killed run keeps its rows
                 log.write(json.dumps(row) + "\n")
             for logger in self.trainer.loggers:
@@ -445,7 +584,7 @@ def _module_class() -> type:
                 logger.save()
 
         def final_loss(self) -> float:
-            return float(self._step_loss) if self._step_loss is not None else self._restored["stats"]["loss"]
+            return self._mean_step_loss() if self._step_loss is not None else self._restored["stats"]["loss"]
 
         def configure_optimizers(self):
             decay, no_decay = [], []
@@ -463,14 +602,25 @@ def _module_class() -> type:
             )
             return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
+        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
+            if self.split:  # gradients on several device meshes: Lightning's clipping cannot combine them
+                model_parallel.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
+            else:
+                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
+
         def on_save_checkpoint(self, checkpoint):
-            stats = {"tokens": self.tokens, "loss": float(self._step_loss), "val": self.val_metrics}
-            micro_batches = self.trainer.global_step * self.accumulation
+            """Called on every rank (both reductions are collectives); rank 0's checkpoint is the one written."""
+            stats = {
+                "tokens": self.tokens_before + self.session_tokens_of_all_ranks(),
+                "loss": self._mean_step_loss(),
+                "val": self.val_metrics,
+            }
+            micro_batches = self.trainer.global_step * self.accumulation * self.parallelism.dp
             checkpoint[resume.STATE_KEY] = resume.resume_state(self.checkpoints.fingerprint, micro_batches, stats)
 
         def on_load_checkpoint(self, checkpoint):
             self._restored = checkpoint[resume.STATE_KEY]
-            self.tokens = self._restored["stats"]["tokens"]
+            self.tokens_before = self._restored["stats"]["tokens"]
             self.val_metrics = self._restored["stats"]["val"]
 
     return TrainingModule

@@ -297,6 +297,29 @@ def test_layers_not_divisible_by_pp():
     assert "parallelism.pp=4" in problem and "1, 2, 3, 6, 7, 9, 14" in problem
 
 
+def test_mlp_not_divisible_by_tp():
+    problem = only(plan_of("parallelism=tp2", "model.intermediate_size=385").problems, "model.intermediate_size=385")
+    assert "parallelism.tp=2" in problem and "an equal share of the MLP" in problem
+    assert "choose parallelism.tp from 1." in problem
+
+
+def test_training_through_pipeline_stages_is_refused_and_inference_is_not():
+    problem = only(plan_of("parallelism=tp8_pp2", "model=llama3_1_8b", "hardware=h100", "precision=bf16").problems,
+                   "parallelism.pp=2")
+    assert "parallelism=tp8_pp2" in problem and "set parallelism.pp=1" in problem
+    assert "parallelism.sharding=fsdp" in problem
+    evaluation = plan_of("technique=quantize", "parallelism=tp8_pp2", "model=llama3_1_8b", "hardware=h100",
+                         "precision=bf16")
+    assert not [problem for problem in evaluation.problems if "parallelism.pp" in problem]
+
+
+def test_tensor_parallel_lora_is_refused_and_data_parallel_lora_is_not():
+    problem = only(plan_of("technique=lora", "parallelism=tp2").problems, "parallelism.tp=2")
+    assert "technique=lora" in problem and "parallelism.tp=1" in problem
+    assert plan_of("technique=lora", "parallelism=fsdp2").problems == []
+    assert plan_of("technique=sft", "parallelism=tp2").problems == []
+
+
 def test_global_batch_not_divisible_by_micro_batch_times_dp():
     plan = plan_of("parallelism=dp2", "parallelism.micro_batch=3")
     problem = only(plan.problems, "parallelism.global_batch=16")

@@ -119,7 +119,9 @@ def test_parallelism_presets_are_consistent(name):
     assert p["devices_per_node"] <= 8
     plan = make_plan(compose_config([f"parallelism={name}", "model=llama3_1_8b", "hardware=h100",
                                      "precision=bf16"]))
-    assert [problem for problem in plan.problems if not problem.startswith("Memory per device")] == []
+    # the torch backend trains through no pipeline stages (llmexp.training): pp layouts are planned, then refused
+    refused = ("Memory per device", "parallelism.pp=")
+    assert [problem for problem in plan.problems if not problem.startswith(refused)] == []
     assert plan.world_size == p["nodes"] * p["devices_per_node"]
 
 

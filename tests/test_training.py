@@ -88,7 +88,7 @@ def test_packing_runs_documents_across_blocks():
 
 
 def test_unsupported_training_setups_are_user_errors():
-    for overrides, message in ((["precision=fp8"], "precision=fp8"), (["parallelism=dp2"], "world size 2")):
+    for overrides, message in ((["precision=fp8"], "precision=fp8"), (["parallelism=dp2"], "trains on 2 ranks")):
         cfg = compose_config(overrides)
         with pytest.raises(UserError, match=message):
             make_trainer(cfg, cfg.technique)

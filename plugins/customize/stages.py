@@ -10,6 +10,7 @@ from __future__ import annotations
 import copy
 from typing import Any, Dict
 
+from llmexp import distributed
 from llmexp.data.instructions import encode_example, instruction_data, pad_collate
 from llmexp.data.preference import encode_pair, pair_collate, preference_data
 from llmexp.errors import UserError
@@ -93,8 +94,9 @@ def _finish(ctx: StageContext, start: ModelArtifact, model, metrics: Dict[str, A
     save = ctx.stage_config.save_model
     if hasattr(model, "merge_and_unload"):  # a PEFT model: the adapter is the product
         adapter_dir = ctx.stage_dir / "adapter"
-        model.save_pretrained(str(adapter_dir))
-        start.tokenizer.save_pretrained(str(adapter_dir))
+        if distributed.is_rank_zero():  # every rank holds the trained adapter; rank 0 writes
+            model.save_pretrained(str(adapter_dir))
+            start.tokenizer.save_pretrained(str(adapter_dir))
         artifacts["adapter"] = str(adapter_dir)
         model = model.merge_and_unload()
         save = save and ctx.stage_config.merge
