@@ -18,6 +18,7 @@ from omegaconf import DictConfig
 
 from llmexp import console
 from llmexp.config import CONFIG_NAME, compose_config, register_configs, sweep_points, with_implied_pipeline
+from llmexp.distributed import RankFailed, run_job
 from llmexp.errors import EXIT_USER_ERROR, UserError
 
 
@@ -33,7 +34,13 @@ def _plugins(argv: List[str]) -> int:
     return main(argv)
 
 
-SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {"plan": _plan, "plugins": _plugins}
+def _gather(argv: List[str]) -> int:
+    from llmexp.gather_command import main
+
+    return main(argv)
+
+
+SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {"plan": _plan, "plugins": _plugins, "gather": _gather}
 
 
 def main(argv: Optional[List[str]] = None) -> None:
@@ -47,7 +54,20 @@ def main(argv: Optional[List[str]] = None) -> None:
         console.error(str(error))
         sys.exit(EXIT_USER_ERROR)
     sys.argv = [sys.argv[0], *with_implied_pipeline(argv)]
+    register_launchers()
     hydra_entry()
+
+
+def register_launchers() -> None:
+    """Make ``hydra/launcher=slurm`` known to Hydra even when its plugin scan cannot see it.
+
+    Hydra finds launchers by walking the ``hydra_plugins`` namespace package, which an
+    editable install (``pip install -e .``) serves through an import hook the walk skips.
+    """
+    from hydra.core.plugins import Plugins
+    from hydra_plugins.llmexp_launchers import SlurmLauncher
+
+    Plugins.instance().register(SlurmLauncher)
 
 
 def preflight(argv: List[str]) -> None:
@@ -55,12 +75,12 @@ def preflight(argv: List[str]) -> None:
     from hydra._internal.utils import get_args_parser
 
     args = get_args_parser().parse_args(argv)
-    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path or args.config_dir:
+    if args.help or args.hydra_help or args.info or args.shell_completion or args.config_path:
         return  # Hydra answers these itself
-    config_name = args.config_name or CONFIG_NAME
-    points = sweep_points(args.overrides) if args.multirun else [args.overrides]
+    config_name, config_dir = args.config_name or CONFIG_NAME, args.config_dir
+    points = sweep_points(args.overrides, config_name, config_dir) if args.multirun else [args.overrides]
     for overrides in points:
-        cfg = compose_config(overrides, config_name)
+        cfg = compose_config(overrides, config_name, config_dir)
     if not args.multirun and args.cfg is None:
         from llmexp.planner import make_plan
 
@@ -71,14 +91,26 @@ def preflight(argv: List[str]) -> None:
 
 @hydra.main(version_base="1.3", config_path="pkg://llmexp.conf", config_name=CONFIG_NAME)
 def hydra_entry(cfg: DictConfig) -> None:
+    """One job: on every rank its parallelism asks for (``llmexp.distributed`` starts them when no launcher did).
+
+    In a multirun, a job whose ranks failed is reported and the sweep goes on; its rank 0
+    recorded the failure in the job's results.json when it could.
+    """
     from llmexp.runner import run_experiment
 
     hydra_cfg = HydraConfig.get()
+    multirun = hydra_cfg.mode == RunMode.MULTIRUN
+    run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run_experiment(cfg, Path(hydra_cfg.runtime.output_dir), multirun=hydra_cfg.mode == RunMode.MULTIRUN)
-    except UserError as error:
-        console.error(str(error))
-        sys.exit(EXIT_USER_ERROR)
+        run_job(cfg, run_experiment, cfg, run_dir, multirun)
+    except (UserError, RankFailed) as error:
+        if multirun:
+            console.warn(f"failed: {run_dir}: {error}")
+        elif isinstance(error, UserError):
+            console.error(str(error))
+            sys.exit(EXIT_USER_ERROR)
+        else:
+            raise
 
 
 if __name__ == "__main__":

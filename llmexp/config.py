@@ -7,9 +7,10 @@ technique is selectable (``technique=<name>``) without shipping any YAML.
 from __future__ import annotations
 
 import functools
-from typing import List, Sequence
+from pathlib import Path
+from typing import List, Optional, Sequence
 
-from hydra import compose, initialize_config_module
+from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
@@ -50,14 +51,26 @@ def with_implied_pipeline(overrides: Sequence[str]) -> List[str]:
     return [*overrides, "pipeline=default"]
 
 
-def compose_config(overrides: Sequence[str], config_name: str = CONFIG_NAME) -> DictConfig:
-    """Compose like ``llmexp <overrides>`` would; bad input becomes a ``UserError``."""
+def compose_config(overrides: Sequence[str], config_name: str = CONFIG_NAME, config_dir: Optional[str] = None,
+                   hydra_node: bool = False) -> DictConfig:
+    """Compose like ``llmexp [--config-dir D] [--config-name N] <overrides>`` would; bad input becomes a ``UserError``.
+
+    ``config_dir`` holds the primary config (a sweep file of sweeps/), which builds on
+    llmexp's own configs; ``hydra_node`` keeps the ``hydra`` node (a sweep file's axes).
+    """
     register_configs()
     GlobalHydra.instance().clear()
+    search = []
+    if config_dir is None:
+        initialize = initialize_config_module(CONFIG_MODULE, version_base="1.3")
+    else:
+        initialize = initialize_config_dir(str(Path(config_dir).resolve()), version_base="1.3")
+        search = [f"hydra.searchpath=[pkg://{CONFIG_MODULE}]"]
     try:
-        with initialize_config_module(CONFIG_MODULE, version_base="1.3"):
-            return compose(config_name=config_name, overrides=with_implied_pipeline(overrides))
-    except (HydraException, OmegaConfBaseException) as error:
+        with initialize:
+            chosen = [*with_implied_pipeline(overrides), *search]
+            return compose(config_name=config_name, overrides=chosen, return_hydra_config=hydra_node)
+    except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise UserError(composition_message(error, overrides)) from None
     finally:
         GlobalHydra.instance().clear()
@@ -74,13 +87,22 @@ def composition_message(error: Exception, overrides: Sequence[str]) -> str:
     return f"The configuration could not be composed from `{shown}`: {text} {hint}"
 
 
-def sweep_points(overrides: List[str]) -> List[List[str]]:
-    """Expand a multirun's overrides into one override list per job, as Hydra's basic sweeper does."""
+def sweep_points(overrides: List[str], config_name: str = CONFIG_NAME, config_dir: Optional[str] = None) -> List[List[str]]:
+    """Expand a multirun into one override list per job, as Hydra's basic sweeper does.
+
+    The axes are the command line's sweeps plus the config's ``hydra.sweeper.params`` (a
+    sweep file's); an axis on the command line replaces the file's.
+    """
     from hydra._internal.core_plugins.basic_sweeper import BasicSweeper
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
+    parser = OverridesParser.create()
     try:
-        parsed = OverridesParser.create().parse_overrides(overrides=overrides)
+        parsed = parser.parse_overrides(overrides=overrides)
+        fixed = [o.input_line for o in parsed if not o.is_sweep_override()]
+        params = compose_config(fixed, config_name, config_dir, hydra_node=True).hydra.sweeper.params or {}
+        given = {o.get_key_element() for o in parsed}
+        parsed += parser.parse_overrides([f"{key}={value}" for key, value in params.items() if key not in given])
     except HydraException as error:
         raise UserError(composition_message(error, overrides)) from None
     batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)

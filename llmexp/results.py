@@ -135,9 +135,30 @@ def environment_info(cwd: Path | str | None = None) -> Dict[str, Any]:
         "platform": platform.platform(),
         "machine": platform.machine(),
         "hostname": socket.gethostname(),
-        "slurm_job_id": os.environ.get("SLURM_JOB_ID"),
+        "slurm": slurm_placement(),
         "git": git_info(cwd),
     }
+
+
+# Where Slurm put the job: its environment variables, by the name results.json gives them.
+SLURM_VARIABLES = {
+    "job_id": "SLURM_JOB_ID",
+    "array_job_id": "SLURM_ARRAY_JOB_ID",
+    "array_task_id": "SLURM_ARRAY_TASK_ID",
+    "node": "SLURMD_NODENAME",
+    "nodelist": "SLURM_JOB_NODELIST",
+    "partition": "SLURM_JOB_PARTITION",
+    "gpus": "SLURM_JOB_GPUS",
+    "cuda_visible_devices": "CUDA_VISIBLE_DEVICES",
+    "restart_count": "SLURM_RESTART_COUNT",
+}
+
+
+def slurm_placement() -> Optional[Dict[str, Optional[str]]]:
+    """The Slurm job, node, partition, GPUs and restarts of this process; None outside Slurm."""
+    if "SLURM_JOB_ID" not in os.environ:
+        return None
+    return {name: os.environ.get(variable) for name, variable in SLURM_VARIABLES.items()}
 
 
 def git_info(cwd: Path | str | None = None) -> Dict[str, Any]:

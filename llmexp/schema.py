@@ -129,6 +129,33 @@ class PipelineConfig:
 
 
 @dataclass
+class SlurmPlacement:
+    """Where one ``hardware`` option's jobs go on a Slurm cluster, and what each GPU brings with it."""
+
+    partition: Optional[str] = None
+    constraint: Optional[str] = None  # sbatch --constraint: a node feature, e.g. h100
+    gres_type: Optional[str] = None  # the GPU type in gres, e.g. h100 -> --gres=gpu:h100:<n>; None: --gpus-per-node=<n>
+    gpus_per_node: int = 8
+    cpus_per_gpu: int = 8
+    mem_per_gpu_gb: Optional[int] = None  # None: the partition's default
+
+
+@dataclass
+class ClusterConfig:
+    """A Slurm cluster profile for ``hydra/launcher=slurm``: each hardware option's placement, plus job-wide settings.
+
+    ``cluster=none`` (the default) is no cluster: runs on this machine.
+    """
+
+    name: str = MISSING
+    account: Optional[str] = None
+    qos: Optional[str] = None
+    time_limit_min: int = 240  # per job; the job checkpoints and requeues before it (preemption signal)
+    setup: List[str] = field(default_factory=list)  # shell lines run before the job (module load, env)
+    hardware: Dict[str, SlurmPlacement] = field(default_factory=dict)  # hardware option name -> placement
+
+
+@dataclass
 class RunConfig:
     """The whole experiment: one option from each group plus run-wide keys."""
 
@@ -138,6 +165,7 @@ class RunConfig:
     data: DataConfig = MISSING
     tracker: TrackerConfig = MISSING
     pipeline: PipelineConfig = MISSING
+    cluster: ClusterConfig = MISSING
     technique: Any = MISSING  # typed by the selected technique's own schema
     evaluation: Any = MISSING  # the evaluate technique's config, used by the pipeline
     precision: Precision = Precision.fp32

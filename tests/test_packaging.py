@@ -14,4 +14,6 @@ def test_every_python_package_folder_is_listed_in_pyproject():
         for package, folder in setuptools["package-dir"].items()
         for init in (REPO / folder).rglob("__init__.py")
     }
+    # hydra_plugins is a namespace package shared with Hydra's own plugins: no package-dir entry
+    found |= {".".join(init.parent.relative_to(REPO).parts) for init in (REPO / "hydra_plugins").rglob("__init__.py")}
     assert found == set(setuptools["packages"])
