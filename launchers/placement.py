@@ -51,6 +51,16 @@ class SlurmResources:
         return {key: (list(value) if isinstance(value, tuple) else value) for key, value in asdict(self).items()}
 
 
+def missing_cluster(cfg) -> Optional[str]:
+    """Why ``hydra/launcher=slurm`` cannot place ``cfg`` at all (no cluster profile chosen), else None."""
+    if cfg.cluster.name != "none":
+        return None
+    return (
+        "hydra/launcher=slurm needs a cluster profile saying where each hardware goes: add cluster=<name> "
+        "(conf/cluster/: localhost, example, or your own copy of example.yaml)."
+    )
+
+
 def slurm_resources(cfg) -> Union[SlurmResources, str]:
     """The job's resources on ``cfg.cluster``, or why it cannot go there (one sentence with the fix)."""
     cluster, hardware, layout = cfg.cluster, cfg.hardware.name, cfg.parallelism

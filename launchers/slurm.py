@@ -37,7 +37,7 @@ from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
-from llmexp.launchers.placement import SlurmResources, slurm_resources
+from llmexp.launchers.placement import SlurmResources, missing_cluster, slurm_resources
 from llmexp.launchers.sweep_jobs import SUBMITTED_FILE, SweepJob, exit_code, observe, submitted, write_summary
 from llmexp import console, preemption
 from llmexp.errors import EXIT_USER_ERROR
@@ -112,11 +112,9 @@ class SlurmLauncher(BaseSubmititLauncher):
                 sweep_config.hydra.job.num = num
             run_dir = str(Path(sweep_config.hydra.sweep.dir) / str(sweep_config.hydra.sweep.subdir))
             cfg = OmegaConf.masked_copy(sweep_config, [key for key in sweep_config if key != "hydra"])
-            if cfg.cluster.name == "none":
-                console.error(
-                    "hydra/launcher=slurm needs a cluster profile saying where each hardware goes: add "
-                    "cluster=<name> (conf/cluster/: localhost, example, or your own copy of example.yaml)."
-                )
+            problem = missing_cluster(cfg)  # caught by preflight when the command line names the launcher
+            if problem:
+                console.error(problem)
                 sys.exit(EXIT_USER_ERROR)
             job = SweepJob(num, list(filter_overrides(overrides)), run_dir)
             jobs.append(job)

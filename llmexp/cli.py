@@ -81,6 +81,11 @@ def preflight(argv: List[str]) -> None:
     points = sweep_points(args.overrides, config_name, config_dir) if args.multirun else [args.overrides]
     for overrides in points:
         cfg = compose_config(overrides, config_name, config_dir)
+        if "hydra/launcher=slurm" in argv:
+            from llmexp.launchers.placement import missing_cluster
+
+            if problem := missing_cluster(cfg):
+                raise UserError(problem)
     if not args.multirun and args.cfg is None:
         from llmexp.planner import make_plan
 

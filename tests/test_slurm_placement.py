@@ -74,3 +74,12 @@ def test_a_failure_is_its_last_error_line_not_the_traceback():
     )
     assert _failure(error, None) == "FailedJobError: ValueError: boom 7"
     assert "results.json says running" in _failure(None, {"status": "running"})
+
+
+def test_the_slurm_launcher_without_a_cluster_profile_is_refused_before_anything_is_written(tmp_path):
+    from tests.conftest import run_llmexp
+
+    done = run_llmexp("-m", "hydra/launcher=slurm", "hardware=h100", "seed=0,1", cwd=tmp_path)
+    assert done.returncode == 2
+    assert "needs a cluster profile" in done.stderr and "cluster=<name>" in done.stderr
+    assert list(tmp_path.iterdir()) == []
