@@ -1,4 +1,4 @@
-"""The ``llmexp`` command: subcommands (``plan``, ``plugins``) or a Hydra run/multirun.
+"""The ``llmexp`` command: subcommands (``plan``, ``plugins``, ``gather``, ``report``) or a Hydra run/multirun.
 
 Before Hydra creates any output directory, every point of the invocation is composed and
 a plain run is planned, so bad input (unknown option, misspelled key, wrong type,
@@ -40,7 +40,15 @@ def _gather(argv: List[str]) -> int:
     return main(argv)
 
 
-SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {"plan": _plan, "plugins": _plugins, "gather": _gather}
+def _report(argv: List[str]) -> int:
+    from llmexp.report_command import main
+
+    return main(argv)
+
+
+SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {
+    "plan": _plan, "plugins": _plugins, "gather": _gather, "report": _report,
+}
 
 
 def main(argv: Optional[List[str]] = None) -> None:

@@ -33,7 +33,13 @@ CONSOLE_COLUMNS = (
 )
 # Accuracy measures a Pareto plot may show, in order of preference (at most two are drawn).
 ACCURACIES = ("mc_cloze_acc", "word_problem_em", "text2sql_em", "free_answer_em", "gsm8k_em", "mc_letter_acc")
-COSTS = (("tokens_per_s", "throughput (tokens/s, higher is better)", True), ("size_pct", "size (% of the first row)", False))
+# Cost axes: (metric, axis label, whether higher is better). Throughput is the evaluation's forward
+# tokens/s, or a benchmark stage's generated tokens/s; memory is what the evaluation used.
+THROUGHPUT = ("tokens_per_s", "throughput (tokens/s, higher is better)", True)
+GENERATION_THROUGHPUT = ("output_tokens_per_s", "generation throughput (output tokens/s, higher is better)", True)
+SIZE = ("size_pct", "size (% of the first row)", False)
+PEAK_MEMORY = ("eval_peak_memory_mb", "peak memory (MB, lower is better)", False)
+COSTS = (THROUGHPUT, SIZE)
 
 TABLE_MD, TABLE_CSV, PARETO_PNG = "comparison.md", "comparison.csv", "pareto.png"
 
@@ -99,10 +105,19 @@ def pareto_front(points: Sequence[tuple], higher_cost_is_better: bool) -> List[i
     return sorted(front, key=lambda i: points[i][0])
 
 
-def pareto_png(rows: Sequence[Mapping[str, Any]]) -> Optional[bytes]:
-    """Accuracy against each cost axis, one panel per (accuracy, cost) pair; None with nothing to plot."""
-    accuracies = [name for name in ACCURACIES if sum(row.get(name) is not None for row in rows) >= 2][:2]
-    costs = [cost for cost in COSTS if sum(row.get(cost[0]) is not None for row in rows) >= 2]
+def pareto_png(
+    rows: Sequence[Mapping[str, Any]],
+    costs: Sequence[tuple] = COSTS,
+    accuracies: Sequence[str] = ACCURACIES,
+    label: str = "stage",
+) -> Optional[bytes]:
+    """Accuracy against each cost axis, one panel per (accuracy, cost) pair; None with nothing to plot.
+
+    At most two accuracy measures are drawn, the first of ``accuracies`` that two rows have;
+    each point is annotated with its row's ``label`` field.
+    """
+    accuracies = [name for name in accuracies if sum(row.get(name) is not None for row in rows) >= 2][:2]
+    costs = [cost for cost in costs if sum(row.get(cost[0]) is not None for row in rows) >= 2]
     if not accuracies or not costs:
         return None
     import matplotlib
@@ -120,7 +135,7 @@ def pareto_png(rows: Sequence[Mapping[str, Any]]) -> Optional[bytes]:
             points = [(float(row[cost]), float(row[accuracy])) for row in shown]
             axis.scatter([p[0] for p in points], [p[1] for p in points])
             for row, (x, y) in zip(shown, points):
-                axis.annotate(row["stage"], (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
+                axis.annotate(str(row.get(label, "")), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
             front = pareto_front(points, higher_is_better)
             axis.plot([points[i][0] for i in front], [points[i][1] for i in front], linestyle="--", label="Pareto front")
             axis.set_xlabel(label)
