@@ -19,7 +19,8 @@ from llmexp.atomic import replace_atomically
 # The table's columns, in order; those no row has are left out.
 COLUMNS = (
     "stage", "made_by", "precision", "simulated", "layers", "parameters",
-    "mc_cloze_acc", "mc_letter_acc", "free_answer_em", "word_problem_em", "gsm8k_em", "text2sql_em", "perplexity",
+    "mc_cloze_acc", "mc_letter_acc", "free_answer_em", "word_problem_em", "gsm8k_em", "text2sql_em",
+    "text2sql_exec_acc", "text2sql_rougeL", "text2sql_bleu", "text2sql_f1", "perplexity",
     "mc_cloze_acc_delta", "mc_cloze_acc_delta_se", "word_problem_em_delta", "word_problem_em_delta_se",
     "perplexity_rel_delta", "kl_to_baseline", "flip_rate_multiple_choice", "flip_rate_word_problems",
     "size_pct", "bits_per_weight", "tokens_per_s", "eval_peak_memory_mb",
@@ -28,7 +29,7 @@ COLUMNS = (
 # The few a terminal has room for; comparison.md and .csv carry them all.
 CONSOLE_COLUMNS = (
     "stage", "made_by", "precision", "layers", "parameters", "mc_cloze_acc", "free_answer_em", "word_problem_em",
-    "text2sql_em", "perplexity", "kl_to_baseline", "flip_rate_multiple_choice", "size_pct", "tokens_per_s",
+    "text2sql_em", "text2sql_rougeL", "text2sql_bleu", "text2sql_f1", "perplexity", "kl_to_baseline", "flip_rate_multiple_choice", "size_pct", "tokens_per_s",
     "train_time_s",
 )
 # Accuracy measures a Pareto plot may show, in order of preference (at most two are drawn).

@@ -243,7 +243,7 @@ def test_multiple_choice_accuracy_is_the_argmax_of_independent_loglikelihoods(mo
     for item, row in zip(items, result.rows):
         cloze = [reference_loglikelihood(model, tokenizer, item.cloze_prompt(), f" {c}")[0] for c in item.choices]
         letter = [reference_loglikelihood(model, tokenizer, item.letter_prompt(), f" {x}")[0] for x in LETTERS]
-        norm = [lp / len(f" {c}") for lp, c in zip(cloze, item.choices)]
+        norm = [lp / len(c) for lp, c in zip(cloze, item.choices)]
         by_scoring = {"cloze": cloze, "norm": norm, "letter": letter}
         picks = {name: max(range(4), key=scores.__getitem__) for name, scores in by_scoring.items()}
         assert row["predicted"] == item.choices[picks["cloze"]]
@@ -332,9 +332,9 @@ def test_plan_accepts_a_good_config_and_checks_only_evaluate_stages(tmp_path):
 
 
 def test_plan_checks_task_names_and_numbers():
-    problems = llmexp_plan_problems(config=run_config(tasks=["multiple_choice", "mmlu", "gsm8k"], limit=0), plan=None)
-    unknown = [p for p in problems if "evaluation.tasks has unknown task(s) 'mmlu'" in p]
-    assert len(unknown) == 1 and "Known tasks: multiple_choice, free_answer" in unknown[0]
+    problems = llmexp_plan_problems(config=run_config(tasks=["multiple_choice", "nope", "gsm8k"], limit=0), plan=None)
+    unknown = [p for p in problems if "evaluation.tasks[1]='nope' is not a task" in p]
+    assert len(unknown) == 1 and "Give an embedded task (multiple_choice, free_answer" in unknown[0]
     assert any("evaluation.gsm8k_path is unset" in p for p in problems)
     assert any("evaluation.limit=0 must be at least 1" in p for p in problems)
 
@@ -394,8 +394,8 @@ def test_run_without_a_model_says_what_to_set(tmp_path):
 
 
 def test_run_rejects_unknown_tasks(tmp_path, model, tokenizer):
-    with pytest.raises(UserError, match="unknown task.*'mmlu'.*Known tasks"):
-        Evaluate().run(stage_context(tmp_path, "x", model, tokenizer, tasks=["mmlu"]))
+    with pytest.raises(UserError, match=r"evaluation.tasks\[0\]='nope' is not a task.*Give an embedded task"):
+        Evaluate().run(stage_context(tmp_path, "x", model, tokenizer, tasks=["nope"]))
 
 
 def test_composed_config_selects_evaluate(tmp_path):

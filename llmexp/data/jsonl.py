@@ -73,6 +73,15 @@ def write_jsonl(path: PathLike, records: Iterable[Dict[str, Any]]) -> Path:
     return replace_atomically(path, write)
 
 
+def require_text(path: PathLike, line: int, record: Dict[str, Any], keys: Iterable[str], fix: str) -> None:
+    """Raise ``UserError`` at ``file:line`` unless every key of ``keys`` holds text in ``record``; ``fix`` ends the message."""
+    for key in keys:
+        if not isinstance(record.get(key), str):
+            state = "missing" if key not in record else f"{_json_kind(record[key])}, not text"
+            present = ", ".join(sorted(record)) or "none"
+            raise UserError(f"{path}:{line}: the {key!r} field is {state} (keys on that line: {present}). {fix}")
+
+
 def _json_kind(value: Any) -> str:
     kinds = {list: "array", str: "string", bool: "boolean", int: "number", float: "number", type(None): "null"}
     return kinds.get(type(value), type(value).__name__)

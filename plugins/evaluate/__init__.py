@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, List, Optional
 
 from omegaconf import OmegaConf
 
@@ -21,7 +21,8 @@ from llmexp.data.embedded import build_world
 from llmexp.data.gsm8k import load_gsm8k
 from llmexp.errors import UserError
 from llmexp.hookspecs import hookimpl
-from llmexp.plugins.evaluate.tasks import EMBEDDED_TASKS, HEADLINE, TASKS, TaskInputs, selected_tasks
+from llmexp.plugins.evaluate.registry import resolve_tasks, run_task
+from llmexp.plugins.evaluate.tasks import EMBEDDED_TASKS, TaskInputs
 from llmexp.technique import StageContext, StageResult, Technique, TechniqueConfig
 
 
@@ -30,8 +31,9 @@ class EvaluateConfig(TechniqueConfig):
     """What to evaluate. ``llmexp technique=evaluate technique.limit=50 technique.gsm8k_path=test.jsonl``"""
 
     name: str = "evaluate"
-    # embedded tasks: multiple_choice, free_answer, word_problems, perplexity (and gsm8k)
-    tasks: List[str] = field(default_factory=lambda: list(EMBEDDED_TASKS))
+    # embedded task names (multiple_choice, free_answer, word_problems, perplexity, ...) and tasks
+    # over your data described as mappings: {type: mmlu, path: data/mmlu, num_fewshot: 5} (registry.py)
+    tasks: List[Any] = field(default_factory=lambda: list(EMBEDDED_TASKS))
     limit: Optional[int] = None  # at most this many items per task (None: all)
     batch_size: int = 32  # sequences per forward pass / generate call
     max_new_tokens: int = 40  # generation budget per answer (real models on GSM8K want ~256)
@@ -74,6 +76,7 @@ class Evaluate(Technique):
             limit=cfg.limit,
             gsm8k_path=cfg.gsm8k_path,
             num_fewshot=cfg.num_fewshot,
+            stage_dir=str(ctx.stage_dir),
         )
         metrics, artifacts = {}, {}
         progress = Progress(
@@ -83,18 +86,18 @@ class Evaluate(Technique):
             TimeElapsedColumn(),
             console=Console(stderr=True),
         )
-        tasks = selected_tasks(cfg.tasks, cfg.gsm8k_path)
+        tasks, _ = resolve_tasks(cfg.tasks, cfg.gsm8k_path, f"{ctx.stage_name}.tasks")
         rows = {}
         with progress, PeakMemory(next(artifact.model.parameters()).device) as peak:
             scorer = Scorer(artifact.model, artifact.tokenizer, cfg.batch_size, cfg.max_new_tokens, progress)
             for task in tasks:
-                scorer.track(task)
-                result = TASKS[task](inputs, scorer)
-                rows[task] = result.rows
-                path = write_jsonl(Path(ctx.stage_dir) / f"{task}.jsonl", result.rows)
+                scorer.track(task.name)
+                result = run_task(task, inputs, scorer)
+                rows[task.name] = result.rows
+                path = write_jsonl(Path(ctx.stage_dir) / f"{task.name}.jsonl", result.rows)
                 metrics.update({key: float(value) for key, value in result.metrics.items()})
-                metrics[f"{task}_n"] = len(result.rows)
-                artifacts[task] = str(path)
+                metrics[f"{task.name}_n"] = len(result.rows)
+                artifacts[task.name] = str(path)
             if cfg.baseline:
                 scorer.track("vs baseline")
                 metrics.update(_compared_with_baseline(ctx, scorer, inputs, tasks, metrics, rows))
@@ -111,8 +114,10 @@ def _compared_with_baseline(ctx: StageContext, scorer, inputs: TaskInputs, tasks
     entry = ctx.earlier.get(name)
     if entry is None or entry.get("technique") != Evaluate.name:
         raise UserError(f"{field_name}={name} is not an evaluate stage that ran before {ctx.stage_name}; name one.")
+    names = [task.name for task in tasks]
+    headlines = {task.name: task.headline for task in tasks if task.headline}
     paired = paired_measures(
-        metrics, rows, entry["metrics"], baseline_rows(entry, tasks, name, field_name), HEADLINE
+        metrics, rows, entry["metrics"], baseline_rows(entry, names, name, field_name), headlines
     )
     source = entry.get("input_model")
     reference = load_model(ctx.config.model.path)[0] if source == "model.path" else ctx.model_of(source).model
@@ -137,13 +142,7 @@ _NO_MODEL = (
 
 def config_problems(cfg, prefix: str) -> List[str]:
     """Problems with one evaluate node (``prefix`` is its key: ``technique`` or ``evaluation``)."""
-    problems = []
-    unknown = [task for task in cfg.tasks if task not in TASKS]
-    if unknown:
-        problems.append(
-            f"{prefix}.tasks has unknown task(s) {', '.join(map(repr, unknown))}. "
-            f"Known tasks: {', '.join(TASKS)}."
-        )
+    _, problems = resolve_tasks(cfg.tasks, None, f"{prefix}.tasks")
     if "gsm8k" in cfg.tasks and not cfg.gsm8k_path:
         problems.append(f"{prefix}.tasks lists 'gsm8k' but {prefix}.gsm8k_path is unset; set it to a GSM8K JSONL file.")
     for key, value in (("limit", cfg.limit), ("batch_size", cfg.batch_size), ("max_new_tokens", cfg.max_new_tokens)):

@@ -58,7 +58,7 @@ def paired_measures(
                 paired[f"{name}_rel_delta"] = (value - reference) / reference
     for task, own in rows.items():
         theirs = baseline[task]
-        if len(own) != len(theirs) or not own or "correct" not in own[0]:
+        if len(own) != len(theirs) or not own or "correct" not in own[0] or task not in headline:
             continue  # a task without graded items (perplexity, throughput), or other items
         paired[f"flip_rate_{task}"] = _mean(mine.get("predicted") != other.get("predicted") for mine, other in zip(own, theirs))
         differences = [float(mine["correct"]) - float(other["correct"]) for mine, other in zip(own, theirs)]

@@ -1,4 +1,4 @@
-"""How numbers are read off a causal LM: log-likelihoods, greedy generations, document NLL.
+"""How numbers are read off a causal LM: log-likelihoods, generations, document and sliding-window NLL.
 
 Scoring follows lm-evaluation-harness so results agree with it on the same prompts:
 
@@ -8,6 +8,14 @@ Scoring follows lm-evaluation-harness so results agree with it on the same promp
   log-probabilities of the rest; whitespace at the end of the context moves onto the
   continuation first. Too long inputs are truncated on the left.
 * generation is greedy, prompts left-padded in a batch, cut at EOS and at stop strings.
+  Sampled generation (``Sampling``: temperature, top-p, seed) draws from a random state
+  seeded per batch from the seed and the batch's position, so the same seed, prompts and
+  batch size give the same texts, and the caller's global random state is left untouched.
+* sliding-window NLL follows the Hugging Face perplexity guide
+  (https://huggingface.co/docs/transformers/perplexity): windows of ``max_length`` tokens
+  start every ``stride`` tokens and each scores only the tokens the previous window did
+  not, so every token is scored once, with up to ``max_length - stride`` tokens of context
+  carried over.
 
 Everything runs with the model in eval mode under ``torch.no_grad``, in fixed batches, so
 two runs give the same numbers. ``Scorer`` bundles a model with its settings and a progress
@@ -66,7 +74,7 @@ def loglikelihood(
         whole = (context_ids + continuation_ids)[-(limit + 1) :]
         # a continuation longer than the model's context keeps only the tokens that fit
         rows.append((whole[:-1], continuation_ids[-(len(whole) - 1) :]))
-    scores = _score_rows(model, tokenizer, rows, batch_size, report)
+    scores = score_token_rows(model, tokenizer, rows, batch_size, report)
     return [LogLikelihood(logprob, greedy, len(targets)) for (logprob, greedy), (_, targets) in zip(scores, rows)]
 
 
@@ -85,7 +93,7 @@ def document_nll(
     """
     rows, owners = document_rows(tokenizer, documents, max_length(model, tokenizer))
     totals = [[0.0, 0] for _ in documents]
-    for (logprob, _), (_, targets), owner in zip(_score_rows(model, tokenizer, rows, batch_size, report), rows, owners):
+    for (logprob, _), (_, targets), owner in zip(score_token_rows(model, tokenizer, rows, batch_size, report), rows, owners):
         totals[owner][0] -= logprob
         totals[owner][1] += len(targets)
     return [(nll, count) for nll, count in totals]
@@ -104,6 +112,70 @@ def document_rows(tokenizer, documents: Sequence[str], limit: int) -> Tuple[List
             rows.append((ids[start : start + len(targets)], targets))
             owners.append(index)
     return rows, owners
+
+
+@dataclass(frozen=True)
+class Window:
+    """One window of a sliding-window evaluation: tokens ``[begin, end)`` are read, ``[scored_from, end)`` scored."""
+
+    begin: int
+    end: int
+    scored_from: int
+    nll: float  # summed over the scored tokens, in nats
+
+    @property
+    def tokens(self) -> int:
+        return self.end - self.scored_from
+
+
+def sliding_windows(length: int, window: int, stride: int) -> List[Tuple[int, int, int]]:
+    """``(begin, end, scored_from)`` of each window over ``length`` tokens, in the HF guide's order.
+
+    Windows start every ``stride`` tokens and hold up to ``window`` tokens; each scores the
+    tokens after the previous window's end (a window's first token has no context inside it,
+    so it is scored only when an earlier window covered it: with ``stride == window`` the
+    first token of every window goes unscored, as in the guide). The last window ends at the text's end.
+    """
+    if window < 2 or not 1 <= stride <= window:
+        raise ValueError(f"need window >= 2 and 1 <= stride <= window, not window={window}, stride={stride}")
+    spans: List[Tuple[int, int, int]] = []
+    previous_end = 0
+    for begin in range(0, length, stride):
+        end = min(begin + window, length)
+        scored_from = max(previous_end, begin + 1)
+        if scored_from < end:
+            spans.append((begin, end, scored_from))
+        previous_end = end
+        if end == length:
+            break
+    return spans
+
+
+def sliding_window_nll(
+    model,
+    tokenizer,
+    text: str,
+    window: Optional[int] = None,
+    stride: Optional[int] = None,
+    batch_size: int = 32,
+    report: Optional[Report] = None,
+) -> List[Window]:
+    """The windows of ``sliding_windows`` over ``text``'s tokens (as the tokenizer encodes it, BOS included), scored.
+
+    ``window`` defaults to the model's context, ``stride`` to ``window`` (disjoint windows,
+    lm-eval's rolling log-likelihood); every scored token is predicted from the tokens
+    before it in its window. Windows are independent, so they are scored in batches.
+    """
+    limit = max_length(model, tokenizer)
+    window = window or limit
+    if window > limit:
+        raise ValueError(f"window={window} exceeds the model's context of {limit} tokens")
+    ids = list(tokenizer(text, verbose=False).input_ids)  # longer than the context on purpose: no warning
+    spans = sliding_windows(len(ids), window, stride or window)
+    # the input stops one token short of the window: the last token is only predicted
+    rows: List[_Row] = [(ids[begin : end - 1], ids[scored_from:end]) for begin, end, scored_from in spans]
+    scores = score_token_rows(model, tokenizer, rows, batch_size, report)
+    return [Window(begin, end, scored_from, -logprob) for (begin, end, scored_from), (logprob, _) in zip(spans, scores)]
 
 
 def next_token_kl(
@@ -163,6 +235,15 @@ def forward_throughput(
     return passes * tokens / elapsed
 
 
+@dataclass(frozen=True)
+class Sampling:
+    """Settings of sampled decoding: softmax temperature, nucleus ``top_p`` (1: off), and the seed."""
+
+    temperature: float = 1.0
+    top_p: float = 1.0
+    seed: int = 0
+
+
 def greedy_generate(
     model,
     tokenizer,
@@ -173,19 +254,59 @@ def greedy_generate(
     report: Optional[Report] = None,
 ) -> List[str]:
     """Greedy continuation of each prompt, cut at the first EOS and then at the first ``stop`` string."""
+    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop, report, None)
+
+
+def sampled_generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    sampling: Sampling,
+    max_new_tokens: int = 40,
+    batch_size: int = 32,
+    stop: Sequence[str] = ("\n",),
+    report: Optional[Report] = None,
+) -> List[str]:
+    """A sampled continuation of each prompt (temperature, then top-p; no top-k), cut as ``greedy_generate``'s.
+
+    Each batch draws from a fresh random state seeded with ``sampling.seed`` and the batch's
+    first row, inside ``torch.random.fork_rng`` so nothing else's randomness moves: the same
+    seed, prompts and batch size give the same texts.
+    """
+    if sampling.temperature <= 0 or not 0 < sampling.top_p <= 1:
+        raise ValueError(f"temperature must be > 0 and top_p in (0, 1], not {sampling}")
+    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop, report, sampling)
+
+
+def _generate(
+    model,
+    tokenizer,
+    prompts: Sequence[str],
+    max_new_tokens: int,
+    batch_size: int,
+    stop: Sequence[str],
+    report: Optional[Report],
+    sampling: Optional[Sampling],
+) -> List[str]:
     from transformers import GenerationConfig
 
     keep = max(1, max_length(model, tokenizer) - max_new_tokens)
     encoded = [list(tokenizer(prompt).input_ids)[-keep:] for prompt in prompts]
     pad = _pad_id(tokenizer)
     eos = _eos_ids(model, tokenizer)
+    # top_k=0 turns off transformers' default top-k of 50: only temperature and top-p shape a draw
+    decoding = (
+        dict(do_sample=False)
+        if sampling is None
+        else dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
+    )
     settings = GenerationConfig(
         max_new_tokens=max_new_tokens,
-        do_sample=False,
         num_beams=1,
         eos_token_id=sorted(eos) or None,
         pad_token_id=pad,
         bos_token_id=tokenizer.bos_token_id,
+        **decoding,
     )
     device = _device(model)
     texts: List[str] = []
@@ -194,15 +315,27 @@ def greedy_generate(
             [(ids, []) for ids in encoded], batch_size, pad, right=False
         ):
             width = input_ids.shape[1]
-            output = model.generate(
-                input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=settings
-            )
+            # the CPU's random state is always forked; an accelerator's when the model is on one
+            accelerator = [device] if device.type != "cpu" else []
+            with torch.random.fork_rng(
+                devices=accelerator, enabled=sampling is not None, device_type=device.type if accelerator else None
+            ):
+                if sampling is not None:
+                    torch.manual_seed(_batch_seed(sampling.seed, start))
+                output = model.generate(
+                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=settings
+                )
             for new in output[:, width:].tolist():
                 end = next((i for i, token in enumerate(new) if token in eos), len(new))
                 texts.append(cut_at_stop(tokenizer.decode(new[:end], skip_special_tokens=True), stop))
             if report is not None:
                 report(min(start + batch_size, len(encoded)), len(encoded))
     return texts
+
+
+def _batch_seed(seed: int, start: int) -> int:
+    """A seed per (seed, batch start): batches draw independently, seeds 0 and 1 share no batch's stream."""
+    return (seed * 1_000_003 + start) % (2**63)
 
 
 def cut_at_stop(text: str, stop: Sequence[str]) -> str:
@@ -241,13 +374,26 @@ class Scorer:
     def loglikelihood(self, requests: Sequence[Tuple[str, str]]) -> List[LogLikelihood]:
         return loglikelihood(self.model, self.tokenizer, requests, self.batch_size, self._report())
 
-    def generate(self, prompts: Sequence[str], stop: Sequence[str]) -> List[str]:
-        return greedy_generate(
-            self.model, self.tokenizer, prompts, self.max_new_tokens, self.batch_size, stop, self._report()
+    def generate(
+        self,
+        prompts: Sequence[str],
+        stop: Sequence[str],
+        max_new_tokens: Optional[int] = None,
+        sampling: Optional[Sampling] = None,
+    ) -> List[str]:
+        """Greedy continuations, or sampled ones with ``sampling``; ``max_new_tokens`` overrides the scorer's."""
+        budget = max_new_tokens or self.max_new_tokens
+        if sampling is None:
+            return greedy_generate(self.model, self.tokenizer, prompts, budget, self.batch_size, stop, self._report())
+        return sampled_generate(
+            self.model, self.tokenizer, prompts, sampling, budget, self.batch_size, stop, self._report()
         )
 
     def document_nll(self, documents: Sequence[str]) -> List[Tuple[float, int]]:
         return document_nll(self.model, self.tokenizer, documents, self.batch_size, self._report())
+
+    def sliding_window_nll(self, text: str, window: Optional[int] = None, stride: Optional[int] = None) -> List[Window]:
+        return sliding_window_nll(self.model, self.tokenizer, text, window, stride, self.batch_size, self._report())
 
     def next_token_kl(self, reference, documents: Sequence[str]) -> Tuple[float, int]:
         return next_token_kl(self.model, reference, self.tokenizer, documents, self.batch_size, self._report())
@@ -268,7 +414,7 @@ class Scorer:
         return report
 
 
-def _score_rows(
+def score_token_rows(
     model, tokenizer, rows: Sequence[_Row], batch_size: int, report: Optional[Report]
 ) -> List[Tuple[float, bool]]:
     """(summed log-prob of the targets, whether each target is the argmax) for every row."""

@@ -8,7 +8,7 @@ Metrics, all in [0, 1] except perplexity:
 
 * ``multiple_choice``: ``mc_cloze_acc`` (each option's text scored as the continuation of
   the bare question, OLMES "CF"), ``mc_cloze_acc_norm`` (the same divided by the
-  continuation's length in characters, lm-eval's ``acc_norm``), ``mc_letter_acc`` (MMLU
+  option's length in characters without the space before it, lm-eval's ``acc_norm``), ``mc_letter_acc`` (MMLU
   style: `` A``..`` D`` after the lettered options).
 * ``free_answer``: ``free_answer_em``, exact match of the greedy answer (whitespace and
   case ignored) up to EOS, a newline or a new ``Question:``.
@@ -20,7 +20,9 @@ Metrics, all in [0, 1] except perplexity:
   (``scoring.forward_throughput``); for a fake-quantized model, the simulation's speed.
 * ``text2sql``: the embedded instruction task (``llmexp.data.text2sql``), prompted as the
   sft/lora techniques train it; ``text2sql_em`` (exact match of the greedy SQL, whitespace
-  normalised) and ``text2sql_exec_acc`` (the SQL returns the gold query's rows on sqlite3).
+  normalised), ``text2sql_exec_acc`` (the SQL returns the gold query's rows on sqlite3) and
+  the similarity measures of the seeds' customization comparison: ``text2sql_rouge1``,
+  ``_rouge2``, ``_rougeL``, ``_bleu`` (corpus, 0-100) and ``_f1`` (token F1), from ``similarity.py``.
   With ``num_fewshot`` = k, k solved training examples precede each prompt.
 """
 
@@ -29,7 +31,7 @@ from __future__ import annotations
 import math
 import random
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from llmexp.data.embedded import LETTERS, EmbeddedWorld
 from llmexp.data.gsm8k import extract_answer, load_gsm8k
@@ -51,6 +53,7 @@ class TaskInputs:
     limit: Optional[int] = None
     gsm8k_path: Optional[str] = None
     num_fewshot: int = 0
+    stage_dir: Optional[str] = None  # where a task may keep scratch files (code execution) beside its rows
 
     def first(self, items: Sequence[Any]) -> List[Any]:
         return list(items if self.limit is None else items[: self.limit])
@@ -64,6 +67,24 @@ class TaskInputs:
 class TaskResult:
     metrics: Dict[str, float]
     rows: List[Dict[str, Any]] = field(default_factory=list)  # one per item, for <task>.jsonl
+
+
+@dataclass(frozen=True)
+class TaskType:
+    """A kind of task users describe as data in ``tasks``: ``{type: mmlu, path: data/mmlu, num_fewshot: 5}``.
+
+    ``run(spec, inputs, scorer)`` scores one described task; its metric names are bare
+    (``acc``) and the evaluation prefixes them with the task's name (``mmlu_acc``), so
+    several tasks of one type can run together. ``problems(spec, field)`` checks a spec
+    before anything runs (files present and well-formed, values in range) without
+    importing torch; ``field`` is the spec's config path for the messages. ``keys`` are the
+    spec keys it takes besides ``type``, ``name`` and ``limit``.
+    """
+
+    run: Callable[[Mapping[str, Any], TaskInputs, Any], TaskResult]
+    problems: Callable[[Mapping[str, Any], str], List[str]]
+    keys: Tuple[str, ...] = ()
+    headline: Optional[str] = None  # the bare metric its rows' ``correct`` flags make (paired comparison)
 
 
 def normalise_answer(text: str) -> str:
@@ -82,7 +103,7 @@ def multiple_choice(inputs: TaskInputs, scorer) -> TaskResult:
     for item in items:
         cloze = [next(scores).logprob for _ in item.choices]
         letter = [next(scores).logprob for _ in item.choices]
-        cloze_norm = [lp / len(f" {choice}") for lp, choice in zip(cloze, item.choices)]
+        cloze_norm = [lp / len(choice) for lp, choice in zip(cloze, item.choices)]  # lm-eval: the choice without its delimiter
         picked = {"cloze": _argmax(cloze), "cloze_norm": _argmax(cloze_norm), "letter": _argmax(letter)}
         rows.append(
             {
@@ -176,6 +197,10 @@ def text2sql(inputs: TaskInputs, scorer) -> TaskResult:
         "text2sql_em": _mean(row["correct"] for row in rows),
         "text2sql_exec_acc": _mean(row["correct_execution"] for row in rows),
     }
+    from llmexp.plugins.evaluate.similarity import similarity_scores  # imports this module: here, not at the top
+
+    overlap = similarity_scores([row["predicted"] for row in rows], [row["expected"] for row in rows])
+    metrics.update({f"text2sql_{name}": value for name, value in overlap.items() if name != "exact_match"})
     return TaskResult(metrics, rows)
 
 
@@ -215,14 +240,6 @@ HEADLINE = {
     "gsm8k": "gsm8k_em",
     "text2sql": "text2sql_em",
 }
-
-
-def selected_tasks(tasks: Sequence[str], gsm8k_path: Optional[str]) -> List[str]:
-    """The tasks to run in order: ``tasks``, then ``gsm8k`` when a GSM8K file is given."""
-    names = list(dict.fromkeys(tasks))
-    if gsm8k_path and "gsm8k" not in names:
-        names.append("gsm8k")
-    return names
 
 
 def _argmax(values: Sequence[float]) -> int:
