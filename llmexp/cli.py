@@ -1,4 +1,4 @@
-"""The ``llmexp`` command: subcommands (``plan``, ``plugins``, ``gather``, ``report``) or a Hydra run/multirun.
+"""The ``llmexp`` command: subcommands (``plan``, ``plugins``, ``gather``, ``report``, ``serve``) or a Hydra run/multirun.
 
 Before Hydra creates any output directory, every point of the invocation is composed and
 a plain run is planned, so bad input (unknown option, misspelled key, wrong type,
@@ -46,8 +46,14 @@ def _report(argv: List[str]) -> int:
     return main(argv)
 
 
+def _serve(argv: List[str]) -> int:
+    from llmexp.serve_command import main
+
+    return main(argv)
+
+
 SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {
-    "plan": _plan, "plugins": _plugins, "gather": _gather, "report": _report,
+    "plan": _plan, "plugins": _plugins, "gather": _gather, "report": _report, "serve": _serve,
 }
 
 

@@ -1,0 +1,176 @@
+"""``llmexp serve`` under load on loopback: output tokens/s and p99 time to first token, against the engine alone.
+
+Run from the repository root::
+
+    python benchmarks/bench_serve_load.py                              # concurrency 1, 4, 16; 32 requests x 64 tokens
+    python benchmarks/bench_serve_load.py --concurrency 1,8,32 --requests 64
+
+What is compared, per concurrency level C
+-----------------------------------------
+*server*: ``python -m llmexp.serve_command`` in its own process (tiny_llama from
+conf/model/tiny_llama.yaml, 8 layers, random weights, saved to a temporary directory;
+``--max-batch-size 16``), driven by C asyncio clients (httpx) that each send streaming
+``/v1/completions`` requests back to back until ``--requests`` are done. Each asks for
+``--new-tokens`` tokens, greedy, with ``ignore_eos`` so every request yields exactly that many.
+TTFT is from sending the request to receiving its first token's event.
+
+*engine*: the same requests through ``llmexp.serving.engine.Engine`` in this process, C
+threads each submitting and reading one stream at a time: what the server costs is then
+HTTP, JSON, SSE and the event loop. TTFT is from ``submit`` to the first chunk.
+
+Both use the same number of torch threads (the default), server first then engine at each
+level; the client shares the machine with the server, as a load generator on the same host
+does. Figures: output tokens/s of each, their ratio, and p99 TTFT. Exit 1 if a request fails
+or returns another number of tokens.
+``OMP_WAIT_POLICY=PASSIVE`` (unless set) for both sides, as ``llmexp serve`` runs: see
+``llmexp.serve_command.prefer_passive_openmp``.
+"""
+
+from __future__ import annotations
+
+import os
+
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `llmexp serve` sets it, before torch loads (both sides)
+
+import argparse
+import asyncio
+import json
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import List, Optional, Tuple
+
+import httpx
+import torch
+
+from llmexp.models import save_model
+from llmexp.serving.engine import Engine, GenerationRequest
+
+from bench_generation import make_prompts, tiny_served_model
+from machine_load import OtherLoad, describe
+
+MODEL = "tiny_llama"
+
+
+def p99(values: List[float]) -> float:
+    return statistics.quantiles(values, n=100, method="inclusive")[98] if len(values) > 1 else values[0]
+
+
+async def load_server(url: str, prompts: List[List[int]], concurrency: int, new_tokens: int):
+    """(wall seconds, tokens per request, TTFTs) of ``prompts`` sent by ``concurrency`` streaming clients."""
+    pending = list(enumerate(prompts))
+    tokens, ttfts = [0] * len(prompts), []
+
+    async def client(http: httpx.AsyncClient) -> None:
+        while pending:
+            index, prompt = pending.pop()
+            body = {"model": MODEL, "prompt": prompt, "max_tokens": new_tokens, "temperature": 0, "stream": True,
+                    "ignore_eos": True, "stream_options": {"include_usage": True}}
+            sent = time.perf_counter()
+            async with http.stream("POST", "/v1/completions", json=body) as response:
+                response.raise_for_status()
+                async for line in response.aiter_lines():
+                    if not line.startswith("data: {"):
+                        continue
+                    event = json.loads(line[6:])
+                    if event["choices"] and tokens[index] == 0:
+                        ttfts.append(time.perf_counter() - sent)
+                        tokens[index] = -1
+                    if event.get("usage"):
+                        tokens[index] = event["usage"]["completion_tokens"]
+
+    async with httpx.AsyncClient(base_url=url, timeout=600, limits=httpx.Limits(max_connections=concurrency)) as http:
+        start = time.perf_counter()
+        await asyncio.gather(*(client(http) for _ in range(concurrency)))
+        return time.perf_counter() - start, tokens, ttfts
+
+
+def load_engine(engine: Engine, prompts: List[List[int]], concurrency: int, new_tokens: int):
+    """The same as ``load_server``, through the engine in this process, from ``concurrency`` threads."""
+    pending = list(enumerate(prompts))
+    lock = threading.Lock()
+    tokens, ttfts = [0] * len(prompts), []
+
+    def client() -> None:
+        while True:
+            with lock:
+                if not pending:
+                    return
+                index, prompt = pending.pop()
+            sent = time.perf_counter()
+            stream = engine.submit(GenerationRequest(MODEL, prompt_ids=prompt, max_tokens=new_tokens, temperature=0.0,
+                                                     ignore_eos=True))
+            for chunk in stream:
+                if tokens[index] == 0:
+                    ttfts.append(time.perf_counter() - sent)
+                tokens[index] += len(chunk.token_ids)
+
+    threads = [threading.Thread(target=client) for _ in range(concurrency)]
+    start = time.perf_counter()
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return time.perf_counter() - start, tokens, ttfts
+
+
+def start_server(model_dir: Path, batch: int, queue: int) -> Tuple[subprocess.Popen, str]:
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmexp.serve_command", str(model_dir), "--port", "0", "--max-batch-size", str(batch),
+         "--max-queue", str(queue)],
+        stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    line = process.stdout.readline()
+    if not line.startswith("llmexp serve: http"):
+        process.kill()
+        raise SystemExit(f"the server did not start: {line!r}")
+    return process, line.split()[2].removesuffix("/v1")
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--concurrency", default="1,4,16")
+    parser.add_argument("--requests", type=int, default=32)
+    parser.add_argument("--new-tokens", type=int, default=64)
+    parser.add_argument("--batch", type=int, default=16)
+    args = parser.parse_args(argv)
+    levels = [int(c) for c in args.concurrency.split(",")]
+
+    served = tiny_served_model()
+    prompts = make_prompts(served.tokenizer, args.requests)
+    engine = Engine(served, max_batch_size=args.batch, max_queue=max(levels))
+    ok = True
+    with tempfile.TemporaryDirectory(prefix="llmexp-bench-serve-") as tmp:
+        save_model(served.model, served.tokenizer, Path(tmp) / MODEL)
+        process, url = start_server(Path(tmp) / MODEL, args.batch, max(levels))
+        try:
+            asyncio.run(load_server(url, prompts[:4], 4, 4))  # warm-up
+            load_engine(engine, prompts[:4], 4, 4)
+            print(f"{args.requests} streaming requests x {args.new_tokens} tokens, greedy, EOS ignored; server "
+                  f"--max-batch-size {args.batch}; torch threads {torch.get_num_threads()}")
+            print(f"{'C':>3s} {'server tok/s':>13s} {'engine tok/s':>13s} {'ratio':>6s} {'server p99 TTFT':>16s} "
+                  f"{'engine p99 TTFT':>16s}  others' cores")
+            for concurrency in levels:
+                meter = OtherLoad().start()
+                server_s, server_tokens, server_ttft = asyncio.run(
+                    load_server(url, prompts, concurrency, args.new_tokens))
+                engine_s, engine_tokens, engine_ttft = load_engine(engine, prompts, concurrency, args.new_tokens)
+                total = args.requests * args.new_tokens
+                ok &= all(t == args.new_tokens for t in server_tokens + engine_tokens)
+                print(f"{concurrency:3d} {total / server_s:13.0f} {total / engine_s:13.0f} "
+                      f"{engine_s / server_s:6.3f} {1000 * p99(server_ttft):13.1f} ms {1000 * p99(engine_ttft):13.1f} ms"
+                      f"  {describe(meter.cores())}")
+        finally:
+            process.terminate()
+            process.wait(timeout=30)
+            engine.close()
+    print(f"\nratio = server tokens/s / engine-alone tokens/s; every request returned {args.new_tokens} tokens: "
+          f"{'yes' if ok else 'NO'}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

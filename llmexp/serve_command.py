@@ -1,0 +1,134 @@
+"""``llmexp serve MODEL_DIR``: an OpenAI-compatible HTTP server for a model the framework produced.
+
+Serves ``/v1/completions``, ``/v1/chat/completions`` (streaming or not), ``/v1/models``,
+``/health`` and ``/metrics`` (Prometheus) from one in-process engine that batches requests
+continuously (``llmexp.serving.engine``); LoRA adapters given with ``--adapter`` are served
+on the same base, each under its name. Binds 127.0.0.1 unless told otherwise; Ctrl-C stops.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import socket
+import sys
+from pathlib import Path
+from typing import Dict, List
+
+from llmexp.errors import UserError
+
+BACKENDS = ("inprocess",)  # a vLLM backend for GPU machines is a later addition
+
+
+def main(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llmexp serve", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("model_dir", type=Path, help="a checkpoint directory (save_pretrained, ModelOpt-quantized "
+                        "too), a run's stage directory holding model/, or a LoRA adapter directory")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="serve the PEFT LoRA adapter in DIR on the base model as NAME (repeatable)")
+    parser.add_argument("--name", help="the base model's served name (default: its directory's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind, 0 for any free one (default: %(default)s)")
+    parser.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together (default: %(default)s)")
+    parser.add_argument("--max-queue", type=int, default=64,
+                        help="requests that may wait for a batch slot; beyond, HTTP 429 (default: %(default)s)")
+    parser.add_argument("--max-tokens-limit", type=int, default=None,
+                        help="the largest max_tokens a request may ask for (default: the model's context)")
+    parser.add_argument("--backend", choices=BACKENDS, default="inprocess",
+                        help="what generates: the in-process continuous-batching engine (default)")
+    args = parser.parse_args(argv)
+    _check_numbers(args)
+    prefer_passive_openmp()
+    adapters = _parse_adapters(args.adapter)
+    listener = _bind(args.host, args.port)
+
+    import uvicorn
+
+    from llmexp.serving.app import create_app
+    from llmexp.serving.engine import Engine
+    from llmexp.serving.served_models import load_served_models
+
+    served = load_served_models(args.model_dir, adapters=adapters, name=args.name)
+    engine = Engine(served, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
+    host, port = listener.getsockname()[:2]
+    names = ", ".join([f"{served.base_name} (base)", *(f"{name} (adapter)" for name in served.adapter_dirs)])
+
+    def announce() -> None:
+        print(f"llmexp serve: http://{_url_host(host)}:{port}/v1  models: {names}  (Ctrl-C stops)", flush=True)
+
+    app = create_app(engine, max_tokens_limit=args.max_tokens_limit, on_ready=announce)
+    server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
+    try:
+        # uvicorn turns Ctrl-C (SIGINT) and SIGTERM into a graceful shutdown, then re-raises the signal
+        server.run(sockets=[listener])
+    except KeyboardInterrupt:
+        pass
+    finally:
+        engine.close()
+        listener.close()
+    print("llmexp serve: stopped", flush=True)
+    return 0
+
+
+def prefer_passive_openmp() -> None:
+    """Make OpenMP threads sleep, not spin, between parallel regions, unless the user chose otherwise.
+
+    The engine runs the model in a worker thread while other threads (the event loop, clients)
+    need the cores between its steps. Spinning OpenMP threads keep those cores busy: on 2 cores
+    a 64-token generation took 8x longer (3.4 s against 0.40 s passive; bench_generation.py).
+    libgomp reads this when torch loads it, so it only works before torch is imported.
+    """
+    if "torch" not in sys.modules:
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+
+
+def _check_numbers(args: argparse.Namespace) -> None:
+    for option, value, least in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 0),
+                                 ("--port", args.port, 0)):
+        if value < least:
+            raise UserError(f"{option}={value}: give a whole number of at least {least}.")
+    if args.port > 65535:
+        raise UserError(f"--port={args.port}: give a port from 0 to 65535.")
+    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
+        raise UserError(f"--max-tokens-limit={args.max_tokens_limit}: give a whole number of at least 1.")
+
+
+def _parse_adapters(values: List[str]) -> Dict[str, Path]:
+    adapters: Dict[str, Path] = {}
+    for value in values:
+        name, sep, directory = value.partition("=")
+        if not sep or not name or not directory:
+            raise UserError(f"--adapter {value}: give NAME=DIR, e.g. --adapter sql=outputs/<run>/lora/adapter.")
+        if name in adapters:
+            raise UserError(f"--adapter {value}: the name {name!r} is given twice; give each adapter its own name.")
+        adapters[name] = Path(directory)
+    return adapters
+
+
+def _bind(host: str, port: int) -> socket.socket:
+    """The listening socket, bound before the model loads so a busy port fails fast, in one sentence."""
+    try:
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        listener = socket.socket(family, socket.SOCK_STREAM)
+        listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        listener.bind((host, port))
+        listener.listen(2048)
+    except OSError as error:
+        raise UserError(f"--host {host} --port {port}: cannot listen there ({error.strerror or error}). "
+                        "Choose another --port (0 picks a free one) or a local --host.") from None
+    return listener
+
+
+def _url_host(host: str) -> str:
+    return f"[{host}]" if ":" in host else host
+
+
+if __name__ == "__main__":  # python -m llmexp.serve_command (``llmexp serve`` is the usual way)
+    from llmexp import console
+    from llmexp.errors import EXIT_USER_ERROR
+
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except UserError as error:
+        console.error(str(error))
+        sys.exit(EXIT_USER_ERROR)
