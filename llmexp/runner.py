@@ -88,7 +88,9 @@ def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
 def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earlier: Dict[str, Any]) -> None:
     # A top-level stage whose technique produces no model (evaluate, benchmark) is skipped when
     # that technique already looked at the same model: `technique=evaluate` evaluates once, not
-    # twice. A pipeline's own nodes always run: its author put each there on purpose.
+    # twice; and the evaluation is skipped after any technique that made no model
+    # (`technique=benchmark` benchmarks, it does not also score). A pipeline's own nodes always
+    # run: its author put each there on purpose.
     models: Dict[str, ModelArtifact] = {}  # by stage; model None, path set: kept, loaded when needed
     latest: Optional[str] = None  # the stage that made the newest model
     looked_at, taken = set(), set()
@@ -97,7 +99,9 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
         cls = technique(node.name)
         source = input_stage(cfg, key) or latest
         if not cls.produces_model:
-            if key in TOP_LEVEL_NODES and (source, cls.name) in looked_at:
+            if key in TOP_LEVEL_NODES and (
+                (source, cls.name) in looked_at or (cls.name == "evaluate" and any(s == source for s, _ in looked_at))
+            ):
                 continue
             looked_at.add((source, cls.name))
         stage_name = key if key not in TOP_LEVEL_NODES else _unique(cls.name, taken)
