@@ -130,7 +130,7 @@ def pareto_png(
         len(accuracies), len(costs), figsize=(6 * len(costs), 4.5 * len(accuracies)), squeeze=False
     )
     for r, accuracy in enumerate(accuracies):
-        for c, (cost, label, higher_is_better) in enumerate(costs):
+        for c, (cost, axis_label, higher_is_better) in enumerate(costs):
             axis = axes[r][c]
             shown = [row for row in rows if row.get(accuracy) is not None and row.get(cost) is not None]
             points = [(float(row[cost]), float(row[accuracy])) for row in shown]
@@ -139,7 +139,7 @@ def pareto_png(
                 axis.annotate(str(row.get(label, "")), (x, y), textcoords="offset points", xytext=(4, 4), fontsize=8)
             front = pareto_front(points, higher_is_better)
             axis.plot([points[i][0] for i in front], [points[i][1] for i in front], linestyle="--", label="Pareto front")
-            axis.set_xlabel(label)
+            axis.set_xlabel(axis_label)
             axis.set_ylabel(accuracy)
             axis.grid(alpha=0.3)
             axis.legend(loc="lower right", fontsize=8)

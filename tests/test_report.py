@@ -50,3 +50,17 @@ def test_write_report_writes_the_table_csv_and_a_png(tmp_path):
 def test_no_plot_without_two_comparable_points(tmp_path):
     written = write_report(tmp_path, [dict(ROWS[0]), {"stage": "x", "made_by": "y"}])
     assert "plot" not in written and not (tmp_path / "pareto.png").exists()
+
+
+def test_every_point_is_labelled_with_its_row(monkeypatch):
+    from matplotlib.axes import Axes
+
+    from llmexp.report import pareto_png
+
+    texts = []
+    annotate = Axes.annotate
+    monkeypatch.setattr(Axes, "annotate", lambda self, text, *a, **k: texts.append(text) or annotate(self, text, *a, **k))
+    rows = [dict(row, label=f"point {i}") for i, row in enumerate(report_rows(ROWS))]
+    assert pareto_png(rows, label="label")[:8] == b"\x89PNG\r\n\x1a\n"
+    # two accuracies x two cost axes, each panel labelling the four points
+    assert sorted(texts) == sorted([f"point {i}" for i in range(4)] * 4)
