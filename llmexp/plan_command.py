@@ -61,6 +61,7 @@ def summary(cfg) -> dict:
         "pipeline": cfg.pipeline.name,
         "hardware": cfg.hardware.name,
         "precision": getattr(cfg.precision, "value", cfg.precision),
+        "backend": cfg.backend.name,
         "parallelism": {"name": p.name, "tp": p.tp, "pp": p.pp, "dp": p.dp, "nodes": p.nodes,
                         "devices_per_node": p.devices_per_node, "sharding": p.sharding},
         "seq_len": cfg.data.seq_len,
@@ -78,7 +79,7 @@ def print_table(cfg, plan) -> None:
     # a pipeline of its own nodes is planned by its heaviest stage, whose memory mode follows
     what = f"technique={s['technique']}" if s["pipeline"] in SINGLE_TECHNIQUE else f"pipeline={s['pipeline']}"
     title = (f"llmexp plan: model={s['model']} {what} ({plan.technique_memory}) "
-             f"precision={s['precision']} hardware={s['hardware']} parallelism={p['name']}")
+             f"precision={s['precision']} hardware={s['hardware']} parallelism={p['name']} backend={s['backend']}")
     table = Table(show_header=False)
     table.add_column(style="bold")
     table.add_column(justify="right")

@@ -191,6 +191,7 @@ def make_plan(cfg) -> Plan:
     problems += precision_problems(cfg, precision)
     problems += divisibility_problems(cfg, model, layout)
     problems += training_layout_problems(cfg, layout)
+    problems += backend_problems(cfg)
 
     memory_mode, breakdown, trainable = heaviest_stage(cfg, model, precision, layout, problems)
     plan = Plan(
@@ -285,10 +286,13 @@ def full_memory(cfg, node, key, model, precision, layout, problems):
     parameters = count_parameters(model)
     shards = _state_shards(cfg, layout)
     optimizer = ADAM_MOMENT_BYTES + (0 if precision == "fp32" else MASTER_WEIGHT_BYTES)
+    optimizer_shards = shards
+    if cfg.backend.name == "megatron" and cfg.backend.distributed_optimizer and cfg.parallelism.sharding != "fsdp":
+        optimizer_shards *= layout["dp"]  # megatron's distributed optimizer splits its states over dp
     return {
         "weights": parameters * WEIGHT_BYTES[precision] / shards,
         "gradients": parameters * WEIGHT_BYTES[precision] / shards,
-        "optimizer": parameters * optimizer / shards,
+        "optimizer": parameters * optimizer / optimizer_shards,
         "activations": activation_bytes(cfg, model, precision, layout),
     }, parameters
 
@@ -502,6 +506,8 @@ def training_layout_problems(cfg, layout) -> List[str]:
 
     stages = [plugin_manager.technique(node.name) for _, node in stage_nodes(cfg, strict=False)]
     training = [cls for cls in stages if issubclass(cls, TrainingTechnique)]
+    if cfg.backend.name != "torch":
+        return []
     problems = []
     if training and layout["pp"] > 1:
         problems.append(pipeline_training_problem(cfg.parallelism))
@@ -513,6 +519,38 @@ def training_layout_problems(cfg, layout) -> List[str]:
             "data parallel, with parallelism.sharding=fsdp to split the frozen weights too)."
         )
     return problems
+
+
+def backend_problems(cfg) -> List[str]:
+    """The training backend: a known one, its own keys only, and on megatron what megatron-core cannot run
+    (``llmexp.megatron.arguments``) and techniques that do not train there. Whether the backend's packages
+    and a GPU are on this machine is checked when the run starts: a plan may be for a cluster."""
+    from llmexp.backends import TRAINING_BACKENDS
+    from llmexp.megatron.arguments import backend_key_problems, megatron_problems
+    from llmexp.training import TrainingTechnique
+
+    name = cfg.backend.name
+    if name not in TRAINING_BACKENDS:
+        return [f"backend={name} is not known; choose one of {', '.join(TRAINING_BACKENDS)} (`llmexp plugins` "
+                "lists them and whether each can run here)."]
+    problems = backend_key_problems(cfg)
+    stages = [(key, plugin_manager.technique(node.name)) for key, node in stage_nodes(cfg, strict=False)]
+    training = [(key, cls) for key, cls in stages if issubclass(cls, TrainingTechnique)]
+    if name == "megatron" and training:
+        problems += megatron_problems(cfg)
+        for key, cls in training:
+            if name not in cls.backends:
+                problems.append(
+                    f"{key}: technique={cls.name} trains on backend={', '.join(cls.backends)} only; run it with "
+                    f"backend=torch (backend=megatron trains {', '.join(_megatron_techniques())}).")
+    return problems
+
+
+def _megatron_techniques() -> List[str]:
+    from llmexp.training import TrainingTechnique
+
+    return sorted(name for name, entry in plugin_manager.techniques().items()
+                  if issubclass(entry.technique, TrainingTechnique) and "megatron" in entry.technique.backends)
 
 
 def memory_problems(cfg, plan: Plan) -> List[str]:

@@ -1,12 +1,15 @@
-"""``llmexp plugins``: every technique, the package it comes from, and whether it can run here."""
+"""``llmexp plugins``: every technique, the package it comes from, and whether it can run here; then the
+backends that train, serve and build engines, and why any of them cannot run here."""
 
 from __future__ import annotations
 
 from typing import List
 
+from rich.markup import escape
 from rich.table import Table
 
 from llmexp import console
+from llmexp.backends import BACKENDS, installed_options, unavailable_reason
 from llmexp.plugin_manager import techniques
 
 
@@ -18,9 +21,24 @@ def main(argv: List[str]) -> int:
         missing = entry.technique.missing_requirements()
         if missing:
             fix = f" (pip install llmexp[{entry.technique.extra}])" if entry.technique.extra else ""
-            status = f"[red]missing: {', '.join(missing)}{fix}[/red]"
+            status = f"[red]missing: {escape(', '.join(missing) + fix)}[/red]"
         else:
             status = "[green]installed[/green]"
         table.add_row(name, entry.plugin, entry.distribution, entry.technique.memory, status)
     console.out.print(table)
+    console.out.print(backends_table())
     return 0
+
+
+def backends_table() -> Table:
+    table = Table(title="Backends", title_justify="left")
+    for column in ("backend", "role", "what", "selected by", "status"):
+        table.add_column(column)
+    for backend in BACKENDS.values():
+        reason = unavailable_reason(backend)
+        status = f"[red]unavailable: {escape(reason)}[/red]" if reason else "[green]available[/green]"
+        extras = installed_options(backend)
+        if extras:
+            status += f" (with {', '.join(extras)})"
+        table.add_row(backend.name, backend.role, backend.description, backend.selected_by, status)
+    return table

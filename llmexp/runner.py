@@ -25,11 +25,12 @@ import json
 import time
 import traceback
 from pathlib import Path
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig
 
 from llmexp import console, distributed
+from llmexp.backends import BACKENDS, unavailable_reason
 from llmexp.checkpoint import validate_checkpoint_dir
 from llmexp.errors import UserError
 from llmexp.models import load_model
@@ -49,10 +50,11 @@ def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
         redact_hydra_record(run_dir / ".hydra", cfg)
     plan = make_plan(cfg)
     record = RunRecord.start(run_dir, cfg, plan.to_dict())
-    if plan.problems:
+    problems = plan.problems or _backend_problems(cfg)
+    if problems:
         if not multirun:
-            raise UserError(" ".join(plan.problems))
-        return _close(record, "skipped", " ".join(plan.problems)) if lead else record
+            raise UserError(" ".join(problems))
+        return _close(record, "skipped", " ".join(problems)) if lead else record
 
     earlier = distributed.decided_by_rank_zero(lambda: _completed_earlier(record))
     if lead:
@@ -83,6 +85,17 @@ def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
     tracker.finish("completed")
     console.print_results(results)
     return record
+
+
+def _backend_problems(cfg) -> List[str]:
+    """The training backend must run on this machine; the plan checks the config only (it may be for a cluster)."""
+    trains = any(issubclass(technique(node.name), TrainingTechnique)
+                 for _, node in stage_nodes(cfg, strict=False))
+    reason = unavailable_reason(BACKENDS[cfg.backend.name]) if trains else None
+    if reason is None:
+        return []
+    return [f"backend={cfg.backend.name} cannot train on this machine: {reason}. Run on a machine that has it "
+            "(hydra/launcher=slurm cluster=... for a GPU cluster), or train here with backend=torch."]
 
 
 def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earlier: Dict[str, Any]) -> None:

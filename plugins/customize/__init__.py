@@ -65,6 +65,7 @@ class DPOConfig(TrainingConfig):
 class SFT(TrainingTechnique):
     name = "sft"
     schema = SFTConfig
+    backends = ("torch", "megatron")
 
     entry = "llmexp.plugins.customize.stages:run_sft"
 

@@ -38,6 +38,7 @@ class CptConfig(TrainingConfig):
 class Pretrain(TrainingTechnique):
     name = "pretrain"
     schema = PretrainConfig
+    backends = ("torch", "megatron")
 
     entry = "llmexp.plugins.pretrain.loop:pretrain"
 
