@@ -80,6 +80,8 @@ class TrainingTechnique(Technique):
     memory: ClassVar[str] = "full"
     produces_model: ClassVar[bool] = True
     requires: ClassVar[Tuple[str, ...]] = ("torch", "transformers", "lightning")
+    # training backends (``backend=``) whose loop can run its loss: megatron's computes next-token loss only
+    backends: ClassVar[Tuple[str, ...]] = ("torch",)
 
 
 @dataclass
@@ -119,6 +121,8 @@ def train(
     ``total_parameters``, ``trainable_fraction``, ``peak_memory_mb`` and ``resumed_from_step``.
     The model is left in eval mode.
     """
+    if ctx.config.backend.name == "megatron":
+        return _train_on_megatron(ctx, model, train_data, collate, val_data, shuffle, extra_modules, callbacks)
     import lightning as L
     import torch
     from torch.utils.data import DataLoader
@@ -196,6 +200,18 @@ def train(
         resumed_from_step=point.step if point else 0,
     )
     return metrics
+
+
+def _train_on_megatron(ctx, model, train_data, collate, val_data, shuffle, extra_modules, callbacks):
+    """``backend=megatron``: megatron-core runs the steps with its own next-token loss (``llmexp.megatron.train``)."""
+    from llmexp.megatron import train as megatron_train
+
+    if extra_modules or callbacks:
+        raise UserError(
+            f"{ctx.stage_name}: technique={ctx.stage_config.name} needs frozen helper models or step callbacks, which "
+            "backend=megatron does not run; use backend=torch for it.")
+    _check(ctx.stage_config, ctx.stage_name, train_data, val_data)
+    return megatron_train.train(ctx, model, train_data, collate, val_data, shuffle)
 
 
 def data_order(num_examples: int, num_samples: int, seed: int, shuffle: bool = True):
@@ -313,8 +329,8 @@ def training_strategy(parallelism, accelerator: str):
 def pipeline_training_problem(parallelism) -> str:
     return (
         f"parallelism.pp={parallelism.pp} (parallelism={parallelism.name}): the torch backend does not train "
-        "through pipeline stages; split the model with parallelism.tp (tensor parallel) or "
-        "parallelism.sharding=fsdp over parallelism.dp instead, and set parallelism.pp=1."
+        "through pipeline stages; train with backend=megatron (CUDA GPUs), or split the model with parallelism.tp "
+        "(tensor parallel) or parallelism.sharding=fsdp over parallelism.dp instead and set parallelism.pp=1."
     )
 
 
