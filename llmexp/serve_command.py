@@ -4,6 +4,7 @@ Serves ``/v1/completions``, ``/v1/chat/completions`` (streaming or not), ``/v1/m
 ``/health`` and ``/metrics`` (Prometheus) from one in-process engine that batches requests
 continuously (``llmexp.serving.engine``); LoRA adapters given with ``--adapter`` are served
 on the same base, each under its name. Binds 127.0.0.1 unless told otherwise; Ctrl-C stops.
+``--backend vllm`` instead becomes vLLM's own OpenAI server on CUDA GPUs (``llmexp.serving.vllm_server``).
 """
 
 from __future__ import annotations
@@ -13,33 +14,33 @@ import os
 import socket
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, NoReturn
 
 from llmexp.errors import UserError
 
-BACKENDS = ("inprocess",)  # a vLLM backend for GPU machines is a later addition
+BACKENDS = ("inprocess", "vllm")
+INPROCESS_DEFAULTS = {"max_batch_size": 16, "max_queue": 64}
+# options only one backend has: the backend, and what to do instead on the other one
+BACKEND_ONLY_OPTIONS = {
+    "max_queue": ("inprocess", "vLLM queues every request it accepts; drop --max-queue."),
+    "max_tokens_limit": ("inprocess", "With vLLM, bound prompt plus generated tokens with --max-model-len."),
+    "tensor_parallel_size": ("vllm", "The in-process engine runs one copy of the model on this process's device."),
+    "gpu_memory_utilization": ("vllm", "The in-process engine allocates as it generates, with no memory budget."),
+    "max_model_len": ("vllm", "In process, bound max_tokens with --max-tokens-limit."),
+}
 
 
 def main(argv: List[str]) -> int:
-    parser = argparse.ArgumentParser(prog="llmexp serve", description=__doc__.split("\n", 1)[0])
-    parser.add_argument("model_dir", type=Path, help="a checkpoint directory (save_pretrained, ModelOpt-quantized "
-                        "too), a run's stage directory holding model/, or a LoRA adapter directory")
-    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
-                        help="serve the PEFT LoRA adapter in DIR on the base model as NAME (repeatable)")
-    parser.add_argument("--name", help="the base model's served name (default: its directory's name)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
-    parser.add_argument("--port", type=int, default=8000, help="port to bind, 0 for any free one (default: %(default)s)")
-    parser.add_argument("--max-batch-size", type=int, default=16, help="rows decoded together (default: %(default)s)")
-    parser.add_argument("--max-queue", type=int, default=64,
-                        help="requests that may wait for a batch slot; beyond, HTTP 429 (default: %(default)s)")
-    parser.add_argument("--max-tokens-limit", type=int, default=None,
-                        help="the largest max_tokens a request may ask for (default: the model's context)")
-    parser.add_argument("--backend", choices=BACKENDS, default="inprocess",
-                        help="what generates: the in-process continuous-batching engine (default)")
-    args = parser.parse_args(argv)
+    args = parse_args(argv)
     _check_numbers(args)
-    prefer_passive_openmp()
+    _check_backend_options(args)
     adapters = _parse_adapters(args.adapter)
+    if args.backend == "vllm":
+        _serve_with_vllm(args, adapters)
+    for option, default in INPROCESS_DEFAULTS.items():
+        if getattr(args, option) is None:
+            setattr(args, option, default)
+    prefer_passive_openmp()
     listener = _bind(args.host, args.port)
 
     import uvicorn
@@ -70,6 +71,65 @@ def main(argv: List[str]) -> int:
     return 0
 
 
+def parse_args(argv: List[str]) -> argparse.Namespace:
+    """The options, ``backend=X`` included; in-process-only options left None when not given (see ``main``)."""
+    parser = argparse.ArgumentParser(prog="llmexp serve", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("model_dir", type=Path, help="a checkpoint directory (save_pretrained, ModelOpt-quantized "
+                        "too), a run's stage directory holding model/ (or a quantize stage's export/ for vLLM), "
+                        "or a LoRA adapter directory")
+    parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
+                        help="serve the PEFT LoRA adapter in DIR on the base model as NAME (repeatable)")
+    parser.add_argument("--name", help="the base model's served name (default: its directory's name)")
+    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    parser.add_argument("--port", type=int, default=8000, help="port to bind, 0 for any free one (default: %(default)s)")
+    parser.add_argument("--max-batch-size", type=int, default=None,
+                        help="rows decoded together (in process: 16; vLLM: its --max-num-seqs, default its own)")
+    parser.add_argument("--max-queue", type=int, default=None,
+                        help="in process: requests that may wait for a batch slot; beyond, HTTP 429 (default: 64)")
+    parser.add_argument("--max-tokens-limit", type=int, default=None,
+                        help="in process: the largest max_tokens a request may ask for (default: the model's context)")
+    parser.add_argument("--backend", choices=BACKENDS, default="inprocess",
+                        help="what generates: the in-process continuous-batching engine (default; CPU or one GPU) "
+                        "or vLLM's OpenAI server (CUDA GPUs, vLLM installed); backend=vllm works too")
+    parser.add_argument("--tensor-parallel-size", type=int, default=None,
+                        help="vLLM: GPUs one model is split over (default: 1)")
+    parser.add_argument("--gpu-memory-utilization", type=float, default=None,
+                        help="vLLM: the fraction of each GPU's memory it may use (default: vLLM's, 0.9)")
+    parser.add_argument("--max-model-len", type=int, default=None,
+                        help="vLLM: the most tokens (prompt plus generated) per sequence (default: the model's)")
+    return parser.parse_args(hydra_style_backend(argv))
+
+
+def hydra_style_backend(argv: List[str]) -> List[str]:
+    """``backend=X``, typed like llmexp's other overrides, as ``--backend X`` (not when it is an option's value)."""
+    words: List[str] = []
+    for arg in argv:
+        previous = words[-1] if words else ""
+        awaited = previous.startswith("-") and "=" not in previous and previous not in ("-h", "--help")
+        if arg.startswith("backend=") and not awaited:
+            words += ["--backend", arg.split("=", 1)[1]]
+        else:
+            words.append(arg)
+    return words
+
+
+def _serve_with_vllm(args: argparse.Namespace, adapters: Dict[str, Path]) -> NoReturn:
+    """Check the input, then the machine (vLLM installed, CUDA GPUs), then become vLLM's server."""
+    from llmexp.serving import vllm_server
+
+    listener = _bind(args.host, args.port)  # a busy port fails now, not after vLLM loaded the model
+    port = listener.getsockname()[1]
+    listener.close()
+    command = vllm_server.vllm_command(
+        args.model_dir, adapters=adapters, name=args.name, host=args.host, port=port,
+        max_num_seqs=args.max_batch_size, tensor_parallel_size=args.tensor_parallel_size,
+        gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+    )
+    vllm_server.require_vllm()
+    vllm_server.require_cuda(args.tensor_parallel_size)
+    vllm_server.exec_vllm(command, f"http://{_url_host(args.host)}:{port}/v1")
+
+
 def prefer_passive_openmp() -> None:
     """Make OpenMP threads sleep, not spin, between parallel regions, unless the user chose otherwise.
 
@@ -84,13 +144,25 @@ def prefer_passive_openmp() -> None:
 
 def _check_numbers(args: argparse.Namespace) -> None:
     for option, value, least in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 0),
-                                 ("--port", args.port, 0)):
-        if value < least:
+                                 ("--port", args.port, 0), ("--max-tokens-limit", args.max_tokens_limit, 1),
+                                 ("--tensor-parallel-size", args.tensor_parallel_size, 1),
+                                 ("--max-model-len", args.max_model_len, 1)):
+        if value is not None and value < least:
             raise UserError(f"{option}={value}: give a whole number of at least {least}.")
     if args.port > 65535:
         raise UserError(f"--port={args.port}: give a port from 0 to 65535.")
-    if args.max_tokens_limit is not None and args.max_tokens_limit < 1:
-        raise UserError(f"--max-tokens-limit={args.max_tokens_limit}: give a whole number of at least 1.")
+    fraction = args.gpu_memory_utilization
+    if fraction is not None and not 0 < fraction <= 1:
+        raise UserError(f"--gpu-memory-utilization={fraction}: give a fraction above 0 and at most 1, e.g. 0.9.")
+
+
+def _check_backend_options(args: argparse.Namespace) -> None:
+    """Refuse an option the chosen backend does not have, rather than ignore it."""
+    for option, (backend, instead) in BACKEND_ONLY_OPTIONS.items():
+        if getattr(args, option) is not None and args.backend != backend:
+            flag = "--" + option.replace("_", "-")
+            raise UserError(f"{flag} is an option of --backend {backend} only, and this serve uses "
+                            f"--backend {args.backend}. {instead} Or add --backend {backend}.")
 
 
 def _parse_adapters(values: List[str]) -> Dict[str, Path]:

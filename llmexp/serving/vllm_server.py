@@ -1,0 +1,252 @@
+"""``llmexp serve --backend vllm``: hand a model the framework produced to vLLM's own OpenAI-compatible server.
+
+vLLM schedules, batches and serves on the GPU far beyond the in-process engine, so this backend
+only decides *what* to serve and *how to ask for it*: the directory vLLM can read (a quantize
+stage's ModelOpt unified export rather than its ``mto.restore`` checkpoint), the PEFT LoRA
+adapters, the quantization method vLLM's ModelOpt loader names, and the flags of
+``python -m vllm.entrypoints.openai.api_server`` (vLLM 0.10+). The process then becomes vLLM
+(``os.execvp``), so signals, logs and the exit code are vLLM's own.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+import shlex
+import sys
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Tuple
+
+from llmexp.errors import UserError
+from llmexp.models import MODELOPT_STATE
+from llmexp.serving.served_models import ADAPTER_CONFIG, resolve_model_dir
+
+VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
+EXPORT_DIR = "export"  # where the quantize stage writes ModelOpt's unified HF export (plugins/quantize/ptq.py)
+HF_QUANT_CONFIG = "hf_quant_config.json"
+
+# ModelOpt's quant_algo -> the name vLLM's ModelOpt loader detects it as. vLLM refuses a --quantization
+# that differs from what it detects, so the name must be the exact sibling, not always "modelopt".
+VLLM_MODELOPT_METHODS = {
+    "FP8": "modelopt",
+    "FP8_PER_CHANNEL_PER_TOKEN": "modelopt",
+    "FP8_PB_WO": "modelopt",
+    "NVFP4": "modelopt_fp4",
+    "W4A16_NVFP4": "modelopt_fp4",
+    "MXFP8": "modelopt_mxfp8",
+    "MIXED_PRECISION": "modelopt_mixed",
+}
+
+# --max-lora-rank takes one of these (vLLM's LoRAConfig); 1 is missing from older releases, so it is left out
+VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
+WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
+
+
+def vllm_command(
+    model_dir: str | Path,
+    *,
+    adapters: Optional[Mapping[str, str | Path]] = None,
+    name: Optional[str] = None,
+    host: str = "127.0.0.1",
+    port: int = 8000,
+    max_num_seqs: Optional[int] = None,
+    tensor_parallel_size: Optional[int] = None,
+    gpu_memory_utilization: Optional[float] = None,
+    max_model_len: Optional[int] = None,
+    python: str = sys.executable,
+) -> List[str]:
+    """The argument list that starts vLLM's OpenAI server for MODEL_DIR and its adapters; bad input is a ``UserError``.
+
+    Reads the directories and starts nothing, so the command can be checked (and shown) anywhere.
+    Options left None are vLLM's defaults.
+    """
+    checkpoint, implied_adapter = servable_checkpoint(Path(model_dir))
+    base_name = name or served_name(checkpoint)
+    adapter_dirs = {name_of_implied_adapter(implied_adapter): implied_adapter} if implied_adapter else {}
+    adapter_dirs.update({adapter_name: Path(path) for adapter_name, path in (adapters or {}).items()})
+    ranks = [lora_rank(adapter_name, path, base_name) for adapter_name, path in adapter_dirs.items()]
+
+    command = [python, "-m", VLLM_SERVER_MODULE, "--model", str(checkpoint.resolve()),
+               "--served-model-name", base_name, "--host", host, "--port", str(port)]
+    quantization = vllm_quantization(checkpoint)
+    if quantization:
+        command += ["--quantization", quantization]
+    if tensor_parallel_size is not None:
+        check_tensor_parallel_size(checkpoint, tensor_parallel_size)
+        command += ["--tensor-parallel-size", str(tensor_parallel_size)]
+    for flag, value in (("--max-num-seqs", max_num_seqs), ("--max-model-len", max_model_len),
+                        ("--gpu-memory-utilization", gpu_memory_utilization)):
+        if value is not None:
+            command += [flag, str(value)]
+    if adapter_dirs:
+        # every adapter resident at once (vLLM's default is 1 per batch), ranks up to the largest one
+        command += ["--enable-lora", "--max-loras", str(len(adapter_dirs)),
+                    "--max-lora-rank", str(vllm_max_lora_rank(max(ranks))),
+                    "--lora-modules", *(lora_module(n, p) for n, p in adapter_dirs.items())]
+    return command
+
+
+def servable_checkpoint(path: Path) -> Tuple[Path, Optional[Path]]:
+    """(the directory vLLM loads, an adapter MODEL_DIR implied or None), refusing what vLLM cannot read.
+
+    Like the in-process backend (``resolve_model_dir``), except that a quantize stage serves its
+    ``export/`` (ModelOpt's unified checkpoint, which vLLM reads) and that a ModelOpt
+    ``mto.restore`` checkpoint (``modelopt_state.pth``: fake-quantized, our in-process format) is refused.
+    """
+    if path.is_dir() and (path / EXPORT_DIR / "config.json").is_file():
+        checkpoint, implied_adapter = path / EXPORT_DIR, None
+    else:
+        checkpoint, implied_adapter = resolve_model_dir(path)
+    if (checkpoint / MODELOPT_STATE).is_file():
+        export = checkpoint.parent / EXPORT_DIR
+        where = (f"Serve the unified export written beside it: `llmexp serve {export} --backend vllm`."
+                 if (export / "config.json").is_file() else
+                 f"No export is beside it ({export}): re-run the quantize stage with technique.export=true "
+                 "to write one, or serve this checkpoint with --backend inprocess.")
+        raise UserError(
+            f"MODEL_DIR={path}: {checkpoint} is a ModelOpt checkpoint for in-process use ({MODELOPT_STATE}, "
+            f"restored by mto.restore into fake-quantized layers), which vLLM cannot read. {where}"
+        )
+    if not any(next(checkpoint.glob(pattern), None) for pattern in WEIGHT_PATTERNS):
+        raise UserError(
+            f"MODEL_DIR={path}: {checkpoint} has config.json but no weights (*.safetensors or pytorch_model*.bin). "
+            "Give a checkpoint saved with save_pretrained, weights included."
+        )
+    return checkpoint, implied_adapter
+
+
+def served_name(checkpoint: Path) -> str:
+    """The checkpoint directory's name, or its stage's for ``<stage>/model`` and ``<stage>/export``."""
+    directory = checkpoint.resolve()
+    return directory.parent.name if directory.name in ("model", EXPORT_DIR) else directory.name
+
+
+def name_of_implied_adapter(adapter_dir: Path) -> str:
+    """An adapter given as MODEL_DIR is served under its stage's name (``<stage>/adapter``), as in process."""
+    return adapter_dir.parent.name if adapter_dir.name == "adapter" else adapter_dir.name
+
+
+def modelopt_quantization(checkpoint: Path) -> Optional[Dict[str, Any]]:
+    """ModelOpt's ``quantization`` record of a unified export (quant_algo, kv_cache_quant_algo ...), None for
+    a checkpoint ModelOpt did not export: its hf_quant_config.json, else config.json's quantization_config."""
+    quant_config = checkpoint / HF_QUANT_CONFIG
+    if quant_config.is_file():
+        record = _read_json(quant_config).get("quantization")
+        return record if isinstance(record, dict) else {}
+    quantization = _read_json(checkpoint / "config.json").get("quantization_config")
+    if isinstance(quantization, dict) and str(quantization.get("quant_method", "")).startswith("modelopt"):
+        return quantization
+    return None
+
+
+def vllm_quantization(checkpoint: Path) -> Optional[str]:
+    """vLLM's ``--quantization`` for a ModelOpt export (None: not one; vLLM detects any other format itself)."""
+    record = modelopt_quantization(checkpoint)
+    if record is None:
+        return None
+    algo = str(record.get("quant_algo") or "").upper()
+    if algo in VLLM_MODELOPT_METHODS:
+        return VLLM_MODELOPT_METHODS[algo]
+    kv_cache = record.get("kv_cache_quant_algo")
+    what = f"quant_algo {algo}" if algo else f"no quantized weights (KV cache only: {kv_cache})"
+    raise UserError(
+        f"MODEL_DIR={checkpoint} is a ModelOpt export with {what}, which vLLM's ModelOpt loader does not read: it "
+        "reads FP8 and NVFP4 exports (technique.format=fp8 or nvfp4) and ModelOpt's FP8 variants, MXFP8 and mixed "
+        "precision. Quantize to one of those, serve this export with TensorRT-LLM, or serve the stage's model/ "
+        "with --backend inprocess."
+    )
+
+
+def lora_rank(adapter_name: str, adapter_dir: Path, base_name: str) -> int:
+    """The rank of the PEFT LoRA adapter in ``adapter_dir``, refusing anything vLLM cannot serve as ``adapter_name``."""
+    given = f"--adapter {adapter_name}={adapter_dir}"
+    if adapter_name == base_name:
+        raise UserError(f"{given}: the name {adapter_name!r} is the base model's served name; give the adapter "
+                        "another name, or the base one with --name.")
+    if not (adapter_dir / ADAPTER_CONFIG).is_file():
+        raise UserError(f"{given}: no {ADAPTER_CONFIG} there. Give a PEFT LoRA adapter directory "
+                        "(what technique=lora writes to <run>/<stage>/adapter).")
+    config = _read_json(adapter_dir / ADAPTER_CONFIG)
+    kind = config.get("peft_type")
+    if kind != "LORA":
+        raise UserError(f"{given} is a PEFT {kind or 'untyped'} adapter; vLLM serves LoRA adapters only. "
+                        "Give a LoRA adapter (technique=lora), or merge this one into the model and serve that.")
+    if not any((adapter_dir / weights).is_file() for weights in ADAPTER_WEIGHTS):
+        raise UserError(f"{given}: no {' or '.join(ADAPTER_WEIGHTS)} beside {ADAPTER_CONFIG}. Give the whole "
+                        "adapter directory that PEFT's save_pretrained wrote.")
+    rank = config.get("r")
+    if not isinstance(rank, int) or rank < 1 or rank > VLLM_LORA_RANKS[-1]:
+        raise UserError(f"{given}: its rank r={rank!r} is not one vLLM serves (a whole number from 1 to "
+                        f"{VLLM_LORA_RANKS[-1]}). Train the adapter with a rank in that range.")
+    return rank
+
+
+def vllm_max_lora_rank(rank: int) -> int:
+    """The smallest ``--max-lora-rank`` vLLM accepts that holds ``rank`` (it sizes the LoRA buffers)."""
+    return next(allowed for allowed in VLLM_LORA_RANKS if allowed >= rank)
+
+
+def lora_module(adapter_name: str, adapter_dir: Path) -> str:
+    """One ``--lora-modules`` value: ``name=path``, or vLLM's JSON form where ``=`` or ``,`` would split the path."""
+    path = str(adapter_dir.resolve())
+    if "=" in path or "," in path:
+        return json.dumps({"name": adapter_name, "path": path})
+    return f"{adapter_name}={path}"
+
+
+def check_tensor_parallel_size(checkpoint: Path, size: int) -> None:
+    """vLLM splits attention heads across the GPUs: refuse a size that does not divide them, before loading."""
+    heads = _read_json(checkpoint / "config.json").get("num_attention_heads")
+    if isinstance(heads, int) and heads % size:
+        divisors = [d for d in range(1, heads + 1) if heads % d == 0]
+        raise UserError(f"--tensor-parallel-size {size}: the model's {heads} attention heads do not split evenly "
+                        f"over {size} GPUs. Give one of {', '.join(map(str, divisors))}.")
+
+
+def require_vllm() -> None:
+    """vLLM must be installed in this Python (looked up, not imported: importing it takes seconds)."""
+    if importlib.util.find_spec("vllm") is None:
+        raise UserError(
+            f"--backend vllm: vLLM is not installed in this Python ({sys.executable}). On a machine with an NVIDIA "
+            "GPU, `pip install vllm` (it brings its own CUDA build of torch: a separate virtual environment is "
+            "wise) and run llmexp serve from there; here, drop --backend vllm to use the in-process backend, "
+            "the CPU path."
+        )
+
+
+def require_cuda(tensor_parallel_size: Optional[int]) -> None:
+    """vLLM's server needs CUDA GPUs, as many as the tensor-parallel size; torch is imported only here."""
+    import torch
+
+    if not torch.cuda.is_available():
+        raise UserError(
+            f"--backend vllm: no CUDA GPU is visible (torch {torch.__version__}: torch.cuda.is_available() is "
+            "false), and vLLM's server runs on GPUs. Run it on a GPU machine (check nvidia-smi and "
+            "CUDA_VISIBLE_DEVICES), or drop --backend vllm to serve with the in-process backend on the CPU."
+        )
+    visible = torch.cuda.device_count()
+    if tensor_parallel_size is not None and tensor_parallel_size > visible:
+        raise UserError(f"--tensor-parallel-size {tensor_parallel_size}: only {visible} CUDA GPU(s) are visible. "
+                        f"Give at most {visible}, or make more GPUs visible (CUDA_VISIBLE_DEVICES).")
+
+
+def exec_vllm(command: List[str], url: str) -> NoReturn:
+    """Become vLLM's server: say where it will listen, then replace this process so Ctrl-C and the exit code
+    are vLLM's. vLLM logs 'Application startup complete' once the model is loaded and requests are served."""
+    print(f"llmexp serve: starting vLLM for {url}  (Ctrl-C stops)", flush=True)
+    print(f"llmexp serve: {shlex.join(command)}", file=sys.stderr, flush=True)
+    try:
+        os.execvp(command[0], command)
+    except OSError as error:
+        raise UserError(f"--backend vllm: could not start {command[0]} ({error.strerror or error}). "
+                        "Check that this Python can run, then try again.") from None
+
+
+def _read_json(path: Path) -> Dict[str, Any]:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError) as error:
+        raise UserError(f"{path} could not be read as JSON ({error}). Re-save the directory it belongs to.") from None
+    return data if isinstance(data, dict) else {}
