@@ -1,6 +1,6 @@
 """Post-training quantization through NVIDIA ModelOpt: ``technique=quantize technique.format=<name>``.
 
-The formats (fp8, int8_sq, int8_wo, int4_awq, w4a8_awq, nvfp4, fp8_kv, int4_rtn) are presets in
+The formats (fp8, int8_sq, int8_wo, int4_awq, w4a8_awq, nvfp4, mxfp8, fp8_kv, int4_rtn) are presets in
 ``formats.py``; ``ptq.py`` calibrates on the run's data, quantizes, saves the model so that
 ``llmexp.models.load_model`` restores it exactly, and writes ModelOpt's unified HF export for
 deployment engines. The planner refuses a format the chosen hardware cannot run; on
@@ -33,7 +33,7 @@ class QuantizeConfig(TechniqueConfig):
     """Which ModelOpt format, calibrated on how much of the run's data; see plugins/quantize/README.md."""
 
     name: str = "quantize"
-    format: str = "fp8"  # fp8 | int8_sq | int8_wo | int4_awq | w4a8_awq | nvfp4 | fp8_kv | int4_rtn
+    format: str = "fp8"  # fp8 | int8_sq | int8_wo | int4_awq | w4a8_awq | nvfp4 | mxfp8 | fp8_kv | int4_rtn
     # weights per scale of the block formats (int4_awq, int4_rtn, w4a8_awq); None: the preset's 128.
     # Formats without blocks ignore it, so one sweep can cover every format.
     group_size: Optional[int] = None
@@ -134,7 +134,9 @@ def native_needs(dtype: str) -> str:
     """Which GPU generation a dtype needs, in the planner's words (``llmexp.planner.PRECISION_NEEDS``)."""
     from llmexp.planner import PRECISION_NEEDS
 
-    return PRECISION_NEEDS[dtype][0] if dtype in PRECISION_NEEDS else "INT8 and INT4 kernels need Turing or newer"
+    if dtype in PRECISION_NEEDS:
+        return PRECISION_NEEDS[dtype][0]
+    return "MXFP8 needs Blackwell" if dtype == "mxfp8" else "INT8 and INT4 kernels need Turing or newer"
 
 
 def hardware_with(dtype: str) -> List[str]:

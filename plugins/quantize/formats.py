@@ -21,7 +21,7 @@ class Format:
     weight_bits: Optional[int]
     activation_bits: Optional[int]
     kv_cache_bits: Optional[int]
-    hardware_dtype: str  # fp8 | fp4 | int8: what conf/hardware `dtypes` must list to run it natively
+    hardware_dtype: str  # fp8 | mxfp8 | fp4 | int8: what conf/hardware `dtypes` must list to run it natively
     # block formats: weights sharing one scale along the input dimension (ModelOpt's block_sizes[-1]);
     # technique.group_size overrides it. None: not a block format (per-tensor or per-channel scales).
     group_size: Optional[int] = None
@@ -49,6 +49,8 @@ FORMATS: Dict[str, Format] = {
                        "W4A8_AWQ_BETA_CFG", 4, 8, None, "fp8", group_size=128),
     "nvfp4": Format("NVFP4 weights and activations (E2M1, an FP8 scale per 16 values)",
                     "NVFP4_DEFAULT_CFG", 4, 4, None, "fp4", cuda_only=True),
+    "mxfp8": Format("MXFP8 (OCP microscaling): FP8 E4M3 weights and activations, an E8M0 scale per 32 values",
+                    "MXFP8_DEFAULT_CFG", 8, 8, None, "mxfp8", cuda_only=True),
     "fp8_kv": Format("FP8 KV cache only; weights and activations unchanged",
                      "FP8_KV_CFG", None, None, 8, "fp8", only_listed_quantizers=True),
     # AWQ's baseline (Lin et al. 2024): the same INT4 blocks, scales from each block's max, no search
