@@ -79,10 +79,11 @@ def megatron_problems(cfg, transformer_engine: Optional[bool] = None) -> List[st
         problems.append(
             f"backend.fp8_recipe={backend.fp8_recipe} needs {needs.capitalize()} GPUs and hardware={hardware.name} is "
             f"{hardware.generation}; use backend.fp8_recipe=delayed (or tensorwise) or choose hardware=b200.")
-    if p.sharding == "fsdp" and not backend.distributed_optimizer:
+    if p.sharding == "fsdp":
         problems.append(
-            "parallelism.sharding=fsdp on backend=megatron is Megatron FSDP, which shards through the distributed "
-            "optimizer; set backend.distributed_optimizer=true or parallelism.sharding=none.")
+            f"parallelism.sharding=fsdp (parallelism={p.name}) on backend=megatron: Megatron FSDP is not wired into "
+            "llmexp's megatron training; use parallelism.sharding=none with backend.distributed_optimizer=true, which "
+            "splits the optimizer states and fp32 master weights over dp (ZeRO-1), or backend=torch for FSDP2.")
     return problems
 
 
@@ -176,13 +177,10 @@ def translate(cfg, node=None, transformer_engine: bool = False, model=None) -> M
         pipeline_model_parallel_size=p.pp,
         virtual_pipeline_model_parallel_size=backend.virtual_pipeline_stages,
     )
-    fsdp = p.sharding == "fsdp"
     ddp = dict(
         grad_reduce_in_fp32=True,
         overlap_grad_reduce=backend.overlap_grad_reduce,
         use_distributed_optimizer=backend.distributed_optimizer,
-        use_megatron_fsdp=fsdp,
-        data_parallel_sharding_strategy="optim_grads_params" if fsdp else "no_shard",
         check_for_nan_in_grad=True,
     )
     batch = dict(

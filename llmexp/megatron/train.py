@@ -17,13 +17,14 @@ Needs CUDA: megatron-core's GPT model calls it in its rotary embeddings and RNG 
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import socket
 import time
 from pathlib import Path
 from types import SimpleNamespace
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from llmexp import distributed
 from llmexp.backends import importable
@@ -67,7 +68,7 @@ def train(ctx: StageContext, model, train_data: Sequence, collate: Callable,
     cfg, tcfg = ctx.config, ctx.stage_config
     require_megatron(cfg)
     args = megatron_arguments.translate(cfg, tcfg, transformer_engine=transformer_engine_installed(),
-                                        model=_model_numbers(model))
+                                        model=model_numbers(model))
     lead = distributed.is_rank_zero()
     with _process_group():
         from megatron.core import parallel_state
@@ -96,9 +97,9 @@ def train(ctx: StageContext, model, train_data: Sequence, collate: Callable,
                 indices = [step * per_step + k * dp + dp_rank for k in range(batch["num_microbatches"])]
                 micro_batches = [collate([train_data[int(i)] for i in order[b * micro:(b + 1) * micro]])
                                  for b in indices]
-                loss, step_tokens = _step(chunks, optimizer, micro_batches, args, forward_only=False)
+                loss = _step(chunks, optimizer, micro_batches, args, forward_only=False)
                 losses.append(loss)
-                tokens += step_tokens
+                tokens += batch["global_batch_size"] * batch["seq_length"]  # as processed: rows padded to seq_length
                 if lead and ((step + 1) % tcfg.log_every == 0 or step + 1 == steps):
                     with log_path.open("a", encoding="utf-8") as log:
                         log.write(json.dumps({"step": step + 1, "loss": round(loss, 5), "lr": lr}) + "\n")
@@ -123,27 +124,24 @@ def train(ctx: StageContext, model, train_data: Sequence, collate: Callable,
     return metrics
 
 
-class _process_group:
+@contextlib.contextmanager
+def _process_group() -> Iterator[None]:
     """The job's process group (``llmexp.distributed`` starts one on several ranks), or a one-rank NCCL group."""
+    import torch
+    import torch.distributed as dist
 
-    def __enter__(self):
-        import torch
-        import torch.distributed as dist
-
-        self.own = not dist.is_initialized()
-        if self.own:
-            with socket.socket() as probe:
-                probe.bind(("127.0.0.1", 0))
-                port = probe.getsockname()[1]
-            torch.cuda.set_device(0)
-            dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
-        return self
-
-    def __exit__(self, *exc):
-        import torch.distributed as dist
-
-        if self.own and dist.is_initialized():
-            dist.destroy_process_group()
+    if dist.is_initialized():
+        yield
+        return
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    torch.cuda.set_device(0)
+    dist.init_process_group("nccl", init_method=f"tcp://127.0.0.1:{port}", rank=0, world_size=1)
+    try:
+        yield
+    finally:
+        dist.destroy_process_group()
 
 
 def _initialize(args, seed: int) -> None:
@@ -155,16 +153,20 @@ def _initialize(args, seed: int) -> None:
 
 
 def _transformer_config(args):
-    import torch
     import torch.nn.functional as F
     from megatron.core.transformer import TransformerConfig
 
-    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
     kwargs = dict(args.transformer)
     kwargs["activation_func"] = {"silu": F.silu}[kwargs["activation_func"]]
-    kwargs["params_dtype"] = dtypes[kwargs["params_dtype"]]
-    kwargs["pipeline_dtype"] = dtypes[kwargs["pipeline_dtype"]]
+    kwargs["params_dtype"] = _torch_dtype(kwargs["params_dtype"])
+    kwargs["pipeline_dtype"] = _torch_dtype(kwargs["pipeline_dtype"])
     return TransformerConfig(**kwargs)
+
+
+def _torch_dtype(name: str):
+    import torch
+
+    return {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}[name]
 
 
 def _layer_spec(args):
@@ -235,7 +237,7 @@ def _load_with_our_mapping(raw_chunks, args, hf_model) -> None:
         _load(chunk, shard)
 
 
-def _model_numbers(hf_model) -> SimpleNamespace:
+def model_numbers(hf_model) -> SimpleNamespace:
     """The architecture as ModelConfig names it, from the model itself (a checkpoint may differ from the preset)."""
     c = hf_model.config
     return SimpleNamespace(
@@ -257,7 +259,7 @@ def _rope_theta(hf_config) -> float:
 
 def _architecture(args, hf_model) -> Dict[str, Any]:
     """``checkpoint_mapping``'s numbers: the model's, with megatron's padded vocabulary."""
-    numbers = vars(_model_numbers(hf_model))
+    numbers = vars(model_numbers(hf_model))
     keep = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
             "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias")
     return {**{key: numbers[key] for key in keep}, "padded_vocab_size": args.model["vocab_size"]}
@@ -275,7 +277,8 @@ def _optimizer(args, chunks, config):
     from megatron.core.distributed import finalize_model_grads
     from megatron.core.optimizer import OptimizerConfig, get_megatron_optimizer
 
-    optimizer = get_megatron_optimizer(OptimizerConfig(**args.optimizer), chunks)
+    settings = dict(args.optimizer, params_dtype=_torch_dtype(args.optimizer["params_dtype"]))
+    optimizer = get_megatron_optimizer(OptimizerConfig(**settings), chunks)
     # the hooks megatron's schedules call: gradient sync across micro-batches, reductions, loss scaling
     no_sync = [chunk.no_sync for chunk in chunks]
     config.no_sync_func = no_sync[0] if len(no_sync) == 1 else no_sync
@@ -285,7 +288,7 @@ def _optimizer(args, chunks, config):
 
 
 def _step(chunks, optimizer, micro_batches, args, forward_only: bool):
-    """One optimiser step (or, ``forward_only``, one scoring pass) over ``micro_batches``: (mean loss, tokens)."""
+    """One optimiser step (or, ``forward_only``, one scoring pass) over ``micro_batches``: the mean loss."""
     import torch
     import torch.distributed as dist
     from megatron.core import parallel_state
@@ -296,7 +299,8 @@ def _step(chunks, optimizer, micro_batches, args, forward_only: bool):
             chunk.zero_grad_buffer()
         optimizer.zero_grad()
     seq_length = args.batch["seq_length"]
-    iterators = [iter([_next_token_batch(batch, seq_length) for batch in micro_batches]) for _ in chunks]
+    on_gpu = [tuple(t.cuda(non_blocking=True) for t in next_token_batch(batch, seq_length)) for batch in micro_batches]
+    iterators = [iter(on_gpu) for _ in chunks]
     reduced = get_forward_backward_func()(
         forward_step_func=_forward_step,
         data_iterator=iterators if len(chunks) > 1 else iterators[0],
@@ -308,16 +312,15 @@ def _step(chunks, optimizer, micro_batches, args, forward_only: bool):
     )
     if not forward_only:
         optimizer.step()
-    # the last pipeline stage holds the losses: [sum of means, micro-batches, tokens], averaged over dp, sent to all
-    totals = torch.zeros(3, device="cuda")
+    # the last pipeline stage holds the losses: [sum of micro-batch means, micro-batches], summed over dp, sent to all
+    totals = torch.zeros(2, device="cuda")
     if parallel_state.is_pipeline_last_stage(ignore_virtual=True):
         for item in reduced:
             totals += item["lm loss"]
         dist.all_reduce(totals, group=parallel_state.get_data_parallel_group())
-        totals[:2] /= parallel_state.get_data_parallel_world_size()
     dist.all_reduce(totals, group=parallel_state.get_pipeline_model_parallel_group())
-    loss_sum, count, tokens = totals.tolist()
-    return loss_sum / max(count, 1), int(tokens)
+    loss_sum, count = totals.tolist()
+    return loss_sum / max(count, 1)
 
 
 def _forward_step(data_iterator, model):
@@ -327,21 +330,21 @@ def _forward_step(data_iterator, model):
     tokens, targets, mask = next(data_iterator)
     positions = torch.arange(tokens.shape[1], device=tokens.device).unsqueeze(0).expand_as(tokens)
     output = model(tokens, positions, None, labels=targets)
-    return output, functools.partial(_loss, mask)
+    return output, functools.partial(masked_loss, mask)
 
 
-def _loss(mask, per_token):
+def masked_loss(mask, per_token):
     """(sum of the masked losses, their count, what is logged): megatron divides by both count and micro-batches."""
     import torch
 
     loss = (per_token.float().reshape(-1) * mask.reshape(-1)).sum()
     count = mask.sum().int()
-    logged = torch.stack([loss.detach() / count.clamp(min=1), torch.ones_like(loss), count.float()])
+    logged = torch.stack([loss.detach() / count.clamp(min=1), torch.ones_like(loss)])
     return loss, count, {"lm loss": logged}
 
 
-def _next_token_batch(batch, seq_length: int):
-    """(tokens, next-token targets, loss mask) on the GPU from a collated batch, as ``model(labels=...)`` shifts them.
+def next_token_batch(batch, seq_length: int):
+    """(tokens, next-token targets, loss mask) from a collated batch, as Hugging Face's ``model(labels=...)`` shifts them.
 
     Rows are right-padded to ``seq_length`` (masked): pipeline stages exchange tensors of one fixed shape.
     """
@@ -362,7 +365,7 @@ def _next_token_batch(batch, seq_length: int):
     targets[:, :width - 1] = labels[:, 1:]
     mask = (targets != IGNORE_INDEX).float()
     targets = targets.clamp(min=0)  # masked positions still need a valid index for the loss kernel
-    return input_ids.cuda(non_blocking=True), targets.cuda(non_blocking=True), mask.cuda(non_blocking=True)
+    return input_ids, targets, mask
 
 
 def _validate(chunks, optimizer, val_data, collate, args) -> float:
@@ -371,7 +374,7 @@ def _validate(chunks, optimizer, val_data, collate, args) -> float:
         chunk.eval()
     micro = args.batch["micro_batch_size"]
     batches = [collate(list(val_data[i:i + micro])) for i in range(0, len(val_data) - micro + 1, micro)]
-    loss, _ = _step(chunks, optimizer, batches, args, forward_only=True)
+    loss = _step(chunks, optimizer, batches, args, forward_only=True)
     for chunk in chunks:
         chunk.train()
     return loss
@@ -387,7 +390,7 @@ def _copy_back(chunks, hf_model, args, converter) -> None:
     import torch.distributed as dist
     from megatron.core import parallel_state
 
-    if args.ddp["use_distributed_optimizer"] or args.ddp["use_megatron_fsdp"]:
+    if args.ddp["use_distributed_optimizer"]:
         for chunk in chunks:
             chunk.start_param_sync(force_sync=True)  # parameters are whole again on every data-parallel rank
     if converter is not None:
