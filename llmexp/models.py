@@ -29,6 +29,24 @@ def evaluating(model) -> Iterator[None]:
         model.train(was_training)
 
 
+def run_device(hardware, why: str = ""):
+    """Where a stage computes: the CPU on ``hardware=cpu``, else this machine's GPU, which must exist.
+
+    ``why`` adds the stage's own reason a GPU is needed to the error.
+    """
+    import torch
+
+    if hardware.accelerator == "cpu":
+        return torch.device("cpu")
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    raise UserError(
+        f"hardware={hardware.name} needs a CUDA GPU and this machine has none{why}. Run it on a GPU machine "
+        "(hydra/launcher=slurm cluster=...), or with hardware=cpu; `llmexp plan` checks a configuration without "
+        "running it."
+    )
+
+
 def build_model(model_cfg, tokenizer=None):
     """A freshly initialised causal LM with ``model_cfg``'s architecture numbers (call after seeding)."""
     from transformers import AutoConfig, AutoModelForCausalLM

@@ -27,6 +27,7 @@ BACKEND_ONLY_OPTIONS = {
     "tensor_parallel_size": ("vllm", "The in-process engine runs one copy of the model on this process's device."),
     "gpu_memory_utilization": ("vllm", "The in-process engine allocates as it generates, with no memory budget."),
     "max_model_len": ("vllm", "In process, bound max_tokens with --max-tokens-limit."),
+    "device": ("inprocess", "vLLM places the model on the GPUs itself (--tensor-parallel-size)."),
 }
 
 
@@ -50,6 +51,7 @@ def main(argv: List[str]) -> int:
     from llmexp.serving.served_models import load_served_models
 
     served = load_served_models(args.model_dir, adapters=adapters, name=args.name)
+    served.model.to(_device(args.device))
     engine = Engine(served, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     host, port = listener.getsockname()[:2]
     names = ", ".join([f"{served.base_name} (base)", *(f"{name} (adapter)" for name in served.adapter_dirs)])
@@ -91,6 +93,8 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--backend", choices=BACKENDS, default="inprocess",
                         help="what generates: the in-process continuous-batching engine (default; CPU or one GPU) "
                         "or vLLM's OpenAI server (CUDA GPUs, vLLM installed); backend=vllm works too")
+    parser.add_argument("--device", choices=("auto", "cpu", "cuda"), default=None,
+                        help="in process: where the model runs (default: auto, the GPU when there is one)")
     parser.add_argument("--tensor-parallel-size", type=int, default=None,
                         help="vLLM: GPUs one model is split over (default: 1)")
     parser.add_argument("--gpu-memory-utilization", type=float, default=None,
@@ -128,6 +132,17 @@ def _serve_with_vllm(args: argparse.Namespace, adapters: Dict[str, Path]) -> NoR
     vllm_server.require_vllm()
     vllm_server.require_cuda(args.tensor_parallel_size)
     vllm_server.exec_vllm(command, f"http://{_url_host(args.host)}:{port}/v1")
+
+
+def _device(choice):
+    """``--device``: auto takes the GPU when torch sees one; cuda without one is refused."""
+    import torch
+
+    if choice == "cpu" or (choice in (None, "auto") and not torch.cuda.is_available()):
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise UserError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu (or auto).")
+    return torch.device("cuda")
 
 
 def prefer_passive_openmp() -> None:

@@ -74,3 +74,28 @@ def test_llmexp_backend_megatron_without_a_gpu_exits_2_before_any_stage(tmp_path
     assert "backend=megatron cannot train on this machine" in result.stderr
     assert "pip install 'llmexp[megatron]'" in result.stderr or "needs a CUDA GPU" in result.stderr
     assert not (tmp_path / "run" / "pretrain").exists() and not (tmp_path / "run" / "results.json").exists()
+
+
+def test_stages_compute_on_the_hardware_they_name():
+    import torch
+
+    from llmexp.models import run_device
+
+    assert run_device(compose_config([]).hardware) == torch.device("cpu")
+    if torch.cuda.is_available():
+        assert run_device(compose_config(["hardware=h100"]).hardware).type == "cuda"
+    else:
+        with pytest.raises(UserError, match=r"hardware=h100 needs a CUDA GPU and this machine has none; for FP8"):
+            run_device(compose_config(["hardware=h100"]).hardware, "; for FP8")
+
+
+def test_serve_in_process_refuses_cuda_without_a_gpu_and_device_with_vllm(tiny_checkpoint):
+    import torch
+
+    from llmexp.serve_command import main
+
+    with pytest.raises(UserError, match="--device is an option of --backend inprocess only"):
+        main([str(tiny_checkpoint), "--backend", "vllm", "--device", "cuda"])
+    if not torch.cuda.is_available():
+        with pytest.raises(UserError, match="--device cuda: torch sees no CUDA GPU"):
+            main([str(tiny_checkpoint), "--device", "cuda", "--port", "0"])

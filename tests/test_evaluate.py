@@ -353,7 +353,7 @@ def test_plan_for_technique_evaluate_needs_a_model(tmp_path):
 
 def stage_context(tmp_path, name, model, tokenizer, **cfg):
     data = {"seed": 0, "num_people": 30, "heldout_documents": 200}
-    config = OmegaConf.create({"model": {"path": None}, "data": data})
+    config = OmegaConf.create({"model": {"path": None}, "data": data, "hardware": {"name": "cpu", "accelerator": "cpu"}})
     artifact = ModelArtifact(model, tokenizer) if model is not None else None
     stage = OmegaConf.structured(EvaluateConfig(**cfg))
     return StageContext(config, stage, tmp_path / name, artifact, tracker=None, stage_name="evaluation")

@@ -441,8 +441,9 @@ class Engine:
 
         width = max(len(row.prompt_ids) for row in rows)
         pad = self.served.tokenizer.pad_token_id
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows])
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows])
+        device = self.served.model.device
+        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
+        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.served.model.config)
         logits = self._forward(input_ids, mask, positions, cache, rows, logits_to_keep=1)
@@ -458,7 +459,7 @@ class Engine:
     def _decode(self) -> None:
         """One token for every running row."""
         batch = self._batch
-        input_ids = torch.tensor([[row.next_token] for row in batch.rows])
+        input_ids = torch.tensor([[row.next_token] for row in batch.rows], device=batch.mask.device)
         batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
         positions = batch.mask.sum(-1, keepdim=True) - 1
         logits = self._forward(input_ids, batch.mask, positions, batch.cache, batch.rows)
@@ -490,7 +491,7 @@ class Engine:
         if not keep:
             self._batch = _Batch()
             return
-        index = torch.tensor(keep)
+        index = torch.tensor(keep, device=batch.mask.device)
         mask = batch.mask[index]
         start = int((mask.sum(0) > 0).nonzero()[0])  # first position some row still uses
         batch.mask = mask[:, start:]
@@ -518,7 +519,8 @@ class Engine:
         scores = TemperatureLogitsWarper(row.request.temperature)(None, logits)
         if row.request.top_p < 1:
             scores = TopPLogitsWarper(row.request.top_p)(None, scores)
-        return int(torch.multinomial(scores.softmax(-1)[0], 1, generator=row.generator))
+        # drawn on the CPU, where the row's generator lives: the same seed gives the same text on any device
+        return int(torch.multinomial(scores.softmax(-1)[0].cpu(), 1, generator=row.generator))
 
     def _emit(self, row: _Row, token: int, now: float) -> None:
         model = row.request.model

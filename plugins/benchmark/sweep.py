@@ -141,7 +141,7 @@ def _open_inprocess(ctx: StageContext, node, field: str) -> Target:
     """The stage's model behind llmexp's continuous-batching engine, in eval mode for the stage."""
     import copy
 
-    from llmexp.models import input_model
+    from llmexp.models import input_model, run_device
     from llmexp.serving.engine import Engine
     from llmexp.serving.served_models import ServedModels
 
@@ -154,7 +154,7 @@ def _open_inprocess(ctx: StageContext, node, field: str) -> Target:
         tokenizer = copy.deepcopy(tokenizer)  # not the earlier stage's own
         tokenizer.pad_token = tokenizer.eos_token
     model, was_training = artifact.model, artifact.model.training
-    model.eval()
+    model.eval().to(run_device(ctx.config.hardware))
     served = ServedModels(model=model, tokenizer=tokenizer, base_name=SERVED_NAME)
     engine = Engine(served, max_batch_size=node.max_batch_size, max_queue=max(64, max(node.concurrency)))
     source = str(artifact.path) if artifact.path else artifact.produced_by

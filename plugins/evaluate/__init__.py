@@ -58,7 +58,7 @@ class Evaluate(Technique):
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
         from llmexp.data.jsonl import write_jsonl
-        from llmexp.models import input_model
+        from llmexp.models import input_model, run_device
         from llmexp.peak_memory import PeakMemory
         from llmexp.plugins.evaluate.scoring import Scorer
 
@@ -88,6 +88,7 @@ class Evaluate(Technique):
         )
         tasks, _ = resolve_tasks(cfg.tasks, cfg.gsm8k_path, f"{ctx.stage_name}.tasks")
         rows = {}
+        artifact.model.to(run_device(ctx.config.hardware))  # a GPU run's model may come back on the CPU (Lightning)
         with progress, PeakMemory(next(artifact.model.parameters()).device) as peak:
             scorer = Scorer(artifact.model, artifact.tokenizer, cfg.batch_size, cfg.max_new_tokens, progress)
             for task in tasks:

@@ -28,7 +28,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 
 from llmexp.checkpoint import model_numbers_from_hf_config
 from llmexp.errors import UserError
-from llmexp.models import enable_modelopt_checkpointing, model_stats, save_model, starting_model
+from llmexp.models import enable_modelopt_checkpointing, model_stats, run_device, save_model, starting_model
 from llmexp.pipeline import stage_node_path
 from llmexp.planner import architecture
 from llmexp.data.blocks import calibration_blocks
@@ -173,13 +173,6 @@ def _calibration_loop(blocks: torch.Tensor, batch_size: int) -> Callable:
 
 def _device(hardware, name: str, preset: Format) -> torch.device:
     """The CPU on hardware=cpu (the plan refuses CUDA-only formats there), else the GPU, which must exist."""
-    if hardware.accelerator == "cpu":
-        return torch.device("cpu")
-    if torch.cuda.is_available():
-        return torch.device("cuda")
     simulated = ", ".join(other for other, p in FORMATS.items() if not p.cuda_only)
-    why = f"; format={name} runs only on CUDA (ModelOpt's kernels for it)" if preset.cuda_only else ""
-    raise UserError(
-        f"hardware={hardware.name} needs a CUDA GPU and this machine has none{why}. Run it on a GPU machine, "
-        f"or with hardware=cpu to simulate one of {simulated}; `llmexp plan` checks a configuration without running it."
-    )
+    why = f" (format={name} runs only on CUDA: ModelOpt's kernels for it)" if preset.cuda_only else ""
+    return run_device(hardware, f"{why}; hardware=cpu simulates {simulated}")
