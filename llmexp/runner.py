@@ -30,11 +30,10 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import DictConfig
 
 from llmexp import console, distributed
-from llmexp.backends import BACKENDS, unavailable_reason
 from llmexp.checkpoint import validate_checkpoint_dir
 from llmexp.errors import UserError
 from llmexp.models import load_model
-from llmexp.pipeline import TOP_LEVEL_NODES, input_stage, stage_nodes
+from llmexp.pipeline import TOP_LEVEL_NODES, input_stage, node_path, stage_nodes
 from llmexp.planner import make_plan
 from llmexp.report import write_report
 from llmexp.plugin_manager import technique
@@ -50,7 +49,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
         redact_hydra_record(run_dir / ".hydra", cfg)
     plan = make_plan(cfg)
     record = RunRecord.start(run_dir, cfg, plan.to_dict())
-    problems = plan.problems or _backend_problems(cfg)
+    problems = plan.problems or _machine_problems(cfg)
     if problems:
         if not multirun:
             raise UserError(" ".join(problems))
@@ -87,15 +86,14 @@ def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
     return record
 
 
-def _backend_problems(cfg) -> List[str]:
-    """The training backend must run on this machine; the plan checks the config only (it may be for a cluster)."""
-    trains = any(issubclass(technique(node.name), TrainingTechnique)
-                 for _, node in stage_nodes(cfg, strict=False))
-    reason = unavailable_reason(BACKENDS[cfg.backend.name]) if trains else None
-    if reason is None:
-        return []
-    return [f"backend={cfg.backend.name} cannot train on this machine: {reason}. Run on a machine that has it "
-            "(hydra/launcher=slurm cluster=... for a GPU cluster), or train here with backend=torch."]
+def _machine_problems(cfg) -> List[str]:
+    """What this machine lacks for the run's stages (``Technique.machine_problems``); the plan checks the config."""
+    problems: List[str] = []
+    for key, node in stage_nodes(cfg, strict=False):
+        for problem in technique(node.name).machine_problems(cfg, node, node_path(key)):
+            if problem not in problems:
+                problems.append(problem)
+    return problems
 
 
 def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earlier: Dict[str, Any]) -> None:

@@ -11,7 +11,7 @@ import importlib
 import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, ClassVar, Dict, Mapping, Optional, Tuple
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
 
 @dataclass
@@ -88,6 +88,15 @@ class Technique:
             raise NotImplementedError(f"{type(self).__name__} sets neither entry nor run")
         module, function = self.entry.split(":")
         return getattr(importlib.import_module(module), function)(ctx)
+
+    @classmethod
+    def machine_problems(cls, config, node, field: str) -> List[str]:
+        """What this machine lacks to run the stage at ``field`` (a package, a GPU), one paragraph each.
+
+        Checked when a run starts, not by the plan: a plan may be made on a laptop for a cluster.
+        Must not import torch.
+        """
+        return []
 
     @classmethod
     def missing_requirements(cls) -> Tuple[str, ...]:

@@ -83,6 +83,18 @@ class TrainingTechnique(Technique):
     # training backends (``backend=``) whose loop can run its loss: megatron's computes next-token loss only
     backends: ClassVar[Tuple[str, ...]] = ("torch",)
 
+    @classmethod
+    def machine_problems(cls, config, node, field: str) -> List[str]:
+        """The run's training backend must be able to run here (its packages; a GPU where it needs one)."""
+        from llmexp.backends import BACKENDS, unavailable_reason
+
+        reason = unavailable_reason(BACKENDS[config.backend.name])
+        if reason is None:
+            return []
+        return [f"backend={config.backend.name} cannot train on this machine ({field}: technique={node.name}): "
+                f"{reason}. Run on a machine that has it (hydra/launcher=slurm cluster=... for a GPU cluster), or "
+                "train here with backend=torch."]
+
 
 @dataclass
 class LossOutput:

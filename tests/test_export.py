@@ -6,6 +6,7 @@ tested is everything up to it (the settings the LLM API is called with) and the 
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import subprocess
 import sys
@@ -250,10 +251,6 @@ def plan_problems(*overrides):
 @pytest.mark.parametrize("overrides, expected", [
     (["technique.format=onnx"], "technique.format=onnx is not an export format; choose one of hf, trtllm, triton"),
     (["technique.format=trtllm"], "hardware=cpu is a cpu; choose a GPU preset"),
-    (["technique.format=trtllm", "hardware=h100"],
-     "tensorrt_llm package is not importable here: install TensorRT-LLM on a Linux machine with an NVIDIA GPU and "
-     "CUDA (`pip install tensorrt-llm --extra-index-url https://pypi.nvidia.com`)"),
-    (["technique.format=triton", "hardware=h100"], "or give a prebuilt engine with technique.engine_dir=<dir>"),
     (["technique.engine_dir=/some/engine"], "technique.engine_dir is a prebuilt engine for format=triton to serve"),
     (["technique.format=trtllm", "technique.max_input_len=300"], "technique.max_input_len=300 exceeds max_seq_len=256"),
     (["technique.format=trtllm", "technique.max_seq_len=512"],
@@ -305,6 +302,24 @@ def test_the_plan_checks_the_export_it_would_build_against_the_gpu(quantized_run
 def test_a_refused_plan_writes_nothing(tiny_checkpoint, tmp_path):
     with pytest.raises(UserError, match="builds a TensorRT-LLM engine"):
         run(tmp_path / "run", "technique=export", "technique.format=trtllm", f"model.path={tiny_checkpoint}")
+    assert not (tmp_path / "run" / "export").exists()
+
+
+@pytest.mark.skipif(importlib.util.find_spec("tensorrt_llm") is not None, reason="TensorRT-LLM is installed here")
+@pytest.mark.parametrize("fmt, needle", [
+    ("trtllm", "technique.format=hf writes the checkpoint alone"),
+    ("triton", "or give a prebuilt engine with technique.engine_dir=<dir>"),
+])
+def test_a_machine_without_tensorrt_llm_stops_the_run_before_it_writes(fmt, needle, tiny_checkpoint, tmp_path):
+    """The plan (for an H100) is fine, as it would be on a cluster's login node; this machine cannot build."""
+    overrides = ["technique=export", f"technique.format={fmt}", "hardware=h100", f"model.path={tiny_checkpoint}"]
+    assert plan_problems(*overrides[1:], f"model.path={tiny_checkpoint}") == []
+    with pytest.raises(UserError) as error:
+        run(tmp_path / "run", *overrides)
+    message = str(error.value)
+    assert "tensorrt_llm package is not importable here: install TensorRT-LLM on a Linux machine with an NVIDIA GPU " \
+           "and CUDA (`pip install tensorrt-llm --extra-index-url https://pypi.nvidia.com`)" in message
+    assert needle in message
     assert not (tmp_path / "run" / "export").exists()
 
 

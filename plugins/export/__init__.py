@@ -52,6 +52,22 @@ class Export(Technique):
     requires = ("torch", "transformers")
     entry = "llmexp.plugins.export.stage:export"
 
+    @classmethod
+    def machine_problems(cls, config, node, field: str) -> List[str]:
+        """An engine build needs TensorRT-LLM and an NVIDIA GPU on the machine that runs it."""
+        from llmexp.backends import gpu_driver_present
+        from llmexp.plugins.export.engine import tensorrt_llm_problem
+
+        if not builds_engine(node):
+            return []
+        problem = tensorrt_llm_problem(field, node.format)
+        problems = [problem] if problem else []
+        if not gpu_driver_present():
+            problems.append(f"{field}.format={node.format} builds a TensorRT-LLM engine on an NVIDIA GPU and this "
+                            "machine has no NVIDIA driver; run it on a GPU machine, or export with format=hf here "
+                            "and build there.")
+        return problems
+
 
 def builds_engine(node) -> bool:
     """Whether the node builds a TensorRT-LLM engine here (format=triton with engine_dir serves a prebuilt one)."""
@@ -99,7 +115,7 @@ def _source_node(config, stages, index: int):
 def export_problems(config, node, field: str, source=None) -> List[str]:
     """Problems of the export node at ``field``; ``source``: the node of the stage whose model it starts from
     (None: no stage before it makes one, so its input is ``model.path``)."""
-    from llmexp.plugins.export.engine import gpu_problem, tensorrt_llm_problem
+    from llmexp.plugins.export.engine import gpu_problem
     from llmexp.plugins.export.engine_settings import limit_problems
     from llmexp.plugins.export.triton import SCHEDULER_POLICIES
 
@@ -133,8 +149,8 @@ def export_problems(config, node, field: str, source=None) -> List[str]:
         if node.engine_dir:
             problems += _prebuilt_engine_problems(config, node, field)
     if builds_engine(node):
-        problems += [p for p in (tensorrt_llm_problem(field, node.format),
-                                 gpu_problem(config.hardware, field, node.format)) if p]
+        problem = gpu_problem(config.hardware, field, node.format)
+        problems += [problem] if problem else []
         if source is None:
             problems += _quantization_problems(config, field)
         elif source.get("name") == "quantize":

@@ -2,7 +2,7 @@
 
 TensorRT-LLM is not a dependency: it installs only on Linux with CUDA, from NVIDIA's package
 index, and its build needs a GPU. ``tensorrt_llm_problem`` and ``gpu_problem`` say so without
-importing it (the planner calls them); ``build_engine`` imports it.
+importing it (the run's machine check and the planner call them); ``build_engine`` imports it.
 
 The LLM API builds when it is given an HF directory and a ``BuildConfig``, and ``llm.save``
 writes the engine (``config.json`` and ``rank<i>.engine`` per GPU). Since TensorRT-LLM 1.0,
