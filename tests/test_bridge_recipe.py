@@ -84,3 +84,16 @@ def _bridge_installed() -> bool:
     from llmexp.backends import importable
 
     return importable("megatron.bridge")
+
+
+def test_a_machine_without_bridge_or_a_gpu_stops_the_run_before_any_stage(tmp_path):
+    from llmexp.backends import gpu_driver_present, importable
+    from llmexp.runner import run_experiment
+
+    if importable("megatron.bridge") and gpu_driver_present():
+        pytest.skip("this machine has Megatron-Bridge and a GPU")
+    cfg = compose_config(GPU)
+    assert make_plan(cfg).problems == []  # the plan (for an H100) is fine: a login node can plan a cluster job
+    with pytest.raises(UserError, match="technique=bridge_recipe"):
+        run_experiment(cfg, tmp_path / "run", multirun=False)
+    assert not (tmp_path / "run" / "bridge_recipe").exists()

@@ -55,6 +55,23 @@ class BridgeRecipe(Technique):
 
     entry = "llmexp.plugins.megatron_bridge.recipe:run"
 
+    @classmethod
+    def machine_problems(cls, config, node, field: str) -> List[str]:
+        """Bridge, megatron-core and Transformer Engine installed, and an NVIDIA GPU."""
+        from llmexp.backends import gpu_driver_present, importable
+
+        problems = []
+        missing = [m for m in ("megatron.core", "megatron.bridge", "transformer_engine") if not importable(m)]
+        if missing:
+            problems.append(
+                f"{field}: technique=bridge_recipe needs megatron-bridge with Transformer Engine ({', '.join(missing)} "
+                "missing here): pip install 'llmexp[megatron]' megatron-bridge on a CUDA machine, or run in NVIDIA's "
+                "NeMo container (nvcr.io/nvidia/nemo), which has all three.")
+        if not gpu_driver_present():
+            problems.append(f"{field}: technique=bridge_recipe trains on CUDA GPUs and this machine has no NVIDIA "
+                            "driver; run it on a GPU node (hydra/launcher=slurm cluster=...).")
+        return problems
+
 
 @hookimpl
 def llmexp_techniques():

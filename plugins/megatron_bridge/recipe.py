@@ -12,7 +12,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict
 
 from llmexp import distributed
-from llmexp.backends import importable
 from llmexp.errors import UserError
 from llmexp.models import input_model, load_model, model_stats
 from llmexp.pipeline import stage_node_path
@@ -85,7 +84,6 @@ def apply_settings(container: Any, settings: Dict[str, Any], field: str = "techn
 def run(ctx: StageContext) -> StageResult:
     cfg, node = ctx.config, ctx.stage_config
     field = stage_node_path(ctx)
-    _require_bridge()
     start = input_model(ctx)
     source = Path(start.path) if start is not None and start.path is not None else None
     if node.export_hf and source is None:
@@ -124,20 +122,6 @@ def run(ctx: StageContext) -> StageResult:
         artifacts={"model": str(model_dir), "megatron": str(ctx.stage_dir / "megatron")},
         model_stats=model_stats(model, model_dir),
     )
-
-
-def _require_bridge() -> None:
-    missing = [m for m in ("megatron.core", "megatron.bridge", "transformer_engine") if not importable(m)]
-    if missing:
-        raise UserError(
-            f"technique=bridge_recipe needs megatron-bridge with Transformer Engine ({', '.join(missing)} missing): "
-            "pip install 'llmexp[megatron]' megatron-bridge on a CUDA machine, or run in NVIDIA's NeMo container "
-            "(nvcr.io/nvidia/nemo), which has all three.")
-    import torch
-
-    if not torch.cuda.is_available():
-        raise UserError("technique=bridge_recipe trains on CUDA GPUs and this machine has none; run it on a GPU node "
-                        "(hydra/launcher=slurm cluster=...).")
 
 
 def _entry_point(mode: str) -> Callable[..., None]:
