@@ -504,10 +504,10 @@ def training_layout_problems(cfg, layout) -> List[str]:
     and tensor-parallel LoRA adapters (PEFT's adapter layers are not the linear layers tp splits)."""
     from llmexp.training import TrainingTechnique, pipeline_training_problem
 
-    stages = [plugin_manager.technique(node.name) for _, node in stage_nodes(cfg, strict=False)]
-    training = [cls for cls in stages if issubclass(cls, TrainingTechnique)]
     if cfg.backend.name != "torch":
         return []
+    stages = [plugin_manager.technique(node.name) for _, node in stage_nodes(cfg, strict=False)]
+    training = [cls for cls in stages if issubclass(cls, TrainingTechnique)]
     problems = []
     if training and layout["pp"] > 1:
         problems.append(pipeline_training_problem(cfg.parallelism))

@@ -30,6 +30,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from omegaconf import DictConfig
 
 from llmexp import console, distributed
+from llmexp.backends import gpu_driver_present
 from llmexp.checkpoint import validate_checkpoint_dir
 from llmexp.errors import UserError
 from llmexp.models import load_model
@@ -87,8 +88,14 @@ def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
 
 
 def _machine_problems(cfg) -> List[str]:
-    """What this machine lacks for the run's stages (``Technique.machine_problems``); the plan checks the config."""
+    """What this machine lacks for the run: a GPU for a GPU preset, and what each stage's technique needs
+    (``Technique.machine_problems``). The plan checks the config only: it may be made elsewhere."""
     problems: List[str] = []
+    if cfg.hardware.accelerator == "gpu" and not gpu_driver_present():
+        problems.append(
+            f"hardware={cfg.hardware.name} is a GPU and this machine has no NVIDIA driver; run it on a GPU machine "
+            "(hydra/launcher=slurm cluster=... for a cluster), or here with hardware=cpu (`llmexp plan` checks a "
+            "configuration without running it).")
     for key, node in stage_nodes(cfg, strict=False):
         for problem in technique(node.name).machine_problems(cfg, node, node_path(key)):
             if problem not in problems:

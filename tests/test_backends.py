@@ -99,3 +99,14 @@ def test_serve_in_process_refuses_cuda_without_a_gpu_and_device_with_vllm(tiny_c
     if not torch.cuda.is_available():
         with pytest.raises(UserError, match="--device cuda: torch sees no CUDA GPU"):
             main([str(tiny_checkpoint), "--device", "cuda", "--port", "0"])
+
+
+def test_a_gpu_preset_on_a_machine_without_a_gpu_stops_before_any_stage(tiny_checkpoint, tmp_path):
+    if gpu_driver_present():
+        pytest.skip("this machine has an NVIDIA driver")
+    from llmexp.runner import run_experiment
+
+    with pytest.raises(UserError, match=r"hardware=h100 is a GPU and this machine has no NVIDIA driver"):
+        run_experiment(compose_config(["hardware=h100", "technique=evaluate", "technique.limit=2",
+                                       f"model.path={tiny_checkpoint}"]), tmp_path / "run", multirun=False)
+    assert not (tmp_path / "run" / "evaluate").exists()
