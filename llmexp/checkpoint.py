@@ -13,7 +13,7 @@ from __future__ import annotations
 import json
 import struct
 from pathlib import Path
-from typing import Any, Dict, List
+from typing import Any, Dict, List, Optional
 
 from llmexp.errors import UserError
 
@@ -82,6 +82,19 @@ def read_hf_config(path) -> Dict[str, Any]:
                      "Add the model family (for example \"model_type\": \"llama\") or replace "
                      "config.json with the one from the model's release.")
     return hf_config
+
+
+def context_length(config) -> Optional[int]:
+    """The run's model context (max_position_embeddings): model.path's config.json, else the model preset's.
+
+    None when model.path is unreadable: the core planner reports the broken path itself.
+    """
+    if config.model.path:
+        try:
+            return read_hf_config(config.model.path).get("max_position_embeddings")
+        except UserError:
+            return None
+    return config.model.get("max_position_embeddings")
 
 
 def validate_checkpoint_dir(path) -> None:

@@ -8,10 +8,11 @@ heavy imports belong inside ``run``.
 from __future__ import annotations
 
 import importlib
-import importlib.util
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
+
+from llmexp.backends import importable
 
 
 @dataclass
@@ -101,4 +102,4 @@ class Technique:
     @classmethod
     def missing_requirements(cls) -> Tuple[str, ...]:
         """Modules from ``requires`` that cannot be imported here (found without importing them)."""
-        return tuple(m for m in cls.requires if importlib.util.find_spec(m) is None)
+        return tuple(m for m in cls.requires if not importable(m))

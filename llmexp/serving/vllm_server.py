@@ -10,7 +10,6 @@ adapters, the quantization method vLLM's ModelOpt loader names, and the flags of
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import shlex
@@ -18,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NoReturn, Optional, Tuple
 
+from llmexp.backends import importable
 from llmexp.errors import UserError
 from llmexp.models import MODELOPT_STATE
 from llmexp.serving.served_models import ADAPTER_CONFIG, resolve_model_dir
@@ -207,7 +207,7 @@ def check_tensor_parallel_size(checkpoint: Path, size: int) -> None:
 
 def require_vllm() -> None:
     """vLLM must be installed in this Python (looked up, not imported: importing it takes seconds)."""
-    if importlib.util.find_spec("vllm") is None:
+    if not importable("vllm"):
         raise UserError(
             f"--backend vllm: vLLM is not installed in this Python ({sys.executable}). On a machine with an NVIDIA "
             "GPU, `pip install vllm` (it brings its own CUDA build of torch: a separate virtual environment is "

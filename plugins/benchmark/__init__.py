@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlparse
 
+from llmexp.checkpoint import context_length
 from llmexp.hookspecs import hookimpl
 from llmexp.technique import Technique, TechniqueConfig
 
@@ -172,19 +173,6 @@ def _endpoint_problems(node, field: str, model_path: Optional[str]) -> List[str]
         except UserError as error:
             problems.append(str(error))
     return problems
-
-
-def context_length(config) -> Optional[int]:
-    """The in-process model's context: model.path's config.json, else the model preset's (None if unreadable)."""
-    from llmexp.checkpoint import read_hf_config
-    from llmexp.errors import UserError
-
-    if config.model.path:
-        try:
-            return read_hf_config(config.model.path).get("max_position_embeddings")
-        except UserError:
-            return None  # the core planner reports the broken path
-    return config.model.get("max_position_embeddings")
 
 
 @hookimpl

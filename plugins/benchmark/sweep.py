@@ -23,8 +23,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Tuple
 
+from llmexp.checkpoint import context_length
 from llmexp.errors import UserError
-from llmexp.plugins.benchmark import config_problems, context_length, point_key, points
+from llmexp.plugins.benchmark import config_problems, point_key, points
 from llmexp.plugins.benchmark.clients import NO_OUTPUT, BenchRequest, InProcessClient, OpenAIClient, listed_models
 from llmexp.plugins.benchmark.coherence import gate
 from llmexp.plugins.benchmark.load import drive

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from llmexp.checkpoint import context_length
 from llmexp.hookspecs import hookimpl
 from llmexp.technique import Technique, TechniqueConfig
 
@@ -133,7 +134,7 @@ def export_problems(config, node, field: str, source=None) -> List[str]:
                         f"format={node.format} unset it ({field}.engine_dir=null).")
     if node.format == "hf":
         return problems
-    problems += limit_problems(node, _max_positions(config), field)
+    problems += limit_problems(node, context_length(config), field)
     if node.format == "triton":
         if not 0.0 < node.kv_cache_free_gpu_mem_fraction <= 1.0:
             problems.append(f"{field}.kv_cache_free_gpu_mem_fraction={node.kv_cache_free_gpu_mem_fraction} must be "
@@ -166,19 +167,6 @@ def _quantize_format_problems(quantize_node, field: str) -> List[str]:
     if algo is None or algo in QUANT_ALGOS:
         return []
     return [unbuildable(algo, f"{field}: it builds the quantize stage's format={quantize_node.format}, exported as")]
-
-
-def _max_positions(config) -> Optional[int]:
-    """The model's context (max_position_embeddings): model.path's config.json, else the preset's."""
-    from llmexp.checkpoint import read_hf_config
-    from llmexp.errors import UserError
-
-    if config.model.path:
-        try:
-            return read_hf_config(config.model.path).get("max_position_embeddings")
-        except UserError:
-            return None  # the core planner reports the broken path
-    return config.model.get("max_position_embeddings")
 
 
 def _prebuilt_engine_problems(config, node, field: str) -> List[str]:

@@ -12,10 +12,10 @@ class moved to ``tensorrt_llm._tensorrt_engine.LLM``. Both are tried, newest fir
 
 from __future__ import annotations
 
-import importlib.util
 from pathlib import Path
 from typing import Any, Dict, Optional
 
+from llmexp.backends import importable
 from llmexp.errors import UserError
 
 INSTALL = (
@@ -27,7 +27,7 @@ INSTALL = (
 
 def tensorrt_llm_problem(field: str, fmt: str) -> Optional[str]:
     """Why ``format=fmt`` cannot build an engine in this environment (tensorrt_llm not importable), or None."""
-    if importlib.util.find_spec("tensorrt_llm") is not None:
+    if importable("tensorrt_llm"):
         return None
     prebuilt = (f", or give a prebuilt engine with {field}.engine_dir=<dir>" if fmt == "triton" else
                 f"; {field}.format=hf writes the checkpoint alone, and {field}.format=triton "
