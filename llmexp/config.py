@@ -1,25 +1,31 @@
 """Registers the schemas with Hydra's ConfigStore and composes configs outside ``@hydra.main``.
 
 Every technique's schema is stored as the option ``technique/<name>``, so a plugin's
-technique is selectable (``technique=<name>``) without shipping any YAML.
+technique is selectable (``technique=<name>``) without shipping any YAML. Each ``backend``
+option has a schema of its own (``backend_<name>_schema``, named in its YAML's defaults), so
+a key of one option is refused in another at compose time, with the option that has it.
 """
 
 from __future__ import annotations
 
 import functools
+import re
+import typing
+from dataclasses import fields, is_dataclass
+from enum import Enum
 from pathlib import Path
-from typing import List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig
-from omegaconf.errors import OmegaConfBaseException
+from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from llmexp.errors import UserError
 from llmexp.plugin_manager import techniques
-from llmexp.schema import RunConfig
+from llmexp.schema import BACKEND_OPTIONS, RunConfig
 
 CONFIG_MODULE = "llmexp.conf"
 CONFIG_NAME = "config"
@@ -29,8 +35,16 @@ CONFIG_NAME = "config"
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="llmexp_schema", node=RunConfig)
+    for name, schema in BACKEND_OPTIONS.items():
+        cs.store(name=f"backend_{name}_schema", node=schema)
     for name, entry in techniques().items():
         cs.store(group="technique", name=name, node=entry.technique.schema)
+
+
+def option_schemas() -> Dict[str, Dict[str, type]]:
+    """group -> option -> schema, for the groups whose options each have a schema of their own."""
+    return {"backend": dict(BACKEND_OPTIONS),
+            "technique": {name: entry.technique.schema for name, entry in techniques().items()}}
 
 
 # Overrides of these top-level keys say "run this technique": they imply pipeline=default.
@@ -69,22 +83,129 @@ def compose_config(overrides: Sequence[str], config_name: str = CONFIG_NAME, con
     try:
         with initialize:
             chosen = [*with_implied_pipeline(overrides), *search]
-            return compose(config_name=config_name, overrides=chosen, return_hydra_config=hydra_node)
+            cfg = compose(config_name=config_name, overrides=chosen, return_hydra_config=hydra_node)
     except (HydraException, OmegaConfBaseException, ValueError) as error:
         raise UserError(composition_message(error, overrides)) from None
     finally:
         GlobalHydra.instance().clear()
+    problems = option_name_problems(cfg)
+    if problems:
+        raise UserError(" ".join(problems))
+    return cfg
+
+
+CFG_HINT = "`llmexp --cfg job` lists every key with its current value and type."
 
 
 def composition_message(error: Exception, overrides: Sequence[str]) -> str:
-    """One paragraph from Hydra's or OmegaConf's error, with the fix a user needs."""
+    """One paragraph from Hydra's or OmegaConf's error, with the fix a user needs.
+
+    A key the chosen option lacks names the options that have it; a value outside a closed
+    choice lists the allowed values.
+    """
+    shown = " ".join(overrides) or "(no overrides)"
+    cause = _omegaconf_cause(error)
+    specific = cause is not None and (_unknown_key_message(cause) or _choice_message(cause))
+    if specific:
+        return f"The configuration could not be composed from `{shown}`: {specific}"
     text = " ".join(str(error).split())
     hint = (
         "Check the spelling against `llmexp --help` (groups and their options) and "
         "`llmexp --cfg job` (every key with its current value and type)."
     )
-    shown = " ".join(overrides) or "(no overrides)"
     return f"The configuration could not be composed from `{shown}`: {text} {hint}"
+
+
+def _omegaconf_cause(error: BaseException) -> Optional[OmegaConfBaseException]:
+    """The OmegaConf error behind Hydra's, when it says which key of which schema failed."""
+    while error is not None:
+        if isinstance(error, OmegaConfBaseException) and getattr(error, "full_key", None):
+            return error
+        error = error.__cause__ or error.__context__
+    return None
+
+
+def _unknown_key_message(error: OmegaConfBaseException) -> Optional[str]:
+    """``backend.transformer_impl`` with backend=torch: the key belongs to backend=megatron."""
+    schema = error.object_type
+    if not isinstance(error, (ConfigAttributeError, ConfigKeyError)) or not is_dataclass(schema):
+        return None
+    key, full_key = error.key, error.full_key
+    node = full_key.rsplit(".", 1)[0]
+    for group, options in option_schemas().items():
+        chosen = next((name for name, option in options.items() if option is schema), None)
+        if chosen is None:
+            continue
+        owners = [name for name, option in options.items() if key in _keys(option)]
+        if owners:
+            listed = " and ".join(f"{group}={name}" for name in owners)
+            which = f"this run has {group}={chosen}" if node == group else f"{node} is {group}={chosen}"
+            return (f"{full_key} is a key of {listed}; {which}, which has no such key: "
+                    f"choose {option_override(node, group, owners[0])} or drop the override.")
+        return f"{full_key} is not a key of {group}={chosen}, whose keys are {', '.join(_keys(schema))}. {CFG_HINT}"
+    return f"{full_key} is not a key of {node}, whose keys are {', '.join(_keys(schema))}. {CFG_HINT}"
+
+
+def option_override(node: str, group: str, option: str) -> str:
+    """The override that gives the config node at ``node`` the ``option`` of ``group``."""
+    return f"{group}={option}" if node == group else f"{group}@{node}={option}"
+
+
+def _choice_message(error: OmegaConfBaseException) -> Optional[str]:
+    """A value outside a closed choice (an Enum field of the schema): the allowed values, listed."""
+    if not isinstance(error, ValidationError):
+        return None
+    choice = next((t for t in _flattened(_field_type(error)) if isinstance(t, type) and issubclass(t, Enum)), None)
+    if choice is None:
+        return None
+    allowed = ", ".join(member.value for member in choice)
+    return f"{error.full_key}={error.value} is not one of its choices; choose one of {allowed}."
+
+
+def _field_type(error: OmegaConfBaseException):
+    """The schema's type hint of the field that failed (for a list item, the list's)."""
+    path = re.sub(r"\[\d+\]", "", str(error.full_key)).split(".")
+    if is_dataclass(error.object_type):
+        return typing.get_type_hints(error.object_type).get(path[-1])
+    hint = RunConfig
+    for part in path:
+        hint = typing.get_type_hints(hint).get(part) if is_dataclass(hint) else None
+    return hint
+
+
+def _flattened(hint) -> List:
+    """``hint`` and the types inside it (``Optional[X]``, ``List[X]``)."""
+    return [hint, *[inner for arg in typing.get_args(hint) for inner in _flattened(arg)]]
+
+
+def _keys(schema: type) -> List[str]:
+    return [f.name for f in fields(schema)]
+
+
+def option_name_problems(cfg) -> List[str]:
+    """A ``name`` that is not the option whose schema the node has (``backend.name=megatron`` on backend=torch).
+
+    The option decides the keys a node has; renaming it would run one option with another's settings.
+    """
+    from llmexp.pipeline import TOP_LEVEL_NODES
+
+    nodes = {"backend": ("backend", OmegaConf.select(cfg, "backend"))}
+    nodes.update({key: ("technique", OmegaConf.select(cfg, key)) for key in TOP_LEVEL_NODES})
+    own = OmegaConf.select(cfg, "pipeline.nodes", default=None) or {}
+    nodes.update({f"pipeline.nodes.{key}": ("technique", node) for key, node in own.items()})
+    schemas = option_schemas()
+    problems = []
+    for where, (group, node) in nodes.items():
+        if not isinstance(node, DictConfig) or OmegaConf.is_missing(node, "name"):
+            continue
+        options, schema = schemas[group], OmegaConf.get_type(node)
+        chosen = next((name for name, option in options.items() if option is schema), None)
+        if chosen is not None and node.name != chosen:
+            problems.append(
+                f"{where}.name={node.name}: {where} is {group}={chosen} and has its keys, so renaming it would run "
+                f"{node.name} with {chosen}'s settings; choose the option instead "
+                f"({option_override(where, group, node.name)}) and drop {where}.name.")
+    return problems
 
 
 def sweep_points(overrides: List[str], config_name: str = CONFIG_NAME, config_dir: Optional[str] = None) -> List[List[str]]:

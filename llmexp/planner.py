@@ -82,7 +82,6 @@ LOGIT_BYTES = 4  # logits are fp32 whatever the precision
 # log-probabilities, and the student's tempered log-probabilities kept for backward.
 DISTILL_VALUES_PER_VOCAB = 3
 
-SHARDINGS = ("none", "fsdp")  # fsdp: weights, grads and optimizer states split over dp
 LAYOUT_FIELDS = ("tp", "pp", "dp", "nodes", "devices_per_node", "micro_batch", "global_batch")
 
 
@@ -190,8 +189,8 @@ def make_plan(cfg) -> Plan:
     layout = {name: max(1, value) for name, value in layout.items()}  # keep the arithmetic defined
     problems += precision_problems(cfg, precision)
     problems += divisibility_problems(cfg, model, layout)
-    problems += training_layout_problems(cfg, layout)
-    problems += backend_problems(cfg)
+    problems += torch_training_problems(cfg, layout, precision)
+    problems += megatron_training_problems(cfg)
 
     memory_mode, breakdown, trainable = heaviest_stage(cfg, model, precision, layout, problems)
     plan = Plan(
@@ -423,8 +422,6 @@ def layout_problems(cfg, layout) -> List[str]:
     if problems:
         return problems
     p = cfg.parallelism
-    if p.sharding not in SHARDINGS:
-        problems.append(f"parallelism.sharding={p.sharding} is not known; choose one of {', '.join(SHARDINGS)}.")
     world, devices = p.tp * p.pp * p.dp, p.nodes * p.devices_per_node
     if world != devices:
         fixes = []
@@ -499,17 +496,19 @@ def divisibility_problems(cfg, model, layout) -> List[str]:
     return problems
 
 
-def training_layout_problems(cfg, layout) -> List[str]:
-    """Layouts the torch backend's training loop (``llmexp.training``) cannot run: pipeline stages,
-    and tensor-parallel LoRA adapters (PEFT's adapter layers are not the linear layers tp splits)."""
-    from llmexp.training import TrainingTechnique, pipeline_training_problem
+def torch_training_problems(cfg, layout, precision: str) -> List[str]:
+    """What the torch backend's training loop (``llmexp.training``) cannot run: FP8/FP4, pipeline stages, and
+    tensor-parallel LoRA adapters (PEFT's adapter layers are not the linear layers tp splits)."""
+    from llmexp.training import TrainingTechnique, pipeline_training_problem, torch_precision_problem
 
     if cfg.backend.name != "torch":
         return []
     stages = [plugin_manager.technique(node.name) for _, node in stage_nodes(cfg, strict=False)]
     training = [cls for cls in stages if issubclass(cls, TrainingTechnique)]
-    problems = []
-    if training and layout["pp"] > 1:
+    if not training:
+        return []
+    problems = [problem for problem in [torch_precision_problem(precision)] if problem]
+    if layout["pp"] > 1:
         problems.append(pipeline_training_problem(cfg.parallelism))
     adapters = [cls.name for cls in training if cls.memory == "adapter"]
     if adapters and layout["tp"] > 1:
@@ -521,28 +520,25 @@ def training_layout_problems(cfg, layout) -> List[str]:
     return problems
 
 
-def backend_problems(cfg) -> List[str]:
-    """The training backend: a known one, its own keys only, and on megatron what megatron-core cannot run
-    (``llmexp.megatron.arguments``) and techniques that do not train there. Whether the backend's packages
-    and a GPU are on this machine is checked when the run starts: a plan may be for a cluster."""
-    from llmexp.backends import TRAINING_BACKENDS
-    from llmexp.megatron.arguments import backend_key_problems, megatron_problems
+def megatron_training_problems(cfg) -> List[str]:
+    """On backend=megatron, what megatron-core cannot run (``llmexp.megatron.arguments``) and techniques that do
+    not train there. Whether its packages and a GPU are on this machine is checked when the run starts: a plan
+    may be for a cluster."""
+    from llmexp.megatron.arguments import megatron_problems
     from llmexp.training import TrainingTechnique
 
-    name = cfg.backend.name
-    if name not in TRAINING_BACKENDS:
-        return [f"backend={name} is not known; choose one of {', '.join(TRAINING_BACKENDS)} (`llmexp plugins` "
-                "lists them and whether each can run here)."]
-    problems = backend_key_problems(cfg)
+    if cfg.backend.name != "megatron":
+        return []
     stages = [(key, plugin_manager.technique(node.name)) for key, node in stage_nodes(cfg, strict=False)]
     training = [(key, cls) for key, cls in stages if issubclass(cls, TrainingTechnique)]
-    if name == "megatron" and training:
-        problems += megatron_problems(cfg)
-        for key, cls in training:
-            if name not in cls.backends:
-                problems.append(
-                    f"{key}: technique={cls.name} trains on backend={', '.join(cls.backends)} only; run it with "
-                    f"backend=torch (backend=megatron trains {', '.join(_megatron_techniques())}).")
+    if not training:
+        return []
+    problems = megatron_problems(cfg)
+    for key, cls in training:
+        if "megatron" not in cls.backends:
+            problems.append(
+                f"{key}: technique={cls.name} trains on backend={', '.join(cls.backends)} only; run it with "
+                f"backend=torch (backend=megatron trains {', '.join(_megatron_techniques())}).")
     return problems
 
 

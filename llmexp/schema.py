@@ -14,7 +14,17 @@ from typing import Any, Dict, List, Optional
 from omegaconf import MISSING
 
 
-class Precision(str, Enum):
+class Choice(str, Enum):
+    """A closed set of values for a config field: composing any other value fails and lists these.
+
+    A ``str`` that prints as its value, so code compares, formats and serialises it as the text.
+    """
+
+    def __str__(self) -> str:
+        return str(self.value)
+
+
+class Precision(Choice):
     """Compute precision of a run; the planner checks it against the hardware's dtypes."""
 
     fp32 = "fp32"
@@ -22,6 +32,68 @@ class Precision(str, Enum):
     fp16 = "fp16"
     fp8 = "fp8"
     fp4 = "fp4"
+
+
+class Architecture(Choice):
+    """Hugging Face ``model_type`` of a Llama-style decoder."""
+
+    llama = "llama"
+    mistral = "mistral"
+    qwen2 = "qwen2"
+
+
+class Accelerator(Choice):
+    gpu = "gpu"
+    cpu = "cpu"
+
+
+class Generation(Choice):
+    cpu = "cpu"
+    volta = "volta"
+    turing = "turing"
+    ampere = "ampere"
+    ada = "ada"
+    hopper = "hopper"
+    blackwell = "blackwell"
+
+
+class DType(Choice):
+    """What a device computes natively: the planner checks ``precision`` and quantization formats against it."""
+
+    fp32 = "fp32"
+    tf32 = "tf32"
+    fp16 = "fp16"
+    bf16 = "bf16"
+    int8 = "int8"
+    fp8 = "fp8"
+    fp4 = "fp4"
+    mxfp8 = "mxfp8"
+
+
+class Sharding(Choice):
+    none = "none"
+    fsdp = "fsdp"  # weights, grads and optimizer states split over dp
+
+
+class TransformerImpl(Choice):
+    auto = "auto"  # Transformer Engine where it is installed
+    transformer_engine = "transformer_engine"
+    local = "local"
+
+
+class FP8Recipe(Choice):
+    """Transformer Engine's FP8 scaling recipes (``mxfp8`` needs Blackwell)."""
+
+    delayed = "delayed"
+    tensorwise = "tensorwise"
+    mxfp8 = "mxfp8"
+    blockwise = "blockwise"
+
+
+class WandbMode(Choice):
+    online = "online"
+    offline = "offline"
+    disabled = "disabled"
 
 
 @dataclass
@@ -33,7 +105,7 @@ class ModelConfig:
     """
 
     name: str = MISSING
-    architecture: str = "llama"  # HF model_type: llama, mistral, qwen2
+    architecture: Architecture = Architecture.llama  # HF model_type
     vocab_size: int = MISSING
     hidden_size: int = MISSING
     intermediate_size: int = MISSING
@@ -54,10 +126,10 @@ class HardwareConfig:
     """One accelerator generation: what it can compute and how much it holds."""
 
     name: str = MISSING
-    accelerator: str = "gpu"  # gpu | cpu
-    generation: str = MISSING  # cpu, volta, ampere, ada, hopper, blackwell
+    accelerator: Accelerator = Accelerator.gpu
+    generation: Generation = MISSING
     memory_gb: Optional[float] = None  # per device; None on cpu means "this machine's RAM"
-    dtypes: List[str] = field(default_factory=list)  # of fp32 tf32 fp16 bf16 int8 fp8 fp4
+    dtypes: List[DType] = field(default_factory=list)
     gpus_per_node: int = 1
     interconnect: str = "none"
 
@@ -74,27 +146,44 @@ class ParallelismConfig:
     devices_per_node: int = 1
     micro_batch: int = 16
     global_batch: int = 16
-    sharding: str = "none"  # none | fsdp (weights, grads and optimizer states split over dp)
+    sharding: Sharding = Sharding.none
     activation_checkpointing: bool = False
 
 
 @dataclass
 class BackendConfig:
-    """What trains: ``torch`` (Lightning on torch.distributed; the default, runs on CPU) or
-    ``megatron`` (megatron-core on CUDA GPUs: tp, pp with virtual stages, sequence parallel,
-    distributed optimizer, FP8/FP4 through Transformer Engine).
+    """What trains; each option has a schema of its own (``BACKEND_OPTIONS``), so a key of one is refused in another."""
 
-    The keys below ``name`` are megatron's; ``llmexp.megatron.arguments`` translates them, with
+    name: str = MISSING
+
+
+@dataclass
+class TorchBackendConfig(BackendConfig):
+    """Lightning on torch.distributed (DDP, FSDP2, DTensor tensor parallel): the default, runs on CPU.
+
+    Its layout is all in ``parallelism``; it has no settings of its own.
+    """
+
+    name: str = "torch"
+
+
+@dataclass
+class MegatronBackendConfig(BackendConfig):
+    """megatron-core on CUDA GPUs: tp, pp with virtual stages, sequence parallel, distributed optimizer,
+    FP8/FP4 through Transformer Engine. ``llmexp.megatron.arguments`` translates these keys, with
     ``model``, ``parallelism`` and ``precision``, into megatron-core's arguments.
     """
 
-    name: str = MISSING  # torch | megatron
+    name: str = "megatron"
     sequence_parallel: bool = False  # split norm/dropout activations along the sequence over tp
     virtual_pipeline_stages: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
     distributed_optimizer: bool = True  # optimizer states (and fp32 master weights) split over dp
     overlap_grad_reduce: bool = True  # reduce gradients bucket by bucket during backward
-    transformer_impl: str = "auto"  # auto | transformer_engine | local (auto: TE where it is installed)
-    fp8_recipe: str = "delayed"  # precision=fp8: delayed | tensorwise | mxfp8 (Blackwell) | blockwise
+    transformer_impl: TransformerImpl = TransformerImpl.auto
+    fp8_recipe: FP8Recipe = FP8Recipe.delayed  # used with precision=fp8
+
+
+BACKEND_OPTIONS = {"torch": TorchBackendConfig, "megatron": MegatronBackendConfig}  # backend=<option> -> its schema
 
 
 @dataclass
@@ -128,7 +217,7 @@ class TrackerConfig:
 
     name: str = MISSING
     project: str = "llmexp"
-    mode: Optional[str] = None  # wandb: online | offline (offline when WANDB_API_KEY is unset)
+    mode: Optional[WandbMode] = None  # wandb; None: WANDB_MODE, else offline when WANDB_API_KEY is unset
     uri: Optional[str] = None  # mlflow tracking URI (default: sqlite:///mlflow.db in the working directory)
     tags: List[str] = field(default_factory=list)
 

@@ -267,11 +267,9 @@ def make_trainer(config, training, logger=False, plugins: Sequence = (), callbac
     from lightning.pytorch.plugins.environments import TorchElasticEnvironment
 
     precision = config.precision.value
-    if precision not in LIGHTNING_PRECISION:
-        raise UserError(
-            f"precision={precision} is not available for training on the torch backend "
-            f"(it supports {', '.join(LIGHTNING_PRECISION)}); train with precision=bf16 and quantize afterwards."
-        )
+    problem = torch_precision_problem(precision)
+    if problem:
+        raise UserError(problem)
     parallelism = config.parallelism
     world_size = distributed.world_size_of(parallelism)
     if world_size != distributed.world_size():
@@ -335,6 +333,17 @@ def training_strategy(parallelism, accelerator: str):
         tensor_parallel_size=parallelism.tp,
         save_distributed_checkpoint=False,
         process_group_backend=backend,
+    )
+
+
+def torch_precision_problem(precision: str) -> Optional[str]:
+    """Why the torch backend cannot train in ``precision`` (Lightning has no FP8/FP4 training), or None."""
+    if precision in LIGHTNING_PRECISION:
+        return None
+    return (
+        f"precision={precision} is not available for training on the torch backend (it trains in "
+        f"{', '.join(LIGHTNING_PRECISION)}); train with precision=bf16 and quantize afterwards (technique=quantize), "
+        "or train with backend=megatron, whose Transformer Engine kernels train in FP8/FP4 on GPUs that have them."
     )
 
 

@@ -130,7 +130,6 @@ def test_optimizer_follows_the_technique():
     (["hardware=h100", "precision=fp8", "backend.fp8_recipe=mxfp8"], "backend.fp8_recipe=mxfp8 needs Blackwell GPUs"),
     (["precision=fp8", "backend.transformer_impl=local"], "precision=fp8 on backend=megatron trains through Transformer"),
     (["hardware=cpu", "precision=fp32"], "backend=megatron with hardware=cpu"),
-    (["backend.transformer_impl=apex"], "backend.transformer_impl=apex is not known"),
     *[([f"parallelism={preset}"], f"parallelism.sharding=fsdp (parallelism={preset}) on backend=megatron")
       for preset in FSDP_LAYOUTS],
     (["technique=dpo"], "technique=dpo trains on backend=torch only"),
@@ -139,12 +138,6 @@ def test_optimizer_follows_the_technique():
 def test_the_planner_refuses_what_megatron_cannot_run(overrides, needle):
     plan = make_plan(compose_config([*GPU, *overrides]))
     assert any(needle in problem for problem in plan.problems), plan.problems
-
-
-def test_megatron_keys_are_refused_on_the_torch_backend():
-    plan = make_plan(compose_config(["technique=pretrain", "backend.sequence_parallel=true"]))
-    assert any("backend.sequence_parallel=True is read by backend=megatron only" in p for p in plan.problems)
-    assert make_plan(compose_config(["backend.name=nemo"])).problems[0].startswith("backend=nemo is not known")
 
 
 def test_feasible_megatron_plans_have_no_problems_and_pipeline_training_is_allowed():

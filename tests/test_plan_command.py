@@ -75,11 +75,12 @@ def test_problems_are_printed_one_per_line(capsys):
     assert plan_command.main(["technique=pretrain", "model=qwen2_5_7b", "hardware=a100_80g", "parallelism=tp8",
                               "precision=fp8"]) == 2
     out = capsys.readouterr().out
-    assert "3 problem(s)" in out
+    assert "4 problem(s)" in out
     lines = [line for line in out.splitlines() if line.startswith("  - ")]
-    assert len(lines) == 3
+    assert len(lines) == 4
     assert lines[0].endswith("FP8 needs Ada/Hopper or newer — choose hardware=h100 or precision=bf16.")
     assert "model.num_attention_heads=28" in lines[1] and "model.num_key_value_heads=4" in lines[2]
+    assert "precision=fp8 is not available for training on the torch backend" in lines[3]
 
 
 def test_a_config_that_does_not_compose_is_one_message_on_stderr(capsys):

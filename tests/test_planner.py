@@ -17,6 +17,7 @@ from safetensors.numpy import save_file
 import llmexp.config
 from llmexp import plugin_manager
 from llmexp.config import compose_config
+from llmexp.errors import UserError
 from llmexp.hookspecs import hookimpl
 from llmexp.planner import GIB, count_parameters, make_plan
 from llmexp.technique import Technique, TechniqueConfig
@@ -255,7 +256,7 @@ def test_an_unknown_memory_mode_is_a_problem(test_plugin):
 
 
 def test_precision_the_hardware_cannot_compute():
-    plan = plan_of("hardware=a100_80g", "precision=fp8")
+    plan = plan_of("backend=megatron", "hardware=a100_80g", "precision=fp8")
     assert plan.problems == [
         "precision=fp8 is not supported by hardware=a100_80g (ampere: fp32, tf32, fp16, bf16, int8); "
         "FP8 needs Ada/Hopper or newer — choose hardware=h100 or precision=bf16."
@@ -263,9 +264,9 @@ def test_precision_the_hardware_cannot_compute():
     assert "BF16 needs Ampere or newer — choose hardware=a100_80g or precision=fp16." in only(
         plan_of("hardware=v100", "precision=bf16").problems, "precision=bf16")
     assert "FP4 needs Blackwell — choose hardware=b200 or precision=fp8." in only(
-        plan_of("hardware=h100", "precision=fp4").problems, "precision=fp4")
-    assert plan_of("hardware=b200", "precision=fp4").problems == []
-    assert plan_of("hardware=l40s", "precision=fp8").problems == []
+        plan_of("backend=megatron", "hardware=h100", "precision=fp4").problems, "precision=fp4")
+    assert plan_of("backend=megatron", "hardware=b200", "precision=fp4").problems == []
+    assert plan_of("backend=megatron", "hardware=l40s", "precision=fp8").problems == []
 
 
 def test_world_size_must_match_the_devices():
@@ -331,9 +332,9 @@ def test_non_positive_counts_are_problems_not_crashes():
     assert "positive" in problem
 
 
-def test_an_unknown_sharding_is_a_problem():
-    problem = only(plan_of("parallelism.sharding=zero3").problems, "parallelism.sharding=zero3")
-    assert "none, fsdp" in problem
+def test_an_unknown_sharding_does_not_compose():
+    with pytest.raises(UserError, match="parallelism.sharding=zero3 is not one of its choices; choose one of none, fsdp"):
+        plan_of("parallelism.sharding=zero3")
 
 
 # ---------------------------------------------------------------- model.path

@@ -16,16 +16,13 @@ from typing import Any, Dict, List, Optional
 
 from llmexp.errors import UserError
 
-TRANSFORMER_IMPLS = ("auto", "transformer_engine", "local")
-# Transformer Engine's FP8 recipes, and the GPU generation each needs beyond FP8 itself.
-FP8_RECIPES = {"delayed": None, "tensorwise": None, "blockwise": None, "mxfp8": "blackwell"}
+# Transformer Engine's FP8 recipes (``backend.fp8_recipe``) that need a GPU generation beyond FP8 itself.
+FP8_RECIPE_NEEDS = {"mxfp8": "blackwell"}
 # Megatron pads the vocabulary so each tensor-parallel rank holds a multiple of this many rows.
 VOCAB_DIVISIBLE_BY = 128
 # precision -> (params_dtype, bf16, fp16): mixed precision keeps fp32 master weights in the optimizer.
 DTYPES = {"fp32": ("fp32", False, False), "bf16": ("bf16", True, False), "fp16": ("fp16", False, True),
           "fp8": ("bf16", True, False), "fp4": ("bf16", True, False)}
-# Keys of ``backend`` that only megatron reads (backend=torch must leave them at these defaults).
-MEGATRON_ONLY_DEFAULTS = {"sequence_parallel": False, "virtual_pipeline_stages": None}
 
 
 @dataclass(frozen=True)
@@ -48,11 +45,6 @@ def megatron_problems(cfg, transformer_engine: Optional[bool] = None) -> List[st
     backend, p, hardware = cfg.backend, cfg.parallelism, cfg.hardware
     precision = getattr(cfg.precision, "value", cfg.precision)
     problems = []
-    if backend.transformer_impl not in TRANSFORMER_IMPLS:
-        problems.append(f"backend.transformer_impl={backend.transformer_impl} is not known; choose one of "
-                        f"{', '.join(TRANSFORMER_IMPLS)} (auto: Transformer Engine where it is installed).")
-    if backend.fp8_recipe not in FP8_RECIPES:
-        problems.append(f"backend.fp8_recipe={backend.fp8_recipe} is not known; choose one of {', '.join(FP8_RECIPES)}.")
     if backend.sequence_parallel and p.tp < 2:
         problems.append(
             f"backend.sequence_parallel=true with parallelism.tp={p.tp} (parallelism={p.name}): sequence parallelism "
@@ -74,7 +66,7 @@ def megatron_problems(cfg, transformer_engine: Optional[bool] = None) -> List[st
             f"precision={precision} on backend=megatron trains through Transformer Engine's kernels and {why}; "
             "install transformer-engine (NVIDIA's PyTorch container has it) with backend.transformer_impl=auto, or "
             "train with precision=bf16 and quantize afterwards (technique=quantize).")
-    needs = FP8_RECIPES.get(backend.fp8_recipe)
+    needs = FP8_RECIPE_NEEDS.get(str(backend.fp8_recipe))
     if precision == "fp8" and needs and hardware.generation != needs:
         problems.append(
             f"backend.fp8_recipe={backend.fp8_recipe} needs {needs.capitalize()} GPUs and hardware={hardware.name} is "
@@ -158,7 +150,7 @@ def translate(cfg, node=None, transformer_engine: bool = False, model=None) -> M
         bf16=bf16,
         fp16=fp16,
         fp8="hybrid" if precision == "fp8" else None,  # E4M3 forward, E5M2 gradients
-        fp8_recipe=backend.fp8_recipe if precision == "fp8" else None,
+        fp8_recipe=str(backend.fp8_recipe) if precision == "fp8" else None,
         fp4="e2m1" if precision == "fp4" else None,
         fp4_recipe="nvfp4" if precision == "fp4" else None,
         recompute_granularity="full" if p.activation_checkpointing else None,
@@ -218,14 +210,3 @@ def _optimizer(node, params_dtype: str, bf16: bool, fp16: bool, backend) -> Dict
         params_dtype=params_dtype,
         use_distributed_optimizer=backend.distributed_optimizer,
     )
-
-
-def backend_key_problems(cfg) -> List[str]:
-    """``backend=torch`` with a key only megatron reads set: refused rather than silently ignored."""
-    if cfg.backend.name == "megatron":
-        return []
-    return [
-        f"backend.{key}={cfg.backend[key]} is read by backend=megatron only and this run uses backend="
-        f"{cfg.backend.name}; add backend=megatron (pip install 'llmexp[megatron]', CUDA GPUs) or drop the override."
-        for key, default in MEGATRON_ONLY_DEFAULTS.items() if cfg.backend[key] != default
-    ]

@@ -1,0 +1,87 @@
+"""Each option's keys are its own, and closed choices list their values: refused when the config is composed."""
+
+from __future__ import annotations
+
+import pytest
+
+from llmexp.backends import TRAINING_BACKENDS
+from llmexp.config import compose_config
+from llmexp.errors import UserError
+from llmexp.schema import BACKEND_OPTIONS
+
+from .conftest import run_llmexp
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["backend=torch", "backend.transformer_impl=te"],
+     "backend.transformer_impl is a key of backend=megatron; this run has backend=torch, which has no such key: "
+     "choose backend=megatron or drop the override."),
+    (["backend.sequence_parallel=true"], "backend.sequence_parallel is a key of backend=megatron;"),
+    (["technique=sft", "technique.rank=4"],
+     "technique.rank is a key of technique=lora; this run has technique=sft, which has no such key"),
+    (["evaluation.rank=4"], "choose technique@evaluation=lora or drop the override"),
+    (["pipeline.nodes.fp8.rank=4"],
+     "pipeline.nodes.fp8.rank is a key of technique=lora; pipeline.nodes.fp8 is technique=quantize, which has no such "
+     "key: choose technique@pipeline.nodes.fp8=lora or drop the override."),
+    (["parallelism.shardin=fsdp"], "parallelism.shardin is not a key of parallelism, whose keys are name, tp, pp,"),
+])
+def test_a_key_of_another_option_names_the_option_that_has_it(overrides, message):
+    with pytest.raises(UserError) as error:
+        compose_config(overrides)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["parallelism.sharding=fdsp"], "parallelism.sharding=fdsp is not one of its choices; choose one of none, fsdp."),
+    (["backend=megatron", "backend.transformer_impl=te"],
+     "backend.transformer_impl=te is not one of its choices; choose one of auto, transformer_engine, local."),
+    (["backend=megatron", "backend.fp8_recipe=x"],
+     "backend.fp8_recipe=x is not one of its choices; choose one of delayed, tensorwise, mxfp8, blockwise."),
+    (["hardware.accelerator=tpu"], "hardware.accelerator=tpu is not one of its choices; choose one of gpu, cpu."),
+    (["hardware.generation=pascal"], "choose one of cpu, volta, turing, ampere, ada, hopper, blackwell."),
+    (["hardware.dtypes=[fp32,fp9]"], "hardware.dtypes[1]=fp9 is not one of its choices; choose one of fp32, tf32,"),
+    (["model.architecture=gpt2"], "model.architecture=gpt2 is not one of its choices; choose one of llama, mistral, qwen2."),
+    (["tracker=wandb", "tracker.mode=onlin"], "tracker.mode=onlin is not one of its choices; choose one of online, "
+     "offline, disabled."),
+    (["precision=fp9"], "precision=fp9 is not one of its choices; choose one of fp32, bf16, fp16, fp8, fp4."),
+])
+def test_a_value_outside_a_closed_choice_lists_the_allowed_values(overrides, message):
+    with pytest.raises(UserError) as error:
+        compose_config(overrides)
+    assert message in str(error.value)
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["backend.name=megatron"], "backend.name=megatron: backend is backend=torch and has its keys, so renaming it "
+     "would run megatron with torch's settings; choose the option instead (backend=megatron) and drop backend.name."),
+    (["pipeline=customize", "pipeline.nodes.sft.name=lora"],
+     "choose the option instead (technique@pipeline.nodes.sft=lora) and drop pipeline.nodes.sft.name."),
+])
+def test_a_name_that_is_not_its_option_is_refused(overrides, message):
+    with pytest.raises(UserError) as error:
+        compose_config(overrides)
+    assert message in str(error.value)
+
+
+def test_each_option_composes_with_only_its_own_keys():
+    torch_backend = compose_config(["backend=torch"]).backend
+    megatron = compose_config(["backend=megatron", "backend.transformer_impl=local"]).backend
+    assert list(torch_backend) == ["name"]
+    assert megatron.transformer_impl == "local" and f"{megatron.transformer_impl}" == "local"
+    assert compose_config(["technique@evaluation=lora"]).evaluation.rank == 16  # choosing the option brings its keys
+    assert set(BACKEND_OPTIONS) == set(TRAINING_BACKENDS)
+
+
+def test_the_command_refuses_a_leaked_key_before_writing_anything(tmp_path):
+    result = run_llmexp("backend=torch", "backend.transformer_impl=te", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "backend.transformer_impl is a key of backend=megatron" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_plan_lists_the_choices_of_a_misspelled_value(tmp_path):
+    result = run_llmexp("plan", "parallelism.sharding=fdsp", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "parallelism.sharding=fdsp is not one of its choices; choose one of none, fsdp." in result.stderr
+    assert list(tmp_path.iterdir()) == []
