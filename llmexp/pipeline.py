@@ -4,7 +4,8 @@ A stage key is ``technique`` or ``evaluation`` (the top-level nodes every run ha
 key of ``pipeline.nodes``, where a pipeline preset keeps nodes of its own (the
 ``customize`` pipeline's ``base``, ``lora``, ``sft`` ...). A stage starts from the model
 the stage before it produced, unless ``pipeline.inputs`` names another stage (``sft:
-base`` fine-tunes the base model, not the LoRA model trained just before it).
+base`` fine-tunes the base model, not the LoRA model trained just before it); that stage
+must make a model.
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ from typing import Any, List, Tuple
 from omegaconf import OmegaConf
 
 from llmexp.errors import UserError
+from llmexp.plugin_manager import technique
 
 TOP_LEVEL_NODES = ("technique", "evaluation")
 
@@ -44,6 +46,13 @@ def stage_nodes(config, strict: bool = True) -> List[Tuple[str, Any]]:
             raise UserError(
                 f"pipeline.inputs.{stage}={source}: both must be stages of pipeline.stages "
                 f"({', '.join(stages)}) and {source!r} must come before {stage!r}."
+            )
+        makers = [key for key, node in resolved[:stages.index(stage)] if technique(node.name).produces_model]
+        if source not in makers:
+            raise UserError(
+                f"pipeline.inputs.{stage}={source}: {stage!r} starts from the model {source!r} makes, and "
+                f"{node_path(source)} (technique={dict(resolved)[source].name}) makes none; name a stage before it "
+                f"that makes a model ({', '.join(makers) or 'there is none'})."
             )
     return resolved
 

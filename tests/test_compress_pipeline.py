@@ -29,6 +29,17 @@ def test_choosing_a_technique_means_that_technique_not_the_whole_workflow(overri
     assert (with_implied_pipeline(overrides) != overrides) == (pipeline == "default")
 
 
+def test_a_comparison_the_baseline_evaluation_cannot_support_stops_before_anything_runs(tmp_path):
+    """Not minutes later, after training: the plan sees that fp8_eval's task has no baseline rows to pair with."""
+    result = run_llmexp("pipeline=compress", "pipeline.nodes.baseline_eval.tasks=[perplexity]",
+                        "pipeline.nodes.fp8_eval.tasks=[multiple_choice]", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert ("pipeline.nodes.fp8_eval runs task(s) multiple_choice, which pipeline.nodes.baseline_eval does not"
+            in result.stderr)
+    assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []
+
+
 @pytest.mark.slow
 def test_the_compress_pipeline_takes_a_checkpoint_as_its_baseline(tmp_path, tiny_checkpoint):
     result = run_llmexp(

@@ -1,5 +1,7 @@
 """Pipelines with their own nodes and inputs: what the planner accepts and what it refuses."""
 
+import pytest
+
 from llmexp.config import compose_config
 from llmexp.pipeline import input_stage, stage_nodes
 from llmexp.planner import make_plan
@@ -27,3 +29,53 @@ def test_unknown_stage_keys_and_inputs_are_problems():
     assert any("pipeline.stages names 'nope'" in problem for problem in unknown.problems)
     backwards = make_plan(compose_config(["pipeline=customize", "pipeline.inputs.sft=sft_eval"]))
     assert any("'sft_eval' must come before 'sft'" in problem for problem in backwards.problems)
+
+
+PAIRED = {  # pipeline preset -> its evaluations compared item by item with baseline_eval
+    "compress": ["fp8_eval", "prune_eval", "distill_eval", "distill_fp8_eval", "width_prune_eval", "width_distill_eval"],
+    "compress_study": ["fp8_eval", "int4_awq_eval", "int4_rtn_eval", "prune_eval", "prune_last_eval", "distill_eval",
+                       "lm_finetune_eval", "distill_fp8_eval", "width_prune_eval", "width_distill_eval"],
+    "prune_distill": ["prune_eval", "distill_eval"],
+    "gpu_formats": ["fp8_eval", "nvfp4_eval", "mxfp8_eval"],
+}
+
+
+@pytest.mark.parametrize("pipeline", sorted(PAIRED))
+def test_an_override_of_the_baseline_evaluation_reaches_every_comparison(pipeline):
+    cfg = compose_config([f"pipeline={pipeline}", "pipeline.nodes.baseline_eval.tasks=[perplexity]",
+                          "pipeline.nodes.baseline_eval.limit=7"])
+    nodes = cfg.pipeline.nodes
+    compared = [key for key, node in nodes.items() if node.get("baseline") == "baseline_eval"]
+    assert sorted(compared) == sorted(PAIRED[pipeline])
+    assert all(nodes[key].tasks == ["perplexity"] and nodes[key].limit == 7 for key in compared)
+    # a comparison may still be narrowed on its own
+    narrowed = compose_config([f"pipeline={pipeline}", f"pipeline.nodes.{compared[0]}.tasks=[perplexity]"])
+    assert narrowed.pipeline.nodes[compared[0]].tasks == ["perplexity"]
+    assert "multiple_choice" in narrowed.pipeline.nodes[compared[-1]].tasks
+
+
+def test_the_customize_evaluations_score_the_zero_shot_tasks():
+    nodes = compose_config(["pipeline=customize", "pipeline.nodes.zero_shot.tasks=[free_answer]"]).pipeline.nodes
+    assert [nodes[key].tasks for key in ("few_shot", "lora_eval", "sft_eval")] == [["free_answer"]] * 3
+
+
+def test_a_comparison_needs_its_tasks_in_the_baseline_evaluation():
+    plan = make_plan(compose_config(["pipeline=compress", "pipeline.nodes.baseline_eval.tasks=[perplexity]",
+                                     "pipeline.nodes.prune_eval.tasks=[perplexity,multiple_choice]"]))
+    assert plan.problems == [
+        "pipeline.nodes.prune_eval.baseline=baseline_eval: pipeline.nodes.prune_eval runs task(s) multiple_choice, "
+        "which pipeline.nodes.baseline_eval does not, so they cannot be compared item by item; add them to "
+        "pipeline.nodes.baseline_eval.tasks or remove them from pipeline.nodes.prune_eval.tasks."
+    ]
+
+
+def test_a_stage_starts_only_from_a_stage_that_makes_a_model():
+    plan = make_plan(compose_config(["pipeline=compress", "pipeline.inputs.fp8=baseline_eval"]))
+    assert plan.problems == [
+        "pipeline.inputs.fp8=baseline_eval: 'fp8' starts from the model 'baseline_eval' makes, and "
+        "pipeline.nodes.baseline_eval (technique=evaluate) makes none; name a stage before it that makes a model "
+        "(baseline)."
+    ]
+    teacher = make_plan(compose_config(["pipeline=compress", "pipeline.nodes.distill.teacher.stage=baseline_eval"]))
+    assert any("pipeline.nodes.distill.teacher.stage=baseline_eval is not a stage before this one that makes a model"
+               in problem for problem in teacher.problems)

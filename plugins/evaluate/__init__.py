@@ -172,8 +172,10 @@ def llmexp_plan_problems(config, plan):
     """Checks the evaluate stages this run includes: task names, numbers, the GSM8K file."""
     from llmexp.pipeline import node_path, stage_nodes
 
+    from llmexp.plugins.evaluate.paired import missing_tasks_problem
+
     problems: List[str] = []
-    evaluations: List[str] = []
+    evaluations = {}  # key -> node of the evaluate stages so far
     for index, (key, node) in enumerate(stage_nodes(config, strict=False)):
         if node.get("name") != Evaluate.name:
             continue
@@ -186,5 +188,14 @@ def llmexp_plan_problems(config, plan):
                 f"{node_path(key)}.baseline={baseline} must name an evaluate stage that runs before {key!r} "
                 f"({', '.join(evaluations) or 'there is none'}): the evaluation of the baseline model, with the same tasks."
             )
-        evaluations.append(key)
+        elif baseline:
+            missing = [name for name in _task_names(node) if name not in _task_names(evaluations[baseline])]
+            if missing:
+                problems.append(missing_tasks_problem(f"{node_path(key)}.baseline", node_path(baseline), missing))
+        evaluations[key] = node
     return problems
+
+
+def _task_names(node) -> List[str]:
+    """Names of the tasks an evaluate node runs (its rows files and metric prefixes)."""
+    return [task.name for task in resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]]

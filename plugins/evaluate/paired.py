@@ -31,11 +31,18 @@ def baseline_rows(entry: Mapping[str, Any], tasks: Sequence[str], baseline: str,
     artifacts = entry.get("artifacts") or {}
     missing = [task for task in tasks if task not in artifacts]
     if missing:
-        raise UserError(
-            f"{field}={baseline}: that evaluation did not run task(s) {', '.join(missing)}, so they cannot be "
-            "compared item by item; give both evaluations the same tasks."
-        )
+        raise UserError(missing_tasks_problem(field, baseline, missing))
     return {task: list(read_jsonl(artifacts[task])) for task in tasks}
+
+
+def missing_tasks_problem(field: str, baseline: str, missing: Sequence[str]) -> str:
+    """The refusal of a comparison (``field``: its ``baseline`` key) whose baseline evaluation lacks ``missing`` tasks."""
+    evaluation = field.rsplit(".", 1)[0]
+    return (
+        f"{field}={baseline.rsplit('.', 1)[-1]}: {evaluation} runs task(s) {', '.join(missing)}, which {baseline} does "
+        f"not, so they cannot be compared item by item; add them to {baseline}.tasks or remove them from "
+        f"{evaluation}.tasks."
+    )
 
 
 def paired_measures(
