@@ -6,18 +6,27 @@ the directory exists, ``config.json`` parses and names a ``model_type``, weights
 there, and every safetensors file is whole (its header parses and the tensor offsets it
 declares fit in the file). The architecture numbers in ``config.json`` then replace the
 preset's, so the plan describes the checkpoint actually given.
+
+Files only torch's unpickler reads (``pytorch_model*.bin``, ``modelopt_state.pth``) are
+checked here as containers (torch writes a zip archive; a truncated copy has lost its
+central directory); what they hold is checked by loading them with ``weights_only=True``
+(``llmexp.models.load_model``), which never runs code a file names.
 """
 
 from __future__ import annotations
 
 import json
 import struct
+import zipfile
 from pathlib import Path
-from typing import Any, Dict, List, Optional
+from typing import Any, Dict, List, Optional, Tuple
 
 from llmexp.errors import UserError
 
 FIELD = "model.path"
+MODELOPT_STATE = "modelopt_state.pth"  # ModelOpt's HF checkpointing writes it beside the weights
+SAFETENSORS_INDEX = "model.safetensors.index.json"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 
 # Bytes per element of the whole-byte safetensors dtypes; sub-byte ones (F4, F6_*) are
 # only checked for fitting in the file, not for their exact size.
@@ -74,8 +83,8 @@ def read_hf_config(path) -> Dict[str, Any]:
                      "with `model.save_pretrained(dir)` or copy config.json from the model's release.")
     try:
         hf_config = json.loads(config_file.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise _error(path, f"config.json could not be parsed ({error})",
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        raise _error(path, f"config.json could not be parsed ({_json_problem(error)})",
                      "Replace it with the config.json of the model's release.") from None
     if not isinstance(hf_config, dict) or not hf_config.get("model_type"):
         raise _error(path, "config.json has no model_type",
@@ -102,9 +111,10 @@ def validate_checkpoint_dir(path) -> None:
 
     Checks config.json (see ``read_hf_config``), that the directory is not a ModelOpt deployment
     export (``is_modelopt_export``: transformers would load it without its scales), that weights
-    exist (``*.safetensors``, ``model.safetensors.index.json`` or ``pytorch_model*.bin``), that every shard the
-    index names is present, and that each safetensors file is complete. ``.bin`` files are
-    pickles that only torch can read, so they are checked for presence only.
+    exist (``*.safetensors``, ``pytorch_model*.bin`` or an index of either), that every shard an
+    index names is present and holds the tensors the index puts there, that each safetensors
+    file is complete, and that each file torch would unpickle (``pickled_files``) is a whole
+    archive.
     """
     directory = Path(path)
     if is_modelopt_export(directory, read_hf_config(path)):
@@ -114,24 +124,62 @@ def validate_checkpoint_dir(path) -> None:
                      "(<run>/<stage>/model, saved with modelopt_state.pth), which reloads exactly; serve the "
                      "export with TensorRT-LLM or vLLM.")
     safetensors = sorted(directory.glob("*.safetensors"))
-    index = directory / "model.safetensors.index.json"
-    bins = sorted(directory.glob("pytorch_model*.bin"))
-    if not (safetensors or index.is_file() or bins):
+    indexes = [directory / name for name in (SAFETENSORS_INDEX, PICKLE_INDEX) if (directory / name).is_file()]
+    if not (safetensors or indexes or sorted(directory.glob("pytorch_model*.bin"))):
         raise _error(path, "no weights found (no *.safetensors, model.safetensors.index.json "
                      "or pytorch_model*.bin)",
                      "Download or copy the weight files into this directory, or save the model "
                      "there with `model.save_pretrained(dir)`.")
-    if index.is_file():
-        missing = _missing_shards(path, index)
-        if missing:
-            raise _error(path, f"model.safetensors.index.json names shards that are missing "
-                         f"({', '.join(missing)})",
-                         "Copy every shard listed in the index into the directory.")
+    headers = {}
     for file in safetensors:
-        problem = safetensors_problem(file)
+        problem, headers[file.name] = safetensors_problem(file)
         if problem:
             raise _error(path, f"{file.name} is truncated or corrupt ({problem})",
                          "Download or copy that file again and compare its size with the source's.")
+    for index in indexes:
+        _check_index(path, index, headers)
+    for file in pickled_files(directory):
+        problem = torch_archive_problem(file)
+        if problem:
+            raise _error(path, f"{file.name} is truncated or corrupt ({problem})",
+                         "Download or copy that file again, or use the model's safetensors weights.")
+
+
+def pickled_files(directory: Path) -> List[Path]:
+    """The files of a checkpoint that torch unpickles: ``modelopt_state.pth``, and ``pytorch_model*.bin``
+    unless safetensors weights are there (transformers then reads those and ignores the ``.bin``)."""
+    directory = Path(directory)
+    files = []
+    if not (any(directory.glob("*.safetensors")) or (directory / SAFETENSORS_INDEX).is_file()):
+        files = sorted(directory.glob("pytorch_model*.bin"))
+    state = directory / MODELOPT_STATE
+    return files + [state] if state.is_file() else files
+
+
+def torch_archive_problem(file: Path) -> str:
+    """What is wrong with a file ``torch.save`` wrote, or "" when its zip container is whole.
+
+    torch writes a zip archive (``<name>/data.pkl`` and one record per tensor) whose central
+    directory, at the end, lists every record; a truncated copy has lost it. Files of torch's
+    format from before 1.6 (a bare pickle stream) cannot be checked without torch and pass.
+    """
+    with file.open("rb") as handle:
+        first = handle.read(2)
+    if first[:1] == b"\x80":  # a pickle protocol opcode: the legacy format
+        return ""
+    size = file.stat().st_size
+    try:
+        with zipfile.ZipFile(file) as archive:
+            records = archive.infolist()
+    except (zipfile.BadZipFile, OSError, ValueError) as error:
+        return f"not a whole zip archive as torch.save writes ({error}; {size} bytes)"
+    if not any(record.filename.rsplit("/", 1)[-1] == "data.pkl" for record in records):
+        return "the archive holds no data.pkl"
+    for record in records:
+        end = record.header_offset + 30 + len(record.filename.encode()) + record.compress_size
+        if end > size:
+            return f"record {record.filename} ends past the end of the file ({end} > {size} bytes)"
+    return ""
 
 
 def is_modelopt_export(directory: Path, hf_config: Dict[str, Any]) -> bool:
@@ -142,18 +190,28 @@ def is_modelopt_export(directory: Path, hf_config: Dict[str, Any]) -> bool:
     return method == "modelopt" or (directory / "hf_quant_config.json").is_file()
 
 
-def _missing_shards(path, index: Path) -> List[str]:
+def _check_index(path, index: Path, headers: Dict[str, Dict[str, Any]]) -> None:
+    """Every shard ``index`` names is present and, for safetensors, holds the tensors the index puts in it."""
     try:
         weight_map = json.loads(index.read_text(encoding="utf-8"))["weight_map"]
-        shards = sorted(set(weight_map.values()))
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError, AttributeError):
-        raise _error(path, "model.safetensors.index.json could not be parsed or has no weight_map",
+        placed = {tensor: str(shard) for tensor, shard in weight_map.items()}
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError, KeyError, TypeError, AttributeError):
+        raise _error(path, f"{index.name} could not be parsed or has no weight_map",
                      "Replace it with the index from the model's release.") from None
-    return [shard for shard in shards if not (index.parent / shard).is_file()]
+    missing = sorted({shard for shard in placed.values() if not (index.parent / shard).is_file()})
+    if missing:
+        raise _error(path, f"{index.name} names shards that are missing ({', '.join(missing)})",
+                     "Copy every shard listed in the index into the directory.")
+    absent = [f"{tensor} (in {shard})" for tensor, shard in placed.items()
+              if shard in headers and tensor not in headers[shard]]
+    if absent:
+        raise _error(path, f"{index.name} places tensors in shards that do not hold them: {', '.join(absent[:3])}"
+                     f"{' ...' if len(absent) > 3 else ''}",
+                     "The shards and the index come from different saves; copy both again from one release.")
 
 
-def safetensors_problem(file: Path) -> str:
-    """What is wrong with a safetensors file, or "" when its header and sizes agree.
+def safetensors_problem(file: Path) -> Tuple[str, Dict[str, Any]]:
+    """(what is wrong with a safetensors file or "", its tensors by name) from its header alone.
 
     The format is an 8-byte little-endian header length, a JSON header mapping each tensor
     to its dtype, shape and ``data_offsets`` (relative to the end of the header), then the
@@ -161,37 +219,43 @@ def safetensors_problem(file: Path) -> str:
     """
     size = file.stat().st_size
     if size < 8:
-        return f"{size} bytes, shorter than the 8-byte header length"
+        return f"{size} bytes, shorter than the 8-byte header length", {}
     with file.open("rb") as handle:
         (header_length,) = struct.unpack("<Q", handle.read(8))
         if header_length > size - 8:
-            return f"header of {header_length} bytes declared, file has {size} bytes"
+            return f"header of {header_length} bytes declared, file has {size} bytes", {}
         raw = handle.read(header_length)
     try:
         header = json.loads(raw.decode("utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError):
-        return "header is not valid JSON"
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        return f"header is not valid JSON: {_json_problem(error)}", {}
     if not isinstance(header, dict):
-        return "header is not a JSON object"
+        return "header is not a JSON object", {}
+    tensors = {name: info for name, info in header.items() if name != "__metadata__"}
     data_bytes = size - 8 - header_length
-    for name, info in header.items():
-        if name == "__metadata__":
-            continue
+    for name, info in tensors.items():
         try:
             begin, end = (int(offset) for offset in info["data_offsets"])
             shape = [int(dim) for dim in info["shape"]]
             dtype = info["dtype"]
         except (KeyError, TypeError, ValueError):
-            return f"tensor {name!r} has no valid dtype, shape and data_offsets"
+            return f"tensor {name!r} has no valid dtype, shape and data_offsets", tensors
         if not 0 <= begin <= end <= data_bytes:
-            return f"tensor {name!r} ends at byte {end} of the data, which has only {data_bytes}"
+            return f"tensor {name!r} ends at byte {end} of the data, which has only {data_bytes}", tensors
         if dtype in SAFETENSORS_DTYPE_BYTES:
             expected = SAFETENSORS_DTYPE_BYTES[dtype]
             for dim in shape:
                 expected *= dim
             if end - begin != expected:
-                return f"tensor {name!r} holds {end - begin} bytes, its dtype and shape need {expected}"
-    return ""
+                return f"tensor {name!r} holds {end - begin} bytes, its dtype and shape need {expected}", tensors
+    return "", tensors
+
+
+def _json_problem(error: Exception) -> str:
+    """A JSON parse error in a few words; nesting too deep for Python's parser is one."""
+    if isinstance(error, RecursionError):
+        return "nested too deeply to parse"
+    return str(error)
 
 
 def model_numbers_from_hf_config(hf_config: Dict[str, Any]) -> Dict[str, Any]:

@@ -7,11 +7,13 @@ torch and transformers stay inside the functions: the planner imports this packa
 from __future__ import annotations
 
 import contextlib
+import os
+import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
 from llmexp import distributed
-from llmexp.checkpoint import HF_KEYS
+from llmexp.checkpoint import HF_KEYS, MODELOPT_STATE, pickled_files, validate_checkpoint_dir
 from llmexp.errors import UserError
 
 
@@ -74,30 +76,87 @@ def build_model(model_cfg, tokenizer=None):
 
 
 def load_model(path: str | Path) -> Tuple[Any, Any]:
-    """Model and tokenizer from a local HF directory; a broken directory is a ``UserError``.
+    """Model and tokenizer from a local HF directory; a broken or unsafe directory is a ``UserError``.
 
     A directory holding ``modelopt_state.pth`` (what the quantize stage saves) is restored
     through ModelOpt: the same quantizers, calibrated the same, so the same logits.
+
+    Nothing in the directory runs code: safetensors weights are preferred, every file torch
+    unpickles is read with ``weights_only=True`` (tensors and plain containers only), the
+    libraries' own reads too (``weights_only_loading``), and a checkpoint's Python modules
+    (``auto_map``, ``trust_remote_code``) are never imported.
     """
-    from llmexp.checkpoint import validate_checkpoint_dir
-
     validate_checkpoint_dir(path)  # refuses a ModelOpt deployment export, whose scales transformers drops
-    if (Path(path) / MODELOPT_STATE).is_file():
-        enable_modelopt_checkpointing()
-    from transformers import AutoModelForCausalLM, AutoTokenizer
+    with weights_only_loading():
+        if (Path(path) / MODELOPT_STATE).is_file():
+            enable_modelopt_checkpointing()  # first: importing ModelOpt allows the types its state holds
+        for file in pickled_files(Path(path)):
+            _read_weights_only(path, file)
+        from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True)
-        model = AutoModelForCausalLM.from_pretrained(str(path), local_files_only=True, dtype="auto")
-    except (OSError, ValueError, KeyError) as error:
-        raise UserError(
-            f"model.path={path} could not be loaded as a Hugging Face checkpoint: {' '.join(str(error).split())} "
-            "Point model.path at a directory written by `save_pretrained` (config.json, weights and tokenizer files)."
-        ) from None
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(str(path), local_files_only=True, trust_remote_code=False)
+            model = AutoModelForCausalLM.from_pretrained(
+                str(path), local_files_only=True, dtype="auto", trust_remote_code=False
+            )
+        except Exception as error:  # whatever a file of the directory makes a library raise is bad input
+            raise UserError(
+                f"model.path={path} could not be loaded as a Hugging Face checkpoint "
+                f"({type(error).__name__}: {_first_line(error)}). Point model.path at a directory written by "
+                "`save_pretrained` (config.json, weights and tokenizer files)."
+            ) from None
     return model, tokenizer
 
 
-MODELOPT_STATE = "modelopt_state.pth"  # ModelOpt's HF checkpointing writes it beside the weights
+@contextlib.contextmanager
+def weights_only_loading() -> Iterator[None]:
+    """Every ``torch.load`` in the block unpickles tensors and plain containers only, whatever its caller passes.
+
+    ModelOpt restores ``modelopt_state.pth`` with ``torch.load`` and no ``weights_only``, which
+    ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD=1`` (ModelOpt's documentation suggests it) turns into a
+    full unpickling that runs whatever the file names. torch's ``TORCH_FORCE_WEIGHTS_ONLY_LOAD``
+    wins over any argument, so it is set for the block and the other unset.
+    """
+    saved = {name: os.environ.pop(name, None) for name in _WEIGHTS_ONLY_SWITCHES}
+    os.environ["TORCH_FORCE_WEIGHTS_ONLY_LOAD"] = "1"
+    try:
+        yield
+    finally:
+        for name, value in saved.items():
+            os.environ.pop(name, None)
+            if value is not None:
+                os.environ[name] = value
+
+
+_WEIGHTS_ONLY_SWITCHES = ("TORCH_FORCE_WEIGHTS_ONLY_LOAD", "TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD")
+
+
+def _read_weights_only(path, file: Path) -> None:
+    """Unpickle ``file`` as torch's weights-only loader does (tensors on the meta device: no data is read)."""
+    import pickle
+
+    import torch
+
+    try:
+        torch.load(file, map_location="meta", weights_only=True)
+    except pickle.UnpicklingError as error:
+        refused = re.search(r"Unsupported global: GLOBAL ([\w.]+)", str(error))
+        raise UserError(
+            f"model.path={path}: {file.name} holds Python objects besides tensors"
+            f"{f' ({refused.group(1)})' if refused else ''}, which could run code when loaded; llmexp loads "
+            "checkpoints with weights_only=True and never runs code from them. Take the checkpoint from a source "
+            "you trust, or make it again: save_pretrained writes safetensors, technique=quantize a "
+            f"{MODELOPT_STATE} that loads this way."
+        ) from None
+    except Exception as error:  # a damaged archive, a record torch cannot read
+        raise UserError(
+            f"model.path={path}: {file.name} cannot be read ({type(error).__name__}: {_first_line(error)}). "
+            "Download or copy that file again, or use the model's safetensors weights."
+        ) from None
+
+
+def _first_line(error: Exception) -> str:
+    return " ".join(str(error).split(". ")[0].split())[:300]
 
 
 def enable_modelopt_checkpointing() -> None:

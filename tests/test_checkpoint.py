@@ -10,9 +10,12 @@ import pytest
 from safetensors.numpy import save_file
 
 from llmexp.checkpoint import (
+    MODELOPT_STATE,
     model_numbers_from_hf_config,
+    pickled_files,
     read_hf_config,
     safetensors_problem,
+    torch_archive_problem,
     validate_checkpoint_dir,
 )
 from llmexp.errors import UserError
@@ -65,7 +68,7 @@ def test_a_complete_checkpoint_passes(tmp_path):
     validate_checkpoint_dir(checkpoint)
     validate_checkpoint_dir(str(checkpoint))
     assert read_hf_config(checkpoint)["hidden_size"] == 64
-    assert safetensors_problem(checkpoint / "model.safetensors") == ""
+    assert safetensors_problem(checkpoint / "model.safetensors")[0] == ""
 
 
 def test_missing_directory(tmp_path):
@@ -99,10 +102,66 @@ def test_no_weights(tmp_path):
     assert_user_error(checkpoint, "no weights found", "*.safetensors")
 
 
-def test_pytorch_bin_weights_count_as_weights(tmp_path):
+def write_pytorch_bin(checkpoint, name="pytorch_model.bin"):
+    import torch
+
+    torch.save({"model.norm.weight": torch.ones(64)}, checkpoint / name)
+    return checkpoint / name
+
+
+def test_pytorch_bin_weights_count_as_weights_and_their_archive_is_checked(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "ckpt", weights=False)
-    (checkpoint / "pytorch_model.bin").write_bytes(b"PK\x03\x04 not checked further")
+    weights = write_pytorch_bin(checkpoint)
     validate_checkpoint_dir(checkpoint)
+    assert pickled_files(checkpoint) == [weights]
+    data = weights.read_bytes()
+    weights.write_bytes(data[: len(data) - 200])  # the central directory is at the end
+    assert_user_error(checkpoint, "pytorch_model.bin is truncated or corrupt", "not a whole zip archive")
+    weights.write_bytes(b"<html>404 Not Found</html>")
+    assert_user_error(checkpoint, "pytorch_model.bin is truncated or corrupt")
+    weights.write_bytes(b"\x80\x02" + data[2:])  # torch's format before 1.6, a bare pickle: torch checks it
+    assert torch_archive_problem(weights) == ""
+
+
+def test_a_bin_beside_safetensors_is_not_read_but_modelopt_state_always_is(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "ckpt")
+    (checkpoint / "pytorch_model.bin").write_bytes(b"transformers reads model.safetensors instead")
+    validate_checkpoint_dir(checkpoint)
+    assert pickled_files(checkpoint) == []
+    state = checkpoint / MODELOPT_STATE
+    state.write_bytes(b"PK\x03\x04 cut short")
+    assert pickled_files(checkpoint) == [state]
+    assert_user_error(checkpoint, f"{MODELOPT_STATE} is truncated or corrupt")
+
+
+def test_a_pytorch_bin_index_names_its_shards(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "ckpt", weights=False)
+    write_pytorch_bin(checkpoint, "pytorch_model-00001-of-00002.bin")
+    index = {"weight_map": {"a": "pytorch_model-00001-of-00002.bin", "b": "pytorch_model-00002-of-00002.bin"}}
+    (checkpoint / "pytorch_model.bin.index.json").write_text(json.dumps(index))
+    assert_user_error(checkpoint, "pytorch_model.bin.index.json names shards that are missing",
+                      "pytorch_model-00002-of-00002.bin")
+
+
+def test_an_index_placing_a_tensor_in_a_shard_without_it_is_refused(tmp_path):
+    checkpoint = write_checkpoint(tmp_path / "ckpt", weights=False)
+    shard = "model-00001-of-00001.safetensors"
+    save_file({"a": np.zeros((2,), dtype=np.float32)}, str(checkpoint / shard))
+    index = {"weight_map": {"a": shard, "lm_head.weight": shard}}
+    (checkpoint / "model.safetensors.index.json").write_text(json.dumps(index))
+    assert_user_error(checkpoint, "places tensors in shards that do not hold them",
+                      "lm_head.weight (in model-00001-of-00001.safetensors)")
+
+
+def test_json_nested_too_deeply_is_a_user_error_not_a_crash(tmp_path):
+    deep = "[" * 100_000 + "]" * 100_000
+    checkpoint = write_checkpoint(tmp_path / "ckpt", weights=False)
+    (checkpoint / "config.json").write_text('{"model_type": "llama", "x": ' + deep + "}")
+    assert_user_error(checkpoint, "config.json could not be parsed (nested too deeply to parse)")
+    header = ('{"x": ' + deep + "}").encode()
+    weights = tmp_path / "deep.safetensors"
+    weights.write_bytes(struct.pack("<Q", len(header)) + header)
+    assert safetensors_problem(weights)[0] == "header is not valid JSON: nested too deeply to parse"
 
 
 def test_truncated_safetensors_is_reported_with_its_name(tmp_path):
@@ -118,19 +177,19 @@ def test_safetensors_cut_inside_its_header(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "ckpt")
     weights = checkpoint / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:20])
-    assert "header of" in safetensors_problem(weights)
+    assert "header of" in safetensors_problem(weights)[0]
     assert_user_error(checkpoint, "truncated or corrupt")
     weights.write_bytes(b"\x01\x02")
-    assert "shorter than the 8-byte header length" in safetensors_problem(weights)
+    assert "shorter than the 8-byte header length" in safetensors_problem(weights)[0]
 
 
 def test_hand_written_header_with_wrong_sizes(tmp_path):
     header = json.dumps({"w": {"dtype": "F32", "shape": [4], "data_offsets": [0, 12]}}).encode()
     file = tmp_path / "bad.safetensors"
     file.write_bytes(struct.pack("<Q", len(header)) + header + b"\x00" * 12)
-    assert "holds 12 bytes, its dtype and shape need 16" in safetensors_problem(file)
+    assert "holds 12 bytes, its dtype and shape need 16" in safetensors_problem(file)[0]
     file.write_bytes(struct.pack("<Q", 5) + b"not{}" + b"\x00" * 4)
-    assert safetensors_problem(file) == "header is not valid JSON"
+    assert safetensors_problem(file)[0].startswith("header is not valid JSON")
 
 
 def test_sharded_checkpoint_with_a_missing_shard(tmp_path):

@@ -6,6 +6,7 @@ import pytest
 
 from llmexp.data.jsonl import read_jsonl, read_jsonl_numbered, write_jsonl
 from llmexp.errors import UserError
+from tests.conftest import run_llmexp
 
 
 def write_lines(path, *lines):
@@ -43,6 +44,23 @@ def test_a_line_that_is_not_utf8_names_file_and_line(tmp_path):
     path.write_bytes(b'{"a": 1}\n{"a": "caf\xe9"}\n')
     with pytest.raises(UserError, match=rf"{path}:2: not UTF-8"):
         list(read_jsonl(path))
+
+
+def test_a_line_nested_too_deeply_names_file_and_line(tmp_path):
+    path = write_lines(tmp_path / "deep.jsonl", '{"a": 1}', '{"a": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(UserError, match=rf"{path}:2: JSON nested deeper than Python's parser follows"):
+        list(read_jsonl(path))
+
+
+@pytest.mark.slow
+def test_training_on_a_file_with_such_a_line_exits_2_before_writing_anything(tiny_checkpoint, tmp_path):
+    path = write_lines(tmp_path / "train.jsonl", '{"prompt": "a", "completion": "b"}',
+                       '{"prompt": ' + "[" * 100_000 + "]" * 100_000 + ', "completion": "b"}')
+    done = run_llmexp("technique=sft", "data=jsonl", f"data.path={path}", f"model.path={tiny_checkpoint}",
+                      cwd=tmp_path, timeout=300)
+    assert done.returncode == 2, done.stderr[-2000:]
+    assert f"{path}:2: JSON nested deeper" in " ".join(done.stderr.split()) and "Traceback" not in done.stderr
+    assert not (tmp_path / "outputs").exists()
 
 
 def test_missing_file_and_directory_are_user_errors(tmp_path):

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import os
+import sys
 from pathlib import Path
 from typing import Any, Dict, Iterable, Iterator, Tuple, Union
 
@@ -23,8 +24,8 @@ _FIX = "Each line of a JSONL file must hold one JSON object ({...}); fix or dele
 def read_jsonl_numbered(path: PathLike) -> Iterator[Tuple[int, Dict[str, Any]]]:
     """``(line number, object)`` for every non-blank line of ``path``; line numbers are 1-based.
 
-    A missing file, a line that is not UTF-8 or not JSON, or a JSON value that is not an
-    object raises ``UserError`` naming ``file:line``.
+    A missing file, a line that is not UTF-8 or not JSON (nesting too deep to parse included),
+    or a JSON value that is not an object raises ``UserError`` naming ``file:line``.
     """
     path = Path(path)
     try:
@@ -52,6 +53,12 @@ def read_jsonl_numbered(path: PathLike) -> Iterator[Tuple[int, Dict[str, Any]]]:
             except json.JSONDecodeError as error:
                 message = f"not valid JSON ({error.msg}, column {error.colno})"
                 raise UserError(f"{path}:{number}: {message}. {_FIX}") from None
+            except RecursionError:  # Python's parser recurses once per nesting level
+                limit = sys.getrecursionlimit()
+                raise UserError(
+                    f"{path}:{number}: JSON nested deeper than Python's parser follows (about {limit} levels "
+                    f"of [ and {{). {_FIX}"
+                ) from None
             if not isinstance(record, dict):
                 raise UserError(f"{path}:{number}: a JSON {_json_kind(record)}, not an object. {_FIX}")
             yield number, record
