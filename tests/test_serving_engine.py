@@ -16,7 +16,15 @@ from llmexp.data.embedded import build_world
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
 from llmexp.models import build_model, load_model, save_model
-from llmexp.serving.engine import Engine, GenerationRequest, InvalidRequest, QueueFull, UnknownModel
+from llmexp.serving.engine import (
+    Engine,
+    GenerationFailed,
+    GenerationRequest,
+    InvalidRequest,
+    QueueFull,
+    RequestFailed,
+    UnknownModel,
+)
 from llmexp.serving.served_models import load_served_models
 from tests.conftest import REPO
 
@@ -278,3 +286,63 @@ def test_a_modelopt_int8_checkpoint_serves_what_it_computes_in_process(tmp_path)
         got = [list(stream.read_all().token_ids) for stream in streams]
     assert got == [generate_alone(restored, tokenizer, p, 10) for p in prompts]
     assert any(name.endswith("weight_quantizer") for name, _ in served.model.named_modules())  # restored quantized
+
+
+def test_a_tiny_temperature_samples_like_greedy_instead_of_failing(served):
+    prompts = random_prompts(3, seed=20)
+    expected = [generate_alone(served.model, served.tokenizer, p, 8) for p in prompts]
+    temperatures = (5e-324, 1e-300, 1e-30)  # the smallest positive float, the reported 1e-300, below float32's range
+    with Engine(served, max_batch_size=8) as engine:
+        with engine.paused():  # one batch: a row that failed would take the others with it
+            streams = {(t, p): engine.submit(GenerationRequest(NAME, p, 8, temperature=t, top_p=top_p, seed=1))
+                       for t, top_p in zip(temperatures, (1.0, 5e-324, 0.5)) for p in prompts}
+        got = {key: stream.read_all() for key, stream in streams.items()}
+        hot = engine.submit(GenerationRequest(NAME, prompts[0], 8, temperature=100.0, seed=1)).read_all()
+    for (temperature, prompt), result in got.items():
+        assert list(result.token_ids) == expected[prompts.index(prompt)], temperature
+    assert hot.finish_reason in ("stop", "length") and len(hot.token_ids) >= 1
+
+
+@pytest.mark.parametrize("fields, param", [
+    ({"seed": 10**30}, "seed"), ({"seed": -(2**63) - 1}, "seed"), ({"seed": 1.5}, "seed"), ({"seed": True}, "seed"),
+    ({"temperature": float("nan")}, "temperature"), ({"temperature": float("inf")}, "temperature"),
+    ({"temperature": -0.5}, "temperature"), ({"temperature": 101}, "temperature"), ({"temperature": "1"}, "temperature"),
+    ({"top_p": 0}, "top_p"), ({"top_p": float("nan")}, "top_p"), ({"top_p": 1.5}, "top_p"),
+    ({"max_tokens": True}, "max_tokens"), ({"max_tokens": 2.0}, "max_tokens"), ({"max_tokens": -1}, "max_tokens"),
+    ({"stop": ("",)}, "stop"), ({"stop": ("a", "b", "c", "d", "e")}, "stop"), ({"stop": ("x" * 257,)}, "stop"),
+    ({"stop": (3,)}, "stop"), ({"prompt": "a \ud800 b"}, "prompt"), ({"prompt": None, "prompt_ids": [1, True]}, "prompt"),
+])
+def test_every_field_outside_what_the_engine_computes_is_refused_naming_it(served, fields, param):
+    with Engine(served) as engine:
+        with pytest.raises(InvalidRequest) as error:
+            engine.submit(GenerationRequest(**{"model": NAME, "prompt": "hello", "max_tokens": 2, **fields}))
+        assert error.value.param == param and str(error.value).startswith(param)
+        assert engine.submit(GenerationRequest(NAME, "hello", 2, temperature=0.0)).read_all().finish_reason == "length"
+    with Engine(served) as engine:  # the limits themselves are computed
+        limits = GenerationRequest(NAME, "hello", 2, temperature=100.0, top_p=1e-300, seed=2**63 - 1, stop=("x" * 256,))
+        assert engine.submit(limits).read_all().finish_reason in ("stop", "length")
+        assert engine.submit(GenerationRequest(NAME, "hello", 2, seed=-(2**63))).read_all().finish_reason in (
+            "stop", "length")
+
+
+def test_a_failure_no_single_row_reproduces_fails_the_batch_in_flight_but_never_the_queue(served):
+    """A model that fails on any batch of two rows: each row runs alone, so the failure is the batch's."""
+
+    def refuse_pairs(module, args):
+        if args[0].shape[0] > 1 and args[0].shape[1] == 1:  # decoding two rows at once
+            raise RuntimeError("out of memory (two rows)")
+
+    prompts = random_prompts(3, seed=21)
+    hook = served.model.get_input_embeddings().register_forward_pre_hook(refuse_pairs)
+    try:
+        with Engine(served, max_batch_size=2) as engine:
+            with engine.paused():
+                streams = [engine.submit(GenerationRequest(NAME, p, 6, temperature=0.0)) for p in prompts]
+            for stream in streams[:2]:
+                with pytest.raises(GenerationFailed, match="out of memory") as error:
+                    stream.read_all()
+                assert not isinstance(error.value, RequestFailed)
+            queued = streams[2].read_all()  # it waited for a slot: the batch's failure is not its own
+    finally:
+        hook.remove()
+    assert list(queued.token_ids) == generate_alone(served.model, served.tokenizer, prompts[2], 6)

@@ -8,6 +8,14 @@ merges their KV cache into the running batch, and (3) runs one decoding step for
 a row that ends (EOS, a stop string, ``max_tokens``) leaves the batch at once. So a request
 arriving while others decode joins at the next step, not the next batch.
 
+One request never fails another. Its fields are checked against ``llmexp.serving.limits`` before
+it queues; sampling is computed so that every value inside those limits stays finite. A failure
+that still happens in the worker is pinned on the rows that cause it: a row whose logits are not
+numbers, or whose sampling or text raises, ends alone with ``RequestFailed``; a batched forward
+pass that raises is retried row by row (each prompt alone; each running sequence alone), the rows
+that fail by themselves end with ``RequestFailed`` and the others go on. Only a failure no single
+row reproduces fails the running batch (``GenerationFailed``); the queue waits for the next one.
+
 Why not transformers' own ``ContinuousBatchingManager`` (``generate_batch``): in 5.24 it runs
 on the CPU and gives the same greedy tokens, but it packs every request into one ragged row,
 so PEFT's per-row ``adapter_names`` cannot pick each request's LoRA adapter in a mixed
@@ -40,6 +48,7 @@ from typing import Any, AsyncIterator, Deque, Iterator, List, Optional, Sequence
 
 import torch
 
+from llmexp.serving.limits import InvalidRequest, check_sampling, check_text
 from llmexp.serving.metrics import ServingMetrics
 from llmexp.serving.served_models import ServedModels
 
@@ -52,12 +61,13 @@ class UnknownModel(LookupError):
     """The request names no served model or adapter (HTTP 404)."""
 
 
-class InvalidRequest(ValueError):
-    """A request field is out of range, or the prompt does not fit the context (HTTP 400)."""
-
-
 class GenerationFailed(RuntimeError):
     """The worker could not finish this request (the model raised, or the engine closed)."""
+
+
+class RequestFailed(GenerationFailed):
+    """This request alone could not be generated: the model fails on it by itself, while the rows batched with
+    it went on. Sent again unchanged, it fails again (HTTP 422)."""
 
 
 @dataclass(frozen=True)
@@ -270,8 +280,9 @@ class Engine:
             raise UnknownModel(
                 f"model {request.model!r} is not served here; served models: {', '.join(self.served.names)}."
             )
+        check_sampling(request.max_tokens, request.temperature, request.top_p, request.seed, request.stop)
         prompt_ids = self._prompt_ids(request)
-        max_tokens = self._validate(request, prompt_ids)
+        self._check_context(prompt_ids, request.max_tokens)
         generator = None
         if request.temperature > 0:
             generator = torch.Generator()
@@ -288,7 +299,7 @@ class Engine:
                 )
             request_id = f"cmpl-{next(self._ids)}"
             stream = GenerationStream(request_id, len(prompt_ids), lambda: self._wake())
-            row = _Row(request, stream, prompt_ids, adapter, max_tokens,
+            row = _Row(request, stream, prompt_ids, adapter, request.max_tokens,
                        _TextTracker(self.served.tokenizer, request.stop), generator, time.perf_counter())
             self._waiting.append(row)
             self.metrics.queue_depth.set(len(self._waiting))
@@ -333,40 +344,35 @@ class Engine:
     # ------------------------------------------------------------------ validation
     def _prompt_ids(self, request: GenerationRequest) -> List[int]:
         if (request.prompt is None) == (request.prompt_ids is None):
-            raise InvalidRequest("give exactly one of prompt (text) and prompt_ids (token ids).")
+            raise InvalidRequest("give exactly one of prompt (text) and prompt_ids (token ids).", param="prompt")
         if request.prompt_ids is not None:
-            ids = [int(i) for i in request.prompt_ids]
+            if any(isinstance(i, bool) or not isinstance(i, int) for i in request.prompt_ids):
+                raise InvalidRequest("prompt token ids must be whole numbers.", param="prompt")
+            ids = list(request.prompt_ids)
             vocab = self.served.model.get_input_embeddings().num_embeddings
             bad = [i for i in ids if not 0 <= i < vocab]
             if bad:
-                raise InvalidRequest(f"prompt token ids {bad[:5]} are outside this model's vocabulary [0, {vocab}).")
+                raise InvalidRequest(f"prompt token ids {bad[:5]} are outside this model's vocabulary [0, {vocab}).",
+                                     param="prompt")
         else:
+            check_text(request.prompt, "prompt")
             ids = self.served.tokenizer(request.prompt)["input_ids"]
         if not ids:
-            raise InvalidRequest("the prompt is empty (no tokens); give some text.")
+            raise InvalidRequest("the prompt is empty (no tokens); give some text.", param="prompt")
         return ids
 
-    def _validate(self, request: GenerationRequest, prompt_ids: List[int]) -> int:
+    def _check_context(self, prompt_ids: List[int], max_tokens: int) -> None:
         context = self.served.context_length
         if len(prompt_ids) >= context:
             raise InvalidRequest(
                 f"the prompt is {len(prompt_ids)} tokens; this model's context is {context} tokens, prompt and "
-                "completion together. Shorten the prompt."
+                "completion together. Shorten the prompt.", param="prompt"
             )
-        if not isinstance(request.max_tokens, int) or request.max_tokens < 1:
-            raise InvalidRequest(f"max_tokens={request.max_tokens!r}: give a whole number of at least 1.")
-        if len(prompt_ids) + request.max_tokens > context:
+        if len(prompt_ids) + max_tokens > context:
             raise InvalidRequest(
-                f"max_tokens={request.max_tokens} with a {len(prompt_ids)}-token prompt exceeds the {context}-token "
-                f"context; ask for max_tokens <= {context - len(prompt_ids)}."
+                f"max_tokens={max_tokens} with a {len(prompt_ids)}-token prompt exceeds the {context}-token "
+                f"context; ask for max_tokens <= {context - len(prompt_ids)}.", param="max_tokens"
             )
-        if not 0 <= request.temperature <= 100:
-            raise InvalidRequest(f"temperature={request.temperature}: give a number from 0 (greedy) to 100.")
-        if not 0 < request.top_p <= 1:
-            raise InvalidRequest(f"top_p={request.top_p}: give a number in (0, 1].")
-        if any(not isinstance(s, str) or not s for s in request.stop):
-            raise InvalidRequest(f"stop={list(request.stop)!r}: give non-empty strings.")
-        return request.max_tokens
 
     def _check_cache_layout(self) -> None:
         from transformers import DynamicCache
@@ -394,10 +400,17 @@ class Engine:
             with self._hold:
                 try:
                     self._iteration()
-                except Exception as error:  # a model error fails the requests in flight, not the server
+                except Exception as error:  # no single row reproduces it: the batch in flight fails, the queue waits
                     traceback.print_exc(file=sys.stderr)
-                    self._fail_all(GenerationFailed(f"generation failed: {type(error).__name__}: {error}"))
-        self._fail_all(GenerationFailed("the engine closed before this request finished"))
+                    self._fail_running(GenerationFailed(f"generation failed: {type(error).__name__}: {error}"))
+        closed = GenerationFailed("the engine closed before this request finished")
+        self._fail_running(closed)
+        with self._lock:
+            waiting = list(self._waiting)
+            self._waiting.clear()
+            self.metrics.queue_depth.set(0)
+        for row in waiting:
+            self._fail(row, closed)
 
     def _iteration(self) -> None:
         batch = self._batch
@@ -435,18 +448,34 @@ class Engine:
             )
         return out.logits[:, -1, :].float()
 
-    def _prefill(self, rows: List[_Row]) -> None:
-        """Run the new rows' prompts (left-padded together), sample their first tokens, merge them into the batch."""
+    def _run_prompts(self, rows: List[_Row], sequences: List[List[int]]):
+        """(last-position logits, KV cache, attention mask) of ``sequences`` run left-padded together, fresh cache."""
         from transformers import DynamicCache
 
-        width = max(len(row.prompt_ids) for row in rows)
+        width = max(len(ids) for ids in sequences)
         pad = self.served.tokenizer.pad_token_id
         device = self.served.model.device
-        input_ids = torch.tensor([[pad] * (width - len(r.prompt_ids)) + r.prompt_ids for r in rows], device=device)
-        mask = torch.tensor([[0] * (width - len(r.prompt_ids)) + [1] * len(r.prompt_ids) for r in rows], device=device)
+        input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids in sequences], device=device)
+        mask = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids in sequences], device=device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         cache = DynamicCache(config=self.served.model.config)
         logits = self._forward(input_ids, mask, positions, cache, rows, logits_to_keep=1)
+        return logits, cache, mask
+
+    def _prefill(self, rows: List[_Row]) -> None:
+        """Run the new rows' prompts together, sample their first tokens, merge them into the batch.
+
+        If that raises, each row is prefilled alone: only the rows that fail by themselves end.
+        """
+        try:
+            logits, cache, mask = self._run_prompts(rows, [row.prompt_ids for row in rows])
+        except Exception as error:
+            if len(rows) == 1:
+                self._fail(rows[0], _failed_alone(error))
+            else:
+                for row in rows:
+                    self._prefill([row])
+            return
         self.prefill_steps += 1
         self.metrics.forward_steps.labels("prefill").inc()
         self.metrics.batch_size.labels("prefill").observe(len(rows))
@@ -457,17 +486,43 @@ class Engine:
         self._keep_unfinished()
 
     def _decode(self) -> None:
-        """One token for every running row."""
+        """One token for every running row.
+
+        If the batched step raises, the cache goes back to before it and each running sequence
+        is run alone: the rows that fail by themselves end, the others decode at the next step.
+        """
         batch = self._batch
+        width = batch.mask.shape[1]
         input_ids = torch.tensor([[row.next_token] for row in batch.rows], device=batch.mask.device)
-        batch.mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
-        positions = batch.mask.sum(-1, keepdim=True) - 1
-        logits = self._forward(input_ids, batch.mask, positions, batch.cache, batch.rows)
+        mask = torch.cat([batch.mask, batch.mask.new_ones(len(batch.rows), 1)], dim=1)
+        positions = mask.sum(-1, keepdim=True) - 1
+        try:
+            logits = self._forward(input_ids, mask, positions, batch.cache, batch.rows)
+        except Exception:
+            for layer in batch.cache.layers:  # layers the failed step already extended
+                layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+            failures = {id(row): self._fails_alone(row) for row in batch.rows}
+            if not any(failures.values()):
+                raise
+            for row in batch.rows:
+                if failures[id(row)] is not None:
+                    self._fail(row, failures[id(row)])
+            self._keep_unfinished()
+            return
+        batch.mask = mask
         self.decode_steps += 1
         self.metrics.forward_steps.labels("decode").inc()
         self.metrics.batch_size.labels("decode").observe(len(batch.rows))
         self._take_tokens(batch.rows, logits)
         self._keep_unfinished()
+
+    def _fails_alone(self, row: _Row) -> Optional[RequestFailed]:
+        """The row's whole sequence so far (prompt and generated tokens) run by itself: the error, None if it runs."""
+        try:
+            self._run_prompts([row], [row.prompt_ids + row.text.ids])
+        except Exception as error:
+            return _failed_alone(error)
+        return None
 
     def _merge(self, rows: List[_Row], cache, mask: torch.Tensor) -> None:
         """Append prefilled rows to the batch: both caches left-padded to the longer, then concatenated."""
@@ -502,21 +557,34 @@ class Engine:
 
     # ------------------------------------------------------------------ sampling and output
     def _take_tokens(self, rows: List[_Row], logits: torch.Tensor) -> None:
+        """Each row's next token; a row whose logits are not numbers, or whose token cannot be taken, ends alone."""
         greedy = logits.argmax(-1).tolist()
+        not_numbers = (logits.isnan() | logits.isposinf()).any(-1).tolist()
         now = time.perf_counter()
         for i, row in enumerate(rows):
             if row.stream.cancelled:
                 self._end(row, "cancelled")
                 continue
-            token = greedy[i] if row.request.temperature == 0 else self._sample(row, logits[i : i + 1])
-            self._emit(row, token, now)
+            try:
+                if not_numbers[i]:
+                    raise FloatingPointError("the model's output (logits) for this request holds NaN or +inf")
+                token = greedy[i] if row.request.temperature == 0 else self._sample(row, logits[i])
+                self._emit(row, token, now)
+            except Exception as error:
+                self._fail(row, _failed_alone(error))
 
     @staticmethod
     def _sample(row: _Row, logits: torch.Tensor) -> int:
-        """Temperature, then top-p (transformers' own warpers), then a draw from the row's seeded generator."""
-        from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+        """Temperature, then top-p (transformers' warper), then a draw from the row's seeded generator.
 
-        scores = TemperatureLogitsWarper(row.request.temperature)(None, logits)
+        In float64, with the largest logit shifted to 0 before dividing, every positive temperature
+        the limits allow stays finite: a tiny one sends the other tokens to -inf, a greedy draw (in
+        float32, a temperature of 1e-300 was a zero divisor and the softmax all NaN).
+        """
+        from transformers import TopPLogitsWarper
+
+        scores = logits.double()
+        scores = ((scores - scores.max()) / row.request.temperature)[None]
         if row.request.top_p < 1:
             scores = TopPLogitsWarper(row.request.top_p)(None, scores)
         # drawn on the CPU, where the row's generator lives: the same seed gives the same text on any device
@@ -554,20 +622,33 @@ class Engine:
         self.metrics.generations.labels(row.request.model, reason).inc()
         row.stream._put(_END)
 
-    def _fail_all(self, error: GenerationFailed) -> None:
+    def _fail(self, row: _Row, error: GenerationFailed) -> None:
+        """End ``row`` with ``error`` (its reader raises it); the rows around it are not touched."""
+        if row.finish_reason is not None:
+            return
+        if isinstance(error, RequestFailed):  # the model's own error, for whoever runs the server
+            traceback.print_exception(error.__cause__, file=sys.stderr)
+        row.finish_reason = "error"
+        self.metrics.generations.labels(row.request.model, "error").inc()
+        row.stream._put(error)
+        row.stream._put(_END)
+
+    def _fail_running(self, error: GenerationFailed) -> None:
+        """End the running batch and the rows being admitted with ``error``; the queue stays."""
         with self._lock:
-            rows = [*self._batch.rows, *self._admitted, *self._waiting]
-            self._waiting.clear()
+            rows = [*self._batch.rows, *self._admitted]
             self._admitted = []
-            self.metrics.queue_depth.set(0)
         self._batch = _Batch()
         self.metrics.running.set(0)
         for row in rows:
-            if row.finish_reason is None:
-                row.finish_reason = "error"
-                self.metrics.generations.labels(row.request.model, "error").inc()
-                row.stream._put(error)
-                row.stream._put(_END)
+            self._fail(row, error)
+
+
+def _failed_alone(error: Exception) -> RequestFailed:
+    failure = RequestFailed(f"this request could not be generated ({type(error).__name__}: {error}); the requests "
+                            "batched with it went on. Sent again unchanged, it fails again.")
+    failure.__cause__ = error
+    return failure
 
 
 def _cache_keyword(model) -> str:
