@@ -5,18 +5,25 @@ Serves ``/v1/completions``, ``/v1/chat/completions`` (streaming or not), ``/v1/m
 continuously (``llmexp.serving.engine``); LoRA adapters given with ``--adapter`` are served
 on the same base, each under its name. Binds 127.0.0.1 unless told otherwise; Ctrl-C stops.
 ``--backend vllm`` instead becomes vLLM's own OpenAI server on CUDA GPUs (``llmexp.serving.vllm_server``).
+
+API keys (``LLMEXP_API_KEY``, ``--api-key-file``; ``llmexp.serving.auth``) make every path but
+``/health`` ask for ``Authorization: Bearer <key>``. An address other machines can reach is
+refused without a key, unless ``--allow-unauthenticated-remote`` says that is meant.
 """
 
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import os
 import socket
 import sys
 from pathlib import Path
-from typing import Dict, List, NoReturn
+from typing import Dict, List, NoReturn, Sequence
 
 from llmexp.errors import UserError
+from llmexp.serving.auth import ENV_VAR as API_KEY_VAR
+from llmexp.serving.auth import NEW_KEY_HINT, read_api_keys
 
 BACKENDS = ("inprocess", "vllm")
 INPROCESS_DEFAULTS = {"max_batch_size": 16, "max_queue": 64}
@@ -36,8 +43,9 @@ def main(argv: List[str]) -> int:
     _check_numbers(args)
     _check_backend_options(args)
     adapters = _parse_adapters(args.adapter)
+    api_keys = _api_keys(args)
     if args.backend == "vllm":
-        _serve_with_vllm(args, adapters)
+        _serve_with_vllm(args, adapters, api_keys)
     for option, default in INPROCESS_DEFAULTS.items():
         if getattr(args, option) is None:
             setattr(args, option, default)
@@ -56,10 +64,13 @@ def main(argv: List[str]) -> int:
     host, port = listener.getsockname()[:2]
     names = ", ".join([f"{served.base_name} (base)", *(f"{name} (adapter)" for name in served.adapter_dirs)])
 
-    def announce() -> None:
-        print(f"llmexp serve: http://{_url_host(host)}:{port}/v1  models: {names}  (Ctrl-C stops)", flush=True)
+    access = f"API keys: {len(api_keys)}" if api_keys else "no API key"
 
-    app = create_app(engine, max_tokens_limit=args.max_tokens_limit, on_ready=announce)
+    def announce() -> None:
+        print(f"llmexp serve: http://{_url_host(host)}:{port}/v1  models: {names}  {access}  (Ctrl-C stops)",
+              flush=True)
+
+    app = create_app(engine, max_tokens_limit=args.max_tokens_limit, on_ready=announce, api_keys=api_keys)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     try:
         # uvicorn turns Ctrl-C (SIGINT) and SIGTERM into a graceful shutdown, then re-raises the signal
@@ -82,8 +93,16 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--adapter", action="append", default=[], metavar="NAME=DIR",
                         help="serve the PEFT LoRA adapter in DIR on the base model as NAME (repeatable)")
     parser.add_argument("--name", help="the base model's served name (default: its directory's name)")
-    parser.add_argument("--host", default="127.0.0.1", help="address to bind (default: %(default)s, this machine only)")
+    parser.add_argument("--host", default="127.0.0.1",
+                        help="address to bind (default: %(default)s, this machine only); one that other machines can "
+                        "reach needs API keys or --allow-unauthenticated-remote")
     parser.add_argument("--port", type=int, default=8000, help="port to bind, 0 for any free one (default: %(default)s)")
+    parser.add_argument("--api-key-file", type=Path, default=None, metavar="FILE",
+                        help=f"require one of the API keys in FILE (one per line), as well as those in ${API_KEY_VAR} "
+                        "(comma-separated); clients send `Authorization: Bearer <key>`")
+    parser.add_argument("--allow-unauthenticated-remote", action="store_true",
+                        help="serve an address other machines can reach without API keys (a trusted network only)")
+    parser.add_argument("--api-key", help=argparse.SUPPRESS)  # refused with the way that keeps the key secret
     parser.add_argument("--max-batch-size", type=int, default=None,
                         help="rows decoded together (in process: 16; vLLM: its --max-num-seqs, default its own)")
     parser.add_argument("--max-queue", type=int, default=None,
@@ -117,10 +136,12 @@ def hydra_style_backend(argv: List[str]) -> List[str]:
     return words
 
 
-def _serve_with_vllm(args: argparse.Namespace, adapters: Dict[str, Path]) -> NoReturn:
-    """Check the input, then the machine (vLLM installed, CUDA GPUs), then become vLLM's server."""
+def _serve_with_vllm(args: argparse.Namespace, adapters: Dict[str, Path], api_keys: Sequence[str]) -> NoReturn:
+    """Check the input, then the machine (vLLM installed, CUDA GPUs), then become vLLM's server, the key (if any)
+    handed over in its environment as ``VLLM_API_KEY``, never on its command line."""
     from llmexp.serving import vllm_server
 
+    environment = vllm_server.vllm_environment(os.environ, api_keys)
     listener = _bind(args.host, args.port)  # a busy port fails now, not after vLLM loaded the model
     port = listener.getsockname()[1]
     listener.close()
@@ -131,7 +152,43 @@ def _serve_with_vllm(args: argparse.Namespace, adapters: Dict[str, Path]) -> NoR
     )
     vllm_server.require_vllm()
     vllm_server.require_cuda(args.tensor_parallel_size)
-    vllm_server.exec_vllm(command, f"http://{_url_host(args.host)}:{port}/v1")
+    vllm_server.exec_vllm(command, f"http://{_url_host(args.host)}:{port}/v1", environment)
+
+
+def _api_keys(args: argparse.Namespace) -> List[str]:
+    """The keys from the environment and ``--api-key-file``, after checking that the address may be served with
+    them: one other machines can reach needs a key (vLLM's own ``VLLM_API_KEY`` counts for ``--backend vllm``),
+    unless ``--allow-unauthenticated-remote``."""
+    if args.api_key is not None:
+        raise UserError(
+            f"--api-key: llmexp serve does not take keys on the command line, where shell history and process lists "
+            f"keep them. Put the key in the environment (export {API_KEY_VAR}=<key>; several: comma-separated) or in "
+            "a file given with --api-key-file FILE (one key per line), and remove this one from your shell history."
+        )
+    keys = read_api_keys(os.environ, args.api_key_file)
+    guarded = bool(keys) or (args.backend == "vllm" and bool(os.environ.get("VLLM_API_KEY")))
+    if not guarded and not args.allow_unauthenticated_remote and not _is_loopback(args.host):
+        raise UserError(
+            f"--host {args.host}: other machines can reach this address, and no API key is set, so anyone who "
+            f"reaches the port could generate with this model. Set keys (export {API_KEY_VAR}=<key>, e.g. from "
+            f"{NEW_KEY_HINT}, or --api-key-file FILE), or bind --host 127.0.0.1, or, on a network you trust, add "
+            "--allow-unauthenticated-remote."
+        )
+    return keys
+
+
+def _is_loopback(host: str) -> bool:
+    """Whether ``host`` (an address or a name) means this machine only; a name counts only if every address
+    it resolves to is a loopback one."""
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        pass
+    try:
+        addresses = {info[4][0] for info in socket.getaddrinfo(host, None)}
+    except OSError:
+        return False
+    return bool(addresses) and all(ipaddress.ip_address(address.split("%")[0]).is_loopback for address in addresses)
 
 
 def _device(choice):

@@ -3,6 +3,7 @@ errors that leave the server up (400, 404, 429), disconnects that free slots, /m
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -19,11 +20,14 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
+from llmexp import serve_command
 from llmexp.data.instructions import prompt_ids
+from llmexp.errors import UserError
 from llmexp.models import save_model
 from llmexp.serving.app import create_app
 from llmexp.serving.engine import Engine
 from llmexp.serving.served_models import load_served_models
+from tests.bad_requests import bad_requests
 from tests.conftest import REPO
 from tests.test_serving_engine import build_varied_model, generate_alone, random_prompts, save_lora_adapter
 
@@ -40,27 +44,34 @@ def wait_until(condition, timeout: float = 20.0) -> None:
         time.sleep(0.005)
 
 
+@contextlib.contextmanager
+def serve_in_thread(app):
+    """``app`` on a free loopback port (uvicorn in a thread); yields its URL."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    port = listener.getsockname()[1]
+    uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
+    thread = threading.Thread(target=uv.run, kwargs={"sockets": [listener]}, daemon=True)
+    thread.start()
+    wait_until(lambda: uv.started)
+    try:
+        yield f"http://127.0.0.1:{port}"
+    finally:
+        uv.should_exit = True
+        thread.join(timeout=10)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory):
-    """The app on a free loopback port (uvicorn in a thread), serving the varied model and one LoRA adapter."""
+    """The app serving the varied model and one LoRA adapter, without API keys."""
     root = tmp_path_factory.mktemp("serve_http")
     model, tokenizer = build_varied_model()
     save_model(model, tokenizer, root / NAME)
     adapter = save_lora_adapter(root / NAME, root / "sql", seed=1)
     served = load_served_models(root / NAME, adapters={"sql": adapter})
     engine = Engine(served, max_batch_size=MAX_BATCH, max_queue=MAX_QUEUE)
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    port = listener.getsockname()[1]
-    uv = uvicorn.Server(uvicorn.Config(create_app(engine), log_level="warning"))
-    thread = threading.Thread(target=uv.run, kwargs={"sockets": [listener]}, daemon=True)
-    thread.start()
-    wait_until(lambda: uv.started)
-    with httpx.Client(base_url=f"http://127.0.0.1:{port}", timeout=60) as client:
-        yield SimpleNamespace(client=client, engine=engine, served=served, root=root,
-                              url=f"http://127.0.0.1:{port}")
-    uv.should_exit = True
-    thread.join(timeout=10)
+    with serve_in_thread(create_app(engine)) as url, httpx.Client(base_url=url, timeout=60) as client:
+        yield SimpleNamespace(client=client, engine=engine, served=served, root=root, url=url)
     engine.close()
 
 
@@ -160,35 +171,100 @@ def test_models_lists_the_base_and_its_adapter_and_each_is_served(server):
     assert texts["sql"] != texts[NAME]
 
 
-@pytest.mark.parametrize("body, status, fragment", [
-    ({"model": "gpt-4", "prompt": "hello"}, 404, f"served models: {NAME}, sql"),
-    ({"model": NAME, "prompt": "hello", "n": 2}, 400, "n=2"),
-    ({"model": NAME, "prompt": "hello", "max_tokens": -3}, 400, "max_tokens=-3"),
-    ({"model": NAME, "prompt": "hello", "max_tokens": 10_000}, 400, "at most 256"),
-    ({"model": NAME, "prompt": "hello " * 300}, 400, "context is 256 tokens"),
-    ({"model": NAME, "prompt": "hello", "temperature": "hot"}, 400, "temperature"),
-    ({"model": NAME, "prompt": "hello", "top_p": 0}, 400, "top_p=0"),
-    ({"model": NAME, "prompt": "hello", "logprobs": 5}, 400, "logprobs=5 is not supported"),
-    ({"model": NAME, "prompt": ["a", "b"]}, 400, "one prompt per request"),
-    ({"prompt": "hello"}, 400, "model: Field required"),
-])
-def test_bad_requests_get_a_clear_error_and_the_server_stays_up(server, body, status, fragment):
-    response = server.client.post("/v1/completions", json=body)
-    assert response.status_code == status
+@pytest.mark.parametrize("bad", bad_requests(NAME, 256), ids=lambda bad: bad.label)
+def test_each_bad_request_gets_its_4xx_naming_the_field_and_the_server_stays_up(server, bad):
+    response = server.client.request(bad.method, bad.path, content=bad.body, headers={"content-type": bad.content_type})
+    assert response.status_code == bad.status
     error = response.json()["error"]
-    assert fragment in error["message"] and error["code"] == status
+    assert bad.fragment in error["message"] and error["code"] == bad.status
     assert server.client.get("/health").json() == {"status": "ok"}
 
 
-def test_malformed_json_and_bad_chat_messages_are_400(server):
-    response = server.client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"})
-    assert response.status_code == 400 and "JSON" in response.json()["error"]["message"]
-    response = server.client.post("/v1/chat/completions", json={"model": NAME, "messages": [
-        {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]})
-    assert response.status_code == 400 and "must end with a user message" in response.json()["error"]["message"]
-    response = server.client.post("/v1/chat/completions", json={"model": NAME, "messages": [
-        {"role": "wizard", "content": "hi"}]})
-    assert response.status_code == 400 and "role='wizard'" in response.json()["error"]["message"].replace('"', "'")
+def post_together(server, bodies):
+    """POST ``bodies`` from as many threads while the engine is held, so they run as one batch; their responses."""
+    with ThreadPoolExecutor(len(bodies)) as pool:
+        with server.engine.paused():
+            futures = [pool.submit(server.client.post, "/v1/completions", json=body) for body in bodies]
+            wait_until(lambda: server.engine.waiting_count == len(bodies))
+        return [future.result() for future in futures]
+
+
+def test_a_tiny_temperature_never_fails_the_batch_it_joins(server):
+    prompts = random_prompts(MAX_BATCH, seed=30)
+    temperatures = (0, 1e-300, 0, 5e-324)  # 1e-300 turned every row of its batch into a 500
+    responses = post_together(server, [{"model": NAME, "prompt": p, "max_tokens": 6, "temperature": t, "seed": 3}
+                                       for p, t in zip(prompts, temperatures)])
+    assert [response.status_code for response in responses] == [200] * MAX_BATCH
+    assert [r.json()["choices"][0]["text"] for r in responses] == [reference_text(server.served, p, 6) for p in prompts]
+
+
+def poisoned_batch(served, where: str, max_tokens: int = 6):
+    """MAX_BATCH prompts and a token that only the first request's sequence holds: in its prompt (``where="prompt"``)
+    or as its third generated token, fed back at the third decoding step (``"generated"``)."""
+    tokenizer = served.tokenizer
+    for seed in range(100):
+        prompts = random_prompts(MAX_BATCH, seed=100 + seed)
+        ids = [tokenizer(p)["input_ids"] for p in prompts]
+        generated = [base_tokens(served, p, max_tokens) for p in prompts]
+        elsewhere = {t for i in range(1, MAX_BATCH) for t in ids[i] + generated[i]}
+        if where == "prompt":
+            candidates = [t for t in ids[0] if t not in elsewhere and t not in tokenizer.all_special_ids]
+        else:
+            candidates = [generated[0][2]] if generated[0][2] not in elsewhere | set(ids[0] + generated[0][:2]) else []
+        if candidates:
+            return prompts, candidates[0]
+    raise AssertionError("no batch with a token of its own found")
+
+
+@contextlib.contextmanager
+def model_failing_on(served, token: int, how: str):
+    """The served model, made to fail on sequences holding ``token``: raising in its last layer (``"raise"``: the
+    layers before it have already written this step's KV cache) or computing NaN for that row only (``"nan"``, as
+    an overflowing low-precision model does)."""
+    embeddings = served.model.get_input_embeddings()
+    seen = {}
+
+    def look(module, args, output):
+        rows = (args[0] == token).any(-1)
+        seen["poisoned"] = bool(rows.any())
+        if how == "nan" and seen["poisoned"]:
+            output = output.clone()
+            output[rows] = float("nan")
+        return output
+
+    def fail(module, args):
+        if seen["poisoned"]:
+            raise RuntimeError(f"token {token} breaks this model")
+
+    handles = [embeddings.register_forward_hook(look)]
+    if how == "raise":
+        handles.append(served.model.get_base_model().model.layers[-1].register_forward_pre_hook(fail))
+    try:
+        yield
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+@pytest.mark.parametrize("where, how", [("prompt", "raise"), ("generated", "raise"), ("prompt", "nan")])
+def test_a_request_the_model_fails_on_ends_alone_with_422_and_its_batch_goes_on(server, where, how):
+    prompts, token = poisoned_batch(server.served, where)
+    bodies = [{"model": NAME, "prompt": p, "max_tokens": 6, "temperature": t} for p, t in zip(prompts, (0, 0, 0.7, 0))]
+    bodies[2]["seed"] = 5
+    seeded = server.client.post("/v1/completions", json=bodies[2]).json()["choices"][0]["text"]
+    before = read_metrics(server)
+    with model_failing_on(server.served, token, how):
+        responses = post_together(server, bodies)
+    failed = responses[0].json()["error"]
+    assert responses[0].status_code == 422 and failed["code"] == 422
+    assert "could not be generated" in failed["message"] and "went on" in failed["message"]
+    assert [response.status_code for response in responses[1:]] == [200] * (MAX_BATCH - 1)
+    texts = [response.json()["choices"][0]["text"] for response in responses[1:]]
+    assert texts == [reference_text(server.served, prompts[1], 6), seeded, reference_text(server.served, prompts[3], 6)]
+    assert metric(read_metrics(server), "generations_total", model=NAME, finish_reason="error") - metric(
+        before, "generations_total", model=NAME, finish_reason="error") == 1
+    again = server.client.post("/v1/completions", json=bodies[0])  # the model mended, the server never went down
+    assert again.json()["choices"][0]["text"] == reference_text(server.served, prompts[0], 6)
 
 
 def post_in_background(server, count: int, max_tokens: int = 6):
@@ -267,10 +343,97 @@ def test_a_client_that_disconnects_mid_stream_frees_its_slot(server):
     assert server.client.get("/health").status_code == 200
 
 
-def run_serve(*args: str, **kwargs) -> subprocess.Popen:
+def send_and_abandon(url: str, body) -> socket.socket:
+    """A raw HTTP/1.1 client: the whole request sent, the socket returned for the caller to close unread."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps(body).encode()
+    connection = socket.create_connection((host, int(port)))
+    connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(payload), payload))
+    return connection
+
+
+def test_non_streaming_clients_that_disconnect_free_their_slots(server):
+    before = read_metrics(server)
+    body = {"model": NAME, "prompt": "hello", "max_tokens": 250, "temperature": 0, "ignore_eos": True}
+    with server.engine.paused():
+        connections = [send_and_abandon(server.url, body) for _ in range(MAX_BATCH)]
+        wait_until(lambda: server.engine.waiting_count == MAX_BATCH)
+    wait_until(lambda: server.engine.running_count == MAX_BATCH)  # every slot of the batch taken
+
+    def abandoned() -> float:
+        return metric(read_metrics(server), "requests_total", model=NAME, status="499") - metric(
+            before, "requests_total", model=NAME, status="499")
+
+    with server.engine.paused():  # the clients leave while their rows hold the batch
+        for connection in connections:
+            connection.close()
+        wait_until(lambda: abandoned() == MAX_BATCH, timeout=10)
+    wait_until(lambda: server.engine.running_count == 0, timeout=10)
+    after = read_metrics(server)
+    assert metric(after, "generations_total", model=NAME, finish_reason="cancelled") - metric(
+        before, "generations_total", model=NAME, finish_reason="cancelled") == MAX_BATCH
+    generated = metric(after, "generated_tokens_total", model=NAME) - metric(before, "generated_tokens_total", model=NAME)
+    assert generated < MAX_BATCH * 250
+    follow_up = server.client.post("/v1/completions", json={"model": NAME, "prompt": "hello", "max_tokens": 2})
+    assert follow_up.status_code == 200
+
+
+KEYS = ("first-key-0123456789abcdef", "second-key-0123456789abcdef")
+
+
+def bearer(key: str):
+    return {"Authorization": f"Bearer {key}"}
+
+
+@pytest.fixture(scope="module")
+def keyed(server):
+    """A second HTTP front on the same engine, with two API keys (one being rotated in)."""
+    with serve_in_thread(create_app(server.engine, api_keys=KEYS)) as url, httpx.Client(base_url=url,
+                                                                                         timeout=60) as client:
+        yield SimpleNamespace(client=client, url=url)
+
+
+def test_api_keys_guard_every_path_but_health_and_rejections_are_counted(keyed):
+    def refusals() -> float:
+        text = keyed.client.get("/metrics", headers=bearer(KEYS[1])).text
+        return sum(sample.value for family in text_string_to_metric_families(text) for sample in family.samples
+                   if sample.name == "llmexp_serve_requests_total" and sample.labels["status"] == "401")
+
+    before = refusals()
+    assert keyed.client.get("/health").json() == {"status": "ok"}  # open: a liveness probe that tells nothing
+    body = {"model": NAME, "prompt": "hello", "max_tokens": 2, "temperature": 0}
+    refused = [
+        keyed.client.post("/v1/completions", json=body),
+        keyed.client.post("/v1/completions", json=body, headers=bearer("wrong-key-0123456789abcdef")),
+        keyed.client.post("/v1/completions", json=body, headers=bearer(KEYS[0][:-1])),
+        keyed.client.post("/v1/completions", json=body, headers={"Authorization": f"Basic {KEYS[0]}"}),
+        keyed.client.post("/v1/completions", content=b"{not json", headers={"content-type": "application/json"}),
+        keyed.client.post("/v1/chat/completions", json={"model": NAME, "messages": [{"role": "user", "content": "hi"}]}),
+        keyed.client.get("/v1/models"),
+        keyed.client.get("/metrics"),
+        keyed.client.get("/docs"),
+        keyed.client.get("/openapi.json"),
+    ]
+    for response in refused:
+        assert response.status_code == 401 and response.headers["www-authenticate"] == "Bearer"
+        error = response.json()["error"]
+        assert error["type"] == "authentication_error"
+        assert "`Authorization: Bearer <key>`" in error["message"] or "not one of this server's keys" in error["message"]
+        assert not any(key in response.text for key in (*KEYS, KEYS[0][:-1], "wrong-key"))
+    assert refusals() - before == len(refused)
+    for key in KEYS:
+        answer = keyed.client.post("/v1/completions", json=body, headers=bearer(key))
+        assert answer.status_code == 200 and answer.json()["choices"][0]["finish_reason"] in ("stop", "length")
+    assert keyed.client.get("/v1/models", headers={"Authorization": f"bearer {KEYS[0]}"}).status_code == 200
+    assert keyed.client.get("/docs", headers=bearer(KEYS[0])).status_code == 404
+
+
+def run_serve(*args: str, env=None, **kwargs) -> subprocess.Popen:
+    environment = {name: value for name, value in os.environ.items() if name not in ("LLMEXP_API_KEY", "VLLM_API_KEY")}
     return subprocess.Popen([sys.executable, "-m", "llmexp.serve_command", *args], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            env={**os.environ, "HF_HUB_OFFLINE": "1"}, **kwargs)
+                            env={**environment, "HF_HUB_OFFLINE": "1", **(env or {})}, **kwargs)
 
 
 def test_the_command_announces_its_url_serves_and_stops_cleanly_on_ctrl_c(server):
@@ -301,3 +464,60 @@ def test_the_command_refuses_bad_options_with_exit_code_2(server):
     missing = run_serve(str(server.root / "nothing"), "--port", "0")
     _, err = missing.communicate(timeout=120)
     assert missing.returncode == 2 and "no such directory" in err
+
+
+@pytest.mark.parametrize("args, env, fragments", [
+    (["--host", "0.0.0.0"], {}, ["--host 0.0.0.0: other machines can reach", "--allow-unauthenticated-remote"]),
+    (["--api-key", "sk-typed-on-the-command-line"], {}, ["does not take keys on the command line", "LLMEXP_API_KEY"]),
+    ([], {"LLMEXP_API_KEY": "sk-short"}, ["LLMEXP_API_KEY: key 1 has 8 characters", "at least 16"]),
+    ([], {"LLMEXP_API_KEY": "first-key-0123456789abcdef,"}, ["LLMEXP_API_KEY: key 2 is empty"]),
+    (["--api-key-file", "/nonexistent/keys"], {}, ["--api-key-file /nonexistent/keys: cannot read it"]),
+    (["--backend", "vllm"], {"LLMEXP_API_KEY": ",".join(KEYS)}, ["2 API keys are set, and vLLM reads one"]),
+])
+def test_the_command_refuses_exposure_without_a_key_and_keys_where_others_can_read_them(server, args, env, fragments):
+    process = run_serve(str(server.root / NAME), "--port", "0", *args, env=env)
+    out, err = process.communicate(timeout=60)
+    message = " ".join(err.split())
+    assert process.returncode == 2 and "Traceback" not in err
+    assert all(fragment in message for fragment in fragments), message
+    assert not any(secret in out + err for secret in ("sk-typed", "sk-short", KEYS[0], KEYS[1]))  # never echoed
+
+
+@pytest.mark.parametrize("host, exposed", [("127.0.0.1", False), ("localhost", False), ("::1", False),
+                                           ("0.0.0.0", True), ("::", True)])
+def test_loopback_needs_no_key_and_an_exposed_address_may_be_allowed_explicitly(monkeypatch, host, exposed):
+    monkeypatch.delenv("LLMEXP_API_KEY", raising=False)
+    if exposed:
+        with pytest.raises(UserError, match="--allow-unauthenticated-remote"):
+            serve_command._api_keys(serve_command.parse_args(["model", "--host", host]))
+    options = ["model", "--host", host] + (["--allow-unauthenticated-remote"] if exposed else [])
+    assert serve_command._api_keys(serve_command.parse_args(options)) == []
+
+
+def test_vllms_own_key_counts_for_its_backend(monkeypatch):
+    monkeypatch.delenv("LLMEXP_API_KEY", raising=False)
+    monkeypatch.setenv("VLLM_API_KEY", KEYS[0])
+    assert serve_command._api_keys(serve_command.parse_args(["model", "--host", "0.0.0.0", "--backend", "vllm"])) == []
+    with pytest.raises(UserError, match="other machines can reach"):
+        serve_command._api_keys(serve_command.parse_args(["model", "--host", "0.0.0.0"]))
+
+
+def test_the_command_serves_an_exposed_address_with_keys_from_the_environment_and_a_file(server, tmp_path):
+    key_file = tmp_path / "keys"
+    key_file.write_text(f"# rotated in on Monday\n{KEYS[1]}\n\n")
+    process = run_serve(str(server.root / NAME), "--host", "0.0.0.0", "--port", "0", "--api-key-file", str(key_file),
+                        env={"LLMEXP_API_KEY": KEYS[0]})
+    try:
+        line = process.stdout.readline()
+        assert line.startswith("llmexp serve: http://0.0.0.0:") and "API keys: 2" in line and KEYS[0] not in line
+        url = line.split()[2].replace("0.0.0.0", "127.0.0.1")
+        assert httpx.get(f"{url}/models", timeout=30).status_code == 401
+        for key in KEYS:
+            assert httpx.get(f"{url}/models", headers=bearer(key), timeout=30).json()["data"][0]["id"] == NAME
+        assert httpx.get(url.removesuffix("/v1") + "/health", timeout=30).status_code == 200
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        out, err = process.communicate()
+    assert not any(key in out + err for key in KEYS)

@@ -17,7 +17,14 @@ import pytest
 
 from llmexp.errors import UserError
 from llmexp.serve_command import main, parse_args
-from llmexp.serving.vllm_server import lora_module, require_cuda, require_vllm, vllm_command, vllm_max_lora_rank
+from llmexp.serving.vllm_server import (
+    lora_module,
+    require_cuda,
+    require_vllm,
+    vllm_command,
+    vllm_environment,
+    vllm_max_lora_rank,
+)
 from tests.conftest import REPO, run_llmexp
 
 SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
@@ -85,12 +92,12 @@ def refused(*args, **kwargs) -> str:
 
 def test_a_checkpoint_is_served_as_vllms_model_under_its_directory_name(run):
     assert vllm_command(run.tiny) == [*SERVER, "--model", str(run.tiny.resolve()), "--served-model-name", "tiny",
-                                      "--host", "127.0.0.1", "--port", "8000"]
+                                      "--host", "127.0.0.1", "--port", "8000", "--disable-fastapi-docs"]
     command = vllm_command(run.tiny, name="base", host="0.0.0.0", port=9001, max_num_seqs=32, max_model_len=256,
                            gpu_memory_utilization=0.5)
     assert flags(command) == {"--model": str(run.tiny.resolve()), "--served-model-name": "base", "--host": "0.0.0.0",
-                              "--port": "9001", "--max-num-seqs": "32", "--max-model-len": "256",
-                              "--gpu-memory-utilization": "0.5"}
+                              "--port": "9001", "--disable-fastapi-docs": True, "--max-num-seqs": "32",
+                              "--max-model-len": "256", "--gpu-memory-utilization": "0.5"}
 
 
 def test_a_stage_directory_serves_its_model_named_after_the_stage(run):
@@ -228,11 +235,23 @@ def test_without_vllm_the_command_exits_2_naming_the_install_and_the_in_process_
     assert "in-process backend, the CPU path" in message
 
 
-def test_the_process_becomes_the_server_whose_exit_code_is_its_own():
-    script = ("import sys; from llmexp.serving.vllm_server import exec_vllm; "
-              "exec_vllm([sys.executable, '-c', 'print(\"child\"); raise SystemExit(7)'], 'http://127.0.0.1:1/v1')")
+def test_the_process_becomes_the_server_whose_exit_code_is_its_own_with_the_key_in_its_environment_only():
+    key = "vllm-key-0123456789abcdef"
+    child = ("import os; key = os.environ['VLLM_API_KEY']; cmdline = open('/proc/self/cmdline', 'rb').read(); "
+             "print(key.startswith('vllm-key-'), key.encode() in cmdline); raise SystemExit(7)")
+    script = ("import os, sys; from llmexp.serving.vllm_server import exec_vllm, vllm_environment; "
+              f"exec_vllm([sys.executable, '-c', {child!r}], 'http://127.0.0.1:1/v1', "
+              f"vllm_environment(os.environ, [{key!r}]))")
     result = subprocess.run([sys.executable, "-c", script], cwd=REPO, capture_output=True, text=True, timeout=60)
     assert result.returncode == 7
-    assert result.stdout.splitlines() == ["llmexp serve: starting vLLM for http://127.0.0.1:1/v1  (Ctrl-C stops)",
-                                          "child"]
-    assert "raise SystemExit(7)" in result.stderr  # the command, shown before it runs
+    assert result.stdout.splitlines() == [
+        "llmexp serve: starting vLLM for http://127.0.0.1:1/v1  API key required  (Ctrl-C stops)",
+        "True False"]  # vLLM has the key, and its command line (the process list) does not
+    assert "SystemExit(7)" in result.stderr and key not in result.stdout + result.stderr
+
+
+def test_vllm_gets_one_key_at_most_and_none_without_one():
+    assert vllm_environment({"PATH": "/bin"}, []) == {"PATH": "/bin"}
+    assert vllm_environment({"PATH": "/bin"}, ["k" * 16]) == {"PATH": "/bin", "VLLM_API_KEY": "k" * 16}
+    with pytest.raises(UserError, match="vLLM reads one from its environment"):
+        vllm_environment({}, ["k" * 16, "j" * 16])

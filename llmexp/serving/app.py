@@ -3,26 +3,39 @@
 Responses follow OpenAI's schema (ids, ``object``, ``created``, ``choices``, ``usage``;
 ``stream: true`` gives server-sent events ``data: {...}`` ending with ``data: [DONE]``, and
 ``stream_options.include_usage`` a last chunk with the usage). Errors use OpenAI's error body
-``{"error": {"message", "type", "param", "code"}}``: 400 for a bad body or field, 404 for an
-unknown model (naming the served ones), 429 with ``Retry-After`` when the queue is full, 500
-when generation failed. None of them stops the server.
+``{"error": {"message", "type", "param", "code"}}``: 400 for a bad body or field (naming it, its
+value and what to give; ``llmexp.serving.limits``), 401 without one of the API keys when the
+server has keys (``llmexp.serving.auth``), 404 for an unknown model (naming the served ones) or
+path, 405 for a wrong method, 422 when the model fails on this request alone, 429 with
+``Retry-After`` when the queue is full, 500 when generation failed for the whole batch. None of
+them stops the server or fails another request. The interactive docs (``/docs``, ``/redoc``,
+``/openapi.json``) are not served: they would describe the API to anyone who reaches the port.
+
+A client that closes its connection before the answer gives up its batch slot: a non-streaming
+request waits for its result and for the client's disconnect at once, and cancels the generation
+on the disconnect (a streaming one is cancelled when its next chunk cannot be sent).
 """
 
 from __future__ import annotations
 
+import asyncio
+import itertools
 import json
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Dict, List, Literal, Optional, Union
+from typing import Any, AsyncIterator, Callable, Dict, List, Literal, Optional, Sequence, Union
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import BaseModel, ConfigDict, Field
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.requests import ClientDisconnect
 
-from llmexp.serving.chat import ChatFormatError, chat_prompt_ids
+from llmexp.serving.auth import RequireApiKey
+from llmexp.serving.chat import chat_prompt_ids
 from llmexp.serving.engine import (
     Engine,
     GenerationChunk,
@@ -31,10 +44,17 @@ from llmexp.serving.engine import (
     GenerationStream,
     InvalidRequest,
     QueueFull,
+    RequestFailed,
     UnknownModel,
 )
+from llmexp.serving.limits import FIELD_RULES, refuse, shown
 
 RETRY_AFTER_SECONDS = 1
+CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer": counted, never sent
+ENDPOINTS = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics"
+# Request bodies are checked strictly: a JSON string is not a number, 1 is not true, 4.0 is not a whole
+# number, and NaN or Infinity (which Python's JSON parser accepts) is no number at all.
+STRICT = ConfigDict(strict=True, allow_inf_nan=False)
 
 # OpenAI parameters this server does not implement, with the values that mean "not used": any other
 # value is refused (400) rather than silently ignored.
@@ -55,13 +75,15 @@ class ApiError(Exception):
 
 
 class StreamOptions(BaseModel):
+    model_config = STRICT
+
     include_usage: bool = False
 
 
 class _Sampling(BaseModel):
     """The fields completions and chat completions share (unknown extra fields are checked, not dropped)."""
 
-    model_config = ConfigDict(extra="allow")
+    model_config = ConfigDict(extra="allow", **STRICT)
 
     model: str
     max_tokens: Optional[int] = None
@@ -81,11 +103,15 @@ class CompletionBody(_Sampling):
 
 
 class TextPart(BaseModel):
+    model_config = STRICT
+
     type: Literal["text"]
     text: str
 
 
 class ChatMessage(BaseModel):
+    model_config = STRICT
+
     role: str
     content: Union[str, List[TextPart]]
     name: Optional[str] = None
@@ -100,8 +126,9 @@ class ChatBody(_Sampling):
 
 
 def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
-               on_ready: Optional[Callable[[], None]] = None) -> FastAPI:
-    """The FastAPI app serving ``engine``'s models; ``max_tokens_limit`` caps a request's ``max_tokens``."""
+               on_ready: Optional[Callable[[], None]] = None, api_keys: Sequence[str] = ()) -> FastAPI:
+    """The FastAPI app serving ``engine``'s models; ``max_tokens_limit`` caps a request's ``max_tokens``;
+    with ``api_keys``, every path but ``/health`` needs one of them (``llmexp.serving.auth``)."""
     served = engine.served
     metrics = engine.metrics
     limit = min(max_tokens_limit or served.context_length, served.context_length)
@@ -112,7 +139,7 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
             on_ready()
         yield
 
-    app = FastAPI(title="llmexp serve", lifespan=lifespan)
+    app = FastAPI(title="llmexp serve", lifespan=lifespan, docs_url=None, redoc_url=None, openapi_url=None)
 
     def count(request: Request, status: int) -> None:
         name = getattr(request.state, "model", None)
@@ -120,9 +147,15 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
 
     def error_response(request: Request, error: ApiError) -> JSONResponse:
         count(request, error.status)
-        body = {"error": {"message": error.message, "type": error.error_type, "param": error.param,
-                          "code": error.status}}
-        return JSONResponse(body, status_code=error.status, headers=error.headers)
+        return _error_json(error)
+
+    if api_keys:
+        def reject(message: str) -> Response:
+            metrics.requests.labels("unknown", "401").inc()
+            return _error_json(ApiError(401, message, error_type="authentication_error",
+                                        headers={"WWW-Authenticate": "Bearer"}))
+
+        app.add_middleware(RequireApiKey, keys=api_keys, reject=reject)
 
     @app.exception_handler(ApiError)
     async def on_api_error(request: Request, error: ApiError) -> JSONResponse:
@@ -130,8 +163,22 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
 
     @app.exception_handler(RequestValidationError)
     async def on_bad_body(request: Request, error: RequestValidationError) -> JSONResponse:
-        problems = "; ".join(_describe(problem) for problem in error.errors())
-        return error_response(request, ApiError(400, f"invalid request body: {problems}"))
+        return error_response(request, _invalid_body(error, request.headers.get("content-type", "")))
+
+    @app.exception_handler(StarletteHTTPException)
+    async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
+        if isinstance(error.__cause__, ClientDisconnect):  # gone before its body was read: FastAPI says 400
+            count(request, CLIENT_CLOSED)
+            return Response(status_code=CLIENT_CLOSED)
+        message = {
+            400: "the body could not be parsed as JSON (nested too deeply, or a number too long); send one JSON "
+                 "object.",
+            404: f"no such path: {shown(request.url.path)}. This server answers {ENDPOINTS}.",
+            405: f"{request.method} is not allowed on {shown(request.url.path)}. This server answers {ENDPOINTS}.",
+        }.get(error.status_code, str(error.detail))
+        return error_response(request, ApiError(error.status_code, message,
+                                                error_type="not_found_error" if error.status_code == 404
+                                                else "invalid_request_error"))
 
     @app.get("/health")
     async def health() -> Dict[str, str]:
@@ -159,7 +206,7 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
                 raise ApiError(400, f"prompt holds {len(prompt)} prompts; send one prompt per request.", param="prompt")
             prompt = prompt[0]
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
-        max_tokens = _max_tokens(body.max_tokens, 16, limit)
+        max_tokens = _max_tokens("max_tokens", body.max_tokens, 16, limit)
         stream = _submit(engine, body, max_tokens, prompt=text, prompt_ids=ids)
         return await respond(request, body, stream, "cmpl", "text_completion", _completion_choice)
 
@@ -170,10 +217,11 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             ids = chat_prompt_ids(messages, served.tokenizer)
-        except ChatFormatError as error:
-            raise ApiError(400, str(error), param="messages") from None
+        except InvalidRequest as error:
+            raise _bad(error) from None
+        field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = _max_tokens(requested, max(1, min(limit, served.context_length - len(ids))), limit)
+        max_tokens = _max_tokens(field, requested, max(1, min(limit, served.context_length - len(ids))), limit)
         stream = _submit(engine, body, max_tokens, prompt_ids=ids)
         return await respond(request, body, stream, "chatcmpl", "chat.completion", _chat_choice)
 
@@ -182,15 +230,25 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
         response_id = f"{id_prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
         head = {"id": response_id, "created": created, "model": body.model}
-        count(request, 200)
         if not body.stream:
+            reading = asyncio.ensure_future(stream.aread_all())
+            leaving = asyncio.ensure_future(_until_disconnected(request))
             try:
-                result = await stream.aread_all()
-            except GenerationFailed as error:
-                raise ApiError(500, str(error), error_type="server_error") from None
+                await asyncio.wait({reading, leaving}, return_when=asyncio.FIRST_COMPLETED)
             finally:
-                stream.cancel()  # a no-op once finished; frees the slot if this handler was interrupted
+                leaving.cancel()
+                stream.cancel()  # a no-op once finished; frees the slot when the client left or this handler stopped
+            if not reading.done():
+                reading.cancel()
+                count(request, CLIENT_CLOSED)
+                return Response(status_code=CLIENT_CLOSED)  # nobody reads it
+            try:
+                result = reading.result()
+            except GenerationFailed as error:
+                raise _generation_error(error) from None
+            count(request, 200)
             return {**head, "object": kind, "choices": [choice(result, False, False)], "usage": _usage(stream)}
+        count(request, 200)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_kind = f"{kind}.chunk"
 
@@ -208,7 +266,7 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
                 if include_usage:
                     yield _sse({**head, "object": chunk_kind, "choices": [], "usage": _usage(stream)})
             except GenerationFailed as error:
-                yield _sse({"error": {"message": str(error), "type": "server_error", "param": None, "code": 500}})
+                yield _sse(_error_body(_generation_error(error)))
             finally:
                 stream.cancel()  # the client went away (or we are done): free the slot
             yield "data: [DONE]\n\n"
@@ -217,6 +275,27 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     return app
+
+
+async def _until_disconnected(request: Request) -> None:
+    """Return when the client closes its connection. Once the body is read, the server's ``receive`` waits for
+    exactly that (``http.disconnect``), so nothing is polled."""
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+def _generation_error(error: GenerationFailed) -> ApiError:
+    if isinstance(error, RequestFailed):
+        return ApiError(422, str(error))
+    return ApiError(500, str(error), error_type="server_error")
+
+
+def _error_body(error: ApiError) -> Dict[str, Any]:
+    return {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.status}}
+
+
+def _error_json(error: ApiError) -> JSONResponse:
+    return JSONResponse(_error_body(error), status_code=error.status, headers=error.headers)
 
 
 def _submit(engine: Engine, body: _Sampling, max_tokens: int, prompt=None, prompt_ids=None) -> GenerationStream:
@@ -229,7 +308,7 @@ def _submit(engine: Engine, body: _Sampling, max_tokens: int, prompt=None, promp
     except UnknownModel as error:
         raise ApiError(404, str(error), param="model", error_type="not_found_error") from None
     except InvalidRequest as error:
-        raise ApiError(400, str(error)) from None
+        raise _bad(error) from None
     except QueueFull as error:
         raise ApiError(429, f"the server is busy: {error}", error_type="rate_limit_error",
                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
@@ -239,22 +318,25 @@ def _submit(engine: Engine, body: _Sampling, max_tokens: int, prompt=None, promp
 
 def _check_common(body: _Sampling) -> None:
     if body.n != 1:
-        raise ApiError(400, f"n={body.n}: this server returns one choice per request; send n=1 (or leave it out) "
-                            "and make several requests.", param="n")
+        raise _bad(refuse("n", body.n))
     for name, value in (body.model_extra or {}).items():
         if name in UNSUPPORTED_PARAMETERS and value not in UNSUPPORTED_PARAMETERS[name]:
-            raise ApiError(400, f"{name}={value!r} is not supported by llmexp serve; leave it out.", param=name)
+            raise ApiError(400, f"{name}={shown(value)} is not supported by llmexp serve; leave it out.", param=name)
 
 
-def _max_tokens(requested: Optional[int], default: int, limit: int) -> int:
+def _max_tokens(field: str, requested: Optional[int], default: int, limit: int) -> int:
     if requested is None:
         return min(default, limit)
     if requested < 1:
-        raise ApiError(400, f"max_tokens={requested}: give a whole number of at least 1.", param="max_tokens")
+        raise _bad(refuse(field, requested))
     if requested > limit:
-        raise ApiError(400, f"max_tokens={requested} is above this server's limit of {limit}; ask for at most {limit}.",
-                       param="max_tokens")
+        raise ApiError(400, f"{field}={shown(requested)} is above this server's limit of {limit}; ask for at most "
+                            f"{limit}.", param=field)
     return requested
+
+
+def _bad(error: InvalidRequest) -> ApiError:
+    return ApiError(400, str(error), param=error.param)
 
 
 def _completion_choice(chunk: GenerationChunk, streaming: bool, first: bool) -> Dict[str, Any]:
@@ -280,6 +362,40 @@ def _sse(event: Dict[str, Any]) -> str:
     return f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
 
 
-def _describe(problem: Dict[str, Any]) -> str:
-    where = ".".join(str(part) for part in problem.get("loc", ()) if part != "body") or "body"
-    return f"{where}: {problem.get('msg', 'invalid')}"
+def _invalid_body(error: RequestValidationError, content_type: str) -> ApiError:
+    """The 400 for a body pydantic refused: each wrong field with the value sent and what to give instead."""
+    problems = error.errors()
+    if problems and problems[0].get("type") == "json_invalid":
+        reason = (problems[0].get("ctx") or {}).get("error", "")
+        return ApiError(400, f"the body is not valid JSON ({reason}); send one JSON object.")
+    body = error.body
+    if isinstance(body, bytes):  # FastAPI parses JSON only when the Content-Type says so
+        return ApiError(400, f"the body was sent as Content-Type {shown(content_type)}, not as JSON; send one JSON "
+                             "object with Content-Type: application/json.")
+    if not isinstance(body, dict):
+        return ApiError(400, f"the body is {shown(body)}; send one JSON object, e.g. "
+                             '{"model": "...", "prompt": "..."}.')
+    by_field: Dict[str, List[Dict[str, Any]]] = {}
+    for problem in problems:
+        location = [part for part in problem.get("loc", ()) if part != "body"]
+        by_field.setdefault(str(location[0]) if location else "body", []).append(problem)
+    sentences = [_field_problem(field, field_problems, body) for field, field_problems in by_field.items()]
+    return ApiError(400, " ".join(sentences), param=next(iter(by_field)))
+
+
+def _field_problem(field: str, problems: List[Dict[str, Any]], body: Dict[str, Any]) -> str:
+    """One sentence for one top-level field, placed where its problems meet (``messages[0].content``). Several
+    problems at one place are the alternatives of a union, where the field's rule says more than each miss."""
+    rule = FIELD_RULES.get(field, "a value of the documented type")
+    locations = [[part for part in problem["loc"] if part != "body"] for problem in problems]
+    common = [parts[0] for parts in itertools.takewhile(lambda parts: len(set(parts)) == 1, zip(*locations))]
+    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in common).lstrip(".")
+    value: Any = body
+    for part in common:
+        if not (isinstance(value, dict) and part in value
+                or isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value)):
+            return f"{where} is required: give {rule}."
+        value = value[part]
+    if len(problems) > 1:
+        return f"{where}={shown(value)} is none of the accepted forms: give {rule}."
+    return f"{where}={shown(value)}: {problems[0].get('msg', 'invalid')}; give {rule}."

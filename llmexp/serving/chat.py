@@ -14,28 +14,29 @@ from __future__ import annotations
 from typing import Dict, List, Sequence
 
 from llmexp.data.instructions import format_prompt
+from llmexp.serving.limits import InvalidRequest, check_text, shown
 
 ROLES = ("system", "user", "assistant")
 
 
-class ChatFormatError(ValueError):
-    """The messages cannot form a prompt (HTTP 400)."""
-
-
 def chat_prompt_ids(messages: Sequence[Dict[str, str]], tokenizer) -> List[int]:
-    """The token ids the model sees before its answer to ``messages`` ([{"role", "content"}], content as text)."""
+    """The token ids the model sees before its answer to ``messages`` ([{"role", "content"}], content as text);
+    messages that cannot form a prompt are an ``InvalidRequest`` (HTTP 400)."""
     if not messages:
-        raise ChatFormatError("messages is empty; give at least one {\"role\": \"user\", \"content\": ...} message.")
+        raise InvalidRequest("messages is empty; give at least one {\"role\": \"user\", \"content\": ...} message.",
+                             param="messages")
     for i, message in enumerate(messages):
         if message["role"] not in ROLES:
-            raise ChatFormatError(f"messages[{i}].role={message['role']!r}: give one of {', '.join(ROLES)}.")
+            raise InvalidRequest(f"messages[{i}].role={shown(message['role'])}: give one of {', '.join(ROLES)}.",
+                                 param="messages")
+        check_text(message["content"], f"messages[{i}].content")
     if getattr(tokenizer, "chat_template", None):
         text = tokenizer.apply_chat_template(list(messages), tokenize=False, add_generation_prompt=True)
         return tokenizer(text, add_special_tokens=False)["input_ids"]
     if messages[-1]["role"] != "user":
-        raise ChatFormatError(
+        raise InvalidRequest(
             f"the last message has role {messages[-1]['role']!r}; this model has no chat template, so a conversation "
-            "must end with a user message (the model answers it)."
+            "must end with a user message (the model answers it).", param="messages"
         )
     ids: List[int] = []
     pending_system: List[str] = []

@@ -5,7 +5,11 @@ only decides *what* to serve and *how to ask for it*: the directory vLLM can rea
 stage's ModelOpt unified export rather than its ``mto.restore`` checkpoint), the PEFT LoRA
 adapters, the quantization method vLLM's ModelOpt loader names, and the flags of
 ``python -m vllm.entrypoints.openai.api_server`` (vLLM 0.10+). The process then becomes vLLM
-(``os.execvp``), so signals, logs and the exit code are vLLM's own.
+(``os.execvpe``), so signals, logs and the exit code are vLLM's own.
+
+An API key goes to vLLM in its environment (``VLLM_API_KEY``), never on its command line, which
+every local user can read in the process list. vLLM checks it on ``/v1/*`` only (its ``/metrics``,
+``/health``, ``/tokenize`` and other paths stay open), and reads one key from that variable.
 """
 
 from __future__ import annotations
@@ -15,7 +19,7 @@ import os
 import shlex
 import sys
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, NoReturn, Optional, Tuple
+from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
 from llmexp.backends import importable
 from llmexp.errors import UserError
@@ -69,7 +73,8 @@ def vllm_command(
     ranks = [lora_rank(adapter_name, path, base_name) for adapter_name, path in adapter_dirs.items()]
 
     command = [python, "-m", VLLM_SERVER_MODULE, "--model", str(checkpoint.resolve()),
-               "--served-model-name", base_name, "--host", host, "--port", str(port)]
+               "--served-model-name", base_name, "--host", host, "--port", str(port),
+               "--disable-fastapi-docs"]  # as in process: no API description for whoever reaches the port
     quantization = vllm_quantization(checkpoint)
     if quantization:
         command += ["--quantization", quantization]
@@ -232,13 +237,24 @@ def require_cuda(tensor_parallel_size: Optional[int]) -> None:
                         f"Give at most {visible}, or make more GPUs visible (CUDA_VISIBLE_DEVICES).")
 
 
-def exec_vllm(command: List[str], url: str) -> NoReturn:
-    """Become vLLM's server: say where it will listen, then replace this process so Ctrl-C and the exit code
-    are vLLM's. vLLM logs 'Application startup complete' once the model is loaded and requests are served."""
-    print(f"llmexp serve: starting vLLM for {url}  (Ctrl-C stops)", flush=True)
+def vllm_environment(environ: Mapping[str, str], api_keys: Sequence[str]) -> Dict[str, str]:
+    """vLLM's environment: this one, with llmexp's API key as ``VLLM_API_KEY`` (which takes the whole value as one
+    key, so several keys are refused: vLLM takes more only on its command line)."""
+    if len(api_keys) > 1:
+        raise UserError(f"--backend vllm: {len(api_keys)} API keys are set, and vLLM reads one from its environment "
+                        "(VLLM_API_KEY); a second one would go on its command line, which the process list shows. "
+                        "Give one key, or serve several with --backend inprocess.")
+    return {**environ, "VLLM_API_KEY": api_keys[0]} if api_keys else dict(environ)
+
+
+def exec_vllm(command: List[str], url: str, environment: Mapping[str, str]) -> NoReturn:
+    """Become vLLM's server with ``environment``: say where it will listen, then replace this process so Ctrl-C and
+    the exit code are vLLM's. vLLM logs 'Application startup complete' once the model is loaded and serving."""
+    keyed = "API key required" if environment.get("VLLM_API_KEY") else "no API key"
+    print(f"llmexp serve: starting vLLM for {url}  {keyed}  (Ctrl-C stops)", flush=True)
     print(f"llmexp serve: {shlex.join(command)}", file=sys.stderr, flush=True)
     try:
-        os.execvp(command[0], command)
+        os.execvpe(command[0], command, dict(environment))
     except OSError as error:
         raise UserError(f"--backend vllm: could not start {command[0]} ({error.strerror or error}). "
                         "Check that this Python can run, then try again.") from None
