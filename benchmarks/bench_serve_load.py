@@ -22,6 +22,10 @@ Both use the same number of torch threads (the default), server first then engin
 level; the client shares the machine with the server, as a load generator on the same host
 does. Figures: output tokens/s of each, their ratio, and p99 TTFT. Exit 1 if a request fails
 or returns another number of tokens.
+
+*abandoned*: then ``--abandoned`` times, one non-streaming request for the whole context is sent
+on a raw socket, and the socket closed once ``/metrics`` shows it running; the figure is the time
+from the close until ``/metrics`` shows no running row (the slot given back), median and max.
 ``OMP_WAIT_POLICY=PASSIVE`` (unless set) for both sides, as ``llmexp serve`` runs: see
 ``llmexp.serve_command.prefer_passive_openmp``.
 """
@@ -35,6 +39,7 @@ os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # as `llmexp serve` sets it
 import argparse
 import asyncio
 import json
+import socket
 import statistics
 import subprocess
 import sys
@@ -54,6 +59,7 @@ from bench_generation import make_prompts, tiny_served_model
 from machine_load import OtherLoad, describe
 
 MODEL = "tiny_llama"
+WARM_UP = 4  # requests sent at once before measuring
 
 
 def p99(values: List[float]) -> float:
@@ -118,6 +124,32 @@ def load_engine(engine: Engine, prompts: List[List[int]], concurrency: int, new_
     return time.perf_counter() - start, tokens, ttfts
 
 
+def running_rows(http: httpx.Client) -> float:
+    text = http.get("/metrics").text
+    return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("llmexp_serve_running "))
+
+
+def slot_release_seconds(url: str, prompt: List[int], times: int) -> List[float]:
+    """Seconds from closing a non-streaming request's connection mid-generation to its slot being free."""
+    host, port = url.removeprefix("http://").split(":")
+    payload = json.dumps({"model": MODEL, "prompt": prompt, "max_tokens": 200, "temperature": 0,
+                          "ignore_eos": True}).encode()
+    seconds = []
+    with httpx.Client(base_url=url, timeout=60) as http:
+        for _ in range(times):
+            connection = socket.create_connection((host, int(port)))
+            connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                               b"Content-Length: %d\r\n\r\n%s" % (host.encode(), len(payload), payload))
+            while running_rows(http) == 0:
+                time.sleep(0.001)
+            closed = time.perf_counter()
+            connection.close()
+            while running_rows(http) > 0:
+                time.sleep(0.001)
+            seconds.append(time.perf_counter() - closed)
+    return seconds
+
+
 def start_server(model_dir: Path, batch: int, queue: int) -> Tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
         [sys.executable, "-m", "llmexp.serve_command", str(model_dir), "--port", "0", "--max-batch-size", str(batch),
@@ -136,19 +168,21 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--requests", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--abandoned", type=int, default=20)
     args = parser.parse_args(argv)
     levels = [int(c) for c in args.concurrency.split(",")]
 
     served = tiny_served_model()
     prompts = make_prompts(served.tokenizer, args.requests)
-    engine = Engine(served, max_batch_size=args.batch, max_queue=max(levels))
+    queue = max(*levels, WARM_UP)
+    engine = Engine(served, max_batch_size=args.batch, max_queue=queue)
     ok = True
     with tempfile.TemporaryDirectory(prefix="llmexp-bench-serve-") as tmp:
         save_model(served.model, served.tokenizer, Path(tmp) / MODEL)
-        process, url = start_server(Path(tmp) / MODEL, args.batch, max(levels))
+        process, url = start_server(Path(tmp) / MODEL, args.batch, queue)
         try:
-            asyncio.run(load_server(url, prompts[:4], 4, 4))  # warm-up
-            load_engine(engine, prompts[:4], 4, 4)
+            asyncio.run(load_server(url, prompts[:WARM_UP], WARM_UP, 4))
+            load_engine(engine, prompts[:WARM_UP], WARM_UP, 4)
             print(f"{args.requests} streaming requests x {args.new_tokens} tokens, greedy, EOS ignored; server "
                   f"--max-batch-size {args.batch}; torch threads {torch.get_num_threads()}")
             print(f"{'C':>3s} {'server tok/s':>13s} {'engine tok/s':>13s} {'ratio':>6s} {'server p99 TTFT':>16s} "
@@ -163,6 +197,11 @@ def main(argv: Optional[List[str]] = None) -> int:
                 print(f"{concurrency:3d} {total / server_s:13.0f} {total / engine_s:13.0f} "
                       f"{engine_s / server_s:6.3f} {1000 * p99(server_ttft):13.1f} ms {1000 * p99(engine_ttft):13.1f} ms"
                       f"  {describe(meter.cores())}")
+            if args.abandoned:
+                released = slot_release_seconds(url, prompts[0][:32], args.abandoned)
+                print(f"\nabandoned non-streaming requests ({args.abandoned}): slot free "
+                      f"{1000 * statistics.median(released):.1f} ms after the client closed (median), "
+                      f"{1000 * max(released):.1f} ms at most")
         finally:
             process.terminate()
             process.wait(timeout=30)

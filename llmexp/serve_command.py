@@ -253,7 +253,9 @@ def _bind(host: str, port: int) -> socket.socket:
     """The listening socket, bound before the model loads so a busy port fails fast, in one sentence."""
     try:
         family = socket.AF_INET6 if ":" in host else socket.AF_INET
-        listener = socket.socket(family, socket.SOCK_STREAM)
+        # IPPROTO_TCP named, not left 0: asyncio sets TCP_NODELAY only on connections whose protocol says TCP.
+        # Without it, Nagle's algorithm held each response's body behind the client's delayed ACK: 40 ms a request.
+        listener = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         listener.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         listener.bind((host, port))
         listener.listen(2048)

@@ -47,7 +47,7 @@ def wait_until(condition, timeout: float = 20.0) -> None:
 @contextlib.contextmanager
 def serve_in_thread(app):
     """``app`` on a free loopback port (uvicorn in a thread); yields its URL."""
-    listener = socket.socket()
+    listener = socket.socket(socket.AF_INET, socket.SOCK_STREAM, socket.IPPROTO_TCP)  # so asyncio sets TCP_NODELAY
     listener.bind(("127.0.0.1", 0))
     port = listener.getsockname()[1]
     uv = uvicorn.Server(uvicorn.Config(app, log_level="warning"))
