@@ -20,6 +20,7 @@ from llmexp import console
 from llmexp.config import CONFIG_NAME, compose_config, register_configs, sweep_points, with_implied_pipeline
 from llmexp.distributed import RankFailed, run_job
 from llmexp.errors import EXIT_USER_ERROR, UserError
+from llmexp.secrets import secrets_to_environment
 
 
 def _plan(argv: List[str]) -> int:
@@ -62,6 +63,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     try:
         if argv and argv[0] in SUBCOMMANDS:
             sys.exit(SUBCOMMANDS[argv[0]](argv[1:]))
+        argv = secrets_to_environment(argv)  # before Hydra, the trackers or the console record the command line
         register_configs()
         preflight(argv)
     except UserError as error:

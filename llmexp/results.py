@@ -23,7 +23,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import socket
 import subprocess
 import time
@@ -32,21 +31,10 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from llmexp.atomic import replace_atomically
+from llmexp.secrets import REDACTED, is_secret_key, redact_url_credentials
 
 RESULTS_FILE = "results.json"
-REDACTED = "<redacted>"
 STATUSES = ("running", "completed", "skipped", "failed")
-
-# A key is secret when its last word is one of these (any case; camelCase is split):
-# `hf_token`, `WANDB_API_KEY`, `clientSecret` are; `max_tokens`, `tokenizer`, `secret_sauce` are not.
-_SECRET_KEY = re.compile(
-    r"(?:^|[^a-z0-9])(?:api_?key|token|auth_?token|access_?token|secret|secret_?key|client_?secret|"
-    r"password|passwd|passphrase|access_?key|private_?key|credentials?|authorization|cookie)$"
-)
-# Tokenizer settings name tokens, not credentials.
-_SPECIAL_TOKEN_KEY = re.compile(r"(?:^|_)(?:bos|eos|pad|unk|sep|cls|mask)_token$")
-# user:password in a URL (an mlflow or database URI): https://user:pw@host -> https://<redacted>@host
-_URL_CREDENTIALS = re.compile(r"(?<=://)[^/@\s]+:[^/@\s]*@")
 
 REQUIRED_PACKAGES = ("llmexp", "torch", "transformers", "lightning", "hydra-core", "omegaconf", "pluggy")
 OPTIONAL_PACKAGES = ("wandb", "mlflow", "peft", "nvidia-modelopt", "megatron-core", "tensorrt-llm", "submitit")
@@ -75,49 +63,25 @@ def redact_secrets(container: Any) -> Any:
     """A plain copy of a config (DictConfig, dataclass or mapping) with secret values replaced.
 
     Interpolations are resolved first, so ``api_key: ${oc.env:WANDB_API_KEY}`` is caught.
-    A value is replaced by ``"<redacted>"`` when its key looks secret (see ``_SECRET_KEY``),
+    A value is replaced by ``"<redacted>"`` when its key looks secret (``llmexp.secrets.is_secret_key``),
     wherever it sits in the tree; unset values (None, "") are kept, so the record still
     shows that no secret was given. Credentials inside URLs are redacted too.
     """
     return _redact(_plain(container), secret=False)
 
 
-def redact_override(override: str) -> str:
-    """``technique.api_key=abc`` -> ``technique.api_key=<redacted>``; other overrides unchanged."""
-    key, sep, value = override.partition("=")
-    if sep and _is_secret_key(key.lstrip("+~").rsplit(".", 1)[-1]) and value:
-        return f"{key}={REDACTED}"
-    return redact_url_credentials(override)
-
-
 def redact_hydra_record(hydra_dir: Path | str, config: Any) -> None:
-    """Rewrite Hydra's own record of a job (``.hydra/``) without secrets.
+    """Rewrite the composed config Hydra saved for a job (``.hydra/config.yaml``) without secrets.
 
-    Hydra saves the composed config and the command-line overrides before the job starts;
-    a key given on the command line or in a config would otherwise reach disk there.
+    A secret typed on the command line is already only an ``${oc.env:...}`` interpolation
+    there (``llmexp.secrets``); this catches one written in a config file, which would
+    otherwise be copied into every run directory.
     """
     from omegaconf import OmegaConf
 
-    hydra_dir = Path(hydra_dir)
-    if not hydra_dir.is_dir():
-        return
-    OmegaConf.save(OmegaConf.create(redact_secrets(config)), hydra_dir / "config.yaml")
-    overrides = hydra_dir / "overrides.yaml"
-    if overrides.exists():
-        OmegaConf.save(OmegaConf.create([redact_override(o) for o in OmegaConf.load(overrides)]), overrides)
-    hydra_yaml = hydra_dir / "hydra.yaml"
-    if hydra_yaml.exists():
-        record = OmegaConf.load(hydra_yaml)
-        for group in ("task", "hydra"):
-            node = OmegaConf.select(record, f"hydra.overrides.{group}")
-            if node is not None:
-                OmegaConf.update(record, f"hydra.overrides.{group}", [redact_override(o) for o in node])
-        OmegaConf.save(record, hydra_yaml)
-
-
-def redact_url_credentials(text: str) -> str:
-    """``scheme://user:password@host`` -> ``scheme://<redacted>@host``, wherever it appears in ``text``."""
-    return _URL_CREDENTIALS.sub(REDACTED + "@", text)
+    saved = Path(hydra_dir) / "config.yaml"
+    if saved.is_file():
+        OmegaConf.save(OmegaConf.create(redact_secrets(config)), saved)
 
 
 def environment_info(cwd: Path | str | None = None) -> Dict[str, Any]:
@@ -357,17 +321,12 @@ def _redact(value: Any, secret: bool) -> Any:
     if secret and value not in (None, ""):
         return REDACTED
     if isinstance(value, dict):
-        return {k: _redact(v, _is_secret_key(k)) for k, v in value.items()}
+        return {k: _redact(v, is_secret_key(k)) for k, v in value.items()}
     if isinstance(value, list):
         return [_redact(v, False) for v in value]
     if isinstance(value, str):
         return redact_url_credentials(value)
     return value
-
-
-def _is_secret_key(key: str) -> bool:
-    words = re.sub(r"(?<=[a-z0-9])(?=[A-Z])", "_", key).lower()  # clientSecret -> client_secret
-    return bool(_SECRET_KEY.search(words)) and not _SPECIAL_TOKEN_KEY.search(words)
 
 
 def _is_omegaconf(value: Any) -> bool:

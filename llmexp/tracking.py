@@ -18,6 +18,7 @@ and only redacted configs are ever handed to a tracker.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import functools
 import importlib
@@ -32,14 +33,9 @@ from pathlib import Path
 from typing import Any, Dict, Mapping, Optional
 
 from llmexp.errors import UserError
-from llmexp.results import (
-    RESULTS_FILE,
-    redact_secrets,
-    redact_url_credentials,
-    summary_metrics,
-    write_json_atomic,
-)
+from llmexp.results import RESULTS_FILE, redact_secrets, summary_metrics, write_json_atomic
 from llmexp.schema import TrackerConfig
+from llmexp.secrets import redact_url_credentials
 
 TRACKER_STATE_FILE = "tracker.json"  # the tracker's run id, so a resumed run logs into the same run
 WANDB_INIT_TIMEOUT_S = 30.0  # wandb's default is 90 s; offline init takes ~2 s
@@ -54,6 +50,7 @@ class Tracker:
         self.settings = settings
         self.run_dir = Path(run_dir)
         self.config = redact_secrets(config)
+        self.tags = [redact_url_credentials(str(tag)) for tag in settings.tags]  # labels, shown wherever the run is
         self.finished = False
 
     def lightning_logger(self, stage_name: str, stage_dir: Optional[Path] = None):
@@ -124,7 +121,7 @@ class WandbTracker(Tracker):
                 dir=str(self.run_dir),
                 mode=mode,
                 name=_run_name(self.run_dir),
-                tags=list(settings.tags) or None,
+                tags=self.tags or None,
                 config=self.config,
                 id=previous,
                 resume="allow" if previous else None,
@@ -190,14 +187,15 @@ class MlflowTracker(Tracker):
         self.uri = settings.uri or os.environ.get("MLFLOW_TRACKING_URI") or default_mlflow_uri()
         self._logged: Dict[str, float] = {}
         try:
-            self.client = MlflowClient(tracking_uri=self.uri)
             artifacts = (Path.cwd() / "mlruns").as_uri() if default_store else None
-            experiment_id = self._experiment_id(settings.project, artifacts)
+            with _opening_lock(self.uri):
+                self.client = MlflowClient(tracking_uri=self.uri)
+                experiment_id = self._experiment_id(settings.project, artifacts)
             self.run_id = self._previous_run_id()
             if self.run_id is not None:
                 self.client.update_run(self.run_id, status="RUNNING")
             else:
-                tags = {_mlflow_key(tag): "true" for tag in settings.tags}
+                tags = {_mlflow_key(tag): "true" for tag in self.tags}
                 tags["llmexp.run_dir"] = str(self.run_dir.resolve())
                 run = self.client.create_run(experiment_id, run_name=_run_name(self.run_dir), tags=_resolve_tags(tags))
                 self.run_id = run.info.run_id
@@ -362,6 +360,19 @@ def _import_backend(module: str) -> Any:
             f"tracker={module} needs the {module} package, which cannot be imported ({error}); "
             f"install it with `pip install llmexp[{EXTRAS[module]}]`, or run with tracker=none."
         ) from None
+
+
+def _opening_lock(uri: str):
+    """For a local sqlite store, a lock between this machine's jobs while one opens it.
+
+    mlflow creates or upgrades the database's tables when a process first uses it; two jobs
+    of a parallel sweep (joblib) doing that at once on a new store collide ("duplicate column").
+    """
+    if not uri.startswith("sqlite:///"):
+        return contextlib.nullcontext()
+    from filelock import FileLock
+
+    return FileLock(uri[len("sqlite:///") :] + ".lock")
 
 
 def _run_name(run_dir: Path) -> str:

@@ -335,6 +335,21 @@ def test_mlflow_lightning_logger_lands_train_loss_per_stage(mlflow_root, tmp_pat
     assert run.info.status == "FINISHED"
 
 
+def test_jobs_opening_a_new_sqlite_store_at_once_all_get_their_run(tmp_path):
+    """A parallel sweep's first jobs create the store's tables together (mlflow: "duplicate column" without a lock)."""
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    code = (
+        "import sys; from llmexp.schema import TrackerConfig; from llmexp.tracking import make_tracker; "
+        f"t = make_tracker(TrackerConfig(name='mlflow', uri={uri!r}), sys.argv[1], {{}}); t.finish(); print(t.run_id)"
+    )
+    jobs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"run-{n}")], cwd=tmp_path,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(3)]
+    outputs = [job.communicate(timeout=300) for job in jobs]
+    assert [job.returncode for job in jobs] == [0, 0, 0], [err[-1500:] for _, err in outputs]
+    runs = {out.strip() for out, _ in outputs}
+    assert len(runs) == 3 and {mlflow_run(uri, run_id)[1].info.status for run_id in runs} == {"FINISHED"}
+
+
 def test_mlflow_file_store_is_refused_unless_allowed(tmp_path, monkeypatch):
     uri = (tmp_path / "mlruns").as_uri()
     with pytest.raises(UserError, match="tracker.uri.*MLFLOW_ALLOW_FILE_STORE"):
