@@ -84,7 +84,7 @@ def _hide_value(head: str, value: str, environ: MutableMapping[str, str]) -> str
 
     try:
         parsed = OverridesParser.create().parse_override(f"{head}={value}").value()
-    except HydraException:
+    except (HydraException, RecursionError):  # the parser recurses once per level of brackets
         raise UserError(
             f"`{head}={REDACTED}` is not a valid override. Quote a value holding spaces or special characters "
             f"({head}='...'), or export it and give {head}='${{oc.env:NAME}}'."

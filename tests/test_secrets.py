@@ -82,7 +82,10 @@ def test_a_secret_key_and_its_neighbours():
 
 
 @pytest.mark.parametrize(
-    "override", ["x.credentials={user: a, password: hunter2}", "x.api_key=[hunter2", "x.token=range(1,3)"]
+    "override",
+    ["x.credentials={user: a, password: hunter2}", "x.api_key=[hunter2", "x.token=range(1,3)",
+     "x.api_key=" + "[" * 5000 + "hunter2" + "]" * 5000],
+    ids=["dict", "unparsable", "range", "nested"],
 )
 def test_a_secret_that_cannot_be_moved_is_refused_without_showing_it(override):
     with pytest.raises(UserError) as refused:
