@@ -451,19 +451,28 @@ def test_the_command_announces_its_url_serves_and_stops_cleanly_on_ctrl_c(server
         process.communicate()
 
 
+def refusal(*args: str, env=None, timeout: float = 120) -> subprocess.CompletedProcess:
+    """``llmexp serve`` expected to refuse at once; one that serves instead is stopped and the test fails."""
+    process = run_serve(*args, env=env)
+    try:
+        out, err = process.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        process.kill()
+        process.communicate()
+        pytest.fail(f"llmexp serve {' '.join(args)} served instead of refusing")
+    return subprocess.CompletedProcess(args, process.returncode, out, err)
+
+
 def test_the_command_refuses_bad_options_with_exit_code_2(server):
-    bad = run_serve(str(server.root / NAME), "--adapter", "no-equals-sign")
-    _, err = bad.communicate(timeout=60)
-    assert bad.returncode == 2 and "give NAME=DIR" in err
+    bad = refusal(str(server.root / NAME), "--adapter", "no-equals-sign")
+    assert bad.returncode == 2 and "give NAME=DIR" in bad.stderr
     with socket.socket() as busy:
         busy.bind(("127.0.0.1", 0))
         busy.listen()
-        taken = run_serve(str(server.root / NAME), "--port", str(busy.getsockname()[1]))
-        _, err = taken.communicate(timeout=60)
-    assert taken.returncode == 2 and "cannot listen there" in err
-    missing = run_serve(str(server.root / "nothing"), "--port", "0")
-    _, err = missing.communicate(timeout=120)
-    assert missing.returncode == 2 and "no such directory" in err
+        taken = refusal(str(server.root / NAME), "--port", str(busy.getsockname()[1]))
+    assert taken.returncode == 2 and "cannot listen there" in taken.stderr
+    missing = refusal(str(server.root / "nothing"), "--port", "0")
+    assert missing.returncode == 2 and "no such directory" in missing.stderr
 
 
 @pytest.mark.parametrize("args, env, fragments", [
@@ -475,12 +484,12 @@ def test_the_command_refuses_bad_options_with_exit_code_2(server):
     (["--backend", "vllm"], {"LLMEXP_API_KEY": ",".join(KEYS)}, ["2 API keys are set, and vLLM reads one"]),
 ])
 def test_the_command_refuses_exposure_without_a_key_and_keys_where_others_can_read_them(server, args, env, fragments):
-    process = run_serve(str(server.root / NAME), "--port", "0", *args, env=env)
-    out, err = process.communicate(timeout=60)
-    message = " ".join(err.split())
-    assert process.returncode == 2 and "Traceback" not in err
+    result = refusal(str(server.root / NAME), "--port", "0", *args, env=env, timeout=60)
+    message = " ".join(result.stderr.split())
+    assert result.returncode == 2 and "Traceback" not in result.stderr
     assert all(fragment in message for fragment in fragments), message
-    assert not any(secret in out + err for secret in ("sk-typed", "sk-short", KEYS[0], KEYS[1]))  # never echoed
+    assert not any(secret in result.stdout + result.stderr  # never echoed
+                   for secret in ("sk-typed", "sk-short", KEYS[0], KEYS[1]))
 
 
 @pytest.mark.parametrize("host, exposed", [("127.0.0.1", False), ("localhost", False), ("::1", False),
