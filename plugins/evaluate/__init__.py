@@ -53,6 +53,13 @@ class Evaluate(Technique):
     produces_model = False
     requires = ("torch", "transformers")
 
+    @classmethod
+    def machine_problems(cls, config, node, field: str) -> List[str]:
+        """Code tasks run the model's programs isolated by the kernel of the machine that runs them."""
+        from llmexp.plugins.evaluate.code_execution import machine_problems
+
+        return machine_problems(node.tasks, f"{field}.tasks")
+
     def run(self, ctx: StageContext) -> StageResult:
         from rich.console import Console
         from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn

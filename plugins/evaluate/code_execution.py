@@ -5,9 +5,12 @@ OpenAI's ``human-eval`` layout (one JSON object a line: ``task_id``, ``prompt``,
 ``canonical_solution``, ``test`` defining ``check(candidate)``, ``entry_point``), has the
 model complete each prompt ``n_samples`` times (greedy when 1; sampled with
 ``temperature``/``top_p``/``seed`` otherwise), cut at the ``stop`` strings, and runs each
-``prompt + completion + "\\n" + test + "\\ncheck(<entry_point>)"`` in the sandbox
-(``sandbox.py``: a child process per sample, time and resource limits, no network, no
-writes outside its scratch directory). A sample passes when the program runs to its end.
+``check(<entry_point>)`` with the sandbox (``sandbox.py``): ``prompt + completion`` runs in
+a process the kernel isolates (namespaces, a read-only file view, an unprivileged uid,
+resource limits, seccomp), ``prompt + test`` runs in a verdict process that calls the
+program's function there. A sample passes when ``check`` returns. Where the kernel does
+not allow the isolation, the task refuses to run (``machine_problems``) unless the spec
+says ``unsafe_allow_unisolated: true``.
 
 pass@k is Chen et al. 2021's unbiased estimator, averaged over problems: with ``n``
 samples of which ``c`` pass, ``1 - C(n-c, k) / C(n, k)``, computed as a product so that
@@ -22,11 +25,14 @@ from __future__ import annotations
 import math
 import os
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
+from omegaconf import DictConfig, OmegaConf
+
+from llmexp.console import warn
 from llmexp.data.jsonl import read_jsonl_numbered
 from llmexp.errors import UserError
+from llmexp.plugins.evaluate.sandbox import Limits, Program, isolation_problem, run_programs
 from llmexp.plugins.evaluate.tasks import TaskInputs, TaskResult, TaskType
 
 # Where HumanEval's completions end (Chen et al. 2021): the next top-level statement.
@@ -43,6 +49,7 @@ DEFAULTS: Dict[str, Any] = {
     "timeout_s": 10.0,
     "workers": None,  # None: one per CPU core, at most 8
     "memory_mb": 2048,
+    "unsafe_allow_unisolated": False,  # True: where the kernel cannot isolate the programs, run them anyway
 }
 KEYS = ("path", *DEFAULTS)
 
@@ -71,6 +78,14 @@ def load_problems(path: str) -> List[CodeProblem]:
                 f"{path}:{number}: entry_point={record['entry_point']!r} is not a Python name; give the name of the "
                 "function the tests call (check(<entry_point>))."
             )
+        try:
+            compile(checks_source(record["prompt"], record["test"]), f"{path}:{number}", "exec")
+        except SyntaxError as error:
+            raise UserError(
+                f"{path}:{number}: the prompt followed by the test is not valid Python ({error.msg}, line "
+                f"{error.lineno} of the two). The checks run apart from the completion, so the prompt must be "
+                "complete on its own (HumanEval's end after the function's docstring); fix or delete that line."
+            ) from None
         if record["task_id"] in seen:
             raise UserError(
                 f"{path}:{number}: task_id={record['task_id']!r} already used on line {seen[record['task_id']]}; "
@@ -81,9 +96,14 @@ def load_problems(path: str) -> List[CodeProblem]:
     return problems
 
 
-def program(problem: CodeProblem, completion: str) -> str:
-    """The source the sandbox runs for one sample: the function, its tests, the call of ``check``."""
-    return f"{problem.prompt}{completion}\n{problem.test}\ncheck({problem.entry_point})\n"
+def program(problem: CodeProblem, completion: str) -> Program:
+    """One sample for the sandbox: the prompt and the completion run isolated, the prompt and the test check them."""
+    return Program(f"{problem.prompt}{completion}\n", checks_source(problem.prompt, problem.test), problem.entry_point)
+
+
+def checks_source(prompt: str, test: str) -> str:
+    """The prompt (its imports and helpers, which tests use) and the test, which defines ``check(candidate)``."""
+    return f"{prompt}\n{test}\n"
 
 
 def pass_at_k(n: int, c: int, k: int) -> float:
@@ -97,18 +117,15 @@ def pass_at_k(n: int, c: int, k: int) -> float:
 
 
 def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
-    from llmexp.plugins.evaluate.sandbox import Limits, run_programs
-
     settings = {**DEFAULTS, **{key: value for key, value in spec.items() if value is not None}}
+    isolated = _isolated(settings, f"the {spec.get('name') or spec['type']} task")
     problems = inputs.first(load_problems(spec["path"]))
     n = int(settings["n_samples"])
     completions = _complete(scorer, [problem.prompt for problem in problems], n, settings)
     limits = Limits(timeout_s=float(settings["timeout_s"]), memory_mb=int(settings["memory_mb"]))
-    scratch = Path(inputs.stage_dir) / f".{spec.get('name') or spec['type']}-sandbox" if inputs.stage_dir else None
-    sources = [program(problem, completion) for problem, own in zip(problems, completions) for completion in own]
-    outcomes = run_programs(sources, limits, scratch, workers=settings["workers"] or min(8, os.cpu_count() or 1))
-    if scratch is not None and scratch.is_dir() and not any(scratch.iterdir()):
-        scratch.rmdir()
+    samples = [program(problem, completion) for problem, own in zip(problems, completions) for completion in own]
+    workers = settings["workers"] or min(8, os.cpu_count() or 1)
+    outcomes = run_programs(samples, limits, workers=workers, isolated=isolated)
     ks = sorted(set(int(k) for k in settings["k"]))
     rows = []
     for index, (problem, own) in enumerate(zip(problems, completions)):
@@ -131,6 +148,45 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
     metrics = {f"pass_at_{k}": _mean(row[f"pass_at_{k}"] for row in rows) for k in ks}
     metrics["samples_timed_out"] = _mean(o.status == "timed_out" for o in outcomes)
     return TaskResult(metrics, rows)
+
+
+def machine_problems(entries: Sequence[Any], field: str) -> List[str]:
+    """The code tasks among ``entries`` (a ``tasks`` list at ``field``) that this machine cannot run isolated."""
+    found = []
+    for index, entry in enumerate(entries):
+        spec = OmegaConf.to_container(entry, resolve=True) if isinstance(entry, DictConfig) else entry
+        if isinstance(spec, Mapping) and spec.get("type") == "code":
+            problem = _isolation_refusal({**DEFAULTS, **spec}, f"{field}[{index}]")
+            if problem:
+                found.append(problem)
+    return found
+
+
+def _isolated(settings: Mapping[str, Any], where: str) -> bool:
+    """Whether to isolate the programs; raises ``UserError`` where that is impossible and not waived."""
+    refusal = _isolation_refusal(settings, where)
+    if refusal:
+        raise UserError(refusal)
+    reason = isolation_problem()
+    if reason:
+        warn(f"{where}: running the model's programs WITHOUT isolation (unsafe_allow_unisolated: true): {reason}")
+    return reason is None
+
+
+def _isolation_refusal(settings: Mapping[str, Any], where: str) -> Optional[str]:
+    if settings.get("unsafe_allow_unisolated") is True:
+        return None
+    reason = isolation_problem()
+    if reason is None:
+        return None
+    return (
+        f"{where}: the code task runs the model's programs isolated by the kernel (user, PID, mount and network "
+        f"namespaces, seccomp), and this machine refuses that: {reason}. Run it where unprivileged user namespaces "
+        "are allowed (on the host, or in a container started with --security-opt seccomp=unconfined; on Ubuntu "
+        "24.04 and later also sysctl kernel.apparmor_restrict_unprivileged_userns=0), or set "
+        f"{where}.unsafe_allow_unisolated=true to run them without isolation: as the user running llmexp, able to "
+        "read and write what that user can."
+    )
 
 
 def _complete(scorer, prompts: Sequence[str], n: int, settings: Mapping[str, Any]) -> List[List[str]]:
@@ -181,6 +237,8 @@ def problems(spec: Mapping[str, Any], field: str) -> List[str]:
         value = settings[key]
         if not _number(value) or value <= 0 or (high is not None and value > high):
             found.append(f"{field}.{key}={value!r} must be a number {what}.")
+    if not isinstance(settings["unsafe_allow_unisolated"], bool):
+        found.append(f"{field}.unsafe_allow_unisolated={settings['unsafe_allow_unisolated']!r} must be true or false.")
     for key, low in (("seed", 0), ("max_new_tokens", 1), ("workers", 1), ("memory_mb", 64)):
         value = settings[key]
         if value is not None and not _whole(value, low):

@@ -1,0 +1,444 @@
+"""Starting a process that the kernel confines: namespaces, a read-only file view, an unprivileged uid, limits, seccomp.
+
+``launch`` starts a command (the code task's program server) so that nothing it does,
+in Python or through ``ctypes``, reaches beyond it:
+
+* **user namespace**, and an unprivileged uid: a caller running as root runs the program as
+  uid 65534 (``nobody``), mapped in by the caller, so the program owns no file outside and
+  ``RLIMIT_NPROC`` applies to it; any other caller runs it as itself, without capabilities.
+  Supplementary groups are dropped when the caller is root.
+* **mount namespace** with a file view of its own (``pivot_root``): a fresh root holding only
+  the system directories (``/usr``, ``/etc``, ``/lib*``, ``/bin``), the interpreter's
+  directories (``sys.prefix``, ``sys.base_prefix``, its libraries), a few device nodes
+  (``/dev/null``, ``/dev/urandom``, ...), all read-only and ``nosuid``, a ``/proc`` of its
+  own, and a small ``tmpfs`` at ``/tmp`` that is its working directory (the only place it
+  can write; it vanishes with the namespace). Home directories, the data sets, the run's
+  outputs and the host's ``/tmp`` do not exist in it. Hard links cannot cross into it
+  (``EXDEV``) and nothing in the view can be written (``EROFS``).
+* **PID namespace**: the program cannot address any process outside (``kill``,
+  ``pidfd_open``, ``ptrace`` take pids it cannot name), and its init (``_reap``, pid 1)
+  ending kills every process in it, so a child that calls ``setsid`` or double-forks dies
+  with it.
+* **network, IPC, UTS and cgroup namespaces**: no network interface but a loopback that is
+  down, no SysV IPC or abstract socket shared with the host.
+* **resource limits**: address space, CPU seconds, file size (which also caps captured
+  output), processes (counted in its own user namespace), open files, no core dumps.
+* **seccomp** (through libseccomp): no ``socket``, no new namespaces, no mounts, no
+  ``ptrace``/``process_vm_*``, no kernel keyring, BPF, ``perf_event_open``, io_uring,
+  ``userfaultfd`` or module loading; ``no_new_privs`` is set, so no exec gains privileges.
+
+Needs Linux 5.12+ (``mount_setattr``), user namespaces open to the caller (some
+containers' seccomp profiles and Ubuntu's AppArmor restriction close them), and
+libseccomp 2. ``launch(..., isolated=False)`` skips everything but the limits: the
+program then runs as the caller, sees and may write what the caller can, and a child that
+calls ``setsid`` survives it.
+
+Why by hand: bubblewrap takes the same steps, but it is not a Python package and, run by
+root, it keeps the program at uid 0 (no ``RLIMIT_NPROC``, owner of root's files). The
+steps are a dozen kernel calls, made here through ``ctypes`` (Python 3.11 has no
+``os.unshare``). Standard library only: the verdict process imports this file by path.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import errno
+import os
+import platform
+import resource
+import select
+import signal
+import sys
+import sysconfig
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence
+
+CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
+CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x10000000, 0x20000000, 0x40000000
+CLONE_NEWTIME = 0x00000080
+NAMESPACES = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
+MNT_DETACH, AT_FDCWD, AT_RECURSIVE = 2, -100, 0x8000
+MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
+PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
+
+UNPRIVILEGED_ID = 65534  # nobody / nogroup: who root's programs run as
+SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
+DEVICES = ("null", "zero", "full", "random", "urandom")
+DENIED_SYSCALLS = (
+    "socket", "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root", "chroot",
+    "unshare", "setns", "mount_setattr", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount", "fspick",
+    "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup",
+    "io_uring_enter", "io_uring_register", "kexec_load", "kexec_file_load", "init_module", "finit_module",
+    "delete_module", "reboot", "swapon", "swapoff", "acct", "settimeofday", "clock_settime", "clock_adjtime",
+    "adjtimex", "syslog", "open_by_handle_at", "name_to_handle_at", "quotactl", "iopl", "ioperm",
+    "fanotify_init", "sethostname", "setdomainname", "pidfd_getfd", "kcmp", "lookup_dcookie", "vhangup",
+    "mbind", "migrate_pages", "move_pages",
+)  # fmt: skip
+# clone() flags that make namespaces: refused (clone3 hides its flags in memory, so it answers ENOSYS
+# and the C library falls back to clone); the flags are clone's first argument except on s390
+_NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID,
+                    CLONE_NEWNET, CLONE_NEWTIME)  # fmt: skip
+_CLONE_FLAGS_ARG = 1 if platform.machine().startswith("s390") else 0
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+class IsolationError(OSError):
+    """A confinement step failed: the kernel (or a container around it) does not allow it."""
+
+
+@dataclass(frozen=True)
+class Confinement:
+    """What the confined process may use. Sizes in MiB; ``cpu_s`` in CPU seconds."""
+
+    memory_mb: int  # address space (RLIMIT_AS)
+    cpu_s: int  # SIGXCPU at the limit, SIGKILL a second later
+    file_mb: int  # any file it writes, its captured output included (RLIMIT_FSIZE)
+    work_mb: int  # its working directory, all files together (the tmpfs at /tmp)
+    processes: int  # processes and threads at once (RLIMIT_NPROC, in its own user namespace)
+    open_files: int = 256
+
+
+class Launched:
+    """A started program: ``status_fd`` turns readable when it has ended; ``stop`` ends it and all it started."""
+
+    def __init__(self, pid: int, status_fd: int, control_fd: Optional[int]):
+        self._pid, self.status_fd, self._control_fd = pid, status_fd, control_fd
+
+    def exit_code(self) -> int:
+        """Its exit status, negative for a signal (``subprocess``'s convention); call once ``status_fd`` is readable."""
+        return int(os.read(self.status_fd, 32) or b"-9")
+
+    def stop(self) -> None:
+        """Kill the program and everything it started, and wait until they are gone."""
+        if self._control_fd is not None:  # the namespace holder kills its init, which takes the namespace with it
+            os.close(self._control_fd)
+            self._control_fd = None
+        else:
+            _kill(self._pid)
+        os.waitpid(self._pid, 0)
+        os.close(self.status_fd)
+
+
+def launch(argv: Sequence[str], env: Dict[str, str], fds: Dict[int, int], limits: Confinement,
+           isolated: bool, workdir: str) -> Launched:  # fmt: skip
+    """Start ``argv`` with the descriptors ``fds`` (its number -> ours) and nothing else open.
+
+    Isolated, it works in its own ``/tmp`` (``workdir`` is unused); else in ``workdir``.
+    Raises ``IsolationError`` naming the step the kernel refused. The caller must be
+    single-threaded (it forks).
+    """
+    setup_r, setup_w = os.pipe()  # errors of the steps before exec; the program's exec closes it
+    status_r, status_w = os.pipe()
+    control_r, control_w = os.pipe()
+    parent = os.getpid()
+    pid = os.fork()
+    if pid == 0:
+        for fd in (setup_r, status_r, control_w):  # the caller's ends
+            os.close(fd)
+        _run_step(setup_w, lambda: _hold_namespaces(parent, argv, env, fds, limits, isolated, workdir,
+                                                    setup_w, status_w, control_r))  # fmt: skip
+    for fd in (setup_w, status_w, control_r):
+        os.close(fd)
+    error = _read_all(setup_r)  # empty: every step passed and the program's exec closed the pipe
+    os.close(setup_r)
+    if error:
+        _kill(pid)
+        os.waitpid(pid, 0)
+        for fd in (control_w, status_r):
+            os.close(fd)
+        raise IsolationError(errno.EPERM, error)
+    if isolated:
+        return Launched(pid, status_r, control_w)
+    os.close(control_w)
+    return Launched(pid, status_r, None)
+
+
+def sandbox_ids() -> tuple:
+    """The uid and gid the program runs as: ``nobody`` for root, else the caller's own."""
+    if os.geteuid() == 0:
+        return UNPRIVILEGED_ID, UNPRIVILEGED_ID
+    return os.geteuid(), os.getegid()
+
+
+def readable_paths() -> List[str]:
+    """What the program sees, read-only: the system directories and the interpreter's own (no path twice)."""
+    candidates = [path for path in SYSTEM_PATHS if os.path.lexists(path)]
+    python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
+              os.path.dirname(sys.executable), *sysconfig.get_paths().values()}  # fmt: skip
+    python |= {os.path.realpath(path) for path in python}
+    candidates += sorted(path for path in python if os.path.isdir(path))
+    chosen: List[str] = []
+    for path in candidates:
+        if not any(path == seen or path.startswith(seen.rstrip("/") + "/") for seen in chosen):
+            chosen.append(path)
+    return chosen
+
+
+def not_dumpable() -> None:
+    """No process of the same uid may ptrace this one or read its memory through /proc."""
+    _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
+
+
+def restrict_syscalls(denied: Sequence[str] = DENIED_SYSCALLS) -> None:
+    """Load a seccomp filter: ``denied`` system calls and namespace-making ``clone`` fail with EPERM.
+
+    libseccomp numbers the calls for this architecture and kills a thread that calls
+    through another ABI (``int 0x80`` on x86_64). Sets ``no_new_privs``.
+    """
+    lib = _libseccomp()
+    context = lib.seccomp_init(0x7FFF0000)  # SCMP_ACT_ALLOW
+    if not context:
+        raise IsolationError(errno.ENOMEM, "seccomp_init failed")
+    try:
+        refuse = 0x00050000 | errno.EPERM  # SCMP_ACT_ERRNO(EPERM)
+        for name in denied:
+            number = lib.seccomp_syscall_resolve_name(name.encode())
+            if number >= 0:  # a call this architecture lacks cannot be made
+                _seccomp_check(lib.seccomp_rule_add_array(context, refuse, number, 0, None), f"seccomp rule {name}")
+        clone = lib.seccomp_syscall_resolve_name(b"clone")
+        for flag in _NAMESPACE_FLAGS:
+            compare = _ArgCompare(_CLONE_FLAGS_ARG, 7, flag, flag)  # SCMP_CMP_MASKED_EQ: (arg & flag) == flag
+            _seccomp_check(lib.seccomp_rule_add_array(context, refuse, clone, 1, ctypes.byref(compare)), "seccomp clone")
+        clone3 = lib.seccomp_syscall_resolve_name(b"clone3")
+        if clone3 >= 0:
+            _seccomp_check(lib.seccomp_rule_add_array(context, 0x00050000 | errno.ENOSYS, clone3, 0, None), "clone3")
+        _seccomp_check(lib.seccomp_load(context), "seccomp_load")
+    finally:
+        lib.seccomp_release(context)
+
+
+class _ArgCompare(ctypes.Structure):  # libseccomp's struct scmp_arg_cmp
+    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
+                ("datum_b", ctypes.c_uint64)]  # fmt: skip
+
+
+def _libseccomp():
+    try:
+        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
+    except OSError as error:
+        raise IsolationError(errno.ENOENT, f"libseccomp.so.2 not found ({error}); install libseccomp2") from None
+    lib.seccomp_init.restype = ctypes.c_void_p
+    lib.seccomp_init.argtypes = [ctypes.c_uint32]
+    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
+    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
+                                           ctypes.POINTER(_ArgCompare)]  # fmt: skip
+    lib.seccomp_load.argtypes = [ctypes.c_void_p]
+    lib.seccomp_release.argtypes = [ctypes.c_void_p]
+    return lib
+
+
+def _seccomp_check(result: int, what: str) -> None:
+    if result < 0:  # libseccomp returns -errno
+        raise IsolationError(-result, f"{what}: {os.strerror(-result)}")
+
+
+# ---------------------------------------------------------------------------------------
+# The launched side: three processes. The namespace holder (a child of the caller) makes the
+# namespaces and the file view; its child is pid 1 of the new PID namespace (the reaper),
+# which starts the program and reports how it ended. Each reports a failed step on the
+# setup pipe and exits.
+
+
+def _run_step(report_fd: int, step) -> None:
+    """Run ``step`` in a forked child and exit it; an exception is reported on ``report_fd``."""
+    try:
+        step()
+        code = 0
+    except BaseException as error:  # everything: the child must never return into the caller's code
+        try:
+            os.write(report_fd, f"{error}".encode()[:4000] or type(error).__name__.encode())
+        finally:
+            code = 1
+    os._exit(code)
+
+
+def _hold_namespaces(parent, argv, env, fds, limits, isolated, workdir, setup_w, status_w, control_r):
+    _die_with(parent)
+    if not isolated:
+        _reap(argv, env, fds, limits, isolated, workdir, setup_w, status_w, lifeline=None)
+        return
+    if os.geteuid() == 0:  # root builds the view as itself (it may read what it binds); the program drops later
+        os.setgroups([])
+        _check(_libc.unshare(NAMESPACES & ~CLONE_NEWUSER), "unshare(mount, pid, net, ipc, uts, cgroup namespaces)")
+    else:
+        _check(_libc.unshare(NAMESPACES), "unshare(user, mount, pid, net, ipc, uts, cgroup namespaces)")
+        _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")  # else /proc/self is root's
+        _map_own_ids()
+    lifeline_r, lifeline_w = os.pipe()
+    reaper = os.fork()
+    if reaper == 0:
+        os.close(lifeline_w)
+        _run_step(setup_w, lambda: _reap(argv, env, fds, limits, isolated, "/tmp", setup_w, status_w,
+                                          lifeline=lifeline_r))  # fmt: skip
+    for fd in (setup_w, status_w, lifeline_r, *set(fds.values())):
+        os.close(fd)
+    os.read(control_r, 1)  # until the caller closes it (or dies)
+    _kill(reaper)  # the init of the PID namespace: its end kills every process in it
+    os.waitpid(reaper, 0)  # returns once all of them are gone
+
+
+def _reap(argv, env, fds, limits, isolated, workdir, setup_w, status_w, lifeline):
+    """Start the program and report its exit status; in the PID namespace, this is its init."""
+    if lifeline is not None:
+        _die_with_lifeline(lifeline)
+        _enter_file_view(limits.work_mb, *sandbox_ids())  # here: /proc must be mounted from inside the namespace
+    program = os.fork()
+    if program == 0:
+        _run_step(setup_w, lambda: _exec_program(argv, env, fds, limits, isolated, workdir))
+    os.close(setup_w)
+    for fd in set(fds.values()):
+        os.close(fd)
+    while True:  # as pid 1 it also reaps the orphans the program leaves
+        pid, status = os.waitpid(-1, 0)
+        if pid == program:
+            break
+    os.write(status_w, str(os.waitstatus_to_exitcode(status)).encode())
+
+
+def _exec_program(argv, env, fds, limits, isolated, workdir):
+    _arrange_fds(fds)
+    os.chdir(workdir)
+    if isolated:
+        os.setsid()  # its own session: signalling its own group does not reach the reaper
+        if os.geteuid() == 0:  # root's program: nobody, in a user namespace of its own, which RLIMIT_NPROC counts in
+            uid, gid = sandbox_ids()
+            os.setresgid(gid, gid, gid)
+            os.setresuid(uid, uid, uid)
+            _check(_libc.unshare(CLONE_NEWUSER), "unshare(user namespace)")
+    _set_limits(limits, count_processes=isolated)
+    if isolated:
+        restrict_syscalls()
+    os.execve(argv[0], list(argv), env)
+
+
+def _set_limits(limits: Confinement, count_processes: bool) -> None:
+    """Resource limits, never above a hard limit already in force.
+
+    ``RLIMIT_NPROC`` counts the processes of the uid in the process's user namespace, so it
+    is set only in the isolated program's own one (outside it counts the caller's others).
+    """
+    wanted = [
+        (resource.RLIMIT_AS, limits.memory_mb * 2**20, limits.memory_mb * 2**20),
+        (resource.RLIMIT_CPU, limits.cpu_s, limits.cpu_s + 1),
+        (resource.RLIMIT_FSIZE, limits.file_mb * 2**20, limits.file_mb * 2**20),
+        (resource.RLIMIT_CORE, 0, 0),
+        (resource.RLIMIT_NOFILE, limits.open_files, limits.open_files),
+    ]
+    if count_processes:
+        wanted.append((resource.RLIMIT_NPROC, limits.processes, limits.processes))
+    for which, soft, hard in wanted:
+        ceiling = resource.getrlimit(which)[1]
+        if ceiling != resource.RLIM_INFINITY:
+            soft, hard = min(soft, ceiling), min(hard, ceiling)
+        resource.setrlimit(which, (soft, hard))
+
+
+def _arrange_fds(fds: Dict[int, int]) -> None:
+    """Give the program the descriptors ``fds`` (its number -> ours).
+
+    Every other descriptor of these processes is close-on-exec (Python opens them so,
+    PEP 446), so the program starts with exactly these: a test checks it.
+    """
+    moved = {target: os.dup(source) for target, source in fds.items()}  # off every target number first
+    for target, source in moved.items():
+        os.dup2(source, target)  # inheritable
+        os.close(source)
+
+
+def _map_own_ids() -> None:
+    """Map the caller's uid and gid into the user namespace it has just made (the same numbers inside)."""
+    uid, gid = os.geteuid(), os.getegid()  # outside ids until mapped: the kernel shows unmapped ids as 65534
+    for name, text in (("setgroups", "deny"), ("uid_map", f"{uid} {uid} 1\n"), ("gid_map", f"{gid} {gid} 1\n")):
+        with open(f"/proc/self/{name}", "w") as handle:
+            handle.write(text)
+
+
+def _enter_file_view(work_mb: int, uid: int, gid: int) -> None:
+    """Make a fresh root of read-only binds (``readable_paths``, device nodes), ``/proc`` and a tmpfs ``/tmp``.
+
+    Run by the init of the new PID namespace, whose ``/proc`` it mounts.
+    """
+    paths = readable_paths()
+    _mount(None, "/", None, MS_REC | MS_PRIVATE)
+    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")  # the new root, until pivot_root
+    os.mkdir("/tmp/oldroot")
+    _syscall("pivot_root", b"/tmp", b"/tmp/oldroot")
+    os.chdir("/")
+    for path in paths:
+        source = "/oldroot" + path
+        if os.path.islink(source) and path in SYSTEM_PATHS:  # /bin -> usr/bin on merged-/usr systems
+            os.symlink(os.readlink(source), path)
+            continue
+        os.makedirs(path, exist_ok=True)
+        _mount(source, path, None, MS_BIND | MS_REC)
+    os.mkdir("/dev")
+    for device in DEVICES:
+        if os.path.exists(f"/oldroot/dev/{device}"):
+            open(f"/dev/{device}", "w").close()
+            _mount(f"/oldroot/dev/{device}", f"/dev/{device}", None, MS_BIND)
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
+                         ("stderr", "/proc/self/fd/2")):  # fmt: skip
+        os.symlink(target, f"/dev/{name}")
+    os.mkdir("/proc")
+    # while the old root's /proc is still in view: a user namespace may mount a proc only where one is visible
+    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
+    os.mkdir("/tmp")
+    _check(_libc.umount2(b"/oldroot", MNT_DETACH), "umount2(/oldroot)")
+    os.rmdir("/oldroot")
+    attributes = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)  # struct mount_attr
+    _syscall("mount_setattr", AT_FDCWD, b"/", AT_RECURSIVE, attributes, ctypes.sizeof(attributes))
+    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={work_mb}m,nr_inodes=4096,mode=0700,uid={uid},gid={gid}")
+    os.chdir("/tmp")
+
+
+def _mount(source: Optional[str], target: str, kind: Optional[str], flags: int, data: Optional[str] = None) -> None:
+    encode = lambda text: text.encode() if text is not None else None  # noqa: E731
+    result = _libc.mount(encode(source), encode(target), encode(kind), ctypes.c_ulong(flags), encode(data))
+    _check(result, f"mount {kind or source} on {target}")
+
+
+def _syscall(name: str, *args) -> int:
+    """A system call without a C library wrapper everywhere, numbered for this architecture by libseccomp."""
+    number = _libseccomp().seccomp_syscall_resolve_name(name.encode())
+    if number < 0:
+        raise IsolationError(errno.ENOSYS, f"{name} is not a system call on this architecture")
+    return _check(_libc.syscall(number, *args), name)
+
+
+def _check(result: int, what: str) -> int:
+    if result < 0:
+        code = ctypes.get_errno()
+        raise IsolationError(code, f"{what}: {os.strerror(code)}")
+    return result
+
+
+def _die_with(parent: int) -> None:
+    """SIGKILL when the parent dies (and now, if it already has)."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    if os.getppid() != parent:
+        os._exit(1)
+
+
+def _die_with_lifeline(lifeline: int) -> None:
+    """``_die_with`` for the init of a PID namespace, whose parent's pid it cannot see: a pipe only the parent holds."""
+    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    if select.select([lifeline], [], [], 0)[0]:  # end of file: the parent is gone
+        os._exit(1)
+
+
+def _read_all(fd: int) -> str:
+    chunks = []
+    while True:
+        chunk = os.read(fd, 4096)
+        if not chunk:
+            return b"".join(chunks).decode("utf-8", "replace")
+        chunks.append(chunk)
+
+
+def _kill(pid: int) -> None:
+    try:
+        os.kill(pid, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
