@@ -110,6 +110,14 @@ def test_answers_cross_to_the_checks_as_plain_data():
     assert outcome.status == "passed", outcome.detail
 
 
+def test_a_flooded_reply_cannot_swamp_the_verdict_process():
+    """The verdict process reads at most 64 MiB per answer (and has an address-space limit of its own), whatever
+    the program writes on its reply descriptor."""
+    flood = "import os, struct\nos.write(4, struct.pack('>I', 2**31))\nwhile True:\n    os.write(4, bytes(2**20))\n"
+    outcome = run_program(add_one(after=flood), QUICK)
+    assert outcome.status == "failed" and "over the limit of 67108864" in outcome.detail
+
+
 def test_an_endless_loop_times_out_within_the_limit_and_the_next_sample_still_runs():
     """The verdict process's deadline; the PID namespace ends the loop with its init."""
     started = time.monotonic()
@@ -379,7 +387,7 @@ else:
 SECCOMP_LIKE_DOCKER = """
 import sys
 from llmexp.plugins.evaluate.isolation import restrict_syscalls
-restrict_syscalls(["unshare"])  # as Docker's default seccomp profile: no unshare, no namespace-making clone
+restrict_syscalls(("unshare",))  # as Docker's default seccomp profile: no unshare, no namespace-making clone
 """
 
 

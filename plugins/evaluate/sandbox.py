@@ -50,8 +50,8 @@ verdict still comes from the separate verdict process.
 from __future__ import annotations
 
 import functools
-import json
 import os
+import pickle
 import signal
 import subprocess
 import sys
@@ -83,7 +83,7 @@ class Limits:
     """What one program may use; ``timeout_s`` is wall-clock time, startup included."""
 
     timeout_s: float = 10.0
-    memory_mb: int = 2048  # address space (RLIMIT_AS); also the largest reply the checks accept
+    memory_mb: int = 2048  # address space (RLIMIT_AS); the verdict process gets 1 GiB more
     file_mb: int = 16  # any file it writes, its captured output included (RLIMIT_FSIZE), and its tmpfs
     processes: int = 32  # processes and threads at once (RLIMIT_NPROC in its own user namespace)
 
@@ -122,7 +122,7 @@ def run_program(program: Program, limits: Limits = Limits(), isolated: bool = Tr
         start_new_session=True,  # its own process group: killed as a whole if it overruns
     )
     try:
-        report, errors = verdict.communicate(json.dumps(job).encode(), timeout=limits.timeout_s + _VERDICT_GRACE_S)
+        report, errors = verdict.communicate(pickle.dumps(job), timeout=limits.timeout_s + _VERDICT_GRACE_S)
     except subprocess.TimeoutExpired:
         _kill_group(verdict.pid)
         verdict.communicate()
@@ -132,7 +132,7 @@ def run_program(program: Program, limits: Limits = Limits(), isolated: bool = Tr
     seconds = time.monotonic() - started
     if verdict.returncode != 0 or not report:
         raise RuntimeError(f"the sandbox's verdict process failed ({verdict.returncode}): {errors.decode()[-2000:]}")
-    result = json.loads(report)
+    result = pickle.loads(report)  # from the verdict process, which runs only trusted code
     if result["status"] == "isolation_failed":
         raise IsolationUnavailable(result["detail"])
     return Outcome(result["status"], seconds, result["detail"])

@@ -9,35 +9,35 @@ process (another PID namespace, not dumpable), its memory, the checks (they neve
 the program's process) or the verdict (written to this process's stdout, which the
 program never holds).
 
-``sandbox.run_program`` runs this file as ``python -I verdict.py`` with the job as JSON on
-stdin (``source``, ``checks``, ``entry_point``, ``limits``, ``isolated``) and reads one
-JSON verdict (``status``, ``detail``) from its stdout. Standard library only (the sibling
-modules are imported by path): it starts once per sample.
+``sandbox.run_program`` runs this file as ``python -I verdict.py`` with the job pickled on
+stdin (``source``, ``checks``, ``entry_point``, ``limits``, ``isolated``) and reads the
+pickled verdict (``status``, ``detail``) from its stdout. It starts once per sample, so it
+imports little: the standard library's cheaper modules and its siblings, by path.
 """
 
 from __future__ import annotations
 
 import builtins
 import contextlib
-import json
 import linecache
 import os
 import pickle
+import resource
 import select
 import signal
 import sys
-import tempfile
 import time
 import traceback
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parent))
+sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import isolation  # noqa: E402
 import program_server  # noqa: E402
 
 del sys.path[0]  # the checks import what they import, not this folder's modules
 
 CHECKS_FILE = "checks.py"
+MAX_REPLY_BYTES = 64 * 2**20  # one answer of the program's function: plenty for data the checks compare
+OWN_MEMORY_MB = 1024  # this process's address space beyond the program's: a reply unpickled, the checks
 _TAIL_BYTES = 4096
 _SIGNAL_REASONS = {"SIGXFSZ": "file size limit", "SIGXCPU": "CPU time limit",
                    "SIGKILL": "killed: memory, process or CPU limit"}  # fmt: skip
@@ -144,15 +144,17 @@ def judge(job: dict) -> dict:
         work_mb=limits["file_mb"], processes=limits["processes"],
     )  # fmt: skip
     isolated = job["isolated"]
-    workdir = contextlib.nullcontext("/tmp") if isolated else tempfile.TemporaryDirectory(prefix="sample-")
-    with workdir as home, tempfile.TemporaryFile() as output, tempfile.TemporaryFile() as errors:
+    workdir = contextlib.nullcontext("/tmp") if isolated else _temporary_directory()
+    with workdir as home, open(os.memfd_create("stdout"), "w+b") as output, \
+            open(os.memfd_create("stderr"), "w+b") as errors:  # fmt: skip
         calls_r, calls_w = os.pipe()
         os.set_blocking(calls_w, False)  # a program that stops reading must not block the checks past the deadline
         replies_r, replies_w = os.pipe()
         devnull = os.open(os.devnull, os.O_RDONLY)
         fds = {0: devnull, 1: output.fileno(), 2: errors.fileno(), program_server.CALLS_FD: calls_r,
                program_server.REPLIES_FD: replies_w}  # fmt: skip
-        argv = [sys.executable, "-I", "-c", Path(program_server.__file__).read_text(encoding="utf-8")]
+        with open(program_server.__file__, encoding="utf-8") as server:
+            argv = [sys.executable, "-I", "-c", server.read()]
         try:
             launched = isolation.launch(argv, _environment(home), fds, confinement, isolated, home)
         except isolation.IsolationError as error:
@@ -160,7 +162,7 @@ def judge(job: dict) -> dict:
         finally:
             for fd in (devnull, calls_r, replies_w):
                 os.close(fd)
-        program = Program(launched, calls_w, replies_r, deadline, limit=limits["memory_mb"] * 2**20)
+        program = Program(launched, calls_w, replies_r, deadline, limit=MAX_REPLY_BYTES)
         try:
             status, detail = _run_checks(job, program)
         finally:
@@ -218,6 +220,12 @@ def _describe(error: Exception) -> str:
     return where + "".join(traceback.format_exception_only(type(error), error)).strip()
 
 
+def _temporary_directory():
+    import tempfile  # only here: the unisolated program's working directory
+
+    return tempfile.TemporaryDirectory(prefix="sample-")
+
+
 def _environment(home: str) -> dict:
     """A minimal environment: nothing of the caller's (proxies, API keys, tokens) reaches the program."""
     return {
@@ -238,12 +246,14 @@ def _tail(handle) -> str:
 
 
 def main() -> None:
-    job = json.loads(sys.stdin.read())
-    report = os.dup(1)
+    job = pickle.load(sys.stdin.buffer)
+    report = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # what the checks print goes to stderr; stdout carries the verdict alone
     isolation.not_dumpable()
-    verdict = judge(job)
-    os.write(report, json.dumps(verdict).encode())
+    memory = (job["limits"]["memory_mb"] + OWN_MEMORY_MB) * 2**20  # a flood of replies meets MemoryError here
+    resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
+    with report:
+        pickle.dump(judge(job), report)
 
 
 if __name__ == "__main__":
