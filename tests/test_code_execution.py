@@ -197,6 +197,26 @@ def outside_files(tmp_path):
     visible.unlink()
 
 
+def test_an_interpreter_under_tmp_is_in_the_view_and_tmp_stays_writable(tmp_path):
+    """Mount namespace: a virtual environment under /tmp is bound read-only inside the program's own /tmp."""
+    subprocess.run([sys.executable, "-m", "venv", "--without-pip", "--system-site-packages", str(tmp_path / "venv")],
+                   check=True)  # fmt: skip
+    script = f"""
+import importlib.util, sys
+spec = importlib.util.spec_from_file_location("sandbox", {str(REPO / "plugins" / "evaluate" / "sandbox.py")!r})
+sandbox = importlib.util.module_from_spec(spec)
+sys.modules["sandbox"] = sandbox
+spec.loader.exec_module(sandbox)
+source = "import os, sys\\ndef f():\\n    open('/tmp/x', 'w').write('x')\\n    return [sys.prefix, os.listdir('/tmp')]\\n"
+checks = "def check(candidate):\\n    prefix, listed = candidate()\\n    assert prefix.startswith('/tmp/') and 'x' in listed\\n"
+outcome = sandbox.run_program(sandbox.Program(source, checks, "f"))
+print(outcome.status, outcome.detail)
+"""
+    result = subprocess.run([str(tmp_path / "venv" / "bin" / "python"), "-I", "-c", script], capture_output=True,
+                            text=True, timeout=120)  # fmt: skip
+    assert result.stdout.strip() == "passed", result.stdout + result.stderr
+
+
 def test_fileio_and_open_cannot_write_outside_the_programs_tmpfs(outside_files):
     """Mount namespace: the host's files are either absent from the view (ENOENT) or read-only (EROFS),
     whichever Python route opens them (``_io.FileIO`` got past the old sandbox's patched ``open``)."""

@@ -183,7 +183,8 @@ def _isolation_refusal(settings: Mapping[str, Any], where: str) -> Optional[str]
         f"{where}: the code task runs the model's programs isolated by the kernel (user, PID, mount and network "
         f"namespaces, seccomp), and this machine refuses that: {reason}. Run it where unprivileged user namespaces "
         "are allowed (on the host, or in a container started with --security-opt seccomp=unconfined; on Ubuntu "
-        "24.04 and later also sysctl kernel.apparmor_restrict_unprivileged_userns=0), or set "
+        "24.04 and later also sysctl kernel.apparmor_restrict_unprivileged_userns=0) and, when llmexp runs as root, "
+        "with a Python installation that uid 65534 may read (the programs run as that uid), or set "
         f"{where}.unsafe_allow_unisolated=true to run them without isolation: as the user running llmexp, able to "
         "read and write what that user can."
     )

@@ -168,7 +168,7 @@ def readable_paths() -> list[str]:
     python = {sys.prefix, sys.base_prefix, sys.exec_prefix, sys.base_exec_prefix,
               os.path.dirname(sys.executable), *sysconfig.get_paths().values()}  # fmt: skip
     python |= {os.path.realpath(path) for path in python}
-    candidates += sorted(path for path in python if os.path.isdir(path))
+    candidates += sorted(path for path in python if os.path.isdir(path) and path != "/")  # "/" would show all
     chosen: list[str] = []
     for path in candidates:
         if not any(path == seen or path.startswith(seen.rstrip("/") + "/") for seen in chosen):
@@ -366,6 +366,8 @@ def _enter_file_view(work_mb: int, uid: int, gid: int) -> None:
     os.mkdir("/tmp/oldroot")
     _syscall("pivot_root", b"/tmp", b"/tmp/oldroot")
     os.chdir("/")
+    os.mkdir("/tmp")  # the program's working directory, first: an interpreter under /tmp is bound inside it
+    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={work_mb}m,nr_inodes=4096,mode=0700,uid={uid},gid={gid}")
     for path in paths:
         source = "/oldroot" + path
         if os.path.islink(source) and path in SYSTEM_PATHS:  # /bin -> usr/bin on merged-/usr systems
@@ -384,13 +386,16 @@ def _enter_file_view(work_mb: int, uid: int, gid: int) -> None:
     os.mkdir("/proc")
     # while the old root's /proc is still in view: a user namespace may mount a proc only where one is visible
     _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    os.mkdir("/tmp")
     _check(_libc.umount2(b"/oldroot", MNT_DETACH), "umount2(/oldroot)")
     os.rmdir("/oldroot")
-    attributes = (ctypes.c_uint64 * 4)(MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID, 0, 0, 0)  # struct mount_attr
-    _syscall("mount_setattr", AT_FDCWD, b"/", AT_RECURSIVE, attributes, ctypes.sizeof(attributes))
-    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={work_mb}m,nr_inodes=4096,mode=0700,uid={uid},gid={gid}")
+    _set_mount_attributes("/", AT_RECURSIVE, set_=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)  # everything read-only,
+    _set_mount_attributes("/tmp", 0, clear=MOUNT_ATTR_RDONLY)  # but the working directory (not what is bound in it)
     os.chdir("/tmp")
+
+
+def _set_mount_attributes(path: str, flags: int, set_: int = 0, clear: int = 0) -> None:
+    attributes = (ctypes.c_uint64 * 4)(set_, clear, 0, 0)  # struct mount_attr
+    _syscall("mount_setattr", AT_FDCWD, path.encode(), flags, attributes, ctypes.sizeof(attributes))
 
 
 def _mount(source: str | None, target: str, kind: str | None, flags: int, data: str | None = None) -> None:
