@@ -24,6 +24,7 @@ from typing import Dict, List, NoReturn, Sequence
 from llmexp.errors import UserError
 from llmexp.serving.auth import ENV_VAR as API_KEY_VAR
 from llmexp.serving.auth import NEW_KEY_HINT, read_api_keys
+from llmexp.serving.served_models import check_served_files
 
 BACKENDS = ("inprocess", "vllm")
 INPROCESS_DEFAULTS = {"max_batch_size": 16, "max_queue": 64}
@@ -50,6 +51,7 @@ def main(argv: List[str]) -> int:
         if getattr(args, option) is None:
             setattr(args, option, default)
     prefer_passive_openmp()
+    check_served_files(args.model_dir, adapters)  # a damaged file is reported as such, whatever the port
     listener = _bind(args.host, args.port)
 
     import uvicorn

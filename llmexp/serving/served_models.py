@@ -5,6 +5,10 @@ one included: ``llmexp.models.load_model`` restores its quantizers). Adapters ar
 directories (what ``technique=lora`` saves as ``<stage>/adapter``), all loaded into one
 ``PeftModel`` over the one base, as NIM serves LoRA: a request picks the base or an adapter
 by its ``model`` name, and one batch may mix them (PEFT's ``adapter_names`` per row).
+
+Adapters are as untrusted as checkpoints: ``check_served_files`` looks at every file in pure
+Python before ``llmexp serve`` binds its port, and adapters load under
+``llmexp.models.weights_only_loading``, any failure a ``UserError`` naming the file.
 """
 
 from __future__ import annotations
@@ -15,10 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
+from llmexp.checkpoint import safetensors_problem, torch_archive_problem, validate_checkpoint_dir
 from llmexp.errors import UserError
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 ADAPTER_CONFIG = "adapter_config.json"
+ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT reads the first one present
 
 
 @dataclass
@@ -71,13 +77,10 @@ def load_served_models(
     on disk) and the ``adapters`` ({served name: PEFT directory}) on it; bad input is a ``UserError``."""
     from llmexp.models import load_model
 
-    adapters = {adapter_name: Path(path) for adapter_name, path in (adapters or {}).items()}
     base_dir, implied_adapter = resolve_model_dir(Path(model_dir))
     base_name = name or _default_name(base_dir)
-    if implied_adapter is not None:
-        adapters = {implied_adapter.parent.name if implied_adapter.name == "adapter" else implied_adapter.name:
-                    implied_adapter, **adapters}
-    for adapter_name in adapters:
+    given = _given_adapters(implied_adapter, adapters)
+    for adapter_name in given:
         if adapter_name == base_name:
             raise UserError(
                 f"--adapter {adapter_name}=...: the name {adapter_name!r} is the base model's served name; "
@@ -85,13 +88,69 @@ def load_served_models(
             )
         if adapter_name == BASE_ADAPTER or not adapter_name:
             raise UserError(f"--adapter {adapter_name!r}=...: that name is reserved or empty; choose another.")
+    for directory, label in given.values():
+        check_adapter_dir(directory, label)
     model, tokenizer = load_model(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # left padding needs some id; masked out, its value is unseen
-    if adapters:
-        model = _attach_adapters(model, adapters)
+    if given:
+        model = _attach_adapters(model, given)
     model.eval().requires_grad_(False)
-    return ServedModels(model=model, tokenizer=tokenizer, base_name=base_name, adapter_dirs=adapters, base_dir=base_dir)
+    adapter_dirs = {adapter_name: directory for adapter_name, (directory, _) in given.items()}
+    return ServedModels(model=model, tokenizer=tokenizer, base_name=base_name, adapter_dirs=adapter_dirs,
+                        base_dir=base_dir)
+
+
+def check_served_files(model_dir: str | Path, adapters: Optional[Mapping[str, str | Path]] = None) -> None:
+    """Refuse (``UserError``) a damaged checkpoint or adapter before anything binds a port or loads: the checks
+    of ``validate_checkpoint_dir`` and ``check_adapter_dir``, in pure Python (no torch)."""
+    base_dir, implied_adapter = resolve_model_dir(Path(model_dir))
+    validate_checkpoint_dir(base_dir)
+    for directory, label in _given_adapters(implied_adapter, adapters).values():
+        check_adapter_dir(directory, label)
+
+
+def check_adapter_dir(directory: Path, label: str) -> Dict[str, Any]:
+    """The parsed ``adapter_config.json`` of the PEFT adapter in ``directory``, after checking that its weights
+    are there and whole (as ``validate_checkpoint_dir`` checks a model's); ``label`` says how the user gave it."""
+    try:
+        config = json.loads((directory / ADAPTER_CONFIG).read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UserError(f"{label}: no {ADAPTER_CONFIG} there. Give a PEFT adapter directory "
+                        "(what technique=lora writes to <run>/<stage>/adapter).") from None
+    except (OSError, UnicodeDecodeError, ValueError, RecursionError) as error:
+        problem = "nested too deeply to parse" if isinstance(error, RecursionError) else str(error)
+        raise UserError(f"{label}: {ADAPTER_CONFIG} could not be parsed ({problem}). Save the adapter again "
+                        "(PEFT's save_pretrained) or copy the file again from where it was trained.") from None
+    if not isinstance(config, dict):
+        raise UserError(f"{label}: {ADAPTER_CONFIG} is not a JSON object. Save the adapter again (PEFT's "
+                        "save_pretrained).")
+    weights = _adapter_weights(directory)
+    if weights is None:
+        raise UserError(f"{label}: no {' or '.join(ADAPTER_WEIGHTS)} beside {ADAPTER_CONFIG}. Give the whole "
+                        "adapter directory that PEFT's save_pretrained wrote.")
+    problem = safetensors_problem(weights)[0] if weights.suffix == ".safetensors" else torch_archive_problem(weights)
+    if problem:
+        raise UserError(f"{label}: {weights.name} is truncated or corrupt ({problem}). Copy that file again from "
+                        "where the adapter was trained, or train the adapter again.")
+    return config
+
+
+def _adapter_weights(directory: Path) -> Optional[Path]:
+    return next((directory / name for name in ADAPTER_WEIGHTS if (directory / name).is_file()), None)
+
+
+def _given_adapters(implied_adapter: Optional[Path],
+                    adapters: Optional[Mapping[str, str | Path]]) -> Dict[str, Tuple[Path, str]]:
+    """{served name: (adapter directory, how the user gave it)}: the adapter MODEL_DIR is, if it is one (named
+    after its directory, or its stage's for ``<stage>/adapter``), then the ``--adapter`` ones."""
+    given: Dict[str, Tuple[Path, str]] = {}
+    if implied_adapter is not None:
+        implied_name = implied_adapter.parent.name if implied_adapter.name == "adapter" else implied_adapter.name
+        given[implied_name] = (implied_adapter, f"MODEL_DIR={implied_adapter}")
+    for adapter_name, path in (adapters or {}).items():
+        given[adapter_name] = (Path(path), f"--adapter {adapter_name}={path}")
+    return given
 
 
 def resolve_model_dir(path: Path) -> Tuple[Path, Optional[Path]]:
@@ -108,7 +167,8 @@ def resolve_model_dir(path: Path) -> Tuple[Path, Optional[Path]]:
     if (path / "model" / "config.json").is_file():
         return path / "model", None
     if (path / ADAPTER_CONFIG).is_file():
-        base = _adapter_base(path)
+        recorded = check_adapter_dir(path, f"MODEL_DIR={path}").get("base_model_name_or_path")
+        base = Path(recorded) if isinstance(recorded, str) and recorded else None
         if base is None or not (base / "config.json").is_file():
             raise UserError(
                 f"MODEL_DIR={path} is a LoRA adapter whose base ({base or 'not recorded'}) is not a checkpoint "
@@ -127,39 +187,46 @@ def resolve_model_dir(path: Path) -> Tuple[Path, Optional[Path]]:
     )
 
 
-def _adapter_base(adapter_dir: Path) -> Optional[Path]:
-    try:
-        recorded = json.loads((adapter_dir / ADAPTER_CONFIG).read_text()).get("base_model_name_or_path")
-    except (OSError, ValueError):
-        return None
-    return Path(recorded) if recorded else None
-
-
 def _default_name(base_dir: Path) -> str:
     """The checkpoint directory's name, or its stage's for ``<stage>/model`` (``model`` says nothing)."""
     directory = base_dir.resolve()
     return directory.parent.name if directory.name == "model" else directory.name
 
 
-def _attach_adapters(model, adapters: Mapping[str, Path]):
-    """One ``PeftModel`` holding every adapter under its served name (none active: each request picks its own)."""
+def _attach_adapters(model, adapters: Mapping[str, Tuple[Path, str]]):
+    """One ``PeftModel`` holding every adapter under its served name (none active: each request picks its own).
+
+    Loaded as checkpoints are (``weights_only_loading``): a pickled ``adapter_model.bin`` gives tensors or is
+    refused, never runs code, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
+    """
+    import pickle
+
     from peft import PeftModel
 
+    from llmexp.models import weights_only_loading
+
     peft_model = None
-    for adapter_name, adapter_dir in adapters.items():
-        if not (adapter_dir / ADAPTER_CONFIG).is_file():
-            raise UserError(
-                f"--adapter {adapter_name}={adapter_dir}: no {ADAPTER_CONFIG} there. Give a PEFT adapter directory "
-                "(what technique=lora writes to <run>/<stage>/adapter)."
-            )
+    for adapter_name, (adapter_dir, label) in adapters.items():
+        weights = _adapter_weights(adapter_dir)
         try:
-            if peft_model is None:
-                peft_model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name)
-            else:
-                peft_model.load_adapter(str(adapter_dir), adapter_name=adapter_name)
-        except (OSError, ValueError, KeyError, RuntimeError) as error:
+            with weights_only_loading():
+                if peft_model is None:
+                    peft_model = PeftModel.from_pretrained(model, str(adapter_dir), adapter_name=adapter_name)
+                else:
+                    peft_model.load_adapter(str(adapter_dir), adapter_name=adapter_name)
+        except pickle.UnpicklingError as error:
+            if "Weights only load failed" not in str(error):  # torch's words for a refused global; else damage
+                raise _unloadable(label, weights, error) from None
             raise UserError(
-                f"--adapter {adapter_name}={adapter_dir} could not be loaded onto the base model: "
-                f"{' '.join(str(error).split())[:400]} Give an adapter trained on this base."
+                f"{label}: {weights.name} holds Python objects besides tensors, which could run code when loaded; "
+                "llmexp loads adapters with weights_only=True and never runs code from them. Take the adapter from "
+                "a source you trust, or save it again: PEFT's save_pretrained writes adapter_model.safetensors."
             ) from None
+        except Exception as error:  # whatever a file of the directory makes PEFT or torch raise is bad input
+            raise _unloadable(label, weights, error) from None
     return peft_model
+
+
+def _unloadable(label: str, weights: Path, error: Exception) -> UserError:
+    return UserError(f"{label}: {weights.name} could not be loaded onto the base model ({type(error).__name__}: "
+                     f"{' '.join(str(error).split())[:400]}). Give an adapter trained on this base, saved whole.")

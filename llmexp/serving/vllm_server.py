@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 from llmexp.backends import importable
 from llmexp.errors import UserError
 from llmexp.models import MODELOPT_STATE
-from llmexp.serving.served_models import ADAPTER_CONFIG, resolve_model_dir
+from llmexp.serving.served_models import check_adapter_dir, resolve_model_dir
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
 EXPORT_DIR = "export"  # where the quantize stage writes ModelOpt's unified HF export (plugins/quantize/ptq.py)
@@ -44,7 +44,6 @@ VLLM_MODELOPT_METHODS = {
 
 # --max-lora-rank takes one of these (vLLM's LoRAConfig); 1 is missing from older releases, so it is left out
 VLLM_LORA_RANKS = (8, 16, 32, 64, 128, 256, 320, 512)
-ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")
 WEIGHT_PATTERNS = ("*.safetensors", "model.safetensors.index.json", "pytorch_model*.bin")
 
 
@@ -170,17 +169,11 @@ def lora_rank(adapter_name: str, adapter_dir: Path, base_name: str) -> int:
     if adapter_name == base_name:
         raise UserError(f"{given}: the name {adapter_name!r} is the base model's served name; give the adapter "
                         "another name, or the base one with --name.")
-    if not (adapter_dir / ADAPTER_CONFIG).is_file():
-        raise UserError(f"{given}: no {ADAPTER_CONFIG} there. Give a PEFT LoRA adapter directory "
-                        "(what technique=lora writes to <run>/<stage>/adapter).")
-    config = _read_json(adapter_dir / ADAPTER_CONFIG)
+    config = check_adapter_dir(adapter_dir, given)
     kind = config.get("peft_type")
     if kind != "LORA":
         raise UserError(f"{given} is a PEFT {kind or 'untyped'} adapter; vLLM serves LoRA adapters only. "
                         "Give a LoRA adapter (technique=lora), or merge this one into the model and serve that.")
-    if not any((adapter_dir / weights).is_file() for weights in ADAPTER_WEIGHTS):
-        raise UserError(f"{given}: no {' or '.join(ADAPTER_WEIGHTS)} beside {ADAPTER_CONFIG}. Give the whole "
-                        "adapter directory that PEFT's save_pretrained wrote.")
     rank = config.get("r")
     if not isinstance(rank, int) or rank < 1 or rank > VLLM_LORA_RANKS[-1]:
         raise UserError(f"{given}: its rank r={rank!r} is not one vLLM serves (a whole number from 1 to "
