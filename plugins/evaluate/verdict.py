@@ -158,6 +158,8 @@ def judge(job: dict) -> dict:
         try:
             launched = isolation.launch(argv, _environment(home), fds, confinement, isolated, home)
         except isolation.IsolationError as error:
+            os.close(calls_w)
+            os.close(replies_r)
             return {"status": "isolation_failed", "detail": error.strerror or str(error)}
         finally:
             for fd in (devnull, calls_r, replies_w):
