@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List
 from llmexp import plugin_manager
 from llmexp.checkpoint import model_numbers_from_hf_config, read_hf_config, validate_checkpoint_dir
 from llmexp.errors import UserError
-from llmexp.pipeline import stage_nodes
+from llmexp.pipeline import input_stage, stage_nodes
 
 GIB = 2**30
 
@@ -183,6 +183,7 @@ def make_plan(cfg) -> Plan:
     """
     problems: List[str] = []
     model = model_numbers(cfg, problems)
+    problems += embedded_vocabulary_problem(cfg)
     precision = _value(cfg.precision)
     layout = {name: int(cfg.parallelism[name]) for name in LAYOUT_FIELDS}
     problems += layout_problems(cfg, layout)
@@ -252,6 +253,47 @@ def model_numbers(cfg, problems: List[str]) -> Dict[str, Any]:
         if str(error) not in problems:
             problems.append(str(error))
         return numbers
+
+
+def stage_architectures(cfg) -> Dict[str, tuple]:
+    """``(input, output)`` architecture numbers of each stage by key: the run's model (``model_numbers``) as the
+    stages before it change it (``Technique.made_architecture``), along ``pipeline.inputs`` or the latest model.
+
+    A stage whose technique makes no model hands on nothing; its output is its input.
+    """
+    made: Dict[str, Dict[str, Any]] = {}
+    shapes: Dict[str, tuple] = {}
+    start, latest = model_numbers(cfg, []), None  # a broken model.path is reported by make_plan
+    for key, node in stage_nodes(cfg, strict=False):
+        cls = plugin_manager.technique(node.name)
+        numbers = made.get(input_stage(cfg, key) or latest, start)
+        shapes[key] = (numbers, cls.made_architecture(node, numbers) if cls.produces_model else numbers)
+        if cls.produces_model:
+            made[key], latest = shapes[key][1], key
+    return shapes
+
+
+def embedded_vocabulary_problem(cfg) -> List[str]:
+    """A model built from scratch (``model.path`` unset) gets the embedded world's word-level tokenizer, whose size
+    grows with ``data.num_people``; ``model.vocab_size`` must hold it (``llmexp.models.build_model`` refuses less)."""
+    from llmexp.data.embedded import build_world
+    from llmexp.data.tokenizer import SPECIAL_TOKENS
+
+    makers = [node for _, node in stage_nodes(cfg, strict=False) if plugin_manager.technique(node.name).produces_model]
+    if cfg.model.path or not makers:
+        return []
+    tokens = len(SPECIAL_TOKENS) + len(build_world(cfg.data.seed, cfg.data.num_people).vocabulary())
+    problem = vocabulary_problem(cfg.model.vocab_size, tokens, "the embedded tokenizer's")
+    return [f"{problem} The embedded world's words grow with data.num_people={cfg.data.num_people}; fewer people "
+            "need fewer tokens."] if problem else []
+
+
+def vocabulary_problem(vocab_size: int, tokens: int, tokenizer: str = "the tokenizer's") -> str | None:
+    """The refusal of a model with ``vocab_size`` embedding rows for a tokenizer of ``tokens`` tokens, or None."""
+    if tokens <= vocab_size:
+        return None
+    return (f"model.vocab_size={vocab_size} is smaller than {tokenizer} {tokens} tokens; set model.vocab_size="
+            f"{-(-tokens // 64) * 64} or more.")
 
 
 # ---------------------------------------------------------------- memory per device

@@ -91,6 +91,13 @@ class Technique:
         return getattr(importlib.import_module(module), function)(ctx)
 
     @classmethod
+    def made_architecture(cls, node, numbers: Dict[str, Any]) -> Dict[str, Any]:
+        """Architecture numbers (``llmexp.planner.architecture``) of the model this stage makes from one with
+        ``numbers``: the same unless the technique changes the shape (pruning). The planner follows them through
+        the pipeline, so each stage is checked against the model it will receive. Pure Python."""
+        return numbers
+
+    @classmethod
     def machine_problems(cls, config, node, field: str) -> List[str]:
         """What this machine lacks to run the stage at ``field`` (a package, a GPU), one paragraph each.
 

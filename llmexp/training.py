@@ -34,6 +34,7 @@ from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tupl
 
 from llmexp import console, distributed
 from llmexp.errors import UserError
+from llmexp.pipeline import stage_node_path
 from llmexp.results import redact_secrets
 from llmexp.technique import StageContext, Technique, TechniqueConfig
 
@@ -144,7 +145,7 @@ def train(
 
     cfg, tcfg = ctx.config, ctx.stage_config
     lead = distributed.is_rank_zero()
-    _check(tcfg, ctx.stage_name, train_data, val_data)
+    _check(tcfg, stage_node_path(ctx), train_data, val_data)
     if lead:
         ctx.stage_dir.mkdir(parents=True, exist_ok=True)
     torch.set_flush_denormal(True)  # denormals in tiny models' grads cost up to 10x on CPU
@@ -222,7 +223,7 @@ def _train_on_megatron(ctx, model, train_data, collate, val_data, shuffle, extra
         raise UserError(
             f"{ctx.stage_name}: technique={ctx.stage_config.name} needs frozen helper models or step callbacks, which "
             "backend=megatron does not run; use backend=torch for it.")
-    _check(ctx.stage_config, ctx.stage_name, train_data, val_data)
+    _check(ctx.stage_config, stage_node_path(ctx), train_data, val_data)
     return megatron_train.train(ctx, model, train_data, collate, val_data, shuffle)
 
 
@@ -413,17 +414,24 @@ def training_problems(node, key: str = "technique", min_steps: int = 1) -> List[
     return problems
 
 
-def _check(tcfg, stage_name: str, train_data: Sequence, val_data: Optional[Sequence]) -> None:
-    problems = training_problems(tcfg)  # max_steps=0 never reaches the loop: techniques taking it return first
+def validation_problem(node, key: str) -> str:
+    """The refusal of ``<key>.val_every`` on a stage that has no validation examples (``key``: where ``node`` sits)."""
+    return (
+        f"{key}.val_every={node.val_every} asks for validation, but {node.name} has no validation examples: sft, lora "
+        "and dpo validate on data.validation_path or a data.validation_split share of their records, while pretrain, "
+        f"cpt and distill read no validation set; give it validation data or set {key}.val_every=0."
+    )
+
+
+def _check(tcfg, key: str, train_data: Sequence, val_data: Optional[Sequence]) -> None:
+    problems = training_problems(tcfg, key)  # max_steps=0 never reaches the loop: techniques taking it return first
     if problems:
         raise UserError(" ".join(problems))
     if len(train_data) == 0:
-        raise UserError(f"{stage_name} has no training examples; check the data.* settings that select them.")
+        raise UserError(f"{key} (technique={tcfg.name}) has no training examples; check the data.* settings that "
+                        "select them.")
     if tcfg.val_every and not _has_examples(val_data):
-        raise UserError(
-            f"technique.val_every={tcfg.val_every} asks for validation, but {stage_name} has no validation examples; "
-            "give it validation data (data.validation_path or data.validation_split) or set technique.val_every=0."
-        )
+        raise UserError(validation_problem(tcfg, key))
 
 
 def _has_examples(data: Optional[Sequence]) -> bool:

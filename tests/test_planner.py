@@ -385,3 +385,50 @@ def test_planning_imports_no_torch(tmp_path):
                             timeout=120)
     assert result.returncode == 0, result.stderr
     assert result.stdout.strip() == "[]"
+
+
+# ---------------------------------------------------------------- refusals a stage would make at its start
+
+
+@pytest.mark.parametrize("overrides, refusal", [
+    (["hardware=h100", "precision=fp8"], "precision=fp8 is not available for training on the torch backend"),
+    (["data=jsonl", "data.path=x.jsonl"], "technique=pretrain trains on raw text: data=embedded or data=text"),
+    (["technique.val_every=10"], "technique.val_every=10 asks for validation, but pretrain has no validation examples"),
+    (["data.num_people=100"], "model.vocab_size=256 is smaller than the embedded tokenizer's 275 tokens; set "
+                              "model.vocab_size=320 or more."),
+    (["pipeline=compress", "pipeline.nodes.width_prune.hidden_size=96", "pipeline.nodes.width_distill.hidden_weight=1"],
+     "pipeline.nodes.width_distill.hidden_weight=1.0 compares last hidden states, but the teacher's hidden size is "
+     "128 and the student's 96"),
+    (["pipeline=compress", "pipeline.nodes.prune.method=width", "pipeline.nodes.prune.hidden_size=96",
+      "pipeline.nodes.distill_fp8.format=int4_awq", "pipeline.nodes.distill_fp8.group_size=64"],
+     "pipeline.nodes.distill_fp8.group_size=64 does not divide the input width of every linear layer of the model "
+     "(hidden_size=96,"),
+])
+def test_what_a_stage_refuses_at_its_start_the_plan_refuses(overrides, refusal):
+    assert refusal in " ".join(plan_of(*overrides).problems)
+
+
+def test_validation_without_validation_records_is_refused(tmp_path):
+    data = tmp_path / "train.jsonl"
+    data.write_text("".join(json.dumps({"prompt": f"q{i}", "completion": f"a{i}"}) + "\n" for i in range(4)))
+    base = write_checkpoint(tmp_path / "base", {
+        "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128,
+        "num_hidden_layers": 2, "num_attention_heads": 4, "num_key_value_heads": 2})
+    lora = ["technique=lora", f"model.path={base}", "data=jsonl", f"data.path={data}"]
+    assert plan_of(*lora, "data.validation_split=0").problems == [
+        "technique.val_every=50 asks for validation, but lora has no validation examples: sft, lora and dpo validate "
+        "on data.validation_path or a data.validation_split share of their records, while pretrain, cpt and distill "
+        "read no validation set; give it validation data or set technique.val_every=0."]
+    assert plan_of(*lora, "data.validation_split=0.25").problems == []
+    # the customize pipeline's base is pretrained on raw text, which data=jsonl is not
+    assert "technique=pretrain trains on raw text" in only(
+        plan_of("pipeline=customize", "data=jsonl", f"data.path={data}").problems, "raw text")
+
+
+def test_fp8_training_on_the_torch_backend_stops_before_anything_is_written(tmp_path):
+    from .conftest import run_llmexp
+
+    result = run_llmexp("technique=pretrain", "hardware=h100", "precision=fp8", cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert "precision=fp8 is not available for training on the torch backend" in result.stderr
+    assert list(tmp_path.iterdir()) == []

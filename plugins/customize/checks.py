@@ -12,7 +12,7 @@ from typing import List
 from llmexp.data.instructions import instruction_data
 from llmexp.data.preference import preference_data
 from llmexp.errors import UserError
-from llmexp.training import training_problems
+from llmexp.training import training_problems, validation_problem
 
 # What each technique reads from the `data` group.
 DATA_READERS = {"sft": instruction_data, "lora": instruction_data, "dpo": preference_data}
@@ -22,9 +22,11 @@ def stage_problems(config, node, key: str, first: bool) -> List[str]:
     """Problems of the customization stage ``key`` (``first``: no stage before it makes a model)."""
     problems = training_problems(node, key) + numbers_problems(node, key)
     try:
-        train, _ = DATA_READERS[node.name](config.data)
+        train, validation = DATA_READERS[node.name](config.data)
         if not train:
             problems.append(f"{key}: the training data holds no examples; check data.path and data.validation_split.")
+        if node.val_every and not validation:
+            problems.append(validation_problem(node, key))
     except UserError as error:
         problems.append(str(error))
     if first and not config.model.path and config.data.name != "embedded":

@@ -66,33 +66,49 @@ def llmexp_techniques():
 def llmexp_plan_problems(config, plan):
     """Checks every distill stage of the pipeline, its teacher and its data, before the run starts."""
     from llmexp.pipeline import node_path, stage_nodes
+    from llmexp.planner import stage_architectures
 
     stages = stage_nodes(config, strict=False)
+    if not any(node.get("name") == Distill.name for _, node in stages):
+        return []
+    shapes = stage_architectures(config)
     return [
         problem
         for index, (key, node) in enumerate(stages)
         if node.get("name") == Distill.name
-        for problem in stage_problems(config, node, node_path(key), stages[:index])
+        for problem in stage_problems(config, node, node_path(key), stages[:index], shapes, key)
     ]
 
 
-def stage_problems(config, node, key: str, earlier) -> List[str]:
-    """Problems of the distill node at ``key``; ``earlier``: the ``(key, node)`` of the stages before it."""
-    from llmexp.training import training_problems
+def stage_problems(config, node, field: str, earlier, shapes, key: str) -> List[str]:
+    """Problems of the distill node at ``field`` (stage ``key``); ``earlier``: the ``(key, node)`` of the stages
+    before it; ``shapes``: each stage's input and output architecture (``llmexp.planner.stage_architectures``)."""
+    from llmexp.training import training_problems, validation_problem
 
-    problems = training_problems(node, key) + _numbers_problems(node, key) + _data_problems(config, key)
-    teacher, makers = node.teacher, _model_makers(earlier)
+    problems = training_problems(node, field) + _numbers_problems(node, field) + _data_problems(config, field)
+    if node.val_every:
+        problems.append(validation_problem(node, field))
+    teacher, makers, student = node.teacher, _model_makers(earlier), shapes[key][0]
     if bool(teacher.path) == bool(teacher.stage):
         problems.append(
-            f"{key}.teacher sets {'both' if teacher.path else 'neither'} of teacher.path and teacher.stage; set "
-            f"exactly one: {key}.teacher.path=<the teacher's checkpoint directory> or {key}.teacher.stage=<an "
+            f"{field}.teacher sets {'both' if teacher.path else 'neither'} of teacher.path and teacher.stage; set "
+            f"exactly one: {field}.teacher.path=<the teacher's checkpoint directory> or {field}.teacher.stage=<an "
             "earlier stage of the pipeline whose model teaches>."
         )
     elif teacher.stage:
-        problems += _teacher_stage_problems(teacher.stage, key, makers)
+        found = _teacher_stage_problems(teacher.stage, field, makers)
+        if not found and teacher.stage in shapes:
+            found = _hidden_size_problems(node, field, shapes[teacher.stage][1], student)
+        problems += found
     else:
-        problems += _teacher_path_problems(config, node, key, first=not makers)
+        problems += _teacher_path_problems(config, node, field, student)
     return problems
+
+
+def _hidden_size_problems(node, field: str, teacher, student) -> List[str]:
+    if node.hidden_weight > 0 and teacher["hidden_size"] != student["hidden_size"]:
+        return [hidden_size_mismatch(field, node, teacher["hidden_size"], student["hidden_size"])]
+    return []
 
 
 def teacher_path_error(error, key: str) -> str:
@@ -163,16 +179,12 @@ def _teacher_stage_problems(stage: str, key: str, makers: List[str]) -> List[str
     ]
 
 
-def _teacher_path_problems(config, node, key: str, first: bool) -> List[str]:
-    """A valid checkpoint whose vocabulary (and hidden size, for ``hidden_weight``) match the student's.
-
-    The student's numbers are the run's model (``model.path`` or the preset); after an earlier
-    stage that makes a model they may have changed, and only the vocabulary, which no stage
-    changes, is compared then.
-    """
+def _teacher_path_problems(config, node, key: str, student) -> List[str]:
+    """A valid checkpoint whose vocabulary (and hidden size, for ``hidden_weight``) match the ``student``'s numbers:
+    those of the model the stage receives."""
     from llmexp.checkpoint import model_numbers_from_hf_config, read_hf_config, validate_checkpoint_dir
     from llmexp.errors import UserError
-    from llmexp.planner import architecture, model_numbers
+    from llmexp.planner import architecture
 
     path = node.teacher.path
     if not Path(path).is_dir():
@@ -185,7 +197,6 @@ def _teacher_path_problems(config, node, key: str, first: bool) -> List[str]:
         teacher = architecture(model_numbers_from_hf_config(read_hf_config(path)))
     except UserError as error:
         return [teacher_path_error(error, key)]
-    student = model_numbers(config, [])  # a bad model.path is the planner's own problem
     if teacher["vocab_size"] != student["vocab_size"]:
         return [vocabulary_mismatch(
             key, node.teacher, f"{teacher['vocab_size']} token ids against the student's {student['vocab_size']}"
@@ -195,9 +206,7 @@ def _teacher_path_problems(config, node, key: str, first: bool) -> List[str]:
         return [vocabulary_mismatch(
             key, node.teacher, f"its tokenizer.json maps tokens to other ids than model.path={config.model.path}'s"
         )]
-    if first and node.hidden_weight > 0 and teacher["hidden_size"] != student["hidden_size"]:
-        return [hidden_size_mismatch(key, node, teacher["hidden_size"], student["hidden_size"])]
-    return []
+    return _hidden_size_problems(node, key, teacher, student)
 
 
 def _tokenizer_vocabulary(path):

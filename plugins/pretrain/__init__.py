@@ -57,18 +57,23 @@ def llmexp_techniques():
 
 @hookimpl
 def llmexp_plan_problems(config, plan):
-    """Each pretrain/cpt stage's settings, and a ``data=text`` run's files, checked before the run starts."""
-    from llmexp.data.text import read_text_documents
-    from llmexp.errors import UserError
+    """Each pretrain/cpt stage's settings, and the raw text it reads (``data=text``'s files), checked before the run."""
+    from llmexp.data.text import raw_text_problems
     from llmexp.pipeline import node_path, stage_nodes
-    from llmexp.training import training_problems
+    from llmexp.training import training_problems, validation_problem
 
     stages = [(key, node) for key, node in stage_nodes(config, strict=False) if node.name in ("pretrain", "cpt")]
-    problems = [problem for key, node in stages
-                for problem in training_problems(node, node_path(key), min_steps=0 if node.name == "pretrain" else 1)]
-    if stages and config.data.name == "text":
-        try:
-            read_text_documents(config.data.paths)
-        except UserError as error:
-            problems.append(str(error))
+    problems = []
+    for key, node in stages:
+        problems += training_problems(node, node_path(key), min_steps=0 if node.name == "pretrain" else 1)
+        if node.val_every and node.max_steps:  # max_steps=0 passes the model on without training
+            problems.append(validation_problem(node, node_path(key)))
+    if stages:
+        problems += raw_text_problems(config.data, raw_text_refusal(stages[0][1].name, config.data.name))
     return problems
+
+
+def raw_text_refusal(technique: str, data: str) -> str:
+    """Why ``technique`` (pretrain, cpt, distill: the loop in ``loop.py``) cannot train on ``data=<data>``."""
+    return (f"technique={technique} trains on raw text: data=embedded or data=text (data.paths=[...]); data={data} "
+            "holds instructions or pairs (technique=sft, lora or dpo read those).")

@@ -12,8 +12,10 @@ from typing import Tuple
 import torch
 
 from llmexp.data.blocks import raw_text_blocks
+from llmexp.data.text import RAW_TEXT_DATA
 from llmexp.errors import UserError
 from llmexp.models import base_model, input_model, model_stats, new_embedded_model, starting_model, trained_model_result
+from llmexp.plugins.pretrain import raw_text_refusal
 from llmexp.technique import ModelArtifact, StageContext, StageResult
 from llmexp.training import LossOutput, train
 
@@ -66,9 +68,6 @@ def training_blocks(ctx: StageContext, tokenizer) -> Tuple[torch.Tensor, bool]:
     Shared with distillation, which reads the same data as pretraining.
     """
     cfg, tcfg = ctx.config, ctx.stage_config
-    if cfg.data.name in ("embedded", "text"):
+    if cfg.data.name in RAW_TEXT_DATA:
         return raw_text_blocks(cfg.data, tokenizer, tcfg.max_steps * cfg.parallelism.global_batch)
-    raise UserError(
-        f"technique={tcfg.name} trains on raw text: data=embedded or data=text (data.paths=[...]); "
-        f"data={cfg.data.name} holds instructions or pairs (technique=sft, lora or dpo read those)."
-    )
+    raise UserError(raw_text_refusal(tcfg.name, cfg.data.name))

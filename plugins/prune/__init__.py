@@ -56,6 +56,13 @@ class Prune(Technique):
 
     entry = "llmexp.plugins.prune.surgery:prune"
 
+    @classmethod
+    def made_architecture(cls, node, numbers: Dict[str, Any]) -> Dict[str, Any]:
+        """The pruned sizes (``llmexp.planner.pruned_numbers``); an unknown method changes nothing (it is refused)."""
+        from llmexp.planner import pruned_numbers
+
+        return pruned_numbers(numbers, node) if node.method in METHODS else numbers
+
 
 @hookimpl
 def llmexp_techniques():
@@ -65,25 +72,16 @@ def llmexp_techniques():
 @hookimpl
 def llmexp_plan_problems(config, plan):
     """Checks every prune stage against the architecture it receives (an earlier prune stage's output included)."""
-    from llmexp import plugin_manager
-    from llmexp.pipeline import input_stage, node_path, stage_nodes
-    from llmexp.planner import model_numbers, pruned_numbers
+    from llmexp.pipeline import node_path, stage_nodes
+    from llmexp.planner import stage_architectures
 
-    stages = stage_nodes(config, strict=False)
-    if not any(node.get("name") == Prune.name for _, node in stages):
+    stages = [(key, node) for key, node in stage_nodes(config, strict=False) if node.get("name") == Prune.name]
+    if not stages:
         return []
+    shapes = stage_architectures(config)
     problems = architecture_problems(config)
-    after: Dict[str, Dict[str, Any]] = {}  # architecture numbers of each stage's output
-    start, latest = model_numbers(config, []), None  # the planner itself reports a broken model.path
     for key, node in stages:
-        numbers = after.get(input_stage(config, key) or latest, start)
-        if node.get("name") == Prune.name:
-            found = stage_problems(config, node, node_path(key), numbers)
-            problems += found
-            numbers = numbers if found else pruned_numbers(numbers, node)
-        after[key] = numbers
-        if plugin_manager.technique(node.name).produces_model:
-            latest = key
+        problems += stage_problems(config, node, node_path(key), shapes[key][0])
     return problems
 
 

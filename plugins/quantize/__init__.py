@@ -74,18 +74,18 @@ def llmexp_techniques():
 
 @hookimpl
 def llmexp_plan_problems(config, plan):
-    """Checks every quantize stage: format, hardware, group size against the model, calibration data."""
+    """Checks every quantize stage: format, hardware, group size against the model it receives, calibration data."""
     from llmexp.pipeline import node_path, stage_nodes
-    from llmexp.planner import model_numbers
+    from llmexp.planner import stage_architectures
 
     stages = [(index, key, node) for index, (key, node) in enumerate(stage_nodes(config, strict=False))
               if node.get("name") == Quantize.name]
     if not stages:
         return []
-    numbers = model_numbers(config, [])  # the planner reports a broken model.path itself
+    shapes = stage_architectures(config)  # each stage's input model, pruned or not
     problems: List[str] = []
     for index, key, node in stages:
-        problems += stage_problems(config, node, node_path(key), numbers, first=index == 0)
+        problems += stage_problems(config, node, node_path(key), shapes[key][0], first=index == 0)
     return problems
 
 
