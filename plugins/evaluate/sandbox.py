@@ -34,7 +34,9 @@ What holds, and on what (tests in ``tests/test_code_execution.py`` run each atta
 
 Not guaranteed: the program runs in the same kernel (a kernel bug reachable through the
 allowed system calls is a way out, as for any container); it can read what the view
-shows (system files, the interpreter's libraries) and spend its limits; and checks that
+shows (system files, the interpreter's libraries) and spend its limits (memory is capped
+per process, so its processes together may hold ``processes`` x ``memory_mb``: a cgroup
+would cap the sum, and needs a delegated cgroup this does not assume); and checks that
 the program satisfies are only as strong as the checks (the verdict says they returned,
 not that they tested much). It changes one thing from the usual single-process harness:
 the function's arguments and results cross a process boundary, so a function that only
