@@ -90,6 +90,23 @@ class FP8Recipe(Choice):
     blockwise = "blockwise"
 
 
+class DataKind(Choice):
+    """What ``data`` reads; see ``DataConfig``."""
+
+    embedded = "embedded"
+    text = "text"
+    jsonl = "jsonl"
+    preference = "preference"
+
+
+class TrackerKind(Choice):
+    """Where a run's results are mirrored (``llmexp.tracking.TRACKERS``)."""
+
+    none = "none"
+    wandb = "wandb"
+    mlflow = "mlflow"
+
+
 class WandbMode(Choice):
     online = "online"
     offline = "offline"
@@ -195,7 +212,7 @@ class DataConfig:
     ``preference`` read the user's files.
     """
 
-    name: str = MISSING  # embedded | text | jsonl | preference
+    name: DataKind = MISSING
     seed: int = 0
     seq_len: int = 64  # training block length; sft/lora/dpo examples are cut to it
     # embedded world: people with five attributes each, and arithmetic word problems
@@ -215,7 +232,7 @@ class DataConfig:
 class TrackerConfig:
     """Experiment tracker mirroring results.json; ``none`` keeps only the run directory."""
 
-    name: str = MISSING
+    name: TrackerKind = MISSING
     project: str = "llmexp"
     mode: Optional[WandbMode] = None  # wandb; None: WANDB_MODE, else offline when WANDB_API_KEY is unset
     uri: Optional[str] = None  # mlflow tracking URI (default: sqlite:///mlflow.db in the working directory)

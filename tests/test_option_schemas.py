@@ -7,7 +7,8 @@ import pytest
 from llmexp.backends import TRAINING_BACKENDS
 from llmexp.config import compose_config
 from llmexp.errors import UserError
-from llmexp.schema import BACKEND_OPTIONS
+from llmexp.schema import BACKEND_OPTIONS, TrackerKind
+from llmexp.tracking import TRACKERS
 
 from .conftest import run_llmexp
 
@@ -44,6 +45,9 @@ def test_a_key_of_another_option_names_the_option_that_has_it(overrides, message
     (["tracker=wandb", "tracker.mode=onlin"], "tracker.mode=onlin is not one of its choices; choose one of online, "
      "offline, disabled."),
     (["precision=fp9"], "precision=fp9 is not one of its choices; choose one of fp32, bf16, fp16, fp8, fp4."),
+    (["tracker.name=tensorboard"], "tracker.name=tensorboard is not one of its choices; choose one of none, wandb, "
+     "mlflow."),
+    (["data.name=csv"], "data.name=csv is not one of its choices; choose one of embedded, text, jsonl, preference."),
 ])
 def test_a_value_outside_a_closed_choice_lists_the_allowed_values(overrides, message):
     with pytest.raises(UserError) as error:
@@ -69,7 +73,7 @@ def test_each_option_composes_with_only_its_own_keys():
     assert list(torch_backend) == ["name"]
     assert megatron.transformer_impl == "local" and f"{megatron.transformer_impl}" == "local"
     assert compose_config(["technique@evaluation=lora"]).evaluation.rank == 16  # choosing the option brings its keys
-    assert set(BACKEND_OPTIONS) == set(TRAINING_BACKENDS)
+    assert set(BACKEND_OPTIONS) == set(TRAINING_BACKENDS) and {kind.value for kind in TrackerKind} == set(TRACKERS)
 
 
 def test_the_command_refuses_a_leaked_key_before_writing_anything(tmp_path):

@@ -432,3 +432,15 @@ def test_fp8_training_on_the_torch_backend_stops_before_anything_is_written(tmp_
     assert result.returncode == 2
     assert "precision=fp8 is not available for training on the torch backend" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+def test_a_text_perplexity_window_longer_than_the_model_context_is_refused(tmp_path):
+    document = tmp_path / "doc.txt"
+    document.write_text("a few words of text\n")
+    model = write_checkpoint(tmp_path / "model", {
+        "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2, "max_position_embeddings": 256})
+    task = f"technique.tasks=[{{type: text_perplexity, path: {document}, max_length: 512}}]"
+    assert plan_of("technique=evaluate", f"model.path={model}", task).problems == [
+        f"max_length=512 of the text_perplexity task on {document} exceeds the model's context of 256 tokens; lower "
+        "it to 256 or less (or leave it out: the model's context)."]

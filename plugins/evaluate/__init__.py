@@ -179,6 +179,7 @@ def llmexp_plan_problems(config, plan):
     """Checks the evaluate stages this run includes: task names, numbers, the GSM8K file."""
     from llmexp.pipeline import node_path, stage_nodes
 
+    from llmexp.checkpoint import context_length
     from llmexp.plugins.evaluate.paired import missing_tasks_problem
 
     problems: List[str] = []
@@ -188,7 +189,7 @@ def llmexp_plan_problems(config, plan):
             continue
         if index == 0 and not OmegaConf.select(config, "model.path", default=None):
             problems.append(_NO_MODEL.format(stage=key))
-        problems += config_problems(node, node_path(key))
+        problems += config_problems(node, node_path(key)) or _window_problems(node, context_length(config))
         baseline = node.get("baseline")
         if baseline and baseline not in evaluations:
             problems.append(
@@ -201,6 +202,15 @@ def llmexp_plan_problems(config, plan):
                 problems.append(missing_tasks_problem(f"{node_path(key)}.baseline", node_path(baseline), missing))
         evaluations[key] = node
     return problems
+
+
+def _window_problems(node, context: Optional[int]) -> List[str]:
+    """text_perplexity tasks whose windows the run's model cannot read (the stage checks its model's own context)."""
+    from llmexp.plugins.evaluate.text_perplexity import window_problems
+
+    tasks = resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
+    return [problem for task in tasks if context and task.spec and task.spec.get("type") == "text_perplexity"
+            for problem in window_problems(task.spec, context)]
 
 
 def _task_names(node) -> List[str]:

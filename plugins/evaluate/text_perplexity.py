@@ -40,18 +40,11 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
     spec = {**DEFAULTS, **spec}
     text = spec["join"].join(inputs.first(read_documents(spec["path"], spec["text_field"])))
     context = model_context(scorer.model, scorer.tokenizer)
+    found = window_problems(spec, context)
+    if found:
+        raise UserError(" ".join(found))
     window = spec["max_length"] or context
     stride = spec["stride"] or window
-    if window > context:
-        raise UserError(
-            f"max_length={window} of the text_perplexity task on {spec['path']} exceeds the model's context of "
-            f"{context} tokens; lower it to {context} or less (or leave it out: the model's context)."
-        )
-    if stride > window:
-        raise UserError(
-            f"stride={stride} of the text_perplexity task on {spec['path']} exceeds max_length={window}, which would "
-            "leave tokens unscored; give a stride of at most max_length."
-        )
     windows = scorer.sliding_window_nll(text, window, stride)
     nll = sum(w.nll for w in windows)
     tokens = sum(w.tokens for w in windows)
@@ -101,6 +94,23 @@ def read_documents(path: str, text_field: str = "text") -> List[str]:
     except UnicodeDecodeError as error:
         line = raw[: error.start].count(b"\n") + 1
         raise UserError(f"{file}:{line}: not UTF-8 text; save the file as UTF-8.") from None
+
+
+def window_problems(spec: Mapping[str, Any], context: int) -> List[str]:
+    """Windows the model cannot read (``context``: its longest input) or that leave tokens unscored.
+
+    The plan checks them against the run's model context, the run against the model's own.
+    """
+    spec = {**DEFAULTS, **spec}
+    window = spec["max_length"] or context
+    stride = spec["stride"] or window
+    if window > context:
+        return [f"max_length={window} of the text_perplexity task on {spec['path']} exceeds the model's context of "
+                f"{context} tokens; lower it to {context} or less (or leave it out: the model's context)."]
+    if stride > window:
+        return [f"stride={stride} of the text_perplexity task on {spec['path']} exceeds max_length={window}, which "
+                "would leave tokens unscored; give a stride of at most max_length."]
+    return []
 
 
 def problems(spec: Mapping[str, Any], field: str) -> List[str]:
