@@ -32,6 +32,8 @@ INPROCESS_DEFAULTS = {"max_batch_size": 16, "max_queue": 64}
 BACKEND_ONLY_OPTIONS = {
     "max_queue": ("inprocess", "vLLM queues every request it accepts; drop --max-queue."),
     "max_tokens_limit": ("inprocess", "With vLLM, bound prompt plus generated tokens with --max-model-len."),
+    "max_body_bytes": ("inprocess", "vLLM reads request bodies of any size; put a proxy that bounds them (nginx's "
+                       "client_max_body_size) in front of it."),
     "tensor_parallel_size": ("vllm", "The in-process engine runs one copy of the model on this process's device."),
     "gpu_memory_utilization": ("vllm", "The in-process engine allocates as it generates, with no memory budget."),
     "max_model_len": ("vllm", "In process, bound max_tokens with --max-tokens-limit."),
@@ -72,7 +74,8 @@ def main(argv: List[str]) -> int:
         print(f"llmexp serve: http://{_url_host(host)}:{port}/v1  models: {names}  {access}  (Ctrl-C stops)",
               flush=True)
 
-    app = create_app(engine, max_tokens_limit=args.max_tokens_limit, on_ready=announce, api_keys=api_keys)
+    app = create_app(engine, max_tokens_limit=args.max_tokens_limit, on_ready=announce, api_keys=api_keys,
+                     max_body_bytes=args.max_body_bytes)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     try:
         # uvicorn turns Ctrl-C (SIGINT) and SIGTERM into a graceful shutdown, then re-raises the signal
@@ -111,6 +114,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         help="in process: requests that may wait for a batch slot; beyond, HTTP 429 (default: 64)")
     parser.add_argument("--max-tokens-limit", type=int, default=None,
                         help="in process: the largest max_tokens a request may ask for (default: the model's context)")
+    parser.add_argument("--max-body-bytes", type=int, default=None, metavar="BYTES",
+                        help="in process: the largest request body taken; beyond, HTTP 413 (default: 64 bytes per "
+                        "token of the model's context, at least 1 MiB)")
     parser.add_argument("--backend", choices=BACKENDS, default="inprocess",
                         help="what generates: the in-process continuous-batching engine (default; CPU or one GPU) "
                         "or vLLM's OpenAI server (CUDA GPUs, vLLM installed); backend=vllm works too")
@@ -219,6 +225,7 @@ def prefer_passive_openmp() -> None:
 def _check_numbers(args: argparse.Namespace) -> None:
     for option, value, least in (("--max-batch-size", args.max_batch_size, 1), ("--max-queue", args.max_queue, 0),
                                  ("--port", args.port, 0), ("--max-tokens-limit", args.max_tokens_limit, 1),
+                                 ("--max-body-bytes", args.max_body_bytes, 1),
                                  ("--tensor-parallel-size", args.tensor_parallel_size, 1),
                                  ("--max-model-len", args.max_model_len, 1)):
         if value is not None and value < least:

@@ -11,6 +11,8 @@ import json
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
+from llmexp.serving.limits import default_max_body_bytes
+
 
 @dataclass(frozen=True)
 class BadRequest:
@@ -30,7 +32,9 @@ def _json(value: Any) -> bytes:
 
 
 def bad_requests(model: str, context: int) -> List[BadRequest]:
-    """The catalogue for a server whose base model is ``model`` with a ``context``-token window."""
+    """The catalogue for a server whose base model is ``model`` with a ``context``-token window (and the default
+    body limit that follows from it)."""
+    max_body = default_max_body_bytes(context)
 
     def completion(label: str, status: int, fragment: str, raw: Optional[bytes] = None, **fields) -> BadRequest:
         body: Dict[str, Any] = {"model": model, "prompt": "hello", "max_tokens": 2, **fields}
@@ -114,6 +118,8 @@ def bad_requests(model: str, context: int) -> List[BadRequest]:
         BadRequest("body empty", b"", 400, "the body is null"),
         BadRequest("body nested 100000 deep", b'{"model": ' + b"[" * 100_000 + b"]" * 100_000 + b"}", 400,
                    "could not be parsed"),
+        completion("body above the size limit", 413, f"limit of {max_body} bytes; send a shorter request, or start "
+                   "llmexp serve with a larger --max-body-bytes", prompt="x" * max_body),
         BadRequest("body JSON sent as text/plain", _json({"model": model, "prompt": "hello"}), 400, "not as JSON",
                    content_type="text/plain"),
         # chat

@@ -1,5 +1,5 @@
 """``llmexp serve`` over real HTTP on loopback: OpenAI-schema completions and chat (streamed and not),
-errors that leave the server up (400, 404, 429), disconnects that free slots, /metrics, adapters, the CLI."""
+errors that leave the server up (400, 404, 413, 429), disconnects that free slots, /metrics, adapters, the CLI."""
 
 from __future__ import annotations
 
@@ -26,6 +26,7 @@ from llmexp.errors import UserError
 from llmexp.models import save_model
 from llmexp.serving.app import create_app
 from llmexp.serving.engine import Engine
+from llmexp.serving.limits import default_max_body_bytes
 from llmexp.serving.served_models import load_served_models
 from tests.bad_requests import bad_requests
 from tests.conftest import REPO
@@ -379,6 +380,45 @@ def test_non_streaming_clients_that_disconnect_free_their_slots(server):
     assert follow_up.status_code == 200
 
 
+def raw_response(connection: socket.socket):
+    """(status, JSON body) of the one HTTP/1.1 response read from ``connection``."""
+    data = b""
+    while b"\r\n\r\n" not in data:
+        data += connection.recv(65536)
+    head, _, body = data.partition(b"\r\n\r\n")
+    length = int(next(line.split(b":")[1] for line in head.split(b"\r\n") if line.lower().startswith(b"content-length")))
+    while len(body) < length:
+        body += connection.recv(65536)
+    return int(head.split()[1]), json.loads(body)
+
+
+def test_a_body_above_the_limit_gets_413_before_it_is_read_and_is_counted(server):
+    limit = default_max_body_bytes(server.served.context_length)
+    before = metric(read_metrics(server), "requests_total", model="unknown", status="413")
+    host, port = server.url.removeprefix("http://").split(":")
+    with socket.create_connection((host, int(port)), timeout=20) as connection:  # a terabyte announced, none sent
+        connection.sendall(b"POST /v1/completions HTTP/1.1\r\nHost: %s\r\nContent-Type: application/json\r\n"
+                           b"Content-Length: %d\r\n\r\n" % (host.encode(), 10**12))
+        status, body = raw_response(connection)
+    assert status == 413 and body["error"]["code"] == 413
+    assert body["error"]["message"] == (f"the request body declares {10**12} bytes, above this server's limit of "
+                                        f"{limit} bytes; send a shorter request, or start llmexp serve with a larger "
+                                        "--max-body-bytes.")
+    sent = []
+
+    def chunks():  # a body without a length (chunked), 16 pieces beyond the limit
+        for _ in range(limit // 65536 + 16):
+            sent.append(65536)
+            yield b" " * 65536
+
+    chunked = server.client.post("/v1/completions", content=chunks(), headers={"content-type": "application/json"})
+    assert chunked.status_code == 413 and f"passed {limit} bytes" in chunked.json()["error"]["message"]
+    assert sum(sent) > limit and "content-length" not in chunked.request.headers
+    assert metric(read_metrics(server), "requests_total", model="unknown", status="413") - before == 2
+    follow_up = server.client.post("/v1/completions", json={"model": NAME, "prompt": "hello", "max_tokens": 2})
+    assert follow_up.status_code == 200  # the same keep-alive connection goes on
+
+
 KEYS = ("first-key-0123456789abcdef", "second-key-0123456789abcdef")
 
 
@@ -437,13 +477,17 @@ def run_serve(*args: str, env=None, **kwargs) -> subprocess.Popen:
 
 
 def test_the_command_announces_its_url_serves_and_stops_cleanly_on_ctrl_c(server):
-    process = run_serve(str(server.root / NAME), "--port", "0", "--adapter", f"sql={server.root / 'sql'}")
+    process = run_serve(str(server.root / NAME), "--port", "0", "--adapter", f"sql={server.root / 'sql'}",
+                        "--max-body-bytes", "4096")
     try:
         line = process.stdout.readline()
         assert line.startswith("llmexp serve: http://127.0.0.1:") and f"{NAME} (base), sql (adapter)" in line
         url = line.split()[2]
         models = httpx.get(f"{url}/models", timeout=30).json()
         assert [m["id"] for m in models["data"]] == [NAME, "sql"]
+        body = {"model": NAME, "prompt": "hello " * 700, "max_tokens": 2}
+        refused = httpx.post(f"{url}/completions", json=body, timeout=30)
+        assert refused.status_code == 413 and "limit of 4096 bytes" in refused.json()["error"]["message"]
         process.send_signal(signal.SIGINT)
         assert process.wait(timeout=30) == 0
     finally:
@@ -473,6 +517,10 @@ def test_the_command_refuses_bad_options_with_exit_code_2(server):
     assert taken.returncode == 2 and "cannot listen there" in taken.stderr
     missing = refusal(str(server.root / "nothing"), "--port", "0")
     assert missing.returncode == 2 and "no such directory" in missing.stderr
+    no_body = refusal(str(server.root / NAME), "--port", "0", "--max-body-bytes", "0")
+    assert no_body.returncode == 2 and "--max-body-bytes=0: give a whole number of at least 1" in no_body.stderr
+    on_vllm = refusal(str(server.root / NAME), "--backend", "vllm", "--max-body-bytes", "4096")
+    assert on_vllm.returncode == 2 and "--max-body-bytes is an option of --backend inprocess only" in on_vllm.stderr
 
 
 @pytest.mark.parametrize("args, env, fragments", [

@@ -6,7 +6,8 @@ Responses follow OpenAI's schema (ids, ``object``, ``created``, ``choices``, ``u
 ``{"error": {"message", "type", "param", "code"}}``: 400 for a bad body or field (naming it, its
 value and what to give; ``llmexp.serving.limits``), 401 without one of the API keys when the
 server has keys (``llmexp.serving.auth``), 404 for an unknown model (naming the served ones) or
-path, 405 for a wrong method, 422 when the model fails on this request alone, 429 with
+path, 405 for a wrong method, 413 for a body above ``max_body_bytes`` (``llmexp.serving.body_limit``),
+422 when the model fails on this request alone, 429 with
 ``Retry-After`` when the queue is full, 500 when generation failed for the whole batch. None of
 them stops the server or fails another request. The interactive docs (``/docs``, ``/redoc``,
 ``/openapi.json``) are not served: they would describe the API to anyone who reaches the port.
@@ -35,6 +36,7 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from llmexp.serving.auth import RequireApiKey
+from llmexp.serving.body_limit import LimitBodySize
 from llmexp.serving.chat import chat_prompt_ids
 from llmexp.serving.engine import (
     Engine,
@@ -47,7 +49,7 @@ from llmexp.serving.engine import (
     RequestFailed,
     UnknownModel,
 )
-from llmexp.serving.limits import FIELD_RULES, refuse, shown
+from llmexp.serving.limits import FIELD_RULES, default_max_body_bytes, refuse, shown
 
 RETRY_AFTER_SECONDS = 1
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer": counted, never sent
@@ -126,9 +128,11 @@ class ChatBody(_Sampling):
 
 
 def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
-               on_ready: Optional[Callable[[], None]] = None, api_keys: Sequence[str] = ()) -> FastAPI:
-    """The FastAPI app serving ``engine``'s models; ``max_tokens_limit`` caps a request's ``max_tokens``;
-    with ``api_keys``, every path but ``/health`` needs one of them (``llmexp.serving.auth``)."""
+               on_ready: Optional[Callable[[], None]] = None, api_keys: Sequence[str] = (),
+               max_body_bytes: Optional[int] = None) -> FastAPI:
+    """The FastAPI app serving ``engine``'s models; ``max_tokens_limit`` caps a request's ``max_tokens`` and
+    ``max_body_bytes`` its body (default: ``limits.default_max_body_bytes`` of the context); with ``api_keys``,
+    every path but ``/health`` needs one of them (``llmexp.serving.auth``)."""
     served = engine.served
     metrics = engine.metrics
     limit = min(max_tokens_limit or served.context_length, served.context_length)
@@ -149,7 +153,8 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
         count(request, error.status)
         return _error_json(error)
 
-    if api_keys:
+    app.add_middleware(LimitBodySize, max_bytes=max_body_bytes or default_max_body_bytes(served.context_length))
+    if api_keys:  # added last, so it runs first: a client without a key learns not even the body limit
         def reject(message: str) -> Response:
             metrics.requests.labels("unknown", "401").inc()
             return _error_json(ApiError(401, message, error_type="authentication_error",

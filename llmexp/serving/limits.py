@@ -18,6 +18,11 @@ STOP_STRINGS_MAX = 4  # OpenAI's limit
 # Stop strings are searched in each row's text at every step, on the worker thread: bounded, so one
 # request's stop list cannot slow every other row's decoding.
 STOP_CHARS_MAX = 256
+# The default bound on a request body (``--max-body-bytes``): room for a whole context of the costliest
+# tokens as JSON (a token id with its separator takes at most 8 bytes; a CJK or emoji token, ``\uXXXX``
+# escaped, about 12), 4 times over, and never below 1 MiB
+BODY_BYTES_PER_TOKEN = 64
+BODY_BYTES_MIN = 1 << 20
 
 FIELD_RULES = {
     "model": "the name of a served model (GET /v1/models lists them)",
@@ -59,6 +64,11 @@ def refuse(field: str, value: Any, why: str = "") -> InvalidRequest:
     """The 400 for ``field=value``: what is wrong (when the rule alone does not say) and what to give instead."""
     reason = f" {why}" if why else ""
     return InvalidRequest(f"{field}={shown(value)}:{reason} give {FIELD_RULES[field]}.", param=field)
+
+
+def default_max_body_bytes(context_length: int) -> int:
+    """The largest request body a server with a ``context_length``-token model takes unless told otherwise."""
+    return max(BODY_BYTES_MIN, BODY_BYTES_PER_TOKEN * context_length)
 
 
 def check_sampling(max_tokens: Any, temperature: Any, top_p: Any, seed: Any, stop: Sequence[Any]) -> None:

@@ -21,7 +21,8 @@ class ServingMetrics:
         self.registry = CollectorRegistry()
         r = self.registry
         self.requests = Counter(f"{PREFIX}_requests", "HTTP requests answered, by served model and status code "
-                                "(401: no or a wrong API key; 499: the client left before its answer)",
+                                "(401: no or a wrong API key; 413: a body above --max-body-bytes; 499: the client "
+                                "left before its answer)",
                                 ["model", "status"], registry=r)
         self.queue_depth = Gauge(f"{PREFIX}_queue_depth", "Requests waiting for a batch slot", registry=r)
         self.running = Gauge(f"{PREFIX}_running", "Requests in the running batch", registry=r)
