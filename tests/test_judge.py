@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import base64
 import json
+import logging
 import math
 import re
 import socket
@@ -11,6 +13,7 @@ import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
+from urllib.parse import quote
 
 import pytest
 
@@ -245,6 +248,47 @@ def test_the_api_key_reaches_no_file_row_or_metric(tmp_path, monkeypatch):
     assert [p for p in files if SECRET.encode() in p.read_bytes()] == []
 
 
+USER, PASSWORD = "judge-user", "p@ss:w0rd/9f3c2e71"  # characters a URL must escape
+BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
+
+
+def with_credentials(url: str) -> str:
+    return url.replace("http://", f"http://{quote(USER, safe='')}:{quote(PASSWORD, safe='')}@")
+
+
+def test_a_password_in_the_url_is_sent_as_basic_auth_and_never_logged_or_recorded(tmp_path, monkeypatch, caplog):
+    monkeypatch.delenv("OPENAI_API_KEY", raising=False)
+    caplog.set_level(logging.INFO)  # httpx logs every request's URL at INFO; a run's log and console show INFO
+
+    def echoing_server(question: str, seen: int):  # echoes the credentials it got in its error bodies
+        if question == QA[0]["question"]:
+            return 500, f"refused {BASIC} for {with_credentials('http://judge')}, password {PASSWORD}", 0.0
+        return 200, good(SCORES[question]), 0.0
+
+    with ScriptedJudge(echoing_server) as judge:
+        spec = spec_for(with_credentials(judge.url), items_file(tmp_path, QA), tmp_path, retries=1)
+        del spec["api_key_env"]
+        result = run_judge(spec, tmp_path)
+        assert {r["authorization"] for r in judge.requests} == {BASIC} and len(judge.requests) == 4
+    with socket.socket() as closed:
+        closed.bind(("127.0.0.1", 0))
+        dead_url = f"http://127.0.0.1:{closed.getsockname()[1]}/v1"
+    spec.update(url=with_credentials(dead_url), retries=0)
+    unreachable = run_judge(spec, tmp_path)
+    assert [row["status"] for row in result.rows] == ["error", "scored", "scored"]
+    assert (f"{judge.url}/chat/completions answered HTTP 500: " '{"error": {"message": "refused Basic <redacted> for '
+            'http://<redacted>@judge, password <redacted>"}}') in result.rows[0]["error"]
+    assert unreachable.rows[0]["error"].startswith(f"cannot reach {dead_url}/chat/completions: ConnectError")
+    assert f"HTTP Request: POST {judge.url}/chat/completions" in caplog.text
+    write_jsonl(tmp_path / "stage" / "judge.jsonl", result.rows + unreachable.rows)
+    (tmp_path / "stage" / "metrics.json").write_text(json.dumps(result.metrics))
+    (tmp_path / "stage" / "run.log").write_text(caplog.text)
+    files = [p for p in tmp_path.rglob("*") if p.is_file()]
+    assert any(p.parent.parent.name == "cache" for p in files)
+    secrets = (PASSWORD, quote(PASSWORD, safe=""), BASIC.split()[1])
+    assert [(p, s) for p in files for s in secrets if s.encode() in p.read_bytes()] == []
+
+
 def test_answers_missing_from_the_items_are_written_by_the_evaluated_model(tiny_checkpoint, tmp_path, monkeypatch):
     from llmexp.data.instructions import format_prompt
     from llmexp.models import load_model
@@ -294,6 +338,24 @@ def test_templates_parse_json_and_regex_replies_and_refuse_bad_ones(tmp_path):
         load_template(str(custom))
     with pytest.raises(UserError, match="faithfulness"):
         load_template("no_such_template")
+
+
+def test_a_template_nested_too_deeply_or_not_text_stops_the_plan_with_exit_2_naming_the_file(tiny_checkpoint,
+                                                                                             tmp_path):
+    from tests.conftest import run_llmexp
+
+    deep, binary = tmp_path / "deep.yaml", tmp_path / "binary.yaml"
+    deep.write_text("user: " + "[" * 5000 + "]" * 5000 + "\n")
+    binary.write_bytes(b"user: \xff\xfe judge {answer}\n")
+    with pytest.raises(UserError, match=f"{deep}: nested too deeply to parse as YAML"):
+        load_template(str(deep))
+    with pytest.raises(UserError, match=f"{binary}: cannot be read as UTF-8 text"):
+        load_template(str(binary))
+    path = items_file(tmp_path, QA)
+    tasks = f'technique.tasks=[{{type: judge, path: {path}, url: "http://127.0.0.1:9/v1", model: m, template: {deep}}}]'
+    done = run_llmexp("plan", "technique=evaluate", f"model.path={tiny_checkpoint}", tasks, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr + done.stdout
+    assert f"technique.tasks[0].template: {deep}: nested too deeply to parse as YAML" in " ".join(done.stdout.split())
 
 
 def test_problems_name_the_field_and_the_fix(tmp_path, monkeypatch):
@@ -348,21 +410,27 @@ def test_judging_with_the_tiny_model_served_by_llmexp_serve_records_replies_as_u
 
 
 @pytest.mark.slow
-def test_an_evaluation_run_keeps_the_key_out_of_every_file_and_records_each_task(tiny_checkpoint, tmp_path):
-    """``llmexp technique=evaluate`` with a judge task (and a code task beside it), as a user runs it."""
+@pytest.mark.parametrize("credentials", ["key", "password in the url"])
+def test_an_evaluation_run_keeps_the_credentials_out_of_every_file_and_records_each_task(credentials, tiny_checkpoint,
+                                                                                         tmp_path):
+    """``llmexp technique=evaluate`` with a judge task (and a code task beside it), as a user runs it: with an API
+    key from the environment, or a password in the judge's URL (which httpx's request log would show)."""
     from tests.conftest import read_results, run_llmexp
 
     code = Path(__file__).parent / "fixtures" / "humaneval_mini.jsonl"
     with ScriptedJudge(lambda question, seen: (200, good(SCORES[question]), 0.0)) as judge:
+        access = f"api_key_env: {KEY_ENV}, " if credentials == "key" else ""
+        url = judge.url if credentials == "key" else with_credentials(judge.url)
         tasks = (
-            f'technique.tasks=[{{type: judge, name: qa_judge, path: {items_file(tmp_path, QA)}, url: "{judge.url}", '
-            f"model: judge-model, api_key_env: {KEY_ENV}, backoff_s: 0.01}}, "
+            f'technique.tasks=[{{type: judge, name: qa_judge, path: {items_file(tmp_path, QA)}, url: "{url}", '
+            f"model: judge-model, {access}backoff_s: 0.01}}, "
             f"{{type: code, path: {code}, limit: 2, max_new_tokens: 8, timeout_s: 5}}]"
         )
         env = {KEY_ENV: SECRET, "LLMEXP_CACHE": str(tmp_path / "cache")}
         done = run_llmexp("technique=evaluate", f"model.path={tiny_checkpoint}", tasks, cwd=tmp_path, env=env)
         assert done.returncode == 0, done.stderr[-3000:]
-        assert {r["authorization"] for r in judge.requests} == {f"Bearer {SECRET}"} and len(judge.requests) == 3
+        expected = f"Bearer {SECRET}" if credentials == "key" else BASIC
+        assert {r["authorization"] for r in judge.requests} == {expected} and len(judge.requests) == 3
     (run_dir,) = [path.parent for path in tmp_path.glob("outputs/*/*/results.json")]
     metrics = read_results(run_dir)["stages"]["evaluate"]["metrics"]
     assert metrics["qa_judge_score_mean"] == pytest.approx(10 / 3) and metrics["qa_judge_n_scored"] == 3.0
@@ -370,6 +438,8 @@ def test_an_evaluation_run_keeps_the_key_out_of_every_file_and_records_each_task
     rows = [json.loads(line) for line in (run_dir / "evaluate" / "qa_judge.jsonl").read_text().splitlines()]
     assert [row["score"] for row in rows] == [5, 1, 4]
     assert list((tmp_path / "cache" / "judge").rglob("*.json"))  # the default cache: $LLMEXP_CACHE/judge
+    assert f"HTTP Request: POST {judge.url}/chat/completions" in (run_dir / "llmexp.log").read_text()
     files = [path for path in tmp_path.rglob("*") if path.is_file()]
-    assert [path for path in files if SECRET.encode() in path.read_bytes()] == []
-    assert SECRET not in done.stdout + done.stderr
+    secrets = (SECRET, PASSWORD, quote(PASSWORD, safe=""), BASIC.split()[1])
+    assert [(path, secret) for path in files for secret in secrets if secret.encode() in path.read_bytes()] == []
+    assert not any(secret in done.stdout + done.stderr for secret in secrets)

@@ -16,16 +16,24 @@ Other 4xx answers (a wrong model name, a missing key) are not retried. Every ite
 a ``Judgment``: ``scored``; ``unparsable`` (replies came back but none held a score);
 ``error`` (no usable reply: the reason, with the URL, is in ``error``). A semaphore
 bounds the requests in flight to ``concurrency``; waiting between retries holds no slot.
-The API key is only ever put in the request header, and removed from any text recorded.
+
+Credentials are only ever put in the request header, and removed from any text recorded.
+A ``user:password@`` in the URL is taken out of it when the client is made and sent as HTTP
+Basic authentication (in place of the Bearer key), so the URL that is logged (httpx logs each
+request's at INFO, which reaches the run's log, the console and trackers), stored and shown in
+error rows holds no password.
 """
 
 from __future__ import annotations
 
 import asyncio
-from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence
+import base64
+from dataclasses import dataclass, field
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from llmexp.plugins.evaluate.judge_template import Verdict
+from llmexp.secrets import REDACTED, redact_url_credentials
 
 Messages = List[Dict[str, str]]
 _MAX_BACKOFF_S = 60.0
@@ -43,15 +51,19 @@ class Judgment:
 
 @dataclass
 class JudgeClient:
-    url: str  # base URL, e.g. http://127.0.0.1:8000/v1
+    url: str  # base URL, e.g. http://127.0.0.1:8000/v1 (a user:password in it moves to basic_auth)
     model: str
-    api_key: Optional[str] = None
+    api_key: Optional[str] = field(default=None, repr=False)
     timeout_s: float = 60.0
     retries: int = 3
     backoff_s: float = 1.0
     concurrency: int = 8
     temperature: float = 0.0
     max_tokens: int = 256
+    basic_auth: Optional[Tuple[str, str]] = field(default=None, init=False, repr=False)  # (user, password)
+
+    def __post_init__(self) -> None:
+        self.url, self.basic_auth = without_credentials(self.url)
 
     @property
     def endpoint(self) -> str:
@@ -65,9 +77,10 @@ class JudgeClient:
         import httpx
 
         headers = {"Authorization": f"Bearer {self.api_key}"} if self.api_key else {}
+        auth = httpx.BasicAuth(*self.basic_auth) if self.basic_auth else None
         limits = httpx.Limits(max_connections=self.concurrency)
         slots = asyncio.Semaphore(self.concurrency)
-        async with httpx.AsyncClient(headers=headers, timeout=self.timeout_s, limits=limits) as client:
+        async with httpx.AsyncClient(headers=headers, auth=auth, timeout=self.timeout_s, limits=limits) as client:
             asked = (self._judge(client, slots, messages, parse) for messages in conversations)
             return list(await asyncio.gather(*asked))
 
@@ -90,7 +103,7 @@ class JudgeClient:
                     problem = f"no reply from {self.endpoint} within timeout_s={self.timeout_s}"
                     continue
                 except httpx.HTTPError as error:
-                    problem = f"cannot reach {self.endpoint}: {type(error).__name__}: {error}"
+                    problem = f"cannot reach {self.endpoint}: {type(error).__name__}: {self._clean(str(error))}"
                     continue
             if response.status_code == 429 or response.status_code >= 500:
                 problem = f"{self.endpoint} answered HTTP {response.status_code}: {self._clean(response.text[:300])}"
@@ -117,8 +130,25 @@ class JudgeClient:
         return Judgment("error", requests=attempts, error=f"{problem} ({attempts} attempts)")
 
     def _clean(self, text: str) -> str:
-        """``text`` with the API key blanked out, should a server echo it."""
-        return text.replace(self.api_key, "<redacted>") if self.api_key else text
+        """``text`` with every credential blanked out, should a server echo one: the API key, the password and
+        the Basic token made of it, and any URL's ``user:password@``."""
+        secrets = [self.api_key]
+        if self.basic_auth:
+            user, password = self.basic_auth
+            secrets += [password, base64.b64encode(f"{user}:{password}".encode()).decode()]
+        for secret in filter(None, secrets):
+            text = text.replace(secret, REDACTED)
+        return redact_url_credentials(text)
+
+
+def without_credentials(url: str) -> Tuple[str, Optional[Tuple[str, str]]]:
+    """(``url`` without its ``user:password@``, (user, password) decoded, or None when it had none)."""
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), (unquote(user), unquote(password))
 
 
 def _reply_text(response) -> Optional[str]:

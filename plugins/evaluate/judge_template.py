@@ -85,7 +85,10 @@ def load_template(reference: str) -> JudgeTemplate:
     import yaml
 
     path = _template_path(reference)
-    text = path.read_text(encoding="utf-8")
+    try:
+        text = path.read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as error:
+        raise UserError(f"{path}: cannot be read as UTF-8 text ({error}). Give a YAML judge template.") from None
     try:
         data = yaml.safe_load(text)
     except yaml.YAMLError as error:
@@ -93,6 +96,9 @@ def load_template(reference: str) -> JudgeTemplate:
         where = f"{path}:{mark.line + 1}" if mark is not None else str(path)
         problem = getattr(error, "problem", error)
         raise UserError(f"{where}: not valid YAML ({problem}). Fix the template file.") from None
+    except RecursionError:  # PyYAML composes each level of nesting by recursion
+        raise UserError(f"{path}: nested too deeply to parse as YAML. A judge template is a flat mapping of texts "
+                        f"({', '.join(sorted(_KEYS))}); fix the template file.") from None
     if not isinstance(data, dict):
         raise UserError(f"{path}: a judge template is a YAML mapping with keys {', '.join(sorted(_KEYS))}.")
     unknown = sorted(set(data) - _KEYS)
