@@ -177,7 +177,7 @@ async def _open_endpoint(ctx: StageContext, node, field: str) -> Target:
         model = names[0]
     tokenizer_dir = node.tokenizer or ctx.config.model.path
     try:
-        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True)
+        tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise UserError(f"{field}.tokenizer={tokenizer_dir} could not be loaded as a Hugging Face tokenizer "
                         f"({' '.join(str(error).split())[:200]}); give the served model's tokenizer directory."

@@ -91,7 +91,7 @@ def _tokenizer(ctx: StageContext, checkpoint, field: str):
         raise UserError(f"{field}: the Triton repository needs the model's tokenizer, and no stage before it produced "
                         "a model and model.path is unset; set model.path=<the checkpoint the engine was built from>.")
     try:
-        return AutoTokenizer.from_pretrained(str(source), local_files_only=True)
+        return AutoTokenizer.from_pretrained(str(source), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:
         raise UserError(f"{field}: no tokenizer could be loaded from {source} ({' '.join(str(error).split())}); the "
                         "repository's preprocessing and postprocessing need it: save it beside the weights "

@@ -18,7 +18,8 @@ def load_tokenizer(model_dir, tokenizer_dir):
     """The tokenizer at ``tokenizer_dir``, relative to this model's directory unless absolute."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.join(model_dir, tokenizer_dir), local_files_only=True)
+    return AutoTokenizer.from_pretrained(os.path.join(model_dir, tokenizer_dir), local_files_only=True,
+                                         trust_remote_code=False)
 
 
 def decode_batches(tokenizer, tokens, lengths, skip_special_tokens=True):

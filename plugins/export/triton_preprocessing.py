@@ -21,7 +21,8 @@ def load_tokenizer(model_dir, tokenizer_dir):
     ``args["model_repository"]``) unless absolute: the repository carries it, wherever it is mounted."""
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(os.path.join(model_dir, tokenizer_dir), local_files_only=True)
+    return AutoTokenizer.from_pretrained(os.path.join(model_dir, tokenizer_dir), local_files_only=True,
+                                         trust_remote_code=False)
 
 
 def special_ids(tokenizer):
