@@ -10,7 +10,7 @@ must make a model.
 
 from __future__ import annotations
 
-from typing import Any, List, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf
 
@@ -69,6 +69,18 @@ def stage_node_path(ctx) -> str:
     """
     nodes = OmegaConf.select(ctx.config, "pipeline.nodes", default=None) or {}
     return node_path(ctx.stage_name if ctx.stage_name in nodes else "technique")
+
+
+def model_sources(config) -> Dict[str, Optional[str]]:
+    """The stage whose model each stage starts from, by key, as the runner picks it: ``pipeline.inputs``' choice,
+    else the latest earlier stage that makes a model; None where none has (``model.path``, or nothing)."""
+    sources: Dict[str, Optional[str]] = {}
+    latest = None
+    for key, node in stage_nodes(config, strict=False):
+        sources[key] = input_stage(config, key) or latest
+        if technique(node.name).produces_model:
+            latest = key
+    return sources
 
 
 def input_stage(config, key: str) -> str | None:

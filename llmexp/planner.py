@@ -21,7 +21,7 @@ from typing import Any, Callable, Dict, List
 from llmexp import plugin_manager
 from llmexp.checkpoint import model_numbers_from_hf_config, read_hf_config, validate_checkpoint_dir
 from llmexp.errors import UserError
-from llmexp.pipeline import input_stage, stage_nodes
+from llmexp.pipeline import model_sources, stage_nodes
 
 GIB = 2**30
 
@@ -257,19 +257,16 @@ def model_numbers(cfg, problems: List[str]) -> Dict[str, Any]:
 
 def stage_architectures(cfg) -> Dict[str, tuple]:
     """``(input, output)`` architecture numbers of each stage by key: the run's model (``model_numbers``) as the
-    stages before it change it (``Technique.made_architecture``), along ``pipeline.inputs`` or the latest model.
+    stages before it change it (``Technique.made_architecture``), along ``llmexp.pipeline.model_sources``.
 
     A stage whose technique makes no model hands on nothing; its output is its input.
     """
-    made: Dict[str, Dict[str, Any]] = {}
     shapes: Dict[str, tuple] = {}
-    start, latest = model_numbers(cfg, []), None  # a broken model.path is reported by make_plan
+    start, sources = model_numbers(cfg, []), model_sources(cfg)  # a broken model.path is reported by make_plan
     for key, node in stage_nodes(cfg, strict=False):
         cls = plugin_manager.technique(node.name)
-        numbers = made.get(input_stage(cfg, key) or latest, start)
+        numbers = shapes[sources[key]][1] if sources[key] in shapes else start  # a wrong input: make_plan says so
         shapes[key] = (numbers, cls.made_architecture(node, numbers) if cls.produces_model else numbers)
-        if cls.produces_model:
-            made[key], latest = shapes[key][1], key
     return shapes
 
 

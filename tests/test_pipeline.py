@@ -79,3 +79,9 @@ def test_a_stage_starts_only_from_a_stage_that_makes_a_model():
     teacher = make_plan(compose_config(["pipeline=compress", "pipeline.nodes.distill.teacher.stage=baseline_eval"]))
     assert any("pipeline.nodes.distill.teacher.stage=baseline_eval is not a stage before this one that makes a model"
                in problem for problem in teacher.problems)
+
+
+def test_a_pipeline_input_outside_the_stages_is_one_problem_not_a_crash():
+    plan = make_plan(compose_config(["pipeline=compress", "pipeline.stages=[baseline_eval,fp8,fp8_eval]"]))
+    assert plan.problems[0].startswith("pipeline.inputs.fp8=baseline: both must be stages of pipeline.stages")
+    assert any(problem.startswith("baseline_eval: nothing to evaluate") for problem in plan.problems)

@@ -183,14 +183,15 @@ def llmexp_techniques():
 @hookimpl
 def llmexp_plan_problems(config, plan):
     """Checks every benchmark stage: target, sweep values and their bounds, endpoint settings, aiperf."""
-    from llmexp.pipeline import node_path, stage_nodes
+    from llmexp.pipeline import model_sources, node_path, stage_nodes
 
     problems: List[str] = []
-    for index, (key, node) in enumerate(stage_nodes(config, strict=False)):
+    sources = model_sources(config)
+    for key, node in stage_nodes(config, strict=False):
         if node.get("name") != Benchmark.name:
             continue
         field = node_path(key)
-        if index == 0 and node.target == "inprocess" and not config.model.path:
+        if sources[key] is None and node.target == "inprocess" and not config.model.path:
             problems.append(
                 f"{field}: nothing to benchmark in process: no stage before it produced a model and model.path is "
                 f"unset. Set model.path=<a Hugging Face checkpoint directory>, put a stage that makes a model before "

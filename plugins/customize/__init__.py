@@ -98,13 +98,14 @@ def llmexp_techniques():
 @hookimpl
 def llmexp_plan_problems(config, plan):
     """Checks every customization stage of the pipeline, its data files included, before the run starts."""
-    from llmexp.pipeline import node_path, stage_nodes
+    from llmexp.pipeline import model_sources, node_path, stage_nodes
     from llmexp.plugins.customize.checks import stage_problems
 
     names = {cls.name for cls in TECHNIQUES}
+    sources = model_sources(config)
     return [
         problem
-        for index, (key, node) in enumerate(stage_nodes(config, strict=False))
+        for key, node in stage_nodes(config, strict=False)
         if node.get("name") in names
-        for problem in stage_problems(config, node, node_path(key), first=index == 0)
+        for problem in stage_problems(config, node, node_path(key), first=sources[key] is None)
     ]

@@ -177,17 +177,19 @@ def llmexp_techniques():
 @hookimpl
 def llmexp_plan_problems(config, plan):
     """Checks the evaluate stages this run includes: task names, numbers, the GSM8K file."""
-    from llmexp.pipeline import node_path, stage_nodes
-
     from llmexp.checkpoint import context_length
+    from llmexp.pipeline import TOP_LEVEL_NODES, model_sources, node_path, stage_nodes
     from llmexp.plugins.evaluate.paired import missing_tasks_problem
 
     problems: List[str] = []
     evaluations = {}  # key -> node of the evaluate stages so far
+    sources = model_sources(config)
     for index, (key, node) in enumerate(stage_nodes(config, strict=False)):
         if node.get("name") != Evaluate.name:
             continue
-        if index == 0 and not OmegaConf.select(config, "model.path", default=None):
+        # the runner skips a top-level evaluation after a stage that made no model: it has nothing new to score
+        skipped = key in TOP_LEVEL_NODES and index > 0
+        if sources[key] is None and not skipped and not OmegaConf.select(config, "model.path", default=None):
             problems.append(_NO_MODEL.format(stage=key))
         problems += config_problems(node, node_path(key)) or _window_problems(node, context_length(config))
         baseline = node.get("baseline")

@@ -75,17 +75,16 @@ def llmexp_techniques():
 @hookimpl
 def llmexp_plan_problems(config, plan):
     """Checks every quantize stage: format, hardware, group size against the model it receives, calibration data."""
-    from llmexp.pipeline import node_path, stage_nodes
+    from llmexp.pipeline import model_sources, node_path, stage_nodes
     from llmexp.planner import stage_architectures
 
-    stages = [(index, key, node) for index, (key, node) in enumerate(stage_nodes(config, strict=False))
-              if node.get("name") == Quantize.name]
+    stages = [(key, node) for key, node in stage_nodes(config, strict=False) if node.get("name") == Quantize.name]
     if not stages:
         return []
-    shapes = stage_architectures(config)  # each stage's input model, pruned or not
+    shapes, sources = stage_architectures(config), model_sources(config)  # each stage's input model, pruned or not
     problems: List[str] = []
-    for index, key, node in stages:
-        problems += stage_problems(config, node, node_path(key), shapes[key][0], first=index == 0)
+    for key, node in stages:
+        problems += stage_problems(config, node, node_path(key), shapes[key][0], first=sources[key] is None)
     return problems
 
 
