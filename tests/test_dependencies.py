@@ -1,0 +1,81 @@
+"""Every package the shipped code imports is declared in pyproject.toml, not merely pulled in by another one.
+
+A package installed only as a dependency of a dependency disappears the day that dependency
+drops it, and ``pip install llmexp`` then fails on an import. So each third-party module
+imported anywhere in the distribution must map (through the installed packages' metadata) to a
+distribution named in ``dependencies`` or in an extra. The modules no installed distribution
+provides here are listed with where they come from.
+"""
+
+from __future__ import annotations
+
+import ast
+import re
+import sys
+import tomllib
+from importlib.metadata import packages_distributions
+from pathlib import Path
+from typing import Dict, Set
+
+from tests.conftest import REPO
+
+SHIPPED = ("llmexp", "plugins", "launchers", "hydra_plugins")  # the folders the distribution packages
+FIRST_PARTY = {"llmexp", "hydra_plugins"}
+# Modules that no pip requirement of this package provides, and who does.
+PROVIDED_ELSEWHERE = {
+    "torch": "installed first, the build that fits the machine (README; pyproject says why it is not listed)",
+    "tensorrt_llm": "NVIDIA's TensorRT-LLM wheel or container (the export stage)",
+    "triton_python_backend_utils": "Triton's python backend, where the exported Triton models run",
+    "vllm": "vLLM, for llmexp serve --backend vllm",
+    "transformer_engine": "NVIDIA's containers, for backend.transformer_impl=te",
+    "megatron": "megatron-core (the megatron extra) and Megatron-Bridge (NVIDIA's containers)",
+}
+
+
+def _name(requirement: str) -> str:
+    """A requirement's distribution name, normalized as PEP 503 does."""
+    return re.sub(r"[-_.]+", "-", re.split(r"[\s<>=!~;\[]", requirement.strip(), maxsplit=1)[0]).lower()
+
+
+def declared() -> Set[str]:
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
+    extras = [requirement for requirements in project.get("optional-dependencies", {}).values()
+              for requirement in requirements]
+    return {_name(requirement) for requirement in project["dependencies"] + extras}
+
+
+def imported() -> Dict[str, Set[str]]:
+    """{top-level module: the files importing it} over every absolute import in the shipped code, leaving out the
+    standard library, this package and a script's sibling modules (imported from its own folder)."""
+    found: Dict[str, Set[str]] = {}
+    for folder in SHIPPED:
+        for path in sorted((REPO / folder).rglob("*.py")):
+            for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+                if isinstance(node, ast.Import):
+                    names = [alias.name for alias in node.names]
+                elif isinstance(node, ast.ImportFrom) and node.level == 0 and node.module:
+                    names = [node.module]
+                else:
+                    continue
+                for top in {name.split(".")[0] for name in names}:
+                    if top in sys.stdlib_module_names or top in FIRST_PARTY or (path.parent / f"{top}.py").is_file():
+                        continue
+                    found.setdefault(top, set()).add(str(path.relative_to(REPO)))
+    return found
+
+
+def test_every_imported_package_is_declared():
+    providers = packages_distributions()
+    names = declared()
+    undeclared, unknown = {}, {}
+    for module, files in imported().items():
+        if module in PROVIDED_ELSEWHERE:
+            continue
+        distributions = {_name(distribution) for distribution in providers.get(module, [])}
+        if not distributions:
+            unknown[module] = sorted(files)
+        elif not distributions & names:
+            undeclared[module] = (sorted(distributions), sorted(files))
+    assert undeclared == {}, "imported but only installed through another package: declare them in pyproject.toml"
+    assert unknown == {}, "imported, but no installed distribution provides them: install, or say who provides them"
+    assert {"fastapi", "transformers", "hydra"} <= set(imported())  # the scan sees the package's imports
