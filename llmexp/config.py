@@ -1,9 +1,10 @@
 """Registers the schemas with Hydra's ConfigStore and composes configs outside ``@hydra.main``.
 
 Every technique's schema is stored as the option ``technique/<name>``, so a plugin's
-technique is selectable (``technique=<name>``) without shipping any YAML. Each ``backend``
-option has a schema of its own (``backend_<name>_schema``, named in its YAML's defaults), so
-a key of one option is refused in another at compose time, with the option that has it.
+technique is selectable (``technique=<name>``) without shipping any YAML. Each ``backend`` and
+``data`` option has a schema of its own (``<group>_<name>_schema``, named in its YAML's
+defaults), so a key of one option is refused in another at compose time, with the option that
+has it.
 """
 
 from __future__ import annotations
@@ -25,7 +26,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from llmexp.errors import UserError
 from llmexp.plugin_manager import techniques
-from llmexp.schema import BACKEND_OPTIONS, RunConfig
+from llmexp.schema import BACKEND_OPTIONS, DATA_OPTIONS, RunConfig
 
 CONFIG_MODULE = "llmexp.conf"
 CONFIG_NAME = "config"
@@ -35,15 +36,20 @@ CONFIG_NAME = "config"
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="llmexp_schema", node=RunConfig)
-    for name, schema in BACKEND_OPTIONS.items():
-        cs.store(name=f"backend_{name}_schema", node=schema)
+    for group, options in OPTION_SCHEMAS.items():
+        for name, schema in options.items():
+            cs.store(name=f"{group}_{name}_schema", node=schema)
     for name, entry in techniques().items():
         cs.store(group="technique", name=name, node=entry.technique.schema)
 
 
+# Groups whose YAML options each name a schema of their own (``<group>_<option>_schema`` in their defaults).
+OPTION_SCHEMAS = {"backend": BACKEND_OPTIONS, "data": DATA_OPTIONS}
+
+
 def option_schemas() -> Dict[str, Dict[str, type]]:
     """group -> option -> schema, for the groups whose options each have a schema of their own."""
-    return {"backend": dict(BACKEND_OPTIONS),
+    return {**{group: dict(options) for group, options in OPTION_SCHEMAS.items()},
             "technique": {name: entry.technique.schema for name, entry in techniques().items()}}
 
 
@@ -189,7 +195,7 @@ def option_name_problems(cfg) -> List[str]:
     """
     from llmexp.pipeline import TOP_LEVEL_NODES
 
-    nodes = {"backend": ("backend", OmegaConf.select(cfg, "backend"))}
+    nodes = {group: (group, OmegaConf.select(cfg, group)) for group in OPTION_SCHEMAS}
     nodes.update({key: ("technique", OmegaConf.select(cfg, key)) for key in TOP_LEVEL_NODES})
     own = OmegaConf.select(cfg, "pipeline.nodes", default=None) or {}
     nodes.update({f"pipeline.nodes.{key}": ("technique", node) for key, node in own.items()})

@@ -24,6 +24,9 @@ from .conftest import run_llmexp
     (["pipeline.nodes.fp8.rank=4"],
      "pipeline.nodes.fp8.rank is a key of technique=lora; pipeline.nodes.fp8 is technique=quantize, which has no such "
      "key: choose technique@pipeline.nodes.fp8=lora or drop the override."),
+    (["data=text", "data.path=train.jsonl"], "data.path is a key of data=jsonl and data=preference; this run has "
+     "data=text, which has no such key: choose data=jsonl or drop the override."),
+    (["data.paths=[corpus]"], "data.paths is a key of data=text; this run has data=embedded"),
     (["parallelism.shardin=fsdp"], "parallelism.shardin is not a key of parallelism, whose keys are name, tp, pp,"),
 ])
 def test_a_key_of_another_option_names_the_option_that_has_it(overrides, message):
@@ -58,6 +61,7 @@ def test_a_value_outside_a_closed_choice_lists_the_allowed_values(overrides, mes
 @pytest.mark.parametrize("overrides, message", [
     (["backend.name=megatron"], "backend.name=megatron: backend is backend=torch and has its keys, so renaming it "
      "would run megatron with torch's settings; choose the option instead (backend=megatron) and drop backend.name."),
+    (["data=jsonl", "data.name=text"], "choose the option instead (data=text) and drop data.name."),
     (["pipeline=customize", "pipeline.nodes.sft.name=lora"],
      "choose the option instead (technique@pipeline.nodes.sft=lora) and drop pipeline.nodes.sft.name."),
 ])
