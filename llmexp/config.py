@@ -205,11 +205,11 @@ def option_name_problems(cfg) -> List[str]:
         if not isinstance(node, DictConfig) or OmegaConf.is_missing(node, "name"):
             continue
         options, schema = schemas[group], OmegaConf.get_type(node)
-        chosen = next((name for name, option in options.items() if option is schema), None)
-        if chosen is not None and node.name != chosen:
+        chosen = [name for name, option in options.items() if option is schema]  # a schema may serve several
+        if chosen and node.name not in chosen:
             problems.append(
-                f"{where}.name={node.name}: {where} is {group}={chosen} and has its keys, so renaming it would run "
-                f"{node.name} with {chosen}'s settings; choose the option instead "
+                f"{where}.name={node.name}: {where} is {group}={chosen[0]} and has its keys, so renaming it would run "
+                f"{node.name} with {chosen[0]}'s settings; choose the option instead "
                 f"({option_override(where, group, node.name)}) and drop {where}.name.")
     return problems
 
