@@ -2,6 +2,11 @@
 
 Progress and messages go to stderr; the results table and the run directory to stdout,
 so ``llmexp ... > summary.txt`` keeps the part worth keeping.
+
+Both consoles print text literally: rich markup (``[bold]``) and emoji codes (``:smile:``)
+are off, because most of what is printed is user text (overrides such as
+``'evaluation.tasks=[perplexity]'``, paths, reasons) that rich would otherwise style, mangle
+or refuse with a ``MarkupError``. Styles come from ``Text`` objects and ``style=`` only.
 """
 
 from __future__ import annotations
@@ -12,6 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from rich.console import Console
 from rich.table import Table
+from rich.text import Text
 
 from llmexp import report
 
@@ -21,20 +27,20 @@ def _width(stream) -> Optional[int]:
     return None if stream.isatty() or "COLUMNS" in os.environ else 160
 
 
-out = Console(width=_width(sys.stdout))
-err = Console(stderr=True, width=_width(sys.stderr))
+out = Console(width=_width(sys.stdout), markup=False, emoji=False)
+err = Console(stderr=True, width=_width(sys.stderr), markup=False, emoji=False)
 
 
 def stage_banner(stage_name: str) -> None:
-    err.rule(f"[bold]{stage_name}[/bold]")
+    err.rule(Text(stage_name, style="bold"))
 
 
 def warn(message: str) -> None:
-    err.print(f"[yellow]{message}[/yellow]")
+    err.print(message, style="yellow", highlight=False, soft_wrap=True)
 
 
 def error(message: str) -> None:
-    err.print(f"[bold red]error:[/bold red] {message}", highlight=False, soft_wrap=True)
+    err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
 
 
 # Differences from a baseline: results.json and comparison.md keep them, the console leaves them out.

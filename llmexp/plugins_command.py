@@ -5,8 +5,8 @@ from __future__ import annotations
 
 from typing import List
 
-from rich.markup import escape
 from rich.table import Table
+from rich.text import Text
 
 from llmexp import console
 from llmexp.backends import BACKENDS, installed_options, unavailable_reason
@@ -21,9 +21,9 @@ def main(argv: List[str]) -> int:
         missing = entry.technique.missing_requirements()
         if missing:
             fix = f" (pip install llmexp[{entry.technique.extra}])" if entry.technique.extra else ""
-            status = f"[red]missing: {escape(', '.join(missing) + fix)}[/red]"
+            status = Text(f"missing: {', '.join(missing)}{fix}", style="red")
         else:
-            status = "[green]installed[/green]"
+            status = Text("installed", style="green")
         table.add_row(name, entry.plugin, entry.distribution, entry.technique.memory, status)
     console.out.print(table)
     console.out.print(backends_table())
@@ -36,9 +36,9 @@ def backends_table() -> Table:
         table.add_column(column)
     for backend in BACKENDS.values():
         reason = unavailable_reason(backend)
-        status = f"[red]unavailable: {escape(reason)}[/red]" if reason else "[green]available[/green]"
+        status = Text(f"unavailable: {reason}", style="red") if reason else Text("available", style="green")
         extras = installed_options(backend)
         if extras:
-            status += f" (with {', '.join(extras)})"
+            status.append(f" (with {', '.join(extras)})")
         table.add_row(backend.name, backend.role, backend.description, backend.selected_by, status)
     return table
