@@ -3,7 +3,8 @@
 The document (one per run directory)::
 
     status        completed | skipped | failed  ("running" while stages are still going)
-    reason        why it was skipped or failed, else None
+    reason        why it was skipped or failed, else None (a failure: its error on one line)
+    error_log     a failed run's full traceback (a file in the run directory), else None
     config        the resolved config, secrets redacted
     plan          the planner's numbers
     stages        {stage: {technique, status, metrics, model_stats, artifacts, wall_time_s}}
@@ -197,6 +198,7 @@ class RunRecord:
     plan: Dict[str, Any] = dataclasses.field(default_factory=dict)
     status: str = "running"
     reason: Optional[str] = None
+    error_log: Optional[str] = None
     stages: Dict[str, Dict[str, Any]] = dataclasses.field(default_factory=dict)
     model_stats: Dict[str, Any] = dataclasses.field(default_factory=dict)
     started_at: str = ""
@@ -272,6 +274,7 @@ class RunRecord:
         return {
             "status": self.status,
             "reason": self.reason,
+            "error_log": self.error_log,
             "run_dir": str(self.run_dir),
             "started_at": self.started_at,
             "finished_at": self.finished_at,

@@ -1,8 +1,10 @@
 """One run: plan, run the pipeline's stages in order, record results.json, print the table.
 
-Called by Hydra once per job (a plain run, or each point of a multirun). In a multirun a
-point that cannot run is recorded as ``skipped`` (infeasible plan) or ``failed`` (its
-error), and the sweep goes on.
+Called by Hydra once per job (a plain run, or each point of a multirun). results.json is
+written as soon as the job starts (status ``running``, its config and where it runs) and
+after each stage, so a job killed at any moment leaves a record. In a multirun a point that
+cannot run is recorded as ``skipped`` (infeasible plan) or ``failed`` (its error on one line,
+the traceback in ``error.log``), and the sweep goes on.
 
 Running the same command again in the same run directory (``hydra.run.dir=<dir>``) picks it
 up: when its results.json holds the same config, the stages it records as completed are kept
@@ -33,6 +35,7 @@ from llmexp import console, distributed
 from llmexp.backends import gpu_driver_present
 from llmexp.checkpoint import validate_checkpoint_dir
 from llmexp.errors import UserError
+from llmexp.failure import reason_of
 from llmexp.models import load_model
 from llmexp.pipeline import TOP_LEVEL_NODES, input_stage, node_path, stage_nodes
 from llmexp.planner import make_plan
@@ -58,6 +61,8 @@ def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
 
     earlier = distributed.decided_by_rank_zero(lambda: _completed_earlier(record))
     if lead:
+        record.stages.update(earlier)  # an earlier attempt's stages stay on record until one runs again
+        record.write()  # from the first second: a job killed before its first stage ends still has a record
         tracker = make_tracker(cfg.tracker, run_dir, record.config)
     else:  # tracker=none's, which the other ranks never ask for a logger: nothing leaves them
         tracker = Tracker(cfg.tracker, run_dir, record.config)
@@ -65,14 +70,15 @@ def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
         _run_stages(cfg, run_dir, tracker, record, earlier)
     except Exception as error:
         tracker.finish("failed")
-        if not multirun:
-            raise
         if lead:
-            (run_dir / "error.log").write_text(traceback.format_exc())
-            reason = str(error) if isinstance(error, UserError) else f"{type(error).__name__}: {error}"
-            _close(record, "failed", f"{reason} (traceback: {run_dir / 'error.log'})")
-        if distributed.world_size() > 1:
-            raise  # the other ranks may be waiting for this one: the job ends on every rank
+            log = run_dir / "error.log"
+            log.write_text(traceback.format_exc())
+            record.error_log = str(log)
+            record.finish("failed", reason_of(error)).write()
+        if not multirun or distributed.world_size() > 1:
+            raise  # a plain run shows its error; the other ranks may be waiting for this one
+        if lead:
+            console.warn(f"failed: {record.reason}")
         return record
     if not lead:
         return record
@@ -110,6 +116,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
     # (`technique=benchmark` benchmarks, it does not also score). A pipeline's own nodes always
     # run: its author put each there on purpose.
     models: Dict[str, ModelArtifact] = {}  # by stage; model None, path set: kept, loaded when needed
+    kept_stages: List[str] = []  # stages an earlier attempt completed, kept by this one
     latest: Optional[str] = None  # the stage that made the newest model
     looked_at, taken = set(), set()
     lead = distributed.is_rank_zero()
@@ -131,10 +138,13 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
         if distributed.decided_by_rank_zero(lambda: _can_keep(entry, cls, stage_name)):
             kept = StageResult(entry["metrics"], artifacts=entry["artifacts"], model_stats=entry["model_stats"])
             record.add_stage(stage_name, cls.name, kept, wall_time_s=entry["wall_time_s"], input_model=input_model)
+            kept_stages.append(stage_name)
             if cls.produces_model:
                 models[stage_name] = ModelArtifact(None, None, Path(entry["artifacts"]["model"]), produced_by=stage_name)
                 latest = stage_name
             continue
+        if earlier:  # what the earlier attempt recorded from this stage on no longer stands
+            record.stages = {name: record.stages[name] for name in kept_stages}
         earlier = {}  # the stages after one that runs again run again too: their input may differ
         clock = time.perf_counter()
         stage_dir = run_dir / stage_name
