@@ -42,21 +42,20 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
     return path
 
 
-SLURM_SCRIPTS = REPO / "launchers" / "slurm-localhost"
-
-
 @pytest.fixture(scope="session")
 def slurm_cluster() -> dict:
     """A real Slurm on 127.0.0.1 (launchers/slurm-localhost): node1 with 2 fake H100s, node2 with 2 fake A100s.
 
-    Started (and apt-installed on a fresh machine) for the session, stopped after it; yields
-    the environment its clients need. Its daemons run as root, so elsewhere the tests skip.
+    Started (and apt-installed on a fresh machine) for the session and stopped after it, unless
+    one was already running, which is used and left running (``llmexp.launchers.slurm_localhost``);
+    yields the environment its clients need. Its daemons run as root, so elsewhere the tests skip.
     """
+    from llmexp.launchers.slurm_localhost import localhost_slurm
+
     if os.geteuid() != 0:
         pytest.skip("the local Slurm runs its daemons as root (launchers/slurm-localhost/start.sh)")
-    started = subprocess.run(["bash", str(SLURM_SCRIPTS / "start.sh")], capture_output=True, text=True, timeout=600)
-    if started.returncode != 0:
-        pytest.fail(f"launchers/slurm-localhost/start.sh failed:\n{started.stdout[-3000:]}\n{started.stderr[-3000:]}")
-    base = os.environ.get("BASE", f"{os.environ.get('TMPDIR', '/tmp')}/llmexp-slurm")
-    yield {"SLURM_CONF": f"{base}/etc/slurm.conf"}
-    subprocess.run(["bash", str(SLURM_SCRIPTS / "stop.sh"), "--quiet"], timeout=120)
+    try:
+        with localhost_slurm() as environment:
+            yield environment
+    except RuntimeError as error:
+        pytest.fail(str(error))

@@ -18,14 +18,21 @@
 #         FRESH=1 bash start.sh    # always wipe state and restart
 #         source $BASE/env.sh            # exports SLURM_CONF (clients need it, or the
 #                                        # /etc/slurm/slurm.conf symlink made here)
-#         bash stop.sh             # stops everything this script started
+#         bash stop.sh             # undoes everything this script did (see below)
+#
+# What it changes outside $BASE, each recorded in $BASE/undo so that stop.sh reverts exactly that:
+#   /etc/hosts             one line "127.0.0.1 node1 node2  # slurm-localhost $BASE", for names that do not resolve
+#   $ETC_CONF              a symlink to $BASE/etc/slurm.conf, if nothing is there (and its directory, if missing)
+#   /usr/sbin/policy-rc.d  only while apt-get installs, only if missing; removed when this script exits
+# Installed packages (slurm, munge, mariadb; first run only) stay installed.
 #
 # Tunables (environment):
 #   BASE=${TMPDIR:-/tmp}/llmexp-slurm  NODES=2  CPUS_PER_NODE=4  MEM_PER_NODE_MB=4000
-#   GPUS_PER_NODE=2  GPU_TYPES="h100 a100" (cycled over nodes)  WITH_DBD=1
+#   GPUS_PER_NODE=2  GPU_TYPES="h100 a100" (cycled over nodes)  WITH_DBD=1  NODE_PREFIX=node
 #   CTLD_PORT=16817  SLURMD_PORT0=16830  DBD_PORT=16819  DB_PORT=13306
 #   ADD_ETC_HOSTS=1  (append "127.0.0.1 node1 node2..." to /etc/hosts if they do not resolve)
-#   LINK_ETC_CONF=1  (point /etc/slurm/slurm.conf at this cluster's config unless a real file is there)
+#   LINK_ETC_CONF=1  (point ETC_CONF=/etc/slurm/slurm.conf, where clients without SLURM_CONF look,
+#                     at this cluster's config unless something is there already)
 #   SKIP_INSTALL=0   READY_TIMEOUT=60   FRESH=0
 set -euo pipefail
 
@@ -45,12 +52,25 @@ SKIP_INSTALL=${SKIP_INSTALL:-0}
 READY_TIMEOUT=${READY_TIMEOUT:-60}
 FRESH=${FRESH:-0}
 LINK_ETC_CONF=${LINK_ETC_CONF:-1}
+ETC_CONF=${ETC_CONF:-/etc/slurm/slurm.conf}
+NODE_PREFIX=${NODE_PREFIX:-node}
 CLUSTER=${CLUSTER:-ci}
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 
 T0=$(date +%s%N)
 log() { local ms=$(( ($(date +%s%N) - T0) / 1000000 )); printf '[slurm-localhost %3d.%02ds] %s\n' $((ms / 1000)) $((ms % 1000 / 10)) "$*"; }
 die() { log "ERROR: $*"; exit 1; }
+# On the way out: the policy-rc.d made for apt, and, when the start failed after it began to
+# change things, everything it changed (stop.sh; the logs in $BASE/log are kept to say why).
+POLICY_MADE=0; CHANGING=0
+on_exit() {
+  local rc=$?
+  [ "$POLICY_MADE" = 1 ] && rm -f /usr/sbin/policy-rc.d
+  if [ "$rc" != 0 ] && [ "$CHANGING" = 1 ]; then
+    BASE="$BASE" bash "$HERE/stop.sh" --quiet --keep; log "undid what this start changed; its logs are in $BASE/log"
+  fi
+}
+trap on_exit EXIT
 [ "$(id -u)" = 0 ] || die "must run as root (daemons run as root, SlurmUser=root)"
 
 # ---------------------------------------------------------------- install
@@ -64,14 +84,18 @@ fi
 if [ "$need_install" = 1 ] && [ "$SKIP_INSTALL" != 1 ]; then
   log "installing ${pkgs[*]} (apt)"
   # keep package postinst scripts from starting system-wide munge/slurm/mariadb
+  # (the marker line lets stop.sh remove one left behind by a start.sh that was killed)
   if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod +x /usr/sbin/policy-rc.d
-    trap 'rm -f /usr/sbin/policy-rc.d' EXIT
+    printf '#!/bin/sh\n# slurm-localhost start.sh: no service starts while it installs\nexit 101\n' > /usr/sbin/policy-rc.d
+    chmod +x /usr/sbin/policy-rc.d
+    POLICY_MADE=1
   fi
   export DEBIAN_FRONTEND=noninteractive
+  apt_log=$(mktemp "${TMPDIR:-/tmp}/slurm-localhost-apt.XXXXXX")
   apt-get update -qq || die "apt-get update failed"
-  apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >/tmp/start_slurm_apt.log 2>&1 \
-    || { tail -20 /tmp/start_slurm_apt.log; die "apt-get install failed (full log /tmp/start_slurm_apt.log)"; }
+  apt-get install -y -qq --no-install-recommends "${pkgs[@]}" >"$apt_log" 2>&1 \
+    || { tail -20 "$apt_log"; die "apt-get install failed (full log $apt_log)"; }
+  rm -f "$apt_log"
   log "installed: $(dpkg-query -W -f='${Package} ${Version}; ' "${pkgs[@]}")"
 fi
 command -v slurmctld >/dev/null || die "slurm not installed"
@@ -80,7 +104,7 @@ export SLURM_CONF=$CONF   # without it every client does a DNS SRV lookup for a 
 
 # ---------------------------------------------------------------- already running?
 # Same settings + same script + all daemons alive + nodes usable => keep it (idempotent).
-SETTINGS="$NODES $CPUS_PER_NODE $MEM_PER_NODE_MB $GPUS_PER_NODE ${GPU_TYPES[*]} $WITH_DBD $CTLD_PORT $SLURMD_PORT0 $DBD_PORT $DB_PORT $CLUSTER $(cksum < "${BASH_SOURCE[0]}")"
+SETTINGS="$NODES $CPUS_PER_NODE $MEM_PER_NODE_MB $GPUS_PER_NODE ${GPU_TYPES[*]} $WITH_DBD $CTLD_PORT $SLURMD_PORT0 $DBD_PORT $DB_PORT $CLUSTER $NODE_PREFIX $(cksum < "${BASH_SOURCE[0]}")"
 running() {
   local f pids=("$BASE"/run/munged.pid "$BASE"/run/slurmctld.pid "$BASE"/run/slurmd-*.pid)
   [ "$WITH_DBD" = 1 ] && pids+=("$BASE"/run/slurmdbd.pid "$BASE"/run/mariadbd.pid)
@@ -96,28 +120,42 @@ if [ "$FRESH" != 1 ] && running; then
 fi
 
 # ---------------------------------------------------------------- clean slate
+# $BASE is wiped below: only a directory this script made (its marker file) or an empty one
+MARKER=$BASE/.slurm-localhost
+if [ -e "$BASE" ] && [ ! -e "$MARKER" ] && [ ! -e "$BASE/run/settings" ] && [ -n "$(ls -A "$BASE" 2>/dev/null)" ]; then
+  die "BASE=$BASE exists and was not made by this script; choose another BASE (it is wiped on every restart)"
+fi
 if [ -x "$HERE/stop.sh" ]; then BASE="$BASE" bash "$HERE/stop.sh" --quiet || true; fi
-for p in $CTLD_PORT $DBD_PORT $DB_PORT $(seq $SLURMD_PORT0 $((SLURMD_PORT0 + NODES - 1))); do
+ports=($CTLD_PORT $(seq $SLURMD_PORT0 $((SLURMD_PORT0 + NODES - 1)))); [ "$WITH_DBD" = 1 ] && ports+=($DBD_PORT $DB_PORT)
+for p in "${ports[@]}"; do
   if command -v ss >/dev/null && ss -ltnH "( sport = :$p )" 2>/dev/null | grep -q .; then die "port $p already in use: $(ss -ltnpH "( sport = :$p )")"; fi
 done
 rm -rf "$BASE"
 mkdir -p "$BASE"/{etc,state,spool,log,run,munge,dev,mysql}
 chmod 755 "$BASE" "$BASE/munge"   # munged insists the socket dir is world-executable
+touch "$MARKER"
+CHANGING=1
+UNDO=$BASE/undo   # what this start changed outside $BASE, one "<kind> <what>" per line, for stop.sh
+: > "$UNDO"
 
 cat > "$BASE/env.sh" <<EOF
 export SLURM_CONF=$CONF
 EOF
-# clients started without SLURM_CONF read /etc/slurm/slurm.conf (else: DNS SRV lookup, then fatal)
-if [ "$LINK_ETC_CONF" = 1 ] && { [ -L /etc/slurm/slurm.conf ] || [ ! -e /etc/slurm/slurm.conf ]; }; then
-  mkdir -p /etc/slurm && ln -sfn "$CONF" /etc/slurm/slurm.conf
+# clients started without SLURM_CONF read $ETC_CONF (else: DNS SRV lookup, then fatal);
+# a file or link already there (a real cluster's, another test cluster's) is left alone
+if [ "$LINK_ETC_CONF" = 1 ] && [ ! -e "$ETC_CONF" ] && [ ! -L "$ETC_CONF" ]; then
+  made=(); d=$(dirname "$ETC_CONF"); while [ ! -e "$d" ]; do made=("$d" "${made[@]}"); d=$(dirname "$d"); done
+  for d in "${made[@]}"; do mkdir "$d" && echo "dir $d" >> "$UNDO"; done   # outermost first: stop.sh removes them in reverse
+  ln -s "$CONF" "$ETC_CONF" && echo "link $ETC_CONF" >> "$UNDO"
 fi
 
 # ---------------------------------------------------------------- node names
-NODE_NAMES=(); for i in $(seq 1 "$NODES"); do NODE_NAMES+=("node$i"); done
+NODE_NAMES=(); for i in $(seq 1 "$NODES"); do NODE_NAMES+=("$NODE_PREFIX$i"); done
 if [ "$ADD_ETC_HOSTS" = 1 ]; then
   missing=(); for n in "${NODE_NAMES[@]}"; do getent hosts "$n" >/dev/null || missing+=("$n"); done
   if [ ${#missing[@]} -gt 0 ]; then
-    echo "127.0.0.1 ${missing[*]}  # slurm test cluster (start.sh)" >> /etc/hosts
+    line="127.0.0.1 ${missing[*]}  # slurm-localhost $BASE"
+    echo "$line" >> /etc/hosts && echo "hosts $line" >> "$UNDO"
     log "added to /etc/hosts: 127.0.0.1 ${missing[*]}"
   fi
 fi

@@ -1,12 +1,18 @@
 #!/usr/bin/env bash
-# stop.sh - stop the local cluster started by start.sh (same BASE).
-# Only PIDs recorded in $BASE/run/*.pid (checked against the expected program
-# name) and leftover job processes carrying SLURM_CONF=$BASE/etc/slurm.conf
-# in their environment are signalled.  Usage: bash stop.sh [--quiet] [--purge]
+# stop.sh - undo what start.sh did for the cluster in $BASE (same BASE), leaving the machine
+# as it was before: cancel its jobs, stop its daemons, kill leftover job processes, revert
+# what $BASE/undo records (its /etc/hosts line, its slurm.conf symlink and the directory made
+# for it), remove a policy-rc.d a killed start.sh left behind, and remove $BASE itself.
+#
+# Only PIDs recorded in $BASE/run/*.pid (checked against the expected program name) and
+# leftover job processes carrying SLURM_CONF=$BASE/etc/slurm.conf in their environment are
+# signalled. Running it again is a no-op.
+#
+# Usage: bash stop.sh [--quiet] [--keep]     (--keep: leave $BASE, its logs and state, for a look)
 set -u
 BASE=${BASE:-${TMPDIR:-/tmp}/llmexp-slurm}
-QUIET=0; PURGE=0
-for a in "$@"; do case $a in --quiet) QUIET=1;; --purge) PURGE=1;; esac; done
+QUIET=0; KEEP=0
+for a in "$@"; do case $a in --quiet) QUIET=1;; --keep) KEEP=1;; esac; done
 say() { [ "$QUIET" = 1 ] || echo "[slurm-localhost stop] $*"; }
 CONF=$BASE/etc/slurm.conf
 [ -d "$BASE/run" ] || { say "nothing to stop ($BASE/run missing)"; exit 0; }
@@ -58,5 +64,24 @@ for p in /proc/[0-9]*; do
   esac
   kill -KILL "$pid" 2>/dev/null && say "killed leftover $c ($pid)"
 done
-[ "$PURGE" = 1 ] && rm -rf "$BASE" && say "removed $BASE"
+# 4. what start.sh changed outside $BASE, newest first
+if [ -f "$BASE/undo" ]; then
+  tac "$BASE/undo" | while read -r kind what; do
+    case $kind in
+      hosts)  # rewritten in place: /etc/hosts is often a bind mount that cannot be replaced by a rename
+        if grep -qxF "$what" /etc/hosts; then
+          kept=$(grep -vxF "$what" /etc/hosts); printf '%s\n' "$kept" > /etc/hosts && say "removed from /etc/hosts: $what"
+        fi ;;
+      link) [ "$(readlink "$what" 2>/dev/null)" = "$CONF" ] && rm -f "$what" && say "removed the symlink $what" ;;
+      dir) rmdir "$what" 2>/dev/null && say "removed the directory $what" ;;
+    esac
+  done
+  rm -f "$BASE/undo"
+fi
+if grep -qs '^# slurm-localhost start.sh' /usr/sbin/policy-rc.d; then rm -f /usr/sbin/policy-rc.d && say "removed /usr/sbin/policy-rc.d"; fi
+if [ "$KEEP" = 1 ]; then
+  say "kept $BASE (logs, state)"
+elif [ -e "$BASE/.slurm-localhost" ] || [ -e "$BASE/run/settings" ]; then  # made by start.sh (now or before its marker)
+  rm -rf "$BASE" && say "removed $BASE"
+fi
 exit 0
