@@ -1,7 +1,8 @@
 """10 short jobs on the localhost Slurm: ``hydra/launcher=slurm`` vs plain ``sbatch --wrap`` in a loop.
 
-Run as root (the local Slurm's daemons run as root; the script starts it, and keeps one
-already running)::
+Run as root (the local Slurm's daemons run as root). A cluster already running is used and
+left running; otherwise the script starts one and stops it at the end (stop.sh leaves the
+machine as it was)::
 
     python benchmarks/bench_slurm_launcher.py              # 10 jobs, 2 rounds
     python benchmarks/bench_slurm_launcher.py --jobs 10 --rounds 3
@@ -22,6 +23,17 @@ Both are timed wall-clock from the first command to the last job's end, alternat
 order swapping each round. The headline is the launcher's extra time per job:
 (median launcher - median loop) / jobs. Every job of both must have written a completed
 results.json (exit 1 otherwise).
+
+A dead job
+----------
+``--dead-job-rounds`` (default 2) times, a job is cancelled (``scancel``) after it has run for
+``--dead-after`` seconds (default 20), and the time from the cancel to the moment it is reported
+is measured:
+
+* **launcher**: a one-job sweep of a long training run; until the sweep exits with code 1.
+* **submitit**: the same wait submitit alone gives (``job.result()`` of a submitted function),
+  which polls ``sacct`` at an interval growing with the time since the submission and then
+  waits 15 s for a result file.
 """
 
 from __future__ import annotations
@@ -39,8 +51,7 @@ from typing import List
 
 from machine_load import OtherLoad, describe
 
-REPO = Path(__file__).resolve().parents[1]
-START = REPO / "launchers" / "slurm-localhost" / "start.sh"
+from llmexp.launchers.slurm_localhost import localhost_slurm
 
 
 def tiny_checkpoint(workdir: Path) -> Path:
@@ -89,6 +100,45 @@ def sbatch_loop(workdir: Path, checkpoint: Path, jobs: int) -> float:
     return seconds
 
 
+def launcher_notices(workdir: Path, dead_after: float) -> float:
+    """Seconds from ``scancel`` of a running sweep job to the sweep's exit (code 1: failed)."""
+    sweep = workdir / "dead-launcher"
+    command = [sys.executable, "-m", "llmexp", "-m", "hydra/launcher=slurm", "cluster=localhost", "hardware=cpu",
+               "technique.max_steps=2000", f"hydra.sweep.dir={sweep}"]
+    sweep_process = subprocess.Popen(command, cwd=workdir, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    while not (sweep / "0" / "results.json").is_file():  # the job runs
+        if sweep_process.poll() is not None:
+            sys.exit(f"the sweep ended (exit code {sweep_process.returncode}) before its job started: {' '.join(command)}")
+        time.sleep(0.2)
+    time.sleep(dead_after)
+    (entry,) = json.loads((sweep / "jobs.json").read_text())
+    cancelled = time.perf_counter()
+    subprocess.run(["scancel", entry["slurm_job_id"]], check=True)
+    if sweep_process.wait() != 1:
+        sys.exit(f"the sweep of a cancelled job exited {sweep_process.returncode}, not 1")
+    return time.perf_counter() - cancelled
+
+
+def submitit_notices(workdir: Path, dead_after: float) -> float:
+    """Seconds from ``scancel`` of a running submitit job to ``job.result()`` raising."""
+    import submitit
+
+    executor = submitit.SlurmExecutor(folder=workdir / "dead-submitit" / "%j")
+    executor.update_parameters(partition="debug", time=60)
+    submitted = executor.submit(time.sleep, 3600)
+    while "RUNNING" not in subprocess.run(["squeue", "-h", "-j", submitted.job_id, "-o", "%T"],
+                                          capture_output=True, text=True).stdout:
+        time.sleep(0.2)
+    time.sleep(dead_after)
+    cancelled = time.perf_counter()
+    subprocess.run(["scancel", submitted.job_id], check=True)
+    try:
+        submitted.result()
+    except submitit.core.utils.UncompletedJobError:
+        return time.perf_counter() - cancelled
+    sys.exit("a cancelled submitit job returned a result")
+
+
 def check(directory: Path, jobs: int) -> None:
     statuses = [json.loads(p.read_text())["status"] for p in directory.glob("*/results.json")]
     if statuses != ["completed"] * jobs:
@@ -99,12 +149,15 @@ def main(argv: List[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n", 1)[0])
     parser.add_argument("--jobs", type=int, default=10)
     parser.add_argument("--rounds", type=int, default=2)
+    parser.add_argument("--dead-job-rounds", type=int, default=2)
+    parser.add_argument("--dead-after", type=float, default=20.0, help="seconds a job runs before it is cancelled")
     args = parser.parse_args(argv)
-    started = subprocess.run(["bash", str(START)], capture_output=True, text=True)
-    if started.returncode != 0:
-        sys.exit(f"{START} failed:\n{started.stdout[-2000:]}{started.stderr[-2000:]}")
-    os.environ.setdefault("SLURM_CONF", f"{os.environ.get('TMPDIR', '/tmp')}/llmexp-slurm/etc/slurm.conf")
+    with localhost_slurm() as environment:
+        os.environ.update(environment)
+        return measure(args)
 
+
+def measure(args) -> int:
     times = {"launcher": [], "sbatch loop": []}
     load = OtherLoad().start()
     with tempfile.TemporaryDirectory(prefix="bench-slurm-") as tmp:
@@ -122,6 +175,18 @@ def main(argv: List[str] | None = None) -> int:
     print(f"hydra/launcher=slurm:  {launcher:6.1f} s  ({launcher / args.jobs:.2f} s per job)")
     print(f"sbatch --wrap loop:    {loop:6.1f} s  ({loop / args.jobs:.2f} s per job)")
     print(f"launcher overhead: {(launcher - loop) / args.jobs:+.2f} s per job; launcher / loop = {launcher / loop:.2f}x")
+    noticed = {"launcher": [], "submitit": []}
+    with tempfile.TemporaryDirectory(prefix="bench-slurm-dead-") as tmp:
+        for round_ in range(args.dead_job_rounds):
+            for side, notices in (("launcher", launcher_notices), ("submitit", submitit_notices)):
+                workdir = Path(tmp) / f"round{round_}"
+                workdir.mkdir(exist_ok=True)
+                noticed[side].append(notices(workdir, args.dead_after))
+                print(f"dead job, round {round_ + 1}: {side:8s} noticed it {noticed[side][-1]:5.1f} s after scancel", flush=True)
+    if args.dead_job_rounds:
+        print(f"a job cancelled after {args.dead_after:g} s of running is reported, median of {args.dead_job_rounds}: "
+              f"launcher {statistics.median(noticed['launcher']):.1f} s, "
+              f"submitit's own wait {statistics.median(noticed['submitit']):.1f} s")
     print(f"other processes kept {describe(load.cores())} of {os.cpu_count()} cores busy meanwhile")
     return 0
 

@@ -8,43 +8,53 @@ adds is the submitting half:
   cluster profile (``cluster=<name>``, conf/cluster/) does not map, is skipped with its
   reason (its results.json says so) before anything is submitted;
 - the rest are grouped by their Slurm resources (partition, constraint, GPU type and count,
-  nodes and tasks from ``parallelism``), and each group is submitted as one job array with a
-  fresh executor (submitit's parameters accumulate otherwise);
-- ``dry_run`` prints each group's sbatch header as submitit would write it, and submits nothing;
-- ``detach`` submits, writes ``submitted.json`` and returns; ``llmexp gather <sweep dir>`` collects;
-- otherwise it waits, and a job that fails is reported failed with its error and logs while
-  the rest go on (``launchers.sweep_jobs``).
+  nodes and tasks from ``parallelism``), and each group is submitted with a fresh executor
+  (submitit's parameters accumulate otherwise): as a job array, or as a plain job when the
+  group has one job, as submitit does;
+- ``dry_run`` prints each group's sbatch script exactly as submitit will write it, and submits nothing;
+- jobs.json (``launchers.sweep_jobs``) is written as each group is submitted and rewritten as
+  jobs start and end, so no submitted job goes unrecorded; if anything goes wrong after the
+  first submission the sweep prints the exact commands that follow or cancel its jobs;
+- ``detach`` submits and returns; ``llmexp gather <sweep dir>`` collects;
+- otherwise it asks Slurm every few seconds (``launchers.slurm_queue``), reports each job as
+  it ends (a cancelled or killed one with Slurm's state and exit code), returns once Slurm no
+  longer lists any of them, and exits 1 if any failed.
 
-In the job, a multi-task job gets torch.distributed's variables from Slurm's, and the
-preemption signal goes through ``llmexp.preemption`` so training checkpoints at a step
-boundary before submitit requeues the job.
+In the job, a multi-task job gets torch.distributed's variables from Slurm's, the preemption
+signal goes through ``llmexp.preemption`` so training checkpoints at a step boundary before
+submitit requeues the job, and a run that failed raises after recording its results, so the
+job exits non-zero: ``sacct`` shows it FAILED and ``--dependency=afterok`` chains stop.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import os
-import shlex
 import shutil
 import signal
 import sys
+import time
 from collections import defaultdict
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, List, Sequence, Tuple
+from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
 
+from llmexp.launchers import slurm_queue
 from llmexp.launchers.placement import SlurmResources, missing_cluster, slurm_resources
-from llmexp.launchers.sweep_jobs import SUBMITTED_FILE, SweepJob, exit_code, observe, submitted, write_summary
+from llmexp.launchers.sweep_jobs import NEVER_SUBMITTED, UNFINISHED, SweepJob, finish, observe, submitted, write_jobs
 from llmexp import console, preemption
 from llmexp.errors import EXIT_USER_ERROR
+from llmexp.failure import reason_of
 from llmexp.planner import make_plan
-from llmexp.results import RunRecord, write_json_atomic
+from llmexp.results import RunRecord, read_results
 
-POLL_SECONDS = 1.0  # how often a waiting sweep asks whether a job ended
+
+class RunFailed(RuntimeError):
+    """The job's run failed (its results.json says why); raised so that the job exits non-zero."""
 
 
 class SlurmLauncher(BaseSubmititLauncher):
@@ -62,7 +72,15 @@ class SlurmLauncher(BaseSubmititLauncher):
             args = ([*args[0], "hydra.output_subdir=null"], *args[1:])
         stop_signal = environment._usr_sig()  # submitit's preemption/timeout signal (USR2 unless configured)
         preemption.install(stop_signal, signal.getsignal(stop_signal))
-        return super().__call__(*args, **kwargs)
+        done = super().__call__(*args, **kwargs)
+        if done.return_value == "failed":  # an error the task raised is raised by return_value itself
+            run_dir = done.hydra_cfg.hydra.runtime.output_dir
+            try:
+                reason = read_results(run_dir)["reason"]
+            except (OSError, ValueError, KeyError):  # a rank other than 0 of a job whose rank 0 wrote nothing
+                reason = f"the run in {run_dir} failed"
+            raise RunFailed(reason)
+        return done
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
         from submitit.core.utils import FailedJobError
@@ -78,26 +96,24 @@ class SlurmLauncher(BaseSubmititLauncher):
         for job, cfg, reason in skipped:
             RunRecord.start(job.run_dir, cfg).finish("skipped", reason).write()
             job.status, job.reason = "skipped", reason
-        try:
-            slurm_jobs = self._submit(groups)
-        except FailedJobError as error:  # sbatch refused: no controller, an unknown partition, a bad gres ...
-            console.error(f"Slurm refused the submission: {str(error).strip()} Check the cluster profile "
-                          f"(cluster={self.config.cluster.name}) against `sinfo`, and that `sbatch` works here.")
-            sys.exit(1)
-        if self.params["detach"]:
-            write_json_atomic(
-                sweep_dir / SUBMITTED_FILE,
-                {"submitit_folder": self._folder(), "jobs": [dataclasses.asdict(job) for job in jobs]},
-            )
-            console.err.print(
-                f"submitted {len(slurm_jobs)} job(s) to Slurm, skipped {len(skipped)}; collect them with "
-                f"`llmexp gather {sweep_dir}`", highlight=False, soft_wrap=True,
-            )
-            return [_job_return(job) for job in jobs]
-        self._wait(slurm_jobs)
-        write_summary(sweep_dir, jobs)
-        if exit_code(jobs):
-            console.warn("some jobs failed; see the table above and jobs.json")
+        with _nothing_orphaned(sweep_dir, jobs):
+            try:
+                self._submit(sweep_dir, jobs, groups)
+            except FailedJobError as error:  # sbatch refused: no controller, an unknown partition, a bad gres ...
+                console.error(f"Slurm refused the submission: {' '.join(str(error).split())} Check the cluster profile "
+                              f"(cluster={self.config.cluster.name}) against `sinfo`, and that `sbatch` works here.")
+                raise SystemExit(1) from None
+            if self.params["detach"]:
+                console.err.print(
+                    f"submitted {sum(job.slurm_job_id is not None for job in jobs)} job(s) to Slurm, skipped "
+                    f"{len(skipped)}; they are recorded in {sweep_dir / 'jobs.json'}; collect them with "
+                    f"`llmexp gather {sweep_dir}`", highlight=False, soft_wrap=True,
+                )
+                return [_job_return(job) for job in jobs]
+            self._wait(sweep_dir, jobs)
+        code = finish(sweep_dir, jobs)
+        if code:
+            raise SystemExit(code)
         return [_job_return(job) for job in jobs]
 
     def _place(self, job_overrides, initial_job_idx):
@@ -110,7 +126,7 @@ class SlurmLauncher(BaseSubmititLauncher):
             sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
             with open_dict(sweep_config.hydra.job):
                 sweep_config.hydra.job.num = num
-            run_dir = str(Path(sweep_config.hydra.sweep.dir) / str(sweep_config.hydra.sweep.subdir))
+            run_dir = str((Path(sweep_config.hydra.sweep.dir) / str(sweep_config.hydra.sweep.subdir)).absolute())
             cfg = OmegaConf.masked_copy(sweep_config, [key for key in sweep_config if key != "hydra"])
             problem = missing_cluster(cfg)  # caught by preflight when the command line names the launcher
             if problem:
@@ -138,55 +154,95 @@ class SlurmLauncher(BaseSubmititLauncher):
             **resources.sbatch_parameters(),
         }
 
-    def _folder(self) -> str:
-        return str(self.params["submitit_folder"])
-
-    def _submit(self, groups) -> List[Tuple[SweepJob, Any]]:
-        """Each group as one job array, from a fresh executor: submitit's parameters accumulate otherwise."""
+    def _executor(self, resources: SlurmResources, size: int):
+        """A fresh executor for one group: submitit's parameters accumulate otherwise."""
         import submitit
 
-        slurm_jobs = []
+        executor = submitit.SlurmExecutor(
+            folder=str(self.params["submitit_folder"]), max_num_timeout=self.params["max_num_timeout"])
+        executor.update_parameters(**self._sbatch_parameters(resources, size))
+        return executor
+
+    def _submit(self, sweep_dir: Path, jobs: List[SweepJob], groups) -> None:
+        """Each group in one sbatch call; jobs.json records its jobs as soon as Slurm has taken them."""
         for resources, members in groups.items():
-            executor = submitit.SlurmExecutor(folder=self._folder(), max_num_timeout=self.params["max_num_timeout"])
-            executor.update_parameters(**self._sbatch_parameters(resources, len(members)))
             arguments = zip(*[call for _, call in members])
-            for (job, _), slurm_job in zip(members, executor.map_array(self, *arguments)):
-                slurm_jobs.append((submitted(job, slurm_job), slurm_job))
-                console.err.print(f"#{job.num} {' '.join(job.overrides)} -> Slurm job {slurm_job.job_id}", highlight=False)
-        return slurm_jobs
+            for (job, _), slurm_job in zip(members, self._executor(resources, len(members)).map_array(self, *arguments)):
+                submitted(job, slurm_job)
+                console.err.print(f"#{job.num} {' '.join(job.overrides)} -> Slurm job {job.slurm_job_id}",
+                                  highlight=False, soft_wrap=True)
+            write_jobs(sweep_dir, jobs)
 
-    def _wait(self, slurm_jobs) -> None:
-        """Until every job has ended; each is reported as it ends (progress on stderr)."""
-        import submitit
-
-        by_id = {id(slurm_job): job for job, slurm_job in slurm_jobs}
-        ended = 0
-        for slurm_job in submitit.helpers.as_completed([s for _, s in slurm_jobs], poll_frequency=POLL_SECONDS):
-            job = observe(by_id[id(slurm_job)], slurm_job)
-            ended += 1
-            console.err.print(
-                f"[{ended}/{len(slurm_jobs)}] #{job.num} {' '.join(job.overrides)}: {job.status}"
-                + (f" ({job.reason})" if job.status == "failed" else ""), highlight=False, soft_wrap=True,
-            )
+    def _wait(self, sweep_dir: Path, jobs: List[SweepJob]) -> None:
+        """Until Slurm lists none of the jobs; each is reported as it ends, jobs.json rewritten on every change."""
+        waiting = [job for job in jobs if job.status in UNFINISHED]
+        total, unreachable = len(waiting), None
+        while waiting:
+            time.sleep(slurm_queue.POLL_SECONDS)
+            try:
+                states = slurm_queue.query(job.slurm_job_id for job in waiting)
+            except slurm_queue.SlurmUnreachable as error:  # a controller restarting: ask again, say so once
+                if str(error) != unreachable:
+                    console.warn(f"{error}; asking again every {slurm_queue.POLL_SECONDS:g} s")
+                unreachable = str(error)
+                continue
+            changed = False
+            for job in list(waiting):
+                before = (job.status, job.node, job.slurm_state)
+                observe(job, states.get(job.slurm_job_id))
+                changed |= (job.status, job.node, job.slurm_state) != before
+                if job.status not in UNFINISHED:
+                    waiting.remove(job)
+                    console.err.print(
+                        f"[{total - len(waiting)}/{total}] #{job.num} {' '.join(job.overrides)}: {job.status}"
+                        + (f" ({job.reason})" if job.status == "failed" else ""), highlight=False, soft_wrap=True,
+                    )
+            if changed:
+                write_jobs(sweep_dir, jobs)
 
     def _print_dry_run(self, groups, skipped) -> None:
-        """Each group's sbatch script as submitit writes it, from the same parameters; needs no Slurm here."""
-        from submitit.slurm.slurm import _make_sbatch_string
-
-        # The command submitit's SlurmExecutor puts in every script (its _submitit_command_str).
-        command = f"{shlex.quote(sys.executable)} -u -m submitit.core._submit {shlex.quote(self._folder())}"
-        for resources, members in groups.items():
-            parameters = self._sbatch_parameters(resources, len(members))
-            script = _make_sbatch_string(command=command, folder=self._folder(), map_count=len(members), **parameters)
-            console.out.print(f"job array of {len(members)}:", highlight=False)
-            for line in script.splitlines():
-                if line.startswith("#SBATCH") or line.startswith("srun"):
-                    console.out.print(f"  {line}", highlight=False, soft_wrap=True)
+        """Each group's sbatch script as submitit will write it (the same executor and call); needs no Slurm here."""
+        count = len(groups)
+        for number, (resources, members) in enumerate(groups.items(), start=1):
+            executor = self._executor(resources, len(members))
+            if len(members) > 1:  # submitit submits a group of one as a plain job, more as an array
+                executor.parameters["map_count"] = len(members)
+            kind = f"a job array of {len(members)}" if len(members) > 1 else "a single job"
+            console.out.print(f"sbatch script {number} of {count}, {kind}:", highlight=False)
+            console.out.print(executor._make_submission_file_text(executor._submitit_command_str, "dry-run"),
+                              highlight=False, soft_wrap=True)
             for index, (job, _) in enumerate(members):
-                console.out.print(f"  [{index}] #{job.num} {' '.join(job.overrides)}", highlight=False, soft_wrap=True)
+                task = f"array task {index}: " if len(members) > 1 else ""
+                console.out.print(f"  {task}#{job.num} {' '.join(job.overrides)}", highlight=False, soft_wrap=True)
         for job, _, reason in skipped:
             console.out.print(f"skipped #{job.num} {' '.join(job.overrides)}: {reason}", highlight=False, soft_wrap=True)
-        console.out.print("dry run: nothing submitted", highlight=False)
+        console.out.print(f"dry run: {count} sbatch script(s) for {sum(len(m) for m in groups.values())} job(s); "
+                          "nothing submitted", highlight=False)
+
+
+@contextmanager
+def _nothing_orphaned(sweep_dir: Path, jobs: List[SweepJob]) -> Iterator[None]:
+    """If the sweep stops early (an error, Ctrl-C), its submitted jobs are on record and the user learns how to reach them."""
+    try:
+        yield
+    except BaseException as error:
+        running = [job for job in jobs if job.slurm_job_id is not None and job.status in UNFINISHED]
+        if not running:
+            raise
+        for job in jobs:
+            if job.slurm_job_id is None and job.status == "pending":
+                job.status, job.reason = "failed", NEVER_SUBMITTED
+        write_jobs(sweep_dir, jobs)
+        parents = " ".join(dict.fromkeys(job.slurm_job_id.split("_")[0] for job in running))
+        why = "" if isinstance(error, (KeyboardInterrupt, SystemExit)) else f" ({reason_of(error)})"
+        console.error(
+            f"the sweep stopped{why} with {len(running)} submitted job(s) not yet ended; Slurm still runs them and "
+            f"{sweep_dir / 'jobs.json'} records them. Follow them with `llmexp gather {sweep_dir}`, or cancel them "
+            f"with `scancel {parents}`."
+        )
+        if isinstance(error, KeyboardInterrupt):
+            raise SystemExit(130) from None
+        raise
 
 
 def _remove_sweep_dir(sweep_dir: Path) -> None:

@@ -1,26 +1,44 @@
-"""What became of each job of a Slurm sweep: ``<sweep dir>/jobs.json`` and the console table.
+"""What became of each point of a sweep: ``<sweep dir>/jobs.json``, the console table and the exit code.
 
-A job's own ``results.json`` (written by the job) says completed, skipped or failed. Slurm
-and submitit say what the job cannot: that it was killed, cancelled or timed out without a
-requeue, or never started. Such a job is failed with submitit's error and its log files,
-never completed, and a ``results.json`` it left as ``running`` is rewritten as failed.
-The blocking launcher and ``llmexp gather`` (for a detached sweep) both end here.
+One record for every sweep, whoever ran its jobs. The Slurm launcher writes jobs.json as it
+submits (each job's Slurm id and log files as soon as sbatch returns it) and rewrites it as
+jobs start and end; ``llmexp gather`` picks it up from there; a multirun on this machine
+(Hydra's basic or joblib launcher) writes it from its jobs' directories when it ends
+(``SweepSummary``).
+
+A job's own ``results.json`` (written by the job from its first second) says completed,
+skipped or failed. Slurm says what the job cannot: that it was cancelled, killed (SIGKILL,
+the OOM killer), lost with its node or timed out without a requeue. Such a job is failed with
+Slurm's state and exit code as its reason, never completed, and a ``results.json`` it left
+as ``running`` is rewritten as failed.
+
+The exit code, the same for a multirun and for gather (``exit_code``): 0 when every point
+completed or was skipped by the planner, 1 when any failed, 3 while any has not ended.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import json
+import pickle
+import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence
 
+from hydra.experimental.callback import Callback
 from rich.table import Table
+from rich.text import Text
 
 from llmexp import console
-from llmexp.results import RunRecord, read_results, write_json_atomic
+from llmexp.failure import last_error_line, one_line
+from llmexp.launchers.slurm_queue import SlurmJobState
+from llmexp.results import RESULTS_FILE, RunRecord, read_results, write_json_atomic
 
-SUBMITTED_FILE = "submitted.json"  # a detached sweep's jobs, for `llmexp gather`
-JOBS_FILE = "jobs.json"  # the sweep's outcome per job
+JOBS_FILE = "jobs.json"
 UNFINISHED = ("pending", "running")
+WAITING_STATES = ("PENDING", "REQUEUED", "REQUEUE_HOLD", "REQUEUE_FED")  # Slurm's states of a job not yet started again
+EXIT_FAILED, EXIT_UNFINISHED = 1, 3
+NEVER_SUBMITTED = "never submitted: the sweep stopped before it reached this job"
 
 
 @dataclasses.dataclass
@@ -31,11 +49,13 @@ class SweepJob:
     overrides: List[str]
     run_dir: str
     status: str = "pending"  # pending | running | completed | skipped | failed
-    reason: Optional[str] = None
+    reason: Optional[str] = None  # why it was skipped or failed, on one line
     slurm_job_id: Optional[str] = None
     node: Optional[str] = None
+    slurm_state: Optional[str] = None  # Slurm's last word on it: RUNNING, COMPLETED, FAILED, CANCELLED by 0 ...
+    exit_code: Optional[str] = None  # code:signal, once Slurm says it ended
     restarts: int = 0
-    stdout: Optional[str] = None
+    stdout: Optional[str] = None  # the job's log files (its full traceback, when it failed)
     stderr: Optional[str] = None
     resources: Optional[Dict[str, Any]] = None
 
@@ -51,21 +71,26 @@ def submitted(job: SweepJob, slurm_job) -> SweepJob:
     return job
 
 
-def observe(job: SweepJob, slurm_job) -> SweepJob:
-    """Update ``job`` from Slurm (through submitit) and from its results.json, once it has ended."""
-    if not slurm_job.done(force_check=True):
-        job.status = "running" if slurm_job.state in ("RUNNING", "COMPLETING") else "pending"
+def observe(job: SweepJob, slurm: Optional[SlurmJobState]) -> SweepJob:
+    """Update ``job`` from what Slurm says of it now and, once it has ended, from its results.json."""
+    if job.slurm_job_id is None:  # the sweep stopped before submitting it
+        job.status, job.reason = "failed", NEVER_SUBMITTED
         return job
-    error = slurm_job.exception()
+    if slurm is None:
+        return job
+    job.node, job.slurm_state = slurm.node or job.node, slurm.state
+    if not slurm.ended:
+        job.status = "pending" if (slurm.state or "").split(" ")[0] in WAITING_STATES else "running"
+        return job
+    job.exit_code = slurm.exit_code
     results = _results(job.run_dir)
-    slurm = (results or {}).get("environment", {}).get("slurm") or {}
-    job.node, job.restarts = slurm.get("node"), int(slurm.get("restart_count") or 0)
-    if error is None and results is not None and results["status"] != "running":
+    placed = (results or {}).get("environment", {}).get("slurm") or {}
+    job.node, job.restarts = job.node or placed.get("node"), int(placed.get("restart_count") or 0)
+    if results is not None and results["status"] != "running":
         job.status, job.reason = results["status"], results.get("reason")
         return job
-    job.status = "failed"
-    job.reason = _failure(error, results) + f" (logs: {job.stderr})"
-    if results is not None and results["status"] == "running":  # killed mid-way: never leave it "running"
+    job.status, job.reason = "failed", _failure(job, slurm)
+    if results is not None:  # killed mid-way: never leave it "running"
         RunRecord.load(job.run_dir).finish("failed", job.reason).write()
     return job
 
@@ -77,35 +102,108 @@ def _results(run_dir: str) -> Optional[Dict[str, Any]]:
         return None
 
 
-def _failure(error: Optional[BaseException], results: Optional[Dict[str, Any]]) -> str:
-    """One line: the job's last error line from submitit's message (which holds the remote traceback)."""
-    if error is None:
-        return "the job ended without finishing its run (results.json " + ("missing)" if results is None else "says running)")
-    lines = [line.strip() for line in str(error).splitlines() if line.strip()]
-    tail = [line for line in lines if not line.startswith(("File ", "^", "Traceback", "raise "))]
-    return f"{type(error).__name__}: {tail[-1] if tail else lines[-1] if lines else ''}"
+def _failure(job: SweepJob, slurm: SlurmJobState) -> str:
+    """Why a job ended without finishing its run: the error it raised, else Slurm's state and exit code."""
+    try:  # the traceback submitit saved when the job raised outside the run (its result file, task 0)
+        with open(Path(job.stdout).parent / f"{job.slurm_job_id}_0_result.pkl", "rb") as handle:
+            outcome, detail = pickle.load(handle)
+    except (OSError, TypeError, ValueError, EOFError, pickle.UnpicklingError):
+        outcome = None
+    if outcome == "error":
+        return one_line(f"{last_error_line(detail)} ({slurm.describe()})")
+    return slurm.describe()
 
 
-def write_summary(sweep_dir: Path, jobs: Sequence[SweepJob]) -> Path:
-    """``<sweep_dir>/jobs.json`` (atomically) and the table on the console."""
-    path = write_json_atomic(Path(sweep_dir) / JOBS_FILE, [dataclasses.asdict(job) for job in jobs])
+def write_jobs(sweep_dir: Path | str, jobs: Sequence[SweepJob]) -> Path:
+    """``<sweep_dir>/jobs.json``, atomically: readers see the previous version or this one."""
+    return write_json_atomic(Path(sweep_dir) / JOBS_FILE, [dataclasses.asdict(job) for job in jobs])
+
+
+def read_jobs(sweep_dir: Path | str) -> List[SweepJob]:
+    """The jobs of ``<sweep_dir>/jobs.json``; ``OSError``/``ValueError`` when it is missing or unreadable."""
+    return [SweepJob.from_dict(entry) for entry in json.loads((Path(sweep_dir) / JOBS_FILE).read_text())]
+
+
+def finish(sweep_dir: Path | str, jobs: Sequence[SweepJob]) -> int:
+    """Write jobs.json, print the table and what it means; the exit code (``exit_code``)."""
+    path = write_jobs(sweep_dir, jobs)
+    _print_table(path, jobs)
+    code = exit_code(jobs)
+    counts = {status: sum(job.status == status for job in jobs) for status in ("failed", *UNFINISHED)}
+    if code == EXIT_UNFINISHED:
+        console.warn(f"{counts['pending'] + counts['running']} of {len(jobs)} jobs have not ended yet ("
+                     f"{counts['pending']} pending, {counts['running']} running, {counts['failed']} failed so far); "
+                     f"run `llmexp gather {sweep_dir}` again later (exit code 3 until every job has ended).")
+    elif code == EXIT_FAILED:
+        console.error(f"{counts['failed']} of {len(jobs)} jobs failed; the table says which and why, {path} too, "
+                      "and each failed run's error_log (or its Slurm log) has the traceback.")
+    return code
+
+
+def _print_table(path: Path, jobs: Sequence[SweepJob]) -> None:
+    """One row per job; the columns no job has a value for (the Slurm ones on this machine) are left out."""
+    columns = {
+        "#": lambda job: str(job.num), "overrides": lambda job: " ".join(job.overrides),
+        "status": lambda job: Text(job.status, style=_COLOURS.get(job.status, "cyan")),
+        "slurm job": lambda job: job.slurm_job_id, "node": lambda job: job.node,
+        "slurm state": lambda job: " ".join(filter(None, (job.slurm_state, job.exit_code))) or None,
+        "reason": lambda job: job.reason,
+    }
+    shown = [name for name, cell in columns.items() if any(cell(job) for job in jobs)]
     table = Table(title=f"Jobs ({path})", title_justify="left")
-    for column in ("#", "overrides", "status", "slurm job", "node", "reason"):
-        table.add_column(column)
-    colours = {"completed": "green", "failed": "red", "skipped": "yellow"}
+    for name in shown:
+        table.add_column(name, overflow="fold")
     for job in jobs:
-        colour = colours.get(job.status, "cyan")
-        table.add_row(
-            str(job.num), " ".join(job.overrides), f"[{colour}]{job.status}[/{colour}]",
-            job.slurm_job_id or "", job.node or "", job.reason or "",
-        )
+        table.add_row(*(columns[name](job) or "" for name in shown))
     console.out.print(table)
-    return path
+
+
+_COLOURS = {"completed": "green", "failed": "red", "skipped": "yellow"}
 
 
 def exit_code(jobs: Sequence[SweepJob]) -> int:
-    """0: every job completed or was skipped; 1: some failed; 3: none failed but some have not ended."""
+    """0: every job completed or was skipped; 3: some have not ended (whatever the others did); 1: some failed."""
     statuses = {job.status for job in jobs}
-    if "failed" in statuses:
-        return 1
-    return 3 if statuses.intersection(UNFINISHED) else 0
+    if statuses.intersection(UNFINISHED):
+        return EXIT_UNFINISHED
+    return EXIT_FAILED if "failed" in statuses else 0
+
+
+class SweepSummary(Callback):
+    """A multirun on this machine (Hydra's basic or joblib launcher): jobs.json, the table and the exit code at its end.
+
+    Its jobs wrote their results.json in their own directories; those this multirun made
+    (since it started) are its points. A job whose results.json is missing or still says
+    ``running`` ended without finishing its run: it is failed. The Slurm launcher keeps its
+    own jobs.json and is left alone here.
+    """
+
+    def on_multirun_start(self, config, **kwargs: Any) -> None:
+        self.started = time.time() - 1.0  # file times are whole seconds on some filesystems
+
+    def on_multirun_end(self, config, **kwargs: Any) -> None:
+        if str(config.hydra.launcher.get("_target_", "")).endswith("llmexp_launchers.SlurmLauncher"):
+            return
+        sweep_dir = Path(str(config.hydra.sweep.dir))
+        jobs = [_local_job(hydra_dir.parent) for hydra_dir in sweep_dir.rglob(".hydra")
+                if (hydra_dir / "overrides.yaml").is_file() and (hydra_dir / "overrides.yaml").stat().st_mtime >= self.started]
+        code = finish(sweep_dir, sorted(jobs, key=lambda job: job.num))
+        if code:
+            raise SystemExit(code)
+
+
+def _local_job(run_dir: Path) -> SweepJob:
+    """A job of a multirun on this machine, from Hydra's record of it and its results.json."""
+    from omegaconf import OmegaConf
+
+    hydra = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra
+    job = SweepJob(int(hydra.job.num), list(hydra.overrides.task), str(run_dir.absolute()))
+    results = _results(str(run_dir))
+    if results is not None and results["status"] != "running":
+        job.status, job.reason = results["status"], results.get("reason")
+        return job
+    job.status = "failed"
+    job.reason = f"the job ended without finishing its run ({RESULTS_FILE} {'missing' if results is None else 'says running'})"
+    if results is not None:
+        RunRecord.load(run_dir).finish("failed", job.reason).write()
+    return job

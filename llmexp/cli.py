@@ -57,6 +57,10 @@ SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {
     "plan": _plan, "plugins": _plugins, "gather": _gather, "report": _report, "serve": _serve,
 }
 
+# Every multirun ends with jobs.json, the jobs table and the sweep's exit code (launchers.sweep_jobs);
+# Hydra's callbacks are its hook for the end of a multirun, and a run without -m never calls it.
+SWEEP_SUMMARY = ["+hydra.callbacks.sweep_summary._target_=llmexp.launchers.sweep_jobs.SweepSummary"]
+
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -69,7 +73,7 @@ def main(argv: Optional[List[str]] = None) -> None:
     except UserError as error:
         console.error(str(error))
         sys.exit(EXIT_USER_ERROR)
-    sys.argv = [sys.argv[0], *with_implied_pipeline(argv)]
+    sys.argv = [sys.argv[0], *with_implied_pipeline(argv), *SWEEP_SUMMARY]
     register_launchers()
     hydra_entry()
 
@@ -111,11 +115,12 @@ def preflight(argv: List[str]) -> None:
 
 
 @hydra.main(version_base="1.3", config_path="pkg://llmexp.conf", config_name=CONFIG_NAME)
-def hydra_entry(cfg: DictConfig) -> None:
+def hydra_entry(cfg: DictConfig) -> Optional[str]:
     """One job: on every rank its parallelism asks for (``llmexp.distributed`` starts them when no launcher did).
 
-    In a multirun, a job whose ranks failed is reported and the sweep goes on; its rank 0
-    recorded the failure in the job's results.json when it could.
+    Returns the run's status (``completed``, ``skipped``, ``failed``; ``running`` on ranks
+    other than 0, which record nothing). In a multirun, a job whose ranks failed is reported
+    and the sweep goes on; its rank 0 recorded the failure in the job's results.json when it could.
     """
     from llmexp.runner import run_experiment
 
@@ -123,15 +128,15 @@ def hydra_entry(cfg: DictConfig) -> None:
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
     try:
-        run_job(cfg, run_experiment, cfg, run_dir, multirun)
+        return run_job(cfg, run_experiment, cfg, run_dir, multirun).status
     except (UserError, RankFailed) as error:
         if multirun:
             console.warn(f"failed: {run_dir}: {error}")
-        elif isinstance(error, UserError):
+            return "failed"
+        if isinstance(error, UserError):
             console.error(str(error))
             sys.exit(EXIT_USER_ERROR)
-        else:
-            raise
+        raise
 
 
 if __name__ == "__main__":

@@ -1,16 +1,16 @@
-"""``llmexp gather <sweep dir>``: the outcome of a sweep submitted with ``hydra.launcher.detach=true``.
+"""``llmexp gather <sweep dir>``: where a Slurm sweep's jobs stand, from its ``jobs.json``.
 
-Asks Slurm (through submitit) about every job the sweep's ``submitted.json`` lists, reads
-the results each finished job wrote into its own directory, marks a job that died as failed
-with its error and logs, and writes ``<sweep dir>/jobs.json`` and the table. Run it again
-while jobs are pending or running; exit code 0: all completed or skipped, 1: some failed,
-3: none failed yet but some have not ended.
+For a sweep submitted with ``hydra.launcher.detach=true``, or one whose launcher stopped
+early: asks Slurm once about every job not yet ended, reads the results each finished job
+wrote into its own directory, marks a job that died as failed with Slurm's state and exit
+code, and rewrites ``<sweep dir>/jobs.json`` and the table. Run it again while jobs are
+pending or running. Exit code 0: every job completed or was skipped, 1: some failed,
+3: some have not ended yet (whatever the others did), 2: no jobs.json there or no Slurm to ask.
 """
 
 from __future__ import annotations
 
 import argparse
-import json
 from pathlib import Path
 from typing import List
 
@@ -19,26 +19,24 @@ from llmexp.errors import UserError
 
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="llmexp gather", description=__doc__.split("\n", 1)[0])
-    parser.add_argument("sweep_dir", type=Path, help="the sweep directory a detached `llmexp -m` printed")
+    parser.add_argument("sweep_dir", type=Path, help="the sweep directory `llmexp -m hydra/launcher=slurm ...` printed")
     args = parser.parse_args(argv)
 
-    import submitit
+    from llmexp.launchers import slurm_queue
+    from llmexp.launchers.sweep_jobs import JOBS_FILE, UNFINISHED, finish, observe, read_jobs
 
-    from llmexp.launchers.sweep_jobs import SUBMITTED_FILE, SweepJob, exit_code, observe, write_summary
-
-    record = args.sweep_dir / SUBMITTED_FILE
     try:
-        submitted = json.loads(record.read_text())
-    except (OSError, ValueError) as error:
+        jobs = read_jobs(args.sweep_dir)
+    except (OSError, ValueError, TypeError) as error:
         raise UserError(
-            f"{record} cannot be read ({error}); give the directory of a sweep submitted with "
-            "`hydra/launcher=slurm hydra.launcher.detach=true` (it holds submitted.json)."
+            f"{args.sweep_dir / JOBS_FILE} cannot be read ({error}); give the directory of a sweep submitted with "
+            "`hydra/launcher=slurm` (it holds jobs.json from the first submission on)."
         ) from None
-    jobs = []
-    for entry in submitted["jobs"]:
-        job = SweepJob.from_dict(entry)
-        if job.slurm_job_id is not None:  # skipped before submission: its record stands
-            job = observe(job, submitit.SlurmJob(folder=submitted["submitit_folder"], job_id=job.slurm_job_id))
-        jobs.append(job)
-    write_summary(args.sweep_dir, jobs)
-    return exit_code(jobs)
+    waiting = [job for job in jobs if job.status in UNFINISHED]
+    try:
+        states = slurm_queue.query(job.slurm_job_id for job in waiting if job.slurm_job_id is not None)
+    except slurm_queue.SlurmUnreachable as error:
+        raise UserError(f"{error}; run gather where `squeue` and `sacct` reach the sweep's cluster (SLURM_CONF).") from None
+    for job in waiting:
+        observe(job, states.get(job.slurm_job_id))
+    return finish(args.sweep_dir, jobs)

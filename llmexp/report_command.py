@@ -87,9 +87,10 @@ def find_runs(dirs: Sequence[Path]) -> Tuple[List[Tuple[Path, Dict[str, Any]]], 
         for hydra_dir in sorted(root.rglob(".hydra"), key=_natural):
             if str(hydra_dir.parent) not in known and (hydra_dir / "overrides.yaml").is_file():
                 missing.append({"run": str(hydra_dir.parent), "status": "failed", "reason": "no results.json: the job ended before writing it"})
-        for jobs_file in root.rglob("jobs.json"):
+        recorded = {run_dir.absolute() for run_dir, _ in runs}
+        for jobs_file in root.rglob("jobs.json"):  # a sweep's record of its jobs (absolute run directories)
             for job in json.loads(jobs_file.read_text()):
-                if job.get("status") != "completed" and str(job.get("run_dir")) not in known:
+                if job.get("status") != "completed" and Path(str(job.get("run_dir"))).absolute() not in recorded:
                     missing.append({"run": str(job.get("run_dir")), "status": job.get("status"), "reason": job.get("reason")})
     return runs, _unique(missing)
 

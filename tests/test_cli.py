@@ -138,3 +138,30 @@ def test_malformed_jsonl_and_non_hf_directory_are_refused_with_their_location(tm
     result = run_llmexp("technique=evaluate", f"model.path={not_hf}", cwd=work)
     assert_user_error(result, "model.path", "config.json")
     assert not list(work.iterdir())
+
+
+@pytest.mark.parametrize("launcher", [[], ["hydra/launcher=joblib", "hydra.launcher.n_jobs=2"]], ids=["basic", "joblib"])
+def test_a_multirun_with_a_failed_point_exits_1_and_its_table_says_which(tmp_path, tiny_checkpoint, launcher):
+    """The sweep's exit code rule: 1 when any point failed; the reason is one line, the traceback in error_log."""
+    sweep = tmp_path / "sweep"
+    (sweep / "1").mkdir(parents=True)
+    (sweep / "1" / "evaluate").write_text("a file where the stage's directory goes: the stage cannot write there")
+    done = run_llmexp("-m", *launcher, "technique=evaluate", f"model.path={tiny_checkpoint}", "technique.tasks=[perplexity]",
+                      "technique.limit=2", "precision=fp32,fp8", "seed=0,1", f"hydra.sweep.dir={sweep}", cwd=tmp_path)
+    assert done.returncode == 1, done.stderr[-3000:]
+    jobs = {job["num"]: job for job in json.loads((sweep / "jobs.json").read_text())}
+    assert [jobs[n]["status"] for n in range(4)] == ["completed", "failed", "skipped", "skipped"]
+    reason = jobs[1]["reason"]
+    assert reason == f"FileExistsError: [Errno 17] File exists: '{sweep / '1' / 'evaluate'}'"
+    results = read_results(sweep / "1")
+    assert results["status"] == "failed" and results["reason"] == reason
+    assert "Traceback (most recent call last)" in open(results["error_log"]).read()
+    table = " ".join(done.stdout.split())
+    assert "failed" in table and "seed=1" in table and "1 of 4 jobs failed" in " ".join(done.stderr.split())
+
+
+def test_a_multirun_whose_points_completed_or_were_skipped_exits_0_with_its_table(tmp_path):
+    done = run_llmexp("-m", "precision=fp32,fp8", *SHORT, "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert [job["status"] for job in json.loads((tmp_path / "sweep/jobs.json").read_text())] == ["completed", "skipped"]
+    assert "Jobs (" in done.stdout

@@ -3,12 +3,13 @@
 from __future__ import annotations
 
 import pytest
-import submitit
 from submitit.slurm.slurm import _make_sbatch_string
 
 from llmexp.config import compose_config
+from llmexp.failure import MAX_REASON, last_error_line, reason_of
 from llmexp.launchers.placement import SlurmResources, slurm_resources
-from llmexp.launchers.sweep_jobs import SweepJob, _failure, exit_code
+from llmexp.launchers.slurm_queue import SlurmJobState, _expand
+from llmexp.launchers.sweep_jobs import SweepJob, exit_code
 
 
 def resources(*overrides: str):
@@ -60,20 +61,45 @@ def test_jobs_with_the_same_resources_group_together():
 
 @pytest.mark.parametrize(
     "statuses, code", [(["completed", "skipped"], 0), (["completed", "failed"], 1), (["completed", "running"], 3),
-                       (["pending", "failed"], 1)],
+                       (["pending", "failed"], 3), (["skipped", "skipped"], 0)],
 )
 def test_the_sweep_exit_code(statuses, code):
+    """0: all completed or skipped; 1: some failed; 3: some have not ended, whatever the others did."""
     assert exit_code([SweepJob(i, [], "", status=s) for i, s in enumerate(statuses)]) == code
 
 
 def test_a_failure_is_its_last_error_line_not_the_traceback():
-    error = submitit.core.utils.FailedJobError(
-        "Job (task=0) failed during processing with trace:\n----------------------\n"
+    traceback = (
         'Traceback (most recent call last):\n  File "x.py", line 1, in <module>\n    raise ValueError("boom")\n'
-        "ValueError: boom 7\n"
+        "           ^^^^^^^^^^^^^^^^^\nValueError: boom 7\nits second line\n"
     )
-    assert _failure(error, None) == "FailedJobError: ValueError: boom 7"
-    assert "results.json says running" in _failure(None, {"status": "running"})
+    assert last_error_line(traceback) == "ValueError: boom 7"
+    chained = traceback + "\nDuring handling of the above exception, another exception occurred:\n\n" + traceback.replace(
+        "ValueError: boom 7", "KeyError: 'k'")
+    assert last_error_line(chained) == "KeyError: 'k'"
+
+
+def test_a_reason_is_one_line_of_at_most_200_characters():
+    long = reason_of(RuntimeError("x" * 500 + "\nsecond line"))
+    assert long.startswith("RuntimeError: xxx") and len(long) == MAX_REASON and "\n" not in long and long.endswith("…")
+
+    class RankFailed(RuntimeError):
+        pass
+
+    rank = reason_of(RankFailed("rank 1 of parallelism=dp2 failed:\nTraceback (most recent call last):\n"
+                                '  File "a.py", line 3, in f\nZeroDivisionError: division by zero\n'))
+    assert rank == "RankFailed: rank 1 of parallelism=dp2 failed: ZeroDivisionError: division by zero"
+
+
+def test_array_tasks_sacct_groups_are_expanded_and_a_job_ends_only_when_squeue_drops_it():
+    assert _expand("12_[3-5,7%2]") == ["12_3", "12_4", "12_5", "12_7"]
+    assert _expand("12_4") == ["12_4"] and _expand("15") == ["15"]
+    assert not SlurmJobState(True, "COMPLETING", node="node1").ended  # still listed
+    assert not SlurmJobState(False, "RUNNING").ended  # accounting lags behind the controller
+    assert SlurmJobState(False, "CANCELLED by 0", "0:15").ended
+    assert not SlurmJobState(False).ended  # not in accounting yet
+    assert SlurmJobState(False, accounting=False).ended  # no accounting: gone from the queue is all there is
+    assert SlurmJobState(False, "OUT_OF_MEMORY", "0:125").describe() == "Slurm: OUT_OF_MEMORY (exit code 0:125)"
 
 
 def test_the_slurm_launcher_without_a_cluster_profile_is_refused_before_anything_is_written(tmp_path):
