@@ -15,6 +15,7 @@ from typing import Any, Dict, Iterator, Optional, Tuple
 from llmexp import distributed
 from llmexp.checkpoint import HF_KEYS, MODELOPT_STATE, pickled_files, validate_checkpoint_dir
 from llmexp.errors import UserError
+from llmexp.planner import vocabulary_problem
 
 
 @contextlib.contextmanager
@@ -61,11 +62,9 @@ def build_model(model_cfg, tokenizer=None):
     if model_cfg.architecture == "qwen2":
         kwargs.pop("attention_bias", None)  # Qwen2 always has q/k/v biases
     if tokenizer is not None:
-        if len(tokenizer) > model_cfg.vocab_size:
-            raise UserError(
-                f"model.vocab_size={model_cfg.vocab_size} is smaller than the tokenizer's {len(tokenizer)} tokens; "
-                f"set model.vocab_size={_round_up(len(tokenizer), 64)} or more."
-            )
+        problem = vocabulary_problem(model_cfg.vocab_size, len(tokenizer))
+        if problem:
+            raise UserError(problem)
         kwargs.update(
             bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=tokenizer.pad_token_id
         )
@@ -211,10 +210,6 @@ def model_stats(model, path: Optional[Path] = None, precision: Optional[str] = N
 
 
 DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16": "fp16"}
-
-
-def _round_up(value: int, multiple: int) -> int:
-    return -(-value // multiple) * multiple
 
 
 def input_model(ctx) -> Optional["ModelArtifact"]:

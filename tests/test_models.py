@@ -2,13 +2,16 @@
 
 from __future__ import annotations
 
+import pytest
 import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from llmexp.data.embedded import build_world
 from llmexp.data.tokenizer import word_level_tokenizer
+from llmexp.errors import UserError
 from llmexp.models import build_model, load_model, model_stats
+from llmexp.planner import vocabulary_problem
 
 from .conftest import REPO, read_results, run_llmexp
 
@@ -26,6 +29,15 @@ def test_built_model_has_the_configured_architecture():
     assert (hf.num_hidden_layers, hf.hidden_size, hf.num_attention_heads, hf.num_key_value_heads) == (8, 128, 4, 2)
     assert hf.hidden_act == "silu" and hf.tie_word_embeddings and hf.architectures == ["LlamaForCausalLM"]
     assert model_stats(model)["parameters"] == 1_607_808
+
+
+def test_a_vocabulary_smaller_than_the_tokenizer_is_refused_as_the_plan_refuses_it():
+    tokenizer = word_level_tokenizer(build_world(0).vocabulary())
+    config = OmegaConf.merge(tiny_config(), {"vocab_size": 64})
+    with pytest.raises(UserError) as error:
+        build_model(config, tokenizer)
+    assert str(error.value) == vocabulary_problem(64, len(tokenizer))
+    assert str(error.value).endswith(f"set model.vocab_size={-(-len(tokenizer) // 64) * 64} or more.")
 
 
 def test_saved_checkpoint_loads_with_plain_transformers_and_through_model_path(tiny_checkpoint):
