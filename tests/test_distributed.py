@@ -102,11 +102,16 @@ def test_a_two_rank_run_resumes_from_its_checkpoint(runs, tmp_path, layout):
 
 
 def test_a_ranks_user_error_is_one_paragraph_and_exit_code_2(tmp_path):
-    result = run_llmexp(*COMMAND, "technique.val_every=1", "parallelism=dp2", "hydra.run.dir=run", cwd=tmp_path)
+    # The plan reads the corpus (it has a document) but cannot count its tokens: each rank's tokenizer finds 5.
+    (tmp_path / "note.txt").write_text("A short note.\n")
+    result = run_llmexp(*COMMAND, "data=text", "data.paths=[note.txt]", "parallelism=dp2", "hydra.run.dir=run",
+                        cwd=tmp_path)
+    message = "data.paths holds 5 tokens, fewer than one block of data.seq_len=32; add text or lower data.seq_len."
     assert result.returncode == 2
-    assert "technique.val_every=1 asks for validation, but pretrain has no validation examples" in result.stderr
+    assert [line for line in result.stderr.splitlines() if "data.paths" in line] == [f"error: {message}"]
     assert "Traceback" not in result.stderr and "torch/distributed" not in result.stderr  # nor the launcher's logs
-    assert not (tmp_path / "run/results.json").exists()
+    record = read_results(tmp_path / "run")
+    assert (record["status"], record["reason"], record["stages"]) == ("failed", message, {})
 
 
 def test_a_ranks_crash_shows_its_traceback(tmp_path):
