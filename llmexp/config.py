@@ -1,10 +1,10 @@
 """Registers the schemas with Hydra's ConfigStore and composes configs outside ``@hydra.main``.
 
 Every technique's schema is stored as the option ``technique/<name>``, so a plugin's
-technique is selectable (``technique=<name>``) without shipping any YAML. Each ``backend`` and
-``data`` option has a schema of its own (``<group>_<name>_schema``, named in its YAML's
-defaults), so a key of one option is refused in another at compose time, with the option that
-has it.
+technique is selectable (``technique=<name>``) without shipping any YAML. Each ``backend``,
+``data`` and ``tracker`` option has a schema of its own (``<group>_<name>_schema``, named in its
+YAML's defaults), so a key of one option is refused in another at compose time, with the option
+that has it.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBase
 
 from llmexp.errors import UserError
 from llmexp.plugin_manager import techniques
-from llmexp.schema import BACKEND_OPTIONS, DATA_OPTIONS, RunConfig
+from llmexp.schema import BACKEND_OPTIONS, DATA_OPTIONS, TRACKER_OPTIONS, RunConfig
 
 CONFIG_MODULE = "llmexp.conf"
 CONFIG_NAME = "config"
@@ -44,7 +44,7 @@ def register_configs() -> None:
 
 
 # Groups whose YAML options each name a schema of their own (``<group>_<option>_schema`` in their defaults).
-OPTION_SCHEMAS = {"backend": BACKEND_OPTIONS, "data": DATA_OPTIONS}
+OPTION_SCHEMAS = {"backend": BACKEND_OPTIONS, "data": DATA_OPTIONS, "tracker": TRACKER_OPTIONS}
 
 
 def option_schemas() -> Dict[str, Dict[str, type]]:

@@ -259,13 +259,42 @@ DATA_OPTIONS = {"embedded": EmbeddedDataConfig, "text": TextDataConfig, "jsonl":
 
 @dataclass
 class TrackerConfig:
-    """Experiment tracker mirroring results.json; ``none`` keeps only the run directory."""
+    """Experiment tracker mirroring results.json; each option has a schema of its own (``TRACKER_OPTIONS``).
+
+    Every option keeps ``tags``: labels of the run, in its results.json and on the tracker's run.
+    """
 
     name: TrackerKind = MISSING
-    project: str = "llmexp"
-    mode: Optional[WandbMode] = None  # wandb; None: WANDB_MODE, else offline when WANDB_API_KEY is unset
-    uri: Optional[str] = None  # mlflow tracking URI (default: sqlite:///mlflow.db in the working directory)
     tags: List[str] = field(default_factory=list)
+
+
+@dataclass
+class NoTrackerConfig(TrackerConfig):
+    """No tracker: results.json and Lightning's metrics.csv in the run directory only."""
+
+    name: TrackerKind = TrackerKind.none
+
+
+@dataclass
+class WandbTrackerConfig(TrackerConfig):
+    """Weights & Biases: one wandb run per llmexp run, its files in ``<run dir>/wandb/``."""
+
+    name: TrackerKind = TrackerKind.wandb
+    project: str = "llmexp"
+    mode: Optional[WandbMode] = None  # None: WANDB_MODE, else offline when WANDB_API_KEY is unset
+
+
+@dataclass
+class MlflowTrackerConfig(TrackerConfig):
+    """MLflow: one mlflow run per llmexp run, in the experiment ``project``."""
+
+    name: TrackerKind = TrackerKind.mlflow
+    project: str = "llmexp"
+    uri: Optional[str] = None  # tracking URI (default: sqlite:///mlflow.db in the working directory)
+
+
+TRACKER_OPTIONS = {"none": NoTrackerConfig, "wandb": WandbTrackerConfig,
+                   "mlflow": MlflowTrackerConfig}  # tracker=<option> -> its schema
 
 
 @dataclass

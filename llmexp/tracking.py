@@ -34,7 +34,7 @@ from typing import Any, Dict, Mapping, Optional
 
 from llmexp.errors import UserError
 from llmexp.results import RESULTS_FILE, redact_secrets, summary_metrics, write_json_atomic
-from llmexp.schema import TrackerConfig
+from llmexp.schema import TRACKER_OPTIONS, MlflowTrackerConfig, TrackerConfig, WandbTrackerConfig
 from llmexp.secrets import redact_url_credentials
 
 TRACKER_STATE_FILE = "tracker.json"  # the tracker's run id, so a resumed run logs into the same run
@@ -109,7 +109,7 @@ class WandbTracker(Tracker):
 
     name = "wandb"
 
-    def __init__(self, settings: TrackerConfig, run_dir: Path, config: Any):
+    def __init__(self, settings: WandbTrackerConfig, run_dir: Path, config: Any):
         super().__init__(settings, run_dir, config)
         wandb = _import_backend("wandb")
         mode = wandb_mode(settings)
@@ -177,7 +177,7 @@ class MlflowTracker(Tracker):
     name = "mlflow"
     STATUS = {"completed": "FINISHED", "skipped": "FINISHED", "failed": "FAILED", "killed": "KILLED"}
 
-    def __init__(self, settings: TrackerConfig, run_dir: Path, config: Any):
+    def __init__(self, settings: MlflowTrackerConfig, run_dir: Path, config: Any):
         super().__init__(settings, run_dir, config)
         _import_backend("mlflow")
         from mlflow.exceptions import MlflowException
@@ -284,7 +284,7 @@ def make_tracker(tracker_cfg: Any, run_dir: Path, config: Any) -> Tracker:
     return TRACKERS[settings.name](settings, Path(run_dir), config)
 
 
-def wandb_mode(settings: TrackerConfig) -> Optional[str]:
+def wandb_mode(settings: WandbTrackerConfig) -> Optional[str]:
     """``tracker.mode``; else None when WANDB_MODE is set (wandb reads it); else offline without WANDB_API_KEY.
 
     So a machine without credentials never waits on the network.
@@ -343,13 +343,14 @@ def __getattr__(name: str) -> Any:
 
 
 def _settings(tracker_cfg: Any) -> TrackerConfig:
-    """The ``tracker`` node (DictConfig, mapping, TrackerConfig or just a name) as a TrackerConfig."""
+    """The ``tracker`` node (DictConfig, mapping, a schema instance or just a name) as its option's schema
+    (``TRACKER_OPTIONS``); an unknown name keeps the base schema, for ``make_tracker`` to refuse."""
     if isinstance(tracker_cfg, TrackerConfig):
         return tracker_cfg
-    if isinstance(tracker_cfg, str):
-        return TrackerConfig(name=tracker_cfg)
-    known = {f.name for f in dataclasses.fields(TrackerConfig)}
-    return TrackerConfig(**{k: v for k, v in dict(tracker_cfg).items() if k in known})
+    values = {"name": tracker_cfg} if isinstance(tracker_cfg, str) else dict(tracker_cfg)
+    schema = TRACKER_OPTIONS.get(str(values.get("name")), TrackerConfig)
+    known = {f.name for f in dataclasses.fields(schema)}
+    return schema(**{k: v for k, v in values.items() if k in known})
 
 
 def _import_backend(module: str) -> Any:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import pytest
 
-from llmexp.backends import TRAINING_BACKENDS
+from llmexp.backends import BACKENDS
 from llmexp.config import compose_config
 from llmexp.errors import UserError
-from llmexp.schema import BACKEND_OPTIONS, TrackerKind
+from llmexp.schema import BACKEND_OPTIONS, TRACKER_OPTIONS, TrackerKind
 from llmexp.tracking import TRACKERS
 
 from .conftest import run_llmexp
@@ -27,6 +27,11 @@ from .conftest import run_llmexp
     (["data=text", "data.path=train.jsonl"], "data.path is a key of data=jsonl and data=preference; this run has "
      "data=text, which has no such key: choose data=jsonl or drop the override."),
     (["data.paths=[corpus]"], "data.paths is a key of data=text; this run has data=embedded"),
+    (["tracker=mlflow", "tracker.mode=offline"], "tracker.mode is a key of tracker=wandb; this run has "
+     "tracker=mlflow, which has no such key: choose tracker=wandb or drop the override."),
+    (["tracker=none", "tracker.uri=http://mlflow.example:5000"], "tracker.uri is a key of tracker=mlflow; this run "
+     "has tracker=none, which has no such key: choose tracker=mlflow or drop the override."),
+    (["tracker.project=p"], "tracker.project is a key of tracker=wandb and tracker=mlflow; this run has tracker=none"),
     (["parallelism.shardin=fsdp"], "parallelism.shardin is not a key of parallelism, whose keys are name, tp, pp,"),
 ])
 def test_a_key_of_another_option_names_the_option_that_has_it(overrides, message):
@@ -62,6 +67,7 @@ def test_a_value_outside_a_closed_choice_lists_the_allowed_values(overrides, mes
     (["backend.name=megatron"], "backend.name=megatron: backend is backend=torch and has its keys, so renaming it "
      "would run megatron with torch's settings; choose the option instead (backend=megatron) and drop backend.name."),
     (["data=jsonl", "data.name=text"], "choose the option instead (data=text) and drop data.name."),
+    (["tracker.name=wandb"], "choose the option instead (tracker=wandb) and drop tracker.name."),
     (["pipeline=customize", "pipeline.nodes.sft.name=lora"],
      "choose the option instead (technique@pipeline.nodes.sft=lora) and drop pipeline.nodes.sft.name."),
 ])
@@ -77,13 +83,21 @@ def test_each_option_composes_with_only_its_own_keys():
     assert list(torch_backend) == ["name"]
     assert megatron.transformer_impl == "local" and f"{megatron.transformer_impl}" == "local"
     assert compose_config(["technique@evaluation=lora"]).evaluation.rank == 16  # choosing the option brings its keys
-    assert set(BACKEND_OPTIONS) == set(TRAINING_BACKENDS) and {kind.value for kind in TrackerKind} == set(TRACKERS)
+    mlflow = compose_config(["tracker=mlflow", "tracker.tags=[ci]"]).tracker
+    assert list(compose_config(["tracker=none"]).tracker) == ["name", "tags"]
+    assert (list(mlflow), list(mlflow.tags)) == (["name", "tags", "project", "uri"], ["ci"])
+    assert set(BACKEND_OPTIONS) == {name for name, backend in BACKENDS.items() if backend.role == "training"}
+    assert {kind.value for kind in TrackerKind} == set(TRACKER_OPTIONS) == set(TRACKERS)
 
 
-def test_the_command_refuses_a_leaked_key_before_writing_anything(tmp_path):
-    result = run_llmexp("backend=torch", "backend.transformer_impl=te", cwd=tmp_path, timeout=120)
+@pytest.mark.parametrize("overrides, message", [
+    (["backend=torch", "backend.transformer_impl=te"], "backend.transformer_impl is a key of backend=megatron"),
+    (["tracker=mlflow", "tracker.mode=offline"], "tracker.mode is a key of tracker=wandb; this run has tracker=mlflow"),
+])
+def test_the_command_refuses_a_leaked_key_before_writing_anything(overrides, message, tmp_path):
+    result = run_llmexp(*overrides, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
-    assert "backend.transformer_impl is a key of backend=megatron" in result.stderr
+    assert message in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1 and "Traceback" not in result.stderr
     assert list(tmp_path.iterdir()) == []
 

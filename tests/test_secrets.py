@@ -56,6 +56,7 @@ def test_a_job_composed_from_the_rewritten_command_line_gets_the_real_values(mon
     given = [
         "technique=evaluate",
         f"+hydra.job.env_set.{KEY_VAR}={SECRET}",
+        "tracker=mlflow",
         "tracker.uri=sqlite:///x.db",
         f'technique.tasks=[{{type: judge, path: qa.jsonl, url: "{judge_url}", model: judge-model}}]',
     ]

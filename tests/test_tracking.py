@@ -7,16 +7,18 @@ file stores in tmp directories. What was logged is read back from the backend's 
 from __future__ import annotations
 
 import json
+import os
 import struct
 import subprocess
 import sys
 from pathlib import Path
+from unittest import mock
 
 import pytest
 
 from llmexp.errors import UserError
 from llmexp.results import REDACTED, RESULTS_FILE
-from llmexp.schema import TrackerConfig
+from llmexp.schema import MlflowTrackerConfig, NoTrackerConfig, TrackerConfig, WandbTrackerConfig
 from llmexp.tracking import TRACKER_STATE_FILE, Tracker, default_mlflow_uri, make_tracker, wandb_mode
 
 SECRET = "sk-do-not-leak-1234"
@@ -39,17 +41,21 @@ RESULTS = {
 
 @pytest.fixture(autouse=True)
 def offline(monkeypatch, tmp_path):
-    """No credentials, no network, nothing written outside tmp_path."""
-    for var in ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_RESUME",
-                "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):
-        monkeypatch.delenv(var, raising=False)
-    monkeypatch.setenv("WANDB_MODE", "offline")
-    for var, folder in (("WANDB_DIR", "wandb-dir"), ("WANDB_CACHE_DIR", "wandb-cache"),
-                        ("WANDB_CONFIG_DIR", "wandb-config"), ("WANDB_DATA_DIR", "wandb-data")):
-        monkeypatch.setenv(var, str(tmp_path / folder))
-    monkeypatch.setenv("WANDB_SILENT", "true")
-    monkeypatch.setenv("WANDB_CONSOLE", "off")
-    monkeypatch.chdir(tmp_path)
+    """No credentials, no network, nothing written outside tmp_path; the environment as it was afterwards
+    (Lightning's MLFlowLogger has mlflow put MLFLOW_TRACKING_URI in os.environ, which the `llmexp` processes
+    of later test files would inherit)."""
+    with mock.patch.dict(os.environ):
+        for var in ("WANDB_API_KEY", "WANDB_PROJECT", "WANDB_ENTITY", "WANDB_RUN_ID", "WANDB_RESUME",
+                    "MLFLOW_TRACKING_URI", "MLFLOW_ALLOW_FILE_STORE"):
+            monkeypatch.delenv(var, raising=False)
+        monkeypatch.setenv("WANDB_MODE", "offline")
+        for var, folder in (("WANDB_DIR", "wandb-dir"), ("WANDB_CACHE_DIR", "wandb-cache"),
+                            ("WANDB_CONFIG_DIR", "wandb-config"), ("WANDB_DATA_DIR", "wandb-data")):
+            monkeypatch.setenv(var, str(tmp_path / folder))
+        monkeypatch.setenv("WANDB_SILENT", "true")
+        monkeypatch.setenv("WANDB_CONSOLE", "off")
+        monkeypatch.chdir(tmp_path)
+        yield
 
 
 # -- the interface without a backend --------------------------------------------------------
@@ -73,7 +79,7 @@ def test_unknown_tracker_names_the_choices(tmp_path):
 def test_missing_backend_names_the_extra(backend, tmp_path, monkeypatch):
     monkeypatch.setitem(sys.modules, backend, None)  # `import <backend>` now raises ImportError
     with pytest.raises(UserError, match=rf"pip install llmexp\[{backend}\]"):
-        make_tracker(TrackerConfig(name=backend), tmp_path, {})
+        make_tracker(backend, tmp_path, {})
 
 
 def test_none_tracker_accepts_everything_and_keeps_files_in_the_run_dir(tmp_path):
@@ -90,12 +96,12 @@ def test_none_tracker_accepts_everything_and_keeps_files_in_the_run_dir(tmp_path
 
 def test_wandb_mode_is_offline_without_an_api_key(monkeypatch):
     monkeypatch.delenv("WANDB_MODE")
-    assert wandb_mode(TrackerConfig(name="wandb")) == "offline"
+    assert wandb_mode(WandbTrackerConfig()) == "offline"
     monkeypatch.setenv("WANDB_API_KEY", "x" * 40)
-    assert wandb_mode(TrackerConfig(name="wandb")) == "online"
-    assert wandb_mode(TrackerConfig(name="wandb", mode="offline")) == "offline"  # the config wins
+    assert wandb_mode(WandbTrackerConfig()) == "online"
+    assert wandb_mode(WandbTrackerConfig(mode="offline")) == "offline"  # the config wins
     monkeypatch.setenv("WANDB_MODE", "disabled")
-    assert wandb_mode(TrackerConfig(name="wandb")) is None  # wandb reads WANDB_MODE itself
+    assert wandb_mode(WandbTrackerConfig()) is None  # wandb reads WANDB_MODE itself
 
 
 # -- Lightning through each tracker ---------------------------------------------------------
@@ -139,7 +145,7 @@ def fit_tiny_model(logger, lr: float = 0.1):
 def test_none_tracker_lightning_writes_metrics_csv_in_the_stage_dir(tmp_path):
     import csv
 
-    tracker = make_tracker(TrackerConfig(name="none"), tmp_path / "run", CONFIG)
+    tracker = make_tracker(NoTrackerConfig(), tmp_path / "run", CONFIG)
     losses = fit_tiny_model(tracker.lightning_logger("pretrain"))
     with open(tmp_path / "run" / "pretrain" / "metrics.csv") as handle:
         rows = [row for row in csv.DictReader(handle) if row.get("train/loss")]
@@ -201,7 +207,7 @@ def wandb_items(records, kind: str):
 
 def test_wandb_offline_run_logs_metrics_results_and_no_secret(tmp_path):
     run_dir = tmp_path / "outputs" / "run"
-    tracker = make_tracker(TrackerConfig(name="wandb", project="unit", tags=["ci"]), run_dir, CONFIG)
+    tracker = make_tracker(WandbTrackerConfig(project="unit", tags=["ci"]), run_dir, CONFIG)
     assert tracker.run.settings.mode == "offline"
     tracker.log_metrics({"pretrain/final_loss": 1.25, "step_time_s": 0.5})
     tracker.log_metrics({"evaluate/accuracy": 0.75}, step=7)
@@ -236,7 +242,7 @@ def test_wandb_offline_run_logs_metrics_results_and_no_secret(tmp_path):
 
 def test_wandb_failed_run_exits_nonzero(tmp_path):
     with pytest.raises(RuntimeError):
-        with make_tracker(TrackerConfig(name="wandb"), tmp_path / "run", {}) as tracker:
+        with make_tracker(WandbTrackerConfig(), tmp_path / "run", {}) as tracker:
             raise RuntimeError("stage crashed")
     records = wandb_records(tmp_path / "run")
     assert wandb_items(records, "summary")["status"] == "failed"
@@ -246,7 +252,7 @@ def test_wandb_failed_run_exits_nonzero(tmp_path):
 
 def test_wandb_lightning_logger_lands_train_loss_per_stage(tmp_path):
     run_dir = tmp_path / "run"
-    tracker = make_tracker(TrackerConfig(name="wandb"), run_dir, CONFIG)
+    tracker = make_tracker(WandbTrackerConfig(), run_dir, CONFIG)
     pretrain = fit_tiny_model(tracker.lightning_logger("pretrain"), lr=0.1)
     sft = fit_tiny_model(tracker.lightning_logger("sft"), lr=0.2)
     tracker.finish("completed")
@@ -283,7 +289,7 @@ def test_mlflow_default_store_logs_params_metrics_and_results_artifact(mlflow_ro
 
     monkeypatch.chdir(mlflow_root)  # the default store lives in the working directory
     run_dir = mlflow_root / "outputs" / "run-a"
-    tracker = make_tracker(TrackerConfig(name="mlflow", project="unit", tags=["ci"]), run_dir, CONFIG)
+    tracker = make_tracker(MlflowTrackerConfig(project="unit", tags=["ci"]), run_dir, CONFIG)
     assert tracker.uri == default_mlflow_uri(mlflow_root) and tracker.uri.startswith("sqlite:///")
     tracker.log_metrics({"pretrain/final_loss": 1.25, "note": "skipped", "acc@1": 0.5}, step=2)
     tracker.log_results(RESULTS)
@@ -312,7 +318,7 @@ def test_mlflow_default_store_logs_params_metrics_and_results_artifact(mlflow_ro
     assert (mlflow_root / "mlflow.db").is_file() and (mlflow_root / "mlruns").is_dir()
 
     # a resumed run directory logs into the same mlflow run (and re-logging params is fine)
-    again = make_tracker(TrackerConfig(name="mlflow", project="unit"), run_dir, CONFIG)
+    again = make_tracker(MlflowTrackerConfig(project="unit"), run_dir, CONFIG)
     assert again.run_id == tracker.run_id
     assert mlflow_run(again.uri, again.run_id)[1].info.status == "RUNNING"
     again.finish("failed")
@@ -321,7 +327,7 @@ def test_mlflow_default_store_logs_params_metrics_and_results_artifact(mlflow_ro
 
 def test_mlflow_lightning_logger_lands_train_loss_per_stage(mlflow_root, tmp_path):
     uri = default_mlflow_uri(mlflow_root)
-    tracker = make_tracker(TrackerConfig(name="mlflow", project="unit", uri=uri), tmp_path / "run", CONFIG)
+    tracker = make_tracker(MlflowTrackerConfig(project="unit", uri=uri), tmp_path / "run", CONFIG)
     pretrain = fit_tiny_model(tracker.lightning_logger("pretrain"), lr=0.1)
     sft = fit_tiny_model(tracker.lightning_logger("sft"), lr=0.2)  # a changed lr must not clash
     tracker.finish("completed")
@@ -339,8 +345,8 @@ def test_jobs_opening_a_new_sqlite_store_at_once_all_get_their_run(tmp_path):
     """A parallel sweep's first jobs create the store's tables together (mlflow: "duplicate column" without a lock)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = (
-        "import sys; from llmexp.schema import TrackerConfig; from llmexp.tracking import make_tracker; "
-        f"t = make_tracker(TrackerConfig(name='mlflow', uri={uri!r}), sys.argv[1], {{}}); t.finish(); print(t.run_id)"
+        "import sys; from llmexp.schema import MlflowTrackerConfig; from llmexp.tracking import make_tracker; "
+        f"t = make_tracker(MlflowTrackerConfig(uri={uri!r}), sys.argv[1], {{}}); t.finish(); print(t.run_id)"
     )
     jobs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"run-{n}")], cwd=tmp_path,
                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for n in range(3)]
@@ -353,10 +359,10 @@ def test_jobs_opening_a_new_sqlite_store_at_once_all_get_their_run(tmp_path):
 def test_mlflow_file_store_is_refused_unless_allowed(tmp_path, monkeypatch):
     uri = (tmp_path / "mlruns").as_uri()
     with pytest.raises(UserError, match="tracker.uri.*MLFLOW_ALLOW_FILE_STORE"):
-        make_tracker(TrackerConfig(name="mlflow", uri=uri), tmp_path / "run", CONFIG)
+        make_tracker(MlflowTrackerConfig(uri=uri), tmp_path / "run", CONFIG)
 
     monkeypatch.setenv("MLFLOW_ALLOW_FILE_STORE", "true")  # mlflow 3.x: the file store is opt-in
-    tracker = make_tracker(TrackerConfig(name="mlflow", uri=uri), tmp_path / "run", CONFIG)
+    tracker = make_tracker(MlflowTrackerConfig(uri=uri), tmp_path / "run", CONFIG)
     tracker.log_metrics({"pretrain/tokens_per_s": 2.5e4}, step=1)
     tracker.log_results(RESULTS)
     tracker.finish("completed")
@@ -372,5 +378,5 @@ def test_mlflow_file_store_is_refused_unless_allowed(tmp_path, monkeypatch):
 
 def test_mlflow_uri_credentials_do_not_reach_the_error(tmp_path):
     with pytest.raises(UserError) as error:
-        make_tracker(TrackerConfig(name="mlflow", uri="bogus://user:hunter2@localhost/x"), tmp_path, {})
+        make_tracker(MlflowTrackerConfig(uri="bogus://user:hunter2@localhost/x"), tmp_path, {})
     assert "hunter2" not in str(error.value)
