@@ -1,7 +1,8 @@
 """The engines behind the commands: what trains, serves and builds, and whether each can run here.
 
-``llmexp plugins`` lists them beside the techniques; the planner refuses an unknown training
-backend. Availability is found without importing anything heavy (module specs, the NVIDIA
+``llmexp plugins`` lists them beside the techniques; a training backend is chosen with ``backend=``,
+whose options and their schemas are ``llmexp.schema.BACKEND_OPTIONS`` (an unknown one fails at
+compose time). Availability is found without importing anything heavy (module specs, the NVIDIA
 driver's ``/proc`` entry), so listing stays instant.
 """
 
@@ -45,7 +46,6 @@ BACKENDS: Dict[str, Backend] = {backend.name: backend for backend in (
             "TensorRT-LLM engines through its LLM API, served by Triton", ("tensorrt_llm",),
             "pip install tensorrt-llm --extra-index-url https://pypi.nvidia.com (CUDA machines)", needs_gpu=True),
 )}
-TRAINING_BACKENDS = tuple(name for name, backend in BACKENDS.items() if backend.role == "training")
 
 
 def missing_modules(backend: Backend) -> List[str]:
