@@ -546,7 +546,7 @@ def torch_training_problems(cfg, layout, precision: str) -> List[str]:
     training = [cls for cls in stages if issubclass(cls, TrainingTechnique)]
     if not training:
         return []
-    problems = [problem for problem in [torch_precision_problem(precision)] if problem]
+    problems = [problem for problem in [torch_precision_problem(precision, cfg.hardware)] if problem]
     if layout["pp"] > 1:
         problems.append(pipeline_training_problem(cfg.parallelism))
     adapters = [cls.name for cls in training if cls.memory == "adapter"]

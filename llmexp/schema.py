@@ -25,7 +25,9 @@ class Choice(str, Enum):
 
 
 class Precision(Choice):
-    """Compute precision of a run; the planner checks it against the hardware's dtypes."""
+    """How a run's training computes (mixed precision keeps fp32 weights); the planner checks it against the
+    hardware's dtypes and what the training backend runs there. Stages that only run a model (evaluate, quantize,
+    prune, benchmark) compute in the dtype of its weights, on every hardware."""
 
     fp32 = "fp32"
     bf16 = "bf16"

@@ -47,6 +47,8 @@ warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint th
 
 # Our precision names -> Lightning's. Mixed precision keeps fp32 master weights.
 LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
+# What trains on a CPU: it has no FP16 autocast, and Lightning trains a CPU 16-mixed run in bf16 with only a warning.
+CPU_TRAINING_PRECISIONS = ("fp32", "bf16")
 TRAIN_LOG = "train_log.jsonl"
 CHECKPOINT_DIR = "checkpoints"
 STOP_SIGNAL_SKEW_S = 30  # how much later than another rank a rank may get the cluster's stop signal
@@ -268,7 +270,7 @@ def make_trainer(config, training, logger=False, plugins: Sequence = (), callbac
     from lightning.pytorch.plugins.environments import TorchElasticEnvironment
 
     precision = config.precision.value
-    problem = torch_precision_problem(precision)
+    problem = torch_precision_problem(precision, config.hardware)
     if problem:
         raise UserError(problem)
     parallelism = config.parallelism
@@ -337,15 +339,24 @@ def training_strategy(parallelism, accelerator: str):
     )
 
 
-def torch_precision_problem(precision: str) -> Optional[str]:
-    """Why the torch backend cannot train in ``precision`` (Lightning has no FP8/FP4 training), or None."""
-    if precision in LIGHTNING_PRECISION:
-        return None
-    return (
-        f"precision={precision} is not available for training on the torch backend (it trains in "
-        f"{', '.join(LIGHTNING_PRECISION)}); train with precision=bf16 and quantize afterwards (technique=quantize), "
-        "or train with backend=megatron, whose Transformer Engine kernels train in FP8/FP4 on GPUs that have them."
-    )
+def torch_precision_problem(precision: str, hardware) -> Optional[str]:
+    """Why the torch backend cannot train in ``precision`` on ``hardware`` as asked, or None: Lightning has no
+    FP8/FP4 training, and a CPU no FP16 one (Lightning would train in bf16 while the run records fp16)."""
+    if precision not in LIGHTNING_PRECISION:
+        return (
+            f"precision={precision} is not available for training on the torch backend (it trains in "
+            f"{', '.join(LIGHTNING_PRECISION)}); train with precision=bf16 and quantize afterwards "
+            "(technique=quantize), or train with backend=megatron, whose Transformer Engine kernels train in "
+            "FP8/FP4 on GPUs that have them."
+        )
+    if hardware.accelerator == "cpu" and precision not in CPU_TRAINING_PRECISIONS:
+        return (
+            f"precision={precision} is not available for training on hardware={hardware.name}: a CPU has no "
+            f"{precision.upper()} mixed precision (Lightning would train in bf16 instead); train with "
+            f"{' or '.join(f'precision={name}' for name in CPU_TRAINING_PRECISIONS[::-1])}, or in {precision} on a GPU "
+            "preset."
+        )
+    return None
 
 
 def pipeline_training_problem(parallelism) -> str:

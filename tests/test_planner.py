@@ -392,6 +392,9 @@ def test_planning_imports_no_torch(tmp_path):
 
 @pytest.mark.parametrize("overrides, refusal", [
     (["hardware=h100", "precision=fp8"], "precision=fp8 is not available for training on the torch backend"),
+    (["precision=fp16"], "precision=fp16 is not available for training on hardware=cpu: a CPU has no FP16 mixed "
+                         "precision (Lightning would train in bf16 instead); train with precision=bf16 or "
+                         "precision=fp32, or in fp16 on a GPU preset."),
     (["data=jsonl", "data.path=x.jsonl"], "technique=pretrain trains on raw text: data=embedded or data=text"),
     (["technique.val_every=10"], "technique.val_every=10 asks for validation, but pretrain has no validation examples"),
     (["data.num_people=100"], "model.vocab_size=256 is smaller than the embedded tokenizer's 275 tokens; set "
@@ -425,12 +428,27 @@ def test_validation_without_validation_records_is_refused(tmp_path):
         plan_of("pipeline=customize", "data=jsonl", f"data.path={data}").problems, "raw text")
 
 
-def test_fp8_training_on_the_torch_backend_stops_before_anything_is_written(tmp_path):
+def test_fp16_training_is_refused_only_where_it_would_not_be_fp16(tmp_path):
+    model = write_checkpoint(tmp_path / "model", {
+        "model_type": "llama", "vocab_size": 256, "hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2,
+        "num_attention_heads": 4, "num_key_value_heads": 2})
+    assert plan_of("precision=fp16", "hardware=v100").problems == []  # a GPU trains in FP16 mixed precision
+    # evaluation runs the model in its weights' dtype, which precision does not change on any hardware
+    assert plan_of("technique=evaluate", "precision=fp16", f"model.path={model}").problems == []
+
+
+@pytest.mark.parametrize("overrides, refusal", [
+    (["technique=pretrain", "hardware=h100", "precision=fp8"],
+     "precision=fp8 is not available for training on the torch backend"),
+    (["precision=fp16"], "precision=fp16 is not available for training on hardware=cpu"),
+])
+def test_a_training_precision_the_backend_would_not_honour_stops_before_anything_is_written(overrides, refusal,
+                                                                                            tmp_path):
     from .conftest import run_llmexp
 
-    result = run_llmexp("technique=pretrain", "hardware=h100", "precision=fp8", cwd=tmp_path, timeout=120)
+    result = run_llmexp(*overrides, cwd=tmp_path, timeout=120)
     assert result.returncode == 2
-    assert "precision=fp8 is not available for training on the torch backend" in result.stderr
+    assert result.stderr.startswith(f"error: {refusal}") and len(result.stderr.strip().splitlines()) == 1
     assert list(tmp_path.iterdir()) == []
 
 

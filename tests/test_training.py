@@ -88,7 +88,8 @@ def test_packing_runs_documents_across_blocks():
 
 
 def test_unsupported_training_setups_are_user_errors():
-    for overrides, message in ((["precision=fp8"], "precision=fp8"), (["parallelism=dp2"], "trains on 2 ranks")):
+    for overrides, message in ((["precision=fp8"], "precision=fp8"), (["parallelism=dp2"], "trains on 2 ranks"),
+                               (["precision=fp16"], "precision=fp16 is not available for training on hardware=cpu")):
         cfg = compose_config(overrides)
         with pytest.raises(UserError, match=message):
             make_trainer(cfg, cfg.technique)
