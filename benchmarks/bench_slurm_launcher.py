@@ -31,9 +31,9 @@ A dead job
 is measured:
 
 * **launcher**: a one-job sweep of a long training run; until the sweep exits with code 1.
-* **submitit**: the same wait submitit alone gives (``job.result()`` of a submitted function),
-  which polls ``sacct`` at an interval growing with the time since the submission and then
-  waits 15 s for a result file.
+* **submitit**: what waiting through submitit gives (``job.done()`` every second while the job
+  runs, as ``submitit.helpers.as_completed`` does, then ``job.result()``): it calls ``sacct``
+  at an interval growing with the time since the submission, then waits 15 s for a result file.
 """
 
 from __future__ import annotations
@@ -129,9 +129,14 @@ def submitit_notices(workdir: Path, dead_after: float) -> float:
     while "RUNNING" not in subprocess.run(["squeue", "-h", "-j", submitted.job_id, "-o", "%T"],
                                           capture_output=True, text=True).stdout:
         time.sleep(0.2)
-    time.sleep(dead_after)
+    running_until = time.perf_counter() + dead_after
+    while time.perf_counter() < running_until:  # a waiting sweep asks all along, as submitit.helpers.as_completed does
+        submitted.done()
+        time.sleep(1)
     cancelled = time.perf_counter()
     subprocess.run(["scancel", submitted.job_id], check=True)
+    while not submitted.done():
+        time.sleep(1)
     try:
         submitted.result()
     except submitit.core.utils.UncompletedJobError:

@@ -8,8 +8,9 @@ asks every ``POLL_SECONDS`` instead, and a job's end is Slurm's own word: its st
 
 A job has ended when ``squeue`` no longer lists it (so a requeued job, pending again, has
 not) and accounting records a final state for it (it lags the controller by a second or
-three, so a job it has no row for yet has not ended); a cluster without accounting (``sacct``
-disabled) has only the first half to go on.
+three, so a job it has no row for yet has not ended). Where no row can come, because
+accounting is disabled or the controller has never heard of the job (another cluster's, or
+long purged), the first half is all there is.
 """
 
 from __future__ import annotations
@@ -39,13 +40,13 @@ class SlurmJobState:
     state: Optional[str] = None  # Slurm's word for it ("RUNNING", "CANCELLED by 0"); None: no record of it (yet)
     exit_code: Optional[str] = None  # "code:signal" as sacct gives it ("1:0", "0:9")
     node: Optional[str] = None
-    accounting: bool = True  # False: this cluster keeps no accounting (sacct disabled)
+    record_expected: bool = True  # False: no accounting row will come (sacct disabled, or a job Slurm does not know)
 
     @property
     def ended(self) -> bool:
         if self.listed:
             return False
-        return not self.accounting if self.state is None else self.state.split()[0] in FINAL_STATES
+        return not self.record_expected if self.state is None else self.state.split()[0] in FINAL_STATES
 
     def describe(self) -> str:
         """``Slurm: CANCELLED by 0 (exit code 0:15)``: how the job ended, in Slurm's words."""
@@ -60,17 +61,18 @@ def query(job_ids: Iterable[str]) -> Dict[str, SlurmJobState]:
     if not job_ids:
         return {}
     parents = ",".join(dict.fromkeys(job_id.split("_")[0] for job_id in job_ids))
+    queue = _run(["squeue", "--noheader", "--array", "--jobs", parents, "--format=%i|%T|%N"], "Invalid job id")
     listed: Dict[str, SlurmJobState] = {}
-    for line in _run(["squeue", "--noheader", "--array", "--jobs", parents, "--format=%i|%T|%N"], "Invalid job id") or []:
+    for line in queue or []:  # None: the controller knows none of these jobs
         job_id, state, node = line.split("|")
         listed[job_id] = SlurmJobState(True, state, node=node or None)
     states = {job_id: listed[job_id] for job_id in job_ids if job_id in listed}
     gone = [job_id for job_id in job_ids if job_id not in listed]
     if gone:
         accounted = _accounting(",".join(dict.fromkeys(job_id.split("_")[0] for job_id in gone)))
+        unknown = SlurmJobState(False, record_expected=accounted is not None and queue is not None)
         for job_id in gone:
-            unknown = SlurmJobState(False, accounting=accounted is not None)
-            states[job_id] = unknown if accounted is None else accounted.get(job_id, unknown)
+            states[job_id] = (accounted or {}).get(job_id, unknown)
     return states
 
 

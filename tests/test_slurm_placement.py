@@ -98,7 +98,7 @@ def test_array_tasks_sacct_groups_are_expanded_and_a_job_ends_only_when_squeue_d
     assert not SlurmJobState(False, "RUNNING").ended  # accounting lags behind the controller
     assert SlurmJobState(False, "CANCELLED by 0", "0:15").ended
     assert not SlurmJobState(False).ended  # not in accounting yet
-    assert SlurmJobState(False, accounting=False).ended  # no accounting: gone from the queue is all there is
+    assert SlurmJobState(False, record_expected=False).ended  # no accounting: gone from the queue is all there is
     assert SlurmJobState(False, "OUT_OF_MEMORY", "0:125").describe() == "Slurm: OUT_OF_MEMORY (exit code 0:125)"
 
 
