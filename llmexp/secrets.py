@@ -21,7 +21,8 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Any, List, MutableMapping, Optional, Sequence
+from typing import Any, List, MutableMapping, Optional, Sequence, Tuple
+from urllib.parse import unquote, urlsplit, urlunsplit
 
 from llmexp.errors import UserError
 
@@ -49,6 +50,20 @@ def is_secret_key(key: str) -> bool:
 def redact_url_credentials(text: str) -> str:
     """``scheme://user:password@host`` -> ``scheme://<redacted>@host``, wherever it appears in ``text``."""
     return _URL_CREDENTIALS.sub(REDACTED + "@", text)
+
+
+def split_url_credentials(url: str) -> Tuple[str, Optional[Tuple[str, str]]]:
+    """(``url`` without its ``user:password@``, (user, password) decoded, or None when it had none).
+
+    A client sends the pair as HTTP Basic authentication and shows, logs and stores only the
+    URL without it: httpx logs each request's URL, userinfo included, at INFO.
+    """
+    parts = urlsplit(url)
+    if "@" not in parts.netloc:
+        return url, None
+    userinfo, _, host = parts.netloc.rpartition("@")
+    user, _, password = userinfo.partition(":")
+    return urlunsplit(parts._replace(netloc=host)), (unquote(user), unquote(password))
 
 
 def secrets_to_environment(

@@ -5,6 +5,7 @@ broken model, the API key kept out of every file, and the planner's refusals."""
 from __future__ import annotations
 
 import asyncio
+import base64
 import json
 import os
 import shutil
@@ -14,6 +15,7 @@ import sys
 import threading
 import time
 from pathlib import Path
+from urllib.parse import quote
 
 import pytest
 from fastapi import Request  # at module level: the echo server's handlers are annotated with it (PEP 563 strings)
@@ -137,9 +139,12 @@ def llmexp_serve(varied_checkpoint):
 
 class EchoServer:
     """An OpenAI-compatible streaming server that answers with the prompt's own words, one per SSE chunk, after
-    ``delay_s`` each; it counts the requests in flight and records the Authorization headers it was sent."""
+    ``delay_s`` each; it counts the requests in flight and records the Authorization headers it was sent. It takes
+    its API key as a Bearer token, or its user and password as HTTP Basic authentication."""
 
     API_KEY = "sk-bench-test-5e3b9a"
+    USER, PASSWORD = "bench-user", "p@ss:w0rd/1c9e4b"  # characters a URL must escape
+    BASIC = "Basic " + base64.b64encode(f"{USER}:{PASSWORD}".encode()).decode()
 
     def __init__(self, delay_s: float = 0.01):
         from fastapi import FastAPI
@@ -151,12 +156,13 @@ class EchoServer:
         app = FastAPI()
 
         @app.get("/v1/models")
-        async def models():
+        async def models(request: Request):
+            self.authorizations.add(request.headers.get("authorization"))
             return {"object": "list", "data": [{"id": "echo", "object": "model"}]}
 
         async def answer(request: Request, chat: bool):
             self.authorizations.add(request.headers.get("authorization"))
-            if request.headers.get("authorization") != f"Bearer {self.API_KEY}":
+            if request.headers.get("authorization") not in (f"Bearer {self.API_KEY}", self.BASIC):
                 return JSONResponse({"error": {"message": "bad key"}}, status_code=401)
             body = await request.json()
             prompt = body["messages"][-1]["content"] if chat else body["prompt"]
@@ -249,6 +255,39 @@ def test_a_wrong_key_fails_the_gate_with_the_servers_answer(tmp_path, varied_che
     assert result.returncode == 0, result.stderr[-3000:]
     (point,) = rows(run_dir, "benchmark.jsonl")
     assert not point["valid"] and "HTTP 401" in point["invalid_reason"] and "bad key" in point["invalid_reason"]
+
+
+@pytest.mark.slow
+def test_a_password_in_the_url_is_sent_as_basic_auth_and_kept_out_of_every_log_and_file(tmp_path, varied_checkpoint,
+                                                                                       echo_server):
+    echo_server.authorizations = set()
+    url = echo_server.url.replace("http://", f"http://{quote(EchoServer.USER, safe='')}:"
+                                             f"{quote(EchoServer.PASSWORD, safe='')}@")
+    result, run_dir = benchmark_run(
+        tmp_path, "technique.target=endpoint", f"technique.url={url}", f"model.path={varied_checkpoint}",
+        "technique.concurrency=[2]", "technique.input_tokens=[12]", "technique.output_tokens=[4]",
+        "technique.request_count=4", "technique.warmup_requests=1",
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert echo_server.authorizations == {EchoServer.BASIC}  # GET /v1/models and every completion
+    (point,) = rows(run_dir, "benchmark.jsonl")
+    assert point["valid"] and point["request_count"] == 4
+    assert point["target"] == f"{echo_server.url} (echo, completions)"  # the model GET /v1/models named
+    log = (run_dir / "llmexp.log").read_text()
+    assert f"HTTP Request: GET {echo_server.url}/v1/models" in log  # httpx's request log, without the password
+    assert f"HTTP Request: POST {echo_server.url}/v1/completions" in log
+    secrets = (EchoServer.PASSWORD, quote(EchoServer.PASSWORD, safe=""), EchoServer.BASIC.split()[1])
+    files = [path for path in tmp_path.rglob("*") if path.is_file()]
+    assert [(path, secret) for path in files for secret in secrets if secret.encode() in path.read_bytes()] == []
+    assert [secret for secret in secrets if secret in result.stdout + result.stderr] == []
+
+
+def test_a_url_that_is_not_http_is_refused_without_its_password(tmp_path, tiny_checkpoint):
+    result, run_dir = benchmark_run(tmp_path, "technique.target=endpoint", "technique.url=ftp://bench:pw-4f1e9a@host:21",
+                                    f"model.path={tiny_checkpoint}")
+    assert result.returncode == 2 and not run_dir.exists()
+    assert "technique.url=ftp://<redacted>@host:21 is not an http(s) URL" in result.stderr
+    assert "pw-4f1e9a" not in result.stdout + result.stderr
 
 
 def test_an_unreachable_endpoint_is_a_clear_error_after_retries(tmp_path, tiny_checkpoint):

@@ -376,6 +376,17 @@ def test_problems_name_the_field_and_the_fix(tmp_path, monkeypatch):
     assert len(load_items(str(broken), frozenset({"question", "answer"}))) == 2  # a template without {reference}
 
 
+def test_a_judge_url_that_is_not_http_is_refused_without_its_password(tiny_checkpoint, tmp_path):
+    from tests.conftest import run_llmexp
+
+    tasks = (f'technique.tasks=[{{type: judge, path: {items_file(tmp_path, QA)}, url: "ftp://judge:pw-8d2c1f@host/v1", '
+             "model: m}]")
+    done = run_llmexp("plan", "technique=evaluate", f"model.path={tiny_checkpoint}", tasks, cwd=tmp_path, timeout=120)
+    assert done.returncode == 2 and "Traceback" not in done.stderr + done.stdout
+    assert "technique.tasks[0].url='ftp://<redacted>@host/v1' must be the judge endpoint's base URL" in done.stdout
+    assert "pw-8d2c1f" not in done.stdout + done.stderr
+
+
 def test_judging_with_the_tiny_model_served_by_llmexp_serve_records_replies_as_unparsable(tiny_checkpoint, tmp_path):
     """End to end over ``llmexp serve``: random weights write no score, and that is what the rows must say."""
     import uvicorn

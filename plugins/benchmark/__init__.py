@@ -21,6 +21,7 @@ from urllib.parse import urlparse
 
 from llmexp.checkpoint import context_length
 from llmexp.hookspecs import hookimpl
+from llmexp.secrets import redact_url_credentials
 from llmexp.technique import Technique, TechniqueConfig
 
 TARGETS = ("inprocess", "endpoint")
@@ -157,7 +158,8 @@ def _endpoint_problems(node, field: str, model_path: Optional[str]) -> List[str]
     else:
         parsed = urlparse(node.url)
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
-            problems.append(f"{field}.url={node.url} is not an http(s) URL; give one like http://127.0.0.1:8000.")
+            problems.append(redact_url_credentials(
+                f"{field}.url={node.url} is not an http(s) URL; give one like http://127.0.0.1:8000."))
     if node.api_key_env and node.api_key_env not in os.environ:
         problems.append(f"{field}.api_key_env={node.api_key_env} names an environment variable that is not set; "
                         f"export {node.api_key_env}=<the key> (the key itself never goes in the config).")

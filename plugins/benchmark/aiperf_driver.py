@@ -10,7 +10,8 @@ endpoint with the point's concurrency and budget, and reads back its per-request
 (``profile_export_aiperf.json``) is kept beside them in the row for comparison. Its warm-up
 is AIPerf's (``--warmup-request-count``); its output tokens are counted by AIPerf with the
 same tokenizer. The API key goes on AIPerf's command line (AIPerf redacts it in everything
-it writes); it is replaced by ``<redacted>`` in the command line recorded here.
+it writes); it, and a ``user:password`` in the URL, are replaced by ``<redacted>`` in the
+command line and the AIPerf output recorded here.
 
 Tested with aiperf 0.13.0.
 """
@@ -30,6 +31,7 @@ from llmexp.data.jsonl import write_jsonl
 from llmexp.errors import UserError
 from llmexp.plugins.benchmark.clients import BenchRequest
 from llmexp.plugins.benchmark.metrics import RequestRecord
+from llmexp.secrets import REDACTED, redact_url_credentials
 
 SUMMARY_FILE = "profile_export_aiperf.json"
 RECORDS_FILE = "profile_export.jsonl"
@@ -96,12 +98,12 @@ def aiperf_environment() -> Dict[str, str]:
 
 
 def redacted(args: Sequence[str]) -> str:
-    """The command line as a shell string with the API key's value replaced."""
+    """The command line as a shell string with the API key's value and the URL's ``user:password`` replaced."""
     shown = list(args)
     for index, arg in enumerate(shown[:-1]):
         if arg == "--api-key":
-            shown[index + 1] = "<redacted>"
-    return shlex.join(shown)
+            shown[index + 1] = REDACTED
+    return redact_url_credentials(shlex.join(shown))
 
 
 def read_records(artifact_dir: Path) -> List[RequestRecord]:
@@ -168,7 +170,8 @@ def run_aiperf(node, field: str, target, artifact_dir: Path, requests: Sequence[
     completed = subprocess.run(args, capture_output=True, text=True, env=aiperf_environment())
     output = completed.stdout + completed.stderr
     if api_key:
-        output = output.replace(api_key, "<redacted>")
+        output = output.replace(api_key, REDACTED)
+    output = redact_url_credentials(output)
     replace_atomically(artifact_dir / "aiperf_output.log", lambda handle: handle.write(output))
     if completed.returncode != 0 or not (artifact_dir / "export" / RECORDS_FILE).is_file():
         tail = " ".join(output.split())[-600:]

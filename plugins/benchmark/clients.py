@@ -10,7 +10,9 @@
 
 A client never raises for one failed request: the record carries the error and the point
 reports it in ``error_count``. The API key is read from the environment by the caller and
-lives only in the request header.
+lives only in the request header; a ``user:password`` the caller took out of the URL
+(``llmexp.secrets.split_url_credentials``) comes as ``auth`` (HTTP Basic), so the URL these
+clients log (httpx, at INFO), show and record holds no password.
 """
 
 from __future__ import annotations
@@ -105,7 +107,8 @@ class OpenAIClient:
     """Streaming requests to an OpenAI-compatible server; ``tokenizer`` counts text when there is no usage."""
 
     def __init__(self, url: str, model: str, endpoint_type: str, tokenizer, api_key: Optional[str] = None,
-                 timeout_s: float = 600.0, extra_body: Optional[Dict[str, Any]] = None, max_connections: int = 1024):
+                 timeout_s: float = 600.0, extra_body: Optional[Dict[str, Any]] = None, max_connections: int = 1024,
+                 auth=None):
         import httpx
 
         self.base = api_base(url)
@@ -115,7 +118,8 @@ class OpenAIClient:
         self.extra_body = dict(extra_body or {})
         headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
         limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
-        self.http = httpx.AsyncClient(headers=headers, timeout=httpx.Timeout(timeout_s, connect=10.0), limits=limits)
+        self.http = httpx.AsyncClient(headers=headers, auth=auth, timeout=httpx.Timeout(timeout_s, connect=10.0),
+                                      limits=limits)
 
     @property
     def route(self) -> str:
@@ -189,14 +193,17 @@ class OpenAIClient:
 
 
 async def listed_models(url: str, api_key: Optional[str], field: str = "technique", attempts: int = 5,
-                        backoff_s: float = 0.5) -> List[str]:
-    """The model ids ``GET /v1/models`` lists, retried ``attempts`` times; unreachable -> ``UserError``."""
+                        backoff_s: float = 0.5, auth=None) -> List[str]:
+    """The model ids ``GET /v1/models`` lists, retried ``attempts`` times; unreachable -> ``UserError``.
+
+    ``auth``: httpx's, e.g. ``httpx.BasicAuth`` for a ``user:password`` taken out of ``url``.
+    """
     import httpx
 
     route = f"{api_base(url)}/models"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     last = ""
-    async with httpx.AsyncClient(headers=headers, timeout=10.0) as http:
+    async with httpx.AsyncClient(headers=headers, auth=auth, timeout=10.0) as http:
         for attempt in range(attempts):
             try:
                 response = await http.get(route)

@@ -31,6 +31,7 @@ from llmexp.plugins.benchmark.coherence import gate
 from llmexp.plugins.benchmark.load import drive
 from llmexp.plugins.benchmark.metrics import LATENCIES, summarize
 from llmexp.plugins.benchmark.prompts import prompt_pool
+from llmexp.secrets import split_url_credentials
 from llmexp.technique import StageContext, StageResult
 
 # Per point, these go into the stage's metrics (benchmark.jsonl keeps every statistic).
@@ -165,15 +166,21 @@ def _open_inprocess(ctx: StageContext, node, field: str) -> Target:
 
 
 async def _open_endpoint(ctx: StageContext, node, field: str) -> Target:
-    """An OpenAI-compatible server; reachable (``GET /v1/models``, retried) or a ``UserError``."""
+    """An OpenAI-compatible server; reachable (``GET /v1/models``, retried) or a ``UserError``.
+
+    A ``user:password`` in ``url`` is sent as HTTP Basic authentication and left out of every URL shown.
+    """
+    import httpx
     from transformers import AutoTokenizer
 
     api_key = os.environ.get(node.api_key_env) if node.api_key_env else None
-    names = await listed_models(node.url, api_key, field)
+    url, credentials = split_url_credentials(node.url)
+    auth = httpx.BasicAuth(*credentials) if credentials else None
+    names = await listed_models(url, api_key, field, auth=auth)
     model = node.model
     if model is None:
         if not names:
-            raise UserError(f"{field}.model is unset and {node.url} lists no models at /v1/models; set {field}.model.")
+            raise UserError(f"{field}.model is unset and {url} lists no models at /v1/models; set {field}.model.")
         model = names[0]
     tokenizer_dir = node.tokenizer or ctx.config.model.path
     try:
@@ -182,9 +189,9 @@ async def _open_endpoint(ctx: StageContext, node, field: str) -> Target:
         raise UserError(f"{field}.tokenizer={tokenizer_dir} could not be loaded as a Hugging Face tokenizer "
                         f"({' '.join(str(error).split())[:200]}); give the served model's tokenizer directory."
                         ) from None
-    client = OpenAIClient(node.url, model, node.endpoint_type, tokenizer, api_key=api_key, timeout_s=node.timeout_s,
-                          extra_body=dict(node.extra_body), max_connections=max(node.concurrency))
-    return Target(client, tokenizer, f"{node.url} ({model}, {node.endpoint_type})", tokenizer_dir=str(tokenizer_dir),
+    client = OpenAIClient(url, model, node.endpoint_type, tokenizer, api_key=api_key, timeout_s=node.timeout_s,
+                          extra_body=dict(node.extra_body), max_connections=max(node.concurrency), auth=auth)
+    return Target(client, tokenizer, f"{url} ({model}, {node.endpoint_type})", tokenizer_dir=str(tokenizer_dir),
                   api_key=api_key)
 
 

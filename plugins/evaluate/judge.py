@@ -33,6 +33,7 @@ from typing import Any, Dict, List, Mapping, Optional
 from llmexp.data.jsonl import read_jsonl_numbered
 from llmexp.errors import UserError
 from llmexp.plugins.evaluate.tasks import TaskInputs, TaskResult, TaskType
+from llmexp.secrets import redact_url_credentials
 
 log = logging.getLogger(__name__)
 
@@ -162,7 +163,8 @@ def problems(spec: Mapping[str, Any], field: str) -> List[str]:
     settings = {**DEFAULTS, **{key: value for key, value in spec.items() if value is not None}}
     url = settings["url"]
     if not isinstance(url, str) or not url.startswith(("http://", "https://")):
-        found.append(f"{field}.url={url!r} must be the judge endpoint's base URL, e.g. http://127.0.0.1:8000/v1.")
+        found.append(redact_url_credentials(
+            f"{field}.url={url!r} must be the judge endpoint's base URL, e.g. http://127.0.0.1:8000/v1."))
     if not isinstance(settings["model"], str) or not settings["model"]:
         found.append(f"{field}.model={settings['model']!r} must name the judge model the endpoint serves.")
     needs = PLACEHOLDERS

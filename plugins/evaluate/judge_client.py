@@ -30,10 +30,9 @@ import asyncio
 import base64
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
-from urllib.parse import unquote, urlsplit, urlunsplit
 
 from llmexp.plugins.evaluate.judge_template import Verdict
-from llmexp.secrets import REDACTED, redact_url_credentials
+from llmexp.secrets import REDACTED, redact_url_credentials, split_url_credentials
 
 Messages = List[Dict[str, str]]
 _MAX_BACKOFF_S = 60.0
@@ -63,7 +62,7 @@ class JudgeClient:
     basic_auth: Optional[Tuple[str, str]] = field(default=None, init=False, repr=False)  # (user, password)
 
     def __post_init__(self) -> None:
-        self.url, self.basic_auth = without_credentials(self.url)
+        self.url, self.basic_auth = split_url_credentials(self.url)
 
     @property
     def endpoint(self) -> str:
@@ -139,16 +138,6 @@ class JudgeClient:
         for secret in filter(None, secrets):
             text = text.replace(secret, REDACTED)
         return redact_url_credentials(text)
-
-
-def without_credentials(url: str) -> Tuple[str, Optional[Tuple[str, str]]]:
-    """(``url`` without its ``user:password@``, (user, password) decoded, or None when it had none)."""
-    parts = urlsplit(url)
-    if "@" not in parts.netloc:
-        return url, None
-    userinfo, _, host = parts.netloc.rpartition("@")
-    user, _, password = userinfo.partition(":")
-    return urlunsplit(parts._replace(netloc=host)), (unquote(user), unquote(password))
 
 
 def _reply_text(response) -> Optional[str]:
