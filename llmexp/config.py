@@ -10,6 +10,7 @@ that has it.
 from __future__ import annotations
 
 import functools
+import os
 import re
 import typing
 from dataclasses import fields, is_dataclass
@@ -20,8 +21,9 @@ from typing import Dict, List, Optional, Sequence
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
+from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
-from omegaconf import DictConfig, OmegaConf
+from omegaconf import DictConfig, OmegaConf, open_dict, read_write
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from llmexp.errors import UserError
@@ -89,15 +91,30 @@ def compose_config(overrides: Sequence[str], config_name: str = CONFIG_NAME, con
     try:
         with initialize:
             chosen = [*with_implied_pipeline(overrides), *search]
-            cfg = compose(config_name=config_name, overrides=chosen, return_hydra_config=hydra_node)
-    except (HydraException, OmegaConfBaseException, ValueError) as error:
+            cfg = compose(config_name=config_name, overrides=chosen, return_hydra_config=True)
+            set_hydra_runtime(cfg)
+    except (HydraException, OmegaConfBaseException, ValueError, RecursionError) as error:
         raise UserError(composition_message(error, overrides)) from None
     finally:
         GlobalHydra.instance().clear()
+    if not hydra_node:
+        with read_write(cfg), open_dict(cfg):
+            del cfg["hydra"]
     problems = option_name_problems(cfg)
     if problems:
         raise UserError(" ".join(problems))
     return cfg
+
+
+def set_hydra_runtime(cfg: DictConfig) -> None:
+    """Let ``${hydra:...}`` resolve in a config composed outside ``@hydra.main``, so a plan sees its values.
+
+    Hydra sets this singleton when it runs a job, with ``runtime.output_dir`` made from
+    ``hydra.run.dir``; composing for a plan does the same (the directory is not created).
+    """
+    with read_write(cfg.hydra.runtime):
+        cfg.hydra.runtime.output_dir = os.path.abspath(str(OmegaConf.select(cfg, "hydra.run.dir")))
+    HydraConfig.instance().set_config(cfg)
 
 
 CFG_HINT = "`llmexp --cfg job` lists every key with its current value and type."
@@ -109,7 +126,13 @@ def composition_message(error: Exception, overrides: Sequence[str]) -> str:
     A key the chosen option lacks names the options that have it; a value outside a closed
     choice lists the allowed values.
     """
-    shown = " ".join(overrides) or "(no overrides)"
+    shown = " ".join(_shortened(override) for override in overrides) or "(no overrides)"
+    if isinstance(error, RecursionError):
+        return (
+            f"The configuration could not be composed from `{shown}`: a value is nested too deeply to parse "
+            "(lists or mappings inside each other beyond Python's recursion limit); give it flatter, or in a "
+            "config file of your own (--config-dir)."
+        )
     cause = _omegaconf_cause(error)
     specific = cause is not None and (_unknown_key_message(cause) or _choice_message(cause))
     if specific:
@@ -120,6 +143,11 @@ def composition_message(error: Exception, overrides: Sequence[str]) -> str:
         "`llmexp --cfg job` (every key with its current value and type)."
     )
     return f"The configuration could not be composed from `{shown}`: {text} {hint}"
+
+
+def _shortened(override: str, limit: int = 200) -> str:
+    """An override as typed, cut to ``limit`` characters so that one huge value cannot flood the message."""
+    return override if len(override) <= limit else f"{override[:limit]}... ({len(override)} characters)"
 
 
 def _omegaconf_cause(error: BaseException) -> Optional[OmegaConfBaseException]:
@@ -230,7 +258,7 @@ def sweep_points(overrides: List[str], config_name: str = CONFIG_NAME, config_di
         params = compose_config(fixed, config_name, config_dir, hydra_node=True).hydra.sweeper.params or {}
         given = {o.get_key_element() for o in parsed}
         parsed += parser.parse_overrides([f"{key}={value}" for key, value in params.items() if key not in given])
-    except HydraException as error:
+    except (HydraException, RecursionError) as error:
         raise UserError(composition_message(error, overrides)) from None
     batches = BasicSweeper.split_arguments(parsed, max_batch_size=None)
     return [list(point) for batch in batches for point in batch]

@@ -165,3 +165,31 @@ def test_a_multirun_whose_points_completed_or_were_skipped_exits_0_with_its_tabl
     assert done.returncode == 0, done.stderr[-3000:]
     assert [job["status"] for job in json.loads((tmp_path / "sweep/jobs.json").read_text())] == ["completed", "skipped"]
     assert "Jobs (" in done.stdout
+
+
+def test_a_value_from_hydras_runtime_is_resolved_when_the_run_is_planned(tmp_path):
+    """``${hydra:runtime.output_dir}`` resolves at plan time as in the job: the refusal names the resolved path."""
+    task = "technique.tasks=[{type: text_perplexity, name: tp, path: '${hydra:runtime.output_dir}/held_out.txt'}]"
+    result = run_llmexp("technique=evaluate", "hydra.run.dir=runs/one", task, cwd=tmp_path)
+    assert_user_error(result, f"{tmp_path}/runs/one/held_out.txt does not exist")
+    assert not list(tmp_path.iterdir())
+
+
+def test_an_override_nested_too_deeply_to_parse_is_bad_input(tmp_path):
+    result = run_llmexp("tracker.tags=" + "[" * 3000 + "]" * 3000, cwd=tmp_path)
+    assert_user_error(result, "nested too deeply to parse", "(6013 characters)")
+    assert len(result.stderr) < 1000
+    assert not list(tmp_path.iterdir())
+
+
+def test_a_layout_over_several_nodes_needs_a_cluster_launcher(tmp_path):
+    """A plain run stops before anything is written; a local sweep records the point as skipped and goes on."""
+    layout = ["pipeline=single", "parallelism=dp2", "parallelism.devices_per_node=1", "technique.max_steps=2"]
+    result = run_llmexp(*layout, "parallelism.nodes=2", cwd=tmp_path)
+    assert_user_error(result, "spans parallelism.nodes=2 nodes", "hydra/launcher=slurm")
+    assert not list(tmp_path.iterdir())
+
+    sweep = run_llmexp("-m", *layout, "parallelism.nodes=2", "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert sweep.returncode == 0, sweep.stderr
+    record = read_results(tmp_path / "sweep" / "0")
+    assert record["status"] == "skipped" and "spans parallelism.nodes=2 nodes" in record["reason"]
