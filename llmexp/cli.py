@@ -18,7 +18,7 @@ from omegaconf import DictConfig
 
 from llmexp import console
 from llmexp.config import CONFIG_NAME, compose_config, register_configs, sweep_points, with_implied_pipeline
-from llmexp.distributed import RankFailed, run_job
+from llmexp.distributed import RankFailed, local_start_problem, run_job
 from llmexp.errors import EXIT_USER_ERROR, UserError
 from llmexp.secrets import secrets_to_environment
 
@@ -90,6 +90,10 @@ def register_launchers() -> None:
     Plugins.instance().register(SlurmLauncher)
 
 
+# Launchers that start each job's ranks on the nodes it asks for; any other runs them on this machine.
+CLUSTER_LAUNCHERS = ("hydra_plugins.llmexp_launchers.SlurmLauncher",)
+
+
 def preflight(argv: List[str]) -> None:
     """Compose every job of this invocation and plan a plain run; raise ``UserError`` on bad input."""
     from hydra._internal.utils import get_args_parser
@@ -101,15 +105,17 @@ def preflight(argv: List[str]) -> None:
     points = sweep_points(args.overrides, config_name, config_dir) if args.multirun else [args.overrides]
     for overrides in points:
         cfg = compose_config(overrides, config_name, config_dir)
-        if "hydra/launcher=slurm" in argv:
+        if HydraConfig.get().launcher._target_ in CLUSTER_LAUNCHERS:
             from llmexp.launchers.placement import missing_cluster
 
             if problem := missing_cluster(cfg):
                 raise UserError(problem)
-    if not args.multirun and args.cfg is None:
+    if not args.multirun and args.cfg is None:  # a multirun records such a point as skipped and goes on
         from llmexp.planner import make_plan
 
         problems = make_plan(cfg).problems
+        if problem := local_start_problem(cfg):
+            problems.append(problem)
         if problems:
             raise UserError(" ".join(problems))
 
@@ -127,6 +133,12 @@ def hydra_entry(cfg: DictConfig) -> Optional[str]:
     hydra_cfg = HydraConfig.get()
     multirun = hydra_cfg.mode == RunMode.MULTIRUN
     run_dir = Path(hydra_cfg.runtime.output_dir)
+    if multirun and (problem := local_start_problem(cfg)):
+        from llmexp.results import RunRecord
+
+        RunRecord.start(run_dir, cfg).finish("skipped", problem).write()
+        console.warn(f"skipped: {run_dir}: {problem}")
+        return "skipped"
     try:
         return run_job(cfg, run_experiment, cfg, run_dir, multirun).status
     except (UserError, RankFailed) as error:

@@ -31,7 +31,7 @@ import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import timedelta
-from typing import Any, Callable, Iterator, Sequence, TypeVar
+from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
 from llmexp.errors import EXIT_USER_ERROR, UserError
 
@@ -153,6 +153,22 @@ def run_job(config, job: Callable[..., T], *args: Any) -> T:
     return _start_ranks(config, wanted, job, args)
 
 
+def local_start_problem(config) -> Optional[str]:
+    """Why this machine cannot start the job's ranks itself (they span several nodes), else None.
+
+    Checked before anything runs when no cluster launcher will start the job, and again here.
+    """
+    p = config.parallelism
+    if p.nodes <= 1 or "WORLD_SIZE" in os.environ:
+        return None
+    world = world_size_of(p)
+    return (
+        f"parallelism={p.name} spans parallelism.nodes={p.nodes} nodes, which a run on this machine cannot "
+        f"give it; submit it through a cluster launcher (`llmexp -m hydra/launcher=slurm cluster=<profile> ...`), "
+        f"or run all {world} ranks here with parallelism.nodes=1 parallelism.devices_per_node={world}."
+    )
+
+
 class RankFailed(RuntimeError):
     """A rank of a job started here failed with an error other than a ``UserError``; the message holds its traceback."""
 
@@ -165,13 +181,9 @@ def _start_ranks(config, world: int, job: Callable[..., T], args: Sequence) -> T
     failed first and why. Ranks other than 0 write their console output to its log
     directory, a temporary one removed afterwards: rank 0 speaks for the job.
     """
-    p = config.parallelism
-    if p.nodes > 1:
-        raise UserError(
-            f"parallelism={p.name} spans parallelism.nodes={p.nodes} nodes, which a run on this machine cannot "
-            f"give it; submit it through a cluster launcher (`llmexp -m hydra/launcher=slurm cluster=<profile> ...`), "
-            f"or run all {world} ranks here with parallelism.nodes=1 parallelism.devices_per_node={world}."
-        )
+    problem = local_start_problem(config)
+    if problem:
+        raise UserError(problem)
     from torch.distributed.elastic.multiprocessing import DefaultLogsSpecs, Std
     from torch.distributed.elastic.multiprocessing.errors import ChildFailedError
     from torch.distributed.launcher.api import LaunchConfig, elastic_launch
