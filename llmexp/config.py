@@ -106,6 +106,18 @@ def compose_config(overrides: Sequence[str], config_name: str = CONFIG_NAME, con
     return cfg
 
 
+def job_environment() -> Dict[str, str]:
+    """The environment variables the job runs with: this process's, plus ``hydra.job.env_set``.
+
+    Hydra applies ``env_set`` only when the job starts, so a plan made before (``llmexp plan``,
+    the checks before a run) asks here whether a variable a stage needs will be set.
+    """
+    environment = dict(os.environ)
+    if HydraConfig.initialized():
+        environment.update({str(key): str(value) for key, value in (HydraConfig.get().job.env_set or {}).items()})
+    return environment
+
+
 def set_hydra_runtime(cfg: DictConfig) -> None:
     """Let ``${hydra:...}`` resolve in a config composed outside ``@hydra.main``, so a plan sees its values.
 

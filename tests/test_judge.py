@@ -454,3 +454,21 @@ def test_an_evaluation_run_keeps_the_credentials_out_of_every_file_and_records_e
     secrets = (SECRET, PASSWORD, quote(PASSWORD, safe=""), BASIC.split()[1])
     assert [(path, secret) for path in files for secret in secrets if secret.encode() in path.read_bytes()] == []
     assert not any(secret in done.stdout + done.stderr for secret in secrets)
+
+
+@pytest.mark.parametrize("technique", ["judge", "benchmark"])
+def test_a_key_the_job_sets_through_env_set_counts_for_the_plan(technique, tmp_path, tiny_checkpoint):
+    """Hydra exports ``hydra.job.env_set`` only when the job starts; the plan, made before, counts it as set."""
+    from tests.conftest import run_llmexp
+
+    if technique == "judge":
+        chosen = ["technique=evaluate", "technique.tasks=[{type: judge, path: " + items_file(tmp_path, QA)
+                  + ", url: 'http://127.0.0.1:9/v1', model: m, api_key_env: PLAN_KEY}]"]
+    else:
+        chosen = ["technique=benchmark", "technique.target=endpoint", "technique.url=http://127.0.0.1:9",
+                  f"technique.tokenizer={tiny_checkpoint}", "technique.api_key_env=PLAN_KEY"]
+    common = ["plan", *chosen, f"model.path={tiny_checkpoint}"]
+    refused = run_llmexp(*common, cwd=tmp_path)
+    assert refused.returncode == 2 and "api_key_env=PLAN_KEY" in refused.stdout + refused.stderr
+    planned = run_llmexp(*common, "+hydra.job.env_set.PLAN_KEY=sk-set-for-the-job", cwd=tmp_path)
+    assert planned.returncode == 0, planned.stdout + planned.stderr

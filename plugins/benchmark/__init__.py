@@ -14,12 +14,12 @@ This module imports without torch: the planner loads every plugin.
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlparse
 
 from llmexp.checkpoint import context_length
+from llmexp.config import job_environment
 from llmexp.hookspecs import hookimpl
 from llmexp.secrets import redact_url_credentials
 from llmexp.technique import Technique, TechniqueConfig
@@ -160,7 +160,7 @@ def _endpoint_problems(node, field: str, model_path: Optional[str]) -> List[str]
         if parsed.scheme not in ("http", "https") or not parsed.hostname:
             problems.append(redact_url_credentials(
                 f"{field}.url={node.url} is not an http(s) URL; give one like http://127.0.0.1:8000."))
-    if node.api_key_env and node.api_key_env not in os.environ:
+    if node.api_key_env and node.api_key_env not in job_environment():
         problems.append(f"{field}.api_key_env={node.api_key_env} names an environment variable that is not set; "
                         f"export {node.api_key_env}=<the key> (the key itself never goes in the config).")
     if not node.tokenizer and not model_path:

@@ -30,6 +30,7 @@ import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from llmexp.config import job_environment
 from llmexp.data.jsonl import read_jsonl_numbered
 from llmexp.errors import UserError
 from llmexp.plugins.evaluate.tasks import TaskInputs, TaskResult, TaskType
@@ -187,7 +188,7 @@ def problems(spec: Mapping[str, Any], field: str) -> List[str]:
             f"{field}.api_key_env={env!r} must be the NAME of an environment variable holding the key, "
             "e.g. OPENAI_API_KEY."
         )
-    elif "api_key_env" in spec and env not in os.environ:
+    elif "api_key_env" in spec and env not in job_environment():
         found.append(
             f"{field}.api_key_env={env}: that environment variable is not set. Export {env}=<your key> "
             "(never put the key itself in the config), or leave api_key_env out for an endpoint without keys."
