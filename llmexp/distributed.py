@@ -210,7 +210,7 @@ def _start_ranks(config, world: int, job: Callable[..., T], args: Sequence) -> T
             if user_errors:  # the others stopped because of it
                 raise UserError(user_errors[0]) from None
             failed_rank, failure = error.get_first_failure()
-            raise RankFailed(f"rank {failed_rank} of parallelism={p.name} failed:\n{_failure_text(failure)}") from None
+            raise RankFailed(f"rank {failed_rank} of parallelism={config.parallelism.name} failed:\n{_failure_text(failure)}") from None
         finally:
             logging.disable(logging.NOTSET)
     return values[0]
