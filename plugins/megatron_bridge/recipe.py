@@ -16,6 +16,7 @@ from llmexp.errors import UserError
 from llmexp.models import input_model, load_model, model_stats
 from llmexp.pipeline import stage_node_path
 from llmexp.plugins.megatron_bridge import MIXED_PRECISION
+from llmexp.schema import MegatronBackendConfig
 from llmexp.technique import ModelArtifact, StageContext, StageResult
 
 RECIPES_PACKAGE = "megatron.bridge.recipes"
@@ -40,8 +41,13 @@ def resolve_recipe(name: str, field: str = "technique.recipe") -> Callable[..., 
 
 
 def run_settings(cfg, node, stage_dir: Path) -> Dict[str, Any]:
-    """Dotted ``ConfigContainer`` paths -> values: our layout, precision, batch, steps and seed, then ``overrides``."""
-    p, backend = cfg.parallelism, cfg.backend
+    """Dotted ``ConfigContainer`` paths -> values: our layout, precision, batch, steps and seed, then ``overrides``.
+
+    A recipe runs on megatron whatever ``backend`` says: its settings are ``backend=megatron``'s, or
+    that option's defaults when the run keeps the default ``backend=torch``, which has none.
+    """
+    p = cfg.parallelism
+    backend = cfg.backend if cfg.backend.name == "megatron" else MegatronBackendConfig()
     precision = getattr(cfg.precision, "value", cfg.precision)
     settings: Dict[str, Any] = {
         "model.tensor_model_parallel_size": p.tp,
