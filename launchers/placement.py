@@ -11,6 +11,9 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
+# conf/hydra/launcher/slurm.yaml's _target_: a launcher that starts each job's ranks on the nodes it asks for
+SLURM_LAUNCHER = "hydra_plugins.llmexp_launchers.SlurmLauncher"
+
 
 @dataclass(frozen=True)
 class SlurmResources:

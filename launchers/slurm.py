@@ -45,7 +45,7 @@ from omegaconf import DictConfig, OmegaConf, open_dict
 
 from llmexp.launchers import slurm_queue
 from llmexp.launchers.placement import SlurmResources, missing_cluster, slurm_resources
-from llmexp.launchers.sweep_jobs import NEVER_SUBMITTED, UNFINISHED, SweepJob, finish, observe, submitted, write_jobs
+from llmexp.launchers.sweep_jobs import JOBS_FILE, UNFINISHED, SweepJob, finish, observe, submitted, write_jobs
 from llmexp import console, preemption
 from llmexp.errors import EXIT_USER_ERROR
 from llmexp.failure import reason_of
@@ -106,7 +106,7 @@ class SlurmLauncher(BaseSubmititLauncher):
             if self.params["detach"]:
                 console.err.print(
                     f"submitted {sum(job.slurm_job_id is not None for job in jobs)} job(s) to Slurm, skipped "
-                    f"{len(skipped)}; they are recorded in {sweep_dir / 'jobs.json'}; collect them with "
+                    f"{len(skipped)}; they are recorded in {sweep_dir / JOBS_FILE}; collect them with "
                     f"`llmexp gather {sweep_dir}`", highlight=False, soft_wrap=True,
                 )
                 return [_job_return(job) for job in jobs]
@@ -231,13 +231,13 @@ def _nothing_orphaned(sweep_dir: Path, jobs: List[SweepJob]) -> Iterator[None]:
             raise
         for job in jobs:
             if job.slurm_job_id is None and job.status == "pending":
-                job.status, job.reason = "failed", NEVER_SUBMITTED
-        write_jobs(sweep_dir, jobs)
+                observe(job, None)  # never submitted: failed, saying so
+        path = write_jobs(sweep_dir, jobs)
         parents = " ".join(dict.fromkeys(job.slurm_job_id.split("_")[0] for job in running))
         why = "" if isinstance(error, (KeyboardInterrupt, SystemExit)) else f" ({reason_of(error)})"
         console.error(
             f"the sweep stopped{why} with {len(running)} submitted job(s) not yet ended; Slurm still runs them and "
-            f"{sweep_dir / 'jobs.json'} records them. Follow them with `llmexp gather {sweep_dir}`, or cancel them "
+            f"{path} records them. Follow them with `llmexp gather {sweep_dir}`, or cancel them "
             f"with `scancel {parents}`."
         )
         if isinstance(error, KeyboardInterrupt):

@@ -23,7 +23,7 @@ import json
 import pickle
 import time
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 from rich.table import Table
@@ -31,6 +31,7 @@ from rich.text import Text
 
 from llmexp import console
 from llmexp.failure import last_error_line, one_line
+from llmexp.launchers.placement import SLURM_LAUNCHER
 from llmexp.launchers.slurm_queue import SlurmJobState
 from llmexp.results import RESULTS_FILE, RunRecord, read_results, write_json_atomic
 
@@ -86,11 +87,17 @@ def observe(job: SweepJob, slurm: Optional[SlurmJobState]) -> SweepJob:
     results = _results(job.run_dir)
     placed = (results or {}).get("environment", {}).get("slurm") or {}
     job.node, job.restarts = job.node or placed.get("node"), int(placed.get("restart_count") or 0)
+    return _settle(job, results, lambda: _failure(job, slurm))
+
+
+def _settle(job: SweepJob, results: Optional[Dict[str, Any]], failure: Callable[[], str]) -> SweepJob:
+    """``job``'s outcome once it has ended: what its results.json says, else failed with ``failure()``; a
+    results.json it left ``running`` (killed mid-way) is rewritten as failed, never left running."""
     if results is not None and results["status"] != "running":
         job.status, job.reason = results["status"], results.get("reason")
         return job
-    job.status, job.reason = "failed", _failure(job, slurm)
-    if results is not None:  # killed mid-way: never leave it "running"
+    job.status, job.reason = "failed", failure()
+    if results is not None:
         RunRecord.load(job.run_dir).finish("failed", job.reason).write()
     return job
 
@@ -182,7 +189,7 @@ class SweepSummary(Callback):
         self.started = time.time() - 1.0  # file times are whole seconds on some filesystems
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        if str(config.hydra.launcher.get("_target_", "")).endswith("llmexp_launchers.SlurmLauncher"):
+        if config.hydra.launcher.get("_target_") == SLURM_LAUNCHER:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = [_local_job(hydra_dir.parent) for hydra_dir in sweep_dir.rglob(".hydra")
@@ -198,12 +205,6 @@ def _local_job(run_dir: Path) -> SweepJob:
 
     hydra = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra
     job = SweepJob(int(hydra.job.num), list(hydra.overrides.task), str(run_dir.absolute()))
-    results = _results(str(run_dir))
-    if results is not None and results["status"] != "running":
-        job.status, job.reason = results["status"], results.get("reason")
-        return job
-    job.status = "failed"
-    job.reason = f"the job ended without finishing its run ({RESULTS_FILE} {'missing' if results is None else 'says running'})"
-    if results is not None:
-        RunRecord.load(run_dir).finish("failed", job.reason).write()
-    return job
+    results = _results(job.run_dir)
+    return _settle(job, results, lambda: "the job ended without finishing its run "
+                   f"({RESULTS_FILE} {'missing' if results is None else 'says running'})")

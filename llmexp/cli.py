@@ -20,6 +20,7 @@ from llmexp import console
 from llmexp.config import CONFIG_NAME, compose_config, register_configs, sweep_points, with_implied_pipeline
 from llmexp.distributed import RankFailed, local_start_problem, run_job
 from llmexp.errors import EXIT_USER_ERROR, UserError
+from llmexp.launchers.placement import SLURM_LAUNCHER, missing_cluster
 from llmexp.secrets import secrets_to_environment
 
 
@@ -90,10 +91,6 @@ def register_launchers() -> None:
     Plugins.instance().register(SlurmLauncher)
 
 
-# Launchers that start each job's ranks on the nodes it asks for; any other runs them on this machine.
-CLUSTER_LAUNCHERS = ("hydra_plugins.llmexp_launchers.SlurmLauncher",)
-
-
 def preflight(argv: List[str]) -> None:
     """Compose every job of this invocation and plan a plain run; raise ``UserError`` on bad input."""
     from hydra._internal.utils import get_args_parser
@@ -105,9 +102,7 @@ def preflight(argv: List[str]) -> None:
     points = sweep_points(args.overrides, config_name, config_dir) if args.multirun else [args.overrides]
     for overrides in points:
         cfg = compose_config(overrides, config_name, config_dir)
-        if HydraConfig.get().launcher._target_ in CLUSTER_LAUNCHERS:
-            from llmexp.launchers.placement import missing_cluster
-
+        if HydraConfig.get().launcher._target_ == SLURM_LAUNCHER:  # any other starts the ranks on this machine
             if problem := missing_cluster(cfg):
                 raise UserError(problem)
     if not args.multirun and args.cfg is None:  # a multirun records such a point as skipped and goes on
