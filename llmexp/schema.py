@@ -133,6 +133,9 @@ class ModelConfig:
     num_key_value_heads: int = MISSING
     head_dim: Optional[int] = None  # None: hidden_size // num_attention_heads
     max_position_embeddings: int = 2048
+    # The sequence length it is trained and tuned at (its pretraining length before any long-context stage):
+    # the planner shows memory at it when data.seq_len is far shorter. None: no such reference.
+    train_seq_len: Optional[int] = None
     rope_theta: float = 10000.0
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
