@@ -9,6 +9,7 @@ that has it.
 
 from __future__ import annotations
 
+import fnmatch
 import functools
 import os
 import re
@@ -55,22 +56,43 @@ def option_schemas() -> Dict[str, Dict[str, type]]:
             "technique": {name: entry.technique.schema for name, entry in techniques().items()}}
 
 
-# Overrides of these top-level keys say "run this technique": they imply pipeline=default.
-SINGLE_TECHNIQUE_KEYS = ("technique", "evaluation")
+# Overrides whose keys match these choose what runs, so they imply pipeline=default: a technique or its
+# evaluation (chosen or tuned), or a model of one's own (a preset, a checkpoint).
+SINGLE_TECHNIQUE_KEYS = ("technique", "technique.*", "evaluation", "evaluation.*", "model", "model.path")
 
 
-def with_implied_pipeline(overrides: Sequence[str]) -> List[str]:
-    """``overrides`` plus ``pipeline=default`` when they choose or tune a technique but name no pipeline.
+def implied_pipeline(argv: Sequence[str], config_name: Optional[str] = None) -> Optional[str]:
+    """The override of ``argv`` (a command line, or its overrides alone) that implies ``pipeline=default``, or None.
 
-    ``llmexp`` alone runs the whole workflow (the compress pipeline, conf/config.yaml);
-    ``llmexp technique=lora`` or ``llmexp technique.max_steps=300`` means that technique and
-    its evaluation, as a user of any single-recipe tool expects. Naming a pipeline wins.
+    ``llmexp`` alone runs the whole workflow on the embedded default (conf/config.yaml's pipeline);
+    ``llmexp technique=lora``, ``llmexp technique.max_steps=300`` or ``llmexp model=llama3_1_8b`` means
+    that technique (pretrain unless named) and its evaluation, as a user of any single-recipe tool
+    expects: the workflow is built for the embedded model. The rule reads keys, never values, so the
+    whole command line and each job of a sweep mean the same pipeline. Naming a pipeline wins, and a
+    primary config of one's own (``--config-name``, such as a file of sweeps/) chooses its pipeline itself.
     """
-    keys = [override.lstrip("+~").split("=", 1)[0] for override in overrides]
-    tops = {key.split(".", 1)[0] for key in keys}
-    if "pipeline" in tops or not tops.intersection(SINGLE_TECHNIQUE_KEYS):
-        return list(overrides)
-    return [*overrides, "pipeline=default"]
+    from hydra._internal.utils import get_args_parser
+
+    args, _ = get_args_parser().parse_known_args(list(argv))
+    if (config_name or args.config_name or CONFIG_NAME) != CONFIG_NAME:
+        return None
+    keys = {override: _override_node(override) for override in args.overrides}
+    if any(key.split(".", 1)[0] == "pipeline" for key in keys.values()):
+        return None
+    return next((override for override, key in keys.items()
+                 if any(fnmatch.fnmatchcase(key, pattern) for pattern in SINGLE_TECHNIQUE_KEYS)), None)
+
+
+def with_implied_pipeline(argv: Sequence[str], config_name: Optional[str] = None) -> List[str]:
+    """``argv`` plus ``pipeline=default`` where ``implied_pipeline`` finds an override that implies it."""
+    return [*argv, "pipeline=default"] if implied_pipeline(argv, config_name) else list(argv)
+
+
+def _override_node(override: str) -> str:
+    """The config node an override sets: ``technique.lr`` of ``+technique.lr=1``, ``evaluation`` of
+    ``technique@evaluation=benchmark``."""
+    key = override.lstrip("+~").split("=", 1)[0]
+    return key.split("@", 1)[1] if "@" in key else key
 
 
 def compose_config(overrides: Sequence[str], config_name: str = CONFIG_NAME, config_dir: Optional[str] = None,
@@ -90,7 +112,7 @@ def compose_config(overrides: Sequence[str], config_name: str = CONFIG_NAME, con
         search = [f"hydra.searchpath=[pkg://{CONFIG_MODULE}]"]
     try:
         with initialize:
-            chosen = [*with_implied_pipeline(overrides), *search]
+            chosen = [*with_implied_pipeline(overrides, config_name), *search]
             cfg = compose(config_name=config_name, overrides=chosen, return_hydra_config=True)
             set_hydra_runtime(cfg)
     except (HydraException, OmegaConfBaseException, ValueError, RecursionError) as error:

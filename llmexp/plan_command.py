@@ -1,8 +1,10 @@
 """``llmexp plan [--json] <overrides>``: will this config fit and run, before anything starts.
 
 Composes the config exactly as a run would, makes the plan and prints it: a table for
-people, JSON for scripts. Exit code 0 when the plan has no problems, 2 when it has (or
-the config does not compose); nothing is written and torch is never imported.
+people, JSON for scripts, each first saying which job it is the plan of and why (a model or
+technique named on the command line implies its technique and evaluation, not the whole
+workflow). Exit code 0 when the plan has no problems, 2 when it has (or the config does not
+compose); nothing is written and torch is never imported.
 """
 
 from __future__ import annotations
@@ -10,7 +12,8 @@ from __future__ import annotations
 import argparse
 import json
 import sys
-from typing import List
+from importlib.resources import files
+from typing import List, Optional
 
 from llmexp import console
 from llmexp.errors import EXIT_USER_ERROR, UserError
@@ -32,7 +35,7 @@ def main(argv: List[str]) -> int:
     except SystemExit as exit_:  # --help or a usage error: argparse has printed why
         return int(exit_.code or 0)
 
-    from llmexp.config import compose_config
+    from llmexp.config import compose_config, implied_pipeline
     from llmexp.planner import make_plan
 
     try:
@@ -41,14 +44,44 @@ def main(argv: List[str]) -> int:
     except UserError as error:
         console.error(str(error))
         return EXIT_USER_ERROR
+    implied_by = implied_pipeline(args.overrides)
     if args.json:
-        print(json.dumps({**plan.to_dict(), "config": summary(cfg)}, indent=2))
+        print(json.dumps({"planned": planned(cfg, implied_by), **plan.to_dict(),
+                          "config": {**summary(cfg), "pipeline_implied_by": implied_by}}, indent=2))
     else:
-        print_table(cfg, plan)
+        print_table(cfg, plan, planned(cfg, implied_by))
     return 0 if plan.feasible else EXIT_USER_ERROR
 
 
 SINGLE_TECHNIQUE = ("default", "single")  # pipelines of the chosen technique (and evaluation)
+
+
+def planned(cfg, implied_by: Optional[str]) -> str:
+    """Which job this is the plan of, and why that one: ``llmexp.config.implied_pipeline`` says whether an
+    override (``implied_by``) chose it over the whole workflow."""
+    from llmexp.pipeline import stage_nodes
+
+    name, workflow = cfg.pipeline.name, workflow_pipeline()
+    stages = stage_nodes(cfg, strict=False)
+    if name in SINGLE_TECHNIQUE:
+        job = " then ".join([f"technique={cfg.technique.name}", *(node.name for key, node in stages[1:])])
+    else:
+        job = f"pipeline={name}, {len(stages)} stages: {' → '.join(key for key, _ in stages)}"
+    if implied_by:
+        why = f"pipeline={name}, implied by {implied_by}; name pipeline={workflow} to plan the whole workflow"
+    elif name == workflow:
+        why = "llmexp's default: its whole workflow, built for the embedded model"
+    else:
+        why = f"pipeline={name}, as named"
+    return f"planned: {job} ({why})"
+
+
+def workflow_pipeline() -> str:
+    """The pipeline ``llmexp`` alone runs: conf/config.yaml's default."""
+    import yaml
+
+    defaults = yaml.safe_load(files("llmexp.conf").joinpath("config.yaml").read_text(encoding="utf-8"))["defaults"]
+    return next(entry["pipeline"] for entry in defaults if isinstance(entry, dict) and "pipeline" in entry)
 
 
 def summary(cfg) -> dict:
@@ -70,7 +103,7 @@ def summary(cfg) -> dict:
     }
 
 
-def print_table(cfg, plan) -> None:
+def print_table(cfg, plan, planned_job: str) -> None:
     from rich.table import Table
     from rich.text import Text
 
@@ -95,9 +128,17 @@ def print_table(cfg, plan) -> None:
     share = plan.memory_per_device_bytes / plan.device_memory_bytes
     table.add_row("memory per device", f"{size(plan.memory_per_device_bytes)} of "
                   f"{size(plan.device_memory_bytes)} ({share:.0%})")
+    if plan.at_train_seq_len:
+        longer = plan.at_train_seq_len
+        table.add_row(f"  at {longer['seq_len']} tokens", f"{size(longer['memory_per_device_bytes'])} of "
+                      f"{size(plan.device_memory_bytes)} "
+                      f"({longer['memory_per_device_bytes'] / plan.device_memory_bytes:.0%})")
     out = console.out
+    out.print(Text(planned_job), soft_wrap=True)
     out.print(Text(title, style="bold"), soft_wrap=True)
     out.print(table)
+    for warning in plan.warnings:
+        out.print(Text(f"⚠ {warning}", style="yellow"), soft_wrap=True)
     if plan.feasible:
         out.print(Text("✓ fits and runs as configured", style="green"))
         return

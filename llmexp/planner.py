@@ -16,9 +16,9 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Dict, List
+from typing import Any, Callable, Dict, List, Optional
 
-from llmexp import plugin_manager
+from llmexp import plugin_manager, starting_weights
 from llmexp.checkpoint import model_numbers_from_hf_config, read_hf_config, validate_checkpoint_dir
 from llmexp.errors import UserError
 from llmexp.pipeline import model_sources, stage_nodes
@@ -84,6 +84,10 @@ DISTILL_VALUES_PER_VOCAB = 3
 
 LAYOUT_FIELDS = ("tp", "pp", "dp", "nodes", "devices_per_node", "micro_batch", "global_batch")
 
+# data.seq_len below this share of the model's training length (``model.train_seq_len``) is far from
+# any real job on that model: the embedded data's 64-token sequences planned on a named model, say.
+SHORT_SEQUENCE_SHARE = 1 / 8
+
 
 @dataclass
 class Plan:
@@ -97,6 +101,10 @@ class Plan:
     technique_memory: str  # inference | full | adapter | preference (of the heaviest stage)
     problems: List[str] = field(default_factory=list)
     trainable_parameters: int = 0  # all of them in full training, the adapter's, or none
+    warnings: List[str] = field(default_factory=list)  # what does not stop the run but misleads its figures
+    # Memory at model.train_seq_len, when data.seq_len is far shorter: seq_len, memory_breakdown,
+    # memory_per_device_bytes, fits.
+    at_train_seq_len: Optional[Dict[str, Any]] = None
 
     @property
     def feasible(self) -> bool:
@@ -184,10 +192,12 @@ def make_plan(cfg) -> Plan:
     problems: List[str] = []
     model = model_numbers(cfg, problems)
     problems += embedded_vocabulary_problem(cfg)
+    problems += starting_weights.problems(cfg)
     precision = _value(cfg.precision)
     layout = {name: int(cfg.parallelism[name]) for name in LAYOUT_FIELDS}
     problems += layout_problems(cfg, layout)
     layout = {name: max(1, value) for name, value in layout.items()}  # keep the arithmetic defined
+    layout["seq_len"] = int(cfg.data.seq_len)  # with the batch sizes, the shape of a step
     problems += precision_problems(cfg, precision)
     problems += divisibility_problems(cfg, model, layout)
     problems += torch_training_problems(cfg, layout, precision)
@@ -205,6 +215,8 @@ def make_plan(cfg) -> Plan:
         trainable_parameters=trainable,
     )
     plan.problems += memory_problems(cfg, plan)
+    plan.at_train_seq_len = train_length_memory(cfg, model, precision, layout, plan.device_memory_bytes)
+    plan.warnings += short_sequence_warning(cfg, plan)
     plan.problems += plugin_manager.plan_problems(cfg, plan)
     return plan
 
@@ -235,6 +247,39 @@ def heaviest_stage(cfg, model, precision, layout, problems: List[str]):
         if best is None or sum(breakdown.values()) > sum(best[1].values()):
             best = (mode, breakdown, trainable)
     return best or ("inference", {}, 0)
+
+
+def train_length_memory(cfg, model, precision, layout, device_bytes: int) -> Optional[Dict[str, Any]]:
+    """Memory per device with sequences of ``model.train_seq_len`` tokens, when ``data.seq_len`` is far
+    shorter (``SHORT_SEQUENCE_SHARE``); else None.
+
+    The run's own figures stay those of ``data.seq_len``, which is what it trains on: these show what
+    the same job needs on data of the length the model is used at.
+    """
+    length = cfg.model.get("train_seq_len")
+    if not length or layout["seq_len"] >= length * SHORT_SEQUENCE_SHARE:
+        return None
+    _, breakdown, _ = heaviest_stage(cfg, model, precision, {**layout, "seq_len": length}, [])
+    need = sum(breakdown.values())
+    return {"seq_len": length, "memory_breakdown": breakdown, "memory_per_device_bytes": need,
+            "fits": need <= device_bytes}
+
+
+def short_sequence_warning(cfg, plan: Plan) -> List[str]:
+    """The warning that the plan's activations are those of sequences far shorter than the model is used at."""
+    longer = plan.at_train_seq_len
+    if longer is None:
+        return []
+    length, need = longer["seq_len"], longer["memory_per_device_bytes"]
+    verdict = "fits" if longer["fits"] else f"does not fit: {(need - plan.device_memory_bytes) / GIB:.1f} GiB short"
+    at_length = ", ".join(f"{name} {value / GIB:.1f}" for name, value in longer["memory_breakdown"].items())
+    return [
+        f"data.seq_len={cfg.data.seq_len} (data={cfg.data.name}) is far shorter than the {length} tokens "
+        f"model={cfg.model.name} is trained at (model.train_seq_len), so these figures are those of toy sequences. "
+        f"At {length} tokens the same job needs {need / GIB:.1f} GiB per device ({at_length}) of "
+        f"{plan.device_memory_bytes / GIB:.1f} GiB, and {verdict}. Plan the length your data will have with "
+        f"data.seq_len=<tokens> (data.seq_len={length} for the model's)."
+    ]
 
 
 def model_numbers(cfg, problems: List[str]) -> Dict[str, Any]:
@@ -310,7 +355,7 @@ def inference_memory(cfg, node, key, model, precision, layout, problems):
     """
     weights = count_parameters(model) * WEIGHT_BYTES[precision] / _state_shards(cfg, layout)
     kv_cache = (2 * model["num_layers"] * model["num_key_value_heads"] * model["head_dim"]
-                * cfg.data.seq_len * layout["micro_batch"] * KV_CACHE_BYTES[precision]
+                * layout["seq_len"] * layout["micro_batch"] * KV_CACHE_BYTES[precision]
                 / (layout["tp"] * layout["pp"]))
     return {"weights": weights, "kv_cache": kv_cache}, 0
 
@@ -393,7 +438,7 @@ def distill_memory(cfg, node, key, model, precision, layout, problems):
         except UserError:
             pass  # the distill plugin's check reports a bad teacher.path
     breakdown["teacher"] = count_parameters(teacher) * WEIGHT_BYTES[precision] / _state_shards(cfg, layout)
-    tokens = cfg.data.seq_len * layout["micro_batch"]
+    tokens = layout["seq_len"] * layout["micro_batch"]
     breakdown["teacher_logits"] = tokens * DISTILL_VALUES_PER_VOCAB * teacher["vocab_size"] * LOGIT_BYTES / layout["tp"]
     return breakdown, trainable
 
@@ -416,7 +461,7 @@ def activation_bytes(cfg, model, precision, layout, sequences_per_example: int =
     the embeddings, final norm and fp32 logits. ``sequences_per_example``: DPO runs a chosen
     and a rejected sequence per example.
     """
-    tokens = cfg.data.seq_len * layout["micro_batch"] * sequences_per_example
+    tokens = layout["seq_len"] * layout["micro_batch"] * sequences_per_example
     h, kv = model["hidden_size"], model["num_key_value_heads"] * model["head_dim"]
     value_bytes = ACTIVATION_BYTES[precision]
     layer_values = (LAYER_VALUES_PER_HIDDEN * h + LAYER_VALUES_PER_INTERMEDIATE * model["intermediate_size"]
@@ -588,25 +633,68 @@ def _megatron_techniques() -> List[str]:
                   if issubclass(entry.technique, TrainingTechnique) and "megatron" in entry.technique.backends)
 
 
+# Parts of a device's memory that belong to the step (its tokens), not to the model's state.
+STEP_PARTS = ("activations", "kv_cache", "teacher_logits")
+
+
 def memory_problems(cfg, plan: Plan) -> List[str]:
+    """Memory that does not fit, with the fixes that could make it fit.
+
+    When the model's state alone (weights, gradients, optimizer states, frozen copies) is more than
+    all the job's devices hold together, no layout of them helps: that is said first, with the
+    fewest devices that could hold it.
+    """
     need, have = plan.memory_per_device_bytes, plan.device_memory_bytes
     if need <= have:
         return []
     parts = ", ".join(f"{name} {value / GIB:.1f}" for name, value in plan.memory_breakdown.items())
     fixes = ["raise parallelism.tp or parallelism.pp", "use parallelism.sharding=fsdp",
              f"lower parallelism.micro_batch (now {cfg.parallelism.micro_batch})"]
+    reason = ""
     if cfg.hardware.accelerator == "cpu":
         where = f"hardware={cfg.hardware.name} has {have / GIB:.1f} GiB of RAM per process"
         fixes.append("use a machine with more RAM")
     else:
         where = f"hardware={cfg.hardware.name} holds {have / GIB:.1f} GiB"
+        reason, more_devices = state_beyond_devices(cfg, plan)
+        if reason:
+            fixes = [more_devices] + (["train fewer parameters (technique=lora)"] if plan.technique_memory == "full"
+                                      else [])
         roomy = [name for name, gib in hardware_presets() if gib * GIB >= need]
         if roomy:
             fixes.append(f"choose a GPU with more memory (hardware={', '.join(roomy)})")
     return [
         f"Memory per device is {need / GIB:.1f} GiB ({parts}) but {where}, {(need - have) / GIB:.1f} "
-        f"GiB short; {', '.join(fixes[:-1])} or {fixes[-1]}."
+        f"GiB short{reason}; {', '.join(fixes[:-1])} or {fixes[-1]}."
     ]
+
+
+def state_beyond_devices(cfg, plan: Plan) -> tuple:
+    """``(reason, fix)`` when the model's state is more than the job's devices hold together, else ``("", "")``.
+
+    The state is what ``_state_shards`` splits; the fix is the fewest full nodes (the same tp and pp, dp
+    filling the rest, the state split over it by FSDP) whose devices hold it beside this step's activations.
+    """
+    p = cfg.parallelism
+    layout = {name: max(1, int(p[name])) for name in LAYOUT_FIELDS}
+    step = sum(value for name, value in plan.memory_breakdown.items() if name in STEP_PARTS)
+    state = (plan.memory_per_device_bytes - step) * _state_shards(cfg, layout)
+    devices = layout["tp"] * layout["pp"] * layout["dp"]
+    room = plan.device_memory_bytes - step
+    if state <= plan.device_memory_bytes * devices or room <= 0:
+        return "", ""
+    model_parallel = layout["tp"] * layout["pp"]
+    per_node = max(layout["devices_per_node"], cfg.hardware.gpus_per_node)
+    nodes = -(-math.ceil(state / room) // per_node)
+    while nodes * per_node % model_parallel:
+        nodes += 1
+    per_node_override = f" parallelism.devices_per_node={per_node}" if per_node != layout["devices_per_node"] else ""
+    held = "its one device holds" if devices == 1 else f"its {devices} devices hold together"
+    reason = (f": the weights, gradients and optimizer states alone come to {state / GIB:.1f} GiB, more than "
+              f"{held} ({plan.device_memory_bytes * devices / GIB:.1f} GiB)")
+    fix = (f"spread them over more devices (e.g. parallelism.nodes={nodes}{per_node_override} parallelism.dp="
+           f"{nodes * per_node // model_parallel} parallelism.sharding=fsdp)")
+    return reason, fix
 
 
 def hardware_presets() -> List[tuple]:

@@ -8,14 +8,29 @@ import sys
 from pathlib import Path
 
 import numpy as np
+import pytest
 from safetensors.numpy import save_file
 
 from llmexp import plan_command
 from llmexp.planner import GIB
 
+from .conftest import run_llmexp
+
 REPO = Path(__file__).resolve().parents[1]
 FITS_70B_TP8 = ["model=llama3_1_70b", "hardware=a100_80g", "parallelism=tp8", "technique=evaluate",
                 "precision=bf16"]
+# The README's example: no technique or pipeline named, so model= implies the default technique and its evaluation.
+README_70B = ["model=llama3_1_70b", "hardware=a100_80g", "parallelism=tp8", "precision=bf16"]
+README_70B_PLANNED = ("planned: technique=pretrain then evaluate (pipeline=default, implied by model=llama3_1_70b; "
+                      "name pipeline=compress to plan the whole workflow)")
+# 2 + 2 + 12 bytes per parameter of 70.55 B is 1051.3 GiB: more than eight 80 GiB devices hold, whatever the layout.
+README_70B_REFUSAL = (
+    "Memory per device is 132.4 GiB (weights 16.4, gradients 16.4, optimizer 98.6, activations 1.0) but "
+    "hardware=a100_80g holds 80.0 GiB, 52.4 GiB short: the weights, gradients and optimizer states alone come to "
+    "1051.3 GiB, more than its 8 devices hold together (640.0 GiB); spread them over more devices (e.g. "
+    "parallelism.nodes=2 parallelism.dp=2 parallelism.sharding=fsdp), train fewer parameters (technique=lora) or "
+    "choose a GPU with more memory (hardware=h200, b200)."
+)
 
 
 def llama_70b_checkpoint(tmp_path):
@@ -116,3 +131,64 @@ def test_a_corrupt_checkpoint_fails_the_plan(tmp_path):
     result = run_module(*FITS_70B_TP8, f"model.path={checkpoint}")
     assert result.returncode == 2
     assert f"model.path={checkpoint}: model.safetensors is truncated or corrupt" in result.stdout
+
+
+def test_the_readme_example_plans_the_technique_a_named_model_implies_and_says_so():
+    """Not the embedded default's compress pipeline (whose FP8 nodes an A100 cannot run): pretraining 70B, then
+    its evaluation, refused for the reason that holds: its states do not fit eight A100s."""
+    result = run_module(*README_70B)
+    assert result.returncode == 2, result.stderr
+    lines = result.stdout.splitlines()
+    assert lines[0] == README_70B_PLANNED
+    problems = [line[4:] for line in lines if line.startswith("  - ")]
+    assert README_70B_REFUSAL in problems
+    assert not any("fp8" in problem or "pipeline.nodes" in problem for problem in problems), problems
+    assert any(line.startswith("⚠ data.seq_len=64 (data=embedded) is far shorter than the 8192 tokens "
+                               "model=llama3_1_70b is trained at") for line in lines)
+    assert any(line.startswith("│   at 8192 tokens ") for line in lines)
+
+
+def test_the_json_plan_says_which_job_and_why(capsys):
+    assert plan_command.main(["--json", *README_70B]) == 2
+    plan = json.loads(capsys.readouterr().out)
+    assert plan["planned"] == README_70B_PLANNED
+    assert plan["config"]["pipeline"] == "default" and plan["config"]["technique"] == "pretrain"
+    assert plan["config"]["pipeline_implied_by"] == "model=llama3_1_70b"
+    assert README_70B_REFUSAL in plan["problems"]
+    longer = plan["at_train_seq_len"]
+    assert longer["seq_len"] == 8192 and longer["fits"] is False
+    assert longer["memory_breakdown"]["activations"] == pytest.approx(
+        128 * plan["memory_breakdown"]["activations"], abs=128)
+    assert len(plan["warnings"]) == 1 and "data.seq_len=8192 for the model's" in plan["warnings"][0]
+
+    assert plan_command.main(["--json"]) == 0
+    default = json.loads(capsys.readouterr().out)
+    assert default["planned"].startswith("planned: pipeline=compress, 14 stages: baseline → baseline_eval → fp8")
+    assert default["planned"].endswith("(llmexp's default: its whole workflow, built for the embedded model)")
+    assert default["config"]["pipeline_implied_by"] is None
+    assert default["warnings"] == [] and default["at_train_seq_len"] is None
+
+    assert plan_command.main(["--json", *README_70B, "pipeline=customize"]) == 2  # naming a pipeline wins
+    named = json.loads(capsys.readouterr().out)
+    assert named["planned"].startswith("planned: pipeline=customize, 7 stages: base → zero_shot")
+    assert named["planned"].endswith("(pipeline=customize, as named)")
+
+
+def test_the_70b_example_spread_over_two_nodes_at_the_models_length_plans_clean(capsys, tmp_path):
+    checkpoint = f"model.path={llama_70b_checkpoint(tmp_path)}"
+    spread = ["parallelism.nodes=2", "parallelism.dp=2", "parallelism.sharding=fsdp", "data.seq_len=8192",
+              "parallelism.activation_checkpointing=true"]
+    code = plan_command.main([*README_70B, checkpoint, *spread])
+    out = capsys.readouterr().out
+    assert code == 0, out
+    assert out.splitlines()[0] == README_70B_PLANNED
+    assert "4 × 8192 tokens (global 16)" in out and "74.63 GiB of 80.00 GiB (93%)" in out
+    assert "⚠" not in out and "fits and runs" in out
+
+
+def test_the_run_refuses_the_readme_example_as_its_plan_does_before_writing_anything(tmp_path):
+    result = run_llmexp(*README_70B, cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert README_70B_REFUSAL in " ".join(result.stderr.split())
+    assert "fp8" not in result.stderr and "Traceback" not in result.stderr
+    assert list(tmp_path.iterdir()) == []

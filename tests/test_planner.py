@@ -167,8 +167,12 @@ def test_70b_full_training_does_not_fit_one_a100_80g():
     assert plan.memory_per_device_bytes > 16 * plan.parameters  # 2 + 2 + 12 bytes per parameter
     problem = only(plan.problems, "Memory per device")
     assert "hardware=a100_80g holds 80.0 GiB" in problem
-    assert "parallelism.sharding=fsdp" in problem and "parallelism.micro_batch" in problem
-    assert "GiB short" in problem
+    # no layout of one device holds 2 + 2 + 12 bytes per parameter: the fix is more devices, not a smaller batch
+    assert ("GiB short: the weights, gradients and optimizer states alone come to 1051.3 GiB, more than its one "
+            "device holds (80.0 GiB); spread them over more devices (e.g. parallelism.nodes=3 "
+            "parallelism.devices_per_node=8 parallelism.dp=24 parallelism.sharding=fsdp) or train fewer parameters "
+            "(technique=lora).") in problem
+    assert "parallelism.micro_batch" not in problem
     assert len(plan.problems) == 1
 
 
@@ -218,6 +222,46 @@ def test_activation_checkpointing_and_micro_batch_shrink_activations():
     tokens, h, i, kv, vocab = 4096 * 2, 4096, 14336, 8 * 128, 128256
     layers = 32 * (9 * h + 4.375 * i + 2.25 * kv) * 2
     assert plain == pytest.approx(tokens * (layers + 3 * h * 2 + 1.125 * vocab * 4), abs=1)
+
+
+def test_a_named_model_on_far_shorter_data_is_also_planned_at_its_training_length():
+    """data=embedded's 64-token sequences on Llama 3.1 8B: the run's own figures stay those of 64 tokens (what it
+    trains on), and the plan adds the same job's at 8192 (model.train_seq_len), with a warning that says so."""
+    job = ["model=llama3_1_8b", "hardware=h100", "precision=bf16", "parallelism=fsdp8"]
+    short, realistic = plan_of(*job), plan_of(*job, "data.seq_len=8192")
+    longer = short.at_train_seq_len
+    assert longer["seq_len"] == 8192
+    assert longer["memory_breakdown"] == realistic.memory_breakdown
+    assert longer["memory_per_device_bytes"] == realistic.memory_per_device_bytes
+    assert longer["fits"] is (realistic.memory_per_device_bytes <= realistic.device_memory_bytes)
+    # activations grow with the tokens of a micro-batch: 128 times the 64-token figure
+    assert realistic.memory_breakdown["activations"] == pytest.approx(128 * short.memory_breakdown["activations"],
+                                                                      abs=128)
+    [warning] = short.warnings
+    assert warning.startswith("data.seq_len=64 (data=embedded) is far shorter than the 8192 tokens model=llama3_1_8b "
+                              "is trained at (model.train_seq_len), so these figures are those of toy sequences. At "
+                              f"8192 tokens the same job needs {realistic.memory_per_device_bytes / GIB:.1f} GiB per "
+                              "device (weights ")
+    assert warning.endswith("Plan the length your data will have with data.seq_len=<tokens> (data.seq_len=8192 for "
+                            "the model's).")
+    assert realistic.warnings == [] and realistic.at_train_seq_len is None
+
+
+@pytest.mark.parametrize(
+    "overrides, warned",
+    [
+        (["model=llama3_1_8b", "data.seq_len=1023"], True),
+        (["model=llama3_1_8b", "data.seq_len=1024"], False),  # an eighth of 8192: short, but a real job's length
+        (["model=qwen2_5_7b", "data.seq_len=511"], True),  # trained at 4096
+        (["model=qwen2_5_7b", "data.seq_len=512"], False),
+        (["model=llama3_1_8b", "model.train_seq_len=null"], False),  # no length to compare with
+        ([], False),  # the embedded default trains at data=embedded's own 64 tokens
+    ],
+)
+def test_which_sequence_lengths_are_far_too_short_for_the_model(overrides, warned):
+    plan = plan_of(*overrides)
+    assert bool(plan.warnings) is warned
+    assert (plan.at_train_seq_len is not None) is warned
 
 
 def test_adapter_memory(test_plugin):
