@@ -213,16 +213,24 @@ DTYPE_NAMES = {"torch.float32": "fp32", "torch.bfloat16": "bf16", "torch.float16
 
 
 def input_model(ctx) -> Optional["ModelArtifact"]:
-    """The model a stage starts from: the previous stage's, else the one at ``model.path``, else None."""
+    """The model a stage starts from: the previous stage's, else the run's weights, else None.
+
+    The run's weights are ``model.path``'s, else the preset's published ones (``model.hub_repo``,
+    fetched through the Hugging Face cache: ``llmexp.hub``).
+    """
+    from llmexp import hub
     from llmexp.technique import ModelArtifact
 
     if ctx.model is not None:
         return ctx.model
-    path = ctx.config.model.path
+    path, produced_by = ctx.config.model.path, "model.path"
+    weights = hub.published_weights(ctx.config.model)
+    if weights is not None:
+        path, produced_by = hub.fetch(weights), str(weights)
     if not path:
         return None
     model, tokenizer = load_model(path)
-    return ModelArtifact(model, tokenizer, Path(path), produced_by="model.path")
+    return ModelArtifact(model, tokenizer, Path(path), produced_by=produced_by)
 
 
 def starting_model(ctx) -> Optional["ModelArtifact"]:
@@ -237,23 +245,26 @@ def starting_model(ctx) -> Optional["ModelArtifact"]:
 
     artifact = input_model(ctx)
     if artifact is None or ctx.model is None:
-        return artifact  # a model read from model.path is this stage's own already
+        return artifact  # a model read from the run's weights is this stage's own already
     model = copy.deepcopy(artifact.model).requires_grad_(True)  # a merged LoRA model arrives frozen
     return ModelArtifact(model, artifact.tokenizer, artifact.path, artifact.produced_by)
 
 
 def base_model(ctx) -> "ModelArtifact":
-    """What a fine-tuning stage starts from: ``starting_model``, else random weights with a warning."""
-    from llmexp import console
+    """What a stage that adapts a base starts from: ``starting_model``, else the embedded baseline where the
+    model trains one (``llmexp.embedded_baseline``). Without either the plan refuses the run
+    (``llmexp.starting_weights.base_problems``); a stage run without a plan gets the same refusal here.
+    """
+    from llmexp import embedded_baseline
+    from llmexp.pipeline import stage_node_path
+    from llmexp.starting_weights import no_base_message
 
     start = starting_model(ctx)
-    if start is None:
-        console.warn(
-            f"{ctx.stage_name}: no base model (model.path unset and no earlier stage made one), so it starts from "
-            "random weights. `llmexp pipeline=customize` pretrains a base first; or set model.path=<checkpoint>."
-        )
-        start = new_embedded_model(ctx.config)
-    return start
+    if start is not None:
+        return start
+    if embedded_baseline.available(ctx.config):
+        return embedded_baseline.load_or_train(ctx)
+    raise UserError(no_base_message(ctx.config, stage_node_path(ctx), ctx.stage_config.name))
 
 
 def trained_model_result(ctx, model, tokenizer, metrics, artifacts=None, save: bool = True):

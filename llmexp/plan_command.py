@@ -15,7 +15,7 @@ import sys
 from importlib.resources import files
 from typing import List, Optional
 
-from llmexp import console
+from llmexp import console, starting_weights
 from llmexp.errors import EXIT_USER_ERROR, UserError
 
 GIB = 2**30
@@ -90,6 +90,7 @@ def summary(cfg) -> dict:
     return {
         "model": cfg.model.name,
         "model_path": cfg.model.path,
+        "weights": starting_weights.describe(cfg),
         "technique": cfg.technique.name,
         "pipeline": cfg.pipeline.name,
         "hardware": cfg.hardware.name,
@@ -136,6 +137,7 @@ def print_table(cfg, plan, planned_job: str) -> None:
     out = console.out
     out.print(Text(planned_job), soft_wrap=True)
     out.print(Text(title, style="bold"), soft_wrap=True)
+    out.print(Text(f"weights: {s['weights']}"), soft_wrap=True)
     out.print(table)
     for warning in plan.warnings:
         out.print(Text(f"⚠ {warning}", style="yellow"), soft_wrap=True)

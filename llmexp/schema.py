@@ -117,10 +117,13 @@ class WandbMode(Choice):
 
 @dataclass
 class ModelConfig:
-    """Architecture numbers of a decoder-only transformer, as published.
+    """Architecture numbers of a decoder-only transformer, as published, and where its weights come from.
 
-    With ``path`` set, weights (and the numbers in its config.json) come from that
-    local Hugging Face directory; nothing is ever downloaded.
+    Weights (``llmexp.starting_weights``): ``path``, a local Hugging Face directory whose
+    config.json numbers replace these; else ``hub_repo`` at ``revision``, the preset's published
+    weights, resolved through the Hugging Face cache (downloaded when the run starts unless
+    ``HF_HUB_OFFLINE=1``); else, on the embedded data, ``baseline``: a technique node that trains
+    them, run once per configuration and cached (``llmexp.embedded_baseline``); else none.
     """
 
     name: str = MISSING
@@ -140,7 +143,12 @@ class ModelConfig:
     rms_norm_eps: float = 1e-5
     tie_word_embeddings: bool = False
     attention_bias: bool = False  # Qwen2 has biases on q/k/v
-    path: Optional[str] = None
+    path: Optional[str] = None  # a local Hugging Face checkpoint directory; wins over hub_repo
+    hub_repo: Optional[str] = None  # org/name of the published weights on the Hugging Face Hub; null: none
+    revision: str = "main"  # of hub_repo: a branch, a tag or a commit hash (a commit pins the weights)
+    # how weights are made for a stage that adapts a base when none are given: a technique node
+    # (tiny_llama: pretrain on the embedded data); null: none
+    baseline: Any = None
 
 
 @dataclass

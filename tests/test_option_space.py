@@ -37,7 +37,7 @@ from llmexp.planner import make_plan
 from llmexp.training import TrainingTechnique
 
 REPO = Path(__file__).resolve().parents[1]
-FLAT_GROUPS = ("model", "hardware", "parallelism")  # option files without defaults: merged onto the typed node
+FLAT_GROUPS = ("model", "hardware", "parallelism")  # option files merged onto the typed node (a defaults list left out)
 
 
 def options(group):
@@ -105,7 +105,8 @@ class Composer:
     @staticmethod
     def _option(typed, group, name):
         schema = OmegaConf.structured(OmegaConf.get_type(typed))
-        return OmegaConf.merge(schema, yaml.safe_load((REPO / "conf" / group / f"{name}.yaml").read_text()))
+        option = yaml.safe_load((REPO / "conf" / group / f"{name}.yaml").read_text())
+        return OmegaConf.merge(schema, {key: value for key, value in option.items() if key != "defaults"})
 
     def __call__(self, point):
         key = (point["technique"], point["backend"])

@@ -12,6 +12,7 @@ from typing import List
 from llmexp.data.instructions import instruction_data
 from llmexp.data.preference import preference_data
 from llmexp.errors import UserError
+from llmexp.starting_weights import base_problems
 from llmexp.training import training_problems, validation_problem
 
 # What each technique reads from the `data` group.
@@ -29,11 +30,8 @@ def stage_problems(config, node, key: str, first: bool) -> List[str]:
             problems.append(validation_problem(node, key))
     except UserError as error:
         problems.append(str(error))
-    if first and not config.model.path and config.data.name != "embedded":
-        problems.append(
-            f"{key}: technique={node.name} fine-tunes a base model, and none is given: set model.path=<a Hugging "
-            "Face checkpoint directory>, or put a training stage before it in the pipeline."
-        )
+    if first:
+        problems += base_problems(config, key, node.name)
     return problems
 
 

@@ -25,7 +25,8 @@ def next_token_loss(model, input_ids) -> LossOutput:
 
 
 def pretrain(ctx: StageContext) -> StageResult:
-    """From ``model.path`` or the previous stage's model, else from scratch (its purpose: no warning).
+    """From the previous stage's model or the run's weights (``model.path``, the preset's published ones), else from
+    scratch (its purpose: no warning; ``model.hub_repo=null`` pretrains a preset's architecture from scratch).
 
     ``max_steps=0`` passes the starting model on untrained: how a pipeline whose first stage
     trains the embedded default's baseline (``pipeline=compress``) takes a real checkpoint as
@@ -37,7 +38,7 @@ def pretrain(ctx: StageContext) -> StageResult:
 
 
 def _as_given(ctx: StageContext) -> StageResult:
-    """The input model unchanged; one read from ``model.path`` is not copied, only pointed at."""
+    """The input model unchanged; one read from the run's weights is not copied, only pointed at."""
     start = input_model(ctx)
     if start is None:
         start = new_embedded_model(ctx.config)
@@ -52,7 +53,7 @@ def _as_given(ctx: StageContext) -> StageResult:
 
 
 def continued_pretraining(ctx: StageContext) -> StageResult:
-    """From a base model; without one it warns and starts from random weights."""
+    """From a base model (``base_model``: the run's weights, else the embedded baseline)."""
     return _train_on_text(ctx, base_model(ctx))
 
 

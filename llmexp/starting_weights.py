@@ -1,0 +1,70 @@
+"""Where a run's starting weights come from, decided before anything runs and told by the plan.
+
+In order: ``model.path``, a local checkpoint; the preset's published weights
+(``model.hub_repo`` at ``model.revision``, through the Hugging Face cache: ``llmexp.hub``);
+for a stage that adapts a base (sft, lora, dpo, cpt) on the embedded data, the embedded
+baseline (``model.baseline``: ``llmexp.embedded_baseline``); else none, so pretraining starts
+from random weights and a stage that adapts a base is refused at plan time, naming
+``model.path``. ``llmexp.models.input_model`` and ``base_model`` load them in that order.
+
+Pure Python, no network: the planner calls it for every plan.
+"""
+
+from __future__ import annotations
+
+from typing import List
+
+from llmexp import embedded_baseline, hub
+
+
+def describe(config) -> str:
+    """One line for the plan: the checkpoint, the repository and whether it is cached, or what happens without."""
+    if config.model.path:
+        return f"model.path={config.model.path}"
+    weights = hub.published_weights(config.model)
+    if weights is not None:
+        snapshot = hub.cached_snapshot(weights)
+        if snapshot is not None:
+            return f"{weights}, in the Hugging Face cache ({snapshot})"
+        if hub.offline():
+            return f"{weights}, not in the Hugging Face cache, and HF_HUB_OFFLINE=1"
+        return f"{weights}, downloaded into the Hugging Face cache ({hub.cache_dir()}) when the run starts"
+    if embedded_baseline.available(config):
+        path = embedded_baseline.directory(config)
+        state = "cached at" if embedded_baseline.is_finished(path) else "trained first, then cached at"
+        return (f"random init; a stage that adapts a base starts from the embedded baseline ({state} {path}, "
+                f"{embedded_baseline.recipe(config)})")
+    return f"random init (model.path unset; model={config.model.name} names no published weights)"
+
+
+def problems(config) -> List[str]:
+    """The run's published weights, when it has them and they cannot be had: a bad repository id, or offline
+    and not cached. Whether they exist on the Hub, and may be read, is known only when the run downloads them
+    (``hub.fetch``)."""
+    weights = hub.published_weights(config.model)
+    if weights is None:
+        return []
+    problem = hub.repo_problem(weights)
+    if problem:
+        return [problem]
+    if hub.offline() and hub.cached_snapshot(weights) is None:
+        return [hub.not_cached_message(weights)]
+    return []
+
+
+def base_problems(config, key: str, technique: str) -> List[str]:
+    """Problems of stage ``key`` (``technique``, which adapts a base) when no stage before it makes a model."""
+    if config.model.path or hub.published_weights(config.model):
+        return []  # a checkpoint, or published weights (``problems`` tells when those cannot be had)
+    if embedded_baseline.available(config):
+        return embedded_baseline.problems(config)
+    return [no_base_message(config, key, technique)]
+
+
+def no_base_message(config, key: str, technique: str) -> str:
+    baseline = (f", and model.baseline (the embedded baseline) trains on data={embedded_baseline.DATA} only"
+                if config.model.get("baseline") else "")
+    return (f"{key}: technique={technique} adapts a base model and this run has none: model.path is unset, "
+            f"model={config.model.name} names no published weights (model.hub_repo){baseline}. Set model.path=<a "
+            "Hugging Face checkpoint directory> or model.hub_repo=<org/name>, or put a training stage before it in "
+            "the pipeline (technique=pretrain, or pipeline=customize).")

@@ -1,0 +1,183 @@
+"""Where a stage's starting weights come from: a preset's published weights through a local Hugging Face cache
+(never the network), the embedded baseline trained once and reused, and the refusal when there are none."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+from pathlib import Path
+
+import pytest
+import yaml
+from safetensors.torch import load_file
+
+from .conftest import REPO, read_results, run_llmexp
+
+REPO_ID = "llmexp-test/tiny-llama"
+MAIN_COMMIT = "a" * 40  # refs/main points here: a 2-layer checkpoint
+PINNED_COMMIT = "b" * 40  # an older revision: a 1-layer checkpoint
+FAST = ["pipeline=single", "parallelism.micro_batch=8", "parallelism.global_batch=8", "data.seq_len=32"]
+
+PUBLISHED = {
+    "llama3_2_1b": "meta-llama/Llama-3.2-1B",
+    "llama3_2_3b": "meta-llama/Llama-3.2-3B",
+    "llama3_1_8b": "meta-llama/Llama-3.1-8B",
+    "llama3_1_70b": "meta-llama/Llama-3.1-70B",
+    "llama3_1_405b": "meta-llama/Llama-3.1-405B",
+    "mistral_7b": "mistralai/Mistral-7B-v0.1",
+    "qwen2_5_7b": "Qwen/Qwen2.5-7B",
+}
+
+
+def tiny_llama_checkpoint(path: Path, layers: int) -> Path:
+    """A ``layers``-layer tiny Llama with the embedded tokenizer, saved as a release is (safetensors + tokenizer)."""
+    import torch
+    from omegaconf import OmegaConf
+
+    from llmexp.data.embedded import build_world
+    from llmexp.data.tokenizer import word_level_tokenizer
+    from llmexp.models import build_model, save_model
+
+    torch.manual_seed(layers)
+    model_cfg = OmegaConf.load(REPO / "conf/model/tiny_llama.yaml")
+    model_cfg.num_layers = layers
+    tokenizer = word_level_tokenizer(build_world(0).vocabulary())
+    save_model(build_model(model_cfg, tokenizer), tokenizer, path)
+    return path
+
+
+def add_snapshot(cache: Path, repo: str, commit: str, checkpoint: Path) -> Path:
+    """``checkpoint``'s files as huggingface_hub caches them: content-addressed blobs, and the snapshot of
+    ``commit`` made of symlinks to them (models--org--name/blobs, snapshots/<commit>)."""
+    storage = cache / f"models--{repo.replace('/', '--')}"
+    blobs, snapshot = storage / "blobs", storage / "snapshots" / commit
+    blobs.mkdir(parents=True, exist_ok=True)
+    snapshot.mkdir(parents=True)
+    for file in checkpoint.iterdir():
+        blob = blobs / hashlib.sha256(file.read_bytes()).hexdigest()
+        shutil.copyfile(file, blob)
+        (snapshot / file.name).symlink_to(Path("../../blobs") / blob.name)
+    return snapshot
+
+
+@pytest.fixture(scope="module")
+def hub_cache(tmp_path_factory) -> Path:
+    """A Hugging Face cache holding REPO_ID at two commits, main being MAIN_COMMIT."""
+    root = tmp_path_factory.mktemp("hub")
+    cache = root / "hub"
+    for commit, layers in ((MAIN_COMMIT, 2), (PINNED_COMMIT, 1)):
+        add_snapshot(cache, REPO_ID, commit, tiny_llama_checkpoint(root / f"layers{layers}", layers))
+    refs = cache / f"models--{REPO_ID.replace('/', '--')}" / "refs"
+    refs.mkdir()
+    (refs / "main").write_text(MAIN_COMMIT)
+    return cache
+
+
+def snapshot_of(cache: Path, commit: str) -> Path:
+    return cache / f"models--{REPO_ID.replace('/', '--')}" / "snapshots" / commit
+
+
+def offline(cache: Path, **more) -> dict:
+    return {"HF_HUB_OFFLINE": "1", "HF_HUB_CACHE": str(cache), **more}
+
+
+def test_each_preset_names_its_base_models_repository_at_main():
+    for name, repo in PUBLISHED.items():
+        preset = yaml.safe_load((REPO / f"conf/model/{name}.yaml").read_text())
+        assert (preset["hub_repo"], preset.get("revision", "main")) == (repo, "main"), name
+    assert "hub_repo" not in yaml.safe_load((REPO / "conf/model/tiny_llama.yaml").read_text())
+
+
+def test_published_weights_load_from_the_cache_offline_at_main_or_a_pinned_revision(tmp_path, hub_cache):
+    """pretrain with max_steps=0 passes its starting model on as it is: the snapshot the revision names."""
+    stages = {}
+    for revision, commit, layers in (("main", MAIN_COMMIT, 2), (PINNED_COMMIT, PINNED_COMMIT, 1)):
+        run = tmp_path / commit[:4]
+        result = run_llmexp("technique=pretrain", "technique.max_steps=0", f"model.hub_repo={REPO_ID}",
+                            f"model.revision={revision}", "pipeline=single", f"hydra.run.dir={run}", cwd=tmp_path,
+                            env=offline(hub_cache))
+        assert result.returncode == 0, result.stderr[-3000:]
+        stage = stages[commit] = read_results(run)["stages"]["pretrain"]
+        assert stage["artifacts"]["model"] == str(snapshot_of(hub_cache, commit))
+        assert stage["model_stats"]["layers"] == layers
+    assert stages[MAIN_COMMIT]["model_stats"]["parameters"] > stages[PINNED_COMMIT]["model_stats"]["parameters"]
+
+
+def test_lora_adapts_the_published_weights_and_the_plan_says_where_they_are(tmp_path, hub_cache):
+    source = [f"model.hub_repo={REPO_ID}", f"model.revision={PINNED_COMMIT}"]
+    plan = run_llmexp("plan", "--json", "technique=lora", *source, cwd=tmp_path, env=offline(hub_cache))
+    assert plan.returncode == 0, plan.stdout[-3000:] + plan.stderr[-3000:]
+    snapshot = snapshot_of(hub_cache, PINNED_COMMIT)
+    weights = json.loads(plan.stdout)["config"]["weights"]
+    assert weights == f"{REPO_ID}@{PINNED_COMMIT}, in the Hugging Face cache ({snapshot})"
+
+    result = run_llmexp("technique=lora", *source, "technique.max_steps=2", "technique.rank=4",
+                        "technique.target_modules=[q_proj]", *FAST, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path,
+                        env=offline(hub_cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    metrics = read_results(tmp_path / "run")["stages"]["lora"]["metrics"]
+    adapter = 4 * (128 + 128)  # rank 4 on q_proj (128 -> 128) of the pinned revision's single layer
+    assert metrics["trainable_parameters"] == adapter
+    published = load_file(snapshot / "model.safetensors")
+    assert metrics["total_parameters"] - adapter == sum(tensor.numel() for tensor in published.values())
+    assert "downloading" not in result.stderr
+
+
+def test_published_weights_offline_and_not_cached_are_refused_before_anything_runs(tmp_path):
+    cache = tmp_path / "empty-cache"
+    for command in ([], ["plan"]):
+        result = run_llmexp(*command, "model=llama3_2_1b", "technique=lora", cwd=tmp_path, env=offline(cache))
+        assert result.returncode == 2, result.stderr[-3000:]
+        output = " ".join((result.stdout + result.stderr).split())
+        assert (
+            f"model.hub_repo=meta-llama/Llama-3.2-1B (revision main) is not in the Hugging Face cache ({cache}), and "
+            "HF_HUB_OFFLINE=1 forbids downloading it. Download it where the network is reachable, into the same cache "
+            "(`hf download meta-llama/Llama-3.2-1B --revision main`), or unset HF_HUB_OFFLINE; or set "
+            "model.path=<a local checkpoint directory>."
+        ) in output
+        assert "Traceback" not in result.stderr
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_adapting_a_model_without_weights_is_refused_naming_model_path(tmp_path):
+    result = run_llmexp("model=llama3_2_1b", "model.hub_repo=null", "technique=lora", cwd=tmp_path)
+    assert result.returncode == 2, result.stderr[-3000:]
+    assert " ".join(result.stderr.split()).endswith(
+        "technique: technique=lora adapts a base model and this run has none: model.path is unset, model=llama3_2_1b "
+        "names no published weights (model.hub_repo). Set model.path=<a Hugging Face checkpoint directory> or "
+        "model.hub_repo=<org/name>, or put a training stage before it in the pipeline (technique=pretrain, or "
+        "pipeline=customize).")
+    assert not (tmp_path / "outputs").exists()
+
+
+def test_lora_on_the_embedded_default_trains_the_baseline_once_then_reuses_it(tmp_path):
+    cache = tmp_path / "cache"
+    small = ["technique=lora", "technique.max_steps=3", "technique.val_every=0", "model.baseline.max_steps=12",
+             "model.baseline.warmup_steps=2", *FAST]
+    env = {"LLMEXP_CACHE_DIR": str(cache)}
+
+    first = run_llmexp(*small, f"hydra.run.dir={tmp_path / 'first'}", cwd=tmp_path, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    (baseline,) = [path for path in (cache / "baselines").iterdir() if path.is_dir()]  # beside it: its lock file
+    stderr = " ".join(first.stderr.split())
+    assert (f"lora: no base model (model.path unset, no earlier stage made one), so the embedded baseline is trained "
+            f"first (model.baseline: technique=pretrain, 12 steps) and cached at {baseline} for later runs") in stderr
+    record = json.loads((baseline / "baseline.json").read_text())
+    assert record["metrics"]["steps"] == 12 and record["config"]["technique"]["max_steps"] == 12
+    assert not (baseline / "checkpoints").exists() and (baseline / "train_log.jsonl").is_file()
+    weights = baseline / "model" / "model.safetensors"
+    written = weights.stat().st_mtime_ns
+
+    second = run_llmexp(*small, f"hydra.run.dir={tmp_path / 'second'}", cwd=tmp_path, env=env)
+    assert second.returncode == 0, second.stderr[-3000:]
+    assert f"lora: starting from the embedded baseline cached at {baseline}" in " ".join(second.stderr.split())
+    assert "trained first" not in second.stderr
+    assert weights.stat().st_mtime_ns == written  # read, not trained again
+    # the same base and seed: the two runs' adapters are the same tensors
+    adapters = [load_file(tmp_path / run / "lora/adapter/adapter_model.safetensors") for run in ("first", "second")]
+    assert adapters[0].keys() == adapters[1].keys()
+    assert all(adapters[0][name].equal(adapters[1][name]) for name in adapters[0])
+
+    plan = run_llmexp("plan", "--json", *small, cwd=tmp_path, env=env)
+    assert f"embedded baseline (cached at {baseline}," in json.loads(plan.stdout)["config"]["weights"]
