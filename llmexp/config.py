@@ -79,8 +79,8 @@ def implied_pipeline(argv: Sequence[str], config_name: Optional[str] = None) -> 
     keys = {override: _override_node(override) for override in args.overrides}
     if any(key.split(".", 1)[0] == "pipeline" for key in keys.values()):
         return None
-    return next((override for override, key in keys.items()
-                 if any(fnmatch.fnmatchcase(key, pattern) for pattern in SINGLE_TECHNIQUE_KEYS)), None)
+    return next((override for pattern in SINGLE_TECHNIQUE_KEYS for override, key in keys.items()
+                 if fnmatch.fnmatchcase(key, pattern)), None)  # the technique first, where one is named
 
 
 def with_implied_pipeline(argv: Sequence[str], config_name: Optional[str] = None) -> List[str]:

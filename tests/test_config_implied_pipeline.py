@@ -21,6 +21,7 @@ from .conftest import REPO, run_llmexp
         (["evaluation.limit=5"], "evaluation.limit=5", "default"),
         (["technique@evaluation=benchmark"], "technique@evaluation=benchmark", "default"),
         (["hardware=a100_80g", "model=llama3_1_70b"], "model=llama3_1_70b", "default"),
+        (["model=llama3_1_70b", "technique.rank=8", "technique=lora"], "technique=lora", "default"),  # the technique
         (["model=tiny_llama"], "model=tiny_llama", "default"),  # keys, not values: the same rule for every sweep job
         (["model.path=/ckpt/llama"], "model.path=/ckpt/llama", "default"),
         (["model=llama3_1_70b", "pipeline=compress"], None, "compress"),
