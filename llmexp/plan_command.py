@@ -26,7 +26,8 @@ def main(argv: List[str]) -> int:
         prog="llmexp plan",
         description="Plan a run without running it: parameters, memory per device, problems. "
         "Exit code 0 when it fits and runs, 2 when it does not.",
-        epilog="example: llmexp plan model=llama3_1_70b hardware=a100_80g parallelism=tp8",
+        epilog="example: llmexp plan model=llama3_1_70b technique=lora hardware=a100_80g parallelism=fsdp8 "
+        "precision=bf16 data.seq_len=8192 parallelism.activation_checkpointing=true",
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for `llmexp`")
