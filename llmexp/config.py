@@ -12,10 +12,6 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
-import re
-import typing
-from dataclasses import fields, is_dataclass
-from enum import Enum
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -25,8 +21,9 @@ from hydra.core.global_hydra import GlobalHydra
 from hydra.core.hydra_config import HydraConfig
 from hydra.errors import HydraException
 from omegaconf import DictConfig, OmegaConf, open_dict, read_write
-from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
+from omegaconf.errors import OmegaConfBaseException
 
+from llmexp.config_errors import added_key_problems, composition_message, option_override
 from llmexp.errors import UserError
 from llmexp.plugin_manager import techniques
 from llmexp.schema import BACKEND_OPTIONS, DATA_OPTIONS, TRACKER_OPTIONS, RunConfig
@@ -122,7 +119,7 @@ def compose_config(overrides: Sequence[str], config_name: str = CONFIG_NAME, con
     if not hydra_node:
         with read_write(cfg), open_dict(cfg):
             del cfg["hydra"]
-    problems = option_name_problems(cfg)
+    problems = [*option_name_problems(cfg), *added_key_problems(cfg, overrides)]
     if problems:
         raise UserError(" ".join(problems))
     return cfg
@@ -149,105 +146,6 @@ def set_hydra_runtime(cfg: DictConfig) -> None:
     with read_write(cfg.hydra.runtime):
         cfg.hydra.runtime.output_dir = os.path.abspath(str(OmegaConf.select(cfg, "hydra.run.dir")))
     HydraConfig.instance().set_config(cfg)
-
-
-CFG_HINT = "`llmexp --cfg job` lists every key with its current value and type."
-
-
-def composition_message(error: Exception, overrides: Sequence[str]) -> str:
-    """One paragraph from Hydra's or OmegaConf's error, with the fix a user needs.
-
-    A key the chosen option lacks names the options that have it; a value outside a closed
-    choice lists the allowed values.
-    """
-    shown = " ".join(_shortened(override) for override in overrides) or "(no overrides)"
-    if isinstance(error, RecursionError):
-        return (
-            f"The configuration could not be composed from `{shown}`: a value is nested too deeply to parse "
-            "(lists or mappings inside each other beyond Python's recursion limit); give it flatter, or in a "
-            "config file of your own (--config-dir)."
-        )
-    cause = _omegaconf_cause(error)
-    specific = cause is not None and (_unknown_key_message(cause) or _choice_message(cause))
-    if specific:
-        return f"The configuration could not be composed from `{shown}`: {specific}"
-    text = " ".join(str(error).split())
-    hint = (
-        "Check the spelling against `llmexp --help` (groups and their options) and "
-        "`llmexp --cfg job` (every key with its current value and type)."
-    )
-    return f"The configuration could not be composed from `{shown}`: {text} {hint}"
-
-
-def _shortened(override: str, limit: int = 200) -> str:
-    """An override as typed, cut to ``limit`` characters so that one huge value cannot flood the message."""
-    return override if len(override) <= limit else f"{override[:limit]}... ({len(override)} characters)"
-
-
-def _omegaconf_cause(error: BaseException) -> Optional[OmegaConfBaseException]:
-    """The OmegaConf error behind Hydra's, when it says which key of which schema failed."""
-    while error is not None:
-        if isinstance(error, OmegaConfBaseException) and getattr(error, "full_key", None):
-            return error
-        error = error.__cause__ or error.__context__
-    return None
-
-
-def _unknown_key_message(error: OmegaConfBaseException) -> Optional[str]:
-    """``backend.transformer_impl`` with backend=torch: the key belongs to backend=megatron."""
-    schema = error.object_type
-    if not isinstance(error, (ConfigAttributeError, ConfigKeyError)) or not is_dataclass(schema):
-        return None
-    key, full_key = error.key, error.full_key
-    node = full_key.rsplit(".", 1)[0]
-    for group, options in option_schemas().items():
-        chosen = next((name for name, option in options.items() if option is schema), None)
-        if chosen is None:
-            continue
-        owners = [name for name, option in options.items() if key in _keys(option)]
-        if owners:
-            listed = " and ".join(f"{group}={name}" for name in owners)
-            which = f"this run has {group}={chosen}" if node == group else f"{node} is {group}={chosen}"
-            return (f"{full_key} is a key of {listed}; {which}, which has no such key: "
-                    f"choose {option_override(node, group, owners[0])} or drop the override.")
-        return f"{full_key} is not a key of {group}={chosen}, whose keys are {', '.join(_keys(schema))}. {CFG_HINT}"
-    return f"{full_key} is not a key of {node}, whose keys are {', '.join(_keys(schema))}. {CFG_HINT}"
-
-
-def option_override(node: str, group: str, option: str) -> str:
-    """The override that gives the config node at ``node`` the ``option`` of ``group``."""
-    return f"{group}={option}" if node == group else f"{group}@{node}={option}"
-
-
-def _choice_message(error: OmegaConfBaseException) -> Optional[str]:
-    """A value outside a closed choice (an Enum field of the schema): the allowed values, listed."""
-    if not isinstance(error, ValidationError):
-        return None
-    choice = next((t for t in _flattened(_field_type(error)) if isinstance(t, type) and issubclass(t, Enum)), None)
-    if choice is None:
-        return None
-    allowed = ", ".join(member.value for member in choice)
-    return f"{error.full_key}={error.value} is not one of its choices; choose one of {allowed}."
-
-
-def _field_type(error: OmegaConfBaseException):
-    """The schema's type hint of the field that failed (for a list item, the list's)."""
-    path = re.sub(r"\[\d+\]", "", str(error.full_key)).split(".")
-    if is_dataclass(error.object_type):
-        return typing.get_type_hints(error.object_type).get(path[-1])
-    hint = RunConfig
-    for part in path:
-        hint = typing.get_type_hints(hint).get(part) if is_dataclass(hint) else None
-    return hint
-
-
-def _flattened(hint) -> List:
-    """``hint`` and the types inside it (``Optional[X]``, ``List[X]``)."""
-    return [hint, *[inner for arg in typing.get_args(hint) for inner in _flattened(arg)]]
-
-
-def _keys(schema: type) -> List[str]:
-    return [f.name for f in fields(schema)]
 
 
 def option_name_problems(cfg) -> List[str]:

@@ -39,7 +39,7 @@ def test_cfg_job_shows_overrides(tmp_path):
 @pytest.mark.parametrize(
     "override, fragments",
     [
-        ("technique.lrr=1", ["technique.lrr", "llmexp --cfg job"]),
+        ("technique.lrr=1", ["technique.lrr is not a key of technique=pretrain; did you mean technique.lr=1?"]),
         ("technique.max_steps=many", ["max_steps", "many"]),
         ("model=llama9", ["model", "llama9"]),
         ("precision=fp8", ["precision=fp8", "hardware=cpu"]),

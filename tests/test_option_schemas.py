@@ -32,7 +32,8 @@ from .conftest import run_llmexp
     (["tracker=none", "tracker.uri=http://mlflow.example:5000"], "tracker.uri is a key of tracker=mlflow; this run "
      "has tracker=none, which has no such key: choose tracker=mlflow or drop the override."),
     (["tracker.project=p"], "tracker.project is a key of tracker=wandb and tracker=mlflow; this run has tracker=none"),
-    (["parallelism.shardin=fsdp"], "parallelism.shardin is not a key of parallelism, whose keys are name, tp, pp,"),
+    (["parallelism.shardin=fsdp"],
+     "parallelism.shardin is not a key of parallelism; did you mean parallelism.sharding=fsdp?"),
 ])
 def test_a_key_of_another_option_names_the_option_that_has_it(overrides, message):
     with pytest.raises(UserError) as error:
@@ -41,21 +42,24 @@ def test_a_key_of_another_option_names_the_option_that_has_it(overrides, message
 
 
 @pytest.mark.parametrize("overrides, message", [
-    (["parallelism.sharding=fdsp"], "parallelism.sharding=fdsp is not one of its choices; choose one of none, fsdp."),
-    (["backend=megatron", "backend.transformer_impl=te"],
-     "backend.transformer_impl=te is not one of its choices; choose one of auto, transformer_engine, local."),
+    (["parallelism.sharding=fdsp"], "parallelism.sharding=fdsp: parallelism.sharding expects one of none, fsdp "
+     "(now none), got 'fdsp'; did you mean parallelism.sharding=fsdp?"),
+    (["backend=megatron", "backend.transformer_impl=te"], "backend.transformer_impl expects one of auto, "
+     "transformer_engine, local (now auto), got 'te'; give one of them, e.g. backend.transformer_impl=auto."),
     (["backend=megatron", "backend.fp8_recipe=x"],
-     "backend.fp8_recipe=x is not one of its choices; choose one of delayed, tensorwise, mxfp8, blockwise."),
-    (["hardware.accelerator=tpu"], "hardware.accelerator=tpu is not one of its choices; choose one of gpu, cpu."),
-    (["hardware.generation=pascal"], "choose one of cpu, volta, turing, ampere, ada, hopper, blackwell."),
-    (["hardware.dtypes=[fp32,fp9]"], "hardware.dtypes[1]=fp9 is not one of its choices; choose one of fp32, tf32,"),
-    (["model.architecture=gpt2"], "model.architecture=gpt2 is not one of its choices; choose one of llama, mistral, qwen2."),
-    (["tracker=wandb", "tracker.mode=onlin"], "tracker.mode=onlin is not one of its choices; choose one of online, "
-     "offline, disabled."),
-    (["precision=fp9"], "precision=fp9 is not one of its choices; choose one of fp32, bf16, fp16, fp8, fp4."),
-    (["tracker.name=tensorboard"], "tracker.name=tensorboard is not one of its choices; choose one of none, wandb, "
-     "mlflow."),
-    (["data.name=csv"], "data.name=csv is not one of its choices; choose one of embedded, text, jsonl, preference."),
+     "backend.fp8_recipe expects one of delayed, tensorwise, mxfp8, blockwise (now delayed), got 'x';"),
+    (["hardware.accelerator=tpu"], "hardware.accelerator expects one of gpu, cpu (now cpu), got 'tpu'; give one of "
+     "them"),
+    (["hardware.generation=pascal"], "expects one of cpu, volta, turing, ampere, ada, hopper, blackwell (now cpu)"),
+    (["hardware.dtypes=[fp32,fp9]"], "hardware.dtypes expects a list of values from fp32, tf32, fp16, bf16, int8, fp8, "
+     "fp4, mxfp8, got 'fp9' as hardware.dtypes[1]; give each item as one of them."),
+    (["hardware.dtypes=[fp32,bf61]"], "got 'bf61' as hardware.dtypes[1]; did you mean bf16?"),
+    (["model.architecture=gpt2"], "model.architecture expects one of llama, mistral, qwen2 (now llama), got 'gpt2';"),
+    (["tracker=wandb", "tracker.mode=onlin"], "tracker.mode expects one of online, offline, disabled or null "
+     "(now null), got 'onlin'; did you mean tracker.mode=online?"),
+    (["precision=fp9"], "precision=fp9: precision expects one of fp32, bf16, fp16, fp8, fp4 (now fp32), got 'fp9';"),
+    (["tracker.name=tensorboard"], "tracker.name expects one of none, wandb, mlflow (now none), got 'tensorboard';"),
+    (["data.name=csv"], "data.name expects one of embedded, text, jsonl, preference (now embedded), got 'csv';"),
 ])
 def test_a_value_outside_a_closed_choice_lists_the_allowed_values(overrides, message):
     with pytest.raises(UserError) as error:
@@ -105,5 +109,5 @@ def test_the_command_refuses_a_leaked_key_before_writing_anything(overrides, mes
 def test_plan_lists_the_choices_of_a_misspelled_value(tmp_path):
     result = run_llmexp("plan", "parallelism.sharding=fdsp", cwd=tmp_path, timeout=120)
     assert result.returncode == 2
-    assert "parallelism.sharding=fdsp is not one of its choices; choose one of none, fsdp." in result.stderr
+    assert "parallelism.sharding expects one of none, fsdp (now none), got 'fdsp'" in result.stderr
     assert list(tmp_path.iterdir()) == []
