@@ -377,7 +377,7 @@ def test_non_positive_counts_are_problems_not_crashes():
 
 
 def test_an_unknown_sharding_does_not_compose():
-    with pytest.raises(UserError, match="parallelism.sharding=zero3 is not one of its choices; choose one of none, fsdp"):
+    with pytest.raises(UserError, match="parallelism.sharding expects one of none, fsdp \\(now none\\), got 'zero3'"):
         plan_of("parallelism.sharding=zero3")
 
 
