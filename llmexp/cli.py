@@ -1,4 +1,4 @@
-"""The ``llmexp`` command: subcommands (``plan``, ``plugins``, ``gather``, ``report``, ``serve``) or a Hydra run/multirun.
+"""The ``llmexp`` command: subcommands (``plan``, ``plugins``, ``gather``, ``report``, ``serve``, ``cp``) or a Hydra run/multirun.
 
 Before Hydra creates any output directory, every point of the invocation is composed and
 a plain run is planned, so bad input (unknown option, misspelled key, wrong type,
@@ -54,8 +54,14 @@ def _serve(argv: List[str]) -> int:
     return main(argv)
 
 
+def _cp(argv: List[str]) -> int:
+    from llmexp.cp_command import main
+
+    return main(argv)
+
+
 SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {
-    "plan": _plan, "plugins": _plugins, "gather": _gather, "report": _report, "serve": _serve,
+    "plan": _plan, "plugins": _plugins, "gather": _gather, "report": _report, "serve": _serve, "cp": _cp,
 }
 
 # Every multirun ends with jobs.json, the jobs table and the sweep's exit code (launchers.sweep_jobs);
