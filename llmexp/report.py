@@ -1,10 +1,11 @@
 """The comparison of a run's evaluated models as a table (Markdown, CSV) and Pareto plots (PNG).
 
 Rows come from ``results.comparison``: one per evaluation, with the model's stats and the
-cost of making it. The first row is the reference of the relative columns (``size_pct``):
-in the compress pipeline it is the baseline, in the customize pipeline the base model
-scored zero-shot. A plot shows each accuracy measure against throughput and against size,
-and joins the models no other model beats on both axes (the Pareto front).
+cost of making it. Size is the model's bytes on disk in MB (``size_mb``) and as a percentage
+of the first row's (``size_pct``): in the compress pipeline the first row is the baseline, in
+the customize pipeline the base model scored zero-shot. A plot shows each accuracy measure
+against throughput and against size, and joins the models no other model beats on both axes
+(the Pareto front).
 """
 
 from __future__ import annotations
@@ -23,14 +24,17 @@ COLUMNS = (
     "text2sql_exec_acc", "text2sql_rougeL", "text2sql_bleu", "text2sql_f1", "perplexity",
     "mc_cloze_acc_delta", "mc_cloze_acc_delta_se", "word_problem_em_delta", "word_problem_em_delta_se",
     "perplexity_rel_delta", "kl_to_baseline", "flip_rate_multiple_choice", "flip_rate_word_problems",
-    "size_pct", "bits_per_weight", "tokens_per_s", "eval_peak_memory_mb",
+    "size_mb", "size_pct", "bits_per_weight", "tokens_per_s", "eval_peak_memory_mb",
     "trainable_parameters", "train_time_s", "peak_memory_mb",
 )
-# The few a terminal has room for; comparison.md and .csv carry them all.
+# The columns a terminal may show, most important first: the table keeps as many as fit its width,
+# leaving out the last ones first, and shows them in COLUMNS' order; comparison.md and .csv carry them
+# all. Which model, how accurate, how big; then how it differs from the baseline, what it is, its
+# speed, what made it and at what cost.
 CONSOLE_COLUMNS = (
-    "stage", "made_by", "precision", "layers", "parameters", "mc_cloze_acc", "free_answer_em", "word_problem_em",
-    "text2sql_em", "text2sql_rougeL", "text2sql_bleu", "text2sql_f1", "perplexity", "kl_to_baseline", "flip_rate_multiple_choice", "size_pct", "tokens_per_s",
-    "train_time_s",
+    "stage", "mc_cloze_acc", "word_problem_em", "free_answer_em", "text2sql_em", "size_mb", "perplexity",
+    "kl_to_baseline", "precision", "parameters", "layers", "tokens_per_s", "made_by", "text2sql_exec_acc",
+    "text2sql_rougeL", "text2sql_bleu", "text2sql_f1", "flip_rate_multiple_choice", "train_time_s",
 )
 # Accuracy measures a Pareto plot may show, in order of preference (at most two are drawn).
 ACCURACIES = ("mc_cloze_acc", "word_problem_em", "text2sql_em", "free_answer_em", "gsm8k_em", "mc_letter_acc")
@@ -38,7 +42,7 @@ ACCURACIES = ("mc_cloze_acc", "word_problem_em", "text2sql_em", "free_answer_em"
 # tokens/s, or a benchmark stage's generated tokens/s; memory is what the evaluation used.
 THROUGHPUT = ("tokens_per_s", "throughput (tokens/s, higher is better)", True)
 GENERATION_THROUGHPUT = ("output_tokens_per_s", "generation throughput (output tokens/s, higher is better)", True)
-SIZE = ("size_pct", "size (% of the first row)", False)
+SIZE = ("size_mb", "size (MB on disk, lower is better)", False)
 PEAK_MEMORY = ("eval_peak_memory_mb", "peak memory (MB, lower is better)", False)
 COSTS = (THROUGHPUT, SIZE)
 
@@ -46,11 +50,13 @@ TABLE_MD, TABLE_CSV, PARETO_PNG = "comparison.md", "comparison.csv", "pareto.png
 
 
 def report_rows(comparison: Sequence[Mapping[str, Any]]) -> List[Dict[str, Any]]:
-    """The comparison rows with ``size_pct``: bytes on disk as a percentage of the first row's."""
+    """The comparison rows with their size: ``size_mb`` (10^6 bytes on disk) and ``size_pct`` (of the first row's)."""
     reference = next((row.get("bytes_on_disk") for row in comparison if row.get("bytes_on_disk")), None)
     rows = []
     for row in comparison:
         row = dict(row)
+        if row.get("bytes_on_disk"):
+            row["size_mb"] = row["bytes_on_disk"] / 1e6
         if reference and row.get("bytes_on_disk"):
             row["size_pct"] = 100.0 * row["bytes_on_disk"] / reference
         rows.append(row)

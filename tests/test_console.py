@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import io
 import json
+from pathlib import Path
 
 import pytest
+from rich.console import Console
 
-from llmexp import console
+from llmexp import console, report
+from llmexp.results import comparison
 
 from .conftest import run_llmexp
 
@@ -51,3 +55,67 @@ def test_a_bad_override_with_brackets_is_quoted_back_literally(tmp_path):
     assert done.returncode == 2, done.stderr
     assert "/no/such/run[3] [bold]x[/bold]" in " ".join(done.stderr.split())
     assert "Traceback" not in done.stderr and not list(tmp_path.iterdir())
+
+
+# The stages of `llmexp` with no arguments (2026-12-06, the README's table), as its results.json holds them.
+DEFAULT_RUN = json.loads((Path(__file__).parent / "fixtures/default_run_results.json").read_text())
+DEFAULT_STAGES = ["baseline_eval", "fp8_eval", "prune_eval", "distill_eval", "distill_fp8_eval", "width_prune_eval",
+                  "width_distill_eval"]
+
+
+def _render(width: int, show) -> str:
+    screen = Console(width=width, file=io.StringIO(), markup=False, emoji=False)
+    show(screen)
+    return screen.file.getvalue()
+
+
+def _header(text: str) -> list:
+    line = next(line for line in text.splitlines() if line.startswith("┃"))
+    return [cell.strip() for cell in line.strip("┃").split("┃")]
+
+
+@pytest.mark.parametrize("width, shown", [
+    (80, ["stage", "mc_cloze_acc", "word_problem_em", "perplexity", "size_mb"]),
+    (120, ["stage", "precision", "parameters", "mc_cloze_acc", "word_problem_em", "perplexity", "kl_to_baseline",
+           "size_mb"]),
+    (160, ["stage", "made_by", "precision", "layers", "parameters", "mc_cloze_acc", "word_problem_em", "perplexity",
+           "kl_to_baseline", "size_mb", "tokens_per_s"]),
+    (250, ["stage", "made_by", "precision", "layers", "parameters", "mc_cloze_acc", "word_problem_em", "perplexity",
+           "kl_to_baseline", "flip_rate_multiple_choice", "size_mb", "tokens_per_s", "train_time_s"]),
+])
+def test_the_comparison_keeps_whole_columns_that_fit_and_names_those_left_out(width, shown):
+    rows = comparison(DEFAULT_RUN["stages"])
+    text = _render(width, lambda screen: console.print_comparison(rows, screen))
+    table = [line for line in text.splitlines() if not line.startswith("not shown")]
+    assert "…" not in text and max(len(line) for line in table) <= width
+    assert _header(text) == shown
+    body = [line for line in text.splitlines() if line.startswith("│")]
+    assert [line.strip("│").split("│")[0].strip() for line in body] == DEFAULT_STAGES  # every name whole
+    sizes = {line.split("│")[1].strip(): line.split("│")[shown.index("size_mb") + 1].strip() for line in body}
+    assert sizes["baseline_eval"] == "6.439" and sizes["fp8_eval"] == "1.733"  # bytes_on_disk / 10^6
+    candidates = [column for column in report.CONSOLE_COLUMNS if any(row.get(column) is not None for row in
+                                                                    report.report_rows(rows))]
+    left_out = [column for column in candidates if column not in shown]
+    notes = [line for line in text.splitlines() if line.startswith("not shown")]
+    if left_out:
+        assert notes == [f"not shown in {width} columns: {', '.join(left_out)}; comparison.md and comparison.csv "
+                         "have every column"]
+    else:
+        assert notes == []
+
+
+def test_the_results_table_folds_long_metric_names_rather_than_cutting_anything():
+    text = _render(50, lambda screen: console.print_results(dict(DEFAULT_RUN, comparison=[]), screen))
+    assert "…" not in text
+    stages, metrics = [], []
+    for line in (line for line in text.splitlines() if line.startswith("│")):
+        stage, metric, value = (cell.strip() for cell in line.strip("│").split("│"))
+        if value:  # a row of its own; a blank value is the rest of the metric name above
+            stages.append(stage)
+            metrics.append(metric)
+        else:
+            metrics[-1] += metric
+    expected = [(name, metric) for name, stage in DEFAULT_RUN["stages"].items() for metric in stage["metrics"]
+                if not metric.endswith(console.PAIRED_SUFFIXES)]
+    assert metrics == [metric for _, metric in expected]
+    assert [stage for stage in stages if stage] == list(DEFAULT_RUN["stages"])

@@ -21,9 +21,10 @@ ROWS = [
 def test_size_is_relative_to_the_first_row_and_absent_columns_are_left_out():
     rows = report_rows(ROWS)
     assert [row["size_pct"] for row in rows] == [100.0, 37.5, 75.0, 75.0]
+    assert [row["size_mb"] for row in rows] == [0.004, 0.0015, 0.003, 0.003]  # bytes on disk / 10^6
     columns = table_columns(rows)
     assert columns[:6] == ["stage", "made_by", "precision", "simulated", "layers", "parameters"]
-    assert "gsm8k_em" not in columns and "size_pct" in columns
+    assert "gsm8k_em" not in columns and {"size_mb", "size_pct"} <= set(columns)
     table = markdown_table(rows, columns)
     assert table.splitlines()[3].startswith("| fp8_eval | quantize | fp8 | yes | 8 | 1,000 |")
 
