@@ -1,10 +1,12 @@
 """``llmexp report DIR...``: one table and Pareto plots over runs and sweeps.
 
 Every ``results.json`` under the given directories is a run (a single run, a multirun's
-jobs, a pipeline's run with its several evaluations). Each evaluation becomes a row beside
-the overrides that made its run; the keys whose values differ between runs are the swept
-keys, the table's first columns, and rows are grouped by them. ``--baseline key=value,...``
-names one row; every other row gets the difference of each accuracy and cost from it.
+jobs, a pipeline's run with its several evaluations). Each evaluation becomes a row that
+names its run (``run``: the run directory below the folder the runs share), its pipeline,
+the technique that made the evaluated model, and the overrides that made its run; the keys
+whose values differ between runs are the swept keys, and rows are grouped by them.
+``--baseline key=value,...`` names one row (``run=0,stage=baseline_eval``); every other row
+gets the difference of each accuracy and cost from it.
 Runs that failed or were skipped (and sweep jobs that never wrote results) are listed with
 their reasons instead of dropped. Writes ``report.md``, ``report.csv`` and
 ``pareto_{throughput,size,memory}.png`` atomically into ``--out``.
@@ -15,6 +17,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -26,9 +29,9 @@ REPORT_MD, REPORT_CSV = "report.md", "report.csv"
 _ACCURACY_SUFFIXES = ("_acc", "_acc_norm", "_acc_macro", "_em", "_pass_at_1", "_score_mean", "_rougeL", "_bleu", "_f1")
 _ACCURACY_MARKERS = ("_exact_match",)
 # What a row shows about the model and what it cost, when present.
-_MODEL_COLUMNS = ("stage", "made_by", "precision", "parameters")
+_MODEL_COLUMNS = ("precision", "parameters")
 _COST_COLUMNS = (
-    "perplexity", "tokens_per_s", "output_tokens_per_s", "ttft_p50_ms", "size_pct", "eval_peak_memory_mb",
+    "perplexity", "tokens_per_s", "output_tokens_per_s", "ttft_p50_ms", "size_mb", "eval_peak_memory_mb",
     "train_time_s",
 )
 
@@ -41,6 +44,7 @@ def main(argv: List[str]) -> int:
     parser.add_argument("--metric", action="append", default=[], help="an accuracy to show and plot (repeatable)")
     args = parser.parse_args(argv)
     from llmexp import console
+    from llmexp.report import table_columns
 
     runs, missing = find_runs(args.dirs)
     rows, unfinished, swept = collect_rows(runs)
@@ -54,8 +58,15 @@ def main(argv: List[str]) -> int:
     baseline = baseline_row(rows, args.baseline) if args.baseline else None
     out = args.out or (args.dirs[0] if len(args.dirs) == 1 else Path("report"))
     written = write_cross_run_report(out, rows, unfinished, accuracies, swept, baseline)
-    _print_table(rows, [*swept, "stage", *accuracies[:3], *(f"{name}_vs_baseline" for name in accuracies[:1]),
-                        "perplexity", "tokens_per_s", "output_tokens_per_s", "size_pct"])
+    measures = [*accuracies[:3], *(f"{name}_vs_baseline" for name in accuracies[:1]),
+                "perplexity", "size_mb", "tokens_per_s", "output_tokens_per_s"]
+    # What a narrow terminal keeps first: which row it is (its run and stage are never left out), its first
+    # accuracy, the swept keys, then the other measures.
+    priority = list(dict.fromkeys(["run", "stage", "technique", "pipeline", *measures[:1], *swept, *measures]))
+    console.print_fitted_table(
+        "Report", rows, table_columns(rows, priority), (REPORT_MD, REPORT_CSV), keep=2,
+        order=[*row_names(swept), *measures],
+    )
     for entry in unfinished:
         console.warn(f"{entry['status']}: {entry['run']}: {entry.get('reason') or 'no reason recorded'}")
     console.out.print(f"{len(rows)} row(s) from {len(runs)} run(s), {len(unfinished)} not completed; wrote:")
@@ -105,23 +116,54 @@ def collect_rows(
     unfinished: List[Dict[str, Any]] = []
     overrides = {str(run_dir): _overrides(run_dir) for run_dir, _ in runs}
     swept = swept_keys(list(overrides.values()))
+    names = run_names([run_dir for run_dir, _ in runs])
     for run_dir, results in runs:
         status = results.get("status")
         if status != "completed":
             unfinished.append({"run": str(run_dir), "status": status, "reason": results.get("reason"), **_pick(overrides[str(run_dir)], swept)})
             continue
+        stages = results.get("stages") or {}
         evaluations = report_rows(results.get("comparison") or [])
         if not evaluations:  # a run without an evaluation: its last stage's numbers
-            name, entry = list((results.get("stages") or {"-": {}}).items())[-1]
+            name, entry = list((stages or {"-": {}}).items())[-1]
             from llmexp.results import flatten_numbers
 
             evaluations = [{"stage": name, "made_by": entry.get("technique"), **flatten_numbers(entry.get("metrics") or {})}]
+        pipeline = ((results.get("config") or {}).get("pipeline") or {}).get("name")
         for evaluation in evaluations:
-            row = {"run": str(run_dir), **_pick(overrides[str(run_dir)], swept), **evaluation}
-            row["label"] = " ".join([*(f"{key}={row[key]}" for key in swept if row.get(key) is not None), row.get("stage", "")]).strip()
+            row = {
+                "run": names[str(run_dir)], **_pick(overrides[str(run_dir)], swept), **evaluation,
+                "pipeline": pipeline, "technique": _technique(stages, evaluation), "run_dir": str(run_dir),
+            }
+            label = [*(f"{key}={row[key]}" for key in swept if row.get(key) is not None), row.get("stage", "")]
+            row["label"] = " ".join([row["run"], *label] if len(runs) > 1 else label).strip()
             rows.append(row)
     rows.sort(key=lambda row: [_sort_key(row.get(key)) for key in swept])
     return rows, unfinished, swept
+
+
+def run_names(run_dirs: Sequence[Path]) -> Dict[str, str]:
+    """A short name for each run directory: its path below the deepest folder that holds them all.
+
+    A multirun's jobs are ``0``, ``1`` ...; runs of one day ``10-00-00``, ``11-30-00``; jobs
+    of two sweeps ``<sweep>/0`` ...; a single run its directory's name.
+    """
+    if not run_dirs:
+        return {}
+    common = Path(os.path.commonpath([Path(run_dir).absolute().parent for run_dir in run_dirs]))
+    return {str(run_dir): Path(run_dir).absolute().relative_to(common).as_posix() for run_dir in run_dirs}
+
+
+def _technique(stages: Mapping[str, Any], evaluation: Mapping[str, Any]) -> Optional[str]:
+    """The technique that made the row's model (``quantize`` for a compress run's ``fp8_eval``); for a model
+    given by ``model.path``, or a row of a stage's own numbers, that stage's technique."""
+    maker = stages.get(evaluation.get("model")) or stages.get(evaluation.get("stage")) or {}
+    return maker.get("technique")
+
+
+def row_names(swept: Sequence[str]) -> List[str]:
+    """The columns that say which row it is, in the order the tables show them."""
+    return list(dict.fromkeys(["run", *swept, "pipeline", "technique", "stage"]))
 
 
 def swept_keys(overrides: Sequence[Mapping[str, str]]) -> List[str]:
@@ -181,7 +223,9 @@ def write_cross_run_report(
             for measure in measures:
                 if _number(row.get(measure)) and _number(baseline.get(measure)):
                     row[f"{measure}_vs_baseline"] = row[measure] - baseline[measure]
-    columns = table_columns(rows, [*swept, *_MODEL_COLUMNS, *(c for m in measures for c in (m, f"{m}_vs_baseline")), "run"])
+    columns = table_columns(
+        rows, [*row_names(swept), *_MODEL_COLUMNS, *(c for m in measures for c in (m, f"{m}_vs_baseline")), "run_dir"]
+    )
     out.mkdir(parents=True, exist_ok=True)
     body = markdown_table(rows, columns) if rows else "No completed runs.\n"
     if baseline is not None:
@@ -197,22 +241,6 @@ def write_cross_run_report(
         if png is not None:
             written[name] = replace_atomically(out / f"pareto_{name}.png", lambda handle, png=png: handle.write(png), binary=True)
     return written
-
-
-def _print_table(rows: Sequence[Mapping[str, Any]], wanted: Sequence[str]) -> None:
-    """The columns a terminal has room for; report.md and report.csv carry them all."""
-    from rich.table import Table
-
-    from llmexp import console
-    from llmexp.report import format_value, table_columns
-
-    columns = table_columns(rows, list(dict.fromkeys(wanted)))
-    table = Table(title="Report", title_justify="left")
-    for column in columns:
-        table.add_column(column, overflow="fold")
-    for row in rows:
-        table.add_row(*(format_value(row.get(column)) for column in columns))
-    console.out.print(table)
 
 
 def _overrides(run_dir: Path) -> Dict[str, str]:

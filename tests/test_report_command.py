@@ -3,11 +3,12 @@
 import csv
 import json
 import shutil
+from pathlib import Path
 
 import pytest
 
 from llmexp.errors import UserError
-from llmexp.report_command import accuracy_metrics, baseline_row, swept_keys
+from llmexp.report_command import accuracy_metrics, baseline_row, run_names, swept_keys
 from tests.conftest import run_llmexp
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -46,7 +47,7 @@ def test_report_tables_every_job_with_deltas_and_lists_the_skipped_one(sweep, tm
     assert float(by_limit["8"]["tokens_per_s_vs_baseline"]) == 0.0
     markdown = (out / "report.md").read_text()
     assert "## Not completed" in markdown and "| skipped | technique.limit=0 must be at least 1. |" in markdown
-    assert "against **technique.limit=8" in markdown
+    assert "against **0 technique.limit=8 evaluate**" in markdown  # the run (job 0), its swept value, its stage
     assert (out / "pareto_throughput.png").read_bytes()[:8] == PNG
     assert not (out / "pareto_size.png").exists()  # no row has a size: nothing to plot
     assert "skipped" in result.stderr and "technique.limit=0" in result.stderr
@@ -94,3 +95,66 @@ def test_accuracies_are_the_embedded_ones_then_the_described_tasks():
     rows = [{"mmlu_acc": 0.5, "mc_cloze_acc": 1.0, "gsm_exact_match_strict-match": 0.1, "mmlu_acc_delta": 0.0,
              "code_pass_at_1": 0.2, "tokens_per_s": 3.0, "perplexity": 9.0}]
     assert accuracy_metrics(rows) == ["mc_cloze_acc", "mmlu_acc", "gsm_exact_match_strict-match", "code_pass_at_1"]
+
+
+COMPRESS_EVALS = ["baseline_eval", "fp8_eval", "prune_eval", "distill_eval", "distill_fp8_eval", "width_prune_eval",
+                  "width_distill_eval"]
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two real runs of one day: the default compress pipeline and one technique (pipeline=default), both tiny."""
+    root = tmp_path_factory.mktemp("runs")
+    day = root / "outputs" / "2026-12-06"
+    compress = run_llmexp(
+        "pipeline.nodes.baseline.max_steps=3", "pipeline.nodes.distill.max_steps=2",
+        "pipeline.nodes.width_distill.max_steps=2",
+        *[f"pipeline.nodes.{key}.calibration_size=8" for key in ("prune", "width_prune", "fp8", "distill_fp8")],
+        *[f"pipeline.nodes.{key}.limit=6" for key in COMPRESS_EVALS],
+        f"hydra.run.dir={day / '10-00-00'}", cwd=root, env={"OMP_NUM_THREADS": "1"},
+    )
+    assert compress.returncode == 0, compress.stderr[-3000:]
+    single = run_llmexp("technique.max_steps=3", "evaluation.limit=6", f"hydra.run.dir={day / '11-00-00'}", cwd=root,
+                        env={"OMP_NUM_THREADS": "1"})
+    assert single.returncode == 0, single.stderr[-3000:]
+    return day
+
+
+@pytest.mark.slow
+def test_every_row_names_its_run_pipeline_and_technique(two_runs, tmp_path):
+    out = tmp_path / "report"
+    result = run_llmexp("report", str(two_runs / "10-00-00"), str(two_runs / "11-00-00"), "--out", str(out),
+                        cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    with open(out / "report.csv", newline="") as handle:
+        rows = [{key: row[key] for key in ("run", "pipeline", "technique", "stage", "run_dir")}
+                for row in csv.DictReader(handle)]
+    compress_run, single_run = str(two_runs / "10-00-00"), str(two_runs / "11-00-00")
+    makers = ["pretrain", "quantize", "prune", "distill", "quantize", "prune", "distill"]
+    assert rows == [
+        *({"run": "10-00-00", "pipeline": "compress", "technique": maker, "stage": stage, "run_dir": compress_run}
+          for maker, stage in zip(makers, COMPRESS_EVALS)),
+        {"run": "11-00-00", "pipeline": "default", "technique": "pretrain", "stage": "evaluate", "run_dir": single_run},
+    ]
+    printed = [[cell.strip() for cell in line.strip("│").split("│")] for line in result.stdout.splitlines()
+               if line.startswith("│")]
+    header = next(line for line in result.stdout.splitlines() if line.startswith("┃"))
+    columns = [cell.strip() for cell in header.strip("┃").split("┃")]
+    assert [[cells[columns.index(key)] for key in ("run", "pipeline", "technique", "stage")] for cells in printed] == [
+        [row["run"], row["pipeline"], row["technique"], row["stage"]] for row in rows
+    ]
+    assert "…" not in result.stdout
+    # A row of either run is the baseline by its run's name.
+    result = run_llmexp("report", str(two_runs), "--baseline", "run=11-00-00", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert "against **11-00-00 " in (out / "report.md").read_text()
+
+
+def test_runs_are_named_by_their_path_below_the_folder_they_share():
+    assert run_names([Path("out/2026-12-06/10-00-00"), Path("out/2026-12-06/11-00-00")]) == {
+        "out/2026-12-06/10-00-00": "10-00-00", "out/2026-12-06/11-00-00": "11-00-00"}
+    assert run_names([Path("multirun/a/0"), Path("multirun/a/1"), Path("multirun/b/0")]) == {
+        "multirun/a/0": "a/0", "multirun/a/1": "a/1", "multirun/b/0": "b/0"}
+    assert run_names([Path("out/run")]) == {"out/run": "run"}
+    # A copy of a results.json inside a run (a tracker's mirror) is named below the run, never "."
+    assert run_names([Path("o/run"), Path("o/run/wandb/files")]) == {"o/run": "run", "o/run/wandb/files": "run/wandb/files"}
