@@ -45,9 +45,9 @@ def published_weights(model_cfg) -> Optional[PublishedWeights]:
 
 
 def offline() -> bool:
-    from huggingface_hub import is_offline_mode
+    from huggingface_hub import constants
 
-    return is_offline_mode()
+    return constants.HF_HUB_OFFLINE
 
 
 def cache_dir() -> str:
@@ -72,12 +72,12 @@ def repo_problem(weights: PublishedWeights) -> Optional[str]:
 def cached_snapshot(weights: PublishedWeights) -> Optional[Path]:
     """The complete snapshot of ``weights`` in the cache, or None; never touches the network."""
     from huggingface_hub import snapshot_download
-    from huggingface_hub.errors import IncompleteSnapshotError, LocalEntryNotFoundError
+    from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(weights.repo, revision=weights.revision, local_files_only=True,
                                       allow_patterns=FILES, ignore_patterns=SKIPPED))
-    except (LocalEntryNotFoundError, IncompleteSnapshotError):
+    except LocalEntryNotFoundError:  # not there, or a snapshot an interrupted download left incomplete
         return None
 
 
@@ -91,18 +91,18 @@ def not_cached_message(weights: PublishedWeights) -> str:
 
 def fetch(weights: PublishedWeights) -> Path:
     """The snapshot directory of ``weights``, downloading what the cache lacks unless offline (saying so first)."""
-    from huggingface_hub import get_token, snapshot_download
-    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, IncompleteSnapshotError,
-                                        LocalEntryNotFoundError, RepositoryNotFoundError, RevisionNotFoundError)
+    from huggingface_hub import constants, get_token, snapshot_download
+    from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
+                                        RepositoryNotFoundError, RevisionNotFoundError)
+
+    from llmexp import console, distributed
 
     if offline():
         snapshot = cached_snapshot(weights)
         if snapshot is None:
             raise UserError(not_cached_message(weights))
         return snapshot
-    if cached_snapshot(weights) is None:
-        from llmexp import console
-
+    if distributed.is_rank_zero() and cached_snapshot(weights) is None:
         console.err.print(f"model: downloading {weights} from the Hugging Face Hub into {cache_dir()}", highlight=False,
                           soft_wrap=True)
     token = "HF_TOKEN is unset" if get_token() is None else "the token in use (HF_TOKEN) has no access to it"
@@ -112,14 +112,14 @@ def fetch(weights: PublishedWeights) -> Path:
                                       ignore_patterns=SKIPPED))
     except GatedRepoError:
         message = (f"model.hub_repo={weights.repo} is gated and {token}. Accept its license at "
-                   f"https://huggingface.co/{weights.repo} and set HF_TOKEN to a read token of that account, {local}.")
+                   f"{constants.ENDPOINT}/{weights.repo} and set HF_TOKEN to a read token of that account, {local}.")
     except RevisionNotFoundError:
         message = (f"model.hub_repo={weights.repo} has no revision {weights.revision}; set model.revision to one of "
                    f"its branches, tags or commit hashes, {local}.")
     except RepositoryNotFoundError:
         message = (f"model.hub_repo={weights.repo} (revision {weights.revision}) is not on the Hugging Face Hub, or "
                    f"it is private and {token}. Check the repository id, set HF_TOKEN, {local}.")
-    except (LocalEntryNotFoundError, IncompleteSnapshotError) as error:  # the Hub could not be reached
+    except LocalEntryNotFoundError as error:  # the Hub could not be reached and the cache lacks files
         message = (f"model.hub_repo={weights.repo} (revision {weights.revision}) could not be downloaded: the Hugging "
                    f"Face Hub was not reachable ({reason_of(error)}) and the cache ({cache_dir()}) does not hold it "
                    f"(HF_HUB_OFFLINE is off). Retry with network access, download it elsewhere into the same cache "

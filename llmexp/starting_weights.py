@@ -52,10 +52,16 @@ def problems(config) -> List[str]:
     return []
 
 
+def has_weights(config) -> bool:
+    """Whether the run has weights of its own: a checkpoint at ``model.path``, or published ones (``problems``
+    tells when those cannot be had)."""
+    return bool(config.model.path or hub.published_weights(config.model))
+
+
 def base_problems(config, key: str, technique: str) -> List[str]:
     """Problems of stage ``key`` (``technique``, which adapts a base) when no stage before it makes a model."""
-    if config.model.path or hub.published_weights(config.model):
-        return []  # a checkpoint, or published weights (``problems`` tells when those cannot be had)
+    if has_weights(config):
+        return []
     if embedded_baseline.available(config):
         return embedded_baseline.problems(config)
     return [no_base_message(config, key, technique)]

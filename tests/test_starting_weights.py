@@ -4,8 +4,10 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import json
 import shutil
+import threading
 from pathlib import Path
 
 import pytest
@@ -181,3 +183,59 @@ def test_lora_on_the_embedded_default_trains_the_baseline_once_then_reuses_it(tm
 
     plan = run_llmexp("plan", "--json", *small, cwd=tmp_path, env=env)
     assert f"embedded baseline (cached at {baseline}," in json.loads(plan.stdout)["config"]["weights"]
+
+
+class HubErrors(http.server.BaseHTTPRequestHandler):
+    """The Hub's answers to a repository that is gated, one that does not exist, and a revision that does not exist:
+    the status and ``X-Error-Code`` huggingface_hub reads them by."""
+
+    ANSWERS = {"gated-org/model": (403, "GatedRepo"), "missing-org/model": (404, "RepoNotFound"),
+               f"{REPO_ID}/revision/v9": (404, "RevisionNotFound")}
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        status, code = next((answer for key, answer in self.ANSWERS.items() if key in self.path), (500, "Unexpected"))
+        self.send_response(status)
+        self.send_header("X-Error-Code", code)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    def log_message(self, *args):
+        pass
+
+
+def test_download_failures_name_the_repository_the_revision_and_the_fix(tmp_path):
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), HubErrors)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    hub = f"http://127.0.0.1:{server.server_port}"
+    token = "hf_test_token_never_printed"
+    cases = [
+        ("gated-org/model", "main", {"HF_TOKEN": token},
+         f"model.hub_repo=gated-org/model is gated and the token in use (HF_TOKEN) has no access to it. Accept its "
+         f"license at {hub}/gated-org/model and set HF_TOKEN to a read token of that account, or set "
+         "model.path=<a local checkpoint directory>."),
+        ("missing-org/model", "main", {},
+         "model.hub_repo=missing-org/model (revision main) is not on the Hugging Face Hub, or it is private and "
+         "HF_TOKEN is unset. Check the repository id, set HF_TOKEN, or set model.path=<a local checkpoint directory>."),
+        (REPO_ID, "v9", {},
+         f"model.hub_repo={REPO_ID} has no revision v9; set model.revision to one of its branches, tags or commit "
+         "hashes, or set model.path=<a local checkpoint directory>."),
+    ]
+    try:
+        for repo, revision, more, message in cases:
+            result = run_llmexp("technique=pretrain", "technique.max_steps=0", "pipeline=single", f"model.hub_repo={repo}",
+                                f"model.revision={revision}", cwd=tmp_path, env={
+                                    "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "hf"),
+                                    "HF_HUB_CACHE": str(tmp_path / "hf/hub"), **more})
+            assert result.returncode == 2, result.stderr[-3000:]
+            assert message in " ".join(result.stderr.split()) and token not in result.stderr + result.stdout
+    finally:
+        server.shutdown()
+        server.server_close()
+    unreachable = run_llmexp("technique=pretrain", "technique.max_steps=0", "pipeline=single",
+                             f"model.hub_repo={REPO_ID}", cwd=tmp_path, env={
+                                 "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub, "HF_HUB_CACHE": str(tmp_path / "hf/hub")})
+    assert unreachable.returncode == 2, unreachable.stderr[-3000:]
+    assert (f"model.hub_repo={REPO_ID} (revision main) could not be downloaded: the Hugging Face Hub was not reachable "
+            in " ".join(unreachable.stderr.split()))
+    assert f"(`hf download {REPO_ID} --revision main`), or set model.path=<a local checkpoint directory>." in " ".join(
+        unreachable.stderr.split())
