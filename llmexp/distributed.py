@@ -33,6 +33,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
+from llmexp import cpu_threads
 from llmexp.errors import EXIT_USER_ERROR, UserError
 
 T = TypeVar("T")
@@ -147,8 +148,12 @@ def run_job(config, job: Callable[..., T], *args: Any) -> T:
                 f"started as WORLD_SIZE={given} processes; start it with {wanted} tasks (or without a launcher, "
                 f"and llmexp starts them), or choose a parallelism whose tp*pp*dp is {given}."
             )
-        return job(*args) if wanted == 1 else _as_rank(config.hardware.accelerator, job, args)
+        if wanted == 1:
+            cpu_threads.use_share_of_cores()
+            return job(*args)
+        return _as_rank(config.hardware.accelerator, job, args)
     if wanted == 1:
+        cpu_threads.use_share_of_cores()
         return job(*args)
     return _start_ranks(config, wanted, job, args)
 
@@ -252,8 +257,7 @@ def _as_rank(accelerator: str, job: Callable[..., T], args: Sequence) -> T:
     local_rank = int(os.environ.get("LOCAL_RANK", 0))
     # Lightning's cluster environment reads the node from GROUP_RANK; submitit's export leaves it out.
     os.environ.setdefault("GROUP_RANK", str(int(os.environ["RANK"]) // local_world))
-    # The ranks of a node share its cores: more threads than cores makes gloo collectives ~10x slower.
-    torch.set_num_threads(max(1, len(os.sched_getaffinity(0)) // local_world))
+    cpu_threads.use_share_of_cores(local_world)
     if accelerator == "cpu":
         backend, device = "gloo", None
     else:

@@ -31,6 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from llmexp import cpu_threads
 from llmexp.atomic import replace_atomically
 from llmexp.secrets import REDACTED, is_secret_key, redact_url_credentials
 
@@ -102,6 +103,7 @@ def environment_info(cwd: Path | str | None = None) -> Dict[str, Any]:
         "hostname": socket.gethostname(),
         "slurm": slurm_placement(),
         "git": git_info(cwd),
+        "cpu_threads": cpu_threads.settings(),
     }
 
 

@@ -21,6 +21,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, NoReturn, Sequence
 
+from llmexp import cpu_threads
 from llmexp.errors import UserError
 from llmexp.serving.auth import ENV_VAR as API_KEY_VAR
 from llmexp.serving.auth import NEW_KEY_HINT, read_api_keys
@@ -52,7 +53,9 @@ def main(argv: List[str]) -> int:
     for option, default in INPROCESS_DEFAULTS.items():
         if getattr(args, option) is None:
             setattr(args, option, default)
-    prefer_passive_openmp()
+    # the engine steps the model in a worker thread while the event loop and clients need the cores between
+    # its steps: spinning OpenMP threads made a 64-token generation 8x slower on 2 cores (bench_generation.py)
+    cpu_threads.prefer_passive_waiting()
     check_served_files(args.model_dir, adapters)  # a damaged file is reported as such, whatever the port
     listener = _bind(args.host, args.port)
 
@@ -208,18 +211,6 @@ def _device(choice):
     if not torch.cuda.is_available():
         raise UserError("--device cuda: torch sees no CUDA GPU on this machine; use --device cpu (or auto).")
     return torch.device("cuda")
-
-
-def prefer_passive_openmp() -> None:
-    """Make OpenMP threads sleep, not spin, between parallel regions, unless the user chose otherwise.
-
-    The engine runs the model in a worker thread while other threads (the event loop, clients)
-    need the cores between its steps. Spinning OpenMP threads keep those cores busy: on 2 cores
-    a 64-token generation took 8x longer (3.4 s against 0.40 s passive; bench_generation.py).
-    libgomp reads this when torch loads it, so it only works before torch is imported.
-    """
-    if "torch" not in sys.modules:
-        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
 
 
 def _check_numbers(args: argparse.Namespace) -> None:
