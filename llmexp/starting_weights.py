@@ -23,6 +23,8 @@ def describe(config) -> str:
         return f"model.path={config.model.path}"
     weights = hub.published_weights(config.model)
     if weights is not None:
+        if hub.repo_problem(weights):
+            return f"{weights}, which is not a repository id"
         snapshot = hub.cached_snapshot(weights)
         if snapshot is not None:
             return f"{weights}, in the Hugging Face cache ({snapshot})"

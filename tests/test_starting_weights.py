@@ -239,3 +239,14 @@ def test_download_failures_name_the_repository_the_revision_and_the_fix(tmp_path
             in " ".join(unreachable.stderr.split()))
     assert f"(`hf download {REPO_ID} --revision main`), or set model.path=<a local checkpoint directory>." in " ".join(
         unreachable.stderr.split())
+
+
+def test_a_repository_id_that_cannot_be_one_is_refused_by_the_plan(capsys):
+    from llmexp import plan_command
+
+    assert plan_command.main(["model.hub_repo=not a repo", "technique=lora"]) == 2
+    out = " ".join(capsys.readouterr().out.split())
+    assert "weights: not a repo@main, which is not a repository id" in out
+    assert "- model.hub_repo=not a repo is not a Hugging Face repository id (HFValidationError: " in out
+    assert out.endswith("write it as org/name (meta-llama/Llama-3.2-1B), or set model.path=<a local checkpoint "
+                        "directory>.")
