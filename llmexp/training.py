@@ -22,6 +22,7 @@ and the planner loads every schema without torch.
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import json
@@ -32,7 +33,7 @@ import warnings
 from dataclasses import dataclass, field
 from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
 
-from llmexp import console, distributed
+from llmexp import console, distributed, progress
 from llmexp.errors import UserError
 from llmexp.pipeline import stage_node_path
 from llmexp.results import redact_secrets
@@ -42,6 +43,11 @@ from llmexp.technique import StageContext, Technique, TechniqueConfig
 # warnings still come through. The pytree notice is Lightning 2.6 calling an API torch 2.13 deprecated.
 logging.getLogger("lightning.pytorch.utilities.rank_zero").setLevel(logging.WARNING)
 warnings.filterwarnings("ignore", message=r".*isinstance\(treespec, LeafSpec\)` is deprecated")
+# Lightning warns on every fit where an `srun` is installed and the process was not started by it, lest a
+# multi-GPU job hang; llmexp starts its ranks itself (llmexp.distributed) or through srun (the Slurm launcher).
+warnings.filterwarnings("ignore", message=r"The `srun` command is available on your system but is not used")
+# train() logs the last step itself, however few steps a run has (its log_every, not Lightning's, sets the rows).
+warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+\) is smaller than the logging interval")
 # On a mid-epoch resume the batch sampler starts at the saved data position itself (see _MicroBatches).
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
@@ -174,6 +180,8 @@ def train(
         checkpoint_io.preload(point)
     logger = ctx.tracker.lightning_logger(ctx.stage_name) if lead else False
     trainer = make_trainer(cfg, tcfg, logger, plugins=[checkpoint_io], callbacks=callbacks)
+    # off a terminal Lightning's bar is drawn only at the end: plain step lines instead (llmexp.progress)
+    steps = progress.Progress(ctx.stage_name, unit="step") if lead and not progress.is_live() else None
     position = point.state["micro_batches"] if point else 0
     loader = DataLoader(
         _Samples(train_data, order),
@@ -187,9 +195,12 @@ def train(
     split = _splits_model(parallelism)
     trained = copy.deepcopy(model) if split else model  # split in place: ``model`` stays a plain HF model
     module = _module_class()(
-        trained, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints, parallelism, split
+        trained, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints, parallelism, split,
+        steps,
     )
-    with PeakMemory(trainer.strategy.root_device) as peak, preemption.training_steps():
+    with PeakMemory(trainer.strategy.root_device) as peak, preemption.training_steps(), (
+        steps or contextlib.nullcontext()
+    ):
         start = time.perf_counter()
         trainer.fit(module, train_dataloaders=loader, ckpt_path=point.path if point else None, weights_only=True)
         seconds = time.perf_counter() - start
@@ -308,6 +319,7 @@ def make_trainer(config, training, logger=False, plugins: Sequence = (), callbac
         log_every_n_steps=training.log_every,
         enable_checkpointing=False,  # llmexp.resume writes the checkpoints
         enable_model_summary=False,
+        enable_progress_bar=progress.is_live(),  # train() prints plain step lines elsewhere
         num_sanity_val_steps=0,
         deterministic=True,
         plugins=list(plugins),
@@ -525,7 +537,7 @@ def _module_class() -> type:
 
         def __init__(
             self, model, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints,
-            parallelism, split,
+            parallelism, split, steps,
         ):
             super().__init__()
             self.model = model
@@ -533,6 +545,9 @@ def _module_class() -> type:
             self.extra_modules = list(extra_modules)  # a list, not submodules: neither saved nor optimised
             self.val_batches, self.log_path, self.checkpoints = val_batches, log_path, checkpoints
             self.parallelism, self.split = parallelism, split
+            self.steps = steps  # an llmexp.progress.Progress printing step lines, or None
+            self._steps_task = None
+            self._started = 0.0
             self.replicas = parallelism.tp * parallelism.pp  # ranks that see the same examples
             self.tokens_before = 0  # of the attempts before this one, all ranks (restored from the checkpoint)
             self.session_tokens = 0  # this rank's, this attempt
@@ -562,6 +577,9 @@ def _module_class() -> type:
 
         def on_train_start(self):
             self._done_step = self.trainer.global_step
+            self._started = time.perf_counter()
+            if self.steps is not None:
+                self._steps_task = self.steps.add_task("", total=self.tcfg.max_steps, completed=self._done_step)
             if self._restored is not None:  # here, after Lightning made its data iterator (which draws a seed)
                 resume.restore_rng(self._restored["rng"])
 
@@ -579,9 +597,17 @@ def _module_class() -> type:
             stop = self._stop_requested()
             if self.checkpoints.due(step) or stop:
                 self.checkpoints.save(self.trainer, step)
+            if self.steps is not None:
+                self.steps.update(self._steps_task, completed=step, detail=self._progress_detail)
             if stop:
                 _await_own_stop_signal()
                 preemption.requeue_now()
+
+        def _progress_detail(self) -> str:
+            """This rank's loss of the step, and the tokens/s of every data-parallel rank (they see equal shares)."""
+            seconds = max(time.perf_counter() - self._started, 1e-9)
+            tokens_per_s = self.session_tokens * self.parallelism.dp / seconds
+            return f"loss {float(self._step_loss):.4g} {progress.rate(tokens_per_s)} tok/s"
 
         def _stop_requested(self) -> bool:
             """Whether a stop signal came to any rank: all of them stop after the same step."""

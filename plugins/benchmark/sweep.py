@@ -92,16 +92,13 @@ def node_field(ctx: StageContext) -> str:
 
 
 async def _sweep(ctx: StageContext, node, field: str, seed: int, stage_dir: Path) -> StageResult:
-    from rich.console import Console
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
     from llmexp.data.jsonl import write_jsonl
+    from llmexp.progress import Progress
 
     target = await _open_target(ctx, node, field)
     rows: List[Dict[str, Any]] = []
     request_rows: List[Dict[str, Any]] = []
-    progress = Progress(TextColumn("[bold]benchmark[/] {task.description:<22}"), BarColumn(), MofNCompleteColumn(),
-                        TimeElapsedColumn(), console=Console(stderr=True))
+    progress = Progress(ctx.stage_name, unit="requests")
     try:
         with progress:
             for concurrency, input_tokens, output_tokens in points(node):
@@ -216,7 +213,7 @@ async def _measure_point(target: Target, node, field: str, stage_dir: Path, seed
     row["coherence_samples"] = samples
     if reason is not None:
         row.update(valid=False, invalid_reason=reason)
-        progress.update(task, description=f"{label} [red]invalid[/]")
+        progress.update(task, description=f"{label} invalid")
         return row, []
 
     if node.client == "aiperf":  # AIPerf warms up itself
@@ -229,7 +226,7 @@ async def _measure_point(target: Target, node, field: str, stage_dir: Path, seed
                 target.api_key)
         except AIPerfFailed as error:
             row.update(valid=False, invalid_reason=str(error))
-            progress.update(task, description=f"{label} [red]aiperf failed[/]")
+            progress.update(task, description=f"{label} aiperf failed")
             return row, []
         progress.update(task, completed=len(records))
     else:
@@ -249,7 +246,7 @@ async def _measure_point(target: Target, node, field: str, stage_dir: Path, seed
         row.update(valid=False, invalid_reason=f"every timed request failed: {errors[0] if errors else 'no output'}")
     started = min((r.sent for r in records), default=0.0)
     timed = [{"point": key, "index": index, **record.as_row(started)} for index, record in enumerate(records)]
-    progress.update(task, description=f"{label} {'done' if row['valid'] else '[red]invalid[/]'}")
+    progress.update(task, description=f"{label} {'done' if row['valid'] else 'invalid'}")
     return row, timed
 
 

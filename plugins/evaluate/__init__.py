@@ -61,13 +61,11 @@ class Evaluate(Technique):
         return machine_problems(node.tasks, f"{field}.tasks")
 
     def run(self, ctx: StageContext) -> StageResult:
-        from rich.console import Console
-        from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
-
         from llmexp.data.jsonl import write_jsonl
         from llmexp.models import input_model, run_device
         from llmexp.peak_memory import PeakMemory
         from llmexp.plugins.evaluate.scoring import Scorer
+        from llmexp.progress import Progress
 
         cfg = ctx.stage_config
         problems = config_problems(cfg, ctx.stage_name)
@@ -86,13 +84,7 @@ class Evaluate(Technique):
             stage_dir=str(ctx.stage_dir),
         )
         metrics, artifacts = {}, {}
-        progress = Progress(
-            TextColumn("[bold]evaluate[/] {task.description:<16}"),
-            BarColumn(),
-            MofNCompleteColumn(),
-            TimeElapsedColumn(),
-            console=Console(stderr=True),
-        )
+        progress = Progress(ctx.stage_name)
         tasks, _ = resolve_tasks(cfg.tasks, cfg.gsm8k_path, f"{ctx.stage_name}.tasks")
         rows = {}
         artifact.model.to(run_device(ctx.config.hardware))  # a GPU run's model may come back on the CPU (Lightning)

@@ -37,7 +37,20 @@ def decoder_layers(model) -> torch.nn.ModuleList:
     return model.model.layers
 
 
-def block_importance(model, blocks: torch.Tensor, batch_size: int) -> List[float]:
+# Called after each batch of calibration blocks a measure runs through the model: the stage's progress.
+OnBatch = Callable[[], None]
+
+
+def _nothing() -> None:
+    pass
+
+
+def forward_passes(importance: str, layers: int) -> int:
+    """Passes over the calibration blocks a depth ``importance`` takes (width scores take one)."""
+    return layers + 1 if importance == "perplexity" else 1
+
+
+def block_importance(model, blocks: torch.Tensor, batch_size: int, on_batch: OnBatch = _nothing) -> List[float]:
     """Per layer, 1 - cosine similarity of its input and output hidden states, the mean over tokens.
 
     Forward hooks, not ``output_hidden_states``: transformers puts the final norm's output in
@@ -55,36 +68,36 @@ def block_importance(model, blocks: torch.Tensor, batch_size: int) -> List[float
         return hook
 
     with _hooks([layer.register_forward_hook(measure(i), with_kwargs=True) for i, layer in enumerate(layers)]):
-        _run(model, blocks, batch_size)
+        _run(model, blocks, batch_size, on_batch)
     return (distance / blocks.numel()).tolist()
 
 
-def perplexity_importance(model, blocks: torch.Tensor, batch_size: int) -> List[float]:
+def perplexity_importance(model, blocks: torch.Tensor, batch_size: int, on_batch: OnBatch = _nothing) -> List[float]:
     """Per layer, the calibration perplexity with the layer skipped (output := input) minus the perplexity without."""
 
     def skip(module, args, kwargs, output):
         before = args[0] if args else kwargs["hidden_states"]
         return (before, *output[1:]) if isinstance(output, tuple) else before
 
-    base = perplexity(model, blocks, batch_size)
+    base = perplexity(model, blocks, batch_size, on_batch)
     rises = []
     for layer in decoder_layers(model):
         with _hooks([layer.register_forward_hook(skip, with_kwargs=True)]):
-            rises.append(perplexity(model, blocks, batch_size) - base)
+            rises.append(perplexity(model, blocks, batch_size, on_batch) - base)
     return rises
 
 
-LAYER_IMPORTANCE: Dict[str, Callable[[torch.nn.Module, torch.Tensor, int], List[float]]] = {
+LAYER_IMPORTANCE: Dict[str, Callable[[torch.nn.Module, torch.Tensor, int, OnBatch], List[float]]] = {
     "block": block_importance,
     "perplexity": perplexity_importance,
 }
 
 
-def perplexity(model, blocks: torch.Tensor, batch_size: int) -> float:
+def perplexity(model, blocks: torch.Tensor, batch_size: int, on_batch: OnBatch = _nothing) -> float:
     """exp of the mean next-token loss over the blocks (all of one length, so rows weigh alike)."""
     total = 0.0
     with evaluating(model):
-        for batch in _batches(model, blocks, batch_size):
+        for batch in _batches(model, blocks, batch_size, on_batch):
             total += model(input_ids=batch, labels=batch, use_cache=False).loss.item() * len(batch)
     return math.exp(total / len(blocks))
 
@@ -107,7 +120,7 @@ class WidthImportance:
     channels: torch.Tensor
 
 
-def width_importance(model, blocks: torch.Tensor, batch_size: int) -> WidthImportance:
+def width_importance(model, blocks: torch.Tensor, batch_size: int, on_batch: OnBatch = _nothing) -> WidthImportance:
     """Scores of every MLP neuron, query head and hidden channel from one pass over ``blocks``."""
     layers = decoder_layers(model)
     norms = [norm for layer in layers for norm in (layer.input_layernorm, layer.post_attention_layernorm)]
@@ -140,20 +153,22 @@ def width_importance(model, blocks: torch.Tensor, batch_size: int) -> WidthImpor
     handles += [layer.self_attn.o_proj.register_forward_pre_hook(head_hook(i)) for i, layer in enumerate(layers)]
     handles += [norm.register_forward_hook(channel_hook(i)) for i, norm in enumerate(norms)]
     with _hooks(handles):
-        _run(model, blocks, batch_size)
+        _run(model, blocks, batch_size, on_batch)
     return WidthImportance(neurons.sqrt(), heads.sqrt(), channels.sqrt().sum(dim=0))
 
 
-def _run(model, blocks: torch.Tensor, batch_size: int) -> None:
+def _run(model, blocks: torch.Tensor, batch_size: int, on_batch: OnBatch) -> None:
     with evaluating(model):
-        for batch in _batches(model, blocks, batch_size):
+        for batch in _batches(model, blocks, batch_size, on_batch):
             model(input_ids=batch, use_cache=False)
 
 
-def _batches(model, blocks: torch.Tensor, batch_size: int) -> Iterator[torch.Tensor]:
+def _batches(model, blocks: torch.Tensor, batch_size: int, on_batch: OnBatch) -> Iterator[torch.Tensor]:
+    """The blocks in batches on the model's device; ``on_batch`` after the caller is done with each."""
     device = next(model.parameters()).device
     for start in range(0, len(blocks), batch_size):
         yield blocks[start : start + batch_size].to(device)
+        on_batch()
 
 
 @contextlib.contextmanager

@@ -25,9 +25,11 @@ from llmexp.plugins.prune.importance import (
     LAYER_IMPORTANCE,
     WidthImportance,
     decoder_layers,
+    forward_passes,
     layers_to_drop,
     width_importance,
 )
+from llmexp.progress import Progress
 from llmexp.technique import StageContext, StageResult
 
 # Config lists with one entry per layer (Qwen2's sliding-window pattern); they lose the dropped layers' entries.
@@ -45,9 +47,14 @@ def prune(ctx: StageContext) -> StageResult:
     if calibrates(node):
         field = f"{stage_node_path(ctx)}.calibration_size"
         blocks = calibration_blocks(ctx.config, start.tokenizer, node.calibration_size, field)
-        measure = width_importance if node.method == "width" else LAYER_IMPORTANCE[node.importance]
+        depth = node.method == "depth"
+        measure = LAYER_IMPORTANCE[node.importance] if depth else width_importance
+        batch_size = ctx.config.parallelism.micro_batch
+        passes = forward_passes(node.importance, len(decoder_layers(model))) if depth else 1
         clock = time.perf_counter()
-        scores = measure(model, blocks, ctx.config.parallelism.micro_batch)
+        with Progress(ctx.stage_name, unit="batch", transient=True) as bars:
+            task = bars.add_task("importance", total=passes * -(-len(blocks) // batch_size))
+            scores = measure(model, blocks, batch_size, lambda: bars.advance(task))
         seconds = time.perf_counter() - clock
     if node.method == "depth":
         record = _prune_depth(model, node, target, scores)

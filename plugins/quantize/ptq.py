@@ -23,8 +23,6 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
 import torch
-from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 
 from llmexp.checkpoint import model_numbers_from_hf_config
 from llmexp.errors import UserError
@@ -34,6 +32,7 @@ from llmexp.planner import architecture
 from llmexp.data.blocks import calibration_blocks
 from llmexp.plugins.quantize import NO_MODEL, block_size, group_size_problems, runs_natively
 from llmexp.plugins.quantize.formats import FORMATS, Format
+from llmexp.progress import Progress
 from llmexp.technique import ModelArtifact, StageContext, StageResult
 
 
@@ -160,12 +159,8 @@ def _calibration_loop(blocks: torch.Tensor, batch_size: int) -> Callable:
     def forward_loop(model) -> None:
         device = next(model.parameters()).device
         batches = blocks.split(batch_size)
-        progress = Progress(
-            TextColumn("[bold]calibrate[/]"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-            console=Console(stderr=True), transient=True,
-        )
-        with progress, torch.no_grad():
-            for batch in progress.track(batches, total=len(batches)):
+        with Progress("calibrate", unit="batch", transient=True) as progress, torch.no_grad():
+            for batch in progress.track(batches, total=len(batches), description=""):
                 model(input_ids=batch.to(device), use_cache=False)
 
     return forward_loop
