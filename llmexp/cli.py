@@ -114,13 +114,19 @@ def preflight(argv: List[str]) -> None:
             if problem := missing_cluster(cfg):
                 raise UserError(problem)
     if not args.multirun and args.cfg is None:  # a multirun records such a point as skipped and goes on
+        from llmexp.config import implied_pipeline
+        from llmexp.plan_command import planned
         from llmexp.planner import make_plan
 
-        problems = make_plan(cfg).problems
+        plan = make_plan(cfg)
+        problems = list(plan.problems)
         if problem := local_start_problem(cfg):
             problems.append(problem)
         if problems:
             raise UserError(" ".join(problems))
+        console.note("running:" + planned(cfg, implied_pipeline(argv, config_name)).removeprefix("planned:"))
+        for warning in plan.warnings:
+            console.warn(warning)
 
 
 @hydra.main(version_base="1.3", config_path="pkg://llmexp.conf", config_name=CONFIG_NAME)

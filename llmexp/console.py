@@ -35,6 +35,11 @@ def stage_banner(stage_name: str) -> None:
     err.rule(Text(stage_name, style="bold"))
 
 
+def note(message: str) -> None:
+    """A plain line of what is happening (on stderr, with the progress)."""
+    err.print(message, highlight=False, soft_wrap=True)
+
+
 def warn(message: str) -> None:
     err.print(message, style="yellow", highlight=False, soft_wrap=True)
 

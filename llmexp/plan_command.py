@@ -30,22 +30,25 @@ def main(argv: List[str]) -> int:
         "precision=bf16 data.seq_len=8192 parallelism.activation_checkpointing=true",
     )
     parser.add_argument("--json", action="store_true", help="print the plan as JSON")
+    parser.add_argument("--config-dir", help="a directory of your own configs, as for `llmexp` (sweeps/, `llmexp cp`)")
+    parser.add_argument("--config-name", help="the primary config in it, as for `llmexp`")
     parser.add_argument("overrides", nargs="*", help="Hydra overrides, as for `llmexp`")
     try:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help or a usage error: argparse has printed why
         return int(exit_.code or 0)
 
-    from llmexp.config import compose_config, implied_pipeline
+    from llmexp.config import CONFIG_NAME, compose_config, implied_pipeline
     from llmexp.planner import make_plan
 
     try:
-        cfg = compose_config(args.overrides)
+        config_name = args.config_name or CONFIG_NAME
+        cfg = compose_config(args.overrides, config_name, args.config_dir)
         plan = make_plan(cfg)
     except UserError as error:
         console.error(str(error))
         return EXIT_USER_ERROR
-    implied_by = implied_pipeline(args.overrides)
+    implied_by = implied_pipeline(args.overrides, config_name)
     if args.json:
         print(json.dumps({"planned": planned(cfg, implied_by), **plan.to_dict(),
                           "config": {**summary(cfg), "pipeline_implied_by": implied_by}}, indent=2))
@@ -69,7 +72,7 @@ def planned(cfg, implied_by: Optional[str]) -> str:
     else:
         job = f"pipeline={name}, {len(stages)} stages: {' → '.join(key for key, _ in stages)}"
     if implied_by:
-        why = f"pipeline={name}, implied by {implied_by}; name pipeline={workflow} to plan the whole workflow"
+        why = f"pipeline={name}, implied by {implied_by}; name pipeline={workflow} for the whole workflow"
     elif name == workflow:
         why = "llmexp's default: its whole workflow, built for the embedded model"
     else:

@@ -22,7 +22,7 @@ FITS_70B_TP8 = ["model=llama3_1_70b", "hardware=a100_80g", "parallelism=tp8", "t
 # The README's example: no technique or pipeline named, so model= implies the default technique and its evaluation.
 README_70B = ["model=llama3_1_70b", "hardware=a100_80g", "parallelism=tp8", "precision=bf16"]
 README_70B_PLANNED = ("planned: technique=pretrain then evaluate (pipeline=default, implied by model=llama3_1_70b; "
-                      "name pipeline=compress to plan the whole workflow)")
+                      "name pipeline=compress for the whole workflow)")
 # 2 + 2 + 12 bytes per parameter of 70.55 B is 1051.3 GiB: more than eight 80 GiB devices hold, whatever the layout.
 README_70B_REFUSAL = (
     "Memory per device is 132.4 GiB (weights 16.4, gradients 16.4, optimizer 98.6, activations 1.0) but "
