@@ -36,6 +36,7 @@ from llmexp.backends import gpu_driver_present
 from llmexp.checkpoint import validate_checkpoint_dir
 from llmexp.errors import UserError
 from llmexp.failure import reason_of
+from llmexp.library_noise import quiet_libraries
 from llmexp.models import load_model
 from llmexp.pipeline import TOP_LEVEL_NODES, input_stage, node_path, stage_nodes
 from llmexp.planner import make_plan
@@ -59,6 +60,7 @@ def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
             raise UserError(" ".join(problems))
         return _close(record, "skipped", " ".join(problems)) if lead else record
 
+    quiet_libraries()
     earlier = distributed.decided_by_rank_zero(lambda: _completed_earlier(record))
     if lead:
         record.stages.update(earlier)  # an earlier attempt's stages stay on record until one runs again
