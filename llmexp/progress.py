@@ -52,9 +52,9 @@ def interval_s() -> float:
 
 
 def is_live(stream_console: Optional[Console] = None) -> bool:
-    """Whether progress shows as live bars: the console is a terminal (or a notebook)."""
+    """Whether progress shows as live bars: the console is a terminal that redraws (not TERM=dumb), or a notebook."""
     shown = stream_console or console.err
-    return shown.is_terminal or shown.is_jupyter
+    return (shown.is_terminal and not shown.is_dumb_terminal) or shown.is_jupyter
 
 
 class Progress(rich_progress.Progress):

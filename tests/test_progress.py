@@ -125,6 +125,15 @@ def test_on_a_terminal_the_live_bar_stays_and_no_line_is_printed(monkeypatch):
     assert "10/10" in shown and "━" in shown and "(100%)" not in shown
 
 
+def test_a_terminal_that_cannot_redraw_gets_lines(monkeypatch):
+    monkeypatch.setenv(INTERVAL_ENV, "0")
+    monkeypatch.setenv("TERM", "dumb")
+    stream = io.StringIO()
+    with Progress("evaluate", stream_console=Console(file=stream, force_terminal=True)) as bars:
+        bars.update(bars.add_task("perplexity", total=2), completed=2)
+    assert stream.getvalue().startswith("evaluate perplexity: 2/2 (100%) elapsed 0:00")
+
+
 @pytest.mark.parametrize("value", ["soon", "-1", "nan", "inf"])
 def test_an_interval_that_is_not_a_number_of_seconds_is_refused(monkeypatch, value):
     monkeypatch.setenv(INTERVAL_ENV, value)
