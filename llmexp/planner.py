@@ -637,6 +637,17 @@ def _megatron_techniques() -> List[str]:
 STEP_PARTS = ("activations", "kv_cache", "teacher_logits")
 
 
+def layout_fixes(cfg, plan: Plan) -> List[str]:
+    """The switches of ``parallelism`` that would lower this plan's memory, among those not already on."""
+    parallelism = cfg.parallelism
+    fixes = []
+    if parallelism.dp > 1 and str(getattr(parallelism.sharding, "value", parallelism.sharding)) != "fsdp":
+        fixes.append("use parallelism.sharding=fsdp")
+    if not parallelism.activation_checkpointing and plan.memory_breakdown.get("activations", 0) > plan.memory_per_device_bytes / 2:
+        fixes.append("set parallelism.activation_checkpointing=true")
+    return fixes
+
+
 def memory_problems(cfg, plan: Plan) -> List[str]:
     """Memory that does not fit, with the fixes that could make it fit.
 
@@ -648,7 +659,7 @@ def memory_problems(cfg, plan: Plan) -> List[str]:
     if need <= have:
         return []
     parts = ", ".join(f"{name} {value / GIB:.1f}" for name, value in plan.memory_breakdown.items())
-    fixes = ["raise parallelism.tp or parallelism.pp", "use parallelism.sharding=fsdp",
+    fixes = ["raise parallelism.tp or parallelism.pp", *layout_fixes(cfg, plan),
              f"lower parallelism.micro_batch (now {cfg.parallelism.micro_batch})"]
     reason = ""
     if cfg.hardware.accelerator == "cpu":

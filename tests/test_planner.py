@@ -506,3 +506,15 @@ def test_a_text_perplexity_window_longer_than_the_model_context_is_refused(tmp_p
     assert plan_of("technique=evaluate", f"model.path={model}", task).problems == [
         f"max_length=512 of the text_perplexity task on {document} exceeds the model's context of 256 tokens; lower "
         "it to 256 or less (or leave it out: the model's context)."]
+
+
+@pytest.mark.parametrize("overrides, offered, not_offered", [
+    (["model=llama3_1_70b", "technique=lora", "hardware=a100_80g", "parallelism=fsdp8", "precision=bf16",
+      "data.seq_len=8192"], "set parallelism.activation_checkpointing=true", "use parallelism.sharding=fsdp"),
+    (["model=llama3_1_8b", "hardware=a100_40g", "parallelism=dp8", "precision=bf16"],
+     "use parallelism.sharding=fsdp", "activation_checkpointing"),
+], ids=["activations-of-sharded-lora", "states-of-unsharded-dp"])
+def test_memory_advice_offers_only_switches_that_are_off_and_would_help(overrides, offered, not_offered):
+    problem = only(plan_of(*overrides).problems, "Memory per device")
+    assert offered in problem
+    assert not_offered not in problem
