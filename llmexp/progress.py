@@ -2,8 +2,8 @@
 
 On a terminal, rich's live bars. Anywhere else (``llmexp > log 2>&1``, nohup, a Slurm job's
 output file) a live bar is drawn only once, when it ends, so a long stage looks hung; there each
-task prints a plain, flushed line instead, at its first update, every ``LLMEXP_PROGRESS_INTERVAL``
-seconds (default 30) and when it ends::
+task prints a plain, flushed line instead: at the first update, every ``LLMEXP_PROGRESS_INTERVAL``
+seconds (default 30) and when the task ends::
 
     baseline: step 200/1000 (20%) loss 1.234 11.2k tok/s elapsed 0:18 eta 1:12
 
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 import time
-from typing import Any, Callable, Dict, Optional, Tuple, Union
+from typing import Any, Callable, Dict, Optional, Union
 
 from rich import progress as rich_progress
 from rich.console import Console
@@ -60,6 +60,9 @@ def is_live(stream_console: Optional[Console] = None) -> bool:
 class Progress(rich_progress.Progress):
     """Live bars on a terminal; elsewhere the same calls print plain progress lines (see the module docstring).
 
+    Off a terminal the interval counts from the last line of any of its tasks, so a run of
+    short tasks (an evaluation's) prints the first update and each task's end, not two lines a task.
+
     ``name`` starts every bar and line (``evaluate``, a stage's name); a task's description
     follows it. ``unit`` names what is counted (``step``, ``batch``); ``transient`` bars vanish
     when they end. A task's ``detail`` field (``Detail``) adds text to its lines.
@@ -70,7 +73,8 @@ class Progress(rich_progress.Progress):
         self.lines = not is_live(shown)
         self.name, self.unit = name, unit
         self.interval = interval_s()
-        self._printed: Dict[int, Tuple[float, float]] = {}  # task -> (time, completed) of its last line
+        self._printed: Dict[int, float] = {}  # task -> its count on its last line
+        self._last_line: Optional[float] = None  # when the last line of any task was printed
         super().__init__(
             rich_progress.TextColumn(name.replace("{", "{{").replace("}", "}}"), style="bold", markup=False),
             rich_progress.TextColumn("{task.description}", markup=False),
@@ -96,7 +100,7 @@ class Progress(rich_progress.Progress):
         super().stop()
         if self.lines:
             for task in self.tasks:
-                if task.completed and self._printed.get(task.id, (0.0, 0.0))[1] != task.completed:
+                if task.completed and self._printed.get(task.id) != task.completed:
                     self._print_line(task)
 
     def _line_if_due(self, task_id) -> None:
@@ -105,14 +109,14 @@ class Progress(rich_progress.Progress):
         task = self._tasks[task_id]
         if not task.completed:
             return
-        printed = self._printed.get(task_id)
-        if printed is None or (task.finished and printed[1] != task.completed):
+        if task.finished and self._printed.get(task_id) != task.completed:
             self._print_line(task)
-        elif time.monotonic() - printed[0] >= self.interval:
+        elif self._last_line is None or time.monotonic() - self._last_line >= self.interval:
             self._print_line(task)
 
     def _print_line(self, task: rich_progress.Task) -> None:
-        self._printed[task.id] = (time.monotonic(), task.completed)
+        self._printed[task.id] = task.completed
+        self._last_line = time.monotonic()
         self.console.print(progress_line(self.name, self.unit, task), markup=False, highlight=False, soft_wrap=True)
 
 

@@ -81,6 +81,21 @@ def test_off_a_terminal_a_task_prints_its_first_and_last_update_within_one_inter
     ]
 
 
+def test_a_run_of_short_tasks_prints_the_first_update_and_each_tasks_end(monkeypatch):
+    monkeypatch.setenv(INTERVAL_ENV, "1000")
+    stream = io.StringIO()
+    with Progress("baseline_eval", stream_console=Console(file=stream, force_terminal=False)) as bars:
+        for name in ("multiple_choice", "perplexity"):
+            task_id = bars.add_task(name, total=4)
+            for done in range(1, 5):
+                bars.update(task_id, completed=done)
+    assert [line.split(" elapsed")[0] for line in stream.getvalue().splitlines()] == [
+        "baseline_eval multiple_choice: 1/4 (25%)",
+        "baseline_eval multiple_choice: 4/4 (100%)",
+        "baseline_eval perplexity: 4/4 (100%)",
+    ]
+
+
 def test_interval_zero_prints_every_update(monkeypatch):
     lines = _lines(range(1, 11), "0", monkeypatch=monkeypatch)
     assert [int(re.search(r"batch (\d+)/10", line)[1]) for line in lines] == list(range(1, 11))
