@@ -13,9 +13,10 @@ names a notice that appears on runs where nothing is wrong:
   it wraps a model in, and its notice that a training forward under activation checkpointing
   builds no KV cache (training never uses one).
 * megatron-core's notices, at import, that it falls back to torch without Transformer Engine
-  or Apex, and ModelOpt's about a Megatron ``sharded_state_dict`` it does not patch: both come
-  whenever ModelOpt loads its Megatron plugin, whatever the model. ``backend=megatron``'s own
-  checks say when Transformer Engine is needed.
+  or Apex and which Megatron-FSDP it found (logged at INFO, which Hydra's job logging shows),
+  and ModelOpt's about a Megatron ``sharded_state_dict`` it does not patch: they come whenever
+  ModelOpt loads its Megatron plugin, whatever the model. ``backend=megatron``'s own checks say
+  when Transformer Engine is needed.
 """
 
 from __future__ import annotations
@@ -31,6 +32,7 @@ WARNINGS = (  # (message regex, module regex of the code that warns)
     (r"(Transformer Engine and )?Apex (is|are) not installed", r"megatron\."),
     (r"GPTModel\.sharded_state_dict is not the version ModelOpt patches", r"modelopt\."),
 )
+QUIETER = ("megatron.core.distributed.fsdp",)  # loggers whose INFO is for their developers: WARNING and up shown
 LOGGED = (  # (logger, text of the messages it drops)
     ("transformers.configuration_utils", "`torch_dtype` is deprecated"),
     ("transformers.utils.generic", "`use_cache=True` is incompatible with gradient checkpointing"),
@@ -44,6 +46,8 @@ def quiet_libraries() -> None:
     transformers_logging.set_tqdm_hook(_library_bar)
     for message, module in WARNINGS:
         warnings.filterwarnings("ignore", message=message, module=module)
+    for name in QUIETER:
+        logging.getLogger(name).setLevel(logging.WARNING)
     for name, message in LOGGED:
         logger = logging.getLogger(name)
         if not any(isinstance(f, _Dropping) and f.message == message for f in logger.filters):

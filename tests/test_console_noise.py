@@ -21,6 +21,7 @@ NOISE = (
     "Transformer Engine and Apex are not installed",
     "Apex is not installed",
     "sharded_state_dict",
+    "Megatron-FSDP",
     "\r",
 )
 
