@@ -15,13 +15,15 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import List, Optional
 
 from llmexp.errors import UserError
 from llmexp.failure import reason_of
 
 # What ``llmexp.models.load_model`` reads; nothing else of a repository is fetched.
 FILES = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
+# What a tokenizer alone reads: an endpoint benchmark or a prebuilt engine's repository needs no weights.
+TOKENIZER_FILES = ["*.json", "tokenizer*", "*.txt", "*.model"]
 SKIPPED = ["original/*"]
 
 
@@ -69,14 +71,14 @@ def repo_problem(weights: PublishedWeights) -> Optional[str]:
     return None
 
 
-def cached_snapshot(weights: PublishedWeights) -> Optional[Path]:
-    """The complete snapshot of ``weights`` in the cache, or None; never touches the network."""
+def cached_snapshot(weights: PublishedWeights, files: List[str] = FILES) -> Optional[Path]:
+    """The snapshot of ``weights`` in the cache, complete in ``files``, or None; never touches the network."""
     from huggingface_hub import snapshot_download
     from huggingface_hub.errors import LocalEntryNotFoundError
 
     try:
         return Path(snapshot_download(weights.repo, revision=weights.revision, local_files_only=True,
-                                      allow_patterns=FILES, ignore_patterns=SKIPPED))
+                                      allow_patterns=files, ignore_patterns=SKIPPED))
     except LocalEntryNotFoundError:  # not there, or a snapshot an interrupted download left incomplete
         return None
 
@@ -89,8 +91,9 @@ def not_cached_message(weights: PublishedWeights) -> str:
             "model.path=<a local checkpoint directory>.")
 
 
-def fetch(weights: PublishedWeights) -> Path:
-    """The snapshot directory of ``weights``, downloading what the cache lacks unless offline (saying so first)."""
+def fetch(weights: PublishedWeights, files: List[str] = FILES) -> Path:
+    """The snapshot directory of ``weights`` holding ``files``, downloading what the cache lacks unless offline
+    (saying so first)."""
     from huggingface_hub import constants, get_token, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
@@ -98,17 +101,17 @@ def fetch(weights: PublishedWeights) -> Path:
     from llmexp import console, distributed
 
     if offline():
-        snapshot = cached_snapshot(weights)
+        snapshot = cached_snapshot(weights, files)
         if snapshot is None:
             raise UserError(not_cached_message(weights))
         return snapshot
-    if distributed.is_rank_zero() and cached_snapshot(weights) is None:
+    if distributed.is_rank_zero() and cached_snapshot(weights, files) is None:
         console.err.print(f"model: downloading {weights} from the Hugging Face Hub into {cache_dir()}", highlight=False,
                           soft_wrap=True)
     token = "HF_TOKEN is unset" if get_token() is None else "the token in use (HF_TOKEN) has no access to it"
     local = "or set model.path=<a local checkpoint directory>"
     try:
-        return Path(snapshot_download(weights.repo, revision=weights.revision, allow_patterns=FILES,
+        return Path(snapshot_download(weights.repo, revision=weights.revision, allow_patterns=files,
                                       ignore_patterns=SKIPPED))
     except GatedRepoError:
         message = (f"model.hub_repo={weights.repo} is gated and {token}. Accept its license at "

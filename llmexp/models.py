@@ -216,21 +216,18 @@ def input_model(ctx) -> Optional["ModelArtifact"]:
     """The model a stage starts from: the previous stage's, else the run's weights, else None.
 
     The run's weights are ``model.path``'s, else the preset's published ones (``model.hub_repo``,
-    fetched through the Hugging Face cache: ``llmexp.hub``).
+    fetched through the Hugging Face cache): ``llmexp.starting_weights.weights_directory``.
     """
-    from llmexp import hub
+    from llmexp import starting_weights
     from llmexp.technique import ModelArtifact
 
     if ctx.model is not None:
         return ctx.model
-    path, produced_by = ctx.config.model.path, "model.path"
-    weights = hub.published_weights(ctx.config.model)
-    if weights is not None:
-        path, produced_by = hub.fetch(weights), str(weights)
-    if not path:
+    path = starting_weights.weights_directory(ctx.config)
+    if path is None:
         return None
     model, tokenizer = load_model(path)
-    return ModelArtifact(model, tokenizer, Path(path), produced_by=produced_by)
+    return ModelArtifact(model, tokenizer, path, produced_by=starting_weights.source(ctx.config))
 
 
 def starting_model(ctx) -> Optional["ModelArtifact"]:

@@ -31,7 +31,7 @@ from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import DictConfig
 
-from llmexp import console, distributed
+from llmexp import console, distributed, starting_weights
 from llmexp.backends import gpu_driver_present
 from llmexp.checkpoint import validate_checkpoint_dir
 from llmexp.errors import UserError
@@ -133,7 +133,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
             looked_at.add((source, cls.name))
         stage_name = key if key not in TOP_LEVEL_NODES else _unique(cls.name, taken)
         taken.add(stage_name)
-        input_model = source or ("model.path" if cfg.model.path else None)
+        input_model = source or starting_weights.source(cfg)
         if lead:
             console.stage_banner(stage_name)
         entry = earlier.get(stage_name)

@@ -12,7 +12,8 @@ Pure Python, no network: the planner calls it for every plan.
 
 from __future__ import annotations
 
-from typing import List
+from pathlib import Path
+from typing import List, Optional
 
 from llmexp import embedded_baseline, hub
 
@@ -58,6 +59,51 @@ def has_weights(config) -> bool:
     """Whether the run has weights of its own: a checkpoint at ``model.path``, or published ones (``problems``
     tells when those cannot be had)."""
     return bool(config.model.path or hub.published_weights(config.model))
+
+
+def local_directory(config) -> Optional[Path]:
+    """The directory of the run's own weights when this machine holds it already: ``model.path``, or the cached
+    snapshot of the published weights. For plan checks that read its files (config.json, tokenizer.json): never
+    downloads; None when there is nothing to read yet."""
+    if config.model.path:
+        return Path(config.model.path)
+    weights = hub.published_weights(config.model)
+    if weights is None or hub.repo_problem(weights):
+        return None
+    return hub.cached_snapshot(weights)
+
+
+def weights_directory(config) -> Optional[Path]:
+    """The directory the run's own weights load from: ``model.path``, else the published weights' snapshot
+    (downloaded into the cache first when it lacks them: ``hub.fetch``); None when the run has none."""
+    return _directory(config, hub.FILES)
+
+
+def tokenizer_directory(config) -> Optional[Path]:
+    """``weights_directory`` for a stage that needs the tokenizer alone: the published weights' tensors are not
+    downloaded for it."""
+    return _directory(config, hub.TOKENIZER_FILES)
+
+
+def _directory(config, files: List[str]) -> Optional[Path]:
+    if config.model.path:
+        return Path(config.model.path)
+    weights = hub.published_weights(config.model)
+    return hub.fetch(weights, files) if weights is not None else None
+
+
+def source(config, adapts_base: bool = False) -> Optional[str]:
+    """Where a stage that no earlier stage hands a model starts from, as results.json records it (``input_model``):
+    ``model.path``, the published weights as ``<repo>@<revision>``, or, for a stage that adapts a base (``adapts_base``),
+    the embedded baseline's directory; None for random weights."""
+    if config.model.path:
+        return "model.path"
+    weights = hub.published_weights(config.model)
+    if weights is not None:
+        return str(weights)
+    if adapts_base and embedded_baseline.available(config):
+        return str(embedded_baseline.directory(config))
+    return None
 
 
 def base_problems(config, key: str, technique: str) -> List[str]:

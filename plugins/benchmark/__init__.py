@@ -22,6 +22,7 @@ from llmexp.checkpoint import context_length
 from llmexp.config import job_environment
 from llmexp.hookspecs import hookimpl
 from llmexp.secrets import redact_url_credentials
+from llmexp.starting_weights import has_weights
 from llmexp.technique import Technique, TechniqueConfig
 
 TARGETS = ("inprocess", "endpoint")
@@ -95,9 +96,10 @@ def point_key(concurrency: int, input_tokens: int, output_tokens: int) -> str:
     return f"c{concurrency}_in{input_tokens}_out{output_tokens}"
 
 
-def config_problems(node, field: str, model_path: Optional[str], context_length: Optional[int]) -> List[str]:
-    """Problems of one benchmark node at ``field``; ``context_length`` bounds a prompt and its answer in process
-    (None: unknown)."""
+def config_problems(node, field: str, own_weights: bool, context_length: Optional[int]) -> List[str]:
+    """Problems of one benchmark node at ``field``; ``own_weights``: the run has weights of its own, whose tokenizer
+    an endpoint benchmark may count with; ``context_length`` bounds a prompt and its answer in process (None:
+    unknown)."""
     problems: List[str] = []
     for key, allowed in (("target", TARGETS), ("client", CLIENTS), ("endpoint_type", ENDPOINT_TYPES)):
         if node[key] not in allowed:
@@ -120,7 +122,7 @@ def config_problems(node, field: str, model_path: Optional[str], context_length:
     if not 0.0 <= node.min_distinct_ratio <= 1.0:
         problems.append(f"{field}.min_distinct_ratio={node.min_distinct_ratio} must be between 0 (off) and 1.")
     if node.target == "endpoint":
-        problems += _endpoint_problems(node, field, model_path)
+        problems += _endpoint_problems(node, field, own_weights)
     elif node.target == "inprocess":
         if node.client == "aiperf":
             problems.append(f"{field}.client=aiperf drives an HTTP endpoint, and target=inprocess has none; use "
@@ -150,7 +152,7 @@ def _out_of_range(field: str, key: str, value) -> Optional[str]:
     return None
 
 
-def _endpoint_problems(node, field: str, model_path: Optional[str]) -> List[str]:
+def _endpoint_problems(node, field: str, own_weights: bool) -> List[str]:
     problems = []
     if not node.url:
         problems.append(f"{field}.target=endpoint needs {field}.url, the server's address, e.g. "
@@ -163,7 +165,7 @@ def _endpoint_problems(node, field: str, model_path: Optional[str]) -> List[str]
     if node.api_key_env and node.api_key_env not in job_environment():
         problems.append(f"{field}.api_key_env={node.api_key_env} names an environment variable that is not set; "
                         f"export {node.api_key_env}=<the key> (the key itself never goes in the config).")
-    if not node.tokenizer and not model_path:
+    if not node.tokenizer and not own_weights:
         problems.append(f"{field}.target=endpoint needs a tokenizer to build prompts of exact token lengths and to "
                         f"count tokens: set {field}.tokenizer=<HF tokenizer dir> (or model.path=<checkpoint>).")
     if node.client == "aiperf":
@@ -193,10 +195,10 @@ def llmexp_plan_problems(config, plan):
         if node.get("name") != Benchmark.name:
             continue
         field = node_path(key)
-        if sources[key] is None and node.target == "inprocess" and not config.model.path:
+        if sources[key] is None and node.target == "inprocess" and not has_weights(config):
             problems.append(
                 f"{field}: nothing to benchmark in process: no stage before it produced a model and model.path is "
                 f"unset. Set model.path=<a Hugging Face checkpoint directory>, put a stage that makes a model before "
                 f"it, or benchmark a server with {field}.target=endpoint {field}.url=http://127.0.0.1:8000.")
-        problems += config_problems(node, field, config.model.path, context_length(config))
+        problems += config_problems(node, field, has_weights(config), context_length(config))
     return problems

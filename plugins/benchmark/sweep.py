@@ -32,6 +32,7 @@ from llmexp.plugins.benchmark.load import drive
 from llmexp.plugins.benchmark.metrics import LATENCIES, summarize
 from llmexp.plugins.benchmark.prompts import prompt_pool
 from llmexp.secrets import split_url_credentials
+from llmexp.starting_weights import has_weights, tokenizer_directory
 from llmexp.technique import StageContext, StageResult
 
 # Per point, these go into the stage's metrics (benchmark.jsonl keeps every statistic).
@@ -70,7 +71,7 @@ def benchmark(ctx: StageContext) -> StageResult:
     earlier_model = getattr(ctx.model, "model", None)  # a previous stage's, when there is one in memory
     context = (context_length(ctx.config) if ctx.model is None
                else getattr(getattr(earlier_model, "config", None), "max_position_embeddings", None))
-    problems = config_problems(node, field, ctx.config.model.path, context)
+    problems = config_problems(node, field, has_weights(ctx.config), context)
     if problems:
         raise UserError(" ".join(problems))
     seed = node.seed if node.seed is not None else ctx.config.seed
@@ -179,7 +180,7 @@ async def _open_endpoint(ctx: StageContext, node, field: str) -> Target:
         if not names:
             raise UserError(f"{field}.model is unset and {url} lists no models at /v1/models; set {field}.model.")
         model = names[0]
-    tokenizer_dir = node.tokenizer or ctx.config.model.path
+    tokenizer_dir = node.tokenizer or tokenizer_directory(ctx.config)
     try:
         tokenizer = AutoTokenizer.from_pretrained(str(tokenizer_dir), local_files_only=True, trust_remote_code=False)
     except (OSError, ValueError) as error:

@@ -15,8 +15,6 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from omegaconf import OmegaConf
-
 from llmexp.data.embedded import build_world
 from llmexp.data.gsm8k import load_gsm8k
 from llmexp.errors import UserError
@@ -107,6 +105,7 @@ class Evaluate(Technique):
 
 def _compared_with_baseline(ctx: StageContext, scorer, inputs: TaskInputs, tasks, metrics, rows):
     """Paired measures against the evaluation ``baseline`` names, and KL to the model it evaluated."""
+    from llmexp import starting_weights
     from llmexp.models import load_model
     from llmexp.plugins.evaluate.paired import baseline_rows, paired_measures
 
@@ -120,7 +119,8 @@ def _compared_with_baseline(ctx: StageContext, scorer, inputs: TaskInputs, tasks
         metrics, rows, entry["metrics"], baseline_rows(entry, names, name, field_name), headlines
     )
     source = entry.get("input_model")
-    reference = load_model(ctx.config.model.path)[0] if source == "model.path" else ctx.model_of(source).model
+    own = source == starting_weights.source(ctx.config)  # the run's own weights, not an earlier stage's model
+    reference = load_model(starting_weights.weights_directory(ctx.config))[0] if own else ctx.model_of(source).model
     if reference.config.vocab_size != scorer.model.config.vocab_size:
         raise UserError(
             f"{field_name}={name}: its model has a vocabulary of {reference.config.vocab_size} tokens and this one "
@@ -172,6 +172,7 @@ def llmexp_plan_problems(config, plan):
     from llmexp.checkpoint import context_length
     from llmexp.pipeline import TOP_LEVEL_NODES, model_sources, node_path, stage_nodes
     from llmexp.plugins.evaluate.paired import missing_tasks_problem
+    from llmexp.starting_weights import has_weights
 
     problems: List[str] = []
     evaluations = {}  # key -> node of the evaluate stages so far
@@ -181,7 +182,7 @@ def llmexp_plan_problems(config, plan):
             continue
         # the runner skips a top-level evaluation after a stage that made no model: it has nothing new to score
         skipped = key in TOP_LEVEL_NODES and index > 0
-        if sources[key] is None and not skipped and not OmegaConf.select(config, "model.path", default=None):
+        if sources[key] is None and not skipped and not has_weights(config):
             problems.append(_NO_MODEL.format(stage=key))
         problems += config_problems(node, node_path(key)) or _window_problems(node, context_length(config))
         baseline = node.get("baseline")

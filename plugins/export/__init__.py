@@ -13,11 +13,11 @@ This module imports without torch or tensorrt_llm: the planner loads every plugi
 from __future__ import annotations
 
 from dataclasses import dataclass
-from pathlib import Path
 from typing import List, Optional
 
 from llmexp.checkpoint import context_length
 from llmexp.hookspecs import hookimpl
+from llmexp.starting_weights import has_weights, local_directory
 from llmexp.technique import Technique, TechniqueConfig
 
 FORMATS = ("hf", "trtllm", "triton")
@@ -123,7 +123,7 @@ def export_problems(config, node, field: str, source=None) -> List[str]:
     if node.format not in FORMATS:
         return [f"{field}.format={node.format} is not an export format; choose one of {', '.join(FORMATS)}."]
     problems = []
-    if source is None and not config.model.path:
+    if source is None and not has_weights(config):
         needs = "the model's tokenizer for the repository" if node.format == "triton" and node.engine_dir else "a model"
         problems.append(f"{field}: nothing to export: it needs {needs}, no stage before it produced a model and "
                         "model.path is unset. Set model.path=<a Hugging Face checkpoint directory> (after "
@@ -188,9 +188,9 @@ def _quantization_problems(config, field: str) -> List[str]:
     from llmexp.plugins.export.checkpoint import sibling_export
     from llmexp.plugins.export.engine_settings import checkpoint_quantization, quantization_hardware_problems
 
-    if not config.model.path:
+    checkpoint = local_directory(config)  # published weights not yet downloaded are checked when the run has them
+    if checkpoint is None:
         return []
-    checkpoint = Path(config.model.path)
     try:
         read_hf_config(checkpoint)
     except UserError:

@@ -5,8 +5,9 @@ Where it comes from, first match wins:
 1. the unified export of the quantize stage that made the input model (its ``export``
    artifact, or the ``export`` directory beside the ``model`` directory ``model.path`` names):
    placed as it is, since ModelOpt wrote it for exactly this;
-2. an unquantized model already saved as an HF directory (``model.path``, or an earlier
-   stage's saved model): its files placed as they are, nothing loaded;
+2. an unquantized model already saved as an HF directory (``model.path``, a preset's
+   published weights in the Hugging Face cache, or an earlier stage's saved model): its files
+   placed as they are, nothing loaded;
 3. a ModelOpt-quantized model without an export (``technique.export=false``, or a saved
    ``model`` directory alone): exported with ModelOpt's ``export_hf_checkpoint``, as the
    quantize stage does (``plugins/quantize/ptq.export``);
@@ -23,6 +24,7 @@ from llmexp.checkpoint import is_modelopt_export, read_hf_config
 from llmexp.errors import UserError
 from llmexp.models import MODELOPT_STATE
 from llmexp.plugins.export.directories import place_file, write_directory
+from llmexp.starting_weights import weights_directory
 
 # how the checkpoint was made, as recorded in the stage's artifacts
 FROM_QUANTIZE_EXPORT = "quantize export"
@@ -31,15 +33,22 @@ MODELOPT_EXPORT = "modelopt export"
 SAVED_NOW = "save_pretrained"
 
 
-def quantize_export_of(ctx) -> Optional[Path]:
-    """The ModelOpt unified export written alongside the stage's input model, if there is one."""
+def input_directory(ctx) -> Optional[Path]:
+    """Where the stage's input model is saved: the earlier stage's directory (None: in memory only), else the run's
+    own weights' (``model.path``, or the published weights' snapshot, fetched into the cache when it lacks them)."""
+    if ctx.model is not None:
+        return Path(ctx.model.path) if ctx.model.path else None
+    return weights_directory(ctx.config)
+
+
+def quantize_export_of(ctx, path: Optional[Path]) -> Optional[Path]:
+    """The ModelOpt unified export written alongside the stage's input model (saved at ``path``), if there is one."""
     model = ctx.model
     if model is not None:
         recorded = (ctx.earlier.get(model.produced_by) or {}).get("artifacts", {}).get("export")
         if recorded and _is_export(Path(recorded)):
             return Path(recorded)
-    path = model.path if model is not None else ctx.config.model.path
-    return sibling_export(Path(path)) if path else None
+    return sibling_export(path) if path else None
 
 
 def sibling_export(model_dir: Path) -> Optional[Path]:
@@ -59,11 +68,12 @@ def _is_export(directory: Path) -> bool:
 
 def write_hf_checkpoint(ctx, directory: Path, field: str) -> Tuple[Path, str]:
     """Write the stage's input model to ``directory`` as a deployable HF checkpoint; ``(directory, how)``."""
-    export = quantize_export_of(ctx)
+    path = input_directory(ctx)
+    export = quantize_export_of(ctx, path)
     if export is not None:
         write_directory(directory, lambda temporary: _place_checkpoint(export, temporary))
         return directory, FROM_QUANTIZE_EXPORT
-    saved = _saved_unquantized(ctx)
+    saved = _saved_unquantized(path)
     if saved is not None:
         write_directory(directory, lambda temporary: _place_checkpoint(saved, temporary))
         return directory, FROM_SAVED_MODEL
@@ -85,12 +95,11 @@ def write_hf_checkpoint(ctx, directory: Path, field: str) -> Tuple[Path, str]:
     return directory, SAVED_NOW
 
 
-def _saved_unquantized(ctx) -> Optional[Path]:
-    """An HF directory holding exactly the input model, unquantized: placed without loading it."""
-    path = ctx.model.path if ctx.model is not None else ctx.config.model.path
-    if not path or (Path(path) / MODELOPT_STATE).is_file() or not Path(path).is_dir():
+def _saved_unquantized(path: Optional[Path]) -> Optional[Path]:
+    """``path`` when it is an HF directory holding the input model unquantized: placed without loading it."""
+    if path is None or (path / MODELOPT_STATE).is_file() or not path.is_dir():
         return None
-    return Path(path)
+    return path
 
 
 def _place_checkpoint(source: Path, destination: Path) -> None:

@@ -21,6 +21,7 @@ from llmexp.plugins.export import builds_engine
 from llmexp.plugins.export.checkpoint import write_hf_checkpoint
 from llmexp.plugins.export.directories import directory_bytes, write_directory
 from llmexp.plugins.export.engine_settings import read_engine
+from llmexp.starting_weights import tokenizer_directory
 from llmexp.technique import StageContext, StageResult
 
 
@@ -86,7 +87,7 @@ def _tokenizer(ctx: StageContext, checkpoint, field: str):
 
     if ctx.model is not None and checkpoint is None:
         return ctx.model.tokenizer
-    source = checkpoint or ctx.config.model.path
+    source = checkpoint or tokenizer_directory(ctx.config)
     if not source:
         raise UserError(f"{field}: the Triton repository needs the model's tokenizer, and no stage before it produced "
                         "a model and model.path is unset; set model.path=<the checkpoint the engine was built from>.")

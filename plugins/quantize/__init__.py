@@ -13,11 +13,11 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Any, Dict, List, Optional
 
 from llmexp.hookspecs import hookimpl
 from llmexp.plugins.quantize.formats import FORMATS, Format
+from llmexp.starting_weights import has_weights, local_directory
 from llmexp.technique import Technique, TechniqueConfig
 
 
@@ -91,7 +91,7 @@ def llmexp_plan_problems(config, plan):
 def stage_problems(config, node, field: str, numbers: Dict[str, Any], first: bool) -> List[str]:
     """Problems of the quantize node at ``field`` (its path in the config) on a model with architecture ``numbers``."""
     problems = []
-    if first and not config.model.path:
+    if first and not has_weights(config):
         problems.append(NO_MODEL.format(field=field))
     preset = FORMATS.get(node.format)
     if preset is None:
@@ -201,11 +201,13 @@ def data_problems(config, node, field: str) -> List[str]:
 def text_blocks_available(config, documents: List[str]) -> Optional[int]:
     """How many ``data.seq_len`` blocks ``documents`` fill, tokenized as the run will (each ended by EOS).
 
-    Counted with ``model.path``'s tokenizer.json through the ``tokenizers`` library (transformers would
-    import torch); None when there is none to count with, and the run checks instead.
+    Counted with the run's weights' tokenizer.json (``model.path``, or the published weights' cached snapshot)
+    through the ``tokenizers`` library (transformers would import torch); None when there is none to count with,
+    and the run checks instead.
     """
-    tokenizer_file = Path(config.model.path or "") / "tokenizer.json"
-    if not config.model.path or not tokenizer_file.is_file():
+    directory = local_directory(config)
+    tokenizer_file = directory / "tokenizer.json" if directory is not None else None
+    if tokenizer_file is None or not tokenizer_file.is_file():
         return None
     from tokenizers import Tokenizer
 
