@@ -7,7 +7,12 @@ baseline (``model.baseline``: ``llmexp.embedded_baseline``); else none, so pretr
 from random weights and a stage that adapts a base is refused at plan time, naming
 ``model.path``. ``llmexp.models.input_model`` and ``base_model`` load them in that order.
 
-Pure Python, no network: the planner calls it for every plan.
+Every stage sees the run's own weights through this module alone: plan checks ask
+``has_weights`` and read files through ``local_directory`` (the cache only), a stage loads
+from ``weights_directory`` (``tokenizer_directory`` when it needs the tokenizer alone), and
+results.json names them with ``source``.
+
+Pure Python, no network until a stage asks for the weights: the planner calls it for every plan.
 """
 
 from __future__ import annotations
@@ -92,18 +97,13 @@ def _directory(config, files: List[str]) -> Optional[Path]:
     return hub.fetch(weights, files) if weights is not None else None
 
 
-def source(config, adapts_base: bool = False) -> Optional[str]:
-    """Where a stage that no earlier stage hands a model starts from, as results.json records it (``input_model``):
-    ``model.path``, the published weights as ``<repo>@<revision>``, or, for a stage that adapts a base (``adapts_base``),
-    the embedded baseline's directory; None for random weights."""
+def source(config) -> Optional[str]:
+    """The run's own weights as results.json names a stage's ``input_model`` when no earlier stage hands it one:
+    ``model.path``, or the published weights as ``<repo>@<revision>``; None when there are none."""
     if config.model.path:
         return "model.path"
     weights = hub.published_weights(config.model)
-    if weights is not None:
-        return str(weights)
-    if adapts_base and embedded_baseline.available(config):
-        return str(embedded_baseline.directory(config))
-    return None
+    return str(weights) if weights is not None else None
 
 
 def base_problems(config, key: str, technique: str) -> List[str]:

@@ -250,3 +250,104 @@ def test_a_repository_id_that_cannot_be_one_is_refused_by_the_plan(capsys):
     assert "- model.hub_repo=not a repo is not a Hugging Face repository id (HFValidationError: " in out
     assert out.endswith("write it as org/name (meta-llama/Llama-3.2-1B), or set model.path=<a local checkpoint "
                         "directory>.")
+
+
+PRESET = ["model=llama3_2_1b", f"model.hub_repo={REPO_ID}"]  # a preset by name, its repository on the local fake hub
+
+
+class RecordingHub(http.server.BaseHTTPRequestHandler):
+    """A Hub that answers nothing and remembers every path asked of it."""
+
+    asked: list = []
+
+    def do_GET(self):  # noqa: N802 (http.server's name)
+        self.asked.append(self.path)
+        self.send_response(500)
+        self.send_header("Content-Length", "0")
+        self.end_headers()
+
+    do_HEAD = do_GET  # noqa: N815
+
+    def log_message(self, *args):
+        pass
+
+
+def test_stages_that_read_a_model_plan_clean_on_a_presets_cached_weights_without_the_network(tmp_path, hub_cache):
+    """quantize, evaluate, export and benchmark find the preset's weights in the cache; the plan asks the Hub nothing
+    (HF_HUB_OFFLINE off, the Hub a server that records what it is asked)."""
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), RecordingHub)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    env = {"HF_HUB_OFFLINE": "0", "HF_HUB_CACHE": str(hub_cache), "HF_ENDPOINT": f"http://127.0.0.1:{server.server_port}"}
+    snapshot = snapshot_of(hub_cache, MAIN_COMMIT)
+    try:
+        for technique in ("quantize", "evaluate", "export", "benchmark"):
+            plan = run_llmexp("plan", "--json", f"technique={technique}", *PRESET, cwd=tmp_path, env=env)
+            assert plan.returncode == 0, technique + plan.stdout[-3000:] + plan.stderr[-3000:]
+            planned = json.loads(plan.stdout)
+            assert planned["problems"] == [], technique
+            assert planned["config"]["weights"] == f"{REPO_ID}@main, in the Hugging Face cache ({snapshot})"
+        # a check that reads the weights' files reads the cached snapshot's: its tokenizer counts the calibration text
+        corpus = tmp_path / "corpus.txt"
+        corpus.write_text(" ".join(["the"] * 95))  # BOS, 95 words, EOS: 97 tokens, 3 blocks of 32
+        plan = run_llmexp("plan", "--json", "technique=quantize", "pipeline=single", *PRESET, "data=text",
+                          f"data.paths=[{corpus}]", "data.seq_len=32", "technique.calibration_size=10", cwd=tmp_path,
+                          env=env)
+        assert json.loads(plan.stdout)["problems"] == [
+            "technique.calibration_size=10 asks for more calibration sequences than data.paths holds: 3 of "
+            "data.seq_len=32 tokens. Set technique.calibration_size=3 or less, or add text."]
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert RecordingHub.asked == []
+
+
+COMPRESS_PUBLISHED = """\
+defaults:
+  - /technique@nodes.base_eval: evaluate
+  - /technique@nodes.fp8: quantize
+  - /technique@nodes.fp8_eval: evaluate
+  - _self_
+name: published
+stages: [base_eval, fp8, fp8_eval]
+nodes:
+  base_eval: {tasks: [multiple_choice, perplexity], limit: 8}
+  fp8: {format: fp8, calibration_size: 8}
+  fp8_eval: {tasks: [multiple_choice, perplexity], limit: 8, baseline: base_eval}
+"""
+
+
+def test_evaluate_and_quantize_run_from_the_cached_snapshot_and_results_name_it(tmp_path, hub_cache):
+    """The preset's weights evaluated, quantized and the quantized model compared with them (KL to the baseline
+    reloads them): every stage starts from the snapshot, and results.json and the comparison say which."""
+    (tmp_path / "conf/pipeline").mkdir(parents=True)
+    (tmp_path / "conf/pipeline/published.yaml").write_text(COMPRESS_PUBLISHED)
+    run = tmp_path / "run"
+    result = run_llmexp(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "pipeline=published", *PRESET,
+                        "data.seq_len=32", f"hydra.run.dir={run}", cwd=tmp_path, env=offline(hub_cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    results = read_results(run)
+    stages = results["stages"]
+    source = f"{REPO_ID}@main"
+    assert [stages[name]["input_model"] for name in ("base_eval", "fp8", "fp8_eval")] == [source, source, "fp8"]
+    published = load_file(snapshot_of(hub_cache, MAIN_COMMIT) / "model.safetensors")
+    assert stages["fp8"]["model_stats"]["layers"] == 2  # the snapshot's, not the preset's 16
+    assert stages["fp8"]["model_stats"]["parameters"] == sum(tensor.numel() for tensor in published.values())
+    assert 0 <= stages["fp8_eval"]["metrics"]["kl_to_baseline"] < 0.1
+    rows = {row["stage"]: row for row in results["comparison"]}
+    assert (rows["base_eval"]["made_by"], rows["fp8_eval"]["made_by"]) == (source, "quantize")
+    assert "downloading" not in result.stderr
+
+
+def test_export_places_the_cached_snapshot_as_the_checkpoint(tmp_path, hub_cache):
+    run = tmp_path / "run"
+    result = run_llmexp("technique=export", "pipeline=single", *PRESET, f"hydra.run.dir={run}", cwd=tmp_path,
+                        env=offline(hub_cache))
+    assert result.returncode == 0, result.stderr[-3000:]
+    stage = read_results(run)["stages"]["export"]
+    assert stage["input_model"] == f"{REPO_ID}@main"
+    assert json.loads((run / "export/export.json").read_text())["hf_from"] == "saved model"
+    snapshot, exported = snapshot_of(hub_cache, MAIN_COMMIT), run / "export/hf"
+    assert sorted(path.name for path in exported.iterdir()) == sorted(path.name for path in snapshot.iterdir())
+    for path in exported.iterdir():  # the cache's files themselves, not its links to them (which would dangle here)
+        assert not path.is_symlink() and path.read_bytes() == (snapshot / path.name).read_bytes(), path.name
+    assert stage["metrics"]["checkpoint_bytes"] == sum((snapshot / path.name).stat().st_size for path in exported.iterdir())

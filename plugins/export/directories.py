@@ -48,11 +48,15 @@ def write_directory(target: Path, fill: Callable[[Path], T]) -> T:
 
 
 def place_file(source: Path, destination: Path) -> None:
-    """``source`` at ``destination``: weights and engines hard-linked (copied across filesystems), the rest copied."""
+    """``source`` at ``destination``: weights and engines hard-linked (copied across filesystems), the rest copied.
+
+    A symbolic link is followed: the Hugging Face cache's snapshot files are relative links to its blobs, and
+    ``os.link`` on Linux links the link itself, which would dangle at ``destination``.
+    """
     destination.parent.mkdir(parents=True, exist_ok=True)
     if Path(source).suffix in LINKED_SUFFIXES:
         try:
-            os.link(source, destination)
+            os.link(os.path.realpath(source), destination)
             return
         except OSError:
             pass
