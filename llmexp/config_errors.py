@@ -16,7 +16,7 @@ from dataclasses import fields, is_dataclass
 from enum import Enum
 from typing import Any, List, Optional, Sequence, Tuple
 
-from hydra.errors import MissingConfigException
+from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
 from omegaconf.errors import ConfigAttributeError, ConfigKeyError, OmegaConfBaseException, ValidationError
 
@@ -43,6 +43,12 @@ def composition_message(error: BaseException, overrides: Sequence[str]) -> str:
             "parse (lists or mappings inside each other beyond Python's recursion limit); give it flatter, or in a "
             "config file of your own (--config-dir)."
         )
+    if isinstance(error, OverrideParseException):
+        return (
+            f"{error.override}: this override cannot be parsed{_parse_position(error)}. "
+            "Quote a value that holds characters other than letters, digits and . / - _ : (key='a value', with the "
+            "whole override in double quotes for the shell), and replace a placeholder such as <run> by its value."
+        )
     if isinstance(error, MissingConfigException) and (missing := _missing_option_message(error, overrides)):
         return missing
     cause = _omegaconf_cause(error)
@@ -56,6 +62,15 @@ def composition_message(error: BaseException, overrides: Sequence[str]) -> str:
     hint = ("Check the spelling against `llmexp --help` (groups and their options) and `llmexp --cfg job` "
             "(every key with its current value and type).")
     return f"{_composed_from(overrides)}: {_hydra_text(error, cause)} {hint}"
+
+
+def _parse_position(error: OverrideParseException) -> str:
+    """Where Hydra's grammar stopped, from the caret line of its message when it has one."""
+    lines = error.message.splitlines()
+    if len(lines) > 1 and "^" in lines[1] and lines[1].index("^") < len(lines[0]):
+        column = lines[1].index("^") - lines[0].index(error.override)
+        return f" at `{error.override[column]}` (character {column + 1})"
+    return ""
 
 
 def added_key_problems(cfg: DictConfig, overrides: Sequence[str]) -> List[str]:

@@ -73,6 +73,14 @@ OPTION_TYPO = [
     (["model=llama9"], "model=llama9: model has no option llama9. Its options are llama3_1_405b,"),
 ]
 
+UNPARSABLE = [
+    (["model.revision=<commit>"], "model.revision=<commit>: this override cannot be parsed at `<` (character 16). "
+     "Quote a value that holds characters other than letters, digits and . / - _ :"),
+    (["-m", "seed=0,1", "model.path=outputs/<run>/baseline/model"], "model.path=outputs/<run>/baseline/model: this "
+     "override cannot be parsed at `<` (character 20). Quote a value"),
+    (["technique.tasks=[{type: mmlu"], "technique.tasks=[{type: mmlu: this override cannot be parsed. Quote a value"),
+]
+
 
 def llmexp_refuses(argv, capsys) -> str:
     """``llmexp <argv>``'s one-paragraph refusal, after checking it exited 2 with nothing else on stderr."""
@@ -84,12 +92,13 @@ def llmexp_refuses(argv, capsys) -> str:
     return " ".join(err.split())
 
 
-@pytest.mark.parametrize("argv, message", WRONG_TYPE + KEY_TYPO + OPTION_TYPO)
+@pytest.mark.parametrize("argv, message", WRONG_TYPE + KEY_TYPO + OPTION_TYPO + UNPARSABLE)
 def test_bad_override_names_the_field_the_value_and_the_fix(argv, message, capsys, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
     err = llmexp_refuses(argv, capsys)
     assert message in err
-    for hydra_noise in ("To append", "use +", "Error merging", "Config search path", "provider=", "Could not override"):
+    for hydra_noise in ("To append", "use +", "Error merging", "Config search path", "provider=", "Could not override",
+                        "LexerNoViableAltException", "hydra.cc"):
         assert hydra_noise not in err
     assert list(tmp_path.iterdir()) == []  # no outputs/ directory
 
