@@ -1,6 +1,6 @@
 """What libraries print for their own developers, kept off a run's console; their warnings about the run stay.
 
-``quiet_libraries`` is called once where a run starts work (``llmexp.runner``). Each entry
+``quiet_libraries`` is called once where a run starts work (``llmexp.runner``) and before a server loads its models. Each entry
 names a notice that appears on runs where nothing is wrong:
 
 * transformers' own tqdm bars, ``Writing model shards`` on every save and ``Loading weights``

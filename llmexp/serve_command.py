@@ -61,10 +61,12 @@ def main(argv: List[str]) -> int:
 
     import uvicorn
 
+    from llmexp.library_noise import quiet_libraries
     from llmexp.serving.app import create_app
     from llmexp.serving.engine import Engine
     from llmexp.serving.served_models import load_served_models
 
+    quiet_libraries()
     served = load_served_models(args.model_dir, adapters=adapters, name=args.name)
     served.model.to(_device(args.device))
     engine = Engine(served, max_batch_size=args.max_batch_size, max_queue=args.max_queue)

@@ -51,3 +51,30 @@ def test_a_quantize_run_logs_no_library_noise(tmp_path, tiny_checkpoint):
     assert result.returncode == 0, result.stderr[-3000:]
     assert _noise(result.stderr) == [], result.stderr
     assert "calibrate: batch" in result.stderr and (tmp_path / "run/quantize/export").is_dir()
+
+
+@pytest.mark.slow
+def test_a_server_with_an_adapter_starts_without_library_noise(tmp_path, tiny_checkpoint):
+    import os
+    import subprocess
+    import sys
+    import time
+
+    trained = run_llmexp("technique=lora", f"model.path={tiny_checkpoint}", "technique.max_steps=2",
+                         "pipeline=single", "hydra.run.dir=run", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+    assert trained.returncode == 0, trained.stderr[-3000:]
+    log = tmp_path / "serve.log"
+    with log.open("w") as stream:
+        server = subprocess.Popen(
+            [sys.executable, "-m", "llmexp", "serve", str(tiny_checkpoint), "--adapter", f"sql={tmp_path}/run/lora/adapter",
+             "--port", "0"], stdout=stream, stderr=subprocess.STDOUT, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        deadline = time.monotonic() + 120
+        while "llmexp serve: http://" not in log.read_text() and server.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.2)
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+    text = log.read_text()
+    assert "sql (adapter)" in text, text
+    assert _noise(text) == [], text
