@@ -145,4 +145,4 @@ def _say(message: str) -> None:
     from llmexp import console, distributed
 
     if distributed.is_rank_zero():
-        console.err.print(message, highlight=False, soft_wrap=True)
+        console.note(message)
