@@ -64,11 +64,13 @@ def planned(cfg, implied_by: Optional[str]) -> str:
     """Which job this is the plan of, and why that one: ``llmexp.config.implied_pipeline`` says whether an
     override (``implied_by``) chose it over the whole workflow."""
     from llmexp.pipeline import stage_nodes
+    from llmexp.plugin_manager import technique
 
     name, workflow = cfg.pipeline.name, workflow_pipeline()
     stages = stage_nodes(cfg, strict=False)
     if name in SINGLE_TECHNIQUE:
-        job = " then ".join([f"technique={cfg.technique.name}", *(node.name for key, node in stages[1:])])
+        job = " then ".join([f"technique={cfg.technique.name}",
+                             *(technique(node.name).planned_as(cfg, key, node) for key, node in stages[1:])])
     else:
         job = f"pipeline={name}, {len(stages)} stages: {' → '.join(key for key, _ in stages)}"
     if implied_by:

@@ -98,6 +98,23 @@ class Technique:
         return numbers
 
     @classmethod
+    def measured_by(cls, config) -> Tuple[str, ...]:
+        """Evaluation tasks that score what this technique teaches a model under ``config`` (its data).
+
+        An evaluation of a model this technique made, directly or further up its lineage, scores them
+        besides its own tasks, so a run's table shows what the training changed. None by default: a
+        technique that teaches nothing a task names (pretraining on the corpus, compression), or one
+        trained on the user's own data. Pure Python.
+        """
+        return ()
+
+    @classmethod
+    def planned_as(cls, config, key: str, node) -> str:
+        """How the plan's job line names the stage ``key`` (``node``): the technique's name, or more where the name
+        alone hides what the stage will do (the tasks an evaluation scores). Pure Python."""
+        return cls.name
+
+    @classmethod
     def machine_problems(cls, config, node, field: str) -> List[str]:
         """What this machine lacks to run the stage at ``field`` (a package, a GPU), one paragraph each.
 

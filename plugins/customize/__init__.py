@@ -12,7 +12,7 @@ This module imports without torch: the planner loads every plugin. The loops liv
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List
+from typing import List, Tuple
 
 from llmexp.hookspecs import hookimpl
 from llmexp.training import TrainingConfig, TrainingTechnique
@@ -62,11 +62,19 @@ class DPOConfig(TrainingConfig):
     beta: float = 0.1
 
 
+def _package_text2sql(cls, config) -> Tuple[str, ...]:
+    """The package's own data (data=embedded, or data=preference without a path for DPO) is its Text2SQL set
+    (``llmexp.data.instructions.instruction_data``, ``llmexp.data.preference.preference_data``)."""
+    data = config.data
+    return ("text2sql",) if data.name == "embedded" or (data.name == "preference" and not data.path) else ()
+
+
 class SFT(TrainingTechnique):
     name = "sft"
     schema = SFTConfig
     backends = ("torch", "megatron")
 
+    measured_by = classmethod(_package_text2sql)
     entry = "llmexp.plugins.customize.stages:run_sft"
 
 
@@ -76,6 +84,7 @@ class LoRA(TrainingTechnique):
     memory = "adapter"
     requires = (*TrainingTechnique.requires, "peft")
 
+    measured_by = classmethod(_package_text2sql)
     entry = "llmexp.plugins.customize.stages:run_lora"
 
 
@@ -84,6 +93,7 @@ class DPO(TrainingTechnique):
     schema = DPOConfig
     memory = "preference"
 
+    measured_by = classmethod(_package_text2sql)
     entry = "llmexp.plugins.customize.stages:run_dpo"
 
 

@@ -2,7 +2,9 @@
 
 ``llmexp technique=evaluate model.path=/ckpt/my-model`` evaluates a checkpoint; in the
 default pipeline the same technique runs as the ``evaluation`` stage after training or
-compression. Tasks and their metrics are listed in ``tasks.py``; how scores are computed
+compression, and scores what that training taught besides its ``tasks`` (``learned_tasks.py``:
+``text2sql`` after ``technique=lora`` on the embedded data). Tasks and their metrics are listed
+in ``tasks.py``; how scores are computed
 (lm-evaluation-harness conventions) in ``scoring.py``. Per-item predictions go to
 ``<stage dir>/<task>.jsonl``.
 
@@ -19,7 +21,7 @@ from llmexp.data.embedded import build_world
 from llmexp.data.gsm8k import load_gsm8k
 from llmexp.errors import UserError
 from llmexp.hookspecs import hookimpl
-from llmexp.plugins.evaluate.registry import resolve_tasks, run_task
+from llmexp.plugins.evaluate.registry import Task, resolve_tasks, run_task
 from llmexp.plugins.evaluate.tasks import EMBEDDED_TASKS, TaskInputs
 from llmexp.technique import StageContext, StageResult, Technique, TechniqueConfig
 
@@ -40,6 +42,9 @@ class EvaluateConfig(TechniqueConfig):
     # an earlier evaluate stage of the pipeline (same tasks) to compare with item by item:
     # deltas, flip rates, paired standard errors and KL(baseline || model) (paired.py)
     baseline: Optional[str] = None
+    # also score what the model was trained for (its stages' measured_by: text2sql after sft, lora
+    # or dpo on data=embedded), and what a comparison naming this one as baseline adds; false: tasks alone
+    add_learned_tasks: bool = True
 
 
 class Evaluate(Technique):
@@ -50,6 +55,15 @@ class Evaluate(Technique):
     memory = "inference"
     produces_model = False
     requires = ("torch", "transformers")
+
+    @classmethod
+    def planned_as(cls, config, key: str, node) -> str:
+        """``evaluate``, and the tasks it adds to its own for what its model was trained for (``learned_tasks``)."""
+        from llmexp.plugins.evaluate.learned_tasks import added_tasks, learned_tasks
+
+        tasks = resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
+        added = [task.name for task in added_tasks(tasks, learned_tasks(config).get(key, []))]
+        return f"{cls.name} (+{', +'.join(added)}: what its model was trained for)" if added else cls.name
 
     @classmethod
     def machine_problems(cls, config, node, field: str) -> List[str]:
@@ -83,7 +97,7 @@ class Evaluate(Technique):
         )
         metrics, artifacts = {}, {}
         progress = Progress(ctx.stage_name)
-        tasks, _ = resolve_tasks(cfg.tasks, cfg.gsm8k_path, f"{ctx.stage_name}.tasks")
+        tasks = _stage_tasks(ctx)
         rows = {}
         artifact.model.to(run_device(ctx.config.hardware))  # a GPU run's model may come back on the CPU (Lightning)
         with progress, PeakMemory(next(artifact.model.parameters()).device) as peak:
@@ -101,6 +115,23 @@ class Evaluate(Technique):
                 metrics.update(_compared_with_baseline(ctx, scorer, inputs, tasks, metrics, rows))
         metrics["eval_peak_memory_mb"] = peak.mb
         return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def _stage_tasks(ctx: StageContext) -> List[Task]:
+    """The node's tasks, then the learned ones the config adds to this stage (``learned_tasks``), said on the console."""
+    from llmexp import console
+    from llmexp.pipeline import node_path, stage_nodes
+    from llmexp.plugins.evaluate.learned_tasks import added_tasks, learned_tasks
+
+    tasks = resolve_tasks(ctx.stage_config.tasks, ctx.stage_config.gsm8k_path, f"{ctx.stage_name}.tasks")[0]
+    key = next((key for key, node in stage_nodes(ctx.config, strict=False) if node is ctx.stage_config), None)
+    added = added_tasks(tasks, learned_tasks(ctx.config).get(key, []))
+    if added:
+        console.note(
+            f"{ctx.stage_name}: also scoring {', '.join(task.name for task in added)}, what its model (or one compared "
+            f"with it) was trained for; {node_path(key)}.add_learned_tasks=false scores {node_path(key)}.tasks alone"
+        )
+    return tasks + added
 
 
 def _compared_with_baseline(ctx: StageContext, scorer, inputs: TaskInputs, tasks, metrics, rows):
@@ -168,14 +199,17 @@ def llmexp_techniques():
 
 @hookimpl
 def llmexp_plan_problems(config, plan):
-    """Checks the evaluate stages this run includes: task names, numbers, the GSM8K file."""
+    """Checks the evaluate stages this run includes: task names, numbers, the GSM8K file, the tasks added for what
+    their models learned, and that a comparison's tasks, those added included, are its baseline's."""
     from llmexp.checkpoint import context_length
     from llmexp.pipeline import TOP_LEVEL_NODES, model_sources, node_path, stage_nodes
+    from llmexp.plugins.evaluate.learned_tasks import learned_problems, learned_tasks
     from llmexp.plugins.evaluate.paired import missing_tasks_problem
     from llmexp.starting_weights import has_weights
 
-    problems: List[str] = []
-    evaluations = {}  # key -> node of the evaluate stages so far
+    problems: List[str] = learned_problems(config)
+    learned = learned_tasks(config)
+    evaluations = {}  # key -> names of the tasks of the evaluate stages so far
     sources = model_sources(config)
     for index, (key, node) in enumerate(stage_nodes(config, strict=False)):
         if node.get("name") != Evaluate.name:
@@ -185,6 +219,7 @@ def llmexp_plan_problems(config, plan):
         if sources[key] is None and not skipped and not has_weights(config):
             problems.append(_NO_MODEL.format(stage=key))
         problems += config_problems(node, node_path(key)) or _window_problems(node, context_length(config))
+        names = _task_names(node, learned[key])
         baseline = node.get("baseline")
         if baseline and baseline not in evaluations:
             problems.append(
@@ -192,10 +227,10 @@ def llmexp_plan_problems(config, plan):
                 f"({', '.join(evaluations) or 'there is none'}): the evaluation of the baseline model, with the same tasks."
             )
         elif baseline:
-            missing = [name for name in _task_names(node) if name not in _task_names(evaluations[baseline])]
+            missing = [name for name in names if name not in evaluations[baseline]]
             if missing:
                 problems.append(missing_tasks_problem(f"{node_path(key)}.baseline", node_path(baseline), missing))
-        evaluations[key] = node
+        evaluations[key] = names
     return problems
 
 
@@ -208,6 +243,9 @@ def _window_problems(node, context: Optional[int]) -> List[str]:
             for problem in window_problems(task.spec, context)]
 
 
-def _task_names(node) -> List[str]:
-    """Names of the tasks an evaluate node runs (its rows files and metric prefixes)."""
-    return [task.name for task in resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]]
+def _task_names(node, learned: List[str]) -> List[str]:
+    """Names of the tasks an evaluate node runs (its rows files and metric prefixes), ``learned`` ones included."""
+    from llmexp.plugins.evaluate.learned_tasks import added_tasks
+
+    tasks = resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
+    return [task.name for task in tasks + added_tasks(tasks, learned)]
