@@ -9,7 +9,8 @@ import pytest
 
 from llmexp.config import compose_config
 from llmexp.planner import make_plan
-from llmexp.plugins.evaluate.learned_tasks import learned_tasks
+from llmexp.plugins.evaluate.learned_tasks import added_tasks, learned_tasks
+from llmexp.plugins.evaluate.registry import resolve_tasks
 
 from .conftest import read_results, run_llmexp
 
@@ -96,3 +97,12 @@ def test_the_compress_pipelines_evaluations_keep_their_tasks():
     assert list(config.pipeline.nodes.baseline_eval.tasks) == ["multiple_choice", "word_problems", "perplexity",
                                                                "throughput"]
     assert not make_plan(config).problems
+
+
+def test_the_customize_pipelines_evaluations_already_score_what_its_fine_tunings_learned():
+    config = compose_config(["pipeline=customize"])
+    for key, learned in learned_tasks(config).items():
+        node = config.pipeline.nodes[key]
+        tasks = resolve_tasks(node.tasks, node.gsm8k_path, key)[0]
+        assert [task.name for task in tasks] == ["text2sql"] and not added_tasks(tasks, learned), key
+    assert learned_tasks(config)["lora_eval"] == ["text2sql"]
