@@ -106,3 +106,16 @@ def test_the_customize_pipelines_evaluations_already_score_what_its_fine_tunings
         tasks = resolve_tasks(node.tasks, node.gsm8k_path, key)[0]
         assert [task.name for task in tasks] == ["text2sql"] and not added_tasks(tasks, learned), key
     assert learned_tasks(config)["lora_eval"] == ["text2sql"]
+
+
+def test_a_technique_measured_by_a_task_the_evaluation_lacks_is_refused_by_the_plan(monkeypatch):
+    from llmexp.plugins.customize import LoRA
+
+    monkeypatch.setattr(LoRA, "measured_by", classmethod(lambda cls, config: ("sql_quiz",)))
+    problems = make_plan(compose_config(["technique=lora", "pipeline=default"])).problems
+    assert problems == [
+        "evaluation: a technique that made its model names 'sql_quiz' as what measures its training (measured_by), "
+        "which is not an embedded evaluation task (multiple_choice, free_answer, word_problems, perplexity, gsm8k, "
+        "text2sql, throughput); set evaluation.add_learned_tasks=false, and tell the technique's author."]
+    assert not make_plan(compose_config(["technique=lora", "pipeline=default", "evaluation.add_learned_tasks=false"])
+                         ).problems

@@ -207,8 +207,8 @@ def llmexp_plan_problems(config, plan):
     from llmexp.plugins.evaluate.paired import missing_tasks_problem
     from llmexp.starting_weights import has_weights
 
-    problems: List[str] = learned_problems(config)
     learned = learned_tasks(config)
+    problems: List[str] = learned_problems(learned)
     evaluations = {}  # key -> names of the tasks of the evaluate stages so far
     sources = model_sources(config)
     for index, (key, node) in enumerate(stage_nodes(config, strict=False)):

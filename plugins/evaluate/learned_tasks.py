@@ -36,14 +36,14 @@ def learned_tasks(config) -> Dict[str, List[str]]:
     return {key: added[key] for key in evaluations}
 
 
-def learned_problems(config) -> List[str]:
-    """A stage whose technique names, as what measures its training, a task the evaluation does not have."""
+def learned_problems(learned: Dict[str, List[str]]) -> List[str]:
+    """Tasks of ``learned_tasks`` the evaluation does not have: a technique's ``measured_by`` naming no embedded task."""
     return [
-        f"{node_path(key)}: technique={node.name} says its training is measured by task {name!r}, which is not an "
-        f"embedded evaluation task ({', '.join(TASKS)}); fix its measured_by, or set add_learned_tasks=false on the "
-        "evaluations of its model."
-        for key, node in stage_nodes(config, strict=False)
-        for name in technique(node.name).measured_by(config)
+        f"{node_path(key)}: a technique that made its model names {name!r} as what measures its training "
+        f"(measured_by), which is not an embedded evaluation task ({', '.join(TASKS)}); set "
+        f"{node_path(key)}.add_learned_tasks=false, and tell the technique's author."
+        for key, names in learned.items()
+        for name in names
         if name not in TASKS
     ]
 
