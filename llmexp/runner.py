@@ -133,7 +133,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
             looked_at.add((source, cls.name))
         stage_name = key if key not in TOP_LEVEL_NODES else _unique(cls.name, taken)
         taken.add(stage_name)
-        input_model = source or starting_weights.source(cfg)
+        input_model = source or starting_weights.source(cfg, cls.adapts_base)
         if lead:
             console.stage_banner(stage_name)
         entry = earlier.get(stage_name)

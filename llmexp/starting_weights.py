@@ -20,6 +20,8 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
+from omegaconf import OmegaConf
+
 from llmexp import embedded_baseline, hub
 
 
@@ -46,9 +48,21 @@ def describe(config) -> str:
 
 
 def problems(config) -> List[str]:
-    """The run's published weights, when it has them and they cannot be had: a bad repository id, or offline
-    and not cached. Whether they exist on the Hub, and may be read, is known only when the run downloads them
-    (``hub.fetch``)."""
+    """What stops the run's starting weights: published weights that cannot be had (a bad repository id, or
+    offline and not cached), and a stage that adapts a base with none to adapt (``base_problems``). Whether
+    published weights exist on the Hub, and may be read, is known only when the run downloads them (``hub.fetch``)."""
+    from llmexp.pipeline import model_sources, node_path
+    from llmexp.plugin_manager import technique
+
+    found = []
+    for key, source in model_sources(config).items():
+        name = OmegaConf.select(config, node_path(key)).name
+        if source is None and technique(name).adapts_base:
+            found += base_problems(config, node_path(key), name)
+    return list(dict.fromkeys(found)) + _published_problems(config)
+
+
+def _published_problems(config) -> List[str]:
     weights = hub.published_weights(config.model)
     if weights is None:
         return []
@@ -97,13 +111,18 @@ def _directory(config, files: List[str]) -> Optional[Path]:
     return hub.fetch(weights, files) if weights is not None else None
 
 
-def source(config) -> Optional[str]:
+def source(config, adapts_base: bool = False) -> Optional[str]:
     """The run's own weights as results.json names a stage's ``input_model`` when no earlier stage hands it one:
-    ``model.path``, or the published weights as ``<repo>@<revision>``; None when there are none."""
+    ``model.path``, the published weights as ``<repo>@<revision>``, for a stage that ``adapts_base`` the embedded
+    baseline's directory; None when there are none (random init)."""
     if config.model.path:
         return "model.path"
     weights = hub.published_weights(config.model)
-    return str(weights) if weights is not None else None
+    if weights is not None:
+        return str(weights)
+    if adapts_base and embedded_baseline.available(config):
+        return str(embedded_baseline.directory(config) / "model")
+    return None
 
 
 def base_problems(config, key: str, technique: str) -> List[str]:

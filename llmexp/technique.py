@@ -78,6 +78,10 @@ class Technique:
     schema: ClassVar[type]
     memory: ClassVar[str] = "inference"
     produces_model: ClassVar[bool] = False
+    # starts from a base model (fine-tuning, continued pretraining, pruning): the run's weights when no stage
+    # before it makes one, on the embedded default the embedded baseline, never random weights
+    # (``llmexp.starting_weights``: refused at plan time when there is no base)
+    adapts_base: ClassVar[bool] = False
     requires: ClassVar[Tuple[str, ...]] = ()  # importable modules the technique needs
     extra: ClassVar[Optional[str]] = None  # pip extra that installs them
     # "module:function" taking a StageContext: the heavy code ``run`` imports only when it runs

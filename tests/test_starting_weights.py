@@ -153,6 +153,14 @@ def test_adapting_a_model_without_weights_is_refused_naming_model_path(tmp_path)
     assert not (tmp_path / "outputs").exists()
 
 
+@pytest.mark.parametrize("technique", ["lora", "sft", "dpo", "cpt", "prune"])
+def test_every_technique_that_adapts_a_base_is_refused_without_one_at_plan_time(technique, tmp_path):
+    result = run_llmexp("plan", "model=llama3_2_1b", "model.hub_repo=null", f"technique={technique}", cwd=tmp_path)
+    assert result.returncode == 2, result.stdout[-3000:]
+    assert (f"technique: technique={technique} adapts a base model and this run has none: model.path is unset"
+            in " ".join(result.stdout.split()))
+
+
 def test_lora_on_the_embedded_default_trains_the_baseline_once_then_reuses_it(tmp_path):
     cache = tmp_path / "cache"
     small = ["technique=lora", "technique.max_steps=3", "technique.val_every=0", "model.baseline.max_steps=12",
@@ -176,6 +184,8 @@ def test_lora_on_the_embedded_default_trains_the_baseline_once_then_reuses_it(tm
     assert f"lora: starting from the embedded baseline cached at {baseline}" in " ".join(second.stderr.split())
     assert "trained first" not in second.stderr
     assert weights.stat().st_mtime_ns == written  # read, not trained again
+    assert json.loads((tmp_path / "second/results.json").read_text())["stages"]["lora"]["input_model"] == str(
+        baseline / "model")
     # the same base and seed: the two runs' adapters are the same tensors
     adapters = [load_file(tmp_path / run / "lora/adapter/adapter_model.safetensors") for run in ("first", "second")]
     assert adapters[0].keys() == adapters[1].keys()

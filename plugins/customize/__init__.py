@@ -75,6 +75,7 @@ class SFT(TrainingTechnique):
     backends = ("torch", "megatron")
 
     measured_by = classmethod(_package_text2sql)
+    adapts_base = True
     entry = "llmexp.plugins.customize.stages:run_sft"
 
 
@@ -85,6 +86,7 @@ class LoRA(TrainingTechnique):
     requires = (*TrainingTechnique.requires, "peft")
 
     measured_by = classmethod(_package_text2sql)
+    adapts_base = True
     entry = "llmexp.plugins.customize.stages:run_lora"
 
 
@@ -94,6 +96,7 @@ class DPO(TrainingTechnique):
     memory = "preference"
 
     measured_by = classmethod(_package_text2sql)
+    adapts_base = True
     entry = "llmexp.plugins.customize.stages:run_dpo"
 
 
@@ -108,14 +111,13 @@ def llmexp_techniques():
 @hookimpl
 def llmexp_plan_problems(config, plan):
     """Checks every customization stage of the pipeline, its data files included, before the run starts."""
-    from llmexp.pipeline import model_sources, node_path, stage_nodes
+    from llmexp.pipeline import node_path, stage_nodes
     from llmexp.plugins.customize.checks import stage_problems
 
     names = {cls.name for cls in TECHNIQUES}
-    sources = model_sources(config)
     return [
         problem
         for key, node in stage_nodes(config, strict=False)
         if node.get("name") in names
-        for problem in stage_problems(config, node, node_path(key), first=sources[key] is None)
+        for problem in stage_problems(config, node, node_path(key))
     ]

@@ -1,4 +1,4 @@
-"""Pre-flight checks of a customization stage: its numbers, its data and where its base model comes from.
+"""Pre-flight checks of a customization stage: its numbers and its data.
 
 Run by the plan hook, so a malformed JSONL line or a pair whose chosen equals its
 rejected ends the command before Hydra writes anything. Pure Python: the data readers
@@ -12,15 +12,14 @@ from typing import List
 from llmexp.data.instructions import instruction_data
 from llmexp.data.preference import preference_data
 from llmexp.errors import UserError
-from llmexp.starting_weights import base_problems
 from llmexp.training import training_problems, validation_problem
 
 # What each technique reads from the `data` group.
 DATA_READERS = {"sft": instruction_data, "lora": instruction_data, "dpo": preference_data}
 
 
-def stage_problems(config, node, key: str, first: bool) -> List[str]:
-    """Problems of the customization stage ``key`` (``first``: no stage before it makes a model)."""
+def stage_problems(config, node, key: str) -> List[str]:
+    """Problems of the customization stage ``key``: its numbers and its data (``llmexp.starting_weights`` checks its base)."""
     problems = training_problems(node, key) + numbers_problems(node, key)
     try:
         train, validation = DATA_READERS[node.name](config.data)
@@ -30,8 +29,6 @@ def stage_problems(config, node, key: str, first: bool) -> List[str]:
             problems.append(validation_problem(node, key))
     except UserError as error:
         problems.append(str(error))
-    if first:
-        problems += base_problems(config, key, node.name)
     return problems
 
 

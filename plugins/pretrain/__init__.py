@@ -47,6 +47,7 @@ class Pretrain(TrainingTechnique):
 class ContinuedPretraining(Pretrain):
     name = "cpt"
     schema = CptConfig
+    adapts_base = True
 
     entry = "llmexp.plugins.pretrain.loop:continued_pretraining"
 
@@ -60,19 +61,15 @@ def llmexp_techniques():
 def llmexp_plan_problems(config, plan):
     """Each pretrain/cpt stage's settings, and the raw text it reads (``data=text``'s files), checked before the run."""
     from llmexp.data.text import raw_text_problems
-    from llmexp.pipeline import model_sources, node_path, stage_nodes
-    from llmexp.starting_weights import base_problems
+    from llmexp.pipeline import node_path, stage_nodes
     from llmexp.training import training_problems, validation_problem
 
     stages = [(key, node) for key, node in stage_nodes(config, strict=False) if node.name in ("pretrain", "cpt")]
-    sources = model_sources(config)
     problems = []
     for key, node in stages:
         problems += training_problems(node, node_path(key), min_steps=0 if node.name == "pretrain" else 1)
         if node.val_every and node.max_steps:  # max_steps=0 passes the model on without training
             problems.append(validation_problem(node, node_path(key)))
-        if node.name == "cpt" and sources[key] is None:  # continues a base: the run's weights or the embedded baseline
-            problems += base_problems(config, node_path(key), node.name)
     if stages:
         problems += raw_text_problems(config.data, raw_text_refusal(stages[0][1].name, config.data.name))
     return problems

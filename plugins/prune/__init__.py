@@ -52,6 +52,7 @@ class Prune(Technique):
     schema = PruneConfig
     memory = "inference"
     produces_model = True
+    adapts_base = True
     requires = ("torch", "transformers")
 
     entry = "llmexp.plugins.prune.surgery:prune"
