@@ -16,7 +16,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from llmexp import console, cpu_threads, progress
+from llmexp import console, progress
 from llmexp.config import CONFIG_NAME, compose_config, register_configs, sweep_points, with_implied_pipeline
 from llmexp.distributed import RankFailed, local_start_problem, run_job
 from llmexp.errors import EXIT_USER_ERROR, UserError
@@ -71,7 +71,6 @@ SWEEP_SUMMARY = ["+hydra.callbacks.sweep_summary._target_=llmexp.launchers.sweep
 
 def main(argv: Optional[List[str]] = None) -> None:
     argv = list(sys.argv[1:] if argv is None else argv)
-    cpu_threads.prefer_passive_waiting()  # before anything imports torch; every job and rank inherits it
     try:
         if argv and argv[0] in SUBCOMMANDS:
             sys.exit(SUBCOMMANDS[argv[0]](argv[1:]))

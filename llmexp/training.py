@@ -139,7 +139,8 @@ def train(
     run's), ``final_loss`` (the last optimiser step's loss: the mean over its micro-batches),
     ``steps``, ``val_loss`` and ``val_<log>`` for the loss's other logs (the last validation, when
     validating), ``trainable_parameters``,
-    ``total_parameters``, ``trainable_fraction``, ``peak_memory_mb`` and ``resumed_from_step``.
+    ``total_parameters``, ``trainable_fraction``, ``peak_memory_mb``, ``resumed_from_step`` and
+    ``fewest_threads`` (the fewest CPU threads it ran with: fewer than the cores when other processes used them).
     The model is left in eval mode.
     """
     if ctx.config.backend.name == "megatron":
@@ -195,8 +196,8 @@ def train(
     split = _splits_model(parallelism)
     trained = copy.deepcopy(model) if split else model  # split in place: ``model`` stays a plain HF model
     module = _module_class()(
-        trained, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints, parallelism, split,
-        steps,
+        ctx.stage_name, trained, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints,
+        parallelism, split, steps,
     )
     with PeakMemory(trainer.strategy.root_device) as peak, preemption.training_steps(), (
         steps or contextlib.nullcontext()
@@ -224,6 +225,7 @@ def train(
         trainable_fraction=round(trainable / total, 6),
         peak_memory_mb=peak.mb,
         resumed_from_step=point.step if point else 0,
+        fewest_threads=module.free_cores.lowest or torch.get_num_threads(),
     )
     return metrics
 
@@ -525,7 +527,7 @@ def _module_class() -> type:
     import lightning as L
     import torch
 
-    from llmexp import model_parallel, preemption, resume
+    from llmexp import cpu_threads, model_parallel, preemption, resume
 
     class TrainingModule(L.LightningModule):
         """Runs ``loss_fn`` per micro-batch; at each optimiser step logs, validates and checkpoints as due.
@@ -536,7 +538,7 @@ def _module_class() -> type:
         """
 
         def __init__(
-            self, model, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints,
+            self, name, model, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints,
             parallelism, split, steps,
         ):
             super().__init__()
@@ -556,6 +558,7 @@ def _module_class() -> type:
             self._logs: Dict[str, Any] = {}
             self._done_step = 0
             self._restored: Optional[Dict[str, Any]] = None
+            self.free_cores = cpu_threads.FreeCores(name)  # threads to the cores other processes leave free
 
         def configure_model(self):
             """Under ModelParallelStrategy: split the model over its device mesh (``llmexp.model_parallel``)."""
@@ -564,6 +567,7 @@ def _module_class() -> type:
                 model_parallel.parallelize(self.model, self.device_mesh, tensor_parallel=p.tp > 1, shard=p.dp > 1)
 
         def training_step(self, batch, batch_idx):
+            self.free_cores.check()
             out = self.loss_fn(self.model, batch)
             self.session_tokens += out.tokens
             loss = out.loss.detach()

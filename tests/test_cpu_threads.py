@@ -1,12 +1,15 @@
-"""Every job's torch threads wait passively and take the job's share of the cores, unless the user chose otherwise.
+"""Every job's torch threads take the job's share of the cores, and give back what another process takes.
 
-What a job ran with is read back from its results.json (``environment.cpu_threads``), which
-records torch's thread count in the job's own process and the OpenMP settings libgomp read.
+What a job ran with is read back from its results.json: ``environment.cpu_threads`` (torch's
+thread count when the job started, the OpenMP settings libgomp read) and each training stage's
+``fewest_threads``.
 """
 
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -18,8 +21,8 @@ SHORT_RUN = ["pipeline=single", "technique.max_steps=2", "technique.save_model=f
 SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 
 
-def job_settings(run_dir: Path) -> dict:
-    return json.loads((run_dir / "results.json").read_text())["environment"]["cpu_threads"]
+def record(run_dir: Path) -> dict:
+    return json.loads((run_dir / "results.json").read_text())
 
 
 def choose(monkeypatch, **chosen: str) -> None:
@@ -30,40 +33,44 @@ def choose(monkeypatch, **chosen: str) -> None:
         monkeypatch.setenv(name, value)
 
 
-@pytest.mark.parametrize(
-    "chosen, expected_policy",
-    [({}, "PASSIVE"), ({"OMP_WAIT_POLICY": "ACTIVE"}, "ACTIVE"), ({"GOMP_SPINCOUNT": "1000"}, None)],
-    ids=["unset", "user-active", "user-spincount"],
-)
-def test_a_run_waits_passively_on_all_its_cores_unless_the_user_chose(chosen, expected_policy, tmp_path, monkeypatch):
-    choose(monkeypatch, **chosen)
-    run_dir = tmp_path / "run"
-    done = run_llmexp(*SHORT_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+def test_a_run_starts_on_every_usable_core_and_leaves_waiting_to_libgomp(tmp_path, monkeypatch):
+    choose(monkeypatch)
+    done = run_llmexp(*SHORT_RUN, "hydra.run.dir=run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    recorded = job_settings(run_dir)
-    assert recorded["omp_wait_policy"] == expected_policy
-    assert recorded["gomp_spincount"] == chosen.get("GOMP_SPINCOUNT")
-    assert recorded["usable_cores"] == usable_cores()
-    assert recorded["threads"] == usable_cores()
+    settings = record(tmp_path / "run")["environment"]["cpu_threads"]
+    assert settings == {"usable_cores": usable_cores(), "threads": usable_cores(), "omp_wait_policy": None,
+                        "gomp_spincount": None, "omp_num_threads": None}
 
 
 def test_the_users_thread_count_wins(tmp_path, monkeypatch):
     choose(monkeypatch, OMP_NUM_THREADS="1")
-    run_dir = tmp_path / "run"
-    done = run_llmexp(*SHORT_RUN, f"hydra.run.dir={run_dir}", cwd=tmp_path)
+    done = run_llmexp(*SHORT_RUN, "hydra.run.dir=run", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    assert job_settings(run_dir)["threads"] == 1
+    assert record(tmp_path / "run")["environment"]["cpu_threads"]["threads"] == 1
 
 
 @pytest.mark.skipif(usable_cores() < 2, reason="a share of one core is the whole core")
 def test_parallel_sweep_jobs_each_get_their_share_of_the_cores(tmp_path, monkeypatch):
     choose(monkeypatch)
-    sweep_dir = tmp_path / "sweep"
     done = run_llmexp("-m", "hydra/launcher=joblib", "hydra.launcher.n_jobs=2", "seed=0,1", *SHORT_RUN,
-                      f"hydra.sweep.dir={sweep_dir}", cwd=tmp_path)
+                      "hydra.sweep.dir=sweep", cwd=tmp_path)
     assert done.returncode == 0, done.stderr
-    share = usable_cores() // 2
     for job in ("0", "1"):
-        recorded = job_settings(sweep_dir / job)
-        assert recorded["threads"] == share
-        assert recorded["omp_wait_policy"] == "PASSIVE"
+        assert record(tmp_path / "sweep" / job)["environment"]["cpu_threads"]["threads"] == usable_cores() // 2
+
+
+@pytest.mark.slow
+@pytest.mark.skipif(usable_cores() < 2, reason="with one core there is no thread to give back")
+def test_training_beside_a_busy_core_gives_that_core_back_and_says_so(tmp_path, monkeypatch):
+    choose(monkeypatch)
+    busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
+    try:
+        done = run_llmexp("pipeline=single", "technique.max_steps=120", "technique.save_model=false",
+                          "hydra.run.dir=run", cwd=tmp_path)
+    finally:
+        busy.kill()
+        busy.wait()
+    assert done.returncode == 0, done.stderr
+    assert record(tmp_path / "run")["stages"]["pretrain"]["metrics"]["fewest_threads"] == usable_cores() - 1
+    assert "pretrain: other processes are using" in done.stderr
+    assert f"so torch runs on {usable_cores() - 1} thread(s) while they do" in " ".join(done.stderr.split())

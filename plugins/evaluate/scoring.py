@@ -29,6 +29,7 @@ from typing import Callable, List, Optional, Sequence, Tuple
 
 import torch
 
+from llmexp.cpu_threads import FreeCores
 from llmexp.models import evaluating
 
 # Called after each batch with (rows done, rows in this call).
@@ -364,6 +365,7 @@ class Scorer:
         self.progress = progress  # a started rich.progress.Progress, or None
         self._bar = None
         self._completed = 0
+        self.free_cores = FreeCores("evaluate")  # checked at each batch: threads to the cores others leave free
 
     def track(self, description: str) -> None:
         """Start a new progress bar; scoring calls that follow advance it."""
@@ -407,6 +409,7 @@ class Scorer:
         base = self._completed
 
         def report(done: int, total: int) -> None:
+            self.free_cores.check()
             self.progress.update(self._bar, completed=base + done, total=base + total)
             if done == total:
                 self._completed = base + total
