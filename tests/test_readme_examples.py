@@ -8,6 +8,7 @@ the file they write compose from it.
 
 from __future__ import annotations
 
+import os
 import re
 import shlex
 from pathlib import Path
@@ -64,6 +65,8 @@ def test_every_readme_command_composes_and_its_plans_say_what_their_comments_say
     monkeypatch.chdir(tmp_path)
     (tmp_path / "sweeps").symlink_to(REPO / "sweeps")  # `--config-dir sweeps`, as from the repository root
     monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)  # plans say where the weights come from, without the network
+    # secret-named overrides move into LLMEXP_SECRET_<n> variables: this process's, which later tests' runs inherit
+    monkeypatch.setattr(os, "environ", os.environ.copy())
     failures = []
     for argv, comment in readme_commands():
         if argv[:1] == ["cp"]:
