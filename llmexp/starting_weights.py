@@ -20,8 +20,6 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from omegaconf import OmegaConf
-
 from llmexp import embedded_baseline, hub
 
 
@@ -51,14 +49,13 @@ def problems(config) -> List[str]:
     """What stops the run's starting weights: published weights that cannot be had (a bad repository id, or
     offline and not cached), and a stage that adapts a base with none to adapt (``base_problems``). Whether
     published weights exist on the Hub, and may be read, is known only when the run downloads them (``hub.fetch``)."""
-    from llmexp.pipeline import model_sources, node_path
+    from llmexp.pipeline import model_sources, node_path, stage_nodes
     from llmexp.plugin_manager import technique
 
-    found = []
-    for key, source in model_sources(config).items():
-        name = OmegaConf.select(config, node_path(key)).name
-        if source is None and technique(name).adapts_base:
-            found += base_problems(config, node_path(key), name)
+    sources, found = model_sources(config), []
+    for key, node in stage_nodes(config, strict=False):
+        if sources[key] is None and technique(node.name).adapts_base:
+            found += base_problems(config, node_path(key), node.name)
     return list(dict.fromkeys(found)) + _published_problems(config)
 
 
