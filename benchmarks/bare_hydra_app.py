@@ -1,13 +1,13 @@
 """The baseline of bench_startup.py: a bare ``@hydra.main`` app composing llmexp's config tree.
 
 ``python benchmarks/bare_hydra_app.py model=llama3_1_70b hardware=a100_80g parallelism=tp8``
-conf/config.yaml's defaults name ``llmexp_schema`` and ``technique: pretrain``, which exist
+llmexp/conf/config.yaml's defaults name ``llmexp_schema`` and ``technique: pretrain``, which exist
 only in Hydra's ConfigStore, so the app registers them first, as ``llmexp`` itself does.
 """
 
 import hydra
 
-from llmexp.config import register_configs
+from llmexp.configuration.compose import register_configs
 
 register_configs()
 

@@ -8,9 +8,9 @@ import sys
 
 from hydra import compose, initialize_config_module
 
-from llmexp.config import register_configs
+from llmexp.configuration.compose import register_configs
 
-register_configs()  # llmexp_schema and technique/<name> live in the ConfigStore, not in conf/
+register_configs()  # llmexp_schema and technique/<name> live in the ConfigStore, not in llmexp/conf/
 with initialize_config_module("llmexp.conf", version_base="1.3"):
     cfg = compose("config", overrides=sys.argv[1:])
 print(cfg.model.name, cfg.hardware.name, cfg.parallelism.tp)

@@ -7,7 +7,7 @@ Run from the repository root::
 
 What is compared
 ----------------
-The same model (tiny_llama from conf/model/tiny_llama.yaml, 8 layers, random weights: speed
+The same model (tiny_llama from llmexp/conf/model/tiny_llama.yaml, 8 layers, random weights: speed
 does not depend on what the weights know), the same prompts (embedded-world words, 8 to 48
 tokens), greedy decoding with EOS disabled, so both sides produce exactly ``--new-tokens``
 per prompt:
@@ -31,7 +31,7 @@ budget only. The headline per workload is the median of the rounds' ratios, targ
 generate >= 1.0. Every prompt's tokens must be equal on both sides (greedy, same model):
 exit 1 if not.
 ``OMP_WAIT_POLICY=PASSIVE`` (unless set) for both sides, as ``llmexp serve`` runs: see
-``llmexp.cpu_threads.prefer_passive_waiting``.
+``llmexp.training.cpu_threads.prefer_passive_waiting``.
 """
 
 from __future__ import annotations
@@ -51,14 +51,14 @@ from omegaconf import OmegaConf
 
 from llmexp.data.embedded import build_world
 from llmexp.data.tokenizer import word_level_tokenizer
-from llmexp.models import build_model
+from llmexp.models.loading import build_model
 from llmexp.serving.engine import Engine, GenerationRequest
 from llmexp.serving.served_models import ServedModels
 
 from machine_load import OtherLoad, describe
 
 TARGET_RATIO = 1.0
-REPO_CONF = "conf/model/tiny_llama.yaml"
+REPO_CONF = "llmexp/conf/model/tiny_llama.yaml"
 
 
 def tiny_served_model() -> ServedModels:

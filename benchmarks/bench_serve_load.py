@@ -7,8 +7,8 @@ Run from the repository root::
 
 What is compared, per concurrency level C
 -----------------------------------------
-*server*: ``python -m llmexp.serve_command`` in its own process (tiny_llama from
-conf/model/tiny_llama.yaml, 8 layers, random weights, saved to a temporary directory;
+*server*: ``python -m llmexp.cli.serve`` in its own process (tiny_llama from
+llmexp/conf/model/tiny_llama.yaml, 8 layers, random weights, saved to a temporary directory;
 ``--max-batch-size 16``), driven by C asyncio clients (httpx) that each send streaming
 ``/v1/completions`` requests back to back until ``--requests`` are done. Each asks for
 ``--new-tokens`` tokens, greedy, with ``ignore_eos`` so every request yields exactly that many.
@@ -27,7 +27,7 @@ or returns another number of tokens.
 on a raw socket, and the socket closed once ``/metrics`` shows it running; the figure is the time
 from the close until ``/metrics`` shows no running row (the slot given back), median and max.
 ``OMP_WAIT_POLICY=PASSIVE`` (unless set) for both sides, as ``llmexp serve`` runs: see
-``llmexp.cpu_threads.prefer_passive_waiting``.
+``llmexp.training.cpu_threads.prefer_passive_waiting``.
 """
 
 from __future__ import annotations
@@ -52,7 +52,7 @@ from typing import List, Optional, Tuple
 import httpx
 import torch
 
-from llmexp.models import save_model
+from llmexp.models.loading import save_model
 from llmexp.serving.engine import Engine, GenerationRequest
 
 from bench_generation import make_prompts, tiny_served_model
@@ -152,7 +152,7 @@ def slot_release_seconds(url: str, prompt: List[int], times: int) -> List[float]
 
 def start_server(model_dir: Path, batch: int, queue: int) -> Tuple[subprocess.Popen, str]:
     process = subprocess.Popen(
-        [sys.executable, "-m", "llmexp.serve_command", str(model_dir), "--port", "0", "--max-batch-size", str(batch),
+        [sys.executable, "-m", "llmexp.cli.serve", str(model_dir), "--port", "0", "--max-batch-size", str(batch),
          "--max-queue", str(queue)],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     line = process.stdout.readline()

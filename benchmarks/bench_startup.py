@@ -14,10 +14,10 @@ Each command is a fresh Python process, timed wall-clock from spawn to exit:
   not fit (exit code 2 with its reason); both 0 and 2 count as a finished plan.
 * bare ``@hydra.main`` app (benchmarks/bare_hydra_app.py, the headline baseline): the
   ~10-line Hydra app anyone would write, ``config_path="pkg://llmexp.conf"``, printing
-  three values. conf/config.yaml's defaults name ``llmexp_schema`` and the ``technique``
+  three values. llmexp/conf/config.yaml's defaults name ``llmexp_schema`` and the ``technique``
   options, which llmexp registers in Hydra's ConfigStore from its plugins; without them
   nothing composes (and ``~llmexp_schema`` cannot drop a non-group default: Hydra still
-  fails to load it), so the app calls ``llmexp.config.register_configs()`` first. That is the
+  fails to load it), so the app calls ``llmexp.configuration.compose.register_configs()`` first. That is the
   fairest choice: both sides compose the identical, typed tree from the identical sources
   (plugin discovery included), and the ratio shows what ``plan`` adds on top (its CLI
   module, the planner, the table), not the cost of the config tree itself. An untyped tree

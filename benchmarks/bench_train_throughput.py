@@ -7,7 +7,7 @@ Run from the repository root::
 
 What is compared, per technique
 -------------------------------
-*framework*: ``llmexp.training.train`` exactly as the technique's stage calls it: its model
+*framework*: ``llmexp.training.loop.train`` exactly as the technique's stage calls it: its model
 (tiny_llama; LoRA wrapped by ``add_lora``; DPO with its frozen reference), its examples and
 collate function, its loss, on a config composed by ``compose_config`` (fp32, clip 1.0,
 deterministic Lightning, its progress bar, checkpoints every 200 steps, the train_log and
@@ -47,18 +47,18 @@ from typing import Any, Callable, Dict, List, Optional
 import lightning as L
 import torch
 
-from llmexp.config import compose_config
+from llmexp.configuration.compose import compose_config
 from llmexp.data.embedded import build_world, embedded_token_stream
 from llmexp.data.instructions import encode_example, instruction_data, pad_collate
 from llmexp.data.packing import pack_documents
 from llmexp.data.preference import encode_pair, pair_collate, preference_data
-from llmexp.models import new_embedded_model
+from llmexp.models.loading import new_embedded_model
 from llmexp.plugins.customize.losses import DPOLoss, response_loss
 from llmexp.plugins.customize.stages import add_lora
 from llmexp.plugins.pretrain.loop import next_token_loss
-from llmexp.technique import StageContext
-from llmexp.tracking import make_tracker
-from llmexp.training import data_order, train
+from llmexp.techniques.contract import StageContext
+from llmexp.results.tracking import make_tracker
+from llmexp.training.loop import data_order, train
 from machine_load import OtherLoad, describe
 
 TARGET_RATIO = 0.95
@@ -187,7 +187,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--rounds", type=int, default=3)
     parser.add_argument("--warmup", type=int, default=10)
     args = parser.parse_args(argv)
-    print(f"# train throughput per technique: llmexp.training.train vs a hand-written loop, steps interleaved; "
+    print(f"# train throughput per technique: llmexp.training.loop.train vs a hand-written loop, steps interleaved; "
           f"{args.rounds} rounds of {args.steps} steps (first {args.warmup} untimed), torch {torch.__version__}, "
           f"lightning {L.__version__}, {torch.get_num_threads()} threads")
     print(f"{'technique':10s} {'framework tok/s':>16s} {'hand tok/s':>11s} {'ratio (median)':>15s}  rounds   "

@@ -56,7 +56,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # importable before setup_problem can say that llmexp is not installed
-from llmexp.results import write_json_atomic  # noqa: E402
+from llmexp.results.record import write_json_atomic  # noqa: E402
 
 PARTS = ("peak", "train", "formats", "serve")
 BACKENDS = ("torch", "megatron")
@@ -555,7 +555,7 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     parser.add_argument("--parts", default=",".join(PARTS), help=f"comma-separated, of {', '.join(PARTS)}")
     parser.add_argument("--steps", type=int, default=None,
                         help="training steps per run (default 100; 6 with --cpu-smoke)")
-    parser.add_argument("--gpu-preset", default="h200", help="conf/hardware preset of the GPU (training and serving)")
+    parser.add_argument("--gpu-preset", default="h200", help="llmexp/conf/hardware preset of the GPU (training and serving)")
     parser.add_argument("--skip-1b", action="store_true", help="train tiny_llama only")
     parser.add_argument("--out", type=Path, default=None,
                         help="the JSON report (default benchmarks/results/gpu_checks-<device>.json)")

@@ -1,3 +1,3 @@
-from llmexp.cli import main
+from llmexp.cli.main import main
 
 main()

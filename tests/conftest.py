@@ -9,7 +9,7 @@ from pathlib import Path
 
 import pytest
 
-from llmexp.results import read_results  # noqa: F401  (the tests read runs through it)
+from llmexp.results.record import read_results  # noqa: F401  (the tests read runs through it)
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -31,10 +31,10 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
     from llmexp.data.embedded import build_world
     from llmexp.data.tokenizer import word_level_tokenizer
-    from llmexp.models import build_model, save_model
+    from llmexp.models.loading import build_model, save_model
 
     torch.manual_seed(0)
-    model_cfg = OmegaConf.load(REPO / "conf/model/tiny_llama.yaml")
+    model_cfg = OmegaConf.load(REPO / "llmexp/conf/model/tiny_llama.yaml")
     model_cfg.num_layers = 2
     tokenizer = word_level_tokenizer(build_world(0).vocabulary())
     path = tmp_path_factory.mktemp("ckpt") / "tiny"
@@ -44,7 +44,7 @@ def tiny_checkpoint(tmp_path_factory) -> Path:
 
 @pytest.fixture(scope="session")
 def slurm_cluster() -> dict:
-    """A real Slurm on 127.0.0.1 (launchers/slurm-localhost): node1 with 2 fake H100s, node2 with 2 fake A100s.
+    """A real Slurm on 127.0.0.1 (llmexp/launchers/slurm-localhost): node1 with 2 fake H100s, node2 with 2 fake A100s.
 
     Started (and apt-installed on a fresh machine) for the session and stopped after it, unless
     one was already running, which is used and left running (``llmexp.launchers.slurm_localhost``);
@@ -53,7 +53,7 @@ def slurm_cluster() -> dict:
     from llmexp.launchers.slurm_localhost import localhost_slurm
 
     if os.geteuid() != 0:
-        pytest.skip("the local Slurm runs its daemons as root (launchers/slurm-localhost/start.sh)")
+        pytest.skip("the local Slurm runs its daemons as root (llmexp/launchers/slurm-localhost/start.sh)")
     try:
         with localhost_slurm() as environment:
             yield environment

@@ -8,10 +8,10 @@ import io
 import pytest
 from rich.console import Console
 
-from llmexp.backends import BACKENDS, Backend, gpu_driver_present, unavailable_reason
-from llmexp.config import compose_config
+from llmexp.planning.backends import BACKENDS, Backend, gpu_driver_present, unavailable_reason
+from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
-from llmexp.plugins_command import backends_table
+from llmexp.cli.plugins import backends_table
 
 from .conftest import run_llmexp
 
@@ -53,7 +53,7 @@ def test_megatron_refuses_at_run_time_without_a_gpu():
 
     if torch.cuda.is_available():
         pytest.skip("this machine has a GPU")
-    from llmexp.megatron.train import require_megatron
+    from llmexp.training.megatron.train import require_megatron
 
     with pytest.raises(UserError) as error:
         require_megatron(compose_config(["backend=megatron", "hardware=h100"]))
@@ -79,7 +79,7 @@ def test_llmexp_backend_megatron_without_a_gpu_exits_2_before_any_stage(tmp_path
 def test_stages_compute_on_the_hardware_they_name():
     import torch
 
-    from llmexp.models import run_device
+    from llmexp.models.loading import run_device
 
     assert run_device(compose_config([]).hardware) == torch.device("cpu")
     if torch.cuda.is_available():
@@ -92,7 +92,7 @@ def test_stages_compute_on_the_hardware_they_name():
 def test_serve_in_process_refuses_cuda_without_a_gpu_and_device_with_vllm(tiny_checkpoint):
     import torch
 
-    from llmexp.serve_command import main
+    from llmexp.cli.serve import main
 
     with pytest.raises(UserError, match="--device is an option of --backend inprocess only"):
         main([str(tiny_checkpoint), "--backend", "vllm", "--device", "cuda"])
@@ -104,7 +104,7 @@ def test_serve_in_process_refuses_cuda_without_a_gpu_and_device_with_vllm(tiny_c
 def test_a_gpu_preset_on_a_machine_without_a_gpu_stops_before_any_stage(tiny_checkpoint, tmp_path):
     if gpu_driver_present():
         pytest.skip("this machine has an NVIDIA driver")
-    from llmexp.runner import run_experiment
+    from llmexp.running.runner import run_experiment
 
     with pytest.raises(UserError, match=r"hardware=h100 is a GPU and this machine has no NVIDIA driver"):
         run_experiment(compose_config(["hardware=h100", "technique=evaluate", "technique.limit=2",

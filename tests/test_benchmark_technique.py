@@ -32,7 +32,7 @@ def varied_checkpoint(tmp_path_factory) -> Path:
 
     (At the usual init, std 0.02, the random model repeats one token: ``tiny_checkpoint`` is the broken model.)
     """
-    from llmexp.models import save_model
+    from llmexp.models.loading import save_model
     from tests.test_serving_engine import build_varied_model
 
     model, tokenizer = build_varied_model()
@@ -331,7 +331,7 @@ def test_aiperf_client_times_a_point_against_a_loopback_server(tmp_path, varied_
 # ------------------------------------------------------------------ the planner
 
 def plan_problems(*overrides: str, model_path: Path | None = None):
-    from llmexp.config import compose_config
+    from llmexp.configuration.compose import compose_config
     from llmexp.plugins.benchmark import llmexp_plan_problems
 
     extra = [f"model.path={model_path}"] if model_path else []
@@ -364,7 +364,7 @@ def test_planner_refuses_bad_values_naming_the_field(overrides, expected, tiny_c
 
 
 def test_planner_accepts_the_defaults_and_an_endpoint_without_a_local_model():
-    from llmexp.config import compose_config
+    from llmexp.configuration.compose import compose_config
     from llmexp.plugins.benchmark import llmexp_plan_problems
 
     assert "model.path is unset" in plan_problems()  # in process needs a model
@@ -383,7 +383,7 @@ def test_cli_refuses_before_anything_is_written(tmp_path, tiny_checkpoint):
 
 def test_the_plugin_and_its_plan_check_import_no_torch():
     code = (
-        "import sys; from llmexp.config import compose_config; from llmexp.plugins.benchmark import "
+        "import sys; from llmexp.configuration.compose import compose_config; from llmexp.plugins.benchmark import "
         "llmexp_plan_problems; cfg = compose_config(['technique=benchmark', 'technique.concurrency=[0]']); "
         "assert llmexp_plan_problems(cfg, None); assert 'torch' not in sys.modules, 'torch imported'"
     )

@@ -10,9 +10,9 @@ from types import SimpleNamespace
 
 import pytest
 
-from llmexp.config import compose_config
+from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
-from llmexp.planner import make_plan
+from llmexp.planning.planner import make_plan
 from llmexp.plugins.megatron_bridge.recipe import apply_settings, resolve_recipe, run_settings
 
 GPU = ["technique=bridge_recipe", "technique.recipe=llama.llama32_1b_sft_config", "hardware=h100", "precision=bf16",
@@ -81,14 +81,14 @@ def test_the_planner_refuses_what_bridge_cannot_run(overrides, needle):
 
 
 def _bridge_installed() -> bool:
-    from llmexp.backends import importable
+    from llmexp.planning.backends import importable
 
     return importable("megatron.bridge")
 
 
 def test_a_machine_without_bridge_or_a_gpu_stops_the_run_before_any_stage(tmp_path):
-    from llmexp.backends import gpu_driver_present, importable
-    from llmexp.runner import run_experiment
+    from llmexp.planning.backends import gpu_driver_present, importable
+    from llmexp.running.runner import run_experiment
 
     if importable("megatron.bridge") and gpu_driver_present():
         pytest.skip("this machine has Megatron-Bridge and a GPU")

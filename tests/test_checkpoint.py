@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from llmexp.checkpoint import (
+from llmexp.models.checkpoint import (
     MODELOPT_STATE,
     model_numbers_from_hf_config,
     pickled_files,
@@ -19,7 +19,7 @@ from llmexp.checkpoint import (
     validate_checkpoint_dir,
 )
 from llmexp.errors import UserError
-from llmexp.planner import count_parameters
+from llmexp.planning.planner import count_parameters
 
 TINY_HF_CONFIG = {
     "model_type": "llama",

@@ -205,7 +205,7 @@ def test_an_interpreter_under_tmp_is_in_the_view_and_tmp_stays_writable(tmp_path
                    check=True)  # fmt: skip
     script = f"""
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("sandbox", {str(REPO / "plugins" / "evaluate" / "sandbox.py")!r})
+spec = importlib.util.spec_from_file_location("sandbox", {str(REPO / "llmexp" / "plugins" / "evaluate" / "sandbox.py")!r})
 sandbox = importlib.util.module_from_spec(spec)
 sys.modules["sandbox"] = sandbox
 spec.loader.exec_module(sandbox)
@@ -496,7 +496,7 @@ def test_an_unprivileged_caller_isolates_through_its_own_user_namespace():
     sandbox modules by path under the system interpreter, which uid 65534 can read (root's venv it may not)."""
     interpreter = shutil.which("python3", path="/usr/bin:/bin")
     setpriv = shutil.which("setpriv")
-    sandbox_file = REPO / "plugins" / "evaluate" / "sandbox.py"
+    sandbox_file = REPO / "llmexp" / "plugins" / "evaluate" / "sandbox.py"
     readable = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "test", "-r",
                                str(sandbox_file)]).returncode == 0 if setpriv else False  # fmt: skip
     if not (interpreter and setpriv and readable):
@@ -567,7 +567,7 @@ def problems_the_words_cannot_change(tmp_path: Path) -> str:
 
 @pytest.fixture(scope="module")
 def tiny_scorer(tiny_checkpoint):
-    from llmexp.models import load_model
+    from llmexp.models.loading import load_model
     from llmexp.plugins.evaluate.scoring import Scorer
 
     model, tokenizer = load_model(tiny_checkpoint)[:2]

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmexp.config import compose_config, with_implied_pipeline
+from llmexp.configuration.compose import compose_config, with_implied_pipeline
 
 from .conftest import read_results, run_llmexp
 

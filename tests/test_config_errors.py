@@ -9,8 +9,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmexp import cli
-
+from llmexp.cli import main as cli
 from .conftest import run_llmexp
 
 WRONG_TYPE = [

@@ -5,7 +5,7 @@ from __future__ import annotations
 import pytest
 import yaml
 
-from llmexp.config import compose_config, implied_pipeline, with_implied_pipeline
+from llmexp.configuration.compose import compose_config, implied_pipeline, with_implied_pipeline
 
 from .conftest import REPO, run_llmexp
 

@@ -9,8 +9,10 @@ from pathlib import Path
 import pytest
 from rich.console import Console
 
-from llmexp import console, report
-from llmexp.results import comparison
+from llmexp.display import console
+
+from llmexp.results import report
+from llmexp.results.record import comparison
 
 from .conftest import run_llmexp
 

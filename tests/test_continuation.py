@@ -21,7 +21,7 @@ CONTINUATION = TASK_TYPES["continuation"]
 
 @pytest.fixture(scope="module")
 def scorer(tiny_checkpoint):
-    from llmexp.models import load_model
+    from llmexp.models.loading import load_model
     from llmexp.plugins.evaluate.scoring import Scorer
 
     model, tokenizer = load_model(tiny_checkpoint)

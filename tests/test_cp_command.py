@@ -7,8 +7,7 @@ import json
 import pytest
 import yaml
 
-from llmexp import cli
-
+from llmexp.cli import main as cli
 from .conftest import read_results, run_llmexp
 
 

@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from llmexp.cpu_threads import usable_cores
+from llmexp.training.cpu_threads import usable_cores
 from tests.conftest import run_llmexp
 
 SHORT_RUN = ["pipeline=single", "technique.max_steps=2", "technique.save_model=false"]

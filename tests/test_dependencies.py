@@ -18,7 +18,7 @@ from typing import Dict, Set
 
 from tests.conftest import REPO
 
-SHIPPED = ("llmexp", "plugins", "launchers", "hydra_plugins")  # the folders the distribution packages
+SHIPPED = ("llmexp", "hydra_plugins")  # the folders the distribution packages
 FIRST_PARTY = {"llmexp", "hydra_plugins"}
 # Modules that no pip requirement of this package provides, and who does.
 PROVIDED_ELSEWHERE = {

@@ -6,9 +6,9 @@ import re
 import pytest
 import torch
 
-from llmexp.config import compose_config
+from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
-from llmexp.planner import count_parameters, make_plan, model_numbers
+from llmexp.planning.planner import count_parameters, make_plan, model_numbers
 from llmexp.plugins.distill.loss import DistillationLoss, distillation_kl
 from tests.conftest import read_results, run_llmexp
 
@@ -80,7 +80,7 @@ def test_a_teacher_with_other_token_ids_or_hidden_size_is_refused_at_run_start()
     from llmexp.data.embedded import build_world
     from llmexp.data.tokenizer import word_level_tokenizer
     from llmexp.plugins.distill.stage import check_pair
-    from llmexp.technique import ModelArtifact
+    from llmexp.techniques.contract import ModelArtifact
 
     node = OmegaConf.create({"teacher": {"path": None, "stage": "base"}, "hidden_weight": 1.0})
     ours, theirs = (word_level_tokenizer(build_world(seed).vocabulary()) for seed in (0, 1))
@@ -147,7 +147,7 @@ def test_plan_refuses_a_teacher_checkpoint_with_another_hidden_size_for_the_hidd
 def test_vocabulary_mismatch_exits_2_naming_the_field_and_writes_nothing(tmp_path, tiny_checkpoint):
     from llmexp.data.embedded import build_world
     from llmexp.data.tokenizer import word_level_tokenizer
-    from llmexp.models import load_model, save_model
+    from llmexp.models.loading import load_model, save_model
 
     model, _ = load_model(tiny_checkpoint)
     teacher = tmp_path / "teacher"
@@ -172,7 +172,7 @@ def held_out_blocks(tokenizer):
 
 def test_distillation_run_brings_the_student_towards_the_teacher(tmp_path, tiny_checkpoint):
     """A random student learns a peaked random teacher for 20 steps through the real command."""
-    from llmexp.models import load_model, save_model
+    from llmexp.models.loading import load_model, save_model
 
     model, tokenizer = load_model(tiny_checkpoint)
     with torch.no_grad():

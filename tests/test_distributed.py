@@ -1,6 +1,6 @@
 """Parallelism executed on torch.distributed: real 2-process gloo jobs on CPU, checked against one process.
 
-The `llmexp` runs start their ranks themselves (``llmexp.distributed``), as a user's run does.
+The `llmexp` runs start their ranks themselves (``llmexp.training.distributed``), as a user's run does.
 """
 
 from __future__ import annotations
@@ -17,9 +17,9 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmexp import preemption
-from llmexp.config import compose_config
-from llmexp.distributed import run_job
+from llmexp.training import preemption
+from llmexp.configuration.compose import compose_config
+from llmexp.training.distributed import run_job
 
 from .conftest import read_results, run_llmexp
 from .test_training import context, log_rows, run
@@ -128,55 +128,6 @@ def test_a_layout_over_more_nodes_than_this_machine_is_refused(tmp_path):
                         "hydra.run.dir=run", cwd=tmp_path)
     assert result.returncode == 2
     assert "parallelism.nodes=2" in result.stderr and "hydra/launcher=slurm" in result.stderr
-
-
-# -- pipeline parallel: one forward/backward over 2 stages --------------------------------------
-
-
-def _pipeline_job(microbatches: int):
-    """Rank r runs stage r of the tiny model on a batch of 4 blocks; rank 0 gets every stage's loss and gradients."""
-    import torch.distributed as dist
-
-    from llmexp.pipeline_parallel import pipeline_schedule
-
-    model, batch = _tiny_model_and_batch()
-    rank, stages = dist.get_rank(), dist.get_world_size()
-    schedule = pipeline_schedule(model, rank, stages, microbatches)
-    losses: list = []
-    if rank == 0:
-        schedule.step(batch)
-    else:
-        schedule.step(target=batch, losses=losses)
-    grads = {name: p.grad for name, p in model.named_parameters() if p.grad is not None}
-    gathered = [None] * stages if rank == 0 else None
-    dist.gather_object((losses, grads), gathered, dst=0)
-    return gathered
-
-
-def _tiny_model_and_batch():
-    from llmexp.models import build_model
-
-    cfg = compose_config(["model.num_layers=4"])
-    torch.manual_seed(0)
-    batch = torch.randint(0, cfg.model.vocab_size, (4, 16), generator=torch.Generator().manual_seed(1))
-    return build_model(cfg.model), batch
-
-
-def test_two_pipeline_stages_compute_the_whole_models_loss_and_gradients():
-    layout = compose_config(["parallelism.pp=2", "parallelism.devices_per_node=2"])
-    first, last = run_job(layout, _pipeline_job, 2)
-
-    model, batch = _tiny_model_and_batch()
-    loss = model(input_ids=batch, labels=batch).loss
-    loss.backward()
-    assert torch.stack(last[0]).mean().item() == pytest.approx(loss.item(), abs=1e-5)
-    grads = {**first[1], **last[1]}
-    grads["model.embed_tokens.weight"] = first[1]["model.embed_tokens.weight"] + last[1]["model.embed_tokens.weight"]
-    expected = dict(model.named_parameters())  # tied: the LM head's weight is the embeddings'
-    assert grads.keys() == expected.keys()
-    assert "model.layers.0.mlp.up_proj.weight" in first[1] and "model.layers.0.mlp.up_proj.weight" not in last[1]
-    for name, param in expected.items():
-        assert torch.allclose(grads[name], param.grad, atol=1e-6), name
 
 
 # -- preemption: a checkpoint at the step boundary, then a requeue -------------------------------

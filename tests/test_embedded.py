@@ -62,6 +62,6 @@ def test_tokenizer_covers_every_generated_word_and_fits_the_model():
     texts += [p.prompt + " " + p.solution for p in world.word_problem_test()]
     ids = [i for row in tokenizer(texts)["input_ids"] for i in row]
     assert tokenizer.unk_token_id not in ids
-    assert len(tokenizer) <= OmegaConf.load(REPO / "conf/model/tiny_llama.yaml").vocab_size
+    assert len(tokenizer) <= OmegaConf.load(REPO / "llmexp/conf/model/tiny_llama.yaml").vocab_size
     sample = "Question: what pet ?\nAnswer: 4 + 9 = 13 . #### 13"
     assert tokenizer.decode(tokenizer(sample)["input_ids"], skip_special_tokens=True) == sample.replace("\n", " ")

@@ -11,16 +11,16 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from llmexp import hookspecs
+from llmexp.techniques import hookspecs
 from llmexp.data.embedded import LETTERS, build_world
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
-from llmexp.models import build_model
+from llmexp.models.loading import build_model
 from llmexp.plugins.evaluate import EvaluateConfig, Evaluate, llmexp_plan_problems
 from llmexp.plugins.evaluate import scoring
 from llmexp.plugins.evaluate.scoring import LogLikelihood, Scorer, cut_at_stop, encode_pair
 from llmexp.plugins.evaluate.tasks import EMBEDDED_TASKS, TASKS, TaskInputs, free_answer, multiple_choice, word_problems
-from llmexp.technique import ModelArtifact, StageContext
+from llmexp.techniques.contract import ModelArtifact, StageContext
 
 TINY = dict(
     name="test_tiny",
@@ -399,7 +399,7 @@ def test_run_rejects_unknown_tasks(tmp_path, model, tokenizer):
 
 
 def test_composed_config_selects_evaluate(tmp_path):
-    from llmexp.config import compose_config
+    from llmexp.configuration.compose import compose_config
 
     cfg = compose_config(["technique=evaluate", "technique.limit=5", f"evaluation.gsm8k_path={tmp_path / 'absent'}"])
     assert cfg.technique.name == "evaluate" and cfg.technique.limit == 5 and list(cfg.technique.tasks) == EMBEDDED_TASKS

@@ -15,9 +15,9 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from llmexp.config import compose_config
+from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
-from llmexp.planner import make_plan
+from llmexp.planning.planner import make_plan
 from llmexp.plugins.export import ExportConfig
 from llmexp.plugins.export.engine_settings import QUANTIZE_FORMAT_ALGOS, checkpoint_quantization, engine_build_settings
 from llmexp.plugins.quantize.formats import FORMATS
@@ -29,7 +29,7 @@ EXCLUDED = ["lm_head", "model.embed_tokens"]
 
 def run(run_dir: Path, *overrides: str):
     """One run in this process, as ``llmexp <overrides>`` runs it; its results.json as a dict."""
-    from llmexp.runner import run_experiment
+    from llmexp.running.runner import run_experiment
 
     return run_experiment(compose_config(list(overrides)), run_dir, multirun=False).to_dict()
 
@@ -223,9 +223,9 @@ def test_a_model_only_in_memory_is_saved_and_reloads_equal(tmp_path):
 
     from llmexp.data.embedded import build_world
     from llmexp.data.tokenizer import word_level_tokenizer
-    from llmexp.models import build_model, load_model
+    from llmexp.models.loading import build_model, load_model
     from llmexp.plugins.export.stage import export
-    from llmexp.technique import ModelArtifact, StageContext
+    from llmexp.techniques.contract import ModelArtifact, StageContext
 
     torch.manual_seed(0)
     config = compose_config(["model.num_layers=1"])
@@ -326,7 +326,7 @@ def test_a_machine_without_tensorrt_llm_stops_the_run_before_it_writes(fmt, need
 def test_the_plugin_and_its_plan_check_import_neither_torch_nor_tensorrt_llm():
     code = (
         "import sys; import llmexp.plugins.export as p\n"
-        "from llmexp.config import compose_config\n"
+        "from llmexp.configuration.compose import compose_config\n"
         "cfg = compose_config(['technique=export', 'technique.format=triton', 'hardware=h100'])\n"
         "assert p.llmexp_plan_problems(cfg, None)\n"
         "assert 'torch' not in sys.modules and 'tensorrt_llm' not in sys.modules, 'imported'"

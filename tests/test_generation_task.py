@@ -39,7 +39,7 @@ def write_problems(path, pairs):
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
-    from llmexp.models import load_model
+    from llmexp.models.loading import load_model
 
     return load_model(tiny_checkpoint)
 

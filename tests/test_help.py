@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from llmexp.plugin_manager import techniques
+from llmexp.techniques.plugin_manager import techniques
 
 from .conftest import REPO, run_llmexp
 
@@ -17,7 +17,7 @@ def test_help_is_short_and_names_every_group_option_subcommand_and_the_full_conf
     listed = {line.split(":")[0]: line.split(": ", 1)[1].split(", ") for line in lines if ": " in line
               and line.split(":")[0] in [*GROUPS, "technique"]}
     for group in GROUPS:
-        assert listed[group] == sorted(path.stem for path in (REPO / "conf" / group).glob("*.yaml")), group
+        assert listed[group] == sorted(path.stem for path in (REPO / "llmexp" / "conf" / group).glob("*.yaml")), group
     assert listed["technique"] == sorted(techniques())
     for subcommand in ("llmexp plan", "llmexp plugins", "llmexp gather", "llmexp report", "llmexp serve"):
         assert subcommand in result.stdout

@@ -291,7 +291,7 @@ def test_a_password_in_the_url_is_sent_as_basic_auth_and_never_logged_or_recorde
 
 def test_answers_missing_from_the_items_are_written_by_the_evaluated_model(tiny_checkpoint, tmp_path, monkeypatch):
     from llmexp.data.instructions import format_prompt
-    from llmexp.models import load_model
+    from llmexp.models.loading import load_model
     from llmexp.plugins.evaluate.scoring import Scorer
 
     monkeypatch.setenv(KEY_ENV, SECRET)

@@ -7,8 +7,8 @@ import json
 
 import pytest
 
-from llmexp.config import compose_config
-from llmexp.planner import make_plan
+from llmexp.configuration.compose import compose_config
+from llmexp.planning.planner import make_plan
 from llmexp.plugins.evaluate.learned_tasks import added_tasks, learned_tasks
 from llmexp.plugins.evaluate.registry import resolve_tasks
 

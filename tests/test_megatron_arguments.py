@@ -1,4 +1,4 @@
-"""Our configs -> megatron-core's arguments (``llmexp.megatron.arguments``), preset by preset, refusals included.
+"""Our configs -> megatron-core's arguments (``llmexp.training.megatron.arguments``), preset by preset, refusals included.
 
 The expected numbers are written out from the models' published config.json files and the
 parallelism presets, not read back from the configs under test.
@@ -8,10 +8,10 @@ from __future__ import annotations
 
 import pytest
 
-from llmexp.config import compose_config
+from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
-from llmexp.megatron.arguments import megatron_problems, translate
-from llmexp.planner import make_plan
+from llmexp.training.megatron.arguments import megatron_problems, translate
+from llmexp.planning.planner import make_plan
 
 GPU = ["backend=megatron", "hardware=h100", "precision=bf16", "technique=pretrain"]
 
@@ -170,7 +170,7 @@ def test_the_arguments_build_real_megatron_core_configs():
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
-    from llmexp.megatron.train import _transformer_config
+    from llmexp.training.megatron.train import _transformer_config
 
     cfg = compose_config([*GPU, "model=llama3_1_8b", "parallelism=tp8_pp2", "backend.sequence_parallel=true",
                           "backend.virtual_pipeline_stages=2"])

@@ -1,4 +1,4 @@
-"""HF Llama <-> megatron-core GPT weights (llmexp.megatron.checkpoint_mapping), checked against megatron-core.
+"""HF Llama <-> megatron-core GPT weights (llmexp.training.megatron.checkpoint_mapping), checked against megatron-core.
 
 The mapping is plain torch and is checked here on values: round trips over tensor, pipeline and
 interleaved layouts, and the fused layouts written out by hand. The models it must fit are real
@@ -19,16 +19,16 @@ import torch
 from omegaconf import OmegaConf
 
 from llmexp.errors import UserError
-from llmexp.megatron.bridge import bridge_available, load_hf_weights
-from llmexp.megatron.arguments import padded_vocab
-from llmexp.megatron.checkpoint_mapping import (
+from llmexp.training.megatron.bridge import bridge_available, load_hf_weights
+from llmexp.training.megatron.arguments import padded_vocab
+from llmexp.training.megatron.checkpoint_mapping import (
     LAYER_SPECS, check_against_model, hf_to_megatron, iter_chunk_ids, layer_numbers, megatron_to_hf,
 )
-from llmexp.planner import architecture
+from llmexp.planning.planner import architecture
 
 from .conftest import REPO
 
-TINY = OmegaConf.to_container(OmegaConf.load(REPO / "conf/model/tiny_llama.yaml"))
+TINY = OmegaConf.to_container(OmegaConf.load(REPO / "llmexp/conf/model/tiny_llama.yaml"))
 
 VARIANTS = {
     "tied_gqa": {},  # tiny_llama as published: tied embeddings, 4 query heads over 2 key/value heads, 8 layers

@@ -15,8 +15,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmexp.megatron.arguments import padded_vocab
-from llmexp.megatron.checkpoint_mapping import hf_to_megatron
+from llmexp.training.megatron.arguments import padded_vocab
+from llmexp.training.megatron.checkpoint_mapping import hf_to_megatron
 
 from .test_megatron_checkpoint import TINY, arch_of, free_port, hf_model, transformer_config
 

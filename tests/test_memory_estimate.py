@@ -40,8 +40,8 @@ def tiny_llama_checkpoint(tmp_path):
     """The embedded default's architecture (8 layers), random weights: activations dominate the fixed overheads."""
     import torch
 
-    from llmexp.config import compose_config
-    from llmexp.models import new_embedded_model, save_model
+    from llmexp.configuration.compose import compose_config
+    from llmexp.models.loading import new_embedded_model, save_model
 
     torch.manual_seed(0)
     start = new_embedded_model(compose_config([]))

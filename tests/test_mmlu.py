@@ -19,7 +19,7 @@ MMLU = TASK_TYPES["mmlu"]
 
 @pytest.fixture(scope="module")
 def scorer(tiny_checkpoint):
-    from llmexp.models import load_model
+    from llmexp.models.loading import load_model
     from llmexp.plugins.evaluate.scoring import Scorer
 
     model, tokenizer = load_model(tiny_checkpoint)

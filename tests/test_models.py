@@ -10,14 +10,14 @@ from transformers import AutoModelForCausalLM, AutoTokenizer
 from llmexp.data.embedded import build_world
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
-from llmexp.models import build_model, load_model, model_stats
-from llmexp.planner import vocabulary_problem
+from llmexp.models.loading import build_model, load_model, model_stats
+from llmexp.planning.planner import vocabulary_problem
 
 from .conftest import REPO, read_results, run_llmexp
 
 
 def tiny_config(layers: int = 2):
-    cfg = OmegaConf.load(REPO / "conf/model/tiny_llama.yaml")
+    cfg = OmegaConf.load(REPO / "llmexp/conf/model/tiny_llama.yaml")
     cfg.num_layers = layers
     return cfg
 

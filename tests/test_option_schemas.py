@@ -4,11 +4,11 @@ from __future__ import annotations
 
 import pytest
 
-from llmexp.backends import BACKENDS
-from llmexp.config import compose_config
+from llmexp.planning.backends import BACKENDS
+from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
-from llmexp.schema import BACKEND_OPTIONS, TRACKER_OPTIONS, TrackerKind
-from llmexp.tracking import TRACKERS
+from llmexp.configuration.schema import BACKEND_OPTIONS, TRACKER_OPTIONS, TrackerKind
+from llmexp.results.tracking import TRACKERS
 
 from .conftest import run_llmexp
 

@@ -3,8 +3,8 @@
 The space is every model x hardware x parallelism x precision x technique x backend option (about 10^5
 points). The plan-only sweep takes a deterministic sample that holds every pair of option values of
 any two axes (asserted), plans each point, and starts the pure part of its first stage: megatron's
-argument translation (``llmexp.megatron.arguments.translate``, the first thing a megatron stage does)
-and, on the torch backend, Lightning's Trainer and strategy for the layout (``llmexp.training``). A
+argument translation (``llmexp.training.megatron.arguments.translate``, the first thing a megatron stage does)
+and, on the torch backend, Lightning's Trainer and strategy for the layout (``llmexp.training.loop``). A
 refusal there after a clean plan is a refusal the planner missed.
 
 The slow test starts the first stage of tiny_llama points for real (one optimiser step, one item,
@@ -28,20 +28,20 @@ import yaml
 from omegaconf import OmegaConf
 from safetensors.numpy import save_file
 
-from llmexp import plugin_manager
-from llmexp.checkpoint import HF_KEYS
-from llmexp.config import compose_config
+from llmexp.techniques import plugin_manager
+from llmexp.models.checkpoint import HF_KEYS
+from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
-from llmexp.pipeline import stage_nodes
-from llmexp.planner import make_plan
-from llmexp.training import TrainingTechnique
+from llmexp.configuration.pipeline import stage_nodes
+from llmexp.planning.planner import make_plan
+from llmexp.training.loop import TrainingTechnique
 
 REPO = Path(__file__).resolve().parents[1]
 FLAT_GROUPS = ("model", "hardware", "parallelism")  # option files merged onto the typed node (a defaults list left out)
 
 
 def options(group):
-    return sorted(path.stem for path in (REPO / "conf" / group).glob("*.yaml"))
+    return sorted(path.stem for path in (REPO / "llmexp" / "conf" / group).glob("*.yaml"))
 
 
 AXES = {
@@ -105,7 +105,7 @@ class Composer:
     @staticmethod
     def _option(typed, group, name):
         schema = OmegaConf.structured(OmegaConf.get_type(typed))
-        option = yaml.safe_load((REPO / "conf" / group / f"{name}.yaml").read_text())
+        option = yaml.safe_load((REPO / "llmexp" / "conf" / group / f"{name}.yaml").read_text())
         return OmegaConf.merge(schema, {key: value for key, value in option.items() if key != "defaults"})
 
     def __call__(self, point):
@@ -125,7 +125,7 @@ class Composer:
 @pytest.fixture(scope="module")
 def composer(tmp_path_factory):
     root = tmp_path_factory.mktemp("checkpoints")
-    presets = {name: yaml.safe_load((REPO / "conf/model" / f"{name}.yaml").read_text()) for name in AXES["model"]}
+    presets = {name: yaml.safe_load((REPO / "llmexp/conf/model" / f"{name}.yaml").read_text()) for name in AXES["model"]}
     return Composer({name: config_only_checkpoint(root / name, preset) for name, preset in presets.items()})
 
 
@@ -148,8 +148,8 @@ def test_the_composer_composes_as_hydra_does(composer):
 
 
 def test_every_point_that_plans_clean_starts_its_first_stage(composer):
-    from llmexp.megatron.arguments import translate
-    from llmexp.training import make_trainer, training_strategy
+    from llmexp.training.megatron.arguments import translate
+    from llmexp.training.loop import make_trainer, training_strategy
 
     clean = started = 0
     for point in sample_points():
@@ -188,7 +188,7 @@ BUDGET = {  # the cheapest start of each kind of stage: one step, one item, two 
 
 @pytest.mark.slow
 def test_tiny_points_that_plan_clean_start_for_real(tmp_path, tiny_checkpoint):
-    from llmexp.runner import run_experiment
+    from llmexp.running.runner import run_experiment
 
     hardware = AXES["hardware"]
     started, not_here = [], []

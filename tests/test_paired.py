@@ -6,8 +6,8 @@ import math
 import pytest
 import torch
 
-from llmexp.config import compose_config
-from llmexp.planner import make_plan
+from llmexp.configuration.compose import compose_config
+from llmexp.planning.planner import make_plan
 from llmexp.plugins.evaluate.paired import paired_measures
 from llmexp.plugins.evaluate.scoring import document_nll, forward_throughput, next_token_kl
 
@@ -41,7 +41,7 @@ def test_a_zero_baseline_has_no_relative_delta():
 
 @pytest.fixture(scope="module")
 def tiny(tiny_checkpoint):
-    from llmexp.models import load_model
+    from llmexp.models.loading import load_model
 
     return load_model(tiny_checkpoint)
 

@@ -2,9 +2,9 @@
 
 import pytest
 
-from llmexp.config import compose_config
-from llmexp.pipeline import input_stage, stage_nodes
-from llmexp.planner import make_plan
+from llmexp.configuration.compose import compose_config
+from llmexp.configuration.pipeline import input_stage, stage_nodes
+from llmexp.planning.planner import make_plan
 
 
 def test_the_customize_pipeline_resolves_its_nodes_and_inputs():

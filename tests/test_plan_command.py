@@ -11,8 +11,8 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-from llmexp import plan_command
-from llmexp.planner import GIB
+from llmexp.cli import plan as plan_command
+from llmexp.planning.planner import GIB
 
 from .conftest import run_llmexp
 
@@ -47,7 +47,7 @@ def llama_70b_checkpoint(tmp_path):
 
 
 def run_module(*args):
-    return subprocess.run([sys.executable, "-m", "llmexp.plan_command", *args], capture_output=True,
+    return subprocess.run([sys.executable, "-m", "llmexp.cli.plan", *args], capture_output=True,
                           text=True, cwd=REPO, timeout=120)
 
 

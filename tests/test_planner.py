@@ -14,13 +14,13 @@ import numpy as np
 import pytest
 from safetensors.numpy import save_file
 
-import llmexp.config
-from llmexp import plugin_manager
-from llmexp.config import compose_config
+import llmexp.configuration.compose
+from llmexp.techniques import plugin_manager
+from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
-from llmexp.hookspecs import hookimpl
-from llmexp.planner import GIB, count_parameters, make_plan
-from llmexp.technique import Technique, TechniqueConfig
+from llmexp.techniques.hookspecs import hookimpl
+from llmexp.planning.planner import GIB, count_parameters, make_plan
+from llmexp.techniques.contract import Technique, TechniqueConfig
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -99,7 +99,7 @@ class PlanTestPlugin:
 def test_plugin():
     def refresh():
         plugin_manager.techniques.cache_clear()
-        llmexp.config.register_configs.cache_clear()
+        llmexp.configuration.compose.register_configs.cache_clear()
 
     plugin = PlanTestPlugin()
     plugin_manager.plugin_manager().register(plugin)
@@ -417,8 +417,8 @@ def test_planning_imports_no_torch(tmp_path):
     checkpoint = write_checkpoint(tmp_path / "llama-3.1-70b", LLAMA_3_1_70B_CONFIG)
     script = (
         "import sys\n"
-        "from llmexp.config import compose_config\n"
-        "from llmexp.planner import make_plan\n"
+        "from llmexp.configuration.compose import compose_config\n"
+        "from llmexp.planning.planner import make_plan\n"
         "for overrides in ([], ['model=llama3_1_70b', 'hardware=a100_80g', 'parallelism=tp8'],\n"
         f"                  ['technique=evaluate', 'model.path={checkpoint}']):\n"
         "    make_plan(compose_config(overrides))\n"

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 import yaml
 
-from llmexp.config import compose_config
-from llmexp.planner import count_parameters, make_plan
+from llmexp.configuration.compose import compose_config
+from llmexp.planning.planner import count_parameters, make_plan
 
-CONF = Path(__file__).resolve().parents[1] / "conf"
+CONF = Path(__file__).resolve().parents[1] / "llmexp" / "conf"
 GENERATIONS = ["volta", "ampere", "ada", "hopper", "blackwell"]
 
 
@@ -119,7 +119,7 @@ def test_parallelism_presets_are_consistent(name):
     assert p["devices_per_node"] <= 8
     plan = make_plan(compose_config([f"parallelism={name}", "model=llama3_1_8b", "hardware=h100",
                                      "precision=bf16"]))
-    # the torch backend trains through no pipeline stages (llmexp.training): pp layouts are planned, then refused
+    # the torch backend trains through no pipeline stages (llmexp.training.loop): pp layouts are planned, then refused
     refused = ("Memory per device", "parallelism.pp=")
     assert [problem for problem in plan.problems if not problem.startswith(refused)] == []
     assert plan.world_size == p["nodes"] * p["devices_per_node"]

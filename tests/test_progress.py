@@ -15,7 +15,7 @@ import pytest
 from rich.console import Console
 
 from llmexp.errors import UserError
-from llmexp.progress import INTERVAL_ENV, Progress, interval_s
+from llmexp.display.progress import INTERVAL_ENV, Progress, interval_s
 
 from .conftest import run_llmexp
 

@@ -7,12 +7,12 @@ import torch
 from omegaconf import OmegaConf
 from transformers import AutoModelForCausalLM
 
-from llmexp.config import compose_config
+from llmexp.configuration.compose import compose_config
 from llmexp.data.embedded import build_world
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
-from llmexp.models import build_model, model_stats
-from llmexp.planner import architecture, count_parameters, make_plan, pruned_numbers
+from llmexp.models.loading import build_model, model_stats
+from llmexp.planning.planner import architecture, count_parameters, make_plan, pruned_numbers
 from llmexp.plugins.prune.importance import (
     WidthImportance,
     block_importance,
@@ -21,10 +21,10 @@ from llmexp.plugins.prune.importance import (
     width_importance,
 )
 from llmexp.plugins.prune.surgery import prune, prune_width
-from llmexp.technique import ModelArtifact, StageContext
+from llmexp.techniques.contract import ModelArtifact, StageContext
 from tests.conftest import REPO, read_results, run_llmexp
 
-TINY = OmegaConf.load(REPO / "conf/model/tiny_llama.yaml")
+TINY = OmegaConf.load(REPO / "llmexp/conf/model/tiny_llama.yaml")
 
 
 def tiny_model(layers: int):

@@ -8,10 +8,10 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM
 
-from llmexp.config import compose_config
+from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
-from llmexp.models import enable_modelopt_checkpointing, load_model, save_model
-from llmexp.planner import make_plan
+from llmexp.models.loading import enable_modelopt_checkpointing, load_model, save_model
+from llmexp.planning.planner import make_plan
 from llmexp.data.blocks import calibration_blocks
 from llmexp.plugins.quantize import text_blocks_available
 from llmexp.plugins.quantize.formats import FORMATS

@@ -17,9 +17,9 @@ from typing import List, Tuple
 import pytest
 from hydra._internal.utils import get_args_parser
 
-from llmexp import cli
-from llmexp.config import CONFIG_NAME, compose_config, sweep_points
-from llmexp.secrets import secrets_to_environment
+from llmexp.cli import main as cli
+from llmexp.configuration.compose import CONFIG_NAME, compose_config, sweep_points
+from llmexp.configuration.secrets import secrets_to_environment
 
 REPO = Path(__file__).resolve().parents[1]
 # Subcommands whose arguments are not overrides (paths of runs, servers): nothing to compose.
@@ -42,7 +42,7 @@ def readme_commands() -> List[Tuple[List[str], str]]:
 
 def needs_example_plugin(argv: List[str]) -> bool:
     """A command of the worked plugin example (``technique=weightstats``) when that example is not installed here."""
-    from llmexp.plugin_manager import techniques
+    from llmexp.techniques.plugin_manager import techniques
 
     chosen = [arg.split("=", 1)[1] for arg in argv if arg.startswith("technique=")]
     return any(name not in techniques() and (REPO / "examples" / f"llmexp-{name}").is_dir() for name in chosen)
@@ -78,8 +78,7 @@ def test_every_readme_command_composes_and_its_plans_say_what_their_comments_say
                 failures.append(f"llmexp {' '.join(argv)}: exit {done.value.code}: {capsys.readouterr().err}")
             continue
         if argv[:1] == ["plan"]:
-            from llmexp import plan_command
-
+            from llmexp.cli import plan as plan_command
             expected = 2 if "refused" in comment else 0
             code = plan_command.main(argv[1:])
             if code != expected:

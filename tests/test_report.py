@@ -4,7 +4,7 @@ import csv
 
 import pytest
 
-from llmexp.report import markdown_table, pareto_front, report_rows, table_columns, write_report
+from llmexp.results.report import markdown_table, pareto_front, report_rows, table_columns, write_report
 
 ROWS = [
     {"stage": "baseline_eval", "made_by": "pretrain", "precision": "fp32", "layers": 8, "parameters": 1000,
@@ -56,7 +56,7 @@ def test_no_plot_without_two_comparable_points(tmp_path):
 def test_every_point_is_labelled_with_its_row(monkeypatch):
     from matplotlib.axes import Axes
 
-    from llmexp.report import pareto_png
+    from llmexp.results.report import pareto_png
 
     texts = []
     annotate = Axes.annotate

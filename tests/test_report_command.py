@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from llmexp.errors import UserError
-from llmexp.report_command import accuracy_metrics, baseline_row, run_names, swept_keys
+from llmexp.cli.report import accuracy_metrics, baseline_row, run_names, swept_keys
 from tests.conftest import run_llmexp
 
 PNG = b"\x89PNG\r\n\x1a\n"

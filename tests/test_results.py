@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from omegaconf import OmegaConf
 
-from llmexp.results import (
+from llmexp.results.record import (
     REDACTED,
     RESULTS_FILE,
     RunRecord,
@@ -23,7 +23,7 @@ from llmexp.results import (
     summary_metrics,
     write_json_atomic,
 )
-from llmexp.technique import StageResult
+from llmexp.techniques.contract import StageResult
 
 
 # -- write_json_atomic ----------------------------------------------------------------------
@@ -119,7 +119,7 @@ def test_redacts_secret_keys_anywhere_and_keeps_the_rest(monkeypatch):
 
 
 def test_redacts_a_composed_run_config_into_plain_json():
-    from llmexp.config import compose_config
+    from llmexp.configuration.compose import compose_config
 
     cfg = compose_config(["tracker=mlflow", "tracker.uri=http://user:topsecret@host:5000"])
     out = redact_secrets(cfg)
@@ -129,7 +129,7 @@ def test_redacts_a_composed_run_config_into_plain_json():
 
 
 def test_redact_accepts_plain_dicts_and_dataclasses():
-    from llmexp.schema import TrackerConfig
+    from llmexp.configuration.schema import TrackerConfig
 
     assert redact_secrets({"a": {"token": "t"}}) == {"a": {"token": REDACTED}}
     assert redact_secrets(TrackerConfig(name="none"))["name"] == "none"
@@ -140,7 +140,7 @@ def test_redact_accepts_plain_dicts_and_dataclasses():
 
 def test_environment_info_reads_versions_without_importing_heavy_packages(tmp_path):
     code = (
-        "import sys, json; from llmexp.results import environment_info; info = environment_info(); "
+        "import sys, json; from llmexp.results.record import environment_info; info = environment_info(); "
         "print(json.dumps({'info': info, 'heavy': [m for m in ('torch', 'transformers', 'lightning', "
         "'wandb', 'mlflow') if m in sys.modules]}))"
     )
@@ -257,7 +257,7 @@ def test_summary_metrics_flattens_nested_numbers_and_skips_the_rest():
 def test_hydra_config_record_is_rewritten_without_secrets_from_config_files(tmp_path):
     from omegaconf import OmegaConf
 
-    from llmexp.results import redact_hydra_record
+    from llmexp.results.record import redact_hydra_record
 
     hydra_dir = tmp_path / ".hydra"
     hydra_dir.mkdir()

@@ -15,9 +15,9 @@ from typing import List
 import pytest
 from omegaconf import OmegaConf
 
-from llmexp.config import compose_config
+from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
-from llmexp.secrets import ENV_PREFIX, REDACTED, is_secret_key, redact_url_credentials, secrets_to_environment
+from llmexp.configuration.secrets import ENV_PREFIX, REDACTED, is_secret_key, redact_url_credentials, secrets_to_environment
 from tests.conftest import read_results, run_llmexp
 from tests.test_judge import QA, ScriptedJudge, good, items_file
 from tests.test_tracking import wandb_records

@@ -20,10 +20,10 @@ import pytest
 import uvicorn
 from prometheus_client.parser import text_string_to_metric_families
 
-from llmexp import serve_command
+from llmexp.cli import serve as serve_command
 from llmexp.data.instructions import prompt_ids
 from llmexp.errors import UserError
-from llmexp.models import save_model
+from llmexp.models.loading import save_model
 from llmexp.serving.app import create_app
 from llmexp.serving.engine import Engine
 from llmexp.serving.limits import default_max_body_bytes
@@ -471,7 +471,7 @@ def test_api_keys_guard_every_path_but_health_and_rejections_are_counted(keyed):
 
 def run_serve(*args: str, env=None, **kwargs) -> subprocess.Popen:
     environment = {name: value for name, value in os.environ.items() if name not in ("LLMEXP_API_KEY", "VLLM_API_KEY")}
-    return subprocess.Popen([sys.executable, "-m", "llmexp.serve_command", *args], cwd=REPO, text=True,
+    return subprocess.Popen([sys.executable, "-m", "llmexp.cli.serve", *args], cwd=REPO, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                             env={**environment, "HF_HUB_OFFLINE": "1", **(env or {})}, **kwargs)
 

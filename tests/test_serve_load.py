@@ -164,7 +164,7 @@ def settled(url: str, timeout: float = 60) -> Dict[str, float]:
 def test_a_mixed_load_at_concurrency_64_fails_no_good_request_and_gives_the_memory_back(tiny_checkpoint):
     environment = {name: value for name, value in os.environ.items() if name != "VLLM_API_KEY"}
     process = subprocess.Popen(
-        [sys.executable, "-m", "llmexp.serve_command", str(tiny_checkpoint), "--port", "0", "--max-batch-size", "16",
+        [sys.executable, "-m", "llmexp.cli.serve", str(tiny_checkpoint), "--port", "0", "--max-batch-size", "16",
          "--max-queue", str(CONCURRENCY)],
         cwd=REPO, text=True, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
         env={**environment, "HF_HUB_OFFLINE": "1", "OMP_NUM_THREADS": "1", "LLMEXP_API_KEY": KEY})

@@ -16,7 +16,7 @@ from types import SimpleNamespace
 import pytest
 
 from llmexp.errors import UserError
-from llmexp.serve_command import main, parse_args
+from llmexp.cli.serve import main, parse_args
 from llmexp.serving.vllm_server import (
     lora_module,
     require_cuda,
@@ -32,9 +32,9 @@ SERVER = [sys.executable, "-m", "vllm.entrypoints.openai.api_server"]
 
 def quantize_stage(tiny_checkpoint: Path, stage: Path, format_name: str) -> None:
     """A quantize stage as ptq.py writes one: ``model/`` (ModelOpt checkpoint) and ``export/`` (unified export)."""
-    from llmexp.config import compose_config
+    from llmexp.configuration.compose import compose_config
     from llmexp.data.blocks import calibration_blocks
-    from llmexp.models import enable_modelopt_checkpointing, load_model, save_model
+    from llmexp.models.loading import enable_modelopt_checkpointing, load_model, save_model
     from llmexp.plugins.quantize.formats import FORMATS
     from llmexp.plugins.quantize.ptq import export, quantize_model
 
@@ -52,7 +52,7 @@ def run(tiny_checkpoint, tmp_path_factory):
     """A run directory: a baseline stage, quantize stages (fp8, int4 and KV-only), a LoRA and an IA3 adapter."""
     from peft import IA3Config, get_peft_model
 
-    from llmexp.models import load_model
+    from llmexp.models.loading import load_model
     from tests.test_serving_engine import save_lora_adapter
 
     root = tmp_path_factory.mktemp("vllm_run")

@@ -15,7 +15,7 @@ from omegaconf import OmegaConf
 from llmexp.data.embedded import build_world
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
-from llmexp.models import build_model, load_model, save_model
+from llmexp.models.loading import build_model, load_model, save_model
 from llmexp.serving.engine import (
     Engine,
     GenerationFailed,
@@ -35,7 +35,7 @@ def build_varied_model(seed: int = 0):
     """The 2-layer tiny Llama with weights drawn wider than at init, so greedy continuations vary with the
     context instead of repeating one token (a test of positions and masks needs that); and its tokenizer."""
     torch.manual_seed(seed)
-    model_cfg = OmegaConf.load(REPO / "conf/model/tiny_llama.yaml")
+    model_cfg = OmegaConf.load(REPO / "llmexp/conf/model/tiny_llama.yaml")
     model_cfg.num_layers = 2
     tokenizer = word_level_tokenizer(build_world(0).vocabulary())
     model = build_model(model_cfg, tokenizer)
@@ -264,7 +264,7 @@ def test_model_dir_may_be_a_stage_or_an_adapter_but_not_a_whole_run(varied_check
 def test_a_modelopt_int8_checkpoint_serves_what_it_computes_in_process(tmp_path):
     import modelopt.torch.quantization as mtq
 
-    from llmexp.models import enable_modelopt_checkpointing
+    from llmexp.models.loading import enable_modelopt_checkpointing
 
     model, tokenizer = build_varied_model(seed=1)
     model.eval()
@@ -291,7 +291,7 @@ def test_a_modelopt_int8_checkpoint_serves_what_it_computes_in_process(tmp_path)
 def test_a_tiny_temperature_samples_like_greedy_instead_of_failing(served):
     prompts = random_prompts(3, seed=20)
     temperatures = (5e-324, 1e-300, 1e-30)  # the smallest positive float, the reported 1e-300, below float32's range
-    # top_p's tiny value is a normal float: training in this process (llmexp.training) flushes denormals to zero,
+    # top_p's tiny value is a normal float: training in this process (llmexp.training.loop) flushes denormals to zero,
     # and 5e-324 would then read as top_p=0, which is refused
     settings = list(zip(temperatures, (1.0, 1e-300, 0.5)))
 

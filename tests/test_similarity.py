@@ -92,7 +92,7 @@ def test_limit_keeps_the_first_rows():
 
 
 def test_generates_greedily_and_scores_the_generations(tiny_checkpoint):
-    from llmexp.models import load_model
+    from llmexp.models.loading import load_model
     from llmexp.plugins.evaluate.scoring import Scorer, greedy_generate
 
     model, tokenizer = load_model(tiny_checkpoint)

@@ -27,7 +27,7 @@ pytestmark = pytest.mark.slow
 
 SLURM = ["-m", "hydra/launcher=slurm", "cluster=localhost", "hardware.accelerator=cpu"]
 LONG_TRAINING = ["hardware=h100", "technique.max_steps=2000", "technique.log_every=5"]  # minutes of training
-SCRIPTS = REPO / "launchers" / "slurm-localhost"
+SCRIPTS = REPO / "llmexp" / "launchers" / "slurm-localhost"
 
 
 def slurm(env: dict, *command: str) -> str:

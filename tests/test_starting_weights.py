@@ -39,10 +39,10 @@ def tiny_llama_checkpoint(path: Path, layers: int) -> Path:
 
     from llmexp.data.embedded import build_world
     from llmexp.data.tokenizer import word_level_tokenizer
-    from llmexp.models import build_model, save_model
+    from llmexp.models.loading import build_model, save_model
 
     torch.manual_seed(layers)
-    model_cfg = OmegaConf.load(REPO / "conf/model/tiny_llama.yaml")
+    model_cfg = OmegaConf.load(REPO / "llmexp/conf/model/tiny_llama.yaml")
     model_cfg.num_layers = layers
     tokenizer = word_level_tokenizer(build_world(0).vocabulary())
     save_model(build_model(model_cfg, tokenizer), tokenizer, path)
@@ -86,9 +86,9 @@ def offline(cache: Path, **more) -> dict:
 
 def test_each_preset_names_its_base_models_repository_at_main():
     for name, repo in PUBLISHED.items():
-        preset = yaml.safe_load((REPO / f"conf/model/{name}.yaml").read_text())
+        preset = yaml.safe_load((REPO / f"llmexp/conf/model/{name}.yaml").read_text())
         assert (preset["hub_repo"], preset.get("revision", "main")) == (repo, "main"), name
-    assert "hub_repo" not in yaml.safe_load((REPO / "conf/model/tiny_llama.yaml").read_text())
+    assert "hub_repo" not in yaml.safe_load((REPO / "llmexp/conf/model/tiny_llama.yaml").read_text())
 
 
 def test_published_weights_load_from_the_cache_offline_at_main_or_a_pinned_revision(tmp_path, hub_cache):
@@ -252,8 +252,7 @@ def test_download_failures_name_the_repository_the_revision_and_the_fix(tmp_path
 
 
 def test_a_repository_id_that_cannot_be_one_is_refused_by_the_plan(capsys):
-    from llmexp import plan_command
-
+    from llmexp.cli import plan as plan_command
     assert plan_command.main(["model.hub_repo=not a repo", "technique=lora"]) == 2
     out = " ".join(capsys.readouterr().out.split())
     assert "weights: not a repo@main, which is not a repository id" in out

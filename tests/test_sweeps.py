@@ -9,9 +9,9 @@ import pytest
 import yaml
 from omegaconf import OmegaConf
 
-from llmexp.config import compose_config, sweep_points
+from llmexp.configuration.compose import compose_config, sweep_points
 from llmexp.errors import UserError
-from llmexp.planner import make_plan
+from llmexp.planning.planner import make_plan
 
 SWEEPS = Path(__file__).resolve().parents[1] / "sweeps"
 NAMES = sorted(path.stem for path in SWEEPS.glob("*.yaml"))

@@ -30,7 +30,7 @@ def test_text2sql_words_are_appended_so_older_ids_stay():
     assert new == list(TEXT2SQL_WORDS)
     tokenizer = word_level_tokenizer(vocabulary)
     assert tokenizer.convert_tokens_to_ids(old) == list(range(4, 194))
-    assert len(tokenizer) == 205 <= OmegaConf.load(REPO / "conf/model/tiny_llama.yaml").vocab_size
+    assert len(tokenizer) == 205 <= OmegaConf.load(REPO / "llmexp/conf/model/tiny_llama.yaml").vocab_size
     for seed in range(5):
         assert len(set(build_world(seed).vocabulary())) == len(build_world(seed).vocabulary())
 

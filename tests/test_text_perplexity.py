@@ -17,7 +17,7 @@ TEXT_PERPLEXITY = TASK_TYPES["text_perplexity"]
 
 @pytest.fixture(scope="module")
 def loaded(tiny_checkpoint):
-    from llmexp.models import load_model
+    from llmexp.models.loading import load_model
 
     return load_model(tiny_checkpoint)
 

@@ -17,9 +17,9 @@ from unittest import mock
 import pytest
 
 from llmexp.errors import UserError
-from llmexp.results import REDACTED, RESULTS_FILE
-from llmexp.schema import MlflowTrackerConfig, NoTrackerConfig, TrackerConfig, WandbTrackerConfig
-from llmexp.tracking import TRACKER_STATE_FILE, Tracker, default_mlflow_uri, make_tracker, wandb_mode
+from llmexp.results.record import REDACTED, RESULTS_FILE
+from llmexp.configuration.schema import MlflowTrackerConfig, NoTrackerConfig, TrackerConfig, WandbTrackerConfig
+from llmexp.results.tracking import TRACKER_STATE_FILE, Tracker, default_mlflow_uri, make_tracker, wandb_mode
 
 SECRET = "sk-do-not-leak-1234"
 CONFIG = {
@@ -63,7 +63,7 @@ def offline(monkeypatch, tmp_path):
 
 def test_importing_tracking_imports_no_backend():
     code = (
-        "import sys, llmexp.tracking; "
+        "import sys, llmexp.results.tracking; "
         "print([m for m in ('wandb', 'mlflow', 'lightning', 'torch') if m in sys.modules])"
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
@@ -345,7 +345,7 @@ def test_jobs_opening_a_new_sqlite_store_at_once_all_get_their_run(tmp_path):
     """A parallel sweep's first jobs create the store's tables together (mlflow: "duplicate column" without a lock)."""
     uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
     code = (
-        "import sys; from llmexp.schema import MlflowTrackerConfig; from llmexp.tracking import make_tracker; "
+        "import sys; from llmexp.configuration.schema import MlflowTrackerConfig; from llmexp.results.tracking import make_tracker; "
         f"t = make_tracker(MlflowTrackerConfig(uri={uri!r}), sys.argv[1], {{}}); t.finish(); print(t.run_id)"
     )
     jobs = [subprocess.Popen([sys.executable, "-c", code, str(tmp_path / f"run-{n}")], cwd=tmp_path,

@@ -13,14 +13,14 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from llmexp.config import compose_config
+from llmexp.configuration.compose import compose_config
 from llmexp.data.packing import pack_documents
 from llmexp.errors import UserError
-from llmexp.models import build_model
-from llmexp.peak_memory import PeakMemory
-from llmexp.technique import StageContext
-from llmexp.tracking import make_tracker
-from llmexp.training import LossOutput, accumulation_steps, data_order, make_trainer, train, warmup_cosine
+from llmexp.models.loading import build_model
+from llmexp.training.peak_memory import PeakMemory
+from llmexp.techniques.contract import StageContext
+from llmexp.results.tracking import make_tracker
+from llmexp.training.loop import LossOutput, accumulation_steps, data_order, make_trainer, train, warmup_cosine
 
 # 2 layers, 16-token blocks, micro-batches of 2 accumulated to 4: a step takes milliseconds.
 TINY = [

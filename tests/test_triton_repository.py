@@ -24,7 +24,7 @@ from llmexp.plugins.export.directories import write_directory
 from llmexp.plugins.export.engine_settings import read_engine
 from llmexp.plugins.export.pbtxt import Enum, Map, to_text
 from llmexp.plugins.export.triton import write_repository
-from llmexp.schema import ParallelismConfig
+from llmexp.configuration.schema import ParallelismConfig
 from tests.test_export import run  # one run in this process
 
 MODELS = ("preprocessing", "tensorrt_llm", "postprocessing", "ensemble")
@@ -314,8 +314,8 @@ def test_the_stage_writes_a_repository_for_a_prebuilt_engine(tiny_checkpoint, tm
 
 
 def test_the_plan_checks_a_prebuilt_engine_against_the_repository(tiny_checkpoint, tmp_path):
-    from llmexp.config import compose_config
-    from llmexp.planner import make_plan
+    from llmexp.configuration.compose import compose_config
+    from llmexp.planning.planner import make_plan
 
     engine = make_engine(tmp_path / "engine", max_batch_size=4)
     problems = make_plan(compose_config(["technique=export", "technique.format=triton", f"model.path={tiny_checkpoint}",

@@ -17,7 +17,7 @@ import sys
 
 from tests.conftest import REPO
 
-PRODUCT = ("llmexp", "plugins", "launchers", "benchmarks")
+PRODUCT = ("llmexp", "benchmarks")
 
 
 def auto_class_loads():

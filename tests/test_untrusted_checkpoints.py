@@ -19,7 +19,7 @@ import pytest
 import torch
 from safetensors.torch import load_file, save_file
 
-from llmexp.checkpoint import MODELOPT_STATE
+from llmexp.models.checkpoint import MODELOPT_STATE
 from tests.conftest import run_llmexp
 
 UNSAFE = {"TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD": "1"}

@@ -9,4 +9,4 @@ from llmexp.launchers import slurm
 
 
 class SlurmLauncher(slurm.SlurmLauncher):
-    """``hydra/launcher=slurm`` (conf/hydra/launcher/slurm.yaml); see ``llmexp.launchers.slurm``."""
+    """``hydra/launcher=slurm`` (llmexp/conf/hydra/launcher/slurm.yaml); see ``llmexp.launchers.slurm``."""

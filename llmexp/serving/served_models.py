@@ -1,14 +1,14 @@
 """What one ``llmexp serve`` process serves: a base model and any LoRA adapters on it, by name.
 
 The base is any checkpoint the framework writes (``save_pretrained``, a ModelOpt-quantized
-one included: ``llmexp.models.load_model`` restores its quantizers). Adapters are PEFT
+one included: ``llmexp.models.loading.load_model`` restores its quantizers). Adapters are PEFT
 directories (what ``technique=lora`` saves as ``<stage>/adapter``), all loaded into one
 ``PeftModel`` over the one base, as NIM serves LoRA: a request picks the base or an adapter
 by its ``model`` name, and one batch may mix them (PEFT's ``adapter_names`` per row).
 
 Adapters are as untrusted as checkpoints: ``check_served_files`` looks at every file in pure
 Python before ``llmexp serve`` binds its port, and adapters load under
-``llmexp.models.weights_only_loading``, any failure a ``UserError`` naming the file.
+``llmexp.models.loading.weights_only_loading``, any failure a ``UserError`` naming the file.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
-from llmexp.checkpoint import safetensors_problem, torch_archive_problem, validate_checkpoint_dir
+from llmexp.models.checkpoint import safetensors_problem, torch_archive_problem, validate_checkpoint_dir
 from llmexp.errors import UserError
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
@@ -75,7 +75,7 @@ def load_served_models(
 ) -> ServedModels:
     """Load ``model_dir`` (a checkpoint, a stage directory holding ``model/``, or a LoRA adapter whose base is
     on disk) and the ``adapters`` ({served name: PEFT directory}) on it; bad input is a ``UserError``."""
-    from llmexp.models import load_model
+    from llmexp.models.loading import load_model
 
     base_dir, implied_adapter = resolve_model_dir(Path(model_dir))
     base_name = name or _default_name(base_dir)
@@ -203,7 +203,7 @@ def _attach_adapters(model, adapters: Mapping[str, Tuple[Path, str]]):
 
     from peft import PeftModel
 
-    from llmexp.models import weights_only_loading
+    from llmexp.models.loading import weights_only_loading
 
     peft_model = None
     for adapter_name, (adapter_dir, label) in adapters.items():

@@ -21,13 +21,13 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
-from llmexp.backends import importable
+from llmexp.planning.backends import importable
 from llmexp.errors import UserError
-from llmexp.models import MODELOPT_STATE
+from llmexp.models.loading import MODELOPT_STATE
 from llmexp.serving.served_models import check_adapter_dir, resolve_model_dir
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-EXPORT_DIR = "export"  # where the quantize stage writes ModelOpt's unified HF export (plugins/quantize/ptq.py)
+EXPORT_DIR = "export"  # where the quantize stage writes ModelOpt's unified HF export (llmexp/plugins/quantize/ptq.py)
 HF_QUANT_CONFIG = "hf_quant_config.json"
 
 # ModelOpt's quant_algo -> the name vLLM's ModelOpt loader detects it as. vLLM refuses a --quantization

@@ -9,8 +9,8 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from llmexp.errors import UserError
-from llmexp.hookspecs import hookimpl
-from llmexp.technique import StageContext, StageResult, Technique, TechniqueConfig
+from llmexp.techniques.hookspecs import hookimpl
+from llmexp.techniques.contract import StageContext, StageResult, Technique, TechniqueConfig
 
 
 @dataclass
@@ -28,7 +28,7 @@ class WeightStats(Technique):
     def run(self, ctx: StageContext) -> StageResult:
         import json
 
-        from llmexp.models import input_model
+        from llmexp.models.loading import input_model
 
         artifact = input_model(ctx)
         if artifact is None:

@@ -1,0 +1,286 @@
+"""``llmexp report DIR...``: one table and Pareto plots over runs and sweeps.
+
+Every ``results.json`` under the given directories is a run (a single run, a multirun's
+jobs, a pipeline's run with its several evaluations). Each evaluation becomes a row that
+names its run (``run``: the run directory below the folder the runs share), its pipeline,
+the technique that made the evaluated model, and the overrides that made its run; the keys
+whose values differ between runs are the swept keys, and rows are grouped by them.
+``--baseline key=value,...`` names one row (``run=0,stage=baseline_eval``); every other row
+gets the difference of each accuracy and cost from it.
+Runs that failed or were skipped (and sweep jobs that never wrote results) are listed with
+their reasons instead of dropped. Writes ``report.md``, ``report.csv`` and
+``pareto_{throughput,size,memory}.png`` atomically into ``--out``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+from llmexp.errors import UserError
+
+REPORT_MD, REPORT_CSV = "report.md", "report.csv"
+# Metrics a row may carry that are accuracies (higher is better) beyond report.ACCURACIES: the
+# described evaluation tasks' names end so (mmlu_acc, gsm8k_exact_match_strict-match, code_pass_at_1).
+_ACCURACY_SUFFIXES = ("_acc", "_acc_norm", "_acc_macro", "_em", "_pass_at_1", "_score_mean", "_rougeL", "_bleu", "_f1")
+_ACCURACY_MARKERS = ("_exact_match",)
+# What a row shows about the model and what it cost, when present.
+_MODEL_COLUMNS = ("precision", "parameters")
+_COST_COLUMNS = (
+    "perplexity", "tokens_per_s", "output_tokens_per_s", "ttft_p50_ms", "size_mb", "eval_peak_memory_mb",
+    "train_time_s",
+)
+
+
+def main(argv: List[str]) -> int:
+    parser = argparse.ArgumentParser(prog="llmexp report", description=__doc__.split("\n", 1)[0])
+    parser.add_argument("dirs", nargs="+", type=Path, help="run or multirun directories (searched for results.json)")
+    parser.add_argument("--out", type=Path, help="where to write the report (default: the only DIR, else ./report)")
+    parser.add_argument("--baseline", help="the row others are compared with: key=value[,key=value] (e.g. stage=baseline_eval)")
+    parser.add_argument("--metric", action="append", default=[], help="an accuracy to show and plot (repeatable)")
+    args = parser.parse_args(argv)
+    from llmexp.display import console
+    from llmexp.results.report import table_columns
+
+    runs, missing = find_runs(args.dirs)
+    rows, unfinished, swept = collect_rows(runs)
+    unfinished += missing
+    if not rows and not unfinished:
+        raise UserError(
+            f"no results.json under {', '.join(map(str, args.dirs))}; give run directories (outputs/<date>/<time>) "
+            "or multirun directories (multirun/<date>/<time>)."
+        )
+    accuracies = args.metric or accuracy_metrics(rows)
+    baseline = baseline_row(rows, args.baseline) if args.baseline else None
+    out = args.out or (args.dirs[0] if len(args.dirs) == 1 else Path("report"))
+    written = write_cross_run_report(out, rows, unfinished, accuracies, swept, baseline)
+    measures = [*accuracies[:3], *(f"{name}_vs_baseline" for name in accuracies[:1]),
+                "perplexity", "size_mb", "tokens_per_s", "output_tokens_per_s"]
+    # What a narrow terminal keeps first: which row it is (its run and stage are never left out), its first
+    # accuracy, the swept keys, then the other measures.
+    priority = list(dict.fromkeys(["run", "stage", "technique", "pipeline", *measures[:1], *swept, *measures]))
+    console.print_fitted_table(
+        "Report", rows, table_columns(rows, priority), (REPORT_MD, REPORT_CSV), keep=2,
+        order=[*row_names(swept), *measures],
+    )
+    for entry in unfinished:
+        console.warn(f"{entry['status']}: {entry['run']}: {entry.get('reason') or 'no reason recorded'}")
+    console.out.print(f"{len(rows)} row(s) from {len(runs)} run(s), {len(unfinished)} not completed; wrote:")
+    for path in written.values():
+        console.out.print(f"  {path}", soft_wrap=True, highlight=False)
+    return 0
+
+
+def find_runs(dirs: Sequence[Path]) -> Tuple[List[Tuple[Path, Dict[str, Any]]], List[Dict[str, Any]]]:
+    """``(run dir, results)`` for every results.json under ``dirs``, and sweep jobs that never wrote one.
+
+    A job of a multirun that died before writing (a directory with ``.hydra/`` but no
+    results.json), or one a Slurm sweep's ``jobs.json`` lists as failed without results,
+    is reported as failed with what is known.
+    """
+    from llmexp.results.record import RESULTS_FILE
+
+    runs: List[Tuple[Path, Dict[str, Any]]] = []
+    missing: List[Dict[str, Any]] = []
+    for root in dirs:
+        if not root.is_dir():
+            raise UserError(f"{root} is not a directory; give run or multirun directories (they hold results.json).")
+        for results_file in sorted(root.rglob(RESULTS_FILE), key=_natural):
+            try:
+                runs.append((results_file.parent, json.loads(results_file.read_text())))
+            except (OSError, ValueError) as error:
+                missing.append({"run": str(results_file.parent), "status": "failed", "reason": f"unreadable {RESULTS_FILE}: {error}"})
+        known = {str(run_dir) for run_dir, _ in runs}
+        for hydra_dir in sorted(root.rglob(".hydra"), key=_natural):
+            if str(hydra_dir.parent) not in known and (hydra_dir / "overrides.yaml").is_file():
+                missing.append({"run": str(hydra_dir.parent), "status": "failed", "reason": "no results.json: the job ended before writing it"})
+        recorded = {run_dir.absolute() for run_dir, _ in runs}
+        for jobs_file in root.rglob("jobs.json"):  # a sweep's record of its jobs (absolute run directories)
+            for job in json.loads(jobs_file.read_text()):
+                if job.get("status") != "completed" and Path(str(job.get("run_dir"))).absolute() not in recorded:
+                    missing.append({"run": str(job.get("run_dir")), "status": job.get("status"), "reason": job.get("reason")})
+    return runs, _unique(missing)
+
+
+def collect_rows(
+    runs: Sequence[Tuple[Path, Mapping[str, Any]]],
+) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], List[str]]:
+    """One row per evaluation of every completed run with its swept overrides; the runs that did not complete; the swept keys."""
+    from llmexp.results.report import report_rows
+
+    rows: List[Dict[str, Any]] = []
+    unfinished: List[Dict[str, Any]] = []
+    overrides = {str(run_dir): _overrides(run_dir) for run_dir, _ in runs}
+    swept = swept_keys(list(overrides.values()))
+    names = run_names([run_dir for run_dir, _ in runs])
+    for run_dir, results in runs:
+        status = results.get("status")
+        if status != "completed":
+            unfinished.append({"run": str(run_dir), "status": status, "reason": results.get("reason"), **_pick(overrides[str(run_dir)], swept)})
+            continue
+        stages = results.get("stages") or {}
+        evaluations = report_rows(results.get("comparison") or [])
+        if not evaluations:  # a run without an evaluation: its last stage's numbers
+            name, entry = list((stages or {"-": {}}).items())[-1]
+            from llmexp.results.record import flatten_numbers
+
+            evaluations = [{"stage": name, "made_by": entry.get("technique"), **flatten_numbers(entry.get("metrics") or {})}]
+        pipeline = ((results.get("config") or {}).get("pipeline") or {}).get("name")
+        for evaluation in evaluations:
+            row = {
+                "run": names[str(run_dir)], **_pick(overrides[str(run_dir)], swept), **evaluation,
+                "pipeline": pipeline, "technique": _technique(stages, evaluation), "run_dir": str(run_dir),
+            }
+            label = [*(f"{key}={row[key]}" for key in swept if row.get(key) is not None), row.get("stage", "")]
+            row["label"] = " ".join([row["run"], *label] if len(runs) > 1 else label).strip()
+            rows.append(row)
+    rows.sort(key=lambda row: [_sort_key(row.get(key)) for key in swept])
+    return rows, unfinished, swept
+
+
+def run_names(run_dirs: Sequence[Path]) -> Dict[str, str]:
+    """A short name for each run directory: its path below the deepest folder that holds them all.
+
+    A multirun's jobs are ``0``, ``1`` ...; runs of one day ``10-00-00``, ``11-30-00``; jobs
+    of two sweeps ``<sweep>/0`` ...; a single run its directory's name.
+    """
+    if not run_dirs:
+        return {}
+    common = Path(os.path.commonpath([Path(run_dir).absolute().parent for run_dir in run_dirs]))
+    return {str(run_dir): Path(run_dir).absolute().relative_to(common).as_posix() for run_dir in run_dirs}
+
+
+def _technique(stages: Mapping[str, Any], evaluation: Mapping[str, Any]) -> Optional[str]:
+    """The technique that made the row's model (``quantize`` for a compress run's ``fp8_eval``); for a model
+    given by ``model.path``, or a row of a stage's own numbers, that stage's technique."""
+    maker = stages.get(evaluation.get("model")) or stages.get(evaluation.get("stage")) or {}
+    return maker.get("technique")
+
+
+def row_names(swept: Sequence[str]) -> List[str]:
+    """The columns that say which row it is, in the order the tables show them."""
+    return list(dict.fromkeys(["run", *swept, "pipeline", "technique", "stage"]))
+
+
+def swept_keys(overrides: Sequence[Mapping[str, str]]) -> List[str]:
+    """The override keys whose value is not the same in every run (absent counts as a value), in first-seen order."""
+    keys = list(dict.fromkeys(key for run in overrides for key in run))
+    return [key for key in keys if len({run.get(key) for run in overrides}) > 1]
+
+
+def accuracy_metrics(rows: Sequence[Mapping[str, Any]]) -> List[str]:
+    """The accuracy measures the rows carry: the embedded tasks' first, then the described tasks'."""
+    from llmexp.results.report import ACCURACIES
+
+    present = list(dict.fromkeys(key for row in rows for key, value in row.items() if isinstance(value, (int, float))))
+    known = [name for name in ACCURACIES if name in present]
+    described = [
+        name for name in present
+        if name not in known and not name.endswith(("_delta", "_se")) and (
+            name.endswith(_ACCURACY_SUFFIXES) or any(marker in name for marker in _ACCURACY_MARKERS)
+        )
+    ]
+    return known + described
+
+
+def baseline_row(rows: Sequence[Mapping[str, Any]], selector: str) -> Mapping[str, Any]:
+    """The one row every ``key=value`` of ``selector`` matches; a clear error for none or several."""
+    wanted = {}
+    for part in filter(None, (piece.strip() for piece in selector.split(","))):
+        key, sep, value = part.partition("=")
+        if not sep:
+            raise UserError(f"--baseline {selector!r}: {part!r} is not key=value; e.g. --baseline stage=baseline_eval.")
+        wanted[key.strip()] = value.strip()
+    matches = [row for row in rows if all(str(row.get(key)) == value for key, value in wanted.items())]
+    if len(matches) != 1:
+        labels = "; ".join(str(row.get("label")) for row in (matches or rows)[:12])
+        raise UserError(
+            f"--baseline {selector!r} matches {len(matches)} rows, not one; add keys until one row matches "
+            f"(rows{' matching' if matches else ''}: {labels})."
+        )
+    return matches[0]
+
+
+def write_cross_run_report(
+    out: Path,
+    rows: Sequence[Dict[str, Any]],
+    unfinished: Sequence[Mapping[str, Any]],
+    accuracies: Sequence[str],
+    swept: Sequence[str] = (),
+    baseline: Optional[Mapping[str, Any]] = None,
+) -> Dict[str, Path]:
+    """``report.md`` (table + runs not completed), ``report.csv`` and one Pareto PNG per cost axis."""
+    from llmexp.atomic import replace_atomically
+    from llmexp.results.report import GENERATION_THROUGHPUT, PEAK_MEMORY, SIZE, THROUGHPUT, _write_csv, markdown_table, pareto_png, table_columns
+
+    measures = [*accuracies, *(column for column in _COST_COLUMNS if column not in accuracies)]
+    if baseline is not None:
+        for row in rows:
+            for measure in measures:
+                if _number(row.get(measure)) and _number(baseline.get(measure)):
+                    row[f"{measure}_vs_baseline"] = row[measure] - baseline[measure]
+    columns = table_columns(
+        rows, [*row_names(swept), *_MODEL_COLUMNS, *(c for m in measures for c in (m, f"{m}_vs_baseline")), "run_dir"]
+    )
+    out.mkdir(parents=True, exist_ok=True)
+    body = markdown_table(rows, columns) if rows else "No completed runs.\n"
+    if baseline is not None:
+        body = f"Differences (`*_vs_baseline`) are against **{baseline.get('label')}**.\n\n" + body
+    if unfinished:
+        body += "\n## Not completed\n\n" + markdown_table(list(unfinished), ["run", "status", "reason"])
+    written = {
+        "table": replace_atomically(out / REPORT_MD, lambda handle: handle.write(body)),
+        "csv": replace_atomically(out / REPORT_CSV, lambda handle: _write_csv(handle, rows, columns)),
+    }
+    for name, cost in (("throughput", THROUGHPUT), ("generation", GENERATION_THROUGHPUT), ("size", SIZE), ("memory", PEAK_MEMORY)):
+        png = pareto_png(rows, [cost], accuracies, label="label")
+        if png is not None:
+            written[name] = replace_atomically(out / f"pareto_{name}.png", lambda handle, png=png: handle.write(png), binary=True)
+    return written
+
+
+def _overrides(run_dir: Path) -> Dict[str, str]:
+    """The command-line overrides of a run, from Hydra's ``.hydra/overrides.yaml`` (empty when absent)."""
+    from omegaconf import OmegaConf
+
+    path = run_dir / ".hydra" / "overrides.yaml"
+    if not path.is_file():
+        return {}
+    pairs = [str(item).partition("=") for item in OmegaConf.load(path)]
+    return {key.lstrip("+~"): value for key, _, value in pairs if not key.startswith("hydra")}
+
+
+def _pick(overrides: Mapping[str, str], keys: Sequence[str]) -> Dict[str, Optional[str]]:
+    return {key: overrides.get(key) for key in keys}
+
+
+def _number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def _sort_key(value: Any) -> tuple:
+    """Numbers in numeric order, then text; missing values last."""
+    if value is None:
+        return (2, "")
+    try:
+        return (0, float(value))
+    except (TypeError, ValueError):
+        return (1, str(value))
+
+
+def _natural(path: Path) -> list:
+    """Multirun job directories 0, 1, ..., 10 in numeric order."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in path.parts]
+
+
+def _unique(entries: List[Dict[str, Any]]) -> List[Dict[str, Any]]:
+    seen, kept = set(), []
+    for entry in entries:
+        if entry["run"] not in seen:
+            seen.add(entry["run"])
+            kept.append(entry)
+    return kept

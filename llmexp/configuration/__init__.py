@@ -1,0 +1,1 @@
+"""Configuration: the typed schemas, composing them with Hydra, the pipeline's stages, secrets, bad-input messages."""

@@ -1,0 +1,89 @@
+"""Which technique node each pipeline stage runs, and which model it starts from.
+
+A stage key is ``technique`` or ``evaluation`` (the top-level nodes every run has) or a
+key of ``pipeline.nodes``, where a pipeline preset keeps nodes of its own (the
+``customize`` pipeline's ``base``, ``lora``, ``sft`` ...). A stage starts from the model
+the stage before it produced, unless ``pipeline.inputs`` names another stage (``sft:
+base`` fine-tunes the base model, not the LoRA model trained just before it); that stage
+must make a model.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Dict, List, Optional, Tuple
+
+from omegaconf import OmegaConf
+
+from llmexp.errors import UserError
+from llmexp.techniques.plugin_manager import technique
+
+TOP_LEVEL_NODES = ("technique", "evaluation")
+
+
+def stage_nodes(config, strict: bool = True) -> List[Tuple[str, Any]]:
+    """``(key, node)`` of every stage in order; an unknown key or input is a ``UserError``.
+
+    ``strict=False`` (plugins' plan checks) leaves unknown keys out instead: the planner
+    itself reports them, once.
+    """
+    nodes = OmegaConf.select(config, "pipeline.nodes", default=None) or {}
+    stages = list(OmegaConf.select(config, "pipeline.stages", default=None) or [])
+    resolved = []
+    for key in stages:
+        if key in nodes:
+            resolved.append((key, nodes[key]))
+        elif key in TOP_LEVEL_NODES:
+            resolved.append((key, config[key]))
+        elif strict:
+            known = list(TOP_LEVEL_NODES) + list(nodes)
+            raise UserError(
+                f"pipeline.stages names {key!r}, which is not a stage node; use one of {', '.join(known)} "
+                "(pipeline.nodes holds a pipeline's own nodes)."
+            )
+    inputs = OmegaConf.select(config, "pipeline.inputs", default=None) or {}
+    for stage, source in inputs.items() if strict else ():
+        if stage not in stages or source not in stages or stages.index(source) >= stages.index(stage):
+            raise UserError(
+                f"pipeline.inputs.{stage}={source}: both must be stages of pipeline.stages "
+                f"({', '.join(stages)}) and {source!r} must come before {stage!r}."
+            )
+        makers = [key for key, node in resolved[:stages.index(stage)] if technique(node.name).produces_model]
+        if source not in makers:
+            raise UserError(
+                f"pipeline.inputs.{stage}={source}: {stage!r} starts from the model {source!r} makes, and "
+                f"{node_path(source)} (technique={dict(resolved)[source].name}) makes none; name a stage before it "
+                f"that makes a model ({', '.join(makers) or 'there is none'})."
+            )
+    return resolved
+
+
+def node_path(key: str) -> str:
+    """Where the node of stage ``key`` sits in the config, for messages naming a field."""
+    return key if key in TOP_LEVEL_NODES else f"pipeline.nodes.{key}"
+
+
+def stage_node_path(ctx) -> str:
+    """Where the running stage's node sits: ``pipeline.nodes.<stage>``, else the top-level ``technique``.
+
+    For messages of a model-making stage (a top-level one is always the ``technique`` node).
+    """
+    nodes = OmegaConf.select(ctx.config, "pipeline.nodes", default=None) or {}
+    return node_path(ctx.stage_name if ctx.stage_name in nodes else "technique")
+
+
+def model_sources(config) -> Dict[str, Optional[str]]:
+    """The stage whose model each stage starts from, by key, as the runner picks it: ``pipeline.inputs``' choice,
+    else the latest earlier stage that makes a model; None where none has (``model.path``, or nothing)."""
+    sources: Dict[str, Optional[str]] = {}
+    latest = None
+    for key, node in stage_nodes(config, strict=False):
+        sources[key] = input_stage(config, key) or latest
+        if technique(node.name).produces_model:
+            latest = key
+    return sources
+
+
+def input_stage(config, key: str) -> str | None:
+    """The stage whose model ``key`` starts from, when ``pipeline.inputs`` names one."""
+    inputs = OmegaConf.select(config, "pipeline.inputs", default=None) or {}
+    return inputs.get(key)

@@ -1,0 +1,1 @@
+"""What a person sees: the console (banners, tables, one-paragraph errors), progress, and libraries kept quiet."""

@@ -1,0 +1,98 @@
+"""Where a job goes on a Slurm cluster: its ``hardware`` through the cluster profile, its layout through ``parallelism``.
+
+Pure Python (no submitit, no Slurm): the launcher, the dry run and the tests share it.
+Ranks map to Slurm tasks one to one: ``parallelism.nodes`` nodes, ``devices_per_node``
+tasks per node, each task one GPU of the profile's type, ``cpus_per_gpu`` CPUs and
+``mem_per_gpu_gb`` memory with it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from typing import Any, Dict, Optional, Tuple, Union
+
+# llmexp/conf/hydra/launcher/slurm.yaml's _target_: a launcher that starts each job's ranks on the nodes it asks for
+SLURM_LAUNCHER = "hydra_plugins.llmexp_launchers.SlurmLauncher"
+
+
+@dataclass(frozen=True)
+class SlurmResources:
+    """What one job asks Slurm for; jobs with equal resources are submitted together, as one array."""
+
+    partition: Optional[str]
+    constraint: Optional[str]
+    gres: Optional[str]  # gpu:<type>:<n> per node
+    gpus_per_node: Optional[int]  # untyped GPUs, when the profile names no gres type
+    nodes: int
+    tasks_per_node: int
+    cpus_per_task: int
+    mem_per_gpu: Optional[str]  # e.g. "120G"
+    account: Optional[str]
+    qos: Optional[str]
+    timeout_min: int
+    setup: Tuple[str, ...]
+
+    def sbatch_parameters(self) -> Dict[str, Any]:
+        """The resources in ``submitit.SlurmExecutor``'s names (its sbatch options), unset ones left out."""
+        named = {
+            "partition": self.partition,
+            "constraint": self.constraint,
+            "gres": self.gres,
+            "gpus_per_node": self.gpus_per_node,
+            "nodes": self.nodes,
+            "ntasks_per_node": self.tasks_per_node,
+            "cpus_per_task": self.cpus_per_task,
+            "mem_per_gpu": self.mem_per_gpu,
+            "account": self.account,
+            "qos": self.qos,
+            "time": self.timeout_min,
+            "setup": list(self.setup) or None,
+        }
+        return {key: value for key, value in named.items() if value is not None}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {key: (list(value) if isinstance(value, tuple) else value) for key, value in asdict(self).items()}
+
+
+def missing_cluster(cfg) -> Optional[str]:
+    """Why ``hydra/launcher=slurm`` cannot place ``cfg`` at all (no cluster profile chosen), else None."""
+    if cfg.cluster.name != "none":
+        return None
+    return (
+        "hydra/launcher=slurm needs a cluster profile saying where each hardware goes: add cluster=<name> "
+        "(llmexp/conf/cluster/: localhost, example, or your own copy of example.yaml)."
+    )
+
+
+def slurm_resources(cfg) -> Union[SlurmResources, str]:
+    """The job's resources on ``cfg.cluster``, or why it cannot go there (one sentence with the fix)."""
+    cluster, hardware, layout = cfg.cluster, cfg.hardware.name, cfg.parallelism
+    place = cluster.hardware.get(hardware)
+    if place is None:
+        mapped = ", ".join(sorted(cluster.hardware)) or "nothing"
+        return (
+            f"hardware={hardware} has no placement in cluster={cluster.name} (it maps {mapped}); add "
+            f"cluster.hardware.{hardware} to llmexp/conf/cluster/{cluster.name}.yaml or choose a hardware it maps."
+        )
+    ranks = layout.devices_per_node
+    if place.gpus_per_node and ranks > place.gpus_per_node:
+        return (
+            f"parallelism={layout.name} puts {ranks} ranks on each node, but a {hardware} node of cluster="
+            f"{cluster.name} has {place.gpus_per_node} GPUs; choose a layout with parallelism.devices_per_node <= "
+            f"{place.gpus_per_node} (more nodes instead)."
+        )
+    gpus = ranks if place.gpus_per_node else 0
+    return SlurmResources(
+        partition=place.partition,
+        constraint=place.constraint,
+        gres=f"gpu:{place.gres_type}:{gpus}" if gpus and place.gres_type else None,
+        gpus_per_node=gpus if gpus and not place.gres_type else None,
+        nodes=layout.nodes,
+        tasks_per_node=ranks,
+        cpus_per_task=place.cpus_per_gpu,
+        mem_per_gpu=f"{place.mem_per_gpu_gb}G" if gpus and place.mem_per_gpu_gb else None,
+        account=cluster.account,
+        qos=cluster.qos,
+        timeout_min=cluster.time_limit_min,
+        setup=tuple(cluster.setup),
+    )

@@ -1,0 +1,222 @@
+"""Knowledge distillation: a trainable student learns a frozen teacher's next-token distributions.
+
+The student is the stage's input model (the previous stage's, or ``model.path``); the
+teacher is a checkpoint (``teacher.path``) or an earlier stage's model (``teacher.stage``:
+the compress pipeline distils the unpruned baseline into its depth-pruned copy, as
+Minitron does). Training runs through the shared loop on the data pretraining reads.
+
+This module imports without torch: the planner loads every plugin. The run lives in
+``stage.py``, the loss in ``loss.py``.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import List, Optional
+
+from llmexp.sdk import hookimpl
+from llmexp.sdk import TrainingConfig, TrainingTechnique
+
+WEIGHTS = ("kl_weight", "lm_weight", "hidden_weight")
+
+
+@dataclass
+class TeacherConfig:
+    """Where the teacher comes from: set exactly one."""
+
+    path: Optional[str] = None  # a Hugging Face checkpoint directory
+    stage: Optional[str] = None  # an earlier stage of the pipeline whose model teaches
+
+
+@dataclass
+class DistillConfig(TrainingConfig):
+    """Forward KL to the teacher's tempered distributions, optionally mixed with next-token and hidden-state losses.
+
+    Defaults follow Minitron (logit-only KL at temperature 1); lr 1e-3, like ``cpt``,
+    adapts a trained student without overwriting it.
+    """
+
+    name: str = "distill"
+    teacher: TeacherConfig = field(default_factory=TeacherConfig)
+    temperature: float = 1.0  # both distributions are softened by it; the KL is scaled by its square
+    kl_weight: float = 1.0
+    lm_weight: float = 0.0  # next-token cross-entropy on the data
+    hidden_weight: float = 0.0  # 1 - cosine of the last hidden states (needs equal hidden sizes)
+    max_steps: int = 200
+    lr: float = 1e-3
+    warmup_steps: int = 20
+
+
+class Distill(TrainingTechnique):
+    name = "distill"
+    schema = DistillConfig
+    memory = "distill"
+
+    entry = "llmexp.plugins.distill.stage:run_distill"
+
+
+@hookimpl
+def llmexp_techniques():
+    return [Distill]
+
+
+@hookimpl
+def llmexp_plan_problems(config, plan):
+    """Checks every distill stage of the pipeline, its teacher and its data, before the run starts."""
+    from llmexp.sdk import node_path, stage_nodes
+    from llmexp.sdk import stage_architectures
+
+    stages = stage_nodes(config, strict=False)
+    if not any(node.get("name") == Distill.name for _, node in stages):
+        return []
+    shapes = stage_architectures(config)
+    return [
+        problem
+        for index, (key, node) in enumerate(stages)
+        if node.get("name") == Distill.name
+        for problem in stage_problems(config, node, node_path(key), stages[:index], shapes, key)
+    ]
+
+
+def stage_problems(config, node, field: str, earlier, shapes, key: str) -> List[str]:
+    """Problems of the distill node at ``field`` (stage ``key``); ``earlier``: the ``(key, node)`` of the stages
+    before it; ``shapes``: each stage's input and output architecture (``llmexp.planning.planner.stage_architectures``)."""
+    from llmexp.sdk import training_problems, validation_problem
+
+    problems = training_problems(node, field) + _numbers_problems(node, field) + _data_problems(config, field)
+    if node.val_every:
+        problems.append(validation_problem(node, field))
+    teacher, makers, student = node.teacher, _model_makers(earlier), shapes[key][0]
+    if bool(teacher.path) == bool(teacher.stage):
+        problems.append(
+            f"{field}.teacher sets {'both' if teacher.path else 'neither'} of teacher.path and teacher.stage; set "
+            f"exactly one: {field}.teacher.path=<the teacher's checkpoint directory> or {field}.teacher.stage=<an "
+            "earlier stage of the pipeline whose model teaches>."
+        )
+    elif teacher.stage:
+        found = _teacher_stage_problems(teacher.stage, field, makers)
+        if not found and teacher.stage in shapes:
+            found = _hidden_size_problems(node, field, shapes[teacher.stage][1], student)
+        problems += found
+    else:
+        problems += _teacher_path_problems(config, node, field, student)
+    return problems
+
+
+def _hidden_size_problems(node, field: str, teacher, student) -> List[str]:
+    if node.hidden_weight > 0 and teacher["hidden_size"] != student["hidden_size"]:
+        return [hidden_size_mismatch(field, node, teacher["hidden_size"], student["hidden_size"])]
+    return []
+
+
+def teacher_path_error(error, key: str) -> str:
+    """A checkpoint error about ``model.path`` (``llmexp.models.checkpoint``), told of ``<key>.teacher.path``."""
+    from llmexp.sdk import FIELD
+
+    return str(error).replace(FIELD, f"{key}.teacher.path")
+
+
+def vocabulary_mismatch(key: str, teacher, detail: str) -> str:
+    """The message refusing a teacher whose vocabulary is not the student's."""
+    source = f"teacher.path={teacher.path}" if teacher.path else f"teacher.stage={teacher.stage}"
+    return (
+        f"{key}.{source}: the teacher's vocabulary differs from the student's ({detail}); distillation compares "
+        "their next-token distributions token by token, so both need the same tokenizer. Choose a teacher "
+        "trained with the student's tokenizer, or a student made from the teacher (e.g. pruned from it)."
+    )
+
+
+def hidden_size_mismatch(key: str, node, teacher_size: int, student_size: int) -> str:
+    return (
+        f"{key}.hidden_weight={node.hidden_weight} compares last hidden states, but the teacher's hidden size is "
+        f"{teacher_size} and the student's {student_size}; set {key}.hidden_weight=0."
+    )
+
+
+def _numbers_problems(node, key: str) -> List[str]:
+    problems = []
+    if node.temperature <= 0:
+        problems.append(f"{key}.temperature={node.temperature} must be positive (1.0 is usual).")
+    problems += [f"{key}.{name}={node[name]} is negative; set it to 0 or more." for name in WEIGHTS if node[name] < 0]
+    if all(node[name] == 0 for name in WEIGHTS):
+        problems.append(
+            f"{key}: kl_weight, lm_weight and hidden_weight are all 0, so nothing trains; set {key}.kl_weight=1."
+        )
+    return problems
+
+
+def _data_problems(config, key: str) -> List[str]:
+    from llmexp.data.text import raw_text_problems
+
+    return raw_text_problems(config.data, (
+        f"data={config.data.name} holds instructions or pairs, and {key} (technique=distill) trains on the "
+        "text pretraining reads: use data=embedded or data=text (data.paths=[...])."
+    ))
+
+
+def _model_makers(earlier) -> List[str]:
+    """Names of the stages among ``earlier`` whose technique makes a model."""
+    from llmexp.sdk import TOP_LEVEL_NODES
+    from llmexp.sdk import techniques
+
+    known = techniques()
+    return [
+        key if key not in TOP_LEVEL_NODES else node.name  # the runner names a top-level stage by its technique
+        for key, node in earlier
+        if node.get("name") in known and known[node.name].technique.produces_model
+    ]
+
+
+def _teacher_stage_problems(stage: str, key: str, makers: List[str]) -> List[str]:
+    if stage in makers:
+        return []
+    choice = f"name one of {', '.join(makers)}" if makers else "put the teacher's stage before it in pipeline.stages"
+    return [
+        f"{key}.teacher.stage={stage} is not a stage before this one that makes a model; {choice}, or give a "
+        f"checkpoint with {key}.teacher.path instead."
+    ]
+
+
+def _teacher_path_problems(config, node, key: str, student) -> List[str]:
+    """A valid checkpoint whose vocabulary (and hidden size, for ``hidden_weight``) match the ``student``'s numbers:
+    those of the model the stage receives."""
+    from llmexp.sdk import model_numbers_from_hf_config, read_hf_config, validate_checkpoint_dir
+    from llmexp.sdk import UserError
+    from llmexp.sdk import architecture
+
+    path = node.teacher.path
+    if not Path(path).is_dir():
+        return [
+            f"{key}.teacher.path={path} is not a directory; point it at the teacher's Hugging Face checkpoint "
+            f"(config.json, weights and tokenizer files), or name an earlier stage with {key}.teacher.stage."
+        ]
+    try:
+        validate_checkpoint_dir(path)
+        teacher = architecture(model_numbers_from_hf_config(read_hf_config(path)))
+    except UserError as error:
+        return [teacher_path_error(error, key)]
+    if teacher["vocab_size"] != student["vocab_size"]:
+        return [vocabulary_mismatch(
+            key, node.teacher, f"{teacher['vocab_size']} token ids against the student's {student['vocab_size']}"
+        )]
+    vocabularies = (_tokenizer_vocabulary(path), config.model.path and _tokenizer_vocabulary(config.model.path))
+    if all(vocabularies) and vocabularies[0] != vocabularies[1]:
+        return [vocabulary_mismatch(
+            key, node.teacher, f"its tokenizer.json maps tokens to other ids than model.path={config.model.path}'s"
+        )]
+    return _hidden_size_problems(node, key, teacher, student)
+
+
+def _tokenizer_vocabulary(path):
+    """The token ids of a checkpoint's ``tokenizer.json`` (its model's vocabulary and added tokens), or None.
+
+    Read as JSON, not through transformers: the plan check must not import it.
+    """
+    file = Path(path) / "tokenizer.json"
+    try:
+        spec = json.loads(file.read_text(encoding="utf-8"))
+        return spec["model"].get("vocab"), [(t["id"], t["content"]) for t in spec.get("added_tokens") or ()]
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None  # no tokenizer.json (a sentencepiece model): compared when the run loads both tokenizers

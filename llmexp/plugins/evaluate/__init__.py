@@ -1,0 +1,251 @@
+"""The ``evaluate`` technique: score a model on the embedded tasks (and GSM8K if given).
+
+``llmexp technique=evaluate model.path=/ckpt/my-model`` evaluates a checkpoint; in the
+default pipeline the same technique runs as the ``evaluation`` stage after training or
+compression, and scores what that training taught besides its ``tasks`` (``learned_tasks.py``:
+``text2sql`` after ``technique=lora`` on the embedded data). Tasks and their metrics are listed
+in ``tasks.py``; how scores are computed
+(lm-evaluation-harness conventions) in ``scoring.py``. Per-item predictions go to
+``<stage dir>/<task>.jsonl``.
+
+This module imports without torch: the planner loads every plugin.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, List, Optional
+
+from llmexp.data.embedded import build_world
+from llmexp.data.gsm8k import load_gsm8k
+from llmexp.sdk import UserError
+from llmexp.sdk import hookimpl
+from llmexp.plugins.evaluate.registry import Task, resolve_tasks, run_task
+from llmexp.plugins.evaluate.tasks import EMBEDDED_TASKS, TaskInputs
+from llmexp.sdk import StageContext, StageResult, Technique, TechniqueConfig
+
+
+@dataclass
+class EvaluateConfig(TechniqueConfig):
+    """What to evaluate. ``llmexp technique=evaluate technique.limit=50 technique.gsm8k_path=test.jsonl``"""
+
+    name: str = "evaluate"
+    # embedded task names (multiple_choice, free_answer, word_problems, perplexity, ...) and tasks
+    # over your data described as mappings: {type: mmlu, path: data/mmlu, num_fewshot: 5} (registry.py)
+    tasks: List[Any] = field(default_factory=lambda: list(EMBEDDED_TASKS))
+    limit: Optional[int] = None  # at most this many items per task (None: all)
+    batch_size: int = 32  # sequences per forward pass / generate call
+    max_new_tokens: int = 40  # generation budget per answer (real models on GSM8K want ~256)
+    gsm8k_path: Optional[str] = None  # a GSM8K-format JSONL test file; adds the gsm8k task
+    num_fewshot: int = 0  # solved examples in the prompt (the text2sql task)
+    # an earlier evaluate stage of the pipeline (same tasks) to compare with item by item:
+    # deltas, flip rates, paired standard errors and KL(baseline || model) (paired.py)
+    baseline: Optional[str] = None
+    # also score what the model was trained for (its stages' measured_by: text2sql after sft, lora
+    # or dpo on data=embedded), and what a comparison naming this one as baseline adds; false: tasks alone
+    add_learned_tasks: bool = True
+
+
+class Evaluate(Technique):
+    """Scores the input model; produces metrics and per-item predictions, not a model."""
+
+    name = "evaluate"
+    schema = EvaluateConfig
+    memory = "inference"
+    produces_model = False
+    requires = ("torch", "transformers")
+
+    @classmethod
+    def planned_as(cls, config, key: str, node) -> str:
+        """``evaluate``, and the tasks it adds to its own for what its model was trained for (``learned_tasks``)."""
+        from llmexp.plugins.evaluate.learned_tasks import added_tasks, learned_tasks
+
+        tasks = resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
+        added = [task.name for task in added_tasks(tasks, learned_tasks(config).get(key, []))]
+        return f"{cls.name} (+{', +'.join(added)}: what its model was trained for)" if added else cls.name
+
+    @classmethod
+    def machine_problems(cls, config, node, field: str) -> List[str]:
+        """Code tasks run the model's programs isolated by the kernel of the machine that runs them."""
+        from llmexp.plugins.evaluate.code_execution import machine_problems
+
+        return machine_problems(node.tasks, f"{field}.tasks")
+
+    def run(self, ctx: StageContext) -> StageResult:
+        from llmexp.data.jsonl import write_jsonl
+        from llmexp.sdk import input_model, run_device
+        from llmexp.sdk import PeakMemory
+        from llmexp.plugins.evaluate.scoring import Scorer
+        from llmexp.sdk import Progress
+
+        cfg = ctx.stage_config
+        problems = config_problems(cfg, ctx.stage_name)
+        if problems:
+            raise UserError(" ".join(problems))
+        artifact = input_model(ctx)
+        if artifact is None:
+            raise UserError(_NO_MODEL.format(stage=ctx.stage_name))
+        data = ctx.config.data
+        inputs = TaskInputs(
+            world=build_world(data.seed, data.num_people),
+            heldout_documents=data.heldout_documents,
+            limit=cfg.limit,
+            gsm8k_path=cfg.gsm8k_path,
+            num_fewshot=cfg.num_fewshot,
+            stage_dir=str(ctx.stage_dir),
+        )
+        metrics, artifacts = {}, {}
+        progress = Progress(ctx.stage_name)
+        tasks = _stage_tasks(ctx)
+        rows = {}
+        artifact.model.to(run_device(ctx.config.hardware))  # a GPU run's model may come back on the CPU (Lightning)
+        with progress, PeakMemory(next(artifact.model.parameters()).device) as peak:
+            scorer = Scorer(artifact.model, artifact.tokenizer, cfg.batch_size, cfg.max_new_tokens, progress)
+            for task in tasks:
+                scorer.track(task.name)
+                result = run_task(task, inputs, scorer)
+                rows[task.name] = result.rows
+                path = write_jsonl(Path(ctx.stage_dir) / f"{task.name}.jsonl", result.rows)
+                metrics.update({key: float(value) for key, value in result.metrics.items()})
+                metrics[f"{task.name}_n"] = len(result.rows)
+                artifacts[task.name] = str(path)
+            if cfg.baseline:
+                scorer.track("vs baseline")
+                metrics.update(_compared_with_baseline(ctx, scorer, inputs, tasks, metrics, rows))
+        metrics["eval_peak_memory_mb"] = peak.mb
+        return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def _stage_tasks(ctx: StageContext) -> List[Task]:
+    """The node's tasks, then the learned ones the config adds to this stage (``learned_tasks``), said on the console."""
+    from llmexp.sdk import console
+    from llmexp.sdk import node_path, stage_nodes
+    from llmexp.plugins.evaluate.learned_tasks import added_tasks, learned_tasks
+
+    tasks = resolve_tasks(ctx.stage_config.tasks, ctx.stage_config.gsm8k_path, f"{ctx.stage_name}.tasks")[0]
+    key = next((key for key, node in stage_nodes(ctx.config, strict=False) if node is ctx.stage_config), None)
+    added = added_tasks(tasks, learned_tasks(ctx.config).get(key, []))
+    if added:
+        console.note(
+            f"{ctx.stage_name}: also scoring {', '.join(task.name for task in added)}, what its model (or one compared "
+            f"with it) was trained for; {node_path(key)}.add_learned_tasks=false scores {node_path(key)}.tasks alone"
+        )
+    return tasks + added
+
+
+def _compared_with_baseline(ctx: StageContext, scorer, inputs: TaskInputs, tasks, metrics, rows):
+    """Paired measures against the evaluation ``baseline`` names, and KL to the model it evaluated."""
+    from llmexp.sdk import starting_weights
+    from llmexp.sdk import load_model
+    from llmexp.plugins.evaluate.paired import baseline_rows, paired_measures
+
+    name, field_name = ctx.stage_config.baseline, f"{ctx.stage_name}.baseline"
+    entry = ctx.earlier.get(name)
+    if entry is None or entry.get("technique") != Evaluate.name:
+        raise UserError(f"{field_name}={name} is not an evaluate stage that ran before {ctx.stage_name}; name one.")
+    names = [task.name for task in tasks]
+    headlines = {task.name: task.headline for task in tasks if task.headline}
+    paired = paired_measures(
+        metrics, rows, entry["metrics"], baseline_rows(entry, names, name, field_name), headlines
+    )
+    source = entry.get("input_model")
+    own = source == starting_weights.source(ctx.config)  # the run's own weights, not an earlier stage's model
+    reference = load_model(starting_weights.weights_directory(ctx.config))[0] if own else ctx.model_of(source).model
+    if reference.config.vocab_size != scorer.model.config.vocab_size:
+        raise UserError(
+            f"{field_name}={name}: its model has a vocabulary of {reference.config.vocab_size} tokens and this one "
+            f"{scorer.model.config.vocab_size}, so their next-token distributions cannot be compared; name a baseline "
+            "with the same tokenizer."
+        )
+    documents = inputs.first(inputs.world.heldout_documents(inputs.heldout_documents))
+    total, count = scorer.next_token_kl(reference, documents)
+    paired["kl_to_baseline"] = total / count
+    return paired
+
+
+_NO_MODEL = (
+    "{stage}: nothing to evaluate: no stage before it produced a model and model.path is unset. "
+    "Set model.path=<a Hugging Face checkpoint directory> or run a training technique before it "
+    "(e.g. the default pipeline: `llmexp technique=pretrain`)."
+)
+
+
+def config_problems(cfg, prefix: str) -> List[str]:
+    """Problems with one evaluate node (``prefix`` is its key: ``technique`` or ``evaluation``)."""
+    _, problems = resolve_tasks(cfg.tasks, None, f"{prefix}.tasks")
+    if "gsm8k" in cfg.tasks and not cfg.gsm8k_path:
+        problems.append(f"{prefix}.tasks lists 'gsm8k' but {prefix}.gsm8k_path is unset; set it to a GSM8K JSONL file.")
+    for key, value in (("limit", cfg.limit), ("batch_size", cfg.batch_size), ("max_new_tokens", cfg.max_new_tokens)):
+        if value is not None and value < 1:
+            problems.append(f"{prefix}.{key}={value} must be at least 1.")
+    if cfg.num_fewshot < 0:
+        problems.append(f"{prefix}.num_fewshot={cfg.num_fewshot} must be 0 or more.")
+    if cfg.gsm8k_path:
+        try:
+            if not load_gsm8k(cfg.gsm8k_path):
+                problems.append(
+                    f"{prefix}.gsm8k_path={cfg.gsm8k_path} holds no problems; point it at a GSM8K test file."
+                )
+        except UserError as error:
+            problems.append(f"{prefix}.gsm8k_path={cfg.gsm8k_path}: {error}")
+    return problems
+
+
+@hookimpl
+def llmexp_techniques():
+    return [Evaluate]
+
+
+@hookimpl
+def llmexp_plan_problems(config, plan):
+    """Checks the evaluate stages this run includes: task names, numbers, the GSM8K file, the tasks added for what
+    their models learned, and that a comparison's tasks, those added included, are its baseline's."""
+    from llmexp.sdk import context_length
+    from llmexp.sdk import TOP_LEVEL_NODES, model_sources, node_path, stage_nodes
+    from llmexp.plugins.evaluate.learned_tasks import learned_problems, learned_tasks
+    from llmexp.plugins.evaluate.paired import missing_tasks_problem
+    from llmexp.sdk import has_weights
+
+    learned = learned_tasks(config)
+    problems: List[str] = learned_problems(learned)
+    evaluations = {}  # key -> names of the tasks of the evaluate stages so far
+    sources = model_sources(config)
+    for index, (key, node) in enumerate(stage_nodes(config, strict=False)):
+        if node.get("name") != Evaluate.name:
+            continue
+        # the runner skips a top-level evaluation after a stage that made no model: it has nothing new to score
+        skipped = key in TOP_LEVEL_NODES and index > 0
+        if sources[key] is None and not skipped and not has_weights(config):
+            problems.append(_NO_MODEL.format(stage=key))
+        problems += config_problems(node, node_path(key)) or _window_problems(node, context_length(config))
+        names = _task_names(node, learned[key])
+        baseline = node.get("baseline")
+        if baseline and baseline not in evaluations:
+            problems.append(
+                f"{node_path(key)}.baseline={baseline} must name an evaluate stage that runs before {key!r} "
+                f"({', '.join(evaluations) or 'there is none'}): the evaluation of the baseline model, with the same tasks."
+            )
+        elif baseline:
+            missing = [name for name in names if name not in evaluations[baseline]]
+            if missing:
+                problems.append(missing_tasks_problem(f"{node_path(key)}.baseline", node_path(baseline), missing))
+        evaluations[key] = names
+    return problems
+
+
+def _window_problems(node, context: Optional[int]) -> List[str]:
+    """text_perplexity tasks whose windows the run's model cannot read (the stage checks its model's own context)."""
+    from llmexp.plugins.evaluate.text_perplexity import window_problems
+
+    tasks = resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
+    return [problem for task in tasks if context and task.spec and task.spec.get("type") == "text_perplexity"
+            for problem in window_problems(task.spec, context)]
+
+
+def _task_names(node, learned: List[str]) -> List[str]:
+    """Names of the tasks an evaluate node runs (its rows files and metric prefixes), ``learned`` ones included."""
+    from llmexp.plugins.evaluate.learned_tasks import added_tasks
+
+    tasks = resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
+    return [task.name for task in tasks + added_tasks(tasks, learned)]

@@ -1,0 +1,1 @@
+"""One run: the stages of a pipeline in order, each failure recorded in one line."""

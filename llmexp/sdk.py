@@ -1,0 +1,66 @@
+"""The plugin face: everything a technique imports from llmexp's core, in one place.
+
+A technique plugin (built-in or third-party) imports ``llmexp.sdk``, the dataset formats in
+``llmexp.data``, and its own folder, never another plugin or another core module; the import
+check in ``tests/test_import_architecture.py`` holds every built-in plugin to that. Names are
+grouped by what a technique does with them. Importing this module does not import torch (the
+planner and ``llmexp plugins`` load every plugin): the one name whose module does, the serving
+engine, is imported when it is first used.
+"""
+
+from __future__ import annotations
+
+# -- the contract: hooks, the technique class, what a stage gets and returns ------------------------
+from llmexp.techniques.contract import ModelArtifact, StageContext, StageResult, Technique, TechniqueConfig
+from llmexp.techniques.hookspecs import hookimpl
+from llmexp.techniques.plugin_manager import technique, techniques
+
+# -- the pipeline: its stages, where their nodes sit, which model each starts from ------------------
+from llmexp.configuration.pipeline import TOP_LEVEL_NODES, input_stage, model_sources, node_path, stage_node_path, stage_nodes
+
+# -- configuration a technique reads: job environment, backend settings, secrets ---------------------
+from llmexp.configuration.compose import job_environment
+from llmexp.configuration.schema import MegatronBackendConfig
+from llmexp.configuration.secrets import REDACTED, redact_url_credentials, split_url_credentials
+
+# -- errors, console, progress and atomic files ---------------------------------------------------
+from llmexp.errors import UserError
+from llmexp.display import console
+from llmexp.display.console import warn
+from llmexp.display.progress import Progress
+from llmexp.atomic import replace_atomically
+from llmexp.results.record import write_json_atomic
+
+# -- planning: architecture numbers, precision needs, what this machine has ------------------------
+from llmexp.planning.planner import PRECISION_NEEDS, architecture, count_parameters, pruned_numbers, stage_architectures
+from llmexp.planning.backends import gpu_driver_present, importable
+
+# -- models: checkpoints, loading and saving, where the starting weights come from ---------------------
+from llmexp.models import starting_weights
+from llmexp.models.checkpoint import (
+    FIELD, context_length, is_modelopt_export, model_numbers_from_hf_config, read_hf_config, validate_checkpoint_dir,
+)
+from llmexp.models.loading import (
+    MODELOPT_STATE, base_model, enable_modelopt_checkpointing, evaluating, input_model, load_model, model_stats,
+    new_embedded_model, run_device, save_model, starting_model, trained_model_result,
+)
+from llmexp.models.starting_weights import has_weights, local_directory, tokenizer_directory, weights_directory
+
+# -- training: the shared loop and its techniques' config, ranks, threads, peak memory ----------------
+from llmexp.training import distributed
+from llmexp.training.cpu_threads import FreeCores
+from llmexp.training.loop import LossOutput, TrainingConfig, TrainingTechnique, train, training_problems, validation_problem
+from llmexp.training.peak_memory import PeakMemory
+
+# -- serving: what one `llmexp serve` serves (the engine itself is imported on first use: it imports torch)
+from llmexp.serving.served_models import ServedModels
+
+_IMPORTED_ON_FIRST_USE = {"Engine": "llmexp.serving.engine", "GenerationRequest": "llmexp.serving.engine"}
+
+
+def __getattr__(name: str):
+    if name in _IMPORTED_ON_FIRST_USE:
+        import importlib
+
+        return getattr(importlib.import_module(_IMPORTED_ON_FIRST_USE[name]), name)
+    raise AttributeError(f"module 'llmexp.sdk' has no attribute {name!r}")

@@ -1,0 +1,1 @@
+"""The technique contract and the plugin host: hook specifications, the ``Technique`` class, loading plugins."""

@@ -1,0 +1,133 @@
+"""The contract between the runner and a technique plugin.
+
+A technique is a class with a name, a config schema and a ``run`` method. Its module
+must import without torch (the planner and ``llmexp plugins`` load every plugin), so
+heavy imports belong inside ``run``.
+"""
+
+from __future__ import annotations
+
+import importlib
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
+
+from llmexp.planning.backends import importable
+
+
+@dataclass
+class TechniqueConfig:
+    """Base schema; every technique's schema subclasses it and sets ``name``."""
+
+    name: str = ""
+
+
+@dataclass
+class ModelArtifact:
+    """A model handed from stage to stage: in memory, and where it was saved (if it was)."""
+
+    model: Any
+    tokenizer: Any
+    path: Optional[Path] = None
+    produced_by: str = ""
+
+
+def _no_models(stage: str) -> ModelArtifact:
+    raise LookupError(f"no stage named {stage!r} made a model in this run")
+
+
+@dataclass
+class StageContext:
+    """What a stage gets: the whole config, its own node, its directory, the model so far.
+
+    ``model_of(stage)`` is the model an earlier stage made (loaded from its directory when it
+    is no longer in memory): a distillation's teacher, an evaluation's baseline. ``earlier``
+    holds the records of the stages before this one (metrics, artifacts, model stats, the
+    model each started from), as results.json has them.
+    """
+
+    config: Any
+    stage_config: Any
+    stage_dir: Path
+    model: Optional[ModelArtifact]
+    tracker: Any
+    stage_name: str
+    model_of: Callable[[str], ModelArtifact] = _no_models
+    earlier: Mapping[str, Dict[str, Any]] = field(default_factory=dict)
+
+
+@dataclass
+class StageResult:
+    """What a stage returns; the runner records it in results.json."""
+
+    metrics: Dict[str, float] = field(default_factory=dict)
+    model: Optional[ModelArtifact] = None
+    artifacts: Dict[str, str] = field(default_factory=dict)
+    model_stats: Dict[str, Any] = field(default_factory=dict)
+
+
+class Technique:
+    """Subclass, set the class attributes, implement ``run``; return it from ``llmexp_techniques``.
+
+    ``memory`` tells the planner what the technique holds per device: ``inference``
+    (weights + KV cache), ``full`` (weights, grads, optimizer states, activations) or
+    ``adapter`` (frozen weights + trainable adapter and its states).
+    """
+
+    name: ClassVar[str]
+    schema: ClassVar[type]
+    memory: ClassVar[str] = "inference"
+    produces_model: ClassVar[bool] = False
+    # starts from a base model (fine-tuning, continued pretraining, pruning): the run's weights when no stage
+    # before it makes one, on the embedded default the embedded baseline, never random weights
+    # (``llmexp.models.starting_weights``: refused at plan time when there is no base)
+    adapts_base: ClassVar[bool] = False
+    requires: ClassVar[Tuple[str, ...]] = ()  # importable modules the technique needs
+    extra: ClassVar[Optional[str]] = None  # pip extra that installs them
+    # "module:function" taking a StageContext: the heavy code ``run`` imports only when it runs
+    entry: ClassVar[Optional[str]] = None
+
+    def run(self, ctx: StageContext) -> StageResult:
+        """Calls ``entry``; override instead when the technique has none."""
+        if self.entry is None:  # pragma: no cover - interface
+            raise NotImplementedError(f"{type(self).__name__} sets neither entry nor run")
+        module, function = self.entry.split(":")
+        return getattr(importlib.import_module(module), function)(ctx)
+
+    @classmethod
+    def made_architecture(cls, node, numbers: Dict[str, Any]) -> Dict[str, Any]:
+        """Architecture numbers (``llmexp.planning.planner.architecture``) of the model this stage makes from one with
+        ``numbers``: the same unless the technique changes the shape (pruning). The planner follows them through
+        the pipeline, so each stage is checked against the model it will receive. Pure Python."""
+        return numbers
+
+    @classmethod
+    def measured_by(cls, config) -> Tuple[str, ...]:
+        """Evaluation tasks that score what this technique teaches a model under ``config`` (its data).
+
+        An evaluation of a model this technique made, directly or further up its lineage, scores them
+        besides its own tasks, so a run's table shows what the training changed. None by default: a
+        technique that teaches nothing a task names (pretraining on the corpus, compression), or one
+        trained on the user's own data. Pure Python.
+        """
+        return ()
+
+    @classmethod
+    def planned_as(cls, config, key: str, node) -> str:
+        """How the plan's job line names the stage ``key`` (``node``): the technique's name, or more where the name
+        alone hides what the stage will do (the tasks an evaluation scores). Pure Python."""
+        return cls.name
+
+    @classmethod
+    def machine_problems(cls, config, node, field: str) -> List[str]:
+        """What this machine lacks to run the stage at ``field`` (a package, a GPU), one paragraph each.
+
+        Checked when a run starts, not by the plan: a plan may be made on a laptop for a cluster.
+        Must not import torch.
+        """
+        return []
+
+    @classmethod
+    def missing_requirements(cls) -> Tuple[str, ...]:
+        """Modules from ``requires`` that cannot be imported here (found without importing them)."""
+        return tuple(m for m in cls.requires if not importable(m))
