@@ -33,7 +33,7 @@ from llmexp.results.record import write_json_atomic
 
 # -- planning: architecture numbers, precision needs, what this machine has ------------------------
 from llmexp.planning.planner import PRECISION_NEEDS, architecture, count_parameters, pruned_numbers, stage_architectures
-from llmexp.planning.backends import gpu_driver_present, importable
+from llmexp.machine.backends import gpu_driver_present, importable
 
 # -- models: checkpoints, loading and saving, where the starting weights come from ---------------------
 from llmexp.models import starting_weights
@@ -44,13 +44,14 @@ from llmexp.models.loading import (
     MODELOPT_STATE, base_model, enable_modelopt_checkpointing, evaluating, input_model, load_model, model_stats,
     new_embedded_model, run_device, save_model, starting_model, trained_model_result,
 )
+from llmexp.models.unified_checkpoint import export_unified_checkpoint
 from llmexp.models.starting_weights import has_weights, local_directory, tokenizer_directory, weights_directory
 
 # -- training: the shared loop and its techniques' config, ranks, threads, peak memory ----------------
 from llmexp.training import distributed
-from llmexp.training.cpu_threads import FreeCores
+from llmexp.machine.cpu_threads import FreeCores
 from llmexp.training.loop import LossOutput, TrainingConfig, TrainingTechnique, train, training_problems, validation_problem
-from llmexp.training.peak_memory import PeakMemory
+from llmexp.machine.peak_memory import PeakMemory
 
 # -- serving: what one `llmexp serve` serves (the engine itself is imported on first use: it imports torch)
 from llmexp.serving.served_models import ServedModels

@@ -15,7 +15,8 @@ from llmexp.planning.planner import make_plan
 from llmexp.data.blocks import calibration_blocks
 from llmexp.plugins.quantize import text_blocks_available
 from llmexp.plugins.quantize.formats import FORMATS
-from llmexp.plugins.quantize.ptq import _device, export, modelopt_config, quantize_model, quantized_modules
+from llmexp.models.unified_checkpoint import export_unified_checkpoint as export
+from llmexp.plugins.quantize.ptq import _device, modelopt_config, quantize_model, quantized_modules
 from tests.conftest import read_results, run_llmexp
 
 ON_CPU = [name for name, preset in FORMATS.items() if not preset.cuda_only]

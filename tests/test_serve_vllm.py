@@ -36,7 +36,8 @@ def quantize_stage(tiny_checkpoint: Path, stage: Path, format_name: str) -> None
     from llmexp.data.blocks import calibration_blocks
     from llmexp.models.loading import enable_modelopt_checkpointing, load_model, save_model
     from llmexp.plugins.quantize.formats import FORMATS
-    from llmexp.plugins.quantize.ptq import export, quantize_model
+    from llmexp.models.unified_checkpoint import export_unified_checkpoint as export
+    from llmexp.plugins.quantize.ptq import quantize_model
 
     model, tokenizer = load_model(tiny_checkpoint)
     blocks = calibration_blocks(compose_config([]), tokenizer, 4, "technique.calibration_size")

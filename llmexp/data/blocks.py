@@ -11,7 +11,7 @@ import torch
 
 from llmexp.data.embedded import build_world, embedded_token_stream
 from llmexp.data.packing import pack_documents
-from llmexp.data.text import read_text_documents
+from llmexp.data.text import RAW_TEXT_DATA, raw_text_refusal, read_text_documents
 from llmexp.errors import UserError
 
 
@@ -34,6 +34,15 @@ def raw_text_blocks(data, tokenizer, embedded_blocks: int):
         stream = embedded_token_stream(build_world(data.seed, data.num_people), tokenizer, data.word_problem_weight)
         return pack_documents(stream, seq_len=data.seq_len, num_blocks=embedded_blocks), False
     return text_blocks(read_text_documents(data.paths), tokenizer, data.seq_len), True
+
+
+def training_blocks(config, node, tokenizer):
+    """``(blocks, shuffle)`` a raw-text training stage (``node``: pretrain, cpt, distill) trains on: ``node.max_steps``
+    global batches of the generated stream, or every block ``data=text`` fills; other data is refused (the plan
+    refuses it first)."""
+    if config.data.name not in RAW_TEXT_DATA:
+        raise UserError(raw_text_refusal(node.name, config.data.name))
+    return raw_text_blocks(config.data, tokenizer, node.max_steps * config.parallelism.global_batch)
 
 
 def calibration_blocks(config, tokenizer, size: int, field: str) -> torch.Tensor:

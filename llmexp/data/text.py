@@ -73,6 +73,12 @@ def read_text_documents(paths: Sequence[str]) -> List[str]:
 RAW_TEXT_DATA = ("embedded", "text")  # what pretraining, calibration and distillation read
 
 
+def raw_text_refusal(technique: str, data: str) -> str:
+    """Why ``technique`` (pretrain, cpt, distill) cannot train on ``data=<data>``."""
+    return (f"technique={technique} trains on raw text: data=embedded or data=text (data.paths=[...]); data={data} "
+            "holds instructions or pairs (technique=sft, lora or dpo read those).")
+
+
 def raw_text_problems(data, refusal: str) -> List[str]:
     """Problems of a run reading raw text: ``[refusal]`` for other data, and unreadable ``data=text`` files."""
     if data.name not in RAW_TEXT_DATA:

@@ -17,7 +17,7 @@ from llmexp.sdk import load_model, new_embedded_model, starting_model, trained_m
 from llmexp.sdk import stage_node_path
 from llmexp.plugins.distill import hidden_size_mismatch, teacher_path_error, vocabulary_mismatch
 from llmexp.plugins.distill.loss import DistillationLoss
-from llmexp.plugins.pretrain.loop import training_blocks
+from llmexp.data.blocks import training_blocks
 from llmexp.sdk import ModelArtifact, StageContext, StageResult
 from llmexp.sdk import train
 
@@ -33,7 +33,7 @@ def run_distill(ctx: StageContext) -> StageResult:
         )
         student = new_embedded_model(ctx.config)
     check_pair(teacher, student, node, key)
-    blocks, shuffle = training_blocks(ctx, student.tokenizer)
+    blocks, shuffle = training_blocks(ctx.config, node, student.tokenizer)
     loss = DistillationLoss(teacher.model, node.temperature, node.kl_weight, node.lm_weight, node.hidden_weight)
     metrics = train(ctx, student.model, loss, blocks, torch.stack, shuffle=shuffle, extra_modules=[teacher.model])
     return trained_model_result(ctx, student.model, student.tokenizer, metrics, save=node.save_model)

@@ -85,9 +85,9 @@ def write_hf_checkpoint(ctx, directory: Path, field: str) -> Tuple[Path, str]:
                         "Set model.path=<a Hugging Face checkpoint directory> or put a stage that makes a model "
                         "before it.")
     if is_modelopt_quantized(artifact.model):
-        from llmexp.plugins.quantize.ptq import export
+        from llmexp.sdk import export_unified_checkpoint
 
-        write_directory(directory, lambda temporary: export(artifact.model, artifact.tokenizer, temporary))
+        write_directory(directory, lambda temporary: export_unified_checkpoint(artifact.model, artifact.tokenizer, temporary))
         return directory, MODELOPT_EXPORT
     from llmexp.sdk import save_model
 

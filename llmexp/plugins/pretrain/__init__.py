@@ -60,7 +60,7 @@ def llmexp_techniques():
 @hookimpl
 def llmexp_plan_problems(config, plan):
     """Each pretrain/cpt stage's settings, and the raw text it reads (``data=text``'s files), checked before the run."""
-    from llmexp.data.text import raw_text_problems
+    from llmexp.data.text import raw_text_problems, raw_text_refusal
     from llmexp.sdk import node_path, stage_nodes
     from llmexp.sdk import training_problems, validation_problem
 
@@ -74,8 +74,3 @@ def llmexp_plan_problems(config, plan):
         problems += raw_text_problems(config.data, raw_text_refusal(stages[0][1].name, config.data.name))
     return problems
 
-
-def raw_text_refusal(technique: str, data: str) -> str:
-    """Why ``technique`` (pretrain, cpt, distill: the loop in ``loop.py``) cannot train on ``data=<data>``."""
-    return (f"technique={technique} trains on raw text: data=embedded or data=text (data.paths=[...]); data={data} "
-            "holds instructions or pairs (technique=sft, lora or dpo read those).")

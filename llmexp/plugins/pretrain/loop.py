@@ -7,15 +7,10 @@ blocks as they fill and cycled through in a seeded shuffled order.
 
 from __future__ import annotations
 
-from typing import Tuple
-
 import torch
 
-from llmexp.data.blocks import raw_text_blocks
-from llmexp.data.text import RAW_TEXT_DATA
-from llmexp.sdk import UserError
+from llmexp.data.blocks import training_blocks
 from llmexp.sdk import base_model, input_model, model_stats, new_embedded_model, starting_model, trained_model_result
-from llmexp.plugins.pretrain import raw_text_refusal
 from llmexp.sdk import ModelArtifact, StageContext, StageResult
 from llmexp.sdk import LossOutput, train
 
@@ -58,17 +53,6 @@ def continued_pretraining(ctx: StageContext) -> StageResult:
 
 
 def _train_on_text(ctx: StageContext, start: ModelArtifact) -> StageResult:
-    blocks, shuffle = training_blocks(ctx, start.tokenizer)
+    blocks, shuffle = training_blocks(ctx.config, ctx.stage_config, start.tokenizer)
     metrics = train(ctx, start.model, next_token_loss, blocks, torch.stack, shuffle=shuffle)
     return trained_model_result(ctx, start.model, start.tokenizer, metrics, save=ctx.stage_config.save_model)
-
-
-def training_blocks(ctx: StageContext, tokenizer) -> Tuple[torch.Tensor, bool]:
-    """The stage's raw-text training blocks and whether ``train`` shuffles them (see the module docstring).
-
-    Shared with distillation, which reads the same data as pretraining.
-    """
-    cfg, tcfg = ctx.config, ctx.stage_config
-    if cfg.data.name in RAW_TEXT_DATA:
-        return raw_text_blocks(cfg.data, tokenizer, tcfg.max_steps * cfg.parallelism.global_batch)
-    raise UserError(raw_text_refusal(tcfg.name, cfg.data.name))

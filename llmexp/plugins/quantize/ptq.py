@@ -13,12 +13,10 @@ from __future__ import annotations
 
 import contextlib
 import copy
-import logging
 import re
 import sys
 import tempfile
 import time
-import warnings
 from pathlib import Path
 from typing import Any, Callable, Dict, Optional
 
@@ -26,7 +24,7 @@ import torch
 
 from llmexp.sdk import model_numbers_from_hf_config
 from llmexp.sdk import UserError
-from llmexp.sdk import enable_modelopt_checkpointing, model_stats, run_device, save_model, starting_model
+from llmexp.sdk import enable_modelopt_checkpointing, export_unified_checkpoint, model_stats, run_device, save_model, starting_model
 from llmexp.sdk import stage_node_path
 from llmexp.sdk import architecture
 from llmexp.data.blocks import calibration_blocks
@@ -63,7 +61,7 @@ def quantize(ctx: StageContext) -> StageResult:
         with tempfile.TemporaryDirectory(dir=ctx.stage_dir) as scratch:  # export=false still measures the size
             export_dir = Path(ctx.stage_dir) / "export" if node.export else Path(scratch)
             clock = time.perf_counter()
-            export(model, start.tokenizer, export_dir)
+            export_unified_checkpoint(model, start.tokenizer, export_dir)
             export_seconds = time.perf_counter() - clock
             stats = model_stats(model, export_dir, precision=node.format)
 
@@ -117,27 +115,6 @@ def modelopt_config(preset: Format, group_size: Optional[int]) -> Dict[str, Any]
     if preset.algorithm is not None:
         config["algorithm"] = {"method": preset.algorithm}
     return config
-
-
-def export(model, tokenizer, directory: Path) -> None:
-    """ModelOpt's unified HF checkpoint of ``model`` (packed low-precision weights and scales) and the tokenizer."""
-    from modelopt.torch.export import export_hf_checkpoint
-
-    # export_hf_checkpoint packs the weights in place, after which the model no longer runs: export a
-    # copy. dtype is given because ModelOpt otherwise reads config.torch_dtype, a string in transformers 5,
-    # and then warns that the string differs from the dtype; its tensor-copy warning is its own business.
-    # Its logged notice that a tied lm_head is stored once is expected, not a problem: kept off the console.
-    quiet = logging.getLogger("modelopt.torch.export")
-    level = quiet.level
-    quiet.setLevel(logging.ERROR)
-    try:
-        with warnings.catch_warnings():
-            warnings.filterwarnings("ignore", message=r"Model's original dtype .* differs from target dtype")
-            warnings.filterwarnings("ignore", message=r"To copy construct from a tensor")
-            export_hf_checkpoint(copy.deepcopy(model), dtype=model.dtype, export_dir=directory)
-    finally:
-        quiet.setLevel(level)
-    tokenizer.save_pretrained(str(directory))
 
 
 def quantized_modules(model) -> int:
