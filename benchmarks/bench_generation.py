@@ -31,7 +31,7 @@ budget only. The headline per workload is the median of the rounds' ratios, targ
 generate >= 1.0. Every prompt's tokens must be equal on both sides (greedy, same model):
 exit 1 if not.
 ``OMP_WAIT_POLICY=PASSIVE`` (unless set) for both sides, as ``llmexp serve`` runs: see
-``llmexp.training.cpu_threads.prefer_passive_waiting``.
+``llmexp.machine.cpu_threads.prefer_passive_waiting``.
 """
 
 from __future__ import annotations

@@ -27,7 +27,7 @@ or returns another number of tokens.
 on a raw socket, and the socket closed once ``/metrics`` shows it running; the figure is the time
 from the close until ``/metrics`` shows no running row (the slot given back), median and max.
 ``OMP_WAIT_POLICY=PASSIVE`` (unless set) for both sides, as ``llmexp serve`` runs: see
-``llmexp.training.cpu_threads.prefer_passive_waiting``.
+``llmexp.machine.cpu_threads.prefer_passive_waiting``.
 """
 
 from __future__ import annotations

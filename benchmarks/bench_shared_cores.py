@@ -10,7 +10,7 @@ What is compared
 The job is the default run's training: ``llmexp pipeline=single technique.max_steps=N``
 (the embedded baseline's recipe, cut to N steps), a fresh process each time. It runs with
 
-* *llmexp*: what ``llmexp.training.cpu_threads`` chooses: a thread per usable core, lowered while other
+* *llmexp*: what ``llmexp.machine.cpu_threads`` chooses: a thread per usable core, lowered while other
   processes keep some of them busy (checked every 2 s between steps), libgomp's own waiting;
 * *torch default*: what a plain torch process does, a thread per core all along
   (``OMP_NUM_THREADS=<cores>``, which llmexp takes as the user's choice and leaves alone).

@@ -8,7 +8,7 @@ import io
 import pytest
 from rich.console import Console
 
-from llmexp.planning.backends import BACKENDS, Backend, gpu_driver_present, unavailable_reason
+from llmexp.machine.backends import BACKENDS, Backend, gpu_driver_present, unavailable_reason
 from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
 from llmexp.cli.plugins import backends_table

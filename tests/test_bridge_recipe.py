@@ -81,13 +81,13 @@ def test_the_planner_refuses_what_bridge_cannot_run(overrides, needle):
 
 
 def _bridge_installed() -> bool:
-    from llmexp.planning.backends import importable
+    from llmexp.machine.backends import importable
 
     return importable("megatron.bridge")
 
 
 def test_a_machine_without_bridge_or_a_gpu_stops_the_run_before_any_stage(tmp_path):
-    from llmexp.planning.backends import gpu_driver_present, importable
+    from llmexp.machine.backends import gpu_driver_present, importable
     from llmexp.running.runner import run_experiment
 
     if importable("megatron.bridge") and gpu_driver_present():

@@ -14,10 +14,10 @@ from pathlib import Path
 
 import pytest
 
-from llmexp.training.cpu_threads import usable_cores
+from llmexp.machine.cpu_threads import usable_cores
 from tests.conftest import run_llmexp
 
-SHORT_RUN = ["pipeline=single", "technique.max_steps=2", "technique.save_model=false"]
+SHORT_RUN = ["pipeline=technique_only", "technique.max_steps=2", "technique.save_model=false"]
 SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT", "OMP_NUM_THREADS")
 
 
@@ -65,7 +65,7 @@ def test_training_beside_a_busy_core_gives_that_core_back_and_says_so(tmp_path, 
     choose(monkeypatch)
     busy = subprocess.Popen([sys.executable, "-c", "while True: pass"])
     try:
-        done = run_llmexp("pipeline=single", "technique.max_steps=120", "technique.save_model=false",
+        done = run_llmexp("pipeline=technique_only", "technique.max_steps=120", "technique.save_model=false",
                           "hydra.run.dir=run", cwd=tmp_path)
     finally:
         busy.kill()

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from llmexp.planning.backends import BACKENDS
+from llmexp.machine.backends import BACKENDS
 from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
 from llmexp.configuration.schema import BACKEND_OPTIONS, TRACKER_OPTIONS, TrackerKind

@@ -17,7 +17,7 @@ from llmexp.configuration.compose import compose_config
 from llmexp.data.packing import pack_documents
 from llmexp.errors import UserError
 from llmexp.models.loading import build_model
-from llmexp.training.peak_memory import PeakMemory
+from llmexp.machine.peak_memory import PeakMemory
 from llmexp.techniques.contract import StageContext
 from llmexp.results.tracking import make_tracker
 from llmexp.training.loop import LossOutput, accumulation_steps, data_order, make_trainer, train, warmup_cosine

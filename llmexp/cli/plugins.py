@@ -9,7 +9,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llmexp.display import console
-from llmexp.planning.backends import BACKENDS, installed_options, unavailable_reason
+from llmexp.machine.backends import BACKENDS, installed_options, unavailable_reason
 from llmexp.techniques.plugin_manager import techniques
 
 

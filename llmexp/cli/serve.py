@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Dict, List, NoReturn, Sequence
 
-from llmexp.training import cpu_threads
+from llmexp.machine import cpu_threads
 from llmexp.errors import UserError
 from llmexp.serving.auth import ENV_VAR as API_KEY_VAR
 from llmexp.serving.auth import NEW_KEY_HINT, read_api_keys

@@ -31,7 +31,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
-from llmexp.training import cpu_threads
+from llmexp.machine import cpu_threads
 from llmexp.atomic import replace_atomically
 from llmexp.configuration.secrets import REDACTED, is_secret_key, redact_url_credentials
 

@@ -36,7 +36,7 @@ from llmexp.display import console
 from llmexp.training import distributed
 
 from llmexp.models import starting_weights
-from llmexp.planning.backends import gpu_driver_present
+from llmexp.machine.backends import gpu_driver_present
 from llmexp.models.checkpoint import validate_checkpoint_dir
 from llmexp.errors import UserError
 from llmexp.running.failure import reason_of

@@ -21,7 +21,7 @@ import sys
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 
-from llmexp.planning.backends import importable
+from llmexp.machine.backends import importable
 from llmexp.errors import UserError
 from llmexp.models.loading import MODELOPT_STATE
 from llmexp.serving.served_models import check_adapter_dir, resolve_model_dir

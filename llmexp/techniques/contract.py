@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
-from llmexp.planning.backends import importable
+from llmexp.machine.backends import importable
 
 
 @dataclass

@@ -33,7 +33,7 @@ from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
-from llmexp.training import cpu_threads
+from llmexp.machine import cpu_threads
 from llmexp.errors import EXIT_USER_ERROR, UserError
 
 T = TypeVar("T")

@@ -99,7 +99,7 @@ class TrainingTechnique(Technique):
     @classmethod
     def machine_problems(cls, config, node, field: str) -> List[str]:
         """The run's training backend must be able to run here (its packages; a GPU where it needs one)."""
-        from llmexp.planning.backends import BACKENDS, unavailable_reason
+        from llmexp.machine.backends import BACKENDS, unavailable_reason
 
         reason = unavailable_reason(BACKENDS[config.backend.name])
         if reason is None:
@@ -158,7 +158,7 @@ def train(
     from llmexp.training import preemption
 
     from llmexp.training import resume
-    from llmexp.training.peak_memory import PeakMemory
+    from llmexp.machine.peak_memory import PeakMemory
 
     cfg, tcfg = ctx.config, ctx.stage_config
     lead = distributed.is_rank_zero()
@@ -534,7 +534,7 @@ def _module_class() -> type:
     import lightning as L
     import torch
 
-    from llmexp.training import cpu_threads
+    from llmexp.machine import cpu_threads
 
     from llmexp.training import model_parallel
 
@@ -570,7 +570,7 @@ def _module_class() -> type:
             self._logs: Dict[str, Any] = {}
             self._done_step = 0
             self._restored: Optional[Dict[str, Any]] = None
-            self.free_cores = cpu_threads.FreeCores(name)  # threads to the cores other processes leave free
+            self.free_cores = cpu_threads.FreeCores(name, console.warn)  # threads to the cores other processes leave free
 
         def configure_model(self):
             """Under ModelParallelStrategy: split the model over its device mesh (``llmexp.training.model_parallel``)."""

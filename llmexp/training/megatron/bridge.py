@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any, Dict, List
 
-from llmexp.planning.backends import importable
+from llmexp.machine.backends import importable
 from llmexp.errors import UserError
 
 MISSING = (

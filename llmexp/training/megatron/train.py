@@ -27,7 +27,7 @@ from types import SimpleNamespace
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence
 
 from llmexp.training import distributed
-from llmexp.planning.backends import importable
+from llmexp.machine.backends import importable
 from llmexp.errors import UserError
 from llmexp.training.megatron import arguments as megatron_arguments
 from llmexp.training.megatron import bridge, checkpoint_mapping

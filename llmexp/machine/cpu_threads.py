@@ -29,7 +29,7 @@ from __future__ import annotations
 import os
 import sys
 import time
-from typing import Dict, List, Optional
+from typing import Callable, Dict, List, Optional
 
 WAIT_SETTINGS = ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")
 
@@ -95,11 +95,11 @@ class FreeCores:
     steps of any loop. It counts the CPU time of the process's CPUs (its affinity) minus its own,
     so another process's load on them lowers the count, and their going quiet raises it again,
     never above the job's share (``use_share_of_cores``). Does nothing when ``OMP_NUM_THREADS``
-    is set or off Linux.
+    is set or off Linux. ``warn`` says the first lowering on the caller's console.
     """
 
-    def __init__(self, name: str, every_s: float = 2.0):
-        self.name, self.every_s = name, every_s
+    def __init__(self, name: str, warn: Callable[[str], None], every_s: float = 2.0):
+        self.name, self.warn, self.every_s = name, warn, every_s
         self.cpus = sorted(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else []
         self.last = _cpu_seconds(self.cpus) if self.cpus and not user_chose_threads() else None
         self.lowest: Optional[int] = None  # the fewest threads it gave torch, for the record
@@ -125,8 +125,7 @@ class FreeCores:
             torch.set_num_threads(wanted)
             if wanted < share and not self._told:
                 self._told = True
-                from llmexp.display import console
-                console.warn(
+                self.warn(
                     f"{self.name}: other processes are using {others:.1f} of the {len(self.cpus)} cores this run may "
                     f"use, so torch runs on {wanted} thread(s) while they do, instead of spinning on cores it cannot "
                     f"have; its figures may differ in the last digits from a quiet run's (OMP_NUM_THREADS={share} "
