@@ -1,10 +1,11 @@
-"""Every package the shipped code imports is declared in pyproject.toml, not merely pulled in by another one.
+"""Every package the shipped code imports is declared in pyproject.toml, where its users install it.
 
 A package installed only as a dependency of a dependency disappears the day that dependency
 drops it, and ``pip install llmexp`` then fails on an import. So each third-party module
 imported anywhere in the distribution must map (through the installed packages' metadata) to a
-distribution named in ``dependencies`` or in an extra. The modules no installed distribution
-provides here are listed with where they come from.
+distribution named in ``dependencies``, or, for the modules ``EXTRA_MODULES`` gives an extra, in
+that extra, and only the files that extra serves import them. The modules no installed
+distribution provides here are listed with where they come from.
 """
 
 from __future__ import annotations
@@ -14,8 +15,9 @@ import re
 import sys
 import tomllib
 from importlib.metadata import packages_distributions
-from typing import Dict, Set
+from typing import Dict, List, Set
 
+from llmexp.machine.backends import SERVE_EXTRA_MODULES
 from tests.conftest import REPO
 
 SHIPPED = ("llmexp", "hydra_plugins")  # the folders the distribution packages
@@ -30,17 +32,35 @@ PROVIDED_ELSEWHERE = {
     "megatron": "megatron-core (the megatron extra) and Megatron-Bridge (NVIDIA's containers)",
 }
 
+# {extra: (the modules it provides, the files that may import them)}; every other module is a base dependency.
+EXTRA_MODULES = {
+    "serve": (set(SERVE_EXTRA_MODULES), ("llmexp/serving/", "llmexp/cli/serve.py")),
+    "lm-eval": ({"lm_eval", "datasets"}, ("llmexp/plugins/evaluate/",)),
+    "wandb": ({"wandb"}, ("llmexp/results/",)),
+    "mlflow": ({"mlflow"}, ("llmexp/results/",)),
+}
+
 
 def _name(requirement: str) -> str:
     """A requirement's distribution name, normalized as PEP 503 does."""
     return re.sub(r"[-_.]+", "-", re.split(r"[\s<>=!~;\[]", requirement.strip(), maxsplit=1)[0]).lower()
 
 
-def declared() -> Set[str]:
+def requirements() -> Dict[str, List[str]]:
+    """{"": the base dependencies, extra: its requirements}, as pyproject.toml declares them."""
     project = tomllib.loads((REPO / "pyproject.toml").read_text())["project"]
-    extras = [requirement for requirements in project.get("optional-dependencies", {}).values()
-              for requirement in requirements]
-    return {_name(requirement) for requirement in project["dependencies"] + extras}
+    return {"": project["dependencies"], **project.get("optional-dependencies", {})}
+
+
+def declared(extra: str | None = None) -> Set[str]:
+    """The distributions ``extra`` names ("" the base; None every list)."""
+    lists = requirements()
+    chosen = lists.values() if extra is None else [lists[extra]]
+    return {_name(requirement) for requirement in sum(chosen, [])}
+
+
+def extra_of(module: str) -> str:
+    return next((extra for extra, (modules, _) in EXTRA_MODULES.items() if module in modules), "")
 
 
 def imported() -> Dict[str, Set[str]]:
@@ -78,3 +98,23 @@ def test_every_imported_package_is_declared():
     assert undeclared == {}, "imported but only installed through another package: declare them in pyproject.toml"
     assert unknown == {}, "imported, but no installed distribution provides them: install, or say who provides them"
     assert {"fastapi", "transformers", "hydra"} <= set(imported())  # the scan sees the package's imports
+
+
+def test_each_module_is_declared_where_its_users_install_it():
+    """The base install trains, evaluates and compresses; an extra's packages are declared in that extra alone."""
+    providers = packages_distributions()
+    misplaced, outside = {}, {}
+    for module, files in imported().items():
+        if module in PROVIDED_ELSEWHERE or module not in providers:
+            continue
+        extra = extra_of(module)
+        distributions = {_name(distribution) for distribution in providers[module]}
+        if not distributions & declared(extra) or (extra and distributions & declared("")):
+            misplaced[module] = extra or "dependencies"
+        if extra:
+            users = EXTRA_MODULES[extra][1]
+            if strays := sorted(file for file in files if not file.startswith(users)):
+                outside[module] = strays
+    assert misplaced == {}, "declare each module in the list named here, and nowhere else"
+    assert outside == {}, "an extra's module imported by a file its extra does not serve"
+    assert "llmexp[serve]" in requirements()["test"]  # the README's test install gets the server too

@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Dict, List, NoReturn, Sequence
 
 from llmexp.machine import cpu_threads
+from llmexp.machine.backends import SERVE_EXTRA_INSTALL, SERVE_EXTRA_MODULES, importable
 from llmexp.errors import UserError
 from llmexp.serving.auth import ENV_VAR as API_KEY_VAR
 from llmexp.serving.auth import NEW_KEY_HINT, read_api_keys
@@ -43,6 +44,7 @@ BACKEND_ONLY_OPTIONS = {
 
 
 def main(argv: List[str]) -> int:
+    refuse_without_web_stack()
     args = parse_args(argv)
     _check_numbers(args)
     _check_backend_options(args)
@@ -92,6 +94,17 @@ def main(argv: List[str]) -> int:
         listener.close()
     print("llmexp serve: stopped", flush=True)
     return 0
+
+
+def refuse_without_web_stack() -> None:
+    """Stop before anything else when the `serve` extra (the HTTP server's packages) is not installed."""
+    missing = [module for module in SERVE_EXTRA_MODULES if not importable(module)]
+    if missing:
+        raise UserError(
+            f"llmexp serve needs the HTTP server's packages, which the base install leaves out: "
+            f"{', '.join(missing)} cannot be imported here. Install them with `{SERVE_EXTRA_INSTALL}` "
+            "(or `pip install -e '.[serve]'` in a checkout), then run the same command again."
+        )
 
 
 def parse_args(argv: List[str]) -> argparse.Namespace:

@@ -28,6 +28,10 @@ class Backend:
     optional: Tuple[Tuple[str, str], ...] = ()  # (module, what it adds where it is installed)
 
 
+# The web stack of the in-process server (``llmexp serve``), which the base install leaves out: the `serve` extra.
+SERVE_EXTRA_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic")
+SERVE_EXTRA_INSTALL = "pip install 'llmexp[serve]'"
+
 BACKENDS: Dict[str, Backend] = {backend.name: backend for backend in (
     Backend("torch", "training", "backend=torch (default)",
             "Lightning on torch.distributed: DDP, FSDP2, DTensor tensor parallel", ("torch", "lightning"),
@@ -38,8 +42,8 @@ BACKENDS: Dict[str, Backend] = {backend.name: backend for backend in (
             optional=(("transformer_engine", "Transformer Engine layer spec, FP8/FP4 kernels"),
                       ("megatron.bridge", "Megatron-Bridge's AutoBridge checkpoint conversion"))),
     Backend("inprocess", "serving", "llmexp serve (default)",
-            "continuous batching over transformers' KV cache, LoRA per request", ("torch", "transformers"),
-            "pip install llmexp", needs_gpu=False),
+            "continuous batching over transformers' KV cache, LoRA per request",
+            ("torch", "transformers", *SERVE_EXTRA_MODULES), SERVE_EXTRA_INSTALL, needs_gpu=False),
     Backend("vllm", "serving", "llmexp serve --backend vllm", "vLLM's OpenAI-compatible server", ("vllm",),
             "pip install vllm (CUDA machines)", needs_gpu=True),
     Backend("tensorrt_llm", "export", "technique=export technique.format=trtllm|triton",
