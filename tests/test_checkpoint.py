@@ -19,7 +19,7 @@ from llmexp.models.checkpoint import (
     validate_checkpoint_dir,
 )
 from llmexp.errors import UserError
-from llmexp.planning.planner import count_parameters
+from llmexp.architecture import count_parameters
 
 TINY_HF_CONFIG = {
     "model_type": "llama",

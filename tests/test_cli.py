@@ -99,7 +99,7 @@ def test_out_of_tree_plugin_runs_by_name(tmp_path, tiny_checkpoint):
     assert "weightstats" in listing.stdout and "llmexp-weightstats 0.1.0" in listing.stdout
 
     result = run_llmexp("technique=weightstats", "technique.top_k=2", f"model.path={tiny_checkpoint}",
-                        "pipeline=single", "hydra.run.dir=run", cwd=tmp_path, env=env)
+                        "pipeline=technique_only", "hydra.run.dir=run", cwd=tmp_path, env=env)
     assert result.returncode == 0, result.stderr
     stage = read_results(tmp_path / "run")["stages"]["weightstats"]
     assert stage["metrics"]["matrices"] == 2 * 7 + 1  # q k v o gate up down per layer, tied embedding
@@ -184,7 +184,7 @@ def test_an_override_nested_too_deeply_to_parse_is_bad_input(tmp_path):
 
 def test_a_layout_over_several_nodes_needs_a_cluster_launcher(tmp_path):
     """A plain run stops before anything is written; a local sweep records the point as skipped and goes on."""
-    layout = ["pipeline=single", "parallelism=dp2", "parallelism.devices_per_node=1", "technique.max_steps=2"]
+    layout = ["pipeline=technique_only", "parallelism=dp2", "parallelism.devices_per_node=1", "technique.max_steps=2"]
     result = run_llmexp(*layout, "parallelism.nodes=2", cwd=tmp_path)
     assert_user_error(result, "spans parallelism.nodes=2 nodes", "hydra/launcher=slurm")
     assert not list(tmp_path.iterdir())

@@ -17,16 +17,16 @@ EVALS = ["baseline_eval", "fp8_eval", "prune_eval", "distill_eval", "distill_fp8
     [
         ([], "compress"),
         (["seed=1", "hydra.run.dir=x"], "compress"),
-        (["technique=lora"], "default"),
-        (["technique.max_steps=5"], "default"),
-        (["evaluation.limit=5"], "default"),
-        (["technique=sft", "pipeline=single"], "single"),
+        (["technique=lora"], "technique_then_evaluation"),
+        (["technique.max_steps=5"], "technique_then_evaluation"),
+        (["evaluation.limit=5"], "technique_then_evaluation"),
+        (["technique=sft", "pipeline=technique_only"], "technique_only"),
         (["pipeline=customize", "pipeline.nodes.lora.rank=4"], "customize"),
     ],
 )
 def test_choosing_a_technique_means_that_technique_not_the_whole_workflow(overrides, pipeline):
     assert compose_config(overrides).pipeline.name == pipeline
-    assert (with_implied_pipeline(overrides) != overrides) == (pipeline == "default")
+    assert (with_implied_pipeline(overrides) != overrides) == (pipeline == "technique_then_evaluation")
 
 
 def test_a_comparison_the_baseline_evaluation_cannot_support_stops_before_anything_runs(tmp_path):

@@ -1,4 +1,4 @@
-"""Which pipeline a command line means: naming a technique, its evaluation or a model implies pipeline=default."""
+"""Which pipeline a command line means: naming a technique, its evaluation or a model implies pipeline=technique_then_evaluation."""
 
 from __future__ import annotations
 
@@ -16,22 +16,22 @@ from .conftest import REPO, run_llmexp
         ([], None, "compress"),
         (["seed=1", "hydra.run.dir=x", "hardware=h100", "data.num_people=20"], None, "compress"),
         (["model.hidden_size=256", "model.intermediate_size=768"], None, "compress"),  # the embedded model, resized
-        (["technique=lora"], "technique=lora", "default"),
-        (["seed=1", "technique.max_steps=5"], "technique.max_steps=5", "default"),
-        (["evaluation.limit=5"], "evaluation.limit=5", "default"),
-        (["technique@evaluation=benchmark"], "technique@evaluation=benchmark", "default"),
-        (["hardware=a100_80g", "model=llama3_1_70b"], "model=llama3_1_70b", "default"),
-        (["model=llama3_1_70b", "technique.rank=8", "technique=lora"], "technique=lora", "default"),  # the technique
-        (["model=tiny_llama"], "model=tiny_llama", "default"),  # keys, not values: the same rule for every sweep job
-        (["model.path=/ckpt/llama"], "model.path=/ckpt/llama", "default"),
+        (["technique=lora"], "technique=lora", "technique_then_evaluation"),
+        (["seed=1", "technique.max_steps=5"], "technique.max_steps=5", "technique_then_evaluation"),
+        (["evaluation.limit=5"], "evaluation.limit=5", "technique_then_evaluation"),
+        (["technique@evaluation=benchmark"], "technique@evaluation=benchmark", "technique_then_evaluation"),
+        (["hardware=a100_80g", "model=llama3_1_70b"], "model=llama3_1_70b", "technique_then_evaluation"),
+        (["model=llama3_1_70b", "technique.rank=8", "technique=lora"], "technique=lora", "technique_then_evaluation"),  # the technique
+        (["model=tiny_llama"], "model=tiny_llama", "technique_then_evaluation"),  # keys, not values: the same rule for every sweep job
+        (["model.path=/ckpt/llama"], "model.path=/ckpt/llama", "technique_then_evaluation"),
         (["model=llama3_1_70b", "pipeline=compress"], None, "compress"),
         (["model=llama3_1_8b", "pipeline.nodes.baseline.max_steps=0"], None, "compress"),
-        (["technique=sft", "pipeline=single"], None, "single"),
+        (["technique=sft", "pipeline=technique_only"], None, "technique_only"),
     ],
 )
 def test_what_a_command_line_names_decides_its_pipeline(argv, implied_by, pipeline):
     assert implied_pipeline(argv) == implied_by
-    assert with_implied_pipeline(argv) == (argv if implied_by is None else [*argv, "pipeline=default"])
+    assert with_implied_pipeline(argv) == (argv if implied_by is None else [*argv, "pipeline=technique_then_evaluation"])
     assert compose_config(argv).pipeline.name == pipeline
 
 
@@ -50,7 +50,7 @@ def composed(*argv, cwd):
 
 
 def test_the_command_runs_the_pipeline_its_overrides_imply(tmp_path):
-    assert composed("model=llama3_1_8b", cwd=tmp_path)["pipeline"]["name"] == "default"
+    assert composed("model=llama3_1_8b", cwd=tmp_path)["pipeline"]["name"] == "technique_then_evaluation"
     assert composed("model=llama3_1_8b", "pipeline=compress", cwd=tmp_path)["pipeline"]["name"] == "compress"
     sweep_file = composed("--config-dir", str(REPO / "sweeps"), "--config-name", "prune_distill", "model=llama3_1_8b",
                           cwd=tmp_path)

@@ -61,7 +61,7 @@ def test_a_server_with_an_adapter_starts_without_library_noise(tmp_path, tiny_ch
     import time
 
     trained = run_llmexp("technique=lora", f"model.path={tiny_checkpoint}", "technique.max_steps=2",
-                         "pipeline=single", "hydra.run.dir=run", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
+                         "pipeline=technique_only", "hydra.run.dir=run", cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert trained.returncode == 0, trained.stderr[-3000:]
     log = tmp_path / "serve.log"
     with log.open("w") as stream:

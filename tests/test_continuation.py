@@ -10,19 +10,18 @@ import pytest
 
 from llmexp.data.embedded import build_world
 from llmexp.errors import UserError
-from llmexp.plugins.evaluate.continuation import TASK_TYPES, Item, prompt, read_items
-from llmexp.plugins.evaluate.tasks import TaskInputs
+from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.plugins.evaluate.tasks.continuation import CONTINUATION, Item, prompt, read_items
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lm_eval"
 TEST, TRAIN = FIXTURE / "choices_test.jsonl", FIXTURE / "choices_train.jsonl"
 FIELDS = {"context_field": "ctx", "choices_field": "endings"}
-CONTINUATION = TASK_TYPES["continuation"]
 
 
 @pytest.fixture(scope="module")
 def scorer(tiny_checkpoint):
     from llmexp.models.loading import load_model
-    from llmexp.plugins.evaluate.scoring import Scorer
+    from llmexp.plugins.evaluate.harness.scoring import Scorer
 
     model, tokenizer = load_model(tiny_checkpoint)
     return Scorer(model, tokenizer, batch_size=8)

@@ -29,12 +29,12 @@ def test_a_copied_technique_runs_with_the_value_edited_in_its_file(tmp_path):
     file.write_text(text.replace("  max_steps: 1000  #", "  max_steps: 3  #"))
     plan = run_llmexp("plan", "--json", "--config-dir", "configs", "--config-name", "short", cwd=tmp_path)
     assert plan.returncode == 0, plan.stderr
-    assert json.loads(plan.stdout)["planned"] == "planned: technique=pretrain then evaluate (pipeline=default, as named)"
+    assert json.loads(plan.stdout)["planned"] == "planned: technique=pretrain then evaluate (pipeline=technique_then_evaluation, as named)"
 
     result = run_llmexp("--config-dir", "configs", "--config-name", "short", "evaluation.limit=4", "hydra.run.dir=run",
                         cwd=tmp_path, env={"OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-2000:]
-    assert result.stderr.startswith("running: technique=pretrain then evaluate (pipeline=default, as named)\n")
+    assert result.stderr.startswith("running: technique=pretrain then evaluate (pipeline=technique_then_evaluation, as named)\n")
     record = read_results(tmp_path / "run")
     assert record["stages"]["pretrain"]["metrics"]["steps"] == 3
     assert record["config"]["technique"]["save_model"] is False

@@ -8,7 +8,7 @@ import torch
 
 from tests.conftest import read_results, run_llmexp
 
-FAST = ["pipeline=single", "parallelism.micro_batch=8", "parallelism.global_batch=8", "data.seq_len=32"]
+FAST = ["pipeline=technique_only", "parallelism.micro_batch=8", "parallelism.global_batch=8", "data.seq_len=32"]
 
 
 def run_ok(tmp_path, *args):

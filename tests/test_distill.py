@@ -8,7 +8,9 @@ import torch
 
 from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
-from llmexp.planning.planner import count_parameters, make_plan, model_numbers
+from llmexp.architecture import count_parameters
+from llmexp.planning.planner import make_plan
+from llmexp.planning.stages import model_numbers
 from llmexp.plugins.distill.loss import DistillationLoss, distillation_kl
 from tests.conftest import read_results, run_llmexp
 
@@ -108,7 +110,7 @@ def test_plan_counts_the_teacher_on_top_of_full_training(tiny_checkpoint):
     assert extra == teacher_bytes + distill.memory_breakdown["teacher_logits"]
     # a teacher from an earlier stage is counted as the run's model: twice the student here
     staged = make_plan(compose_config([
-        "pipeline=default", "+technique@pipeline.nodes.base=pretrain", "+technique@pipeline.nodes.student=distill",
+        "pipeline=technique_then_evaluation", "+technique@pipeline.nodes.base=pretrain", "+technique@pipeline.nodes.student=distill",
         "pipeline.stages=[base,student]", "pipeline.nodes.student.teacher.stage=base",
     ]))
     assert staged.feasible, staged.problems
@@ -181,7 +183,7 @@ def test_distillation_run_brings_the_student_towards_the_teacher(tmp_path, tiny_
     save_model(model, tokenizer, teacher)
     run_dir = tmp_path / "run"
     result = run_llmexp(
-        "technique=distill", "pipeline=single", f"technique.teacher.path={teacher}", f"model.path={tiny_checkpoint}",
+        "technique=distill", "pipeline=technique_only", f"technique.teacher.path={teacher}", f"model.path={tiny_checkpoint}",
         "technique.max_steps=20", "technique.warmup_steps=2", "technique.lr=1e-2", "technique.log_every=1",
         "technique.checkpoint_every=20", "technique.lm_weight=0.1", f"hydra.run.dir={run_dir}", cwd=tmp_path,
     )

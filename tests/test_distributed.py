@@ -27,7 +27,7 @@ from .test_training import context, log_rows, run
 # 2 layers, 32-token blocks, 6 optimiser steps of 16 blocks, checkpoints at steps 3 and 6; the
 # warm-up is short enough for the loss to move and for gradient clipping to act.
 COMMAND = [
-    "pipeline=single", "model.num_layers=2", "data.seq_len=32", "technique.max_steps=6", "technique.log_every=1",
+    "pipeline=technique_only", "model.num_layers=2", "data.seq_len=32", "technique.max_steps=6", "technique.log_every=1",
     "technique.warmup_steps=2", "technique.checkpoint_every=3", "technique.keep_checkpoints=2",
 ]
 LAYOUTS = ["dp2", "fsdp2", "tp2"]  # DDP, FSDP2, tensor parallel: 2 ranks each, micro-batches of 8

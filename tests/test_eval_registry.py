@@ -6,13 +6,13 @@ import pytest
 from omegaconf import OmegaConf
 
 from llmexp.data.embedded import build_world
-from llmexp.plugins.evaluate import registry
-from llmexp.plugins.evaluate.registry import TASK_TYPES, Task, resolve_tasks, run_task
-from llmexp.plugins.evaluate.tasks import TaskInputs, TaskResult, TaskType
+from llmexp.plugins.evaluate.harness import registry
+from llmexp.plugins.evaluate.harness.registry import Task, resolve_tasks, run_task, task_types
+from llmexp.plugins.evaluate.harness.task import TaskInputs, TaskResult, TaskType
 
 
 def test_every_built_in_task_type_is_registered():
-    assert {"mmlu", "continuation", "generation", "text_perplexity", "similarity", "code", "judge", "lm_eval"} <= set(TASK_TYPES)
+    assert {"mmlu", "continuation", "generation", "text_perplexity", "similarity", "code", "judge", "lm_eval"} <= set(task_types())
 
 
 def test_embedded_names_and_described_tasks_resolve_in_order(tmp_path):
@@ -50,7 +50,7 @@ def test_a_described_task_gets_its_own_limit_and_prefixed_metrics(monkeypatch):
         seen["limit"] = inputs.limit
         return TaskResult({"acc": 0.25}, [{"correct": True}])
 
-    monkeypatch.setitem(registry.TASK_TYPES, "counting", TaskType(run=run, problems=lambda spec, field: [], headline="acc"))
+    monkeypatch.setitem(registry.task_types(), "counting", TaskType("counting", run=run, problems=lambda spec, field: [], headline="acc"))
     task = Task("two", {"type": "counting", "limit": 3})
     inputs = TaskInputs(world=build_world(0), limit=50)
     result = run_task(task, inputs, scorer=None)

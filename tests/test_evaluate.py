@@ -17,9 +17,11 @@ from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
 from llmexp.models.loading import build_model
 from llmexp.plugins.evaluate import EvaluateConfig, Evaluate, llmexp_plan_problems
-from llmexp.plugins.evaluate import scoring
-from llmexp.plugins.evaluate.scoring import LogLikelihood, Scorer, cut_at_stop, encode_pair
-from llmexp.plugins.evaluate.tasks import EMBEDDED_TASKS, TASKS, TaskInputs, free_answer, multiple_choice, word_problems
+from llmexp.plugins.evaluate.harness import scoring
+from llmexp.plugins.evaluate.harness.decoding import cut_at_stop
+from llmexp.plugins.evaluate.harness.scoring import LogLikelihood, Scorer, encode_pair
+from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.plugins.evaluate.tasks.embedded import EMBEDDED_TASKS, TASKS, free_answer, multiple_choice, word_problems
 from llmexp.techniques.contract import ModelArtifact, StageContext
 
 TINY = dict(

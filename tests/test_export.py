@@ -184,7 +184,7 @@ def test_an_unquantized_checkpoint_is_placed_not_loaded(tiny_checkpoint, tmp_pat
 def quantized_run(tiny_checkpoint, tmp_path_factory) -> Path:
     """quantize (fp8, simulated on the CPU) then export, as one pipeline."""
     run_dir = tmp_path_factory.mktemp("quantized") / "run"
-    results = run(run_dir, f"model.path={tiny_checkpoint}", "pipeline=single", "pipeline.stages=[q,e]",
+    results = run(run_dir, f"model.path={tiny_checkpoint}", "pipeline=technique_only", "pipeline.stages=[q,e]",
                   "+technique@pipeline.nodes.q=quantize", "pipeline.nodes.q.calibration_size=4",
                   "+technique@pipeline.nodes.e=export")
     assert [s["status"] for s in results["stages"].values()] == ["completed", "completed"]
@@ -207,7 +207,7 @@ def test_model_path_at_a_quantize_stages_model_uses_the_export_beside_it(quantiz
 
 
 def test_a_quantized_model_without_an_export_is_exported_through_modelopt(tiny_checkpoint, tmp_path):
-    results = run(tmp_path / "run", f"model.path={tiny_checkpoint}", "pipeline=single", "pipeline.stages=[q,e]",
+    results = run(tmp_path / "run", f"model.path={tiny_checkpoint}", "pipeline=technique_only", "pipeline.stages=[q,e]",
                   "+technique@pipeline.nodes.q=quantize", "pipeline.nodes.q.calibration_size=4",
                   "pipeline.nodes.q.format=int8_wo", "pipeline.nodes.q.export=false",
                   "+technique@pipeline.nodes.e=export")
@@ -276,13 +276,13 @@ def test_the_plan_accepts_hf_and_needs_an_input(tiny_checkpoint):
     (nothing,) = plan_problems()
     assert "technique: nothing to export" in nothing and "model.path=<a Hugging Face checkpoint directory>" in nothing
     # after a stage that makes a model, the export's input is that stage's model
-    assert make_plan(compose_config([f"model.path={tiny_checkpoint}", "pipeline=single", "pipeline.stages=[q,e]",
+    assert make_plan(compose_config([f"model.path={tiny_checkpoint}", "pipeline=technique_only", "pipeline.stages=[q,e]",
                                      "+technique@pipeline.nodes.q=quantize",
                                      "+technique@pipeline.nodes.e=export"])).problems == []
 
 
 def test_the_plan_refuses_building_a_quantize_format_tensorrt_llm_has_no_engine_for(tiny_checkpoint):
-    pipeline = [f"model.path={tiny_checkpoint}", "hardware=b200", "pipeline=single", "pipeline.stages=[q,s,e]",
+    pipeline = [f"model.path={tiny_checkpoint}", "hardware=b200", "pipeline=technique_only", "pipeline.stages=[q,s,e]",
                 "+technique@pipeline.nodes.q=quantize", "pipeline.nodes.q.format=mxfp8",
                 "+technique@pipeline.nodes.s=evaluate", "+technique@pipeline.nodes.e=export"]
     problems = make_plan(compose_config([*pipeline, "pipeline.nodes.e.format=trtllm"])).problems

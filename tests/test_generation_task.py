@@ -6,16 +6,17 @@ from pathlib import Path
 import pytest
 import torch
 
-from llmexp.plugins.evaluate import scoring
-from llmexp.plugins.evaluate.generation import DEFAULT_FILTERS, DEFAULTS, TASK_TYPES, AnswerFilter
-from llmexp.plugins.evaluate.registry import Task, resolve_tasks, run_task
-from llmexp.plugins.evaluate.scoring import Sampling, Scorer
-from llmexp.plugins.evaluate.tasks import TaskInputs
+from llmexp.data.gsm8k import AnswerFilter
+from llmexp.plugins.evaluate.harness import scoring
+from llmexp.plugins.evaluate.harness.registry import Task, resolve_tasks, run_task
+from llmexp.plugins.evaluate.harness.scoring import Sampling, Scorer
+from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.plugins.evaluate.tasks.generation import GENERATION
+from llmexp.plugins.evaluate.tasks.generation_spec import DEFAULT_FILTERS, DEFAULTS
 
 FIXTURES = Path(__file__).parent / "fixtures"
 TEST = FIXTURES / "gsm8k_sample_test.jsonl"
 TRAIN = FIXTURES / "gsm8k_sample_train.jsonl"
-GENERATION = TASK_TYPES["generation"]
 LINES = [json.loads(line) for line in TEST.read_text().splitlines()]
 SHOTS = [json.loads(line) for line in TRAIN.read_text().splitlines()]
 

@@ -23,7 +23,7 @@ TINY_CONFIG = {  # what results.json records of tiny_llama at the embedded defau
               "tie_word_embeddings": True},
     "data": {"seq_len": 64},
 }
-TINY_PARAMETERS = 1_607_808  # `llmexp pipeline=single technique=pretrain` reports it
+TINY_PARAMETERS = 1_607_808  # `llmexp pipeline=technique_only technique=pretrain` reports it
 
 
 def test_flops_per_token_of_tiny_llama_by_hand():

@@ -20,13 +20,12 @@ import pytest
 from llmexp.data.embedded import build_world
 from llmexp.data.jsonl import write_jsonl
 from llmexp.errors import UserError
-from llmexp.plugins.evaluate.judge import TASK_TYPES, load_items
-from llmexp.plugins.evaluate.judge_template import load_template
-from llmexp.plugins.evaluate.tasks import TaskInputs
+from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.plugins.evaluate.judge.task import JUDGE, load_items
+from llmexp.plugins.evaluate.judge.template import load_template
 
 KEY_ENV = "LLMEXP_TEST_JUDGE_KEY"
 SECRET = "sk-test-9f3c2e71b5d84a06"
-JUDGE = TASK_TYPES["judge"]
 # A reply script: (the question being judged, how many requests for it came before) -> (status, content, delay_s)
 Script = Callable[[str, int], Tuple[int, Optional[str], float]]
 
@@ -292,7 +291,7 @@ def test_a_password_in_the_url_is_sent_as_basic_auth_and_never_logged_or_recorde
 def test_answers_missing_from_the_items_are_written_by_the_evaluated_model(tiny_checkpoint, tmp_path, monkeypatch):
     from llmexp.data.instructions import format_prompt
     from llmexp.models.loading import load_model
-    from llmexp.plugins.evaluate.scoring import Scorer
+    from llmexp.plugins.evaluate.harness.scoring import Scorer
 
     monkeypatch.setenv(KEY_ENV, SECRET)
     model, tokenizer = load_model(tiny_checkpoint)[:2]

@@ -9,8 +9,8 @@ import pytest
 
 from llmexp.configuration.compose import compose_config
 from llmexp.planning.planner import make_plan
-from llmexp.plugins.evaluate.learned_tasks import added_tasks, learned_tasks
-from llmexp.plugins.evaluate.registry import resolve_tasks
+from llmexp.plugins.evaluate.harness.learned_tasks import added_tasks, learned_tasks
+from llmexp.plugins.evaluate.harness.registry import resolve_tasks
 
 from .conftest import read_results, run_llmexp
 
@@ -26,7 +26,7 @@ def test_lora_on_the_embedded_default_is_evaluated_on_the_text2sql_it_learned_un
     assert result.returncode == 0, result.stderr[-3000:]
     stderr = " ".join(result.stderr.split())
     assert stderr.startswith("running: technique=lora then evaluate (+text2sql: what its model was trained for) "
-                             "(pipeline=default, implied by technique=lora;")
+                             "(pipeline=technique_then_evaluation, implied by technique=lora;")
     assert ("evaluate: also scoring text2sql, what its model (or one compared with it) was trained for; "
             "evaluation.add_learned_tasks=false scores evaluation.tasks alone") in stderr
     evaluation = read_results(tmp_path / "run")["stages"]["evaluate"]
@@ -75,7 +75,7 @@ def test_a_comparisons_learned_tasks_are_scored_by_its_baseline_too(tmp_path):
     ],
 )
 def test_what_each_technique_is_measured_by(overrides, expected):
-    assert learned_tasks(compose_config([*overrides, "pipeline=default"])) == {"evaluation": expected}
+    assert learned_tasks(compose_config([*overrides, "pipeline=technique_then_evaluation"])) == {"evaluation": expected}
 
 
 def test_a_quantized_lora_model_is_still_scored_on_what_the_lora_stage_taught():
@@ -112,10 +112,10 @@ def test_a_technique_measured_by_a_task_the_evaluation_lacks_is_refused_by_the_p
     from llmexp.plugins.customize import LoRA
 
     monkeypatch.setattr(LoRA, "measured_by", classmethod(lambda cls, config: ("sql_quiz",)))
-    problems = make_plan(compose_config(["technique=lora", "pipeline=default"])).problems
+    problems = make_plan(compose_config(["technique=lora", "pipeline=technique_then_evaluation"])).problems
     assert problems == [
         "evaluation: a technique that made its model names 'sql_quiz' as what measures its training (measured_by), "
         "which is not an embedded evaluation task (multiple_choice, free_answer, word_problems, perplexity, gsm8k, "
         "text2sql, throughput); set evaluation.add_learned_tasks=false, and tell the technique's author."]
-    assert not make_plan(compose_config(["technique=lora", "pipeline=default", "evaluation.add_learned_tasks=false"])
+    assert not make_plan(compose_config(["technique=lora", "pipeline=technique_then_evaluation", "evaluation.add_learned_tasks=false"])
                          ).problems

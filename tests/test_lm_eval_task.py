@@ -9,17 +9,16 @@ import pytest
 
 from llmexp.data.embedded import build_world
 from llmexp.errors import UserError
-from llmexp.plugins.evaluate.lm_eval_task import TASK_TYPES, flatten_metrics, task_names_in
-from llmexp.plugins.evaluate.tasks import TaskInputs
+from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.plugins.evaluate.tasks.lm_eval import LM_EVAL, flatten_metrics, task_names_in
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lm_eval"
-LM_EVAL = TASK_TYPES["lm_eval"]
 
 
 @pytest.fixture(scope="module")
 def scorer(tiny_checkpoint):
     from llmexp.models.loading import load_model
-    from llmexp.plugins.evaluate.scoring import Scorer
+    from llmexp.plugins.evaluate.harness.scoring import Scorer
 
     model, tokenizer = load_model(tiny_checkpoint)
     return Scorer(model, tokenizer, batch_size=8, max_new_tokens=40)

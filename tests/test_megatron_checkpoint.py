@@ -24,7 +24,7 @@ from llmexp.training.megatron.arguments import padded_vocab
 from llmexp.training.megatron.checkpoint_mapping import (
     LAYER_SPECS, check_against_model, hf_to_megatron, iter_chunk_ids, layer_numbers, megatron_to_hf,
 )
-from llmexp.planning.planner import architecture
+from llmexp.architecture import architecture
 
 from .conftest import REPO
 

@@ -24,7 +24,7 @@ LONG = " ".join(["Kalo lives in Dorville ."] * 20)  # 100 words: every record is
 def measure(tmp_path, technique, *overrides):
     run_dir = tmp_path / technique
     result = run_llmexp(
-        f"technique={technique}", "pipeline=single", f"data.seq_len={SEQ_LEN}", f"parallelism.micro_batch={BATCH}",
+        f"technique={technique}", "pipeline=technique_only", f"data.seq_len={SEQ_LEN}", f"parallelism.micro_batch={BATCH}",
         f"parallelism.global_batch={BATCH}", "technique.max_steps=4", "technique.checkpoint_every=0",
         "technique.save_model=false", f"hydra.run.dir={run_dir}", *overrides, cwd=tmp_path,
     )

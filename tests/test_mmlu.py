@@ -9,18 +9,17 @@ import pytest
 
 from llmexp.data.embedded import build_world
 from llmexp.errors import UserError
-from llmexp.plugins.evaluate.mmlu import TASK_TYPES, Question, prompt, read_questions
-from llmexp.plugins.evaluate.tasks import TaskInputs
+from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.plugins.evaluate.tasks.mmlu import MMLU, Question, prompt, read_questions
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mmlu"
 DATA = FIXTURE / "data"
-MMLU = TASK_TYPES["mmlu"]
 
 
 @pytest.fixture(scope="module")
 def scorer(tiny_checkpoint):
     from llmexp.models.loading import load_model
-    from llmexp.plugins.evaluate.scoring import Scorer
+    from llmexp.plugins.evaluate.harness.scoring import Scorer
 
     model, tokenizer = load_model(tiny_checkpoint)
     return Scorer(model, tokenizer, batch_size=8)

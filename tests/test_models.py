@@ -11,7 +11,7 @@ from llmexp.data.embedded import build_world
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
 from llmexp.models.loading import build_model, load_model, model_stats
-from llmexp.planning.planner import vocabulary_problem
+from llmexp.models.vocabulary import vocabulary_problem
 
 from .conftest import REPO, read_results, run_llmexp
 

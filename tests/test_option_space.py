@@ -34,7 +34,7 @@ from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
 from llmexp.configuration.pipeline import stage_nodes
 from llmexp.planning.planner import make_plan
-from llmexp.training.loop import TrainingTechnique
+from llmexp.training.contract import TrainingTechnique
 
 REPO = Path(__file__).resolve().parents[1]
 FLAT_GROUPS = ("model", "hardware", "parallelism")  # option files merged onto the typed node (a defaults list left out)
@@ -195,7 +195,7 @@ def test_tiny_points_that_plan_clean_start_for_real(tmp_path, tiny_checkpoint):
     for index, (technique, precision) in enumerate(itertools.product(AXES["technique"], AXES["precision"])):
         for name in hardware[index % len(hardware):] + hardware[:index % len(hardware)]:
             point = ["model=tiny_llama", f"hardware={name}", "parallelism=single", f"precision={precision}",
-                     "pipeline=single", *first_stage_settings(technique, tiny_checkpoint)]
+                     "pipeline=technique_only", *first_stage_settings(technique, tiny_checkpoint)]
             if not make_plan(compose_config(point)).problems:
                 break
         else:

@@ -8,8 +8,8 @@ import torch
 
 from llmexp.configuration.compose import compose_config
 from llmexp.planning.planner import make_plan
-from llmexp.plugins.evaluate.paired import paired_measures
-from llmexp.plugins.evaluate.scoring import document_nll, forward_throughput, next_token_kl
+from llmexp.plugins.evaluate.harness.paired import paired_measures
+from llmexp.plugins.evaluate.harness.scoring import document_nll, forward_throughput, next_token_kl
 
 
 def _rows(flags, answers):

@@ -12,7 +12,7 @@ import pytest
 from safetensors.numpy import save_file
 
 from llmexp.cli import plan as plan_command
-from llmexp.planning.planner import GIB
+from llmexp.planning.hardware import GIB
 
 from .conftest import run_llmexp
 
@@ -21,7 +21,7 @@ FITS_70B_TP8 = ["model=llama3_1_70b", "hardware=a100_80g", "parallelism=tp8", "t
                 "precision=bf16"]
 # The README's example: no technique or pipeline named, so model= implies the default technique and its evaluation.
 README_70B = ["model=llama3_1_70b", "hardware=a100_80g", "parallelism=tp8", "precision=bf16"]
-README_70B_PLANNED = ("planned: technique=pretrain then evaluate (pipeline=default, implied by model=llama3_1_70b; "
+README_70B_PLANNED = ("planned: technique=pretrain then evaluate (pipeline=technique_then_evaluation, implied by model=llama3_1_70b; "
                       "name pipeline=compress for the whole workflow)")
 # 2 + 2 + 12 bytes per parameter of 70.55 B is 1051.3 GiB: more than eight 80 GiB devices hold, whatever the layout.
 README_70B_REFUSAL = (
@@ -152,7 +152,7 @@ def test_the_json_plan_says_which_job_and_why(capsys):
     assert plan_command.main(["--json", *README_70B]) == 2
     plan = json.loads(capsys.readouterr().out)
     assert plan["planned"] == README_70B_PLANNED
-    assert plan["config"]["pipeline"] == "default" and plan["config"]["technique"] == "pretrain"
+    assert plan["config"]["pipeline"] == "technique_then_evaluation" and plan["config"]["technique"] == "pretrain"
     assert plan["config"]["pipeline_implied_by"] == "model=llama3_1_70b"
     assert README_70B_REFUSAL in plan["problems"]
     longer = plan["at_train_seq_len"]

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -19,7 +20,9 @@ from llmexp.techniques import plugin_manager
 from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
 from llmexp.techniques.hookspecs import hookimpl
-from llmexp.planning.planner import GIB, count_parameters, make_plan
+from llmexp.architecture import count_parameters
+from llmexp.planning.hardware import GIB
+from llmexp.planning.planner import make_plan
 from llmexp.techniques.contract import Technique, TechniqueConfig
 
 REPO = Path(__file__).resolve().parents[1]
@@ -67,18 +70,34 @@ class AdapterConfig(TechniqueConfig):
 class AdapterTechnique(Technique):
     name = "plan_test_adapter"
     schema = AdapterConfig
-    memory = "adapter"
 
 
 @dataclass
-class OddConfig(TechniqueConfig):
-    name: str = "plan_test_odd"
+class StreamingConfig(TechniqueConfig):
+    name: str = "plan_test_streaming"
+    buffer_mb: int = 64
 
 
-class OddMemoryTechnique(Technique):
-    name = "plan_test_odd"
-    schema = OddConfig
+class StreamingTechnique(Technique):
+    """Declares its own memory, trainable parameters and checks: the planner knows it only through them."""
+
+    name = "plan_test_streaming"
+    schema = StreamingConfig
     memory = "streaming"
+
+    @classmethod
+    def memory_per_device(cls, config, key, node, model, precision, layout):
+        return {"weights": layout.weights(count_parameters(model), precision),
+                "buffer": node.buffer_mb * 2**20 / layout.tp}
+
+    @classmethod
+    def trainable_parameters(cls, config, node, model):
+        return model["hidden_size"]
+
+    @classmethod
+    def plan_problems(cls, config, key, node, plan):
+        buffer = plan.memory_breakdown["buffer"]
+        return [f"{key}.buffer_mb={node.buffer_mb} holds {buffer} bytes per device, over 128 MiB."] if buffer > 2**27 else []
 
 
 class PlanTestPlugin:
@@ -86,7 +105,7 @@ class PlanTestPlugin:
 
     @hookimpl
     def llmexp_techniques(self):
-        return [AdapterTechnique, OddMemoryTechnique]
+        return [AdapterTechnique, StreamingTechnique]
 
     @hookimpl
     def llmexp_plan_problems(self, config, plan):
@@ -264,8 +283,9 @@ def test_which_sequence_lengths_are_far_too_short_for_the_model(overrides, warne
     assert (plan.at_train_seq_len is not None) is warned
 
 
-def test_adapter_memory(test_plugin):
-    plan = plan_of("technique=plan_test_adapter", "model=llama3_1_8b", "hardware=a100_40g", "precision=bf16")
+def test_adapter_memory():
+    plan = plan_of("technique=lora", "technique.target_modules=[q_proj,k_proj,v_proj,o_proj]", "model=llama3_1_8b",
+                   "hardware=a100_40g", "precision=bf16")
     assert plan.technique_memory == "adapter"
     # rank 16 on q (4096->4096), k and v (4096->1024), o (4096->4096) in 32 layers
     adapter = 16 * (2 * 8192 + 2 * 5120) * 32
@@ -275,13 +295,19 @@ def test_adapter_memory(test_plugin):
     assert plan.memory_breakdown["gradients"] == adapter * 4
     assert plan.memory_breakdown["optimizer"] == adapter * 8
     assert plan.problems == []
-    wider = plan_of("technique=plan_test_adapter", "technique.rank=64",
-                    "technique.target_modules=[q_proj,gate_proj]", "model=llama3_1_8b")
+    wider = plan_of("technique=lora", "technique.rank=64", "technique.target_modules=[q_proj,gate_proj]",
+                    "model=llama3_1_8b")
     assert wider.trainable_parameters == 64 * (8192 + 4096 + 14336) * 32
 
 
-def test_adapter_with_an_unknown_target_module(test_plugin):
-    plan = plan_of("technique=plan_test_adapter", "technique.target_modules=[q_proj,qkv]")
+def test_adapter_defaults_to_every_linear_layer():
+    """The schema's all-linear default is what the plan counts: q, k, v, o, gate, up and down."""
+    plan = plan_of("technique=lora", "model=llama3_1_8b", "hardware=a100_40g", "precision=bf16")
+    assert plan.trainable_parameters == 16 * (2 * 8192 + 2 * 5120 + 3 * (4096 + 14336)) * 32
+
+
+def test_adapter_with_an_unknown_target_module():
+    plan = plan_of("technique=lora", "technique.target_modules=[q_proj,qkv]")
     problem = only(plan.problems, "technique.target_modules")
     assert "qkv" in problem and "all-linear" in problem
 
@@ -291,9 +317,27 @@ def test_plugins_add_problems_through_the_hook(test_plugin):
     assert plan.problems == [f"technique.rank=512 is above 256 (plan has {plan.parameters} parameters)."]
 
 
-def test_an_unknown_memory_mode_is_a_problem(test_plugin):
-    problem = only(plan_of("technique=plan_test_odd").problems, "memory='streaming'")
-    assert "inference, full, adapter" in problem
+def test_a_technique_is_planned_through_what_it_declares(test_plugin):
+    plan = plan_of("technique=plan_test_streaming", "model=llama3_1_8b", "hardware=h100", "precision=bf16",
+                   "parallelism=tp2", "parallelism.devices_per_node=2")
+    assert plan.technique_memory == "streaming"
+    assert plan.memory_breakdown == {"weights": plan.parameters * 2 // 2, "buffer": 64 * 2**20 // 2}
+    assert plan.memory_per_device_bytes == plan.parameters + 32 * 2**20
+    assert plan.trainable_parameters == 4096
+    assert plan.problems == []
+    assert only(plan_of("technique=plan_test_streaming", "technique.buffer_mb=512").problems,
+                "technique.buffer_mb=512") == "technique.buffer_mb=512 holds 536870912 bytes per device, over 128 MiB."
+
+
+def test_the_planning_package_names_no_technique():
+    """What a stage holds and checks comes from its technique; the planner's source names none of them."""
+    import llmexp.planning
+
+    names = set(plugin_manager.techniques())
+    package = Path(llmexp.planning.__file__).parent
+    for module in package.glob("*.py"):
+        words = set(re.findall(r"[a-z_0-9]+", module.read_text(encoding="utf-8")))
+        assert not names & words, f"{module.name} names {sorted(names & words)}"
 
 
 # ---------------------------------------------------------------- problems

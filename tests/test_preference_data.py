@@ -6,8 +6,9 @@ from types import SimpleNamespace
 import pytest
 
 from llmexp.data.embedded import build_world
-from llmexp.data.instructions import Example, encode_example
-from llmexp.data.preference import PreferencePair, encode_pair, pair_collate, preference_data, read_preference_file
+from llmexp.data.instructions import encode_example
+from llmexp.data.preference import encode_pair, pair_collate, preference_data, read_preference_file
+from llmexp.data.records import Example, PreferencePair
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
 

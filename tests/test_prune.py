@@ -12,7 +12,9 @@ from llmexp.data.embedded import build_world
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
 from llmexp.models.loading import build_model, model_stats
-from llmexp.planning.planner import architecture, count_parameters, make_plan, pruned_numbers
+from llmexp.architecture import architecture, count_parameters
+from llmexp.planning.planner import make_plan
+from llmexp.plugins.prune.sizes import pruned_numbers
 from llmexp.plugins.prune.importance import (
     WidthImportance,
     block_importance,
@@ -228,7 +230,7 @@ def test_the_cli_refuses_bad_settings_before_writing_anything(tmp_path):
 
 
 def test_depth_pruning_a_checkpoint_through_the_cli(tmp_path, tiny_checkpoint):
-    result = run_llmexp("technique=prune", f"model.path={tiny_checkpoint}", "pipeline=single", "data.seq_len=32",
+    result = run_llmexp("technique=prune", f"model.path={tiny_checkpoint}", "pipeline=technique_only", "data.seq_len=32",
                         "technique.calibration_size=16", f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     stage = read_results(tmp_path / "run")["stages"]["prune"]

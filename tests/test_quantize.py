@@ -147,7 +147,7 @@ def test_the_plan_checks_group_size_calibration_data_and_input(tiny_checkpoint):
     assert "data=jsonl" in data
     (nothing,) = problems_of()
     assert "nothing to quantize" in nothing
-    nodes = ["pipeline=single", "pipeline.stages=[base,q]", "+technique@pipeline.nodes.base=pretrain",
+    nodes = ["pipeline=technique_only", "pipeline.stages=[base,q]", "+technique@pipeline.nodes.base=pretrain",
              "+technique@pipeline.nodes.q=quantize", "pipeline.nodes.q.format=fp7"]
     (node,) = make_plan(compose_config(nodes)).problems  # no model.path: base makes the model
     assert node.startswith("pipeline.nodes.q.format=fp7 is not a known format")

@@ -103,7 +103,7 @@ COMPRESS_EVALS = ["baseline_eval", "fp8_eval", "prune_eval", "distill_eval", "di
 
 @pytest.fixture(scope="module")
 def two_runs(tmp_path_factory):
-    """Two real runs of one day: the default compress pipeline and one technique (pipeline=default), both tiny."""
+    """Two real runs of one day: the default compress pipeline and one technique (pipeline=technique_then_evaluation), both tiny."""
     root = tmp_path_factory.mktemp("runs")
     day = root / "outputs" / "2026-12-06"
     compress = run_llmexp(
@@ -134,7 +134,7 @@ def test_every_row_names_its_run_pipeline_and_technique(two_runs, tmp_path):
     assert rows == [
         *({"run": "10-00-00", "pipeline": "compress", "technique": maker, "stage": stage, "run_dir": compress_run}
           for maker, stage in zip(makers, COMPRESS_EVALS)),
-        {"run": "11-00-00", "pipeline": "default", "technique": "pretrain", "stage": "evaluate", "run_dir": single_run},
+        {"run": "11-00-00", "pipeline": "technique_then_evaluation", "technique": "pretrain", "stage": "evaluate", "run_dir": single_run},
     ]
     printed = [[cell.strip() for cell in line.strip("│").split("│")] for line in result.stdout.splitlines()
                if line.startswith("│")]

@@ -21,7 +21,7 @@ from llmexp.atomic import replace_atomically
 from .conftest import read_results, run_llmexp
 
 COMMAND = [
-    "pipeline=single", "technique.max_steps=60", "technique.checkpoint_every=20", "technique.log_every=5",
+    "pipeline=technique_only", "technique.max_steps=60", "technique.checkpoint_every=20", "technique.log_every=5",
     "data.seq_len=32", "parallelism.micro_batch=4", "parallelism.global_batch=8",
 ]
 

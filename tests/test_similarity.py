@@ -7,19 +7,18 @@ from pathlib import Path
 import pytest
 
 from llmexp.errors import UserError
-from llmexp.plugins.evaluate.similarity import (
-    TASK_TYPES,
+from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.plugins.evaluate.tasks.similarity import (
+    SIMILARITY,
     exact_match,
     normalise_squad,
     row_scores,
     similarity_scores,
     token_f1,
 )
-from llmexp.plugins.evaluate.tasks import TaskInputs
 
 FIXTURES = Path(__file__).parent / "fixtures"
 SUMMARIES = FIXTURES / "summaries_sample.jsonl"
-SIMILARITY = TASK_TYPES["similarity"]
 
 
 def test_identical_texts_score_one_and_bleu_100():
@@ -93,7 +92,8 @@ def test_limit_keeps_the_first_rows():
 
 def test_generates_greedily_and_scores_the_generations(tiny_checkpoint):
     from llmexp.models.loading import load_model
-    from llmexp.plugins.evaluate.scoring import Scorer, greedy_generate
+    from llmexp.plugins.evaluate.harness.decoding import greedy_generate
+    from llmexp.plugins.evaluate.harness.scoring import Scorer
 
     model, tokenizer = load_model(tiny_checkpoint)
     spec = {"type": "similarity", "path": str(SUMMARIES), "max_new_tokens": 6, "stop": ["\n\n"]}

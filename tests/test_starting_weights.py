@@ -19,7 +19,7 @@ from .conftest import REPO, read_results, run_llmexp
 REPO_ID = "llmexp-test/tiny-llama"
 MAIN_COMMIT = "a" * 40  # refs/main points here: a 2-layer checkpoint
 PINNED_COMMIT = "b" * 40  # an older revision: a 1-layer checkpoint
-FAST = ["pipeline=single", "parallelism.micro_batch=8", "parallelism.global_batch=8", "data.seq_len=32"]
+FAST = ["pipeline=technique_only", "parallelism.micro_batch=8", "parallelism.global_batch=8", "data.seq_len=32"]
 
 PUBLISHED = {
     "llama3_2_1b": "meta-llama/Llama-3.2-1B",
@@ -97,7 +97,7 @@ def test_published_weights_load_from_the_cache_offline_at_main_or_a_pinned_revis
     for revision, commit, layers in (("main", MAIN_COMMIT, 2), (PINNED_COMMIT, PINNED_COMMIT, 1)):
         run = tmp_path / commit[:4]
         result = run_llmexp("technique=pretrain", "technique.max_steps=0", f"model.hub_repo={REPO_ID}",
-                            f"model.revision={revision}", "pipeline=single", f"hydra.run.dir={run}", cwd=tmp_path,
+                            f"model.revision={revision}", "pipeline=technique_only", f"hydra.run.dir={run}", cwd=tmp_path,
                             env=offline(hub_cache))
         assert result.returncode == 0, result.stderr[-3000:]
         stage = stages[commit] = read_results(run)["stages"]["pretrain"]
@@ -232,7 +232,7 @@ def test_download_failures_name_the_repository_the_revision_and_the_fix(tmp_path
     ]
     try:
         for repo, revision, more, message in cases:
-            result = run_llmexp("technique=pretrain", "technique.max_steps=0", "pipeline=single", f"model.hub_repo={repo}",
+            result = run_llmexp("technique=pretrain", "technique.max_steps=0", "pipeline=technique_only", f"model.hub_repo={repo}",
                                 f"model.revision={revision}", cwd=tmp_path, env={
                                     "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub, "HF_HOME": str(tmp_path / "hf"),
                                     "HF_HUB_CACHE": str(tmp_path / "hf/hub"), **more})
@@ -241,7 +241,7 @@ def test_download_failures_name_the_repository_the_revision_and_the_fix(tmp_path
     finally:
         server.shutdown()
         server.server_close()
-    unreachable = run_llmexp("technique=pretrain", "technique.max_steps=0", "pipeline=single",
+    unreachable = run_llmexp("technique=pretrain", "technique.max_steps=0", "pipeline=technique_only",
                              f"model.hub_repo={REPO_ID}", cwd=tmp_path, env={
                                  "HF_HUB_OFFLINE": "0", "HF_ENDPOINT": hub, "HF_HUB_CACHE": str(tmp_path / "hf/hub")})
     assert unreachable.returncode == 2, unreachable.stderr[-3000:]
@@ -298,7 +298,7 @@ def test_stages_that_read_a_model_plan_clean_on_a_presets_cached_weights_without
         # a check that reads the weights' files reads the cached snapshot's: its tokenizer counts the calibration text
         corpus = tmp_path / "corpus.txt"
         corpus.write_text(" ".join(["the"] * 95))  # BOS, 95 words, EOS: 97 tokens, 3 blocks of 32
-        plan = run_llmexp("plan", "--json", "technique=quantize", "pipeline=single", *PRESET, "data=text",
+        plan = run_llmexp("plan", "--json", "technique=quantize", "pipeline=technique_only", *PRESET, "data=text",
                           f"data.paths=[{corpus}]", "data.seq_len=32", "technique.calibration_size=10", cwd=tmp_path,
                           env=env)
         assert json.loads(plan.stdout)["problems"] == [
@@ -349,7 +349,7 @@ def test_evaluate_and_quantize_run_from_the_cached_snapshot_and_results_name_it(
 
 def test_export_places_the_cached_snapshot_as_the_checkpoint(tmp_path, hub_cache):
     run = tmp_path / "run"
-    result = run_llmexp("technique=export", "pipeline=single", *PRESET, f"hydra.run.dir={run}", cwd=tmp_path,
+    result = run_llmexp("technique=export", "pipeline=technique_only", *PRESET, f"hydra.run.dir={run}", cwd=tmp_path,
                         env=offline(hub_cache))
     assert result.returncode == 0, result.stderr[-3000:]
     stage = read_results(run)["stages"]["export"]

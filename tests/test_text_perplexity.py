@@ -7,12 +7,11 @@ import pytest
 import torch
 
 from llmexp.errors import UserError
-from llmexp.plugins.evaluate import scoring
-from llmexp.plugins.evaluate.scoring import Scorer, sliding_windows
-from llmexp.plugins.evaluate.tasks import TaskInputs
-from llmexp.plugins.evaluate.text_perplexity import TASK_TYPES
+from llmexp.plugins.evaluate.harness import scoring
+from llmexp.plugins.evaluate.harness.scoring import Scorer, sliding_windows
+from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.plugins.evaluate.tasks.text_perplexity import TEXT_PERPLEXITY
 
-TEXT_PERPLEXITY = TASK_TYPES["text_perplexity"]
 
 
 @pytest.fixture(scope="module")

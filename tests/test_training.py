@@ -20,7 +20,9 @@ from llmexp.models.loading import build_model
 from llmexp.machine.peak_memory import PeakMemory
 from llmexp.techniques.contract import StageContext
 from llmexp.results.tracking import make_tracker
-from llmexp.training.loop import LossOutput, accumulation_steps, data_order, make_trainer, train, warmup_cosine
+from llmexp.training.contract import LossOutput
+from llmexp.training.loop import accumulation_steps, make_trainer, train
+from llmexp.training.schedule import data_order, warmup_cosine
 
 # 2 layers, 16-token blocks, micro-batches of 2 accumulated to 4: a step takes milliseconds.
 TINY = [

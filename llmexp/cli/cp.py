@@ -31,7 +31,7 @@ from llmexp.errors import UserError
 
 GROUPS = ("technique", "pipeline")
 # What the copy's defaults choose besides its own option: a technique runs with its evaluation.
-ALSO_CHOSEN = {"technique": ["override pipeline: default  # the technique, then its evaluation"], "pipeline": []}
+ALSO_CHOSEN = {"technique": ["override pipeline: technique_then_evaluation"], "pipeline": []}
 
 
 def main(argv: List[str]) -> int:

@@ -59,7 +59,7 @@ def main(argv: List[str]) -> int:
     return 0 if plan.feasible else EXIT_USER_ERROR
 
 
-SINGLE_TECHNIQUE = ("default", "single")  # pipelines of the chosen technique (and evaluation)
+SINGLE_TECHNIQUE = ("technique_then_evaluation", "technique_only")  # pipelines of the chosen technique (and evaluation)
 
 
 def planned(cfg, implied_by: Optional[str]) -> str:

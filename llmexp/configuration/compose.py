@@ -53,13 +53,16 @@ def option_schemas() -> Dict[str, Dict[str, type]]:
             "technique": {name: entry.technique.schema for name, entry in techniques().items()}}
 
 
-# Overrides whose keys match these choose what runs, so they imply pipeline=default: a technique or its
+# The pipeline a command line that chooses what runs implies (llmexp/conf/pipeline/).
+IMPLIED_PIPELINE = "technique_then_evaluation"
+
+# Overrides whose keys match these choose what runs, so they imply IMPLIED_PIPELINE: a technique or its
 # evaluation (chosen or tuned), or a model of one's own (a preset, a checkpoint).
 SINGLE_TECHNIQUE_KEYS = ("technique", "technique.*", "evaluation", "evaluation.*", "model", "model.path")
 
 
 def implied_pipeline(argv: Sequence[str], config_name: Optional[str] = None) -> Optional[str]:
-    """The override of ``argv`` (a command line, or its overrides alone) that implies ``pipeline=default``, or None.
+    """The override of ``argv`` (a command line, or its overrides alone) that implies ``IMPLIED_PIPELINE``, or None.
 
     ``llmexp`` alone runs the whole workflow on the embedded default (llmexp/conf/config.yaml's pipeline);
     ``llmexp technique=lora``, ``llmexp technique.max_steps=300`` or ``llmexp model=llama3_1_8b`` means
@@ -81,8 +84,8 @@ def implied_pipeline(argv: Sequence[str], config_name: Optional[str] = None) -> 
 
 
 def with_implied_pipeline(argv: Sequence[str], config_name: Optional[str] = None) -> List[str]:
-    """``argv`` plus ``pipeline=default`` where ``implied_pipeline`` finds an override that implies it."""
-    return [*argv, "pipeline=default"] if implied_pipeline(argv, config_name) else list(argv)
+    """``argv`` plus ``pipeline=IMPLIED_PIPELINE`` where ``implied_pipeline`` finds an override that implies it."""
+    return [*argv, f"pipeline={IMPLIED_PIPELINE}"] if implied_pipeline(argv, config_name) else list(argv)
 
 
 def _override_node(override: str) -> str:
