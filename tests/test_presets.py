@@ -130,3 +130,15 @@ def test_named_layouts():
     assert (load("parallelism", "tp8_pp2")["nodes"], load("parallelism", "tp8_pp2")["pp"]) == (2, 2)
     layout = load("parallelism", "tp4_pp4_dp4")
     assert (layout["tp"], layout["pp"], layout["dp"], layout["nodes"]) == (4, 4, 4, 8)
+
+
+def yaml_anchors(path: Path):
+    """The anchors and aliases of a YAML file, as the parser sees them (a `&`/`*` inside a string is neither)."""
+    return [event.anchor for event in yaml.parse(path.read_text())
+            if isinstance(event, (yaml.AliasEvent, yaml.NodeEvent)) and event.anchor]
+
+
+def test_presets_share_settings_by_interpolation_or_defaults_never_by_yaml_anchors():
+    """An anchor copies a node when the file is read, so an override of the original leaves the copies behind."""
+    assert {str(path.relative_to(CONF)): yaml_anchors(path) for path in CONF.rglob("*.yaml") if yaml_anchors(path)} == {}
+
