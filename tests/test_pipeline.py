@@ -4,7 +4,12 @@ import pytest
 
 from llmexp.configuration.compose import compose_config
 from llmexp.configuration.pipeline import input_stage, stage_nodes
+from llmexp.planning.data_flow import data_flow_problems
 from llmexp.planning.planner import make_plan
+from llmexp.techniques.contract import Consumed, Reads
+from llmexp.techniques.plugin_manager import technique
+
+from .conftest import run_llmexp
 
 
 def test_the_customize_pipeline_resolves_its_nodes_and_inputs():
@@ -85,3 +90,40 @@ def test_a_pipeline_input_outside_the_stages_is_one_problem_not_a_crash():
     plan = make_plan(compose_config(["pipeline=compress", "pipeline.stages=[baseline_eval,fp8,fp8_eval]"]))
     assert plan.problems[0].startswith("pipeline.inputs.fp8=baseline: both must be stages of pipeline.stages")
     assert any(problem.startswith("baseline_eval: nothing to evaluate") for problem in plan.problems)
+
+
+def test_each_stage_declares_the_earlier_stages_it_reads():
+    cfg = compose_config(["pipeline=compress"])
+    reads = {key: technique(node.name).consumes(cfg, key, node) for key, node in stage_nodes(cfg)}
+    assert reads["distill"] == (Consumed("pipeline.nodes.distill.teacher.stage", "baseline", Reads.MODEL,
+                                         fix=", or give a checkpoint with pipeline.nodes.distill.teacher.path instead"),)
+    assert [(read.stage, read.reads, read.technique) for read in reads["prune_eval"]] == [
+        ("baseline_eval", Reads.RESULTS, "evaluate")]
+    assert reads["baseline"] == reads["baseline_eval"] == reads["fp8"] == ()
+    assert data_flow_problems(cfg) == []
+
+
+def test_every_read_that_cannot_happen_is_one_problem_naming_its_field():
+    cfg = compose_config(["pipeline=compress", "pipeline.inputs.fp8=fp8_eval", "pipeline.inputs.prune=fp8_eval",
+                          "pipeline.nodes.distill.teacher.stage=distill_eval", "pipeline.nodes.prune_eval.baseline=fp8"])
+    assert data_flow_problems(cfg) == [
+        "pipeline.inputs.fp8=fp8_eval: both must be stages of pipeline.stages (baseline, baseline_eval, fp8, fp8_eval, "
+        "prune, prune_eval, distill, distill_eval, distill_fp8, distill_fp8_eval, width_prune, width_prune_eval, "
+        "width_distill, width_distill_eval) and 'fp8_eval' must come before 'fp8'.",
+        "pipeline.inputs.prune=fp8_eval: 'prune' starts from the model 'fp8_eval' makes, and pipeline.nodes.fp8_eval "
+        "(technique=evaluate) makes none; name a stage before it that makes a model (baseline, fp8).",
+        "pipeline.nodes.prune_eval.baseline=fp8 must name an evaluate stage that runs before 'prune_eval' "
+        "(baseline_eval, fp8_eval): the evaluation of the baseline model, with the same tasks.",
+        "pipeline.nodes.distill.teacher.stage=distill_eval is not a stage before this one that makes a model; name one "
+        "of baseline, fp8, prune, or give a checkpoint with pipeline.nodes.distill.teacher.path instead.",
+    ]
+
+
+def test_a_pipeline_whose_data_cannot_flow_is_refused_by_the_command_before_anything_is_written(tmp_path):
+    result = run_llmexp("pipeline=compress", "pipeline.nodes.width_distill.teacher.stage=width_distill_eval",
+                        cwd=tmp_path, timeout=120)
+    assert result.returncode == 2
+    assert ("pipeline.nodes.width_distill.teacher.stage=width_distill_eval is not a stage before this one that makes a "
+            "model; name one of baseline, fp8, prune, distill, distill_fp8, width_prune, or give a checkpoint with "
+            "pipeline.nodes.width_distill.teacher.path instead.") in " ".join(result.stderr.split())
+    assert list(tmp_path.iterdir()) == []

@@ -5,7 +5,7 @@ key of ``pipeline.nodes``, where a pipeline preset keeps nodes of its own (the
 ``customize`` pipeline's ``base``, ``lora``, ``sft`` ...). A stage starts from the model
 the stage before it produced, unless ``pipeline.inputs`` names another stage (``sft:
 base`` fine-tunes the base model, not the LoRA model trained just before it); that stage
-must make a model.
+must make a model (``llmexp.planning.data_flow``).
 """
 
 from __future__ import annotations
@@ -21,7 +21,10 @@ TOP_LEVEL_NODES = ("technique", "evaluation")
 
 
 def stage_nodes(config, strict: bool = True) -> List[Tuple[str, Any]]:
-    """``(key, node)`` of every stage in order; an unknown key or input is a ``UserError``.
+    """``(key, node)`` of every stage in order; an unknown key is a ``UserError``.
+
+    What each stage reads of the others (``pipeline.inputs``, a teacher, a baseline) is checked by
+    ``llmexp.planning.data_flow``.
 
     ``strict=False`` (plugins' plan checks) leaves unknown keys out instead: the planner
     itself reports them, once.
@@ -40,21 +43,13 @@ def stage_nodes(config, strict: bool = True) -> List[Tuple[str, Any]]:
                 f"pipeline.stages names {key!r}, which is not a stage node; use one of {', '.join(known)} "
                 "(pipeline.nodes holds a pipeline's own nodes)."
             )
-    inputs = OmegaConf.select(config, "pipeline.inputs", default=None) or {}
-    for stage, source in inputs.items() if strict else ():
-        if stage not in stages or source not in stages or stages.index(source) >= stages.index(stage):
-            raise UserError(
-                f"pipeline.inputs.{stage}={source}: both must be stages of pipeline.stages "
-                f"({', '.join(stages)}) and {source!r} must come before {stage!r}."
-            )
-        makers = [key for key, node in resolved[:stages.index(stage)] if technique(node.name).produces_model]
-        if source not in makers:
-            raise UserError(
-                f"pipeline.inputs.{stage}={source}: {stage!r} starts from the model {source!r} makes, and "
-                f"{node_path(source)} (technique={dict(resolved)[source].name}) makes none; name a stage before it "
-                f"that makes a model ({', '.join(makers) or 'there is none'})."
-            )
     return resolved
+
+
+def stage_name(key: str, node) -> str:
+    """What the run calls stage ``key`` (its directory, its results.json entry, what a teacher or a baseline names):
+    its key in ``pipeline.nodes``, its technique's name for a top-level node."""
+    return key if key not in TOP_LEVEL_NODES else node.name
 
 
 def node_path(key: str) -> str:
