@@ -14,18 +14,12 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple, TypeVar
 
 from llmexp.data.embedded import build_world
 from llmexp.data.jsonl import PathLike, read_jsonl_numbered
+from llmexp.data.records import Example
+from llmexp.data.text2sql import text2sql_examples
 from llmexp.errors import UserError
 
 T = TypeVar("T")
 IGNORE_INDEX = -100  # label of a token the loss skips (PyTorch's cross_entropy default)
-
-
-@dataclass(frozen=True)
-class Example:
-    """``prompt`` is the user's side as plain text (not chat-templated yet), ``response`` the target."""
-
-    prompt: str
-    response: str
 
 
 @dataclass(frozen=True)
@@ -100,8 +94,6 @@ def read_train_and_validation(data_cfg, read_file: Callable[[PathLike], List[T]]
 def instruction_data(data_cfg) -> Tuple[List[Example], List[Example]]:
     """(train, validation) examples for the ``data`` option of an SFT or LoRA run."""
     if data_cfg.name == "embedded":
-        from llmexp.data.text2sql import text2sql_examples  # text2sql builds on Example, so not at the top
-
         return split_validation(text2sql_examples(build_world(data_cfg.seed, data_cfg.num_people)), data_cfg)
     if data_cfg.name == "jsonl":
         if not data_cfg.path:

@@ -7,26 +7,18 @@ so they can run through the model as one batch.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
 from functools import partial
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from llmexp.data.embedded import build_world
-from llmexp.data.instructions import Example, encode_example, pad_batch, read_train_and_validation, split_validation
+from llmexp.data.instructions import encode_example, pad_batch, read_train_and_validation, split_validation
 from llmexp.data.jsonl import PathLike, read_jsonl_numbered
+from llmexp.data.records import Example, PreferencePair
+from llmexp.data.text2sql import text2sql_preference_pairs
 from llmexp.errors import UserError
 
 FIELDS = ("prompt", "chosen", "rejected")
 SIDES = ("chosen", "rejected")
-
-
-@dataclass(frozen=True)
-class PreferencePair:
-    """``prompt`` is plain text like ``Example.prompt``; ``chosen`` is preferred over ``rejected``."""
-
-    prompt: str
-    chosen: str
-    rejected: str
 
 
 def read_preference_file(path: PathLike) -> List[PreferencePair]:
@@ -57,8 +49,6 @@ def preference_data(data_cfg) -> Tuple[List[PreferencePair], List[PreferencePair
     if data_cfg.name == "preference" and data_cfg.path:
         return read_train_and_validation(data_cfg, read_preference_file)
     if data_cfg.name in ("embedded", "preference"):
-        from llmexp.data.text2sql import text2sql_preference_pairs  # text2sql builds on PreferencePair
-
         return split_validation(text2sql_preference_pairs(build_world(data_cfg.seed, data_cfg.num_people)), data_cfg)
     raise UserError(
         f"data={data_cfg.name} holds no preference pairs. For DPO use data=embedded (built-in Text2SQL "

@@ -17,8 +17,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Tuple
 
 from llmexp.data.embedded import QUESTIONS, RELATIONS, TRAIN_TEMPLATES, EmbeddedWorld, Fact
-from llmexp.data.instructions import Example
-from llmexp.data.preference import PreferencePair
+from llmexp.data.records import Example, PreferencePair
 
 INSTRUCTION = "write the SQL query that answers the question ."
 SQL_TEMPLATE = "SELECT {column} FROM people WHERE name = {person}"
