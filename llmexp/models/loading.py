@@ -12,10 +12,9 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
-from llmexp.training import distributed
 from llmexp.models.checkpoint import HF_KEYS, MODELOPT_STATE, pickled_files, validate_checkpoint_dir
 from llmexp.errors import UserError
-from llmexp.planning.planner import vocabulary_problem
+from llmexp.models.vocabulary import vocabulary_problem
 
 
 @contextlib.contextmanager
@@ -245,41 +244,6 @@ def starting_model(ctx) -> Optional["ModelArtifact"]:
         return artifact  # a model read from the run's weights is this stage's own already
     model = copy.deepcopy(artifact.model).requires_grad_(True)  # a merged LoRA model arrives frozen
     return ModelArtifact(model, artifact.tokenizer, artifact.path, artifact.produced_by)
-
-
-def base_model(ctx) -> "ModelArtifact":
-    """What a stage that adapts a base starts from: ``starting_model``, else the embedded baseline where the
-    model trains one (``llmexp.models.embedded_baseline``). Without either the plan refuses the run
-    (``llmexp.models.starting_weights.base_problems``); a stage run without a plan gets the same refusal here.
-    """
-    from llmexp.models import embedded_baseline
-    from llmexp.configuration.pipeline import stage_node_path
-    from llmexp.models.starting_weights import no_base_message
-
-    start = starting_model(ctx)
-    if start is not None:
-        return start
-    if embedded_baseline.available(ctx.config):
-        return embedded_baseline.load_or_train(ctx)
-    raise UserError(no_base_message(ctx.config, stage_node_path(ctx), ctx.stage_config.name))
-
-
-def trained_model_result(ctx, model, tokenizer, metrics, artifacts=None, save: bool = True):
-    """The ``StageResult`` of a stage that trained ``model``: saved to ``<stage dir>/model`` when ``save`` (by rank 0)."""
-    from llmexp.techniques.contract import ModelArtifact, StageResult
-
-    artifacts = dict(artifacts or {})
-    path = Path(ctx.stage_dir) / "model"
-    # on several ranks each holds the trained model; rank 0 saves it, and its stats are the ones recorded
-    stats = save_model(model, tokenizer, path) if save and distributed.is_rank_zero() else model_stats(model)
-    if save:
-        artifacts["model"] = str(path)
-    return StageResult(
-        metrics=metrics,
-        model=ModelArtifact(model, tokenizer, path if save else None, produced_by=ctx.stage_name),
-        artifacts=artifacts,
-        model_stats=stats,
-    )
 
 
 def new_embedded_model(config) -> "ModelArtifact":

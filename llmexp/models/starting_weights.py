@@ -5,7 +5,7 @@ In order: ``model.path``, a local checkpoint; the preset's published weights
 for a stage that adapts a base (sft, lora, dpo, cpt) on the embedded data, the embedded
 baseline (``model.baseline``: ``llmexp.models.embedded_baseline``); else none, so pretraining starts
 from random weights and a stage that adapts a base is refused at plan time, naming
-``model.path``. ``llmexp.models.loading.input_model`` and ``base_model`` load them in that order.
+``model.path``. ``llmexp.models.loading.input_model`` and ``llmexp.running.base_model`` load them in that order.
 
 Every stage sees the run's own weights through this module alone: plan checks ask
 ``has_weights`` and read files through ``local_directory`` (the cache only), a stage loads
