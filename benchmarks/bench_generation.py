@@ -52,7 +52,8 @@ from omegaconf import OmegaConf
 from llmexp.data.embedded import build_world
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.models.loading import build_model
-from llmexp.serving.engine import Engine, GenerationRequest
+from llmexp.serving.engine import Engine
+from llmexp.serving.generation import GenerationRequest
 from llmexp.serving.served_models import ServedModels
 
 from machine_load import OtherLoad, describe

@@ -53,7 +53,8 @@ import httpx
 import torch
 
 from llmexp.models.loading import save_model
-from llmexp.serving.engine import Engine, GenerationRequest
+from llmexp.serving.engine import Engine
+from llmexp.serving.generation import GenerationRequest
 
 from bench_generation import make_prompts, tiny_served_model
 from machine_load import OtherLoad, describe

@@ -16,15 +16,9 @@ from llmexp.data.embedded import build_world
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
 from llmexp.models.loading import build_model, load_model, save_model
-from llmexp.serving.engine import (
-    Engine,
-    GenerationFailed,
-    GenerationRequest,
-    InvalidRequest,
-    QueueFull,
-    RequestFailed,
-    UnknownModel,
-)
+from llmexp.serving.engine import Engine
+from llmexp.serving.generation import GenerationFailed, GenerationRequest, QueueFull, RequestFailed, UnknownModel
+from llmexp.serving.limits import InvalidRequest
 from llmexp.serving.served_models import load_served_models
 from tests.conftest import REPO
 

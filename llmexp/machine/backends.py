@@ -29,7 +29,7 @@ class Backend:
 
 
 # The web stack of the in-process server (``llmexp serve``), which the base install leaves out: the `serve` extra.
-SERVE_EXTRA_MODULES = ("fastapi", "starlette", "uvicorn", "prometheus_client", "pydantic")
+SERVE_EXTRA_MODULES = ("fastapi", "starlette", "uvicorn", "pydantic")
 SERVE_EXTRA_INSTALL = "pip install 'llmexp[serve]'"
 
 BACKENDS: Dict[str, Backend] = {backend.name: backend for backend in (

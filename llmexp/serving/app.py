@@ -3,8 +3,8 @@
 Responses follow OpenAI's schema (ids, ``object``, ``created``, ``choices``, ``usage``;
 ``stream: true`` gives server-sent events ``data: {...}`` ending with ``data: [DONE]``, and
 ``stream_options.include_usage`` a last chunk with the usage). Errors use OpenAI's error body
-``{"error": {"message", "type", "param", "code"}}``: 400 for a bad body or field (naming it, its
-value and what to give; ``llmexp.serving.limits``), 401 without one of the API keys when the
+(``llmexp.serving.api_errors``): 400 for a bad body or field (naming it, its
+value and what to give; ``llmexp.serving.request_bodies``, ``llmexp.serving.limits``), 401 without one of the API keys when the
 server has keys (``llmexp.serving.auth``), 404 for an unknown model (naming the served ones) or
 path, 405 for a wrong method, 413 for a body above ``max_body_bytes`` (``llmexp.serving.body_limit``),
 422 when the model fails on this request alone, 429 with
@@ -20,111 +20,33 @@ on the disconnect (a streaming one is cancelled when its next chunk cannot be se
 from __future__ import annotations
 
 import asyncio
-import itertools
 import json
 import time
 import uuid
 from contextlib import asynccontextmanager
-from typing import Any, AsyncIterator, Callable, Dict, List, Literal, Optional, Sequence, Union
+from typing import Any, AsyncIterator, Callable, Dict, Optional, Sequence
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response, StreamingResponse
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import BaseModel, ConfigDict, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from llmexp.serving.api_errors import ApiError, error_body, error_json, generation_error, invalid_body, refused
 from llmexp.serving.auth import RequireApiKey
 from llmexp.serving.body_limit import LimitBodySize
 from llmexp.serving.chat import chat_prompt_ids
-from llmexp.serving.engine import (
-    Engine,
-    GenerationChunk,
-    GenerationFailed,
-    GenerationRequest,
-    GenerationStream,
-    InvalidRequest,
-    QueueFull,
-    RequestFailed,
-    UnknownModel,
+from llmexp.serving.engine import Engine
+from llmexp.serving.generation import (
+    GenerationChunk, GenerationFailed, GenerationRequest, GenerationStream, QueueFull, UnknownModel,
 )
-from llmexp.serving.limits import FIELD_RULES, default_max_body_bytes, refuse, shown
+from llmexp.serving.limits import InvalidRequest, default_max_body_bytes, shown
+from llmexp.serving.request_bodies import ChatBody, CompletionBody, SamplingFields, check_common, max_tokens_of
 
 RETRY_AFTER_SECONDS = 1
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer": counted, never sent
 ENDPOINTS = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics"
-# Request bodies are checked strictly: a JSON string is not a number, 1 is not true, 4.0 is not a whole
-# number, and NaN or Infinity (which Python's JSON parser accepts) is no number at all.
-STRICT = ConfigDict(strict=True, allow_inf_nan=False)
-
-# OpenAI parameters this server does not implement, with the values that mean "not used": any other
-# value is refused (400) rather than silently ignored.
-UNSUPPORTED_PARAMETERS: Dict[str, tuple] = {
-    "logprobs": (None, False), "top_logprobs": (None, 0), "echo": (None, False), "best_of": (None, 1),
-    "presence_penalty": (None, 0, 0.0), "frequency_penalty": (None, 0, 0.0), "logit_bias": (None, {}),
-    "suffix": (None, ""), "tools": (None, []), "response_format": (None, {"type": "text"}),
-}
-
-
-class ApiError(Exception):
-    """An error answered with OpenAI's error body."""
-
-    def __init__(self, status: int, message: str, error_type: str = "invalid_request_error",
-                 param: Optional[str] = None, headers: Optional[Dict[str, str]] = None) -> None:
-        super().__init__(message)
-        self.status, self.message, self.error_type, self.param, self.headers = status, message, error_type, param, headers
-
-
-class StreamOptions(BaseModel):
-    model_config = STRICT
-
-    include_usage: bool = False
-
-
-class _Sampling(BaseModel):
-    """The fields completions and chat completions share (unknown extra fields are checked, not dropped)."""
-
-    model_config = ConfigDict(extra="allow", **STRICT)
-
-    model: str
-    max_tokens: Optional[int] = None
-    temperature: float = 1.0
-    top_p: float = 1.0
-    n: int = 1
-    stop: Optional[Union[str, List[str]]] = None
-    seed: Optional[int] = None
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
-    ignore_eos: bool = False  # vLLM's extension: generate max_tokens even past EOS (benchmarks)
-
-
-class CompletionBody(_Sampling):
-    prompt: Union[str, List[int], List[str], List[List[int]]]
-
-
-class TextPart(BaseModel):
-    model_config = STRICT
-
-    type: Literal["text"]
-    text: str
-
-
-class ChatMessage(BaseModel):
-    model_config = STRICT
-
-    role: str
-    content: Union[str, List[TextPart]]
-    name: Optional[str] = None
-
-    def text(self) -> str:
-        return self.content if isinstance(self.content, str) else "".join(part.text for part in self.content)
-
-
-class ChatBody(_Sampling):
-    messages: List[ChatMessage] = Field(min_length=1)
-    max_completion_tokens: Optional[int] = None
 
 
 def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
@@ -151,13 +73,13 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
 
     def error_response(request: Request, error: ApiError) -> JSONResponse:
         count(request, error.status)
-        return _error_json(error)
+        return error_json(error)
 
     app.add_middleware(LimitBodySize, max_bytes=max_body_bytes or default_max_body_bytes(served.context_length))
     if api_keys:  # added last, so it runs first: a client without a key learns not even the body limit
         def reject(message: str) -> Response:
             metrics.requests.labels("unknown", "401").inc()
-            return _error_json(ApiError(401, message, error_type="authentication_error",
+            return error_json(ApiError(401, message, error_type="authentication_error",
                                         headers={"WWW-Authenticate": "Bearer"}))
 
         app.add_middleware(RequireApiKey, keys=api_keys, reject=reject)
@@ -168,7 +90,7 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
 
     @app.exception_handler(RequestValidationError)
     async def on_bad_body(request: Request, error: RequestValidationError) -> JSONResponse:
-        return error_response(request, _invalid_body(error, request.headers.get("content-type", "")))
+        return error_response(request, invalid_body(error, request.headers.get("content-type", "")))
 
     @app.exception_handler(StarletteHTTPException)
     async def on_http_error(request: Request, error: StarletteHTTPException) -> Response:
@@ -204,33 +126,33 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
     @app.post("/v1/completions")
     async def completions(body: CompletionBody, request: Request):
         request.state.model = body.model
-        _check_common(body)
+        check_common(body)
         prompt = body.prompt
         if isinstance(prompt, list) and prompt and not isinstance(prompt[0], int):
             if len(prompt) != 1:
                 raise ApiError(400, f"prompt holds {len(prompt)} prompts; send one prompt per request.", param="prompt")
             prompt = prompt[0]
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
-        max_tokens = _max_tokens("max_tokens", body.max_tokens, 16, limit)
+        max_tokens = max_tokens_of("max_tokens", body.max_tokens, 16, limit)
         stream = _submit(engine, body, max_tokens, prompt=text, prompt_ids=ids)
-        return await respond(request, body, stream, "cmpl", "text_completion", _completion_choice)
+        return await respond(request, body, stream, "cmpl", "text_completion", completion_choice)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
         request.state.model = body.model
-        _check_common(body)
+        check_common(body)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
         try:
             ids = chat_prompt_ids(messages, served.tokenizer)
         except InvalidRequest as error:
-            raise _bad(error) from None
+            raise refused(error) from None
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
-        max_tokens = _max_tokens(field, requested, max(1, min(limit, served.context_length - len(ids))), limit)
+        max_tokens = max_tokens_of(field, requested, max(1, min(limit, served.context_length - len(ids))), limit)
         stream = _submit(engine, body, max_tokens, prompt_ids=ids)
-        return await respond(request, body, stream, "chatcmpl", "chat.completion", _chat_choice)
+        return await respond(request, body, stream, "chatcmpl", "chat.completion", chat_choice)
 
-    async def respond(request: Request, body: _Sampling, stream: GenerationStream, id_prefix: str, kind: str,
+    async def respond(request: Request, body: SamplingFields, stream: GenerationStream, id_prefix: str, kind: str,
                       choice: Callable[[GenerationChunk, bool, bool], Dict[str, Any]]):
         response_id = f"{id_prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
@@ -250,9 +172,9 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
             try:
                 result = reading.result()
             except GenerationFailed as error:
-                raise _generation_error(error) from None
+                raise generation_error(error) from None
             count(request, 200)
-            return {**head, "object": kind, "choices": [choice(result, False, False)], "usage": _usage(stream)}
+            return {**head, "object": kind, "choices": [choice(result, False, False)], "usage": usage(stream)}
         count(request, 200)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_kind = f"{kind}.chunk"
@@ -267,11 +189,11 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
                     if include_usage:
                         event["usage"] = None
                     first = False
-                    yield _sse(event)
+                    yield sse(event)
                 if include_usage:
-                    yield _sse({**head, "object": chunk_kind, "choices": [], "usage": _usage(stream)})
+                    yield sse({**head, "object": chunk_kind, "choices": [], "usage": usage(stream)})
             except GenerationFailed as error:
-                yield _sse(_error_body(_generation_error(error)))
+                yield sse(error_body(generation_error(error)))
             finally:
                 stream.cancel()  # the client went away (or we are done): free the slot
             yield "data: [DONE]\n\n"
@@ -289,21 +211,7 @@ async def _until_disconnected(request: Request) -> None:
         pass
 
 
-def _generation_error(error: GenerationFailed) -> ApiError:
-    if isinstance(error, RequestFailed):
-        return ApiError(422, str(error))
-    return ApiError(500, str(error), error_type="server_error")
-
-
-def _error_body(error: ApiError) -> Dict[str, Any]:
-    return {"error": {"message": error.message, "type": error.error_type, "param": error.param, "code": error.status}}
-
-
-def _error_json(error: ApiError) -> JSONResponse:
-    return JSONResponse(_error_body(error), status_code=error.status, headers=error.headers)
-
-
-def _submit(engine: Engine, body: _Sampling, max_tokens: int, prompt=None, prompt_ids=None) -> GenerationStream:
+def _submit(engine: Engine, body: SamplingFields, max_tokens: int, prompt=None, prompt_ids=None) -> GenerationStream:
     stop = (body.stop,) if isinstance(body.stop, str) else tuple(body.stop or ())
     request = GenerationRequest(model=body.model, prompt=prompt, prompt_ids=prompt_ids, max_tokens=max_tokens,
                                 temperature=body.temperature, top_p=body.top_p, stop=stop, seed=body.seed,
@@ -313,7 +221,7 @@ def _submit(engine: Engine, body: _Sampling, max_tokens: int, prompt=None, promp
     except UnknownModel as error:
         raise ApiError(404, str(error), param="model", error_type="not_found_error") from None
     except InvalidRequest as error:
-        raise _bad(error) from None
+        raise refused(error) from None
     except QueueFull as error:
         raise ApiError(429, f"the server is busy: {error}", error_type="rate_limit_error",
                        headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
@@ -321,34 +229,11 @@ def _submit(engine: Engine, body: _Sampling, max_tokens: int, prompt=None, promp
         raise ApiError(503, str(error), error_type="server_error") from None
 
 
-def _check_common(body: _Sampling) -> None:
-    if body.n != 1:
-        raise _bad(refuse("n", body.n))
-    for name, value in (body.model_extra or {}).items():
-        if name in UNSUPPORTED_PARAMETERS and value not in UNSUPPORTED_PARAMETERS[name]:
-            raise ApiError(400, f"{name}={shown(value)} is not supported by llmexp serve; leave it out.", param=name)
-
-
-def _max_tokens(field: str, requested: Optional[int], default: int, limit: int) -> int:
-    if requested is None:
-        return min(default, limit)
-    if requested < 1:
-        raise _bad(refuse(field, requested))
-    if requested > limit:
-        raise ApiError(400, f"{field}={shown(requested)} is above this server's limit of {limit}; ask for at most "
-                            f"{limit}.", param=field)
-    return requested
-
-
-def _bad(error: InvalidRequest) -> ApiError:
-    return ApiError(400, str(error), param=error.param)
-
-
-def _completion_choice(chunk: GenerationChunk, streaming: bool, first: bool) -> Dict[str, Any]:
+def completion_choice(chunk: GenerationChunk, streaming: bool, first: bool) -> Dict[str, Any]:
     return {"index": 0, "text": chunk.text, "logprobs": None, "finish_reason": chunk.finish_reason}
 
 
-def _chat_choice(chunk: GenerationChunk, streaming: bool, first: bool) -> Dict[str, Any]:
+def chat_choice(chunk: GenerationChunk, streaming: bool, first: bool) -> Dict[str, Any]:
     if not streaming:
         return {"index": 0, "message": {"role": "assistant", "content": chunk.text}, "logprobs": None,
                 "finish_reason": chunk.finish_reason}
@@ -358,49 +243,12 @@ def _chat_choice(chunk: GenerationChunk, streaming: bool, first: bool) -> Dict[s
     return {"index": 0, "delta": delta, "logprobs": None, "finish_reason": chunk.finish_reason}
 
 
-def _usage(stream: GenerationStream) -> Dict[str, int]:
+def usage(stream: GenerationStream) -> Dict[str, int]:
     return {"prompt_tokens": stream.prompt_tokens, "completion_tokens": stream.completion_tokens,
             "total_tokens": stream.prompt_tokens + stream.completion_tokens}
 
 
-def _sse(event: Dict[str, Any]) -> str:
+def sse(event: Dict[str, Any]) -> str:
     return f"data: {json.dumps(event, separators=(',', ':'))}\n\n"
 
 
-def _invalid_body(error: RequestValidationError, content_type: str) -> ApiError:
-    """The 400 for a body pydantic refused: each wrong field with the value sent and what to give instead."""
-    problems = error.errors()
-    if problems and problems[0].get("type") == "json_invalid":
-        reason = (problems[0].get("ctx") or {}).get("error", "")
-        return ApiError(400, f"the body is not valid JSON ({reason}); send one JSON object.")
-    body = error.body
-    if isinstance(body, bytes):  # FastAPI parses JSON only when the Content-Type says so
-        return ApiError(400, f"the body was sent as Content-Type {shown(content_type)}, not as JSON; send one JSON "
-                             "object with Content-Type: application/json.")
-    if not isinstance(body, dict):
-        return ApiError(400, f"the body is {shown(body)}; send one JSON object, e.g. "
-                             '{"model": "...", "prompt": "..."}.')
-    by_field: Dict[str, List[Dict[str, Any]]] = {}
-    for problem in problems:
-        location = [part for part in problem.get("loc", ()) if part != "body"]
-        by_field.setdefault(str(location[0]) if location else "body", []).append(problem)
-    sentences = [_field_problem(field, field_problems, body) for field, field_problems in by_field.items()]
-    return ApiError(400, " ".join(sentences), param=next(iter(by_field)))
-
-
-def _field_problem(field: str, problems: List[Dict[str, Any]], body: Dict[str, Any]) -> str:
-    """One sentence for one top-level field, placed where its problems meet (``messages[0].content``). Several
-    problems at one place are the alternatives of a union, where the field's rule says more than each miss."""
-    rule = FIELD_RULES.get(field, "a value of the documented type")
-    locations = [[part for part in problem["loc"] if part != "body"] for problem in problems]
-    common = [parts[0] for parts in itertools.takewhile(lambda parts: len(set(parts)) == 1, zip(*locations))]
-    where = "".join(f"[{part}]" if isinstance(part, int) else f".{part}" for part in common).lstrip(".")
-    value: Any = body
-    for part in common:
-        if not (isinstance(value, dict) and part in value
-                or isinstance(value, list) and isinstance(part, int) and 0 <= part < len(value)):
-            return f"{where} is required: give {rule}."
-        value = value[part]
-    if len(problems) > 1:
-        return f"{where}={shown(value)} is none of the accepted forms: give {rule}."
-    return f"{where}={shown(value)}: {problems[0].get('msg', 'invalid')}; give {rule}."

@@ -21,11 +21,8 @@ on the CPU and gives the same greedy tokens, but it packs every request into one
 so PEFT's per-row ``adapter_names`` cannot pick each request's LoRA adapter in a mixed
 batch; it has one sampler seed for all requests (no per-request ``seed``) and only the
 sampling processors fixed when the manager starts. Hence this loop over transformers'
-``DynamicCache``: rows left-padded to a common length, a per-row attention mask and position
-ids (so each row sees exactly the positions it would alone), new rows prefilled on their own
-and their cache left-padded and concatenated onto the batch's, finished rows selected away
-and all-padding leading columns trimmed. Greedy decoding through it equals
-``model.generate(do_sample=False)`` for each prompt alone (tests/test_serving_engine.py).
+``DynamicCache``, batched as ``llmexp.serving.running_batch`` says. Greedy decoding through it
+equals ``model.generate(do_sample=False)`` for each prompt alone (tests/test_serving_engine.py).
 
 On a CPU, load torch with ``OMP_WAIT_POLICY=PASSIVE`` (``llmexp serve`` sets it): OpenMP threads
 that spin between the worker's steps starve the threads reading the streams, and decoding
@@ -34,210 +31,26 @@ slowed 8x on 2 cores without it.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
 import itertools
-import queue
 import sys
 import threading
 import time
 import traceback
 from collections import deque
-from dataclasses import dataclass, field
-from typing import Any, AsyncIterator, Deque, Iterator, List, Optional, Sequence, Tuple
+from typing import Deque, Iterator, List, Optional
 
 import torch
+from transformers import DynamicCache, TopPLogitsWarper
 
-from llmexp.serving.limits import InvalidRequest, check_sampling, check_text
+from llmexp.serving.generation import (
+    GenerationChunk, GenerationFailed, GenerationRequest, GenerationStream, QueueFull, RequestFailed, UnknownModel,
+)
+from llmexp.serving.limits import check_context, check_sampling, prompt_token_ids
 from llmexp.serving.metrics import ServingMetrics
+from llmexp.serving.running_batch import Row, RunningBatch, cache_keyword, check_cache_layout
 from llmexp.serving.served_models import ServedModels
-
-
-class QueueFull(Exception):
-    """``max_queue`` requests are already waiting for a batch slot: retry later (HTTP 429)."""
-
-
-class UnknownModel(LookupError):
-    """The request names no served model or adapter (HTTP 404)."""
-
-
-class GenerationFailed(RuntimeError):
-    """The worker could not finish this request (the model raised, or the engine closed)."""
-
-
-class RequestFailed(GenerationFailed):
-    """This request alone could not be generated: the model fails on it by itself, while the rows batched with
-    it went on. Sent again unchanged, it fails again (HTTP 422)."""
-
-
-@dataclass(frozen=True)
-class GenerationRequest:
-    """One completion to generate. Give ``prompt`` (text, tokenized with the tokenizer's special tokens, as
-    ``tokenizer(prompt)`` does) or ``prompt_ids``. ``temperature`` 0 is greedy; ``stop`` strings end the
-    text before them; ``ignore_eos`` keeps generating past EOS (for benchmarks: a fixed number of tokens)."""
-
-    model: str
-    prompt: Optional[str] = None
-    max_tokens: int = 16
-    temperature: float = 1.0
-    top_p: float = 1.0
-    stop: Sequence[str] = ()
-    seed: Optional[int] = None
-    prompt_ids: Optional[Sequence[int]] = None
-    ignore_eos: bool = False
-
-
-@dataclass(frozen=True)
-class GenerationChunk:
-    """What one decoding step added to a request: its text (may be empty while a possible stop string is held
-    back), the token ids sampled, and on the last chunk ``finish_reason``: "stop" (EOS or a stop string),
-    "length" (``max_tokens`` or the context), or "cancelled" (the stream was cancelled)."""
-
-    text: str
-    token_ids: Tuple[int, ...]
-    finish_reason: Optional[str] = None
-
-
-_END = object()  # after the last chunk (or an error) on a stream's channel
-
-
-class GenerationStream:
-    """The chunks of one request, as they are generated: ``for chunk in stream`` (blocking) or ``async for``.
-
-    ``cancel()`` (a client went away) frees the request's batch slot at the next step.
-    """
-
-    def __init__(self, request_id: str, prompt_tokens: int, on_cancel) -> None:
-        self.request_id = request_id
-        self.prompt_tokens = prompt_tokens
-        self.completion_tokens = 0
-        self.cancelled = False
-        self._on_cancel = on_cancel
-        self._lock = threading.Lock()
-        self._sync: "queue.SimpleQueue[Any]" = queue.SimpleQueue()
-        self._loop: Optional[asyncio.AbstractEventLoop] = None
-        self._async: Optional["asyncio.Queue[Any]"] = None
-
-    # called by the worker thread
-    def _put(self, item: Any) -> None:
-        with self._lock:
-            if self._loop is not None:
-                try:
-                    self._loop.call_soon_threadsafe(self._async.put_nowait, item)
-                except RuntimeError:  # the reader's event loop has closed: nobody will read, stop generating
-                    self.cancelled = True
-            else:
-                self._sync.put(item)
-
-    def cancel(self) -> None:
-        """Stop generating for this request; its slot is freed at the next step. Idempotent."""
-        if not self.cancelled:
-            self.cancelled = True
-            self._on_cancel()
-
-    def __iter__(self) -> Iterator[GenerationChunk]:
-        while True:
-            item = self._sync.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    async def __aiter__(self) -> AsyncIterator[GenerationChunk]:
-        with self._lock:  # from now on the worker posts onto this event loop; move what it posted before
-            self._loop = asyncio.get_running_loop()
-            self._async = asyncio.Queue()
-            while not self._sync.empty():
-                self._async.put_nowait(self._sync.get())
-        while True:
-            item = await self._async.get()
-            if item is _END:
-                return
-            if isinstance(item, BaseException):
-                raise item
-            yield item
-
-    def read_all(self) -> GenerationChunk:
-        """Block until the request ends; its whole text, token ids and finish reason as one chunk."""
-        return _joined(list(self))
-
-    async def aread_all(self) -> GenerationChunk:
-        """``read_all`` for an event loop."""
-        return _joined([chunk async for chunk in self])
-
-
-def _joined(chunks: List[GenerationChunk]) -> GenerationChunk:
-    return GenerationChunk(
-        "".join(c.text for c in chunks),
-        tuple(t for c in chunks for t in c.token_ids),
-        chunks[-1].finish_reason if chunks else None,
-    )
-
-
-class _TextTracker:
-    """Turns a row's token ids into text deltas, and finds its stop strings.
-
-    Decodes all ids so far each step (tokenizers merge pieces across tokens: a word-level
-    one joins words with spaces, byte-level BPE completes characters), sends what is new,
-    and holds back an incomplete character and any tail that could begin a stop string, so
-    streamed text never shows what a stop string later removes.
-    """
-
-    def __init__(self, tokenizer, stop: Sequence[str]) -> None:
-        self.tokenizer = tokenizer
-        self.stop = tuple(stop)
-        self.ids: List[int] = []
-        self.sent = 0  # characters of the text already sent
-
-    def push(self, token_id: int) -> Tuple[str, bool]:
-        """Add a token; return (text to send now, whether a stop string was reached)."""
-        self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
-            return "", False
-        stops = [i for i in (text.find(s) for s in self.stop) if i >= 0]
-        if stops:
-            return self._advance(text, min(stops)), True
-        hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._advance(text, len(text) - hold), False
-
-    def flush(self) -> str:
-        """The held-back text, sent when the row ends for another reason than a stop string."""
-        return self._advance(self.tokenizer.decode(self.ids, skip_special_tokens=True), None)
-
-    def _advance(self, text: str, end: Optional[int]) -> str:
-        end = len(text) if end is None else end
-        delta = text[self.sent:end] if end > self.sent else ""
-        self.sent = max(self.sent, end)
-        return delta
-
-
-@dataclass
-class _Row:
-    """A request in the engine: waiting, then one row of the running batch."""
-
-    request: GenerationRequest
-    stream: GenerationStream
-    prompt_ids: List[int]
-    adapter: str
-    max_tokens: int
-    text: _TextTracker
-    generator: Optional[torch.Generator]
-    submitted_at: float
-    first_token_at: Optional[float] = None
-    generated: int = 0
-    next_token: int = -1  # sampled, not yet fed to the model
-    finish_reason: Optional[str] = None
-
-
-@dataclass
-class _Batch:
-    """The running batch: its rows, their KV cache and left-padded attention mask [rows, positions]."""
-
-    rows: List[_Row] = field(default_factory=list)
-    cache: Any = None
-    mask: Optional[torch.Tensor] = None
+from llmexp.serving.streamed_text import StreamedText
 
 
 class Engine:
@@ -259,15 +72,15 @@ class Engine:
         self.prefill_steps = 0  # forward passes that prefilled new rows
         self.decode_steps = 0  # forward passes that decoded one token for every running row
         self.generated_tokens = 0
-        self._check_cache_layout()
-        self._cache_keyword = _cache_keyword(served_models.model)
+        check_cache_layout(served_models.model)
+        self._cache_keyword = cache_keyword(served_models.model)
         self._eos = frozenset(served_models.eos_token_ids)
         self._ids = itertools.count()
         self._lock = threading.Condition()
         self._hold = threading.Lock()  # held by the worker through each iteration, and by paused()
-        self._waiting: Deque[_Row] = deque()
-        self._batch = _Batch()
-        self._admitted: List[_Row] = []  # taken from the queue, not yet in the batch (during their prefill)
+        self._waiting: Deque[Row] = deque()
+        self._batch = RunningBatch()
+        self._admitted: List[Row] = []  # taken from the queue, not yet in the batch (during their prefill)
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="llmexp-serve-engine", daemon=True)
         self._worker.start()
@@ -281,8 +94,9 @@ class Engine:
                 f"model {request.model!r} is not served here; served models: {', '.join(self.served.names)}."
             )
         check_sampling(request.max_tokens, request.temperature, request.top_p, request.seed, request.stop)
-        prompt_ids = self._prompt_ids(request)
-        self._check_context(prompt_ids, request.max_tokens)
+        vocabulary = self.served.model.get_input_embeddings().num_embeddings
+        prompt_ids = prompt_token_ids(request.prompt, request.prompt_ids, self.served.tokenizer, vocabulary)
+        check_context(len(prompt_ids), request.max_tokens, self.served.context_length)
         generator = None
         if request.temperature > 0:
             generator = torch.Generator()
@@ -299,8 +113,8 @@ class Engine:
                 )
             request_id = f"cmpl-{next(self._ids)}"
             stream = GenerationStream(request_id, len(prompt_ids), lambda: self._wake())
-            row = _Row(request, stream, prompt_ids, adapter, request.max_tokens,
-                       _TextTracker(self.served.tokenizer, request.stop), generator, time.perf_counter())
+            row = Row(request, stream, prompt_ids, adapter, request.max_tokens,
+                       StreamedText(self.served.tokenizer, request.stop), generator, time.perf_counter())
             self._waiting.append(row)
             self.metrics.queue_depth.set(len(self._waiting))
             self._lock.notify()
@@ -341,50 +155,6 @@ class Engine:
     def __exit__(self, *exc_info) -> None:
         self.close()
 
-    # ------------------------------------------------------------------ validation
-    def _prompt_ids(self, request: GenerationRequest) -> List[int]:
-        if (request.prompt is None) == (request.prompt_ids is None):
-            raise InvalidRequest("give exactly one of prompt (text) and prompt_ids (token ids).", param="prompt")
-        if request.prompt_ids is not None:
-            if any(isinstance(i, bool) or not isinstance(i, int) for i in request.prompt_ids):
-                raise InvalidRequest("prompt token ids must be whole numbers.", param="prompt")
-            ids = list(request.prompt_ids)
-            vocab = self.served.model.get_input_embeddings().num_embeddings
-            bad = [i for i in ids if not 0 <= i < vocab]
-            if bad:
-                raise InvalidRequest(f"prompt token ids {bad[:5]} are outside this model's vocabulary [0, {vocab}).",
-                                     param="prompt")
-        else:
-            check_text(request.prompt, "prompt")
-            ids = self.served.tokenizer(request.prompt)["input_ids"]
-        if not ids:
-            raise InvalidRequest("the prompt is empty (no tokens); give some text.", param="prompt")
-        return ids
-
-    def _check_context(self, prompt_ids: List[int], max_tokens: int) -> None:
-        context = self.served.context_length
-        if len(prompt_ids) >= context:
-            raise InvalidRequest(
-                f"the prompt is {len(prompt_ids)} tokens; this model's context is {context} tokens, prompt and "
-                "completion together. Shorten the prompt.", param="prompt"
-            )
-        if len(prompt_ids) + max_tokens > context:
-            raise InvalidRequest(
-                f"max_tokens={max_tokens} with a {len(prompt_ids)}-token prompt exceeds the {context}-token "
-                f"context; ask for max_tokens <= {context - len(prompt_ids)}.", param="max_tokens"
-            )
-
-    def _check_cache_layout(self) -> None:
-        from transformers import DynamicCache
-        from transformers.cache_utils import DynamicLayer
-
-        layers = DynamicCache(config=self.served.model.config).layers
-        odd = {type(layer).__name__ for layer in layers if type(layer) is not DynamicLayer}
-        if odd:
-            raise ValueError(
-                f"this engine batches full-attention KV caches only; the model's cache has {', '.join(sorted(odd))} layers"
-            )
-
     # ------------------------------------------------------------------ the worker
     def _wake(self) -> None:
         with self._lock:
@@ -418,7 +188,7 @@ class Engine:
         for i in cancelled:
             self._end(batch.rows[i], "cancelled")
         if cancelled:
-            self._keep_unfinished()
+            self._batch.keep_unfinished()
         self._admitted = self._admit()
         if self._admitted:
             self._prefill(self._admitted)
@@ -427,9 +197,9 @@ class Engine:
             self._decode()
         self.metrics.running.set(len(self._batch.rows))
 
-    def _admit(self) -> List[_Row]:
+    def _admit(self) -> List[Row]:
         """Waiting rows that fit in the batch, oldest first; cancelled ones leave the queue here."""
-        admitted: List[_Row] = []
+        admitted: List[Row] = []
         with self._lock:
             for row in [row for row in self._waiting if row.stream.cancelled]:
                 self._waiting.remove(row)
@@ -439,7 +209,7 @@ class Engine:
             self.metrics.queue_depth.set(len(self._waiting))
         return admitted
 
-    def _forward(self, input_ids, mask, position_ids, cache, rows: List[_Row], **kwargs):
+    def _forward(self, input_ids, mask, position_ids, cache, rows: List[Row], **kwargs):
         extra = {"adapter_names": [row.adapter for row in rows]} if self.served.has_adapters else {}
         with torch.inference_mode():
             out = self.served.model(
@@ -448,10 +218,8 @@ class Engine:
             )
         return out.logits[:, -1, :].float()
 
-    def _run_prompts(self, rows: List[_Row], sequences: List[List[int]]):
+    def _run_prompts(self, rows: List[Row], sequences: List[List[int]]):
         """(last-position logits, KV cache, attention mask) of ``sequences`` run left-padded together, fresh cache."""
-        from transformers import DynamicCache
-
         width = max(len(ids) for ids in sequences)
         pad = self.served.tokenizer.pad_token_id
         device = self.served.model.device
@@ -462,7 +230,7 @@ class Engine:
         logits = self._forward(input_ids, mask, positions, cache, rows, logits_to_keep=1)
         return logits, cache, mask
 
-    def _prefill(self, rows: List[_Row]) -> None:
+    def _prefill(self, rows: List[Row]) -> None:
         """Run the new rows' prompts together, sample their first tokens, merge them into the batch.
 
         If that raises, each row is prefilled alone: only the rows that fail by themselves end.
@@ -482,8 +250,8 @@ class Engine:
         for row in rows:
             self.metrics.prompt_tokens.labels(row.request.model).inc(len(row.prompt_ids))
         self._take_tokens(rows, logits)
-        self._merge(rows, cache, mask)
-        self._keep_unfinished()
+        self._batch.merge(rows, cache, mask)
+        self._batch.keep_unfinished()
 
     def _decode(self) -> None:
         """One token for every running row.
@@ -499,24 +267,23 @@ class Engine:
         try:
             logits = self._forward(input_ids, mask, positions, batch.cache, batch.rows)
         except Exception:
-            for layer in batch.cache.layers:  # layers the failed step already extended
-                layer.keys, layer.values = layer.keys[:, :, :width], layer.values[:, :, :width]
+            batch.cut_cache(width)  # layers the failed step already extended
             failures = {id(row): self._fails_alone(row) for row in batch.rows}
             if not any(failures.values()):
                 raise
             for row in batch.rows:
                 if failures[id(row)] is not None:
                     self._fail(row, failures[id(row)])
-            self._keep_unfinished()
+            self._batch.keep_unfinished()
             return
         batch.mask = mask
         self.decode_steps += 1
         self.metrics.forward_steps.labels("decode").inc()
         self.metrics.batch_size.labels("decode").observe(len(batch.rows))
         self._take_tokens(batch.rows, logits)
-        self._keep_unfinished()
+        self._batch.keep_unfinished()
 
-    def _fails_alone(self, row: _Row) -> Optional[RequestFailed]:
+    def _fails_alone(self, row: Row) -> Optional[RequestFailed]:
         """The row's whole sequence so far (prompt and generated tokens) run by itself: the error, None if it runs."""
         try:
             self._run_prompts([row], [row.prompt_ids + row.text.ids])
@@ -524,39 +291,8 @@ class Engine:
             return _failed_alone(error)
         return None
 
-    def _merge(self, rows: List[_Row], cache, mask: torch.Tensor) -> None:
-        """Append prefilled rows to the batch: both caches left-padded to the longer, then concatenated."""
-        batch = self._batch
-        if not batch.rows:
-            batch.rows, batch.cache, batch.mask = list(rows), cache, mask
-            return
-        width = max(batch.mask.shape[1], mask.shape[1])
-        for old, new in zip(batch.cache.layers, cache.layers):
-            old.keys = torch.cat([_left_pad(old.keys, width, -2), _left_pad(new.keys, width, -2)])
-            old.values = torch.cat([_left_pad(old.values, width, -2), _left_pad(new.values, width, -2)])
-        batch.mask = torch.cat([_left_pad(batch.mask, width, -1), _left_pad(mask, width, -1)])
-        batch.rows.extend(rows)
-
-    def _keep_unfinished(self) -> None:
-        """Drop finished rows from the batch, and the leading positions that are padding in every row left."""
-        batch = self._batch
-        keep = [i for i, row in enumerate(batch.rows) if row.finish_reason is None]
-        if len(keep) == len(batch.rows):
-            return
-        if not keep:
-            self._batch = _Batch()
-            return
-        index = torch.tensor(keep, device=batch.mask.device)
-        mask = batch.mask[index]
-        start = int((mask.sum(0) > 0).nonzero()[0])  # first position some row still uses
-        batch.mask = mask[:, start:]
-        for layer in batch.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
-        batch.rows = [batch.rows[i] for i in keep]
-
     # ------------------------------------------------------------------ sampling and output
-    def _take_tokens(self, rows: List[_Row], logits: torch.Tensor) -> None:
+    def _take_tokens(self, rows: List[Row], logits: torch.Tensor) -> None:
         """Each row's next token; a row whose logits are not numbers, or whose token cannot be taken, ends alone."""
         greedy = logits.argmax(-1).tolist()
         not_numbers = (logits.isnan() | logits.isposinf()).any(-1).tolist()
@@ -574,15 +310,13 @@ class Engine:
                 self._fail(row, _failed_alone(error))
 
     @staticmethod
-    def _sample(row: _Row, logits: torch.Tensor) -> int:
+    def _sample(row: Row, logits: torch.Tensor) -> int:
         """Temperature, then top-p (transformers' warper), then a draw from the row's seeded generator.
 
         In float64, with the largest logit shifted to 0 before dividing, every positive temperature
         the limits allow stays finite: a tiny one sends the other tokens to -inf, a greedy draw (in
         float32, a temperature of 1e-300 was a zero divisor and the softmax all NaN).
         """
-        from transformers import TopPLogitsWarper
-
         scores = logits.double()
         scores = ((scores - scores.max()) / row.request.temperature)[None]
         if row.request.top_p < 1:
@@ -590,7 +324,7 @@ class Engine:
         # drawn on the CPU, where the row's generator lives: the same seed gives the same text on any device
         return int(torch.multinomial(scores.softmax(-1)[0].cpu(), 1, generator=row.generator))
 
-    def _emit(self, row: _Row, token: int, now: float) -> None:
+    def _emit(self, row: Row, token: int, now: float) -> None:
         model = row.request.model
         if row.first_token_at is None:
             row.first_token_at = now
@@ -609,20 +343,20 @@ class Engine:
                 finish = "stop"
             elif row.generated >= row.max_tokens or len(row.prompt_ids) + row.generated >= self.served.context_length:
                 text, finish = text + row.text.flush(), "length"
-        row.stream._put(GenerationChunk(text, (token,), finish))
+        row.stream.put(GenerationChunk(text, (token,), finish))
         if finish is not None:
             self._end(row, finish, now)
 
-    def _end(self, row: _Row, reason: str, now: Optional[float] = None) -> None:
+    def _end(self, row: Row, reason: str, now: Optional[float] = None) -> None:
         row.finish_reason = reason
         if reason == "cancelled":
-            row.stream._put(GenerationChunk("", (), "cancelled"))
+            row.stream.put(GenerationChunk("", (), "cancelled"))
         else:
             self.metrics.e2e.labels(row.request.model).observe((now or time.perf_counter()) - row.submitted_at)
         self.metrics.generations.labels(row.request.model, reason).inc()
-        row.stream._put(_END)
+        row.stream.end()
 
-    def _fail(self, row: _Row, error: GenerationFailed) -> None:
+    def _fail(self, row: Row, error: GenerationFailed) -> None:
         """End ``row`` with ``error`` (its reader raises it); the rows around it are not touched."""
         if row.finish_reason is not None:
             return
@@ -630,15 +364,15 @@ class Engine:
             traceback.print_exception(error.__cause__, file=sys.stderr)
         row.finish_reason = "error"
         self.metrics.generations.labels(row.request.model, "error").inc()
-        row.stream._put(error)
-        row.stream._put(_END)
+        row.stream.put(error)
+        row.stream.end()
 
     def _fail_running(self, error: GenerationFailed) -> None:
         """End the running batch and the rows being admitted with ``error``; the queue stays."""
         with self._lock:
             rows = [*self._batch.rows, *self._admitted]
             self._admitted = []
-        self._batch = _Batch()
+        self._batch.clear()
         self.metrics.running.set(0)
         for row in rows:
             self._fail(row, error)
@@ -649,21 +383,3 @@ def _failed_alone(error: Exception) -> RequestFailed:
                             "batched with it went on. Sent again unchanged, it fails again.")
     failure.__cause__ = error
     return failure
-
-
-def _cache_keyword(model) -> str:
-    """The forward argument taking the KV cache: ``cache`` since transformers 5.24, ``past_key_values`` before."""
-    import inspect
-
-    base = model.get_base_model() if hasattr(model, "get_base_model") else model
-    return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
-
-
-def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
-    """``tensor`` with zeros prepended along ``dim`` up to ``width`` (masked positions: their values are unseen)."""
-    missing = width - tensor.shape[dim]
-    if missing == 0:
-        return tensor
-    shape = list(tensor.shape)
-    shape[dim] = missing
-    return torch.cat([tensor.new_zeros(shape), tensor], dim=dim)

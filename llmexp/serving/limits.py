@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import json
 import math
-from typing import Any, Optional, Sequence
+from typing import Any, List, Optional, Sequence
 
 TEMPERATURE_MAX = 100.0
 SEED_MIN, SEED_MAX = -(2**63), 2**63 - 1  # int64, as vLLM takes it; torch.Generator.manual_seed overflows beyond
@@ -100,6 +100,40 @@ def check_text(text: str, field: str) -> None:
             "that is no Unicode character; send valid text (pair the surrogate, or escape the character itself).",
             param=field,
         ) from None
+
+
+def prompt_token_ids(prompt: Optional[str], prompt_ids: Optional[Sequence[int]], tokenizer, vocabulary: int) -> List[int]:
+    """The prompt's token ids: exactly one of ``prompt`` (text, tokenized) and ``prompt_ids`` (each in the vocabulary)."""
+    if (prompt is None) == (prompt_ids is None):
+        raise InvalidRequest("give exactly one of prompt (text) and prompt_ids (token ids).", param="prompt")
+    if prompt_ids is not None:
+        if any(isinstance(i, bool) or not isinstance(i, int) for i in prompt_ids):
+            raise InvalidRequest("prompt token ids must be whole numbers.", param="prompt")
+        ids = list(prompt_ids)
+        bad = [i for i in ids if not 0 <= i < vocabulary]
+        if bad:
+            raise InvalidRequest(f"prompt token ids {bad[:5]} are outside this model's vocabulary [0, {vocabulary}).",
+                                 param="prompt")
+    else:
+        check_text(prompt, "prompt")
+        ids = tokenizer(prompt)["input_ids"]
+    if not ids:
+        raise InvalidRequest("the prompt is empty (no tokens); give some text.", param="prompt")
+    return ids
+
+
+def check_context(prompt_tokens: int, max_tokens: int, context: int) -> None:
+    """Refuse a prompt that, with ``max_tokens`` more, does not fit the model's ``context``."""
+    if prompt_tokens >= context:
+        raise InvalidRequest(
+            f"the prompt is {prompt_tokens} tokens; this model's context is {context} tokens, prompt and "
+            "completion together. Shorten the prompt.", param="prompt"
+        )
+    if prompt_tokens + max_tokens > context:
+        raise InvalidRequest(
+            f"max_tokens={max_tokens} with a {prompt_tokens}-token prompt exceeds the {context}-token "
+            f"context; ask for max_tokens <= {context - prompt_tokens}.", param="max_tokens"
+        )
 
 
 def _is_number(value: Any) -> bool:
