@@ -36,8 +36,8 @@ PROVIDED_ELSEWHERE = {
 EXTRA_MODULES = {
     "serve": (set(SERVE_EXTRA_MODULES), ("llmexp/serving/", "llmexp/cli/serve.py")),
     "lm-eval": ({"lm_eval", "datasets"}, ("llmexp/plugins/evaluate/",)),
-    "wandb": ({"wandb"}, ("llmexp/results/",)),
-    "mlflow": ({"mlflow"}, ("llmexp/results/",)),
+    "wandb": ({"wandb"}, ("llmexp/results/tracking/",)),
+    "mlflow": ({"mlflow"}, ("llmexp/results/tracking/",)),
 }
 
 

@@ -19,7 +19,10 @@ import pytest
 from llmexp.errors import UserError
 from llmexp.results.record import REDACTED, RESULTS_FILE
 from llmexp.configuration.schema import MlflowTrackerConfig, NoTrackerConfig, TrackerConfig, WandbTrackerConfig
-from llmexp.results.tracking import TRACKER_STATE_FILE, Tracker, default_mlflow_uri, make_tracker, wandb_mode
+from llmexp.results.tracking import make_tracker
+from llmexp.results.tracking.mlflow_run import default_mlflow_uri
+from llmexp.results.tracking.tracker import TRACKER_STATE_FILE, Tracker
+from llmexp.results.tracking.wandb_run import wandb_mode
 
 SECRET = "sk-do-not-leak-1234"
 CONFIG = {
