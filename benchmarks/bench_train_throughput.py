@@ -58,7 +58,8 @@ from llmexp.plugins.customize.stages import add_lora
 from llmexp.plugins.pretrain.loop import next_token_loss
 from llmexp.techniques.contract import StageContext
 from llmexp.results.tracking import make_tracker
-from llmexp.training.loop import data_order, train
+from llmexp.training.loop import train
+from llmexp.training.schedule import data_order
 from machine_load import OtherLoad, describe
 
 TARGET_RATIO = 0.95

@@ -31,8 +31,10 @@ from llmexp.display.progress import Progress
 from llmexp.atomic import replace_atomically
 from llmexp.results.record import write_json_atomic
 
-# -- planning: architecture numbers, precision needs, what this machine has ------------------------
-from llmexp.planning.planner import PRECISION_NEEDS, architecture, count_parameters, pruned_numbers, stage_architectures
+# -- planning: architecture numbers, precision needs, memory per device's building blocks, this machine --
+from llmexp.architecture import LINEAR_SHAPES, architecture, count_parameters
+from llmexp.planning.hardware import FP32_BYTES, PRECISION_NEEDS
+from llmexp.planning.layout import Layout
 from llmexp.machine.backends import gpu_driver_present, importable
 
 # -- models: checkpoints, loading and saving, where the starting weights come from ---------------------
@@ -50,7 +52,8 @@ from llmexp.models.starting_weights import has_weights, local_directory, tokeniz
 # -- training: the shared loop and its techniques' config, ranks, threads, peak memory ----------------
 from llmexp.training import distributed
 from llmexp.machine.cpu_threads import FreeCores
-from llmexp.training.loop import LossOutput, TrainingConfig, TrainingTechnique, train, training_problems, validation_problem
+from llmexp.training.contract import LossOutput, TrainingConfig, TrainingTechnique, training_problems, validation_problem
+from llmexp.training.loop import train
 from llmexp.machine.peak_memory import PeakMemory
 
 # -- serving: what one `llmexp serve` serves (the engine itself is imported on first use: it imports torch)

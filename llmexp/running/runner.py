@@ -49,7 +49,7 @@ from llmexp.techniques.plugin_manager import technique
 from llmexp.results.record import RunRecord, flatten_numbers, read_results, redact_hydra_record
 from llmexp.techniques.contract import ModelArtifact, StageContext, StageResult
 from llmexp.results.tracking import Tracker, make_tracker
-from llmexp.training.loop import TrainingTechnique
+from llmexp.training.contract import TrainingTechnique
 
 
 def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:

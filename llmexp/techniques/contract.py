@@ -69,10 +69,11 @@ class StageResult:
 class Technique:
     """Subclass, set the class attributes, implement ``run``; return it from ``llmexp_techniques``.
 
-    ``memory`` tells the planner what the technique holds per device: ``inference``
-    (weights + KV cache), ``full`` (weights, grads, optimizer states, activations) or
-    ``adapter`` (frozen weights + trainable adapter and its states).
+    What a stage of it needs and checks before it runs, the technique says on itself: ``memory_per_device``,
+    ``trainable_parameters``, ``made_architecture`` and ``plan_problems``. ``memory`` is how the plan and
+    ``llmexp plugins`` name what it holds per device (``inference``: weights and KV cache).
     """
+
 
     name: ClassVar[str]
     schema: ClassVar[type]
@@ -96,10 +97,35 @@ class Technique:
 
     @classmethod
     def made_architecture(cls, node, numbers: Dict[str, Any]) -> Dict[str, Any]:
-        """Architecture numbers (``llmexp.planning.planner.architecture``) of the model this stage makes from one with
+        """Architecture numbers (``llmexp.architecture.architecture``) of the model this stage makes from one with
         ``numbers``: the same unless the technique changes the shape (pruning). The planner follows them through
         the pipeline, so each stage is checked against the model it will receive. Pure Python."""
         return numbers
+
+    @classmethod
+    def memory_per_device(cls, config, key: str, node, model: Dict[str, Any], precision: str,
+                          layout) -> Dict[str, float]:
+        """Bytes one device holds while the stage ``key`` (``node``) runs, by part (weights, gradients, optimizer,
+        activations, kv_cache, ...), for a model with architecture numbers ``model`` in ``precision``.
+
+        ``layout`` (``llmexp.planning.layout.Layout``) has the parallel layout, the step's shape and the building
+        blocks; the default is inference: the weights and a KV cache. Pure Python.
+        """
+        return layout.inference_memory(model, precision)
+
+    @classmethod
+    def trainable_parameters(cls, config, node, model: Dict[str, Any]) -> int:
+        """How many of the parameters of a model with architecture numbers ``model`` the stage trains: none by
+        default. Pure Python."""
+        return 0
+
+    @classmethod
+    def plan_problems(cls, config, key: str, node, plan) -> List[str]:
+        """What stops the stage ``key`` (``node``) before anything runs, one paragraph each naming the field
+        (``llmexp.configuration.pipeline.node_path(key)``), its value and the fix. ``plan`` is the plan so far
+        (``llmexp.planning.planner.Plan``; ``plan.architectures[key]``: the architecture numbers of the model the
+        stage receives and makes). Called once per stage by the planner. Must not import torch."""
+        return []
 
     @classmethod
     def measured_by(cls, config) -> Tuple[str, ...]:

@@ -16,8 +16,9 @@ same examples as on one rank; tensor-parallel ranks of a data-parallel group see
 examples. Rank 0 does every write (step log, logger, checkpoints through Lightning's rank-zero
 saving); the logged losses are means over the ranks.
 
-Nothing heavy is imported at module level: technique schemas subclass ``TrainingConfig``
-and the planner loads every schema without torch.
+What a training technique is (its schema, its plan, its loss's output) is ``llmexp.training.contract``;
+the LightningModule is ``llmexp.training.lightning_module``. torch and lightning are imported inside the
+functions: ``llmexp.sdk`` hands plugins ``train``, and importing the SDK must not import torch.
 """
 
 from __future__ import annotations
@@ -27,21 +28,23 @@ import copy
 import functools
 import json
 import logging
-import math
 import time
 import warnings
-from dataclasses import dataclass, field
-from typing import Any, Callable, ClassVar, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Optional, Sequence, Tuple
 
-from llmexp.display import console
-
-from llmexp.training import distributed
-
-from llmexp.display import progress
-from llmexp.errors import UserError
 from llmexp.configuration.pipeline import stage_node_path
+from llmexp.display import console, progress
+from llmexp.errors import UserError
+from llmexp.machine.peak_memory import PeakMemory
 from llmexp.results.record import redact_secrets
-from llmexp.techniques.contract import StageContext, Technique, TechniqueConfig
+from llmexp.techniques.contract import StageContext
+from llmexp.training import distributed, preemption
+from llmexp.training.contract import (
+    LIGHTNING_PRECISION, LossFn, pipeline_training_problem, torch_precision_problem, training_problems,
+    validation_problem,
+)
+from llmexp.training.lightning_module import training_module_class
+from llmexp.training.schedule import data_order
 
 # Lightning announces "GPU available: False", a product tip and more on every Trainer; its
 # warnings still come through. The pytree notice is Lightning 2.6 calling an API torch 2.13 deprecated.
@@ -55,70 +58,8 @@ warnings.filterwarnings("ignore", message=r"The number of training batches \(\d+
 # On a mid-epoch resume the batch sampler starts at the saved data position itself (see _MicroBatches).
 warnings.filterwarnings("ignore", message=r"You're resuming from a checkpoint that ended before the epoch ended")
 
-# Our precision names -> Lightning's. Mixed precision keeps fp32 master weights.
-LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
-# What trains on a CPU: it has no FP16 autocast, and Lightning trains a CPU 16-mixed run in bf16 with only a warning.
-CPU_TRAINING_PRECISIONS = ("fp32", "bf16")
 TRAIN_LOG = "train_log.jsonl"
 CHECKPOINT_DIR = "checkpoints"
-STOP_SIGNAL_SKEW_S = 30  # how much later than another rank a rank may get the cluster's stop signal
-
-
-@dataclass
-class TrainingConfig(TechniqueConfig):
-    """What every training technique's schema shares; batch sizes come from ``parallelism``.
-
-    The defaults are the embedded default's recipe: AdamW (0.9, 0.95, wd 0.1), lr 1e-2 with
-    50 warm-up steps and a cosine decay to 10%, 1,000 steps, clip 1.0.
-    """
-
-    max_steps: int = 1000  # optimiser steps; each sees parallelism.global_batch examples
-    lr: float = 1e-2
-    min_lr_ratio: float = 0.1  # cosine decay ends at lr * min_lr_ratio
-    warmup_steps: int = 50
-    weight_decay: float = 0.1  # not applied to norms and biases
-    beta1: float = 0.9
-    beta2: float = 0.95
-    grad_clip: float = 1.0  # gradient-norm clipping; 0 turns it off
-    log_every: int = 10  # steps between rows of train_log.jsonl and points of the tracker's curve
-    val_every: int = 0  # validate every N optimiser steps on the validation set, and after the last (0: never)
-    checkpoint_every: int = 200  # resumable checkpoint every N optimiser steps (0: never)
-    keep_checkpoints: int = 2  # the newest K are kept
-    save_model: bool = True  # write the HF checkpoint to <stage dir>/model
-
-
-class TrainingTechnique(Technique):
-    """Base class of a technique that trains through ``train``: it makes a model and needs the stack."""
-
-    memory: ClassVar[str] = "full"
-    produces_model: ClassVar[bool] = True
-    requires: ClassVar[Tuple[str, ...]] = ("torch", "transformers", "lightning")
-    # training backends (``backend=``) whose loop can run its loss: megatron's computes next-token loss only
-    backends: ClassVar[Tuple[str, ...]] = ("torch",)
-
-    @classmethod
-    def machine_problems(cls, config, node, field: str) -> List[str]:
-        """The run's training backend must be able to run here (its packages; a GPU where it needs one)."""
-        from llmexp.machine.backends import BACKENDS, unavailable_reason
-
-        reason = unavailable_reason(BACKENDS[config.backend.name])
-        if reason is None:
-            return []
-        return [f"backend={config.backend.name} cannot train on this machine ({field}: technique={node.name}): "
-                f"{reason}. Run on a machine that has it (hydra/launcher=slurm cluster=... for a GPU cluster), or "
-                "train here with backend=torch."]
-
-
-@dataclass
-class LossOutput:
-    """A technique's loss on one micro-batch."""
-
-    loss: Any  # scalar tensor to minimise
-    tokens: int  # tokens it covers: throughput, and the weight of this batch in the validation mean
-    logs: Dict[str, Any] = field(default_factory=dict)  # floats or 0-d tensors, logged as train/<k> or val/<k>
-
-
-LossFn = Callable[[Any, Any], LossOutput]
 
 
 def train(
@@ -153,12 +94,7 @@ def train(
     import torch
     from torch.utils.data import DataLoader
 
-    from llmexp.training import model_parallel
-
-    from llmexp.training import preemption
-
-    from llmexp.training import resume
-    from llmexp.machine.peak_memory import PeakMemory
+    from llmexp.training import model_parallel, resume
 
     cfg, tcfg = ctx.config, ctx.stage_config
     lead = distributed.is_rank_zero()
@@ -203,7 +139,7 @@ def train(
     model.train()  # Lightning keeps the modes it finds; a loaded model arrives in eval mode
     split = _splits_model(parallelism)
     trained = copy.deepcopy(model) if split else model  # split in place: ``model`` stays a plain HF model
-    module = _module_class()(
+    module = training_module_class()(
         ctx.stage_name, trained, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints,
         parallelism, split, steps,
     )
@@ -248,30 +184,6 @@ def _train_on_megatron(ctx, model, train_data, collate, val_data, shuffle, extra
             "backend=megatron does not run; use backend=torch for it.")
     _check(ctx.stage_config, stage_node_path(ctx), train_data, val_data)
     return megatron_train.train(ctx, model, train_data, collate, val_data, shuffle)
-
-
-def data_order(num_examples: int, num_samples: int, seed: int, shuffle: bool = True):
-    """The example index of each of ``num_samples`` training samples, in the order they are seen (a LongTensor).
-
-    Shuffled: seeded permutations of ``range(num_examples)``, one per pass, concatenated;
-    unshuffled: ``0 .. num_examples - 1`` repeated. It depends on the arguments alone, so a
-    resumed run sees the order the interrupted one would have.
-    """
-    import torch
-
-    if not shuffle:
-        return torch.arange(num_samples) % num_examples
-    generator = torch.Generator().manual_seed(seed)
-    passes = -(-num_samples // num_examples)
-    return torch.cat([torch.randperm(num_examples, generator=generator) for _ in range(passes)])[:num_samples]
-
-
-def warmup_cosine(step: int, warmup_steps: int, max_steps: int, min_ratio: float) -> float:
-    """LR multiplier: linear warm-up to 1, then cosine decay to ``min_ratio`` at ``max_steps``."""
-    if step < warmup_steps:
-        return (step + 1) / warmup_steps
-    progress = min(1.0, (step - warmup_steps) / max(1, max_steps - warmup_steps))
-    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress))
 
 
 def accumulation_steps(parallelism) -> int:
@@ -361,34 +273,6 @@ def training_strategy(parallelism, accelerator: str):
     )
 
 
-def torch_precision_problem(precision: str, hardware) -> Optional[str]:
-    """Why the torch backend cannot train in ``precision`` on ``hardware`` as asked, or None: Lightning has no
-    FP8/FP4 training, and a CPU no FP16 one (Lightning would train in bf16 while the run records fp16)."""
-    if precision not in LIGHTNING_PRECISION:
-        return (
-            f"precision={precision} is not available for training on the torch backend (it trains in "
-            f"{', '.join(LIGHTNING_PRECISION)}); train with precision=bf16 and quantize afterwards "
-            "(technique=quantize), or train with backend=megatron, whose Transformer Engine kernels train in "
-            "FP8/FP4 on GPUs that have them."
-        )
-    if hardware.accelerator == "cpu" and precision not in CPU_TRAINING_PRECISIONS:
-        return (
-            f"precision={precision} is not available for training on hardware={hardware.name}: a CPU has no "
-            f"{precision.upper()} mixed precision (Lightning would train in bf16 instead); train with "
-            f"{' or '.join(f'precision={name}' for name in CPU_TRAINING_PRECISIONS[::-1])}, or in {precision} on a GPU "
-            "preset."
-        )
-    return None
-
-
-def pipeline_training_problem(parallelism) -> str:
-    return (
-        f"parallelism.pp={parallelism.pp} (parallelism={parallelism.name}): the torch backend does not train "
-        "through pipeline stages; train with backend=megatron (CUDA GPUs), or split the model with parallelism.tp "
-        "(tensor parallel) or parallelism.sharding=fsdp over parallelism.dp instead and set parallelism.pp=1."
-    )
-
-
 def _splits_model(parallelism) -> bool:
     """Whether the layout splits the model's weights (tensor parallel or FSDP2) rather than replicating them."""
     return parallelism.tp > 1 or (parallelism.sharding == "fsdp" and parallelism.dp > 1)
@@ -424,36 +308,6 @@ def parameter_counts(model) -> Tuple[int, int]:
 def config_fingerprint(config) -> str:
     """The run's redacted config as canonical JSON: a checkpoint resumes only a run with the same one."""
     return json.dumps(redact_secrets(config), sort_keys=True, default=str)
-
-
-def training_problems(node, key: str = "technique", min_steps: int = 1) -> List[str]:
-    """Settings of a training node that cannot work (``key``: where the node sits in the config).
-
-    Pure Python: plugins' plan checks call it, so a bad value stops the run before it starts.
-    ``min_steps=0``: the technique takes ``max_steps=0`` as "use the starting model as it is".
-    """
-    problems = []
-    for name, least in (("max_steps", min_steps), ("log_every", 1)):
-        if node[name] < least:
-            problems.append(f"{key}.{name}={node[name]} must be at least {least}; set it to {least} or more.")
-    for name in ("val_every", "checkpoint_every"):
-        if node[name] < 0:
-            problems.append(f"{key}.{name}={node[name]} is negative; set it to 0 (never) or a step count.")
-    if node["checkpoint_every"] and node["keep_checkpoints"] < 1:
-        problems.append(
-            f"{key}.keep_checkpoints={node['keep_checkpoints']} keeps no checkpoint to resume from; set it to 1 "
-            f"or more, or turn checkpoints off with {key}.checkpoint_every=0."
-        )
-    return problems
-
-
-def validation_problem(node, key: str) -> str:
-    """The refusal of ``<key>.val_every`` on a stage that has no validation examples (``key``: where ``node`` sits)."""
-    return (
-        f"{key}.val_every={node.val_every} asks for validation, but {node.name} has no validation examples: sft, lora "
-        "and dpo validate on data.validation_path or a data.validation_split share of their records, while pretrain, "
-        f"cpt and distill read no validation set; give it validation data or set {key}.val_every=0."
-    )
 
 
 def _check(tcfg, key: str, train_data: Sequence, val_data: Optional[Sequence]) -> None:
@@ -509,216 +363,3 @@ class _MicroBatches:
 def _batches(data: Sequence, collate: Callable, size: int):
     for begin in range(0, len(data), size):
         yield collate([data[i] for i in range(begin, min(begin + size, len(data)))])
-
-
-def _await_own_stop_signal() -> None:
-    """Wait until this rank has the stop signal another rank got first (its launcher's handler needs it).
-
-    A cluster signals every task of a job, within moments of each other; the ranks stop after
-    the step where the first of them had it, and each hands over to its launcher's handler.
-    """
-    from llmexp.training import preemption
-    deadline = time.monotonic() + STOP_SIGNAL_SKEW_S
-    while not preemption.requested():
-        if time.monotonic() > deadline:
-            raise RuntimeError(
-                f"rank {distributed.rank()} stopped with the ranks that got the stop signal, but got none itself "
-                f"within {STOP_SIGNAL_SKEW_S} s; its launcher must signal every task of the job."
-            )
-        time.sleep(0.05)
-
-
-@functools.lru_cache(maxsize=None)
-def _module_class() -> type:
-    """The LightningModule class, made on first use so that importing this module stays free of lightning."""
-    import lightning as L
-    import torch
-
-    from llmexp.machine import cpu_threads
-
-    from llmexp.training import model_parallel
-
-    from llmexp.training import preemption
-
-    from llmexp.training import resume
-    class TrainingModule(L.LightningModule):
-        """Runs ``loss_fn`` per micro-batch; at each optimiser step logs, validates and checkpoints as due.
-
-        Losses stay tensors between logged steps: reading one (``float``) waits for the device,
-        and on several ranks averaging one is a collective, so both happen only on logged,
-        validated and checkpointed steps. Every rank takes every such step alike; only rank 0 writes.
-        """
-
-        def __init__(
-            self, name, model, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints,
-            parallelism, split, steps,
-        ):
-            super().__init__()
-            self.model = model
-            self.loss_fn, self.tcfg, self.accumulation = loss_fn, tcfg, accumulation
-            self.extra_modules = list(extra_modules)  # a list, not submodules: neither saved nor optimised
-            self.val_batches, self.log_path, self.checkpoints = val_batches, log_path, checkpoints
-            self.parallelism, self.split = parallelism, split
-            self.steps = steps  # an llmexp.display.progress.Progress printing step lines, or None
-            self._steps_task = None
-            self._started = 0.0
-            self.replicas = parallelism.tp * parallelism.pp  # ranks that see the same examples
-            self.tokens_before = 0  # of the attempts before this one, all ranks (restored from the checkpoint)
-            self.session_tokens = 0  # this rank's, this attempt
-            self.val_metrics: Dict[str, float] = {}  # the last validation's means: loss and the loss's logs
-            self._loss_sum = self._step_loss = self._step_mean = None
-            self._logs: Dict[str, Any] = {}
-            self._done_step = 0
-            self._restored: Optional[Dict[str, Any]] = None
-            self.free_cores = cpu_threads.FreeCores(name, console.warn)  # threads to the cores other processes leave free
-
-        def configure_model(self):
-            """Under ModelParallelStrategy: split the model over its device mesh (``llmexp.training.model_parallel``)."""
-            if self.split:
-                p = self.parallelism
-                model_parallel.parallelize(self.model, self.device_mesh, tensor_parallel=p.tp > 1, shard=p.dp > 1)
-
-        def training_step(self, batch, batch_idx):
-            self.free_cores.check()
-            out = self.loss_fn(self.model, batch)
-            self.session_tokens += out.tokens
-            loss = out.loss.detach()
-            self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
-            self._logs = out.logs
-            return out.loss
-
-        def on_fit_start(self):
-            for module in self.extra_modules:
-                module.to(self.device).eval()
-
-        def on_train_start(self):
-            self._done_step = self.trainer.global_step
-            self._started = time.perf_counter()
-            if self.steps is not None:
-                self._steps_task = self.steps.add_task("", total=self.tcfg.max_steps, completed=self._done_step)
-            if self._restored is not None:  # here, after Lightning made its data iterator (which draws a seed)
-                resume.restore_rng(self._restored["rng"])
-
-        def on_train_batch_end(self, outputs, batch, batch_idx):
-            step = self.trainer.global_step
-            if step == self._done_step:  # still accumulating micro-batches
-                return
-            self._done_step = step
-            self._step_loss, self._loss_sum, self._step_mean = self._loss_sum / self.accumulation, None, None
-            last = step == self.tcfg.max_steps
-            if step % self.tcfg.log_every == 0 or last:
-                self._log_step(step)
-            if self.val_batches is not None and (step % self.tcfg.val_every == 0 or last):
-                self._validate(step)
-            stop = self._stop_requested()
-            if self.checkpoints.due(step) or stop:
-                self.checkpoints.save(self.trainer, step)
-            if self.steps is not None:
-                self.steps.update(self._steps_task, completed=step, detail=self._progress_detail)
-            if stop:
-                _await_own_stop_signal()
-                preemption.requeue_now()
-
-        def _progress_detail(self) -> str:
-            """This rank's loss of the step, and the tokens/s of every data-parallel rank (they see equal shares)."""
-            seconds = max(time.perf_counter() - self._started, 1e-9)
-            tokens_per_s = self.session_tokens * self.parallelism.dp / seconds
-            return f"loss {float(self._step_loss):.4g} {progress.rate(tokens_per_s)} tok/s"
-
-        def _stop_requested(self) -> bool:
-            """Whether a stop signal came to any rank: all of them stop after the same step."""
-            flag = torch.tensor(int(preemption.requested()), device=self.device)
-            return bool(self.trainer.strategy.reduce(flag, reduce_op="max"))
-
-        def _mean(self, value) -> float:
-            """The mean of ``value`` over the ranks (tensor-parallel ranks hold equal ones)."""
-            tensor = torch.as_tensor(value, dtype=torch.float32, device=self.device).detach().clone()
-            return float(self.trainer.strategy.reduce(tensor, reduce_op="mean"))
-
-        def _mean_step_loss(self) -> float:
-            if self._step_mean is None:
-                self._step_mean = self._mean(self._step_loss)
-            return self._step_mean
-
-        def session_tokens_of_all_ranks(self) -> int:
-            """Tokens every data-parallel rank trained on in this attempt (a collective)."""
-            tokens = torch.tensor(self.session_tokens, dtype=torch.int64, device=self.device)
-            return int(self.trainer.strategy.reduce(tokens, reduce_op="sum")) // self.replicas
-
-        def _log_step(self, step: int) -> None:
-            t = self.tcfg
-            loss = self._mean_step_loss()
-            lr = t.lr * warmup_cosine(step - 1, t.warmup_steps, t.max_steps, t.min_lr_ratio)
-            logs = {k: self._mean(v) for k, v in self._logs.items()}
-            self._record({"step": step, "loss": loss, "lr": lr, **logs}, "train", {"loss": loss, "lr": lr, **logs})
-            self.log("train/loss", loss, prog_bar=True, logger=False)
-
-        def _validate(self, step: int) -> None:
-            """Every rank validates on the whole validation set: split models need all ranks in each forward."""
-            was_training = self.model.training
-            self.model.eval()
-            sums: Dict[str, Any] = {}
-            tokens = 0
-            with torch.no_grad(), self.trainer.precision_plugin.forward_context():
-                for batch in self.val_batches():
-                    out = self.loss_fn(self.model, self.trainer.strategy.batch_to_device(batch))
-                    for key, value in {"loss": out.loss, **out.logs}.items():
-                        value = value.detach().float() if torch.is_tensor(value) else value
-                        sums[key] = sums.get(key, 0.0) + value * out.tokens
-                    tokens += out.tokens
-            self.model.train(was_training)
-            means = {key: float(total) / tokens for key, total in sums.items()}
-            self.val_metrics = means
-            row = {"step": step, **{f"val_{key}": value for key, value in means.items()}}
-            self._record(row, "val", means)
-
-        def _record(self, row: Dict[str, Any], prefix: str, metrics: Dict[str, float]) -> None:
-            if not distributed.is_rank_zero():
-                return
-            with open(self.log_path, "a", encoding="utf-8") as log:  # closed at once: a killed run keeps its rows
-                log.write(json.dumps(row) + "\n")
-            for logger in self.trainer.loggers:
-                logger.log_metrics({f"{prefix}/{k}": v for k, v in metrics.items()}, step=row["step"])
-                logger.save()
-
-        def final_loss(self) -> float:
-            return self._mean_step_loss() if self._step_loss is not None else self._restored["stats"]["loss"]
-
-        def configure_optimizers(self):
-            decay, no_decay = [], []
-            for param in self.model.parameters():
-                if param.requires_grad:
-                    (no_decay if param.ndim < 2 else decay).append(param)  # no decay on norms and biases
-            t = self.tcfg
-            optimizer = torch.optim.AdamW(
-                [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=t.lr,
-                betas=(t.beta1, t.beta2),
-            )
-            schedule = torch.optim.lr_scheduler.LambdaLR(
-                optimizer, lambda step: warmup_cosine(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
-            )
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
-
-        def configure_gradient_clipping(self, optimizer, gradient_clip_val=None, gradient_clip_algorithm=None):
-            if self.split:  # gradients on several device meshes: Lightning's clipping cannot combine them
-                model_parallel.clip_grad_norm_(self.model.parameters(), gradient_clip_val)
-            else:
-                self.clip_gradients(optimizer, gradient_clip_val, gradient_clip_algorithm)
-
-        def on_save_checkpoint(self, checkpoint):
-            """Called on every rank (both reductions are collectives); rank 0's checkpoint is the one written."""
-            stats = {
-                "tokens": self.tokens_before + self.session_tokens_of_all_ranks(),
-                "loss": self._mean_step_loss(),
-                "val": self.val_metrics,
-            }
-            micro_batches = self.trainer.global_step * self.accumulation * self.parallelism.dp
-            checkpoint[resume.STATE_KEY] = resume.resume_state(self.checkpoints.fingerprint, micro_batches, stats)
-
-        def on_load_checkpoint(self, checkpoint):
-            self._restored = checkpoint[resume.STATE_KEY]
-            self.tokens_before = self._restored["stats"]["tokens"]
-            self.val_metrics = self._restored["stats"]["val"]
-
-    return TrainingModule

@@ -18,12 +18,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 from urllib.parse import urlparse
 
-from llmexp.sdk import context_length
-from llmexp.sdk import job_environment
-from llmexp.sdk import hookimpl
-from llmexp.sdk import redact_url_credentials
-from llmexp.sdk import has_weights
-from llmexp.sdk import Technique, TechniqueConfig
+from llmexp.sdk import (
+    Technique, TechniqueConfig, context_length, has_weights, hookimpl, job_environment, model_sources, node_path,
+    redact_url_credentials,
+)
 
 TARGETS = ("inprocess", "endpoint")
 CLIENTS = ("builtin", "aiperf")
@@ -81,10 +79,21 @@ class Benchmark(Technique):
 
     name = "benchmark"
     schema = BenchmarkConfig
-    memory = "inference"
     produces_model = False
     requires = ("torch", "transformers", "httpx")
     entry = "llmexp.plugins.benchmark.sweep:benchmark"
+
+    @classmethod
+    def plan_problems(cls, config, key: str, node, plan) -> List[str]:
+        """Target, sweep values and their bounds, endpoint settings, aiperf; a model to benchmark in process."""
+        field = node_path(key)
+        problems: List[str] = []
+        if model_sources(config).get(key) is None and node.target == "inprocess" and not has_weights(config):
+            problems.append(
+                f"{field}: nothing to benchmark in process: no stage before it produced a model and model.path is "
+                f"unset. Set model.path=<a Hugging Face checkpoint directory>, put a stage that makes a model before "
+                f"it, or benchmark a server with {field}.target=endpoint {field}.url=http://127.0.0.1:8000.")
+        return problems + config_problems(node, field, has_weights(config), context_length(config))
 
 
 def points(node) -> List[tuple]:
@@ -182,23 +191,3 @@ def _endpoint_problems(node, field: str, own_weights: bool) -> List[str]:
 @hookimpl
 def llmexp_techniques():
     return [Benchmark]
-
-
-@hookimpl
-def llmexp_plan_problems(config, plan):
-    """Checks every benchmark stage: target, sweep values and their bounds, endpoint settings, aiperf."""
-    from llmexp.sdk import model_sources, node_path, stage_nodes
-
-    problems: List[str] = []
-    sources = model_sources(config)
-    for key, node in stage_nodes(config, strict=False):
-        if node.get("name") != Benchmark.name:
-            continue
-        field = node_path(key)
-        if sources[key] is None and node.target == "inprocess" and not has_weights(config):
-            problems.append(
-                f"{field}: nothing to benchmark in process: no stage before it produced a model and model.path is "
-                f"unset. Set model.path=<a Hugging Face checkpoint directory>, put a stage that makes a model before "
-                f"it, or benchmark a server with {field}.target=endpoint {field}.url=http://127.0.0.1:8000.")
-        problems += config_problems(node, field, has_weights(config), context_length(config))
-    return problems

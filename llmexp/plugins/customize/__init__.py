@@ -12,10 +12,10 @@ This module imports without torch: the planner loads every plugin. The loops liv
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import List, Tuple
+from typing import Any, Dict, List, Tuple
 
-from llmexp.sdk import hookimpl
-from llmexp.sdk import TrainingConfig, TrainingTechnique
+from llmexp.plugins.customize.checks import stage_problems
+from llmexp.sdk import LINEAR_SHAPES, TrainingConfig, TrainingTechnique, count_parameters, hookimpl, node_path
 
 
 @dataclass
@@ -69,35 +69,102 @@ def _package_text2sql(cls, config) -> Tuple[str, ...]:
     return ("text2sql",) if data.name == "embedded" or (data.name == "preference" and not data.path) else ()
 
 
-class SFT(TrainingTechnique):
+class Customization(TrainingTechnique):
+    """What the three share: a base to adapt, the Text2SQL task that measures them on the package's data, and
+    the checks of their settings and data (``checks.py``)."""
+
+    measured_by = classmethod(_package_text2sql)
+    adapts_base = True
+
+    @classmethod
+    def plan_problems(cls, config, key: str, node, plan) -> List[str]:
+        return super().plan_problems(config, key, node, plan) + stage_problems(config, node, node_path(key))
+
+
+class SFT(Customization):
     name = "sft"
     schema = SFTConfig
     backends = ("torch", "megatron")
 
-    measured_by = classmethod(_package_text2sql)
-    adapts_base = True
     entry = "llmexp.plugins.customize.stages:run_sft"
 
 
-class LoRA(TrainingTechnique):
+class LoRA(Customization):
+    """Frozen weights in the run's precision; the adapter, its grads and Adam states in fp32 (PEFT keeps adapter
+    weights in fp32). Activations are those of full training: backward still runs through every frozen layer."""
+
     name = "lora"
     schema = LoRAConfig
     memory = "adapter"
     requires = (*TrainingTechnique.requires, "peft")
 
-    measured_by = classmethod(_package_text2sql)
-    adapts_base = True
     entry = "llmexp.plugins.customize.stages:run_lora"
 
+    @classmethod
+    def memory_per_device(cls, config, key: str, node, model: Dict[str, Any], precision: str,
+                          layout) -> Dict[str, float]:
+        adapter = cls.trainable_parameters(config, node, model)
+        return {
+            "weights": layout.weights(count_parameters(model), precision),
+            "adapter": layout.fp32_values(adapter),
+            "gradients": layout.fp32_values(adapter),
+            "optimizer": layout.adam_moments(adapter),
+            "activations": layout.activations(model, precision),
+        }
 
-class DPO(TrainingTechnique):
+    @classmethod
+    def trainable_parameters(cls, config, node, model: Dict[str, Any]) -> int:
+        """rank*(in + out) per adapted linear layer (in -> out), for each of ``target_modules`` in every layer."""
+        per_layer = sum(node.rank * sum(LINEAR_SHAPES[name](model)) for name in target_modules(node)
+                        if name in LINEAR_SHAPES)
+        return per_layer * model["num_layers"]
+
+    @classmethod
+    def plan_problems(cls, config, key: str, node, plan) -> List[str]:
+        """Target modules a Llama-style layer has; no tensor parallelism (PEFT's adapter layers are not the linear
+        layers tp splits)."""
+        field = node_path(key)
+        problems = super().plan_problems(config, key, node, plan)
+        unknown = [name for name in target_modules(node) if name not in LINEAR_SHAPES]
+        if unknown:
+            model = config.model.name if config.model.path is None else f"{config.model.name} from {config.model.path}"
+            problems.append(
+                f"{field}.target_modules names {', '.join(unknown)}, which a {model} layer does not have; choose "
+                f"from {', '.join(LINEAR_SHAPES)} or [all-linear]."
+            )
+        tp = config.parallelism.tp
+        if tp > 1 and config.backend.name == "torch":
+            problems.append(
+                f"parallelism.tp={tp} with technique={cls.name}: tensor parallelism splits a model's linear layers, "
+                f"and {cls.name}'s adapters wrap them; train it with parallelism.tp=1 (parallelism.dp for data "
+                "parallel, with parallelism.sharding=fsdp to split the frozen weights too)."
+            )
+        return problems
+
+
+def target_modules(node) -> List[str]:
+    """The linear layers a LoRA node adapts, by PEFT's names; ``all-linear`` (the schema's default) is every one."""
+    targets = list(node.target_modules)
+    return list(LINEAR_SHAPES) if targets == ["all-linear"] else targets
+
+
+class DPO(Customization):
+    """Full training of the policy plus a frozen reference model. Each micro-batch holds a chosen and a rejected
+    sequence per pair, so activations are those of twice the micro-batch; the reference runs without grad and
+    keeps none."""
+
     name = "dpo"
     schema = DPOConfig
     memory = "preference"
 
-    measured_by = classmethod(_package_text2sql)
-    adapts_base = True
     entry = "llmexp.plugins.customize.stages:run_dpo"
+
+    @classmethod
+    def memory_per_device(cls, config, key: str, node, model: Dict[str, Any], precision: str,
+                          layout) -> Dict[str, float]:
+        return {**layout.training_memory(model, precision),
+                "activations": layout.activations(model, precision, sequences_per_example=2),
+                "reference": layout.weights(count_parameters(model), precision)}
 
 
 TECHNIQUES = (SFT, LoRA, DPO)
@@ -106,18 +173,3 @@ TECHNIQUES = (SFT, LoRA, DPO)
 @hookimpl
 def llmexp_techniques():
     return list(TECHNIQUES)
-
-
-@hookimpl
-def llmexp_plan_problems(config, plan):
-    """Checks every customization stage of the pipeline, its data files included, before the run starts."""
-    from llmexp.sdk import node_path, stage_nodes
-    from llmexp.plugins.customize.checks import stage_problems
-
-    names = {cls.name for cls in TECHNIQUES}
-    return [
-        problem
-        for key, node in stage_nodes(config, strict=False)
-        if node.get("name") in names
-        for problem in stage_problems(config, node, node_path(key))
-    ]

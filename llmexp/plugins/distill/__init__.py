@@ -14,12 +14,19 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import List, Optional
+from typing import Any, Dict, List, Optional
 
-from llmexp.sdk import hookimpl
-from llmexp.sdk import TrainingConfig, TrainingTechnique
+from llmexp.data.text import raw_text_problems
+from llmexp.sdk import (
+    FIELD, FP32_BYTES, TrainingConfig, TrainingTechnique, UserError, architecture, count_parameters, hookimpl,
+    model_numbers_from_hf_config, node_path, read_hf_config, stage_nodes, training_problems, validate_checkpoint_dir,
+    validation_problem,
+)
 
 WEIGHTS = ("kl_weight", "lm_weight", "hidden_weight")
+# fp32 values per token and vocabulary entry the teacher adds: its logits and log-probabilities, and the
+# student's tempered log-probabilities kept for backward
+TEACHER_VALUES_PER_VOCAB = 3
 
 
 @dataclass
@@ -56,35 +63,43 @@ class Distill(TrainingTechnique):
 
     entry = "llmexp.plugins.distill.stage:run_distill"
 
+    @classmethod
+    def memory_per_device(cls, config, key: str, node, model: Dict[str, Any], precision: str,
+                          layout) -> Dict[str, float]:
+        """Full training of the student plus a frozen teacher and its fp32 logits.
+
+        The teacher's weights are held in the run's precision; it runs without grad, so of its forward pass only
+        what the loss reads stays (``TEACHER_VALUES_PER_VOCAB``). Its architecture is ``teacher.path``'s
+        config.json, else the run's model (an earlier stage's model is the run's model or one made smaller from
+        it); the student is counted as the run's model too.
+        """
+        teacher = model
+        if node.teacher.path:
+            try:
+                teacher = architecture(model_numbers_from_hf_config(read_hf_config(node.teacher.path)))
+            except UserError:
+                pass  # plan_problems reports a bad teacher.path
+        logits = layout.tokens * TEACHER_VALUES_PER_VOCAB * teacher["vocab_size"] * FP32_BYTES / layout.tp
+        return {**layout.training_memory(model, precision),
+                "teacher": layout.weights(count_parameters(teacher), precision), "teacher_logits": logits}
+
+    @classmethod
+    def plan_problems(cls, config, key: str, node, plan) -> List[str]:
+        """The stage's settings, its teacher against the model it receives, and its data."""
+        stages = stage_nodes(config, strict=False)  # the stages before it: where its teacher may come from
+        earlier = stages[:[stage for stage, _ in stages].index(key)] if key in dict(stages) else []
+        return super().plan_problems(config, key, node, plan) + stage_problems(
+            config, node, node_path(key), earlier, plan.architectures, key)
+
 
 @hookimpl
 def llmexp_techniques():
     return [Distill]
 
 
-@hookimpl
-def llmexp_plan_problems(config, plan):
-    """Checks every distill stage of the pipeline, its teacher and its data, before the run starts."""
-    from llmexp.sdk import node_path, stage_nodes
-    from llmexp.sdk import stage_architectures
-
-    stages = stage_nodes(config, strict=False)
-    if not any(node.get("name") == Distill.name for _, node in stages):
-        return []
-    shapes = stage_architectures(config)
-    return [
-        problem
-        for index, (key, node) in enumerate(stages)
-        if node.get("name") == Distill.name
-        for problem in stage_problems(config, node, node_path(key), stages[:index], shapes, key)
-    ]
-
-
 def stage_problems(config, node, field: str, earlier, shapes, key: str) -> List[str]:
     """Problems of the distill node at ``field`` (stage ``key``); ``earlier``: the ``(key, node)`` of the stages
-    before it; ``shapes``: each stage's input and output architecture (``llmexp.planning.planner.stage_architectures``)."""
-    from llmexp.sdk import training_problems, validation_problem
-
+    before it; ``shapes``: each stage's received and made architecture numbers (``Plan.architectures``)."""
     problems = training_problems(node, field) + _numbers_problems(node, field) + _data_problems(config, field)
     if node.val_every:
         problems.append(validation_problem(node, field))
@@ -113,8 +128,6 @@ def _hidden_size_problems(node, field: str, teacher, student) -> List[str]:
 
 def teacher_path_error(error, key: str) -> str:
     """A checkpoint error about ``model.path`` (``llmexp.models.checkpoint``), told of ``<key>.teacher.path``."""
-    from llmexp.sdk import FIELD
-
     return str(error).replace(FIELD, f"{key}.teacher.path")
 
 
@@ -148,8 +161,6 @@ def _numbers_problems(node, key: str) -> List[str]:
 
 
 def _data_problems(config, key: str) -> List[str]:
-    from llmexp.data.text import raw_text_problems
-
     return raw_text_problems(config.data, (
         f"data={config.data.name} holds instructions or pairs, and {key} (technique=distill) trains on the "
         "text pretraining reads: use data=embedded or data=text (data.paths=[...])."
@@ -182,10 +193,6 @@ def _teacher_stage_problems(stage: str, key: str, makers: List[str]) -> List[str
 def _teacher_path_problems(config, node, key: str, student) -> List[str]:
     """A valid checkpoint whose vocabulary (and hidden size, for ``hidden_weight``) match the ``student``'s numbers:
     those of the model the stage receives."""
-    from llmexp.sdk import model_numbers_from_hf_config, read_hf_config, validate_checkpoint_dir
-    from llmexp.sdk import UserError
-    from llmexp.sdk import architecture
-
     path = node.teacher.path
     if not Path(path).is_dir():
         return [

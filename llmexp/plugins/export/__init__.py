@@ -15,10 +15,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import List, Optional
 
-from llmexp.sdk import context_length
-from llmexp.sdk import hookimpl
-from llmexp.sdk import has_weights, local_directory
-from llmexp.sdk import Technique, TechniqueConfig
+from llmexp.sdk import (
+    Technique, TechniqueConfig, context_length, has_weights, hookimpl, local_directory, node_path, stage_nodes,
+)
 
 FORMATS = ("hf", "trtllm", "triton")
 
@@ -48,10 +47,16 @@ class Export(Technique):
 
     name = "export"
     schema = ExportConfig
-    memory = "inference"
     produces_model = False
     requires = ("torch", "transformers")
     entry = "llmexp.plugins.export.stage:export"
+
+    @classmethod
+    def plan_problems(cls, config, key: str, node, plan) -> List[str]:
+        """Format, limits, TensorRT-LLM and a GPU where an engine is built, a prebuilt engine."""
+        stages = stage_nodes(config, strict=False)  # the stages before it: which one's model it exports
+        index = [stage for stage, _ in stages].index(key) if key in dict(stages) else 0
+        return export_problems(config, node, node_path(key), _source_node(config, stages, index))
 
     @classmethod
     def machine_problems(cls, config, node, field: str) -> List[str]:
@@ -78,19 +83,6 @@ def builds_engine(node) -> bool:
 @hookimpl
 def llmexp_techniques():
     return [Export]
-
-
-@hookimpl
-def llmexp_plan_problems(config, plan):
-    """Checks every export stage: format, limits, TensorRT-LLM and a GPU where an engine is built, a prebuilt engine."""
-    from llmexp.sdk import node_path, stage_nodes
-
-    problems: List[str] = []
-    stages = stage_nodes(config, strict=False)
-    for index, (key, node) in enumerate(stages):
-        if node.get("name") == Export.name:
-            problems += export_problems(config, node, node_path(key), _source_node(config, stages, index))
-    return problems
 
 
 def _source_node(config, stages, index: int):

@@ -17,8 +17,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional
 
-from llmexp.sdk import hookimpl
-from llmexp.sdk import Technique, TechniqueConfig
+from llmexp.sdk import Technique, TechniqueConfig, count_parameters, hookimpl, node_path
 
 MODES = ("pretrain", "finetune")  # Bridge's two entry points; PEFT is finetune with a peft recipe
 # our precision -> Bridge's mixed-precision recipe (megatron.bridge.training.mixed_precision)
@@ -49,11 +48,43 @@ class BridgeRecipeConfig(TechniqueConfig):
 class BridgeRecipe(Technique):
     name = "bridge_recipe"
     schema = BridgeRecipeConfig
-    memory = "full"
+    memory = "full"  # planned as full training of the run's model, whatever the recipe's own
     produces_model = True
     requires = ("torch", "megatron.core", "megatron.bridge")  # megatron-bridge: NVIDIA's NeMo container or its wheel
 
     entry = "llmexp.plugins.megatron_bridge.recipe:run"
+
+    @classmethod
+    def memory_per_device(cls, config, key: str, node, model: Dict[str, Any], precision: str,
+                          layout) -> Dict[str, float]:
+        return layout.training_memory(model, precision)
+
+    @classmethod
+    def trainable_parameters(cls, config, node, model: Dict[str, Any]) -> int:
+        return count_parameters(model)
+
+    @classmethod
+    def plan_problems(cls, config, key: str, node, plan) -> List[str]:
+        """A recipe named, a known mode, a GPU, a precision Bridge has a recipe for."""
+        where = node_path(key)
+        problems: List[str] = []
+        if not node.recipe:
+            problems.append(
+                f"{where}.recipe is empty; name a Megatron-Bridge recipe function, e.g. {where}.recipe="
+                "llama.llama32_1b_sft_config (a function of megatron.bridge.recipes) or my_pkg.recipes:my_config.")
+        if node.mode not in MODES:
+            problems.append(f"{where}.mode={node.mode} is not known; choose {' or '.join(MODES)}.")
+        if config.hardware.accelerator != "gpu":
+            problems.append(
+                f"{where}: Megatron-Bridge trains on CUDA GPUs and hardware={config.hardware.name}; choose a GPU "
+                "preset (hardware=h100, ...) and run it where megatron-bridge is installed (NVIDIA's NeMo container).")
+        precision = getattr(config.precision, "value", config.precision)
+        if precision not in MIXED_PRECISION and precision != "fp32":
+            problems.append(f"precision={precision} has no Megatron-Bridge mixed-precision recipe; use one of "
+                            f"fp32, {', '.join(MIXED_PRECISION)}.")
+        if node.max_steps is not None and node.max_steps < 1:
+            problems.append(f"{where}.max_steps={node.max_steps} must be 1 or more (or null for the recipe's).")
+        return problems
 
     @classmethod
     def machine_problems(cls, config, node, field: str) -> List[str]:
@@ -76,32 +107,3 @@ class BridgeRecipe(Technique):
 @hookimpl
 def llmexp_techniques():
     return [BridgeRecipe]
-
-
-@hookimpl
-def llmexp_plan_problems(config, plan):
-    """Each bridge_recipe stage: a recipe named, a known mode, a GPU, a precision Bridge has a recipe for."""
-    from llmexp.sdk import node_path, stage_nodes
-
-    problems: List[str] = []
-    for key, node in stage_nodes(config, strict=False):
-        if node.get("name") != BridgeRecipe.name:
-            continue
-        where = node_path(key)
-        if not node.recipe:
-            problems.append(
-                f"{where}.recipe is empty; name a Megatron-Bridge recipe function, e.g. {where}.recipe="
-                "llama.llama32_1b_sft_config (a function of megatron.bridge.recipes) or my_pkg.recipes:my_config.")
-        if node.mode not in MODES:
-            problems.append(f"{where}.mode={node.mode} is not known; choose {' or '.join(MODES)}.")
-        if config.hardware.accelerator != "gpu":
-            problems.append(
-                f"{where}: Megatron-Bridge trains on CUDA GPUs and hardware={config.hardware.name}; choose a GPU "
-                "preset (hardware=h100, ...) and run it where megatron-bridge is installed (NVIDIA's NeMo container).")
-        precision = getattr(config.precision, "value", config.precision)
-        if precision not in MIXED_PRECISION and precision != "fp32":
-            problems.append(f"precision={precision} has no Megatron-Bridge mixed-precision recipe; use one of "
-                            f"fp32, {', '.join(MIXED_PRECISION)}.")
-        if node.max_steps is not None and node.max_steps < 1:
-            problems.append(f"{where}.max_steps={node.max_steps} must be 1 or more (or null for the recipe's).")
-    return problems

@@ -11,14 +11,15 @@ point loads, so it stays free of torch; the loop is imported only when a techniq
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import ClassVar, List
 
-from llmexp.sdk import hookimpl
-from llmexp.sdk import TrainingConfig, TrainingTechnique
+from llmexp.data.text import raw_text_problems, raw_text_refusal
+from llmexp.sdk import TrainingConfig, TrainingTechnique, hookimpl, node_path, training_problems, validation_problem
 
 
 @dataclass
 class PretrainConfig(TrainingConfig):
-    """The shared training settings (``llmexp.training.loop.TrainingConfig``): the embedded default's recipe.
+    """The shared training settings (``llmexp.training.contract.TrainingConfig``): the embedded default's recipe.
 
     ``max_steps=0`` passes the starting model (``model.path``) on untrained.
     """
@@ -40,14 +41,25 @@ class Pretrain(TrainingTechnique):
     name = "pretrain"
     schema = PretrainConfig
     backends = ("torch", "megatron")
+    min_steps: ClassVar[int] = 0  # max_steps=0 passes the starting model on untrained
 
     entry = "llmexp.plugins.pretrain.loop:pretrain"
+
+    @classmethod
+    def plan_problems(cls, config, key: str, node, plan) -> List[str]:
+        """The stage's settings, and the raw text it reads (``data=text``'s files), checked before the run."""
+        field = node_path(key)
+        problems = super().plan_problems(config, key, node, plan) + training_problems(node, field, cls.min_steps)
+        if node.val_every and node.max_steps:  # max_steps=0 passes the model on without training
+            problems.append(validation_problem(node, field))
+        return problems + raw_text_problems(config.data, raw_text_refusal(cls.name, config.data.name))
 
 
 class ContinuedPretraining(Pretrain):
     name = "cpt"
     schema = CptConfig
     adapts_base = True
+    min_steps = 1
 
     entry = "llmexp.plugins.pretrain.loop:continued_pretraining"
 
@@ -55,22 +67,3 @@ class ContinuedPretraining(Pretrain):
 @hookimpl
 def llmexp_techniques():
     return [Pretrain, ContinuedPretraining]
-
-
-@hookimpl
-def llmexp_plan_problems(config, plan):
-    """Each pretrain/cpt stage's settings, and the raw text it reads (``data=text``'s files), checked before the run."""
-    from llmexp.data.text import raw_text_problems, raw_text_refusal
-    from llmexp.sdk import node_path, stage_nodes
-    from llmexp.sdk import training_problems, validation_problem
-
-    stages = [(key, node) for key, node in stage_nodes(config, strict=False) if node.name in ("pretrain", "cpt")]
-    problems = []
-    for key, node in stages:
-        problems += training_problems(node, node_path(key), min_steps=0 if node.name == "pretrain" else 1)
-        if node.val_every and node.max_steps:  # max_steps=0 passes the model on without training
-            problems.append(validation_problem(node, node_path(key)))
-    if stages:
-        problems += raw_text_problems(config.data, raw_text_refusal(stages[0][1].name, config.data.name))
-    return problems
-

@@ -15,14 +15,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Dict, List, Optional
 
-from llmexp.sdk import hookimpl
-from llmexp.sdk import Technique, TechniqueConfig
+from llmexp.data.text import raw_text_problems
+from llmexp.plugins.prune.sizes import pruned_numbers
+from llmexp.sdk import Technique, TechniqueConfig, UserError, count_parameters, hookimpl, node_path, read_hf_config
 
 METHODS = ("depth", "width")
 IMPORTANCES = ("block", "perplexity")  # llmexp.plugins.prune.importance.LAYER_IMPORTANCE
 ARCHITECTURES = ("llama", "mistral", "qwen2")  # model types whose modules surgery.py knows
 DEPTH_FIELDS = ("drop_layers", "num_layers_to_drop")
-# width field -> the architecture number (llmexp.planning.planner.architecture) it sets
+# width field -> the architecture number (llmexp.architecture.architecture) it sets
 WIDTH_FIELDS = {
     "ffn_hidden_size": "intermediate_size", "num_heads": "num_attention_heads", "hidden_size": "hidden_size",
 }
@@ -50,7 +51,6 @@ class PruneConfig(TechniqueConfig):
 class Prune(Technique):
     name = "prune"
     schema = PruneConfig
-    memory = "inference"
     produces_model = True
     adapts_base = True
     requires = ("torch", "transformers")
@@ -59,31 +59,18 @@ class Prune(Technique):
 
     @classmethod
     def made_architecture(cls, node, numbers: Dict[str, Any]) -> Dict[str, Any]:
-        """The pruned sizes (``llmexp.planning.planner.pruned_numbers``); an unknown method changes nothing (it is refused)."""
-        from llmexp.sdk import pruned_numbers
-
+        """The pruned sizes (``sizes.pruned_numbers``); an unknown method changes nothing (it is refused)."""
         return pruned_numbers(numbers, node) if node.method in METHODS else numbers
+
+    @classmethod
+    def plan_problems(cls, config, key: str, node, plan) -> List[str]:
+        """The stage against the architecture it receives (an earlier prune stage's output included)."""
+        return architecture_problems(config) + stage_problems(config, node, node_path(key), plan.architectures[key][0])
 
 
 @hookimpl
 def llmexp_techniques():
     return [Prune]
-
-
-@hookimpl
-def llmexp_plan_problems(config, plan):
-    """Checks every prune stage against the architecture it receives (an earlier prune stage's output included)."""
-    from llmexp.sdk import node_path, stage_nodes
-    from llmexp.sdk import stage_architectures
-
-    stages = [(key, node) for key, node in stage_nodes(config, strict=False) if node.get("name") == Prune.name]
-    if not stages:
-        return []
-    shapes = stage_architectures(config)
-    problems = architecture_problems(config)
-    for key, node in stages:
-        problems += stage_problems(config, node, node_path(key), shapes[key][0])
-    return problems
 
 
 def stage_problems(config, node, key: str, numbers: Dict[str, Any]) -> List[str]:
@@ -154,8 +141,6 @@ def depth_problems(node, key: str, layers: int) -> List[str]:
 
 
 def width_problems(node, key: str, numbers: Dict[str, Any]) -> List[str]:
-    from llmexp.sdk import count_parameters, pruned_numbers
-
     target = node.target_parameters
     sizes = {name: node[name] for name in WIDTH_FIELDS if node[name] is not None}
     if target is not None and sizes:
@@ -205,8 +190,6 @@ def width_problems(node, key: str, numbers: Dict[str, Any]) -> List[str]:
 
 def data_problems(config, key: str) -> List[str]:
     """Calibration runs the model on raw text; ``data=text`` files are read now, so a bad one stops the plan."""
-    from llmexp.data.text import raw_text_problems
-
     return raw_text_problems(config.data, (
         f"{key}: pruning calibrates on raw text, data=embedded or data=text (data.paths=[...]), and data="
         f"{config.data.name} holds records of another kind; choose one of those, or name the layers to drop "
@@ -216,9 +199,6 @@ def data_problems(config, key: str) -> List[str]:
 
 def architecture_problems(config) -> List[str]:
     """The model must have the modules surgery.py cuts (Llama-style decoder layers)."""
-    from llmexp.sdk import read_hf_config
-    from llmexp.sdk import UserError
-
     if config.model.path:
         try:
             model_type = read_hf_config(config.model.path)["model_type"]

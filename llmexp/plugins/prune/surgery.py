@@ -19,8 +19,9 @@ from llmexp.data.blocks import calibration_blocks
 from llmexp.sdk import base_model, model_stats, trained_model_result
 from llmexp.sdk import stage_node_path
 from llmexp.sdk import write_json_atomic
-from llmexp.sdk import architecture, pruned_numbers
+from llmexp.sdk import architecture
 from llmexp.plugins.prune import calibrates
+from llmexp.plugins.prune.sizes import pruned_numbers
 from llmexp.plugins.prune.importance import (
     LAYER_IMPORTANCE,
     WidthImportance,

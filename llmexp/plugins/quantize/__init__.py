@@ -13,12 +13,16 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
+from importlib.resources import files
 from typing import Any, Dict, List, Optional
 
-from llmexp.sdk import hookimpl
+import yaml
+
+from llmexp.data.text import raw_text_problems, read_text_documents
 from llmexp.plugins.quantize.formats import FORMATS, Format
-from llmexp.sdk import has_weights, local_directory
-from llmexp.sdk import Technique, TechniqueConfig
+from llmexp.sdk import (
+    PRECISION_NEEDS, Technique, TechniqueConfig, has_weights, hookimpl, local_directory, model_sources, node_path,
+)
 
 
 NO_MODEL = (
@@ -44,11 +48,16 @@ class QuantizeConfig(TechniqueConfig):
 class Quantize(Technique):
     name = "quantize"
     schema = QuantizeConfig
-    memory = "inference"  # the weights, a calibration forward pass, and a copy of them while exporting
-    produces_model = True
+    produces_model = True  # planned as inference: the weights, a calibration forward pass, a copy while exporting
     requires = ("torch", "transformers", "modelopt")
 
     entry = "llmexp.plugins.quantize.ptq:quantize"
+
+    @classmethod
+    def plan_problems(cls, config, key: str, node, plan) -> List[str]:
+        """Format, hardware, group size against the model the stage receives (pruned or not), calibration data."""
+        first = model_sources(config).get(key) is None
+        return stage_problems(config, node, node_path(key), plan.architectures[key][0], first=first)
 
 
 def block_size(node, preset: Format) -> Optional[int]:
@@ -70,22 +79,6 @@ def runs_natively(preset: Format, hardware) -> bool:
 @hookimpl
 def llmexp_techniques():
     return [Quantize]
-
-
-@hookimpl
-def llmexp_plan_problems(config, plan):
-    """Checks every quantize stage: format, hardware, group size against the model it receives, calibration data."""
-    from llmexp.sdk import model_sources, node_path, stage_nodes
-    from llmexp.sdk import stage_architectures
-
-    stages = [(key, node) for key, node in stage_nodes(config, strict=False) if node.get("name") == Quantize.name]
-    if not stages:
-        return []
-    shapes, sources = stage_architectures(config), model_sources(config)  # each stage's input model, pruned or not
-    problems: List[str] = []
-    for key, node in stages:
-        problems += stage_problems(config, node, node_path(key), shapes[key][0], first=sources[key] is None)
-    return problems
 
 
 def stage_problems(config, node, field: str, numbers: Dict[str, Any], first: bool) -> List[str]:
@@ -130,9 +123,7 @@ def hardware_problems(name: str, preset: Format, hardware, field: str) -> List[s
 
 
 def native_needs(dtype: str) -> str:
-    """Which GPU generation a dtype needs, in the planner's words (``llmexp.planning.planner.PRECISION_NEEDS``)."""
-    from llmexp.sdk import PRECISION_NEEDS
-
+    """Which GPU generation a dtype needs, in the planner's words (``llmexp.planning.hardware.PRECISION_NEEDS``)."""
     if dtype in PRECISION_NEEDS:
         return PRECISION_NEEDS[dtype][0]
     return "MXFP8 needs Blackwell" if dtype == "mxfp8" else "INT8 and INT4 kernels need Turing or newer"
@@ -140,10 +131,6 @@ def native_needs(dtype: str) -> str:
 
 def hardware_with(dtype: str) -> List[str]:
     """The GPU presets of llmexp/conf/hardware whose ``dtypes`` list ``dtype``, by name."""
-    from importlib.resources import files
-
-    import yaml
-
     names = []
     for entry in sorted(files("llmexp.conf").joinpath("hardware").iterdir(), key=lambda e: e.name):
         preset = yaml.safe_load(entry.read_text(encoding="utf-8")) if entry.name.endswith(".yaml") else None
@@ -178,8 +165,6 @@ def group_size_problems(node, preset: Format, numbers: Dict[str, Any], field: st
 
 def data_problems(config, node, field: str) -> List[str]:
     """Calibration runs the model on raw text: embedded, or data=text's files, enough for ``calibration_size``."""
-    from llmexp.data.text import raw_text_problems, read_text_documents
-
     data = config.data
     problems = raw_text_problems(data, (
         f"{field}: quantization calibrates on raw text, data=embedded or data=text (data.paths=[...]), and "
@@ -209,7 +194,7 @@ def text_blocks_available(config, documents: List[str]) -> Optional[int]:
     tokenizer_file = directory / "tokenizer.json" if directory is not None else None
     if tokenizer_file is None or not tokenizer_file.is_file():
         return None
-    from tokenizers import Tokenizer
+    from tokenizers import Tokenizer  # only where a plan counts a user's text: its native library loads slowly
 
     encodings = Tokenizer.from_file(str(tokenizer_file)).encode_batch(documents)
     return sum(len(encoding.ids) + 1 for encoding in encodings) // config.data.seq_len

@@ -37,6 +37,7 @@ from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import torch
 
+from llmexp.architecture import architecture
 from llmexp.errors import UserError
 
 LAYER_SPECS = ("local", "transformer_engine")
@@ -102,8 +103,6 @@ class _Layout:
 
 
 def _layout(arch: Any, spec: str, tp: int, pp: int, vp: Optional[int], padded_vocab_size: Optional[int]) -> _Layout:
-    from llmexp.planning.planner import architecture
-
     if spec not in LAYER_SPECS:
         raise UserError(f"Megatron layer spec {spec!r} is not one of {', '.join(LAYER_SPECS)}; pick one of those.")
     numbers = architecture(arch)
