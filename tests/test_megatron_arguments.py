@@ -170,12 +170,12 @@ def test_the_arguments_build_real_megatron_core_configs():
     from megatron.core.distributed import DistributedDataParallelConfig
     from megatron.core.optimizer import OptimizerConfig
 
-    from llmexp.training.megatron.train import _transformer_config
+    from llmexp.training.megatron.model_chunks import transformer_config
 
     cfg = compose_config([*GPU, "model=llama3_1_8b", "parallelism=tp8_pp2", "backend.sequence_parallel=true",
                           "backend.virtual_pipeline_stages=2"])
     args = translate(cfg, cfg.technique)
-    config = _transformer_config(args)
+    config = transformer_config(args)
     assert (config.num_query_groups, config.kv_channels, config.sequence_parallel) == (8, 128, True)
     assert config.virtual_pipeline_model_parallel_size == 2
     assert DistributedDataParallelConfig(**args.ddp).use_distributed_optimizer

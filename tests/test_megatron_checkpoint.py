@@ -21,9 +21,8 @@ from omegaconf import OmegaConf
 from llmexp.errors import UserError
 from llmexp.training.megatron.bridge import bridge_available, load_hf_weights
 from llmexp.training.megatron.arguments import padded_vocab
-from llmexp.training.megatron.checkpoint_mapping import (
-    LAYER_SPECS, check_against_model, hf_to_megatron, iter_chunk_ids, layer_numbers, megatron_to_hf,
-)
+from llmexp.training.megatron.checkpoint_mapping import check_against_model, hf_to_megatron, megatron_to_hf
+from llmexp.training.megatron.shard_layout import LAYER_SPECS, iter_chunk_ids, layer_numbers
 from llmexp.architecture import architecture
 
 from .conftest import REPO

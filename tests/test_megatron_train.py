@@ -12,7 +12,8 @@ import torch.nn.functional as F
 from transformers import LlamaConfig, LlamaForCausalLM, Qwen2Config, Qwen2ForCausalLM
 
 from llmexp.data.instructions import pad_batch
-from llmexp.training.megatron.train import masked_loss, model_numbers, next_token_batch
+from llmexp.training.megatron.model_chunks import model_numbers
+from llmexp.training.megatron.train import masked_loss, next_token_batch
 
 
 def tiny_model():
