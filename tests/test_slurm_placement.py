@@ -6,7 +6,7 @@ import pytest
 from submitit.slurm.slurm import _make_sbatch_string
 
 from llmexp.configuration.compose import compose_config
-from llmexp.running.failure import MAX_REASON, last_error_line, reason_of
+from llmexp.failure import MAX_REASON, last_error_line, reason_of
 from llmexp.launchers.placement import SlurmResources, slurm_resources
 from llmexp.launchers.slurm_queue import SlurmJobState, _expand
 from llmexp.launchers.sweep_jobs import SweepJob, exit_code

@@ -49,7 +49,7 @@ from llmexp.launchers.sweep_jobs import JOBS_FILE, UNFINISHED, SweepJob, finish,
 from llmexp.display import console
 from llmexp.training import preemption
 from llmexp.errors import EXIT_USER_ERROR
-from llmexp.running.failure import reason_of
+from llmexp.failure import reason_of
 from llmexp.planning.planner import make_plan
 from llmexp.results.record import RunRecord, read_results
 

@@ -30,7 +30,7 @@ from rich.table import Table
 from rich.text import Text
 
 from llmexp.display import console
-from llmexp.running.failure import last_error_line, one_line
+from llmexp.failure import last_error_line, one_line
 from llmexp.launchers.placement import SLURM_LAUNCHER
 from llmexp.launchers.slurm_queue import SlurmJobState
 from llmexp.results.record import RESULTS_FILE, RunRecord, read_results, write_json_atomic

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from llmexp.errors import UserError
-from llmexp.running.failure import reason_of
+from llmexp.failure import reason_of
 
 # What ``llmexp.models.loading.load_model`` reads; nothing else of a repository is fetched.
 FILES = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
