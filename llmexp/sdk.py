@@ -43,9 +43,10 @@ from llmexp.models.checkpoint import (
     FIELD, context_length, is_modelopt_export, model_numbers_from_hf_config, read_hf_config, validate_checkpoint_dir,
 )
 from llmexp.models.loading import (
-    MODELOPT_STATE, base_model, enable_modelopt_checkpointing, evaluating, input_model, load_model, model_stats,
-    new_embedded_model, run_device, save_model, starting_model, trained_model_result,
+    MODELOPT_STATE, enable_modelopt_checkpointing, evaluating, input_model, load_model, model_stats,
+    new_embedded_model, run_device, save_model, starting_model,
 )
+from llmexp.running.base_model import base_model
 from llmexp.models.unified_checkpoint import export_unified_checkpoint
 from llmexp.models.starting_weights import has_weights, local_directory, tokenizer_directory, weights_directory
 
@@ -55,11 +56,12 @@ from llmexp.machine.cpu_threads import FreeCores
 from llmexp.training.contract import LossOutput, TrainingConfig, TrainingTechnique, training_problems, validation_problem
 from llmexp.training.loop import train
 from llmexp.machine.peak_memory import PeakMemory
+from llmexp.training.trained_model import trained_model_result
 
 # -- serving: what one `llmexp serve` serves (the engine itself is imported on first use: it imports torch)
 from llmexp.serving.served_models import ServedModels
 
-_IMPORTED_ON_FIRST_USE = {"Engine": "llmexp.serving.engine", "GenerationRequest": "llmexp.serving.engine"}
+_IMPORTED_ON_FIRST_USE = {"Engine": "llmexp.serving.engine", "GenerationRequest": "llmexp.serving.generation"}
 
 
 def __getattr__(name: str):

@@ -39,7 +39,7 @@ from llmexp.models import starting_weights
 from llmexp.machine.backends import gpu_driver_present
 from llmexp.models.checkpoint import validate_checkpoint_dir
 from llmexp.errors import UserError
-from llmexp.running.failure import reason_of
+from llmexp.failure import reason_of
 from llmexp.display.library_noise import quiet_libraries
 from llmexp.models.loading import load_model
 from llmexp.configuration.pipeline import TOP_LEVEL_NODES, input_stage, node_path, stage_nodes
