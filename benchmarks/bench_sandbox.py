@@ -43,7 +43,8 @@ from typing import Callable, Dict, List
 
 from machine_load import OtherLoad, describe
 
-SANDBOX = Path(__file__).resolve().parents[1] / "llmexp" / "plugins" / "evaluate" / "sandbox.py"  # standard library only
+# standard library only: loaded by path
+SANDBOX = Path(__file__).resolve().parents[1] / "llmexp" / "plugins" / "evaluate" / "sandbox" / "runner.py"
 
 PROMPT = 'def add_one(x: int) -> int:\n    """Return x plus one."""\n'
 COMPLETION = "    return x + 1\n"

@@ -13,7 +13,8 @@ from __future__ import annotations
 # -- the contract: hooks, the technique class, what a stage gets and returns ------------------------
 from llmexp.techniques.contract import ModelArtifact, StageContext, StageResult, Technique, TechniqueConfig
 from llmexp.techniques.hookspecs import hookimpl
-from llmexp.techniques.plugin_manager import technique, techniques
+from llmexp.techniques.plugin_manager import plugin_manager, technique, techniques
+from llmexp.techniques.evaluation_tasks import TaskInputs, TaskResult, TaskType, declared
 
 # -- the pipeline: its stages, where their nodes sit, which model each starts from ------------------
 from llmexp.configuration.pipeline import TOP_LEVEL_NODES, input_stage, model_sources, node_path, stage_node_path, stage_nodes
@@ -30,6 +31,9 @@ from llmexp.display.console import warn
 from llmexp.display.progress import Progress
 from llmexp.atomic import replace_atomically
 from llmexp.results.record import write_json_atomic
+
+# -- statistics of results: means, standard errors, best scores, pass@k -------------------------------
+from llmexp.results import statistics
 
 # -- planning: architecture numbers, precision needs, memory per device's building blocks, this machine --
 from llmexp.architecture import LINEAR_SHAPES, architecture, count_parameters

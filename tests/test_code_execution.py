@@ -21,8 +21,9 @@ from pathlib import Path
 import pytest
 
 from llmexp.errors import UserError
-from llmexp.plugins.evaluate.code_execution import TASK_TYPES, load_problems, machine_problems, pass_at_k, program
-from llmexp.plugins.evaluate.sandbox import Limits, Program, isolation_problem, run_program, run_programs
+from llmexp.results.statistics import pass_at_k
+from llmexp.plugins.evaluate.tasks.code import CODE, load_problems, machine_problems, program
+from llmexp.plugins.evaluate.sandbox.runner import Limits, Program, isolation_problem, run_program, run_programs
 
 from .conftest import REPO, read_results, run_llmexp
 
@@ -164,7 +165,7 @@ def test_the_program_runs_unprivileged_in_a_view_of_its_own():
     """User namespace and uid (nobody when the caller is root), no capabilities, no_new_privs, seccomp (mode 2),
     only descriptors 0-4, its own PID namespace (pid 2 under the reaper), a read-only view without the
     repository's data, a writable /tmp and nothing else (but the folders an interpreter under /tmp is bound into)."""
-    from llmexp.plugins.evaluate.isolation import readable_paths
+    from llmexp.plugins.evaluate.sandbox.isolation import readable_paths
 
     listed = sorted({"program.py"} | {Path(path).parts[2] for path in readable_paths() if path.startswith("/tmp/")})
     probe = f"""
@@ -205,7 +206,7 @@ def test_an_interpreter_under_tmp_is_in_the_view_and_tmp_stays_writable(tmp_path
                    check=True)  # fmt: skip
     script = f"""
 import importlib.util, sys
-spec = importlib.util.spec_from_file_location("sandbox", {str(REPO / "llmexp" / "plugins" / "evaluate" / "sandbox.py")!r})
+spec = importlib.util.spec_from_file_location("sandbox", {str(REPO / "llmexp" / "plugins" / "evaluate" / "sandbox" / "runner.py")!r})
 sandbox = importlib.util.module_from_spec(spec)
 sys.modules["sandbox"] = sandbox
 spec.loader.exec_module(sandbox)
@@ -408,7 +409,7 @@ else:
 
 SECCOMP_LIKE_DOCKER = """
 import sys
-from llmexp.plugins.evaluate.isolation import restrict_syscalls
+from llmexp.plugins.evaluate.sandbox.kernel import restrict_syscalls
 restrict_syscalls(("unshare",))  # as Docker's default seccomp profile: no unshare, no namespace-making clone
 """
 
@@ -420,9 +421,9 @@ def test_without_namespaces_the_sandbox_refuses_unless_the_user_opts_in(tmp_path
     script = SECCOMP_LIKE_DOCKER + f"""
 import json
 from llmexp.errors import UserError
-from llmexp.plugins.evaluate import code_execution
-from llmexp.plugins.evaluate.sandbox import isolation_problem, run_program
-from llmexp.plugins.evaluate.tasks import TaskInputs
+from llmexp.plugins.evaluate.tasks import code as code_execution
+from llmexp.plugins.evaluate.sandbox.runner import isolation_problem, run_program
+from llmexp.sdk import TaskInputs
 spec = {{"type": "code", "path": {str(FIXTURE)!r}}}
 refusals = code_execution.machine_problems([spec], "technique.tasks")
 waived = code_execution.machine_problems([dict(spec, unsafe_allow_unisolated=True)], "technique.tasks")
@@ -496,7 +497,7 @@ def test_an_unprivileged_caller_isolates_through_its_own_user_namespace():
     sandbox modules by path under the system interpreter, which uid 65534 can read (root's venv it may not)."""
     interpreter = shutil.which("python3", path="/usr/bin:/bin")
     setpriv = shutil.which("setpriv")
-    sandbox_file = REPO / "llmexp" / "plugins" / "evaluate" / "sandbox.py"
+    sandbox_file = REPO / "llmexp" / "plugins" / "evaluate" / "sandbox" / "runner.py"
     readable = subprocess.run(["setpriv", "--reuid=65534", "--regid=65534", "--clear-groups", "test", "-r",
                                str(sandbox_file)]).returncode == 0 if setpriv else False  # fmt: skip
     if not (interpreter and setpriv and readable):
@@ -519,7 +520,7 @@ def test_an_unprivileged_caller_isolates_through_its_own_user_namespace():
 
 
 def test_problems_name_the_file_line_and_bad_settings(tmp_path):
-    check = TASK_TYPES["code"].problems
+    check = CODE.problems
     assert check({"type": "code", "path": str(FIXTURE), "n_samples": 10, "k": [1, 10]}, "technique.tasks[0]") == []
     found = check({"type": "code", "path": str(FIXTURE), "n_samples": 2, "k": [1, 5], "top_p": 0}, "technique.tasks[0]")
     assert len(found) == 2
@@ -568,7 +569,7 @@ def problems_the_words_cannot_change(tmp_path: Path) -> str:
 @pytest.fixture(scope="module")
 def tiny_scorer(tiny_checkpoint):
     from llmexp.models.loading import load_model
-    from llmexp.plugins.evaluate.scoring import Scorer
+    from llmexp.plugins.evaluate.harness.scoring import Scorer
 
     model, tokenizer = load_model(tiny_checkpoint)[:2]
     return Scorer(model, tokenizer, max_new_tokens=40)
@@ -576,8 +577,8 @@ def tiny_scorer(tiny_checkpoint):
 
 def test_the_code_task_runs_the_models_completions_through_the_registry(tiny_scorer, tmp_path):
     from llmexp.data.embedded import build_world
-    from llmexp.plugins.evaluate.registry import resolve_tasks, run_task
-    from llmexp.plugins.evaluate.tasks import TaskInputs
+    from llmexp.plugins.evaluate.harness.registry import resolve_tasks, run_task
+    from llmexp.sdk import TaskInputs
 
     path = problems_the_words_cannot_change(tmp_path)
     entry = {"type": "code", "name": "mini_code", "path": path, "max_new_tokens": 8}
@@ -595,17 +596,17 @@ def test_the_code_task_runs_the_models_completions_through_the_registry(tiny_sco
 
 def test_sampled_completions_are_seeded_and_scored_per_problem(tiny_scorer, tmp_path):
     from llmexp.data.embedded import build_world
-    from llmexp.plugins.evaluate.tasks import TaskInputs
+    from llmexp.sdk import TaskInputs
 
     spec = {"type": "code", "path": problems_the_words_cannot_change(tmp_path), "n_samples": 4, "k": [1, 2, 4],
             "temperature": 1.0, "seed": 3, "max_new_tokens": 8}
-    assert TASK_TYPES["code"].problems(spec, "t") == []
+    assert CODE.problems(spec, "t") == []
     inputs = TaskInputs(world=build_world(0))
-    result = TASK_TYPES["code"].run(spec, inputs, tiny_scorer)
+    result = CODE.run(spec, inputs, tiny_scorer)
     assert result.metrics == {"pass_at_1": 0.5, "pass_at_2": 0.5, "pass_at_4": 0.5, "samples_timed_out": 0.0}
     assert [row["passed"] for row in result.rows] == [4, 0]
     assert [row["pass_at_2"] for row in result.rows] == [1.0, 0.0]
     samples = result.rows[0]["completions"]
     assert len(samples) == 4 and len(set(samples)) > 1  # sampled, not four greedy copies
-    again = TASK_TYPES["code"].run(spec, inputs, tiny_scorer)
+    again = CODE.run(spec, inputs, tiny_scorer)
     assert [row["completions"] for row in again.rows] == [row["completions"] for row in result.rows]

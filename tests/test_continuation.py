@@ -10,7 +10,7 @@ import pytest
 
 from llmexp.data.embedded import build_world
 from llmexp.errors import UserError
-from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.sdk import TaskInputs
 from llmexp.plugins.evaluate.tasks.continuation import CONTINUATION, Item, prompt, read_items
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lm_eval"

@@ -8,7 +8,7 @@ from omegaconf import OmegaConf
 from llmexp.data.embedded import build_world
 from llmexp.plugins.evaluate.harness import registry
 from llmexp.plugins.evaluate.harness.registry import Task, resolve_tasks, run_task, task_types
-from llmexp.plugins.evaluate.harness.task import TaskInputs, TaskResult, TaskType
+from llmexp.sdk import TaskInputs, TaskResult, TaskType
 
 
 def test_every_built_in_task_type_is_registered():

@@ -11,16 +11,19 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from llmexp.techniques import hookspecs
+from llmexp.techniques import hookspecs, plugin_manager
+from llmexp.techniques.hookspecs import hookimpl
 from llmexp.data.embedded import LETTERS, build_world
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
 from llmexp.models.loading import build_model
-from llmexp.plugins.evaluate import EvaluateConfig, Evaluate, llmexp_plan_problems
+from llmexp.configuration.pipeline import stage_nodes
+from llmexp.plugins.evaluate import EvaluateConfig, Evaluate
 from llmexp.plugins.evaluate.harness import scoring
+from llmexp.plugins.evaluate.harness import registry
 from llmexp.plugins.evaluate.harness.decoding import cut_at_stop
 from llmexp.plugins.evaluate.harness.scoring import LogLikelihood, Scorer, encode_pair
-from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.sdk import TaskInputs, TaskResult, TaskType
 from llmexp.plugins.evaluate.tasks.embedded import EMBEDDED_TASKS, TASKS, free_answer, multiple_choice, word_problems
 from llmexp.techniques.contract import ModelArtifact, StageContext
 
@@ -314,27 +317,33 @@ def run_config(stages=("technique", "evaluation"), technique=None, model_path=No
     )
 
 
+def evaluate_problems(config):
+    """What the planner's walk over the pipeline's stages finds in its evaluate stages."""
+    return [problem for key, node in stage_nodes(config, strict=False) if node.get("name") == "evaluate"
+            for problem in Evaluate.plan_problems(config, key, node, None)]
+
+
 def test_plan_reports_a_missing_gsm8k_file(tmp_path):
     missing = tmp_path / "gsm8k" / "test.jsonl"
-    (problem,) = llmexp_plan_problems(config=run_config(gsm8k_path=str(missing)), plan=None)
+    (problem,) = evaluate_problems(run_config(gsm8k_path=str(missing)))
     assert problem.startswith(f"evaluation.gsm8k_path={missing}:") and "does not exist" in problem
 
 
 def test_plan_reports_a_malformed_gsm8k_line_with_file_and_line(tmp_path):
     path = write_gsm8k(tmp_path / "test.jsonl", GSM8K_LINES[:2] + [{"question": "q", "answer": "no number"}])
-    (problem,) = llmexp_plan_problems(config=run_config(gsm8k_path=str(path)), plan=None)
+    (problem,) = evaluate_problems(run_config(gsm8k_path=str(path)))
     assert f"{path}:3:" in problem
 
 
 def test_plan_accepts_a_good_config_and_checks_only_evaluate_stages(tmp_path):
     good = write_gsm8k(tmp_path / "test.jsonl")
-    assert llmexp_plan_problems(config=run_config(gsm8k_path=str(good)), plan=None) == []
+    assert evaluate_problems(run_config(gsm8k_path=str(good))) == []
     no_evaluation = run_config(stages=["technique"], gsm8k_path=str(tmp_path / "absent.jsonl"), tasks=["nope"])
-    assert llmexp_plan_problems(config=no_evaluation, plan=None) == []
+    assert evaluate_problems(no_evaluation) == []
 
 
 def test_plan_checks_task_names_and_numbers():
-    problems = llmexp_plan_problems(config=run_config(tasks=["multiple_choice", "nope", "gsm8k"], limit=0), plan=None)
+    problems = evaluate_problems(run_config(tasks=["multiple_choice", "nope", "gsm8k"], limit=0))
     unknown = [p for p in problems if "evaluation.tasks[1]='nope' is not a task" in p]
     assert len(unknown) == 1 and "Give an embedded task (multiple_choice, free_answer" in unknown[0]
     assert any("evaluation.gsm8k_path is unset" in p for p in problems)
@@ -343,11 +352,11 @@ def test_plan_checks_task_names_and_numbers():
 
 def test_plan_for_technique_evaluate_needs_a_model(tmp_path):
     technique = OmegaConf.structured(EvaluateConfig(gsm8k_path=str(tmp_path / "absent.jsonl")))
-    problems = llmexp_plan_problems(config=run_config(stages=["technique"], technique=technique), plan=None)
+    problems = evaluate_problems(run_config(stages=["technique"], technique=technique))
     assert any(p.startswith("technique: nothing to evaluate") and "model.path=" in p for p in problems)
     assert any(p.startswith("technique.gsm8k_path=") for p in problems)
     with_model = run_config(stages=["technique"], technique=OmegaConf.structured(EvaluateConfig), model_path="/ckpt")
-    assert llmexp_plan_problems(config=with_model, plan=None) == []
+    assert evaluate_problems(with_model) == []
 
 
 # -- a whole run -----------------------------------------------------------------------------
@@ -406,6 +415,77 @@ def test_composed_config_selects_evaluate(tmp_path):
     cfg = compose_config(["technique=evaluate", "technique.limit=5", f"evaluation.gsm8k_path={tmp_path / 'absent'}"])
     assert cfg.technique.name == "evaluate" and cfg.technique.limit == 5 and list(cfg.technique.tasks) == EMBEDDED_TASKS
     assert cfg.evaluation.gsm8k_path == str(tmp_path / "absent")
-    problems = llmexp_plan_problems(config=cfg, plan=None)
+    problems = evaluate_problems(cfg)
     assert any(p.startswith("technique: nothing to evaluate") for p in problems)
     assert any(p.startswith(f"evaluation.gsm8k_path={tmp_path / 'absent'}:") for p in problems)
+
+
+# -- a task type from another package ---------------------------------------------------------
+
+
+def _answer_likelihood(spec, inputs, scorer):
+    """Log-likelihood of one fixed answer after each free-answer question: a third party's own measure."""
+    prompts = [item.prompt for item in inputs.first(inputs.world.free_answer_test())]
+    scores = scorer.loglikelihood([(prompt, f" {spec['answer']}") for prompt in prompts])
+    rows = [{"prompt": prompt, "logprob": score.logprob} for prompt, score in zip(prompts, scores)]
+    return TaskResult({"mean_logprob": sum(row["logprob"] for row in rows) / len(rows)}, rows)
+
+
+def _answer_problems(spec, field):
+    answer = spec.get("answer")
+    return [] if isinstance(answer, str) and answer else [f"{field}.answer={answer!r}: give the answer to score."]
+
+
+class AnswerLikelihoodPlugin:
+    """Registered through the real hook, as a third-party package's entry point would be."""
+
+    @hookimpl
+    def llmexp_evaluation_tasks(self):
+        return [TaskType("answer_likelihood", _answer_likelihood, _answer_problems, keys=("answer",))]
+
+
+@pytest.fixture
+def answer_likelihood_plugin():
+    plugin = AnswerLikelihoodPlugin()
+    plugin_manager.plugin_manager().register(plugin)
+    registry.task_types.cache_clear()
+    yield plugin
+    plugin_manager.plugin_manager().unregister(plugin)
+    registry.task_types.cache_clear()
+
+
+def test_a_task_type_from_a_plugin_is_checked_and_scored_by_an_evaluate_stage(
+    answer_likelihood_plugin, tmp_path, model, tokenizer, world
+):
+    spec = {"type": "answer_likelihood", "name": "says_red", "answer": "red"}
+    problems = evaluate_problems(run_config(tasks=["perplexity", {**spec, "answer": ""}]))
+    assert problems == ["evaluation.tasks[1].answer='': give the answer to score."]
+
+    result = Evaluate().run(stage_context(tmp_path, "a", model, tokenizer, limit=3, tasks=["perplexity", spec]))
+    prompts = [item.prompt for item in world.free_answer_test()[:3]]
+    expected = [score.logprob for score in Scorer(model, tokenizer).loglikelihood([(p, " red") for p in prompts])]
+    assert result.metrics["says_red_n"] == 3 and result.metrics["perplexity_n"] == 3
+    assert result.metrics["says_red_mean_logprob"] == pytest.approx(sum(expected) / 3, abs=1e-5)
+    rows = [json.loads(line) for line in (tmp_path / "a" / "says_red.jsonl").read_text().splitlines()]
+    assert [row["logprob"] for row in rows] == pytest.approx(expected, abs=1e-5)
+
+
+def test_a_task_type_is_known_only_while_its_plugin_is_registered():
+    (problem,) = evaluate_problems(run_config(tasks=[{"type": "answer_likelihood", "answer": "red"}]))
+    assert problem.startswith("evaluation.tasks[0].type='answer_likelihood' is not a task type. Known types: mmlu")
+
+
+def test_two_plugins_registering_one_task_type_name_are_refused_naming_both(answer_likelihood_plugin):
+    class Again:
+        @hookimpl
+        def llmexp_evaluation_tasks(self):
+            return [TaskType("answer_likelihood", _answer_likelihood)]
+
+    plugin_manager.plugin_manager().register(Again(), name="second_answer_likelihood")
+    registry.task_types.cache_clear()
+    try:
+        with pytest.raises(UserError, match="Two plugins register the evaluation task type 'answer_likelihood': .* and "
+                                            "second_answer_likelihood. Uninstall one of them"):
+            registry.task_types()
+    finally:
+        plugin_manager.plugin_manager().unregister(name="second_answer_likelihood")

@@ -10,7 +10,7 @@ from llmexp.data.gsm8k import AnswerFilter
 from llmexp.plugins.evaluate.harness import scoring
 from llmexp.plugins.evaluate.harness.registry import Task, resolve_tasks, run_task
 from llmexp.plugins.evaluate.harness.scoring import Sampling, Scorer
-from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.sdk import TaskInputs
 from llmexp.plugins.evaluate.tasks.generation import GENERATION
 from llmexp.plugins.evaluate.tasks.generation_spec import DEFAULT_FILTERS, DEFAULTS
 

@@ -20,7 +20,7 @@ import pytest
 from llmexp.data.embedded import build_world
 from llmexp.data.jsonl import write_jsonl
 from llmexp.errors import UserError
-from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.sdk import TaskInputs
 from llmexp.plugins.evaluate.judge.task import JUDGE, load_items
 from llmexp.plugins.evaluate.judge.template import load_template
 

@@ -9,7 +9,7 @@ import pytest
 
 from llmexp.data.embedded import build_world
 from llmexp.errors import UserError
-from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.sdk import TaskInputs
 from llmexp.plugins.evaluate.tasks.lm_eval import LM_EVAL, flatten_metrics, task_names_in
 
 FIXTURE = Path(__file__).parent / "fixtures" / "lm_eval"

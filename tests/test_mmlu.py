@@ -9,7 +9,7 @@ import pytest
 
 from llmexp.data.embedded import build_world
 from llmexp.errors import UserError
-from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.sdk import TaskInputs
 from llmexp.plugins.evaluate.tasks.mmlu import MMLU, Question, prompt, read_questions
 
 FIXTURE = Path(__file__).parent / "fixtures" / "mmlu"

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from llmexp.errors import UserError
-from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.sdk import TaskInputs
 from llmexp.plugins.evaluate.tasks.similarity import (
     SIMILARITY,
     exact_match,

@@ -9,7 +9,7 @@ import torch
 from llmexp.errors import UserError
 from llmexp.plugins.evaluate.harness import scoring
 from llmexp.plugins.evaluate.harness.scoring import Scorer, sliding_windows
-from llmexp.plugins.evaluate.harness.task import TaskInputs
+from llmexp.sdk import TaskInputs
 from llmexp.plugins.evaluate.tasks.text_perplexity import TEXT_PERPLEXITY
 
 

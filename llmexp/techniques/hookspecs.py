@@ -29,3 +29,16 @@ def llmexp_plan_problems(config, plan):
     non-empty list stops the run before anything is written. Messages name the
     config field and the fix. Must not import torch.
     """
+
+
+@hookspec
+def llmexp_evaluation_tasks():
+    """Return an iterable of evaluation task types, each usable in an evaluation's ``tasks``.
+
+    A task type (``llmexp.techniques.evaluation_tasks.TaskType``) has a ``name``; ``run(spec, inputs,
+    scorer)`` returning metrics and per-item rows; ``problems(spec, field)``, the checks made
+    at plan time, which must not import torch; the ``keys`` its entries take; its
+    ``headline`` metric; ``metrics(spec)``, the ``Metric`` values it reports; and whether it
+    is ``embedded`` (named bare) or described (``{type: <name>, ...}``). Two plugins
+    registering one name is an error.
+    """

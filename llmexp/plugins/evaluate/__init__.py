@@ -2,13 +2,18 @@
 
 ``llmexp technique=evaluate model.path=/ckpt/my-model`` evaluates a checkpoint; in the
 default pipeline the same technique runs as the ``evaluation`` stage after training or
-compression, and scores what that training taught besides its ``tasks`` (``learned_tasks.py``:
-``text2sql`` after ``technique=lora`` on the embedded data). Tasks and their metrics are listed
-in ``tasks.py``; how scores are computed
-(lm-evaluation-harness conventions) in ``scoring.py``. Per-item predictions go to
-``<stage dir>/<task>.jsonl``.
+compression, and scores what that training taught besides its ``tasks``
+(``harness/learned_tasks.py``: ``text2sql`` after ``technique=lora`` on the embedded data).
+Per-item predictions go to ``<stage dir>/<task>.jsonl``.
 
-This module imports without torch: the planner loads every plugin.
+Four parts, a folder each: ``harness/`` runs tasks (the task interface, the registry fed by
+the ``llmexp_evaluation_tasks`` hook, the scorer with lm-evaluation-harness's conventions,
+paired comparison); ``tasks/`` holds the built-in task types, one module per benchmark
+format, registered through that hook as a third party's are; ``judge/`` grades answers with
+an LLM on an OpenAI-compatible endpoint; ``sandbox/`` runs a model's programs isolated.
+
+This module imports without torch: the planner loads every plugin; the scorer, which imports it, is
+imported when a stage runs.
 """
 
 from __future__ import annotations
@@ -19,20 +24,27 @@ from typing import Any, List, Optional
 
 from llmexp.data.embedded import build_world
 from llmexp.data.gsm8k import load_gsm8k
-from llmexp.sdk import UserError
-from llmexp.sdk import hookimpl
-from llmexp.plugins.evaluate.registry import Task, resolve_tasks, run_task
-from llmexp.plugins.evaluate.tasks import EMBEDDED_TASKS, TaskInputs
-from llmexp.sdk import StageContext, StageResult, Technique, TechniqueConfig
+from llmexp.data.jsonl import write_jsonl
+from llmexp.sdk import (
+    TOP_LEVEL_NODES, PeakMemory, Progress, StageContext, StageResult, TaskInputs, Technique,
+    TechniqueConfig, UserError, console, context_length, has_weights, hookimpl, input_model, load_model, model_sources,
+    node_path, run_device, stage_nodes, starting_weights,
+)
+from llmexp.plugins.evaluate.harness.learned_tasks import added_tasks, learned_problems, learned_tasks
+from llmexp.plugins.evaluate.harness.paired import baseline_rows, missing_tasks_problem, paired_measures
+from llmexp.plugins.evaluate.harness.registry import Task, resolve_tasks, run_task
+from llmexp.plugins.evaluate.tasks import BUILT_IN
+from llmexp.plugins.evaluate.tasks.code import machine_problems
+from llmexp.plugins.evaluate.tasks.embedded import EMBEDDED_TASKS
+from llmexp.plugins.evaluate.tasks.text_perplexity import window_problems
 
 
 @dataclass
 class EvaluateConfig(TechniqueConfig):
     """What to evaluate. ``llmexp technique=evaluate technique.limit=50 technique.gsm8k_path=test.jsonl``"""
-
     name: str = "evaluate"
     # embedded task names (multiple_choice, free_answer, word_problems, perplexity, ...) and tasks
-    # over your data described as mappings: {type: mmlu, path: data/mmlu, num_fewshot: 5} (registry.py)
+    # over your data described as mappings: {type: mmlu, path: data/mmlu, num_fewshot: 5} (harness/registry.py)
     tasks: List[Any] = field(default_factory=lambda: list(EMBEDDED_TASKS))
     limit: Optional[int] = None  # at most this many items per task (None: all)
     batch_size: int = 32  # sequences per forward pass / generate call
@@ -40,7 +52,7 @@ class EvaluateConfig(TechniqueConfig):
     gsm8k_path: Optional[str] = None  # a GSM8K-format JSONL test file; adds the gsm8k task
     num_fewshot: int = 0  # solved examples in the prompt (the text2sql task)
     # an earlier evaluate stage of the pipeline (same tasks) to compare with item by item:
-    # deltas, flip rates, paired standard errors and KL(baseline || model) (paired.py)
+    # deltas, flip rates, paired standard errors and KL(baseline || model) (harness/paired.py)
     baseline: Optional[str] = None
     # also score what the model was trained for (its stages' measured_by: text2sql after sft, lora
     # or dpo on data=embedded), and what a comparison naming this one as baseline adds; false: tasks alone
@@ -49,7 +61,6 @@ class EvaluateConfig(TechniqueConfig):
 
 class Evaluate(Technique):
     """Scores the input model; produces metrics and per-item predictions, not a model."""
-
     name = "evaluate"
     schema = EvaluateConfig
     memory = "inference"
@@ -59,8 +70,6 @@ class Evaluate(Technique):
     @classmethod
     def planned_as(cls, config, key: str, node) -> str:
         """``evaluate``, and the tasks it adds to its own for what its model was trained for (``learned_tasks``)."""
-        from llmexp.plugins.evaluate.learned_tasks import added_tasks, learned_tasks
-
         tasks = resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
         added = [task.name for task in added_tasks(tasks, learned_tasks(config).get(key, []))]
         return f"{cls.name} (+{', +'.join(added)}: what its model was trained for)" if added else cls.name
@@ -68,16 +77,32 @@ class Evaluate(Technique):
     @classmethod
     def machine_problems(cls, config, node, field: str) -> List[str]:
         """Code tasks run the model's programs isolated by the kernel of the machine that runs them."""
-        from llmexp.plugins.evaluate.code_execution import machine_problems
-
         return machine_problems(node.tasks, f"{field}.tasks")
 
+    @classmethod
+    def plan_problems(cls, config, key: str, node, plan) -> List[str]:
+        """Its task names, numbers and files, the tasks it adds for what its model learned, a model to score, and,
+        compared with a baseline, that the baseline evaluation scores every task it does, those added included."""
+        learned = learned_tasks(config)
+        problems: List[str] = learned_problems({key: learned[key]})
+        keys = [other for other, _ in stage_nodes(config, strict=False)]
+        # the runner skips a top-level evaluation after a stage that made no model: it has nothing new to score
+        skipped = key in TOP_LEVEL_NODES and keys.index(key) > 0
+        if model_sources(config)[key] is None and not skipped and not has_weights(config):
+            problems.append(_NO_MODEL.format(stage=key))
+        problems += config_problems(node, node_path(key)) or _window_problems(node, context_length(config))
+        baseline = node.get("baseline")
+        nodes = dict(stage_nodes(config, strict=False))
+        earlier = keys[: keys.index(key)]
+        if baseline in earlier and nodes[baseline].get("name") == cls.name:  # else llmexp.planning.data_flow refuses it
+            theirs = _task_names(nodes[baseline], learned[baseline])
+            missing = [name for name in _task_names(node, learned[key]) if name not in theirs]
+            if missing:
+                problems.append(missing_tasks_problem(f"{node_path(key)}.baseline", node_path(baseline), missing))
+        return problems
+
     def run(self, ctx: StageContext) -> StageResult:
-        from llmexp.data.jsonl import write_jsonl
-        from llmexp.sdk import input_model, run_device
-        from llmexp.sdk import PeakMemory
-        from llmexp.plugins.evaluate.scoring import Scorer
-        from llmexp.sdk import Progress
+        from llmexp.plugins.evaluate.harness.scoring import Scorer
 
         cfg = ctx.stage_config
         problems = config_problems(cfg, ctx.stage_name)
@@ -119,10 +144,6 @@ class Evaluate(Technique):
 
 def _stage_tasks(ctx: StageContext) -> List[Task]:
     """The node's tasks, then the learned ones the config adds to this stage (``learned_tasks``), said on the console."""
-    from llmexp.sdk import console
-    from llmexp.sdk import node_path, stage_nodes
-    from llmexp.plugins.evaluate.learned_tasks import added_tasks, learned_tasks
-
     tasks = resolve_tasks(ctx.stage_config.tasks, ctx.stage_config.gsm8k_path, f"{ctx.stage_name}.tasks")[0]
     key = next((key for key, node in stage_nodes(ctx.config, strict=False) if node is ctx.stage_config), None)
     added = added_tasks(tasks, learned_tasks(ctx.config).get(key, []))
@@ -136,10 +157,6 @@ def _stage_tasks(ctx: StageContext) -> List[Task]:
 
 def _compared_with_baseline(ctx: StageContext, scorer, inputs: TaskInputs, tasks, metrics, rows):
     """Paired measures against the evaluation ``baseline`` names, and KL to the model it evaluated."""
-    from llmexp.sdk import starting_weights
-    from llmexp.sdk import load_model
-    from llmexp.plugins.evaluate.paired import baseline_rows, paired_measures
-
     name, field_name = ctx.stage_config.baseline, f"{ctx.stage_name}.baseline"
     entry = ctx.earlier.get(name)
     if entry is None or entry.get("technique") != Evaluate.name:
@@ -198,46 +215,12 @@ def llmexp_techniques():
 
 
 @hookimpl
-def llmexp_plan_problems(config, plan):
-    """Checks the evaluate stages this run includes: task names, numbers, the GSM8K file, the tasks added for what
-    their models learned, and that a comparison's tasks, those added included, are its baseline's."""
-    from llmexp.sdk import context_length
-    from llmexp.sdk import TOP_LEVEL_NODES, model_sources, node_path, stage_nodes
-    from llmexp.plugins.evaluate.learned_tasks import learned_problems, learned_tasks
-    from llmexp.plugins.evaluate.paired import missing_tasks_problem
-    from llmexp.sdk import has_weights
-
-    learned = learned_tasks(config)
-    problems: List[str] = learned_problems(learned)
-    evaluations = {}  # key -> names of the tasks of the evaluate stages so far
-    sources = model_sources(config)
-    for index, (key, node) in enumerate(stage_nodes(config, strict=False)):
-        if node.get("name") != Evaluate.name:
-            continue
-        # the runner skips a top-level evaluation after a stage that made no model: it has nothing new to score
-        skipped = key in TOP_LEVEL_NODES and index > 0
-        if sources[key] is None and not skipped and not has_weights(config):
-            problems.append(_NO_MODEL.format(stage=key))
-        problems += config_problems(node, node_path(key)) or _window_problems(node, context_length(config))
-        names = _task_names(node, learned[key])
-        baseline = node.get("baseline")
-        if baseline and baseline not in evaluations:
-            problems.append(
-                f"{node_path(key)}.baseline={baseline} must name an evaluate stage that runs before {key!r} "
-                f"({', '.join(evaluations) or 'there is none'}): the evaluation of the baseline model, with the same tasks."
-            )
-        elif baseline:
-            missing = [name for name in names if name not in evaluations[baseline]]
-            if missing:
-                problems.append(missing_tasks_problem(f"{node_path(key)}.baseline", node_path(baseline), missing))
-        evaluations[key] = names
-    return problems
+def llmexp_evaluation_tasks():
+    return list(BUILT_IN)
 
 
 def _window_problems(node, context: Optional[int]) -> List[str]:
     """text_perplexity tasks whose windows the run's model cannot read (the stage checks its model's own context)."""
-    from llmexp.plugins.evaluate.text_perplexity import window_problems
-
     tasks = resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
     return [problem for task in tasks if context and task.spec and task.spec.get("type") == "text_perplexity"
             for problem in window_problems(task.spec, context)]
@@ -245,7 +228,5 @@ def _window_problems(node, context: Optional[int]) -> List[str]:
 
 def _task_names(node, learned: List[str]) -> List[str]:
     """Names of the tasks an evaluate node runs (its rows files and metric prefixes), ``learned`` ones included."""
-    from llmexp.plugins.evaluate.learned_tasks import added_tasks
-
     tasks = resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
     return [task.name for task in tasks + added_tasks(tasks, learned)]

@@ -16,11 +16,10 @@ its baseline item by item and by continuous measures that see much smaller chang
 
 from __future__ import annotations
 
-import math
 from typing import Any, Dict, List, Mapping, Sequence
 
 from llmexp.data.jsonl import read_jsonl
-from llmexp.sdk import UserError
+from llmexp.sdk import UserError, statistics
 
 # Counts, not measures: no delta is taken of them.
 _NOT_COMPARED = ("_n", "_tokens")
@@ -67,21 +66,8 @@ def paired_measures(
         theirs = baseline[task]
         if len(own) != len(theirs) or not own or "correct" not in own[0] or task not in headline:
             continue  # a task without graded items (perplexity, throughput), or other items
-        paired[f"flip_rate_{task}"] = _mean(mine.get("predicted") != other.get("predicted") for mine, other in zip(own, theirs))
+        flips = (mine.get("predicted") != other.get("predicted") for mine, other in zip(own, theirs))
+        paired[f"flip_rate_{task}"] = statistics.mean(flips)
         differences = [float(mine["correct"]) - float(other["correct"]) for mine, other in zip(own, theirs)]
-        paired[f"{headline[task]}_delta_se"] = _standard_error(differences)
+        paired[f"{headline[task]}_delta_se"] = statistics.standard_error(differences)
     return paired
-
-
-def _mean(flags) -> float:
-    flags = [float(flag) for flag in flags]
-    return sum(flags) / len(flags)
-
-
-def _standard_error(values: Sequence[float]) -> float:
-    """Standard error of the mean of ``values`` (sample variance); 0 for fewer than two."""
-    n = len(values)
-    if n < 2:
-        return 0.0
-    mean = sum(values) / n
-    return math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n)

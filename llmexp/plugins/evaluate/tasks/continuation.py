@@ -21,11 +21,12 @@ from __future__ import annotations
 import string
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Sequence
+from typing import Any, List, Mapping, Sequence
 
 from llmexp.data.jsonl import read_jsonl_numbered
 from llmexp.sdk import UserError
-from llmexp.plugins.evaluate.tasks import TaskInputs, TaskResult, TaskType
+from llmexp.sdk import Metric, MetricKind, statistics
+from llmexp.sdk import TaskInputs, TaskResult, TaskType, declared
 
 KEYS = ("path", "context_field", "choices_field", "label_field", "num_fewshot", "fewshot_path")
 DEFAULT_FIELDS = {"context_field": "context", "choices_field": "choices", "label_field": "label"}
@@ -72,8 +73,6 @@ def prompt(shots: Sequence[Item], item: Item) -> str:
 
 
 def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
-    import numpy
-
     num_fewshot = int(spec.get("num_fewshot") or 0)
     shots = read_items(spec["fewshot_path"], spec)[:num_fewshot] if num_fewshot else []
     items = inputs.first(read_items(spec["path"], spec))
@@ -81,11 +80,12 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
     scores = iter(scorer.loglikelihood([(text, f" {choice}") for text, item in zip(contexts, items) for choice in item.choices]))
     rows = []
     for text, item in zip(contexts, items):
-        logprobs = numpy.array([next(scores).logprob for _ in item.choices])
-        # numpy's argmax takes the first of equals, as lm-eval's does
-        picked = int(numpy.argmax(logprobs))
-        by_chars = int(numpy.argmax(logprobs / [float(len(choice)) for choice in item.choices]))
-        by_bytes = int(numpy.argmax(logprobs / [float(len(choice.encode("utf-8"))) for choice in item.choices]))
+        logprobs = [next(scores).logprob for _ in item.choices]
+        picked = statistics.argmax(logprobs)  # the first of equals, as lm-eval's
+        chars = [float(len(choice)) for choice in item.choices]
+        utf8 = [float(len(choice.encode("utf-8"))) for choice in item.choices]
+        by_chars = statistics.argmax([lp / length for lp, length in zip(logprobs, chars)])
+        by_bytes = statistics.argmax([lp / length for lp, length in zip(logprobs, utf8)])
         rows.append(
             {
                 "prompt": text,
@@ -93,16 +93,16 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
                 "expected": item.choices[item.answer],
                 "predicted": item.choices[picked],
                 "predicted_norm": item.choices[by_chars],
-                "scores": logprobs.tolist(),
+                "scores": logprobs,
                 "correct": picked == item.answer,
                 "correct_norm": by_chars == item.answer,
                 "correct_bytes": by_bytes == item.answer,
             }
         )
     metrics = {
-        "acc": _mean(row["correct"] for row in rows),
-        "acc_norm": _mean(row["correct_norm"] for row in rows),
-        "acc_bytes": _mean(row["correct_bytes"] for row in rows),
+        "acc": statistics.mean(row["correct"] for row in rows),
+        "acc_norm": statistics.mean(row["correct_norm"] for row in rows),
+        "acc_bytes": statistics.mean(row["correct_bytes"] for row in rows),
     }
     return TaskResult(metrics, rows)
 
@@ -176,11 +176,8 @@ def _answer(label: Any, choices: List[str], labels: List[str]):
     return choices.index(label) if label in choices else None
 
 
-def _mean(flags) -> float:
-    flags = [float(flag) for flag in flags]
-    return sum(flags) / len(flags) if flags else float("nan")
-
-
-TASK_TYPES: Dict[str, TaskType] = {
-    "continuation": TaskType(run=run, problems=problems, keys=KEYS, headline="acc"),
-}
+CONTINUATION = TaskType(
+    "continuation", run, problems, keys=KEYS, headline="acc",
+    metrics=declared(*(Metric(name, True, name, MetricKind.QUALITY if name == "acc" else MetricKind.INFO)
+                       for name in ("acc", "acc_norm", "acc_bytes"))),
+)

@@ -4,7 +4,7 @@
 (0.4.x) reads the task YAMLs under ``include_path`` (its built-in catalogue is not
 indexed), builds the prompts and grades the answers; ``ScorerLM`` answers its requests
 through the framework's ``Scorer``, so a task scores the model as every other task here
-does (``scoring.py``, which follows lm-eval's ``HFLM``). Nothing is downloaded: the
+does (``harness/scoring.py``, which follows lm-eval's ``HFLM``). Nothing is downloaded: the
 Hugging Face Hub is switched to offline mode for the run, and a task whose data is not on
 this machine (``dataset_path: cais/mmlu`` and not in the local cache) stops with a
 ``UserError``; point its ``dataset_path`` at local files (``dataset_path: json`` with
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any, Dict, Iterator, List, Mapping, Tuple
 
 from llmexp.sdk import UserError
-from llmexp.plugins.evaluate.tasks import TaskInputs, TaskResult, TaskType
+from llmexp.sdk import TaskInputs, TaskResult, TaskType
 
 BOOTSTRAP_ITERS = 1000  # lm-eval's CLI uses 100,000: minutes for corpus metrics (BLEU), for the stderr only
 
@@ -88,7 +88,7 @@ def scorer_lm(scorer):
     from lm_eval.api.model import LM
     from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
 
-    from llmexp.plugins.evaluate.scoring import score_token_rows, greedy_generate, max_length
+    from llmexp.plugins.evaluate.harness.scoring import score_token_rows, greedy_generate, max_length
 
     class ScorerLM(LM):
         def loglikelihood(self, requests, disable_tqdm: bool = False) -> List[Tuple[float, bool]]:
@@ -248,6 +248,4 @@ def _key(name: str) -> str:
     return "_".join(str(name).replace(",", " ").split())
 
 
-TASK_TYPES: Dict[str, TaskType] = {
-    "lm_eval": TaskType(run=run, problems=problems, keys=("include_path", "tasks", "num_fewshot")),
-}
+LM_EVAL = TaskType("lm_eval", run, problems, keys=("include_path", "tasks", "num_fewshot"))

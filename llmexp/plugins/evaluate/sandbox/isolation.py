@@ -41,7 +41,6 @@ steps are a dozen kernel calls, made here through ``ctypes`` (Python 3.11 has no
 
 from __future__ import annotations
 
-import ctypes
 import errno
 import os
 import resource
@@ -50,39 +49,14 @@ import signal
 import sys
 import sysconfig
 
-CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS = 0x00020000, 0x02000000, 0x04000000
-CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID, CLONE_NEWNET = 0x08000000, 0x10000000, 0x20000000, 0x40000000
-CLONE_NEWTIME = 0x00000080
-NAMESPACES = CLONE_NEWUSER | CLONE_NEWNS | CLONE_NEWPID | CLONE_NEWNET | CLONE_NEWIPC | CLONE_NEWUTS | CLONE_NEWCGROUP
-MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 0x2, 0x4, 0x8, 0x1000, 0x4000, 0x40000
-MNT_DETACH, AT_FDCWD, AT_RECURSIVE = 2, -100, 0x8000
-MOUNT_ATTR_RDONLY, MOUNT_ATTR_NOSUID = 0x1, 0x2
-PR_SET_PDEATHSIG, PR_SET_DUMPABLE = 1, 4
+if __package__:  # imported as part of llmexp (the code task, the tests)
+    from . import kernel
+else:  # loaded by path in the verdict process, which puts this folder first on sys.path
+    import kernel
 
 UNPRIVILEGED_ID = 65534  # nobody / nogroup: who root's programs run as
 SYSTEM_PATHS = ("/usr", "/bin", "/sbin", "/lib", "/lib32", "/lib64", "/libx32", "/etc")
 DEVICES = ("null", "zero", "full", "random", "urandom")
-DENIED_SYSCALLS = (
-    "socket", "ptrace", "process_vm_readv", "process_vm_writev", "mount", "umount2", "pivot_root", "chroot",
-    "unshare", "setns", "mount_setattr", "move_mount", "open_tree", "fsopen", "fsconfig", "fsmount", "fspick",
-    "keyctl", "add_key", "request_key", "bpf", "perf_event_open", "userfaultfd", "io_uring_setup",
-    "io_uring_enter", "io_uring_register", "kexec_load", "kexec_file_load", "init_module", "finit_module",
-    "delete_module", "reboot", "swapon", "swapoff", "acct", "settimeofday", "clock_settime", "clock_adjtime",
-    "adjtimex", "syslog", "open_by_handle_at", "name_to_handle_at", "quotactl", "iopl", "ioperm",
-    "fanotify_init", "sethostname", "setdomainname", "pidfd_getfd", "kcmp", "lookup_dcookie", "vhangup",
-    "mbind", "migrate_pages", "move_pages",
-)  # fmt: skip
-# clone() flags that make namespaces: refused (clone3 hides its flags in memory, so it answers ENOSYS
-# and the C library falls back to clone); the flags are clone's first argument except on s390
-_NAMESPACE_FLAGS = (CLONE_NEWNS, CLONE_NEWCGROUP, CLONE_NEWUTS, CLONE_NEWIPC, CLONE_NEWUSER, CLONE_NEWPID,
-                    CLONE_NEWNET, CLONE_NEWTIME)  # fmt: skip
-_CLONE_FLAGS_ARG = 1 if os.uname().machine.startswith("s390") else 0
-
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-class IsolationError(OSError):
-    """A confinement step failed: the kernel (or a container around it) does not allow it."""
 
 
 class Confinement:
@@ -126,7 +100,7 @@ def launch(argv: list[str], env: dict[str, str], fds: dict[int, int], limits: Co
     """Start ``argv`` with the descriptors ``fds`` (its number -> ours) and nothing else open.
 
     Isolated, it works in its own ``/tmp`` (``workdir`` is unused); else in ``workdir``.
-    Raises ``IsolationError`` naming the step the kernel refused. The caller must be
+    Raises ``kernel.IsolationError`` naming the step the kernel refused. The caller must be
     single-threaded (it forks).
     """
     setup_r, setup_w = os.pipe()  # errors of the steps before exec; the program's exec closes it
@@ -148,7 +122,7 @@ def launch(argv: list[str], env: dict[str, str], fds: dict[int, int], limits: Co
         os.waitpid(pid, 0)
         for fd in (control_w, status_r):
             os.close(fd)
-        raise IsolationError(errno.EPERM, error)
+        raise kernel.IsolationError(errno.EPERM, error)
     if isolated:
         return Launched(pid, status_r, control_w)
     os.close(control_w)
@@ -174,64 +148,6 @@ def readable_paths() -> list[str]:
         if not any(path == seen or path.startswith(seen.rstrip("/") + "/") for seen in chosen):
             chosen.append(path)
     return chosen
-
-
-def not_dumpable() -> None:
-    """No process of the same uid may ptrace this one or read its memory through /proc."""
-    _check(_libc.prctl(PR_SET_DUMPABLE, 0, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
-
-
-def restrict_syscalls(denied: tuple[str, ...] = DENIED_SYSCALLS) -> None:
-    """Load a seccomp filter: ``denied`` system calls and namespace-making ``clone`` fail with EPERM.
-
-    libseccomp numbers the calls for this architecture and kills a thread that calls
-    through another ABI (``int 0x80`` on x86_64). Sets ``no_new_privs``.
-    """
-    lib = _libseccomp()
-    context = lib.seccomp_init(0x7FFF0000)  # SCMP_ACT_ALLOW
-    if not context:
-        raise IsolationError(errno.ENOMEM, "seccomp_init failed")
-    try:
-        refuse = 0x00050000 | errno.EPERM  # SCMP_ACT_ERRNO(EPERM)
-        for name in denied:
-            number = lib.seccomp_syscall_resolve_name(name.encode())
-            if number >= 0:  # a call this architecture lacks cannot be made
-                _seccomp_check(lib.seccomp_rule_add_array(context, refuse, number, 0, None), f"seccomp rule {name}")
-        clone = lib.seccomp_syscall_resolve_name(b"clone")
-        for flag in _NAMESPACE_FLAGS:
-            compare = _ArgCompare(_CLONE_FLAGS_ARG, 7, flag, flag)  # SCMP_CMP_MASKED_EQ: (arg & flag) == flag
-            _seccomp_check(lib.seccomp_rule_add_array(context, refuse, clone, 1, ctypes.byref(compare)), "seccomp clone")
-        clone3 = lib.seccomp_syscall_resolve_name(b"clone3")
-        if clone3 >= 0:
-            _seccomp_check(lib.seccomp_rule_add_array(context, 0x00050000 | errno.ENOSYS, clone3, 0, None), "clone3")
-        _seccomp_check(lib.seccomp_load(context), "seccomp_load")
-    finally:
-        lib.seccomp_release(context)
-
-
-class _ArgCompare(ctypes.Structure):  # libseccomp's struct scmp_arg_cmp
-    _fields_ = [("arg", ctypes.c_uint), ("op", ctypes.c_int), ("datum_a", ctypes.c_uint64),
-                ("datum_b", ctypes.c_uint64)]  # fmt: skip
-
-
-def _libseccomp():
-    try:
-        lib = ctypes.CDLL("libseccomp.so.2", use_errno=True)
-    except OSError as error:
-        raise IsolationError(errno.ENOENT, f"libseccomp.so.2 not found ({error}); install libseccomp2") from None
-    lib.seccomp_init.restype = ctypes.c_void_p
-    lib.seccomp_init.argtypes = [ctypes.c_uint32]
-    lib.seccomp_syscall_resolve_name.argtypes = [ctypes.c_char_p]
-    lib.seccomp_rule_add_array.argtypes = [ctypes.c_void_p, ctypes.c_uint32, ctypes.c_int, ctypes.c_uint,
-                                           ctypes.POINTER(_ArgCompare)]  # fmt: skip
-    lib.seccomp_load.argtypes = [ctypes.c_void_p]
-    lib.seccomp_release.argtypes = [ctypes.c_void_p]
-    return lib
-
-
-def _seccomp_check(result: int, what: str) -> None:
-    if result < 0:  # libseccomp returns -errno
-        raise IsolationError(-result, f"{what}: {os.strerror(-result)}")
 
 
 # ---------------------------------------------------------------------------------------
@@ -261,10 +177,13 @@ def _hold_namespaces(parent, argv, env, fds, limits, isolated, workdir, setup_w,
         return
     if os.geteuid() == 0:  # root builds the view as itself (it may read what it binds); the program drops later
         os.setgroups([])
-        _check(_libc.unshare(NAMESPACES & ~CLONE_NEWUSER), "unshare(mount, pid, net, ipc, uts, cgroup namespaces)")
+        namespaces = kernel.NAMESPACES & ~kernel.CLONE_NEWUSER
+        kernel.check(kernel.libc.unshare(namespaces), "unshare(mount, pid, net, ipc, uts, cgroup namespaces)")
     else:
-        _check(_libc.unshare(NAMESPACES), "unshare(user, mount, pid, net, ipc, uts, cgroup namespaces)")
-        _check(_libc.prctl(PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")  # else /proc/self is root's
+        namespaces = kernel.NAMESPACES
+        kernel.check(kernel.libc.unshare(namespaces), "unshare(user, mount, pid, net, ipc, uts, cgroup namespaces)")
+        # dumpable again: else /proc/self is root's
+        kernel.check(kernel.libc.prctl(kernel.PR_SET_DUMPABLE, 1, 0, 0, 0), "prctl(PR_SET_DUMPABLE)")
         _map_own_ids()
     lifeline_r, lifeline_w = os.pipe()
     reaper = os.fork()
@@ -306,10 +225,10 @@ def _exec_program(argv, env, fds, limits, isolated, workdir):
             uid, gid = sandbox_ids()
             os.setresgid(gid, gid, gid)
             os.setresuid(uid, uid, uid)
-            _check(_libc.unshare(CLONE_NEWUSER), "unshare(user namespace)")
+            kernel.check(kernel.libc.unshare(kernel.CLONE_NEWUSER), "unshare(user namespace)")
     _set_limits(limits, count_processes=isolated)
     if isolated:
-        restrict_syscalls()
+        kernel.restrict_syscalls()
     os.execve(argv[0], list(argv), env)
 
 
@@ -361,74 +280,50 @@ def _enter_file_view(work_mb: int, uid: int, gid: int) -> None:
     Run by the init of the new PID namespace, whose ``/proc`` it mounts.
     """
     paths = readable_paths()
-    _mount(None, "/", None, MS_REC | MS_PRIVATE)
-    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, "mode=0755")  # the new root, until pivot_root
+    kernel.mount(None, "/", None, kernel.MS_REC | kernel.MS_PRIVATE)
+    no_devices = kernel.MS_NOSUID | kernel.MS_NODEV
+    kernel.mount("tmpfs", "/tmp", "tmpfs", no_devices, "mode=0755")  # the new root, until pivot_root
     os.mkdir("/tmp/oldroot")
-    _syscall("pivot_root", b"/tmp", b"/tmp/oldroot")
+    kernel.syscall("pivot_root", b"/tmp", b"/tmp/oldroot")
     os.chdir("/")
     os.mkdir("/tmp")  # the program's working directory, first: an interpreter under /tmp is bound inside it
-    _mount("tmpfs", "/tmp", "tmpfs", MS_NOSUID | MS_NODEV, f"size={work_mb}m,nr_inodes=4096,mode=0700,uid={uid},gid={gid}")
+    kernel.mount("tmpfs", "/tmp", "tmpfs", no_devices, f"size={work_mb}m,nr_inodes=4096,mode=0700,uid={uid},gid={gid}")
     for path in paths:
         source = "/oldroot" + path
         if os.path.islink(source) and path in SYSTEM_PATHS:  # /bin -> usr/bin on merged-/usr systems
             os.symlink(os.readlink(source), path)
             continue
         os.makedirs(path, exist_ok=True)
-        _mount(source, path, None, MS_BIND | MS_REC)
+        kernel.mount(source, path, None, kernel.MS_BIND | kernel.MS_REC)
     os.mkdir("/dev")
     for device in DEVICES:
         if os.path.exists(f"/oldroot/dev/{device}"):
             open(f"/dev/{device}", "w").close()
-            _mount(f"/oldroot/dev/{device}", f"/dev/{device}", None, MS_BIND)
+            kernel.mount(f"/oldroot/dev/{device}", f"/dev/{device}", None, kernel.MS_BIND)
     for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"), ("stdout", "/proc/self/fd/1"),
                          ("stderr", "/proc/self/fd/2")):  # fmt: skip
         os.symlink(target, f"/dev/{name}")
     os.mkdir("/proc")
     # while the old root's /proc is still in view: a user namespace may mount a proc only where one is visible
-    _mount("proc", "/proc", "proc", MS_NOSUID | MS_NODEV | MS_NOEXEC)
-    _check(_libc.umount2(b"/oldroot", MNT_DETACH), "umount2(/oldroot)")
+    kernel.mount("proc", "/proc", "proc", no_devices | kernel.MS_NOEXEC)
+    kernel.check(kernel.libc.umount2(b"/oldroot", kernel.MNT_DETACH), "umount2(/oldroot)")
     os.rmdir("/oldroot")
-    _set_mount_attributes("/", AT_RECURSIVE, set_=MOUNT_ATTR_RDONLY | MOUNT_ATTR_NOSUID)  # everything read-only,
-    _set_mount_attributes("/tmp", 0, clear=MOUNT_ATTR_RDONLY)  # but the working directory (not what is bound in it)
+    # everything read-only, but the working directory (not what is bound in it)
+    kernel.set_mount_attributes("/", kernel.AT_RECURSIVE, set_=kernel.MOUNT_ATTR_RDONLY | kernel.MOUNT_ATTR_NOSUID)
+    kernel.set_mount_attributes("/tmp", 0, clear=kernel.MOUNT_ATTR_RDONLY)
     os.chdir("/tmp")
-
-
-def _set_mount_attributes(path: str, flags: int, set_: int = 0, clear: int = 0) -> None:
-    attributes = (ctypes.c_uint64 * 4)(set_, clear, 0, 0)  # struct mount_attr
-    _syscall("mount_setattr", AT_FDCWD, path.encode(), flags, attributes, ctypes.sizeof(attributes))
-
-
-def _mount(source: str | None, target: str, kind: str | None, flags: int, data: str | None = None) -> None:
-    encode = lambda text: text.encode() if text is not None else None  # noqa: E731
-    result = _libc.mount(encode(source), encode(target), encode(kind), ctypes.c_ulong(flags), encode(data))
-    _check(result, f"mount {kind or source} on {target}")
-
-
-def _syscall(name: str, *args) -> int:
-    """A system call without a C library wrapper everywhere, numbered for this architecture by libseccomp."""
-    number = _libseccomp().seccomp_syscall_resolve_name(name.encode())
-    if number < 0:
-        raise IsolationError(errno.ENOSYS, f"{name} is not a system call on this architecture")
-    return _check(_libc.syscall(number, *args), name)
-
-
-def _check(result: int, what: str) -> int:
-    if result < 0:
-        code = ctypes.get_errno()
-        raise IsolationError(code, f"{what}: {os.strerror(code)}")
-    return result
 
 
 def _die_with(parent: int) -> None:
     """SIGKILL when the parent dies (and now, if it already has)."""
-    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    kernel.check(kernel.libc.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if os.getppid() != parent:
         os._exit(1)
 
 
 def _die_with_lifeline(lifeline: int) -> None:
     """``_die_with`` for the init of a PID namespace, whose parent's pid it cannot see: a pipe only the parent holds."""
-    _check(_libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
+    kernel.check(kernel.libc.prctl(kernel.PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0), "prctl(PR_SET_PDEATHSIG)")
     if select.select([lifeline], [], [], 0)[0]:  # end of file: the parent is gone
         os._exit(1)
 

@@ -1,6 +1,6 @@
 """Judge templates: the prompt an LLM judge gets and how its reply becomes a score, kept as YAML data.
 
-A template (``judge_templates/<name>.yaml``, or any YAML file given by path) holds:
+A template (``templates/<name>.yaml``, or any YAML file given by path) holds:
 
 * ``system`` (optional) and ``user``: message texts with ``{question}``, ``{reference}``
   and ``{answer}`` placeholders (``str.format``; literal braces doubled, ``{{ }}``);
@@ -25,7 +25,7 @@ from typing import Any, Dict, FrozenSet, List, Mapping, Optional
 
 from llmexp.sdk import UserError
 
-TEMPLATE_DIR = Path(__file__).resolve().parent / "judge_templates"
+TEMPLATE_DIR = Path(__file__).resolve().parent / "templates"
 PLACEHOLDERS = frozenset({"question", "reference", "answer"})
 _KEYS = {"system", "user", "reply", "score_regex", "reason_regex", "score_range"}
 
@@ -149,7 +149,7 @@ def _template_path(reference: str) -> Path:
         return path
     raise UserError(
         f"template={reference!r} is neither a shipped judge template ({', '.join(shipped_templates())}) nor an "
-        "existing YAML file; name one or give the path of your own (see judge_templates/faithfulness.yaml)."
+        "existing YAML file; name one or give the path of your own (see judge/templates/faithfulness.yaml)."
     )
 
 

@@ -1,8 +1,8 @@
-"""The evaluation tasks: what each asks the model and how the answers are graded.
+"""The embedded evaluation tasks: what each asks the model about the package's generated data, and how it grades.
 
-A task is a function ``(TaskInputs, Scorer) -> TaskResult`` registered in ``TASKS`` by the
-name users put in ``tasks``. This module does not import torch (the planner reads
-``TASKS`` to check names); the numbers come from the ``Scorer`` in ``scoring.py``.
+Each is a function ``(TaskInputs, Scorer) -> TaskResult`` and a ``TaskType`` in ``TASKS``
+under the name users put in ``tasks``. This module does not import torch (the planner
+checks names); the numbers come from the ``Scorer`` (``harness/scoring.py``).
 
 Metrics, all in [0, 1] except perplexity:
 
@@ -29,62 +29,20 @@ Metrics, all in [0, 1] except perplexity:
 from __future__ import annotations
 
 import math
-import random
-from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Sequence
 
-from llmexp.data.embedded import LETTERS, EmbeddedWorld
+from llmexp.data.embedded import LETTERS
 from llmexp.data.gsm8k import extract_answer, load_gsm8k
 from llmexp.data.instructions import format_prompt
 from llmexp.data.text2sql import execute, sql_exact_match, text2sql_examples, text2sql_test
+from llmexp.sdk import statistics
+from llmexp.sdk import TaskInputs, TaskResult, TaskType
+from llmexp.plugins.evaluate.tasks.similarity import similarity_scores
 
 # Where a generated answer ends besides EOS. lm-eval's gsm8k stops at "Question:"; a worked
 # solution spans lines, a short answer does not.
 ANSWER_STOP = ("\n", "Question:")
 SOLUTION_STOP = ("Question:",)
-
-
-@dataclass
-class TaskInputs:
-    """The data a task draws on; ``limit`` caps the items of every task."""
-
-    world: EmbeddedWorld
-    heldout_documents: int = 200
-    limit: Optional[int] = None
-    gsm8k_path: Optional[str] = None
-    num_fewshot: int = 0
-    stage_dir: Optional[str] = None  # where a task may keep scratch files (code execution) beside its rows
-
-    def first(self, items: Sequence[Any]) -> List[Any]:
-        return list(items if self.limit is None else items[: self.limit])
-
-    def shots(self, examples: Sequence[Any]) -> List[Any]:
-        """``num_fewshot`` examples drawn once per world seed, the same for every item."""
-        return random.Random(f"{self.world.seed}/fewshot").sample(list(examples), self.num_fewshot)
-
-
-@dataclass
-class TaskResult:
-    metrics: Dict[str, float]
-    rows: List[Dict[str, Any]] = field(default_factory=list)  # one per item, for <task>.jsonl
-
-
-@dataclass(frozen=True)
-class TaskType:
-    """A kind of task users describe as data in ``tasks``: ``{type: mmlu, path: data/mmlu, num_fewshot: 5}``.
-
-    ``run(spec, inputs, scorer)`` scores one described task; its metric names are bare
-    (``acc``) and the evaluation prefixes them with the task's name (``mmlu_acc``), so
-    several tasks of one type can run together. ``problems(spec, field)`` checks a spec
-    before anything runs (files present and well-formed, values in range) without
-    importing torch; ``field`` is the spec's config path for the messages. ``keys`` are the
-    spec keys it takes besides ``type``, ``name`` and ``limit``.
-    """
-
-    run: Callable[[Mapping[str, Any], TaskInputs, Any], TaskResult]
-    problems: Callable[[Mapping[str, Any], str], List[str]]
-    keys: Tuple[str, ...] = ()
-    headline: Optional[str] = None  # the bare metric its rows' ``correct`` flags make (paired comparison)
 
 
 def normalise_answer(text: str) -> str:
@@ -104,7 +62,8 @@ def multiple_choice(inputs: TaskInputs, scorer) -> TaskResult:
         cloze = [next(scores).logprob for _ in item.choices]
         letter = [next(scores).logprob for _ in item.choices]
         cloze_norm = [lp / len(choice) for lp, choice in zip(cloze, item.choices)]  # lm-eval: the choice without its delimiter
-        picked = {"cloze": _argmax(cloze), "cloze_norm": _argmax(cloze_norm), "letter": _argmax(letter)}
+        ranked = {"cloze": cloze, "cloze_norm": cloze_norm, "letter": letter}
+        picked = {name: statistics.argmax(values) for name, values in ranked.items()}
         rows.append(
             {
                 "prompt": item.cloze_prompt(),
@@ -124,9 +83,9 @@ def multiple_choice(inputs: TaskInputs, scorer) -> TaskResult:
         )
     return TaskResult(
         {
-            "mc_cloze_acc": _mean(row["correct"] for row in rows),
-            "mc_cloze_acc_norm": _mean(row["correct_norm"] for row in rows),
-            "mc_letter_acc": _mean(row["correct_letter"] for row in rows),
+            "mc_cloze_acc": statistics.mean(row["correct"] for row in rows),
+            "mc_cloze_acc_norm": statistics.mean(row["correct_norm"] for row in rows),
+            "mc_letter_acc": statistics.mean(row["correct_letter"] for row in rows),
         },
         rows,
     )
@@ -144,7 +103,7 @@ def free_answer(inputs: TaskInputs, scorer) -> TaskResult:
         }
         for item, text in zip(items, generated)
     ]
-    return TaskResult({"free_answer_em": _mean(row["correct"] for row in rows)}, rows)
+    return TaskResult({"free_answer_em": statistics.mean(row["correct"] for row in rows)}, rows)
 
 
 def word_problems(inputs: TaskInputs, scorer) -> TaskResult:
@@ -194,11 +153,9 @@ def text2sql(inputs: TaskInputs, scorer) -> TaskResult:
             }
         )
     metrics = {
-        "text2sql_em": _mean(row["correct"] for row in rows),
-        "text2sql_exec_acc": _mean(row["correct_execution"] for row in rows),
+        "text2sql_em": statistics.mean(row["correct"] for row in rows),
+        "text2sql_exec_acc": statistics.mean(row["correct_execution"] for row in rows),
     }
-    from llmexp.plugins.evaluate.similarity import similarity_scores  # imports this module: here, not at the top
-
     overlap = similarity_scores([row["predicted"] for row in rows], [row["expected"] for row in rows])
     metrics.update({f"text2sql_{name}": value for name, value in overlap.items() if name != "exact_match"})
     return TaskResult(metrics, rows)
@@ -219,34 +176,25 @@ def _solve(problems: Sequence[Any], scorer, metric: str) -> TaskResult:
                 "correct": predicted is not None and predicted == problem.answer,
             }
         )
-    return TaskResult({metric: _mean(row["correct"] for row in rows)}, rows)
+    return TaskResult({metric: statistics.mean(row["correct"] for row in rows)}, rows)
 
 
-TASKS: Dict[str, Callable[[TaskInputs, Any], TaskResult]] = {
-    "multiple_choice": multiple_choice,
-    "free_answer": free_answer,
-    "word_problems": word_problems,
-    "perplexity": perplexity,
-    "gsm8k": gsm8k,
-    "text2sql": text2sql,
-    "throughput": throughput,
+def _embedded(name: str, score, headline=None) -> TaskType:
+    """The task type of an embedded task ``score(inputs, scorer)``: named bare, it takes no spec."""
+    return TaskType(name, lambda spec, inputs, scorer: score(inputs, scorer), headline=headline, embedded=True)
+
+
+# The embedded tasks, each with the metric its rows' ``correct`` flags make (what a paired comparison tests).
+TASKS: Dict[str, TaskType] = {
+    task.name: task
+    for task in (
+        _embedded("multiple_choice", multiple_choice, "mc_cloze_acc"),
+        _embedded("free_answer", free_answer, "free_answer_em"),
+        _embedded("word_problems", word_problems, "word_problem_em"),
+        _embedded("perplexity", perplexity),
+        _embedded("gsm8k", gsm8k, "gsm8k_em"),
+        _embedded("text2sql", text2sql, "text2sql_em"),
+        _embedded("throughput", throughput),
+    )
 }
-EMBEDDED_TASKS = ["multiple_choice", "free_answer", "word_problems", "perplexity"]
-# The metric each graded task's rows' ``correct`` flags make: what a paired comparison tests.
-HEADLINE = {
-    "multiple_choice": "mc_cloze_acc",
-    "free_answer": "free_answer_em",
-    "word_problems": "word_problem_em",
-    "gsm8k": "gsm8k_em",
-    "text2sql": "text2sql_em",
-}
-
-
-def _argmax(values: Sequence[float]) -> int:
-    """Index of the largest value; the first on ties, as numpy's argmax."""
-    return max(range(len(values)), key=lambda i: (values[i], -i))
-
-
-def _mean(flags) -> float:
-    flags = list(flags)
-    return sum(map(float, flags)) / len(flags) if flags else float("nan")
+EMBEDDED_TASKS = ["multiple_choice", "free_answer", "word_problems", "perplexity"]  # an evaluation's default

@@ -28,7 +28,8 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from llmexp.data.jsonl import read_jsonl_numbered, require_text
 from llmexp.sdk import UserError
-from llmexp.plugins.evaluate.tasks import TaskInputs, TaskResult, TaskType
+from llmexp.sdk import Metric, MetricKind, statistics
+from llmexp.sdk import TaskInputs, TaskResult, TaskType, declared
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 METRICS = (*ROUGE_TYPES, "bleu", "f1", "exact_match")
@@ -99,7 +100,7 @@ def similarity_scores(predictions: Sequence[str], references: Sequence[str]) -> 
 def _corpus(predictions: Sequence[str], references: Sequence[str], rows: Sequence[Mapping[str, float]]) -> Dict[str, float]:
     import sacrebleu
 
-    means = {metric: sum(row[metric] for row in rows) / len(rows) for metric in METRICS}
+    means = {metric: statistics.mean(row[metric] for row in rows) for metric in METRICS}
     means["bleu"] = float(sacrebleu.corpus_bleu(list(predictions), [list(references)]).score)
     return means
 
@@ -181,10 +182,8 @@ def _read(spec: Mapping[str, Any]) -> List[Tuple[str, str, Optional[str]]]:
     return items
 
 
-TASK_TYPES: Dict[str, TaskType] = {
-    "similarity": TaskType(
-        run=run,
-        problems=problems,
-        keys=("path", "prompt_field", "reference_field", "prediction_field", "max_new_tokens", "stop"),
-    )
-}
+SIMILARITY = TaskType(
+    "similarity", run, problems, keys=("path", "prompt_field", "reference_field", "prediction_field", "max_new_tokens", "stop"),
+    metrics=declared(*(Metric(name, True, name, MetricKind.QUALITY if name == "rougeL" else MetricKind.INFO)
+                       for name in ("rougeL", "bleu", "f1", "rouge1", "rouge2", "exact_match"))),
+)

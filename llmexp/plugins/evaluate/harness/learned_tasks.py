@@ -14,8 +14,7 @@ from typing import Dict, List
 
 from llmexp.sdk import model_sources, node_path, stage_nodes
 from llmexp.sdk import technique
-from llmexp.plugins.evaluate.registry import Task
-from llmexp.plugins.evaluate.tasks import TASKS
+from llmexp.plugins.evaluate.harness.registry import Task, embedded_names
 
 EVALUATE = "evaluate"
 
@@ -40,11 +39,11 @@ def learned_problems(learned: Dict[str, List[str]]) -> List[str]:
     """Tasks of ``learned_tasks`` the evaluation does not have: a technique's ``measured_by`` naming no embedded task."""
     return [
         f"{node_path(key)}: a technique that made its model names {name!r} as what measures its training "
-        f"(measured_by), which is not an embedded evaluation task ({', '.join(TASKS)}); set "
+        f"(measured_by), which is not an embedded evaluation task ({', '.join(embedded_names())}); set "
         f"{node_path(key)}.add_learned_tasks=false, and tell the technique's author."
         for key, names in learned.items()
         for name in names
-        if name not in TASKS
+        if name not in embedded_names()
     ]
 
 

@@ -29,13 +29,14 @@ from typing import Any, Dict, List, Mapping
 
 from llmexp.data.jsonl import read_jsonl_numbered
 from llmexp.sdk import UserError
-from llmexp.plugins.evaluate.tasks import TaskInputs, TaskResult, TaskType
+from llmexp.sdk import Metric, MetricKind
+from llmexp.sdk import TaskInputs, TaskResult, TaskType, declared
 
 DEFAULTS: Dict[str, Any] = {"text_field": "text", "stride": None, "max_length": None, "join": "\n\n"}
 
 
 def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
-    from llmexp.plugins.evaluate.scoring import max_length as model_context
+    from llmexp.plugins.evaluate.harness.scoring import max_length as model_context
 
     spec = {**DEFAULTS, **spec}
     text = spec["join"].join(inputs.first(read_documents(spec["path"], spec["text_field"])))
@@ -141,6 +142,7 @@ def problems(spec: Mapping[str, Any], field: str) -> List[str]:
     return found
 
 
-TASK_TYPES: Dict[str, TaskType] = {
-    "text_perplexity": TaskType(run=run, problems=problems, keys=("path", *DEFAULTS)),
-}
+TEXT_PERPLEXITY = TaskType(
+    "text_perplexity", run, problems, keys=("path", *DEFAULTS),
+    metrics=declared(*(Metric(name, False, name, MetricKind.INFO) for name in ("perplexity", "bits_per_byte"))),
+)

@@ -5,7 +5,7 @@ OpenAI's ``human-eval`` layout (one JSON object a line: ``task_id``, ``prompt``,
 ``canonical_solution``, ``test`` defining ``check(candidate)``, ``entry_point``), has the
 model complete each prompt ``n_samples`` times (greedy when 1; sampled with
 ``temperature``/``top_p``/``seed`` otherwise), cut at the ``stop`` strings, and runs each
-``check(<entry_point>)`` with the sandbox (``sandbox.py``): ``prompt + completion`` runs in
+``check(<entry_point>)`` with the sandbox (``sandbox/``): ``prompt + completion`` runs in
 a process the kernel isolates (namespaces, a read-only file view, an unprivileged uid,
 resource limits, seccomp), ``prompt + test`` runs in a verdict process that calls the
 program's function there. A sample passes when ``check`` returns. Where the kernel does
@@ -22,18 +22,18 @@ is whether the first sample passed (with one sample, what ``pass_at_1`` averages
 
 from __future__ import annotations
 
-import math
 import os
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, Optional, Sequence
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from omegaconf import DictConfig, OmegaConf
 
 from llmexp.sdk import warn
 from llmexp.data.jsonl import read_jsonl_numbered
 from llmexp.sdk import UserError
-from llmexp.plugins.evaluate.sandbox import Limits, Program, isolation_problem, run_programs
-from llmexp.plugins.evaluate.tasks import TaskInputs, TaskResult, TaskType
+from llmexp.plugins.evaluate.sandbox.runner import Limits, Program, isolation_problem, run_programs
+from llmexp.sdk import Metric, MetricKind, statistics
+from llmexp.sdk import TaskInputs, TaskResult, TaskType
 
 # Where HumanEval's completions end (Chen et al. 2021): the next top-level statement.
 HUMANEVAL_STOP = ("\nclass", "\ndef", "\n#", "\nif", "\nprint")
@@ -106,16 +106,6 @@ def checks_source(prompt: str, test: str) -> str:
     return f"{prompt}\n{test}\n"
 
 
-def pass_at_k(n: int, c: int, k: int) -> float:
-    """Chen et al. 2021's unbiased pass@k from ``n`` samples of which ``c`` pass: ``1 - C(n-c, k) / C(n, k)``."""
-    if not 0 <= c <= n or not 1 <= k <= n:
-        raise ValueError(f"pass@k needs 0 <= c <= n and 1 <= k <= n; got n={n}, c={c}, k={k}")
-    if n - c < k:
-        return 1.0
-    # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i): no factorials, no overflow
-    return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
-
-
 def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
     settings = {**DEFAULTS, **{key: value for key, value in spec.items() if value is not None}}
     isolated = _isolated(settings, f"the {spec.get('name') or spec['type']} task")
@@ -141,12 +131,12 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
                 ],
                 "n": n,
                 "passed": passed,
-                **{f"pass_at_{k}": pass_at_k(n, passed, k) for k in ks},
+                **{f"pass_at_{k}": statistics.pass_at_k(n, passed, k) for k in ks},
                 "correct": results[0].passed,
             }
         )
-    metrics = {f"pass_at_{k}": _mean(row[f"pass_at_{k}"] for row in rows) for k in ks}
-    metrics["samples_timed_out"] = _mean(o.status == "timed_out" for o in outcomes)
+    metrics = {f"pass_at_{k}": statistics.mean(row[f"pass_at_{k}"] for row in rows) for k in ks}
+    metrics["samples_timed_out"] = statistics.mean(o.status == "timed_out" for o in outcomes)
     return TaskResult(metrics, rows)
 
 
@@ -192,7 +182,7 @@ def _isolation_refusal(settings: Mapping[str, Any], where: str) -> Optional[str]
 
 def _complete(scorer, prompts: Sequence[str], n: int, settings: Mapping[str, Any]) -> List[List[str]]:
     """``n`` completions of each prompt: greedy when ``n`` is 1, else sampled (the same seed: the same samples)."""
-    from llmexp.plugins.evaluate.scoring import Sampling
+    from llmexp.plugins.evaluate.harness.scoring import Sampling
 
     budget, stop = settings["max_new_tokens"], list(settings["stop"])
     if n == 1:
@@ -258,9 +248,15 @@ def _number(value: Any) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
-def _mean(values) -> float:
-    values = [float(v) for v in values]
-    return sum(values) / len(values) if values else float("nan")
+def metrics(spec: Mapping[str, Any]) -> Tuple[Metric, ...]:
+    """``pass_at_<k>`` for each ``k`` (the first its quality), and the share of samples that timed out.
+
+    A spec ``problems`` refuses declares what it can (the plan reports the rest)."""
+    ks = {**DEFAULTS, **spec}["k"]
+    ks = sorted(set(k for k in ks if _whole(k, 1))) if isinstance(ks, (list, tuple)) else []
+    passes = (Metric(f"pass_at_{k}", True, f"pass_at_{k}", MetricKind.QUALITY if k == ks[0] else MetricKind.INFO)
+              for k in ks)
+    return (*passes, Metric("samples_timed_out", False, "samples_timed_out", MetricKind.INFO))
 
 
-TASK_TYPES: Dict[str, TaskType] = {"code": TaskType(run, problems, KEYS, headline="pass_at_1")}
+CODE = TaskType("code", run, problems, KEYS, headline="pass_at_1", metrics=metrics)

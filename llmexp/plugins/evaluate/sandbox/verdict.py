@@ -9,7 +9,7 @@ process (another PID namespace, not dumpable), its memory, the checks (they neve
 the program's process) or the verdict (written to this process's stdout, which the
 program never holds).
 
-``sandbox.run_program`` runs this file as ``python -I verdict.py`` with the job pickled on
+``runner.run_program`` runs this file as ``python -I verdict.py`` with the job pickled on
 stdin (``source``, ``checks``, ``entry_point``, ``limits``, ``isolated``) and reads the
 pickled verdict (``status``, ``detail``) from its stdout. It starts once per sample, so it
 imports little: the standard library's cheaper modules and its siblings, by path.
@@ -31,6 +31,7 @@ import traceback
 
 sys.path.insert(0, os.path.dirname(os.path.realpath(__file__)))
 import isolation  # noqa: E402
+import kernel  # noqa: E402
 import program_server  # noqa: E402
 
 del sys.path[0]  # the checks import what they import, not this folder's modules
@@ -157,7 +158,7 @@ def judge(job: dict) -> dict:
             argv = [sys.executable, "-I", "-c", server.read()]
         try:
             launched = isolation.launch(argv, _environment(home), fds, confinement, isolated, home)
-        except isolation.IsolationError as error:
+        except kernel.IsolationError as error:
             os.close(calls_w)
             os.close(replies_r)
             return {"status": "isolation_failed", "detail": error.strerror or str(error)}
@@ -251,7 +252,7 @@ def main() -> None:
     job = pickle.load(sys.stdin.buffer)
     report = os.fdopen(os.dup(1), "wb")
     os.dup2(2, 1)  # what the checks print goes to stderr; stdout carries the verdict alone
-    isolation.not_dumpable()
+    kernel.not_dumpable()
     memory = (job["limits"]["memory_mb"] + OWN_MEMORY_MB) * 2**20  # a flood of replies meets MemoryError here
     resource.setrlimit(resource.RLIMIT_AS, (memory, memory))
     with report:

@@ -19,23 +19,21 @@ Scoring follows lm-evaluation-harness so results agree with it on the same promp
 
 Everything runs with the model in eval mode under ``torch.no_grad``, in fixed batches, so
 two runs give the same numbers. ``Scorer`` bundles a model with its settings and a progress
-bar; the tasks (``tasks.py``) only talk to it.
+bar; the tasks (``tasks/``) only talk to it.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
-from llmexp.sdk import FreeCores
+from llmexp.sdk import FreeCores, warn
 from llmexp.sdk import evaluating
 
-# Called after each batch with (rows done, rows in this call).
-Report = Callable[[int, int], None]
-# Input token ids, and the ids the input's last len(targets) positions must predict.
-_Row = Tuple[List[int], List[int]]
+from llmexp.plugins.evaluate.harness.decoding import Report, Sampling, greedy_generate, sampled_generate
+from llmexp.plugins.evaluate.harness.tokens import Row, device_of, max_length, pad_id, padded_batches
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,7 @@ def loglikelihood(
 ) -> List[LogLikelihood]:
     """``LogLikelihood`` of each ``(context, continuation)``, in order; batches are right-padded."""
     limit = max_length(model, tokenizer)
-    rows: List[_Row] = []
+    rows: List[Row] = []
     for context, continuation in requests:
         context_ids, continuation_ids = encode_pair(tokenizer, context, continuation)
         whole = (context_ids + continuation_ids)[-(limit + 1) :]
@@ -100,9 +98,9 @@ def document_nll(
     return [(nll, count) for nll, count in totals]
 
 
-def document_rows(tokenizer, documents: Sequence[str], limit: int) -> Tuple[List[_Row], List[int]]:
+def document_rows(tokenizer, documents: Sequence[str], limit: int) -> Tuple[List[Row], List[int]]:
     """Rows scoring every document (EOS appended, windows of ``limit``) and the document each belongs to."""
-    rows: List[_Row] = []
+    rows: List[Row] = []
     owners: List[int] = []
     for index, document in enumerate(documents):
         ids = list(tokenizer(document).input_ids)
@@ -174,7 +172,7 @@ def sliding_window_nll(
     ids = list(tokenizer(text, verbose=False).input_ids)  # longer than the context on purpose: no warning
     spans = sliding_windows(len(ids), window, stride or window)
     # the input stops one token short of the window: the last token is only predicted
-    rows: List[_Row] = [(ids[begin : end - 1], ids[scored_from:end]) for begin, end, scored_from in spans]
+    rows: List[Row] = [(ids[begin : end - 1], ids[scored_from:end]) for begin, end, scored_from in spans]
     scores = score_token_rows(model, tokenizer, rows, batch_size, report)
     return [Window(begin, end, scored_from, -logprob) for (begin, end, scored_from), (logprob, _) in zip(spans, scores)]
 
@@ -191,10 +189,10 @@ def next_token_kl(
     rows, _ = document_rows(tokenizer, documents, min(max_length(model, tokenizer), max_length(reference, tokenizer)))
     total, count = 0.0, 0
     with evaluating(model), evaluating(reference):
-        for start, input_ids, attention_mask in _padded_batches(rows, batch_size, _pad_id(tokenizer), right=True):
-            mine = model(input_ids=input_ids.to(_device(model)), attention_mask=attention_mask.to(_device(model))).logits
+        for start, input_ids, attention_mask in padded_batches(rows, batch_size, pad_id(tokenizer), right=True):
+            mine = model(input_ids=input_ids.to(device_of(model)), attention_mask=attention_mask.to(device_of(model))).logits
             theirs = reference(
-                input_ids=input_ids.to(_device(reference)), attention_mask=attention_mask.to(_device(reference))
+                input_ids=input_ids.to(device_of(reference)), attention_mask=attention_mask.to(device_of(reference))
             ).logits
             mask = attention_mask.bool().to(mine.device)
             log_p = theirs.to(mine.device)[mask].float().log_softmax(-1)
@@ -218,9 +216,9 @@ def forward_throughput(
     import time
 
     rows, _ = document_rows(tokenizer, documents, max_length(model, tokenizer))
-    batches = [(ids, mask) for _, ids, mask in _padded_batches(rows, batch_size, _pad_id(tokenizer), right=True)]
+    batches = [(ids, mask) for _, ids, mask in padded_batches(rows, batch_size, pad_id(tokenizer), right=True)]
     tokens = sum(int(mask.sum()) for _, mask in batches)
-    device = _device(model)
+    device = device_of(model)
     with evaluating(model):
 
         def one_pass() -> None:
@@ -236,124 +234,6 @@ def forward_throughput(
     return passes * tokens / elapsed
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Settings of sampled decoding: softmax temperature, nucleus ``top_p`` (1: off), and the seed."""
-
-    temperature: float = 1.0
-    top_p: float = 1.0
-    seed: int = 0
-
-
-def greedy_generate(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int = 40,
-    batch_size: int = 32,
-    stop: Sequence[str] = ("\n",),
-    report: Optional[Report] = None,
-) -> List[str]:
-    """Greedy continuation of each prompt, cut at the first EOS and then at the first ``stop`` string."""
-    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop, report, None)
-
-
-def sampled_generate(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    sampling: Sampling,
-    max_new_tokens: int = 40,
-    batch_size: int = 32,
-    stop: Sequence[str] = ("\n",),
-    report: Optional[Report] = None,
-) -> List[str]:
-    """A sampled continuation of each prompt (temperature, then top-p; no top-k), cut as ``greedy_generate``'s.
-
-    Each batch draws from a fresh random state seeded with ``sampling.seed`` and the batch's
-    first row, inside ``torch.random.fork_rng`` so nothing else's randomness moves: the same
-    seed, prompts and batch size give the same texts.
-    """
-    if sampling.temperature <= 0 or not 0 < sampling.top_p <= 1:
-        raise ValueError(f"temperature must be > 0 and top_p in (0, 1], not {sampling}")
-    return _generate(model, tokenizer, prompts, max_new_tokens, batch_size, stop, report, sampling)
-
-
-def _generate(
-    model,
-    tokenizer,
-    prompts: Sequence[str],
-    max_new_tokens: int,
-    batch_size: int,
-    stop: Sequence[str],
-    report: Optional[Report],
-    sampling: Optional[Sampling],
-) -> List[str]:
-    from transformers import GenerationConfig
-
-    keep = max(1, max_length(model, tokenizer) - max_new_tokens)
-    encoded = [list(tokenizer(prompt).input_ids)[-keep:] for prompt in prompts]
-    pad = _pad_id(tokenizer)
-    eos = _eos_ids(model, tokenizer)
-    # top_k=0 turns off transformers' default top-k of 50: only temperature and top-p shape a draw
-    decoding = (
-        dict(do_sample=False)
-        if sampling is None
-        else dict(do_sample=True, temperature=sampling.temperature, top_p=sampling.top_p, top_k=0)
-    )
-    settings = GenerationConfig(
-        max_new_tokens=max_new_tokens,
-        num_beams=1,
-        eos_token_id=sorted(eos) or None,
-        pad_token_id=pad,
-        bos_token_id=tokenizer.bos_token_id,
-        **decoding,
-    )
-    device = _device(model)
-    texts: List[str] = []
-    with evaluating(model):
-        for start, input_ids, attention_mask in _padded_batches(
-            [(ids, []) for ids in encoded], batch_size, pad, right=False
-        ):
-            width = input_ids.shape[1]
-            # the CPU's random state is always forked; an accelerator's when the model is on one
-            accelerator = [device] if device.type != "cpu" else []
-            with torch.random.fork_rng(
-                devices=accelerator, enabled=sampling is not None, device_type=device.type if accelerator else None
-            ):
-                if sampling is not None:
-                    torch.manual_seed(_batch_seed(sampling.seed, start))
-                output = model.generate(
-                    input_ids=input_ids.to(device), attention_mask=attention_mask.to(device), generation_config=settings
-                )
-            for new in output[:, width:].tolist():
-                end = next((i for i, token in enumerate(new) if token in eos), len(new))
-                texts.append(cut_at_stop(tokenizer.decode(new[:end], skip_special_tokens=True), stop))
-            if report is not None:
-                report(min(start + batch_size, len(encoded)), len(encoded))
-    return texts
-
-
-def _batch_seed(seed: int, start: int) -> int:
-    """A seed per (seed, batch start): batches draw independently, seeds 0 and 1 share no batch's stream."""
-    return (seed * 1_000_003 + start) % (2**63)
-
-
-def cut_at_stop(text: str, stop: Sequence[str]) -> str:
-    """``text`` up to (not including) the earliest of the ``stop`` strings."""
-    end = min((i for i in (text.find(s) for s in stop if s) if i >= 0), default=len(text))
-    return text[:end]
-
-
-def max_length(model, tokenizer) -> int:
-    """The longest input the model takes: its position limit, else the tokenizer's, else 2048."""
-    limit = getattr(getattr(model, "config", None), "max_position_embeddings", None)
-    if not limit:
-        limit = getattr(tokenizer, "model_max_length", None)
-        limit = limit if limit and limit < 10**9 else 2048
-    return int(limit)
-
-
 class Scorer:
     """A model, its tokenizer and batch settings, with one progress bar per evaluation task."""
 
@@ -365,7 +245,7 @@ class Scorer:
         self.progress = progress  # a started rich.progress.Progress, or None
         self._bar = None
         self._completed = 0
-        self.free_cores = FreeCores("evaluate")  # checked at each batch: threads to the cores others leave free
+        self.free_cores = FreeCores("evaluate", warn)  # checked at each batch: threads to the cores others leave free
 
     def track(self, description: str) -> None:
         """Start a new progress bar; scoring calls that follow advance it."""
@@ -418,13 +298,13 @@ class Scorer:
 
 
 def score_token_rows(
-    model, tokenizer, rows: Sequence[_Row], batch_size: int, report: Optional[Report]
+    model, tokenizer, rows: Sequence[Row], batch_size: int, report: Optional[Report]
 ) -> List[Tuple[float, bool]]:
     """(summed log-prob of the targets, whether each target is the argmax) for every row."""
-    device = _device(model)
+    device = device_of(model)
     scores: List[Tuple[float, bool]] = []
     with evaluating(model):
-        for start, input_ids, attention_mask in _padded_batches(rows, batch_size, _pad_id(tokenizer), right=True):
+        for start, input_ids, attention_mask in padded_batches(rows, batch_size, pad_id(tokenizer), right=True):
             batch = rows[start : start + batch_size]
             logits = model(input_ids=input_ids.to(device), attention_mask=attention_mask.to(device)).logits
             for i, (ids, targets) in enumerate(batch):
@@ -438,36 +318,3 @@ def score_token_rows(
             if report is not None:
                 report(min(start + batch_size, len(rows)), len(rows))
     return scores
-
-
-def _padded_batches(rows: Sequence[_Row], batch_size: int, pad: int, right: bool):
-    """``(start, input_ids, attention_mask)`` per batch of rows' inputs, padded on the right (scoring) or left (generation)."""
-    for start in range(0, len(rows), batch_size):
-        batch = [ids for ids, _ in rows[start : start + batch_size]]
-        width = max(len(ids) for ids in batch)
-        input_ids = torch.full((len(batch), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros((len(batch), width), dtype=torch.long)
-        for i, ids in enumerate(batch):
-            span = slice(0, len(ids)) if right else slice(width - len(ids), width)
-            input_ids[i, span] = torch.tensor(ids, dtype=torch.long)
-            attention_mask[i, span] = 1
-        yield start, input_ids, attention_mask
-
-
-def _pad_id(tokenizer) -> int:
-    for candidate in (tokenizer.pad_token_id, tokenizer.eos_token_id):
-        if candidate is not None:
-            return int(candidate)
-    return 0
-
-
-def _eos_ids(model, tokenizer) -> set:
-    """EOS ids from the tokenizer and the model's generation config (Llama 3 lists several)."""
-    ids = {tokenizer.eos_token_id}
-    configured = getattr(getattr(model, "generation_config", None), "eos_token_id", None)
-    ids.update(configured if isinstance(configured, (list, tuple)) else [configured])
-    return {int(i) for i in ids if i is not None}
-
-
-def _device(model) -> torch.device:
-    return next(model.parameters()).device

@@ -7,7 +7,7 @@ Each question is asked with lm-eval's ``mmlu`` prompt (its description, the firs
 ``num_fewshot`` dev rows of the subject in file order as solved examples, then the
 question ending ``Answer:``) and the letter whose continuation `` A``..`` D`` is most
 likely is the model's answer. Same prompts, same log-likelihood convention
-(``scoring.py``), so ``acc`` equals lm-eval's group score on the same model
+(``harness/scoring.py``), so ``acc`` equals lm-eval's group score on the same model
 (``tests/test_mmlu.py`` runs both).
 
 Metrics: ``acc`` (all questions: lm-eval's micro-averaged group score), ``acc_macro``
@@ -20,10 +20,11 @@ from __future__ import annotations
 import csv
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from llmexp.sdk import UserError
-from llmexp.plugins.evaluate.tasks import TaskInputs, TaskResult, TaskType
+from llmexp.sdk import Metric, MetricKind, statistics
+from llmexp.sdk import TaskInputs, TaskResult, TaskType, declared
 
 LETTERS = ("A", "B", "C", "D")
 _TEST_SUFFIX, _DEV_SUFFIX = "_test.csv", "_dev.csv"
@@ -99,8 +100,6 @@ def read_questions(path: Path) -> List[Question]:
 
 
 def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
-    import numpy
-
     root = data_root(spec["path"])
     num_fewshot = int(spec.get("num_fewshot") or 0)
     subjects = list(spec.get("subjects") or subjects_in(root))
@@ -113,7 +112,7 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
     rows = []
     for index, (subject, text, question) in enumerate(asked):
         letter_scores = [score.logprob for score in scores[4 * index : 4 * index + 4]]
-        predicted = LETTERS[int(numpy.argmax(letter_scores))]  # the first of equals, as lm-eval
+        predicted = LETTERS[statistics.argmax(letter_scores)]  # the first of equals, as lm-eval
         rows.append(
             {
                 "subject": subject,
@@ -126,7 +125,7 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
             }
         )
     per_subject = {subject: _accuracy(row for row in rows if row["subject"] == subject) for subject in subjects}
-    metrics = {"acc": _accuracy(rows), "acc_macro": _mean(per_subject.values())}
+    metrics = {"acc": _accuracy(rows), "acc_macro": statistics.mean(per_subject.values())}
     metrics.update({f"acc_{subject}": value for subject, value in per_subject.items()})
     return TaskResult(metrics, rows)
 
@@ -187,14 +186,10 @@ def _file_problems(path: Path, field: str, shots_needed: Optional[int]) -> List[
 
 
 def _accuracy(rows) -> float:
-    return _mean(float(row["correct"]) for row in rows)
+    return statistics.mean(row["correct"] for row in rows)
 
 
-def _mean(values) -> float:
-    values = list(values)
-    return sum(values) / len(values) if values else float("nan")
-
-
-TASK_TYPES: Dict[str, TaskType] = {
-    "mmlu": TaskType(run=run, problems=problems, keys=("path", "num_fewshot", "subjects"), headline="acc"),
-}
+MMLU = TaskType(
+    "mmlu", run, problems, keys=("path", "num_fewshot", "subjects"), headline="acc",
+    metrics=declared(Metric("acc", True, "acc", MetricKind.QUALITY), Metric("acc_macro", True, "acc_macro", MetricKind.INFO)),
+)

@@ -31,7 +31,7 @@ import base64
 from dataclasses import dataclass, field
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
-from llmexp.plugins.evaluate.judge_template import Verdict
+from llmexp.plugins.evaluate.judge.template import Verdict
 from llmexp.sdk import REDACTED, redact_url_credentials, split_url_credentials
 
 Messages = List[Dict[str, str]]

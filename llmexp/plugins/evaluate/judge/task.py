@@ -4,10 +4,10 @@
 template: faithfulness}`` reads items (one JSON object a line: ``question``, ``reference``,
 and ``answer`` when the answers to grade are already known; without one, the evaluated
 model answers ``question``, greedily, within ``max_new_tokens``), renders each through the
-template (``judge_template.py``: shipped ``faithfulness`` and ``correctness``, or a YAML
-path), asks the judge (``judge_client.py``: ``concurrency`` requests in flight,
+template (``template.py``: shipped ``faithfulness`` and ``correctness``, or a YAML
+path), asks the judge (``client.py``: ``concurrency`` requests in flight,
 ``timeout_s``, ``retries`` with exponential backoff from ``backoff_s``, ``temperature``
-0) and reads a score from each reply. Verdicts are cached (``judge_cache.py``, under
+0) and reads a score from each reply. Verdicts are cached (``cache.py``, under
 ``cache_dir``) so a re-run sends no request already answered.
 
 The API key is read from the environment variable named by ``api_key_env`` (default
@@ -25,7 +25,6 @@ and ``cached`` (items answered from the cache).
 from __future__ import annotations
 
 import logging
-import math
 import os
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
@@ -33,7 +32,8 @@ from typing import Any, Dict, List, Mapping, Optional
 from llmexp.sdk import job_environment
 from llmexp.data.jsonl import read_jsonl_numbered
 from llmexp.sdk import UserError
-from llmexp.plugins.evaluate.tasks import TaskInputs, TaskResult, TaskType
+from llmexp.sdk import Metric, MetricKind, statistics
+from llmexp.sdk import TaskInputs, TaskResult, TaskType, declared
 from llmexp.sdk import redact_url_credentials
 
 log = logging.getLogger(__name__)
@@ -77,9 +77,9 @@ def load_items(path: str, needs: frozenset = frozenset({"question"})) -> List[Di
 
 
 def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
-    from llmexp.plugins.evaluate.judge_cache import JudgeCache, cache_key, default_cache_dir
-    from llmexp.plugins.evaluate.judge_client import JudgeClient, Judgment
-    from llmexp.plugins.evaluate.judge_template import load_template
+    from llmexp.plugins.evaluate.judge.cache import JudgeCache, cache_key, default_cache_dir
+    from llmexp.plugins.evaluate.judge.client import JudgeClient, Judgment
+    from llmexp.plugins.evaluate.judge.template import load_template
 
     settings = {**DEFAULTS, **{key: value for key, value in spec.items() if value is not None}}
     template = load_template(settings["template"])
@@ -143,9 +143,9 @@ def _row(item: Mapping[str, Any], judgment, cached: bool) -> Dict[str, Any]:
 
 def _metrics(rows: List[Dict[str, Any]], low: int, high: int, requests: int) -> Dict[str, float]:
     scores = [row["score"] for row in rows if row["status"] == "scored"]
-    metrics = {"score_mean": sum(scores) / len(scores) if scores else math.nan}
+    metrics = {"score_mean": statistics.mean(scores)}
     for value in range(low, high + 1):
-        metrics[f"score_{value}_share"] = scores.count(value) / len(scores) if scores else math.nan
+        metrics[f"score_{value}_share"] = statistics.mean(score == value for score in scores)
     metrics.update(
         n_scored=float(len(scores)),
         unparsable=float(sum(row["status"] == "unparsable" for row in rows)),
@@ -158,7 +158,7 @@ def _metrics(rows: List[Dict[str, Any]], low: int, high: int, requests: int) -> 
 
 def problems(spec: Mapping[str, Any], field: str) -> List[str]:
     """What is wrong with a ``judge`` task's spec: endpoint, template, items file and settings."""
-    from llmexp.plugins.evaluate.judge_template import PLACEHOLDERS, load_template
+    from llmexp.plugins.evaluate.judge.template import PLACEHOLDERS, load_template
 
     found: List[str] = []
     settings = {**DEFAULTS, **{key: value for key, value in spec.items() if value is not None}}
@@ -210,4 +210,4 @@ def problems(spec: Mapping[str, Any], field: str) -> List[str]:
     return found
 
 
-TASK_TYPES: Dict[str, TaskType] = {"judge": TaskType(run, problems, KEYS)}
+JUDGE = TaskType("judge", run, problems, KEYS, metrics=declared(Metric("score_mean", True, "score_mean", MetricKind.QUALITY)))
