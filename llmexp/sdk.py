@@ -11,7 +11,9 @@ engine, is imported when it is first used.
 from __future__ import annotations
 
 # -- the contract: hooks, the technique class, what a stage gets and returns ------------------------
-from llmexp.techniques.contract import ModelArtifact, StageContext, StageResult, Technique, TechniqueConfig
+from llmexp.techniques.contract import (
+    Metric, MetricKind, ModelArtifact, ServedExport, StageContext, StageResult, Technique, TechniqueConfig,
+)
 from llmexp.techniques.hookspecs import hookimpl
 from llmexp.techniques.plugin_manager import plugin_manager, technique, techniques
 from llmexp.techniques.evaluation_tasks import TaskInputs, TaskResult, TaskType, declared

@@ -3,14 +3,11 @@
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import subprocess
-import sys
 
 import pytest
 
-from .conftest import REPO, read_results, run_llmexp
+from .conftest import read_results, run_llmexp
+from .plugin_packages import install_example
 
 SHORT = ["technique.max_steps=3", "technique.save_model=false", "evaluation.limit=4"]
 
@@ -87,14 +84,7 @@ def test_plugins_lists_built_ins_with_their_package(tmp_path):
 
 def test_out_of_tree_plugin_runs_by_name(tmp_path, tiny_checkpoint):
     """Install the example plugin package for real and run its technique through Hydra."""
-    site, source = tmp_path / "site", tmp_path / "llmexp-weightstats"
-    shutil.copytree(REPO / "examples/llmexp-weightstats", source)  # pip builds in place: keep the repo clean
-    subprocess.run(
-        [sys.executable, "-m", "pip", "install", "-q", "--no-deps", "--no-build-isolation", "--target", str(site),
-         str(source)],
-        check=True, capture_output=True,
-    )
-    env = {"PYTHONPATH": os.pathsep.join(filter(None, [str(site), os.environ.get("PYTHONPATH")]))}
+    env = install_example("llmexp-weightstats", tmp_path)
     listing = run_llmexp("plugins", cwd=tmp_path, env=env)
     assert "weightstats" in listing.stdout and "llmexp-weightstats 0.1.0" in listing.stdout
 

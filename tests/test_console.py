@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
+from omegaconf import OmegaConf
 from rich.console import Console
 
+from llmexp.configuration.compose import compose_config
 from llmexp.display import console
-
-from llmexp.results import report
+from llmexp.results import columns, report, summary
 from llmexp.results.record import comparison
 
 from .conftest import run_llmexp
@@ -39,7 +40,7 @@ def test_a_results_table_and_a_jobs_table_show_their_cells_literally(capsys, tmp
         "stages": {"[bold]stage[/]": {"metrics": {"tasks=[perplexity]": 1.0, ":smile:": 2.0}}},
         "model_stats": {}, "wall_time_s": 1.0, "run_dir": str(tmp_path / "run[3]"),
     }
-    console.print_results(record)
+    summary.print_results(record)
     jobs = [SweepJob(0, USER_TEXT[:3], str(tmp_path / "0"), status="completed"),
             SweepJob(1, USER_TEXT[3:], str(tmp_path / "1"), status="failed", reason="ValueError: [/] at [3]")]
     assert finish(tmp_path, jobs) == 1
@@ -61,6 +62,8 @@ def test_a_bad_override_with_brackets_is_quoted_back_literally(tmp_path):
 
 # The stages of `llmexp` with no arguments (2026-12-06, the README's table), as its results.json holds them.
 DEFAULT_RUN = json.loads((Path(__file__).parent / "fixtures/default_run_results.json").read_text())
+# What its stages declare they report, asked with the default config that ran them.
+DECLARED = columns.declared_metrics({"config": OmegaConf.to_container(compose_config([]), resolve=True), **DEFAULT_RUN})
 DEFAULT_STAGES = ["baseline_eval", "fp8_eval", "prune_eval", "distill_eval", "distill_fp8_eval", "width_prune_eval",
                   "width_distill_eval"]
 
@@ -87,7 +90,7 @@ def _header(text: str) -> list:
 ])
 def test_the_comparison_keeps_whole_columns_that_fit_and_names_those_left_out(width, shown):
     rows = comparison(DEFAULT_RUN["stages"])
-    text = _render(width, lambda screen: console.print_comparison(rows, screen))
+    text = _render(width, lambda screen: summary.print_comparison(rows, DECLARED, screen))
     table = [line for line in text.splitlines() if not line.startswith("not shown")]
     assert "…" not in text and max(len(line) for line in table) <= width
     assert _header(text) == shown
@@ -95,8 +98,7 @@ def test_the_comparison_keeps_whole_columns_that_fit_and_names_those_left_out(wi
     assert [line.strip("│").split("│")[0].strip() for line in body] == DEFAULT_STAGES  # every name whole
     sizes = {line.split("│")[1].strip(): line.split("│")[shown.index("size_mb") + 1].strip() for line in body}
     assert sizes["baseline_eval"] == "6.439" and sizes["fp8_eval"] == "1.733"  # bytes_on_disk / 10^6
-    candidates = [column for column in report.CONSOLE_COLUMNS if any(row.get(column) is not None for row in
-                                                                    report.report_rows(rows))]
+    candidates = columns.present(report.report_rows(rows), columns.columns_of(report.report_rows(rows), DECLARED).console())
     left_out = [column for column in candidates if column not in shown]
     notes = [line for line in text.splitlines() if line.startswith("not shown")]
     if left_out:
@@ -107,7 +109,7 @@ def test_the_comparison_keeps_whole_columns_that_fit_and_names_those_left_out(wi
 
 
 def test_the_results_table_folds_long_metric_names_rather_than_cutting_anything():
-    text = _render(50, lambda screen: console.print_results(dict(DEFAULT_RUN, comparison=[]), screen))
+    text = _render(50, lambda screen: summary.print_results(dict(DEFAULT_RUN, comparison=[]), screen))
     assert "…" not in text
     stages, metrics = [], []
     for line in (line for line in text.splitlines() if line.startswith("│")):
@@ -118,6 +120,6 @@ def test_the_results_table_folds_long_metric_names_rather_than_cutting_anything(
         else:
             metrics[-1] += metric
     expected = [(name, metric) for name, stage in DEFAULT_RUN["stages"].items() for metric in stage["metrics"]
-                if not metric.endswith(console.PAIRED_SUFFIXES)]
+                if not metric.endswith(columns.PAIRED_SUFFIXES)]
     assert metrics == [metric for _, metric in expected]
     assert [stage for stage in stages if stage] == list(DEFAULT_RUN["stages"])

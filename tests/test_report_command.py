@@ -9,6 +9,7 @@ import pytest
 
 from llmexp.errors import UserError
 from llmexp.cli.report import accuracy_metrics, baseline_row, run_names, swept_keys
+from llmexp.sdk import Metric, MetricKind
 from tests.conftest import run_llmexp
 
 PNG = b"\x89PNG\r\n\x1a\n"
@@ -91,10 +92,15 @@ def test_baseline_must_match_one_row():
         baseline_row(rows, "k")
 
 
-def test_accuracies_are_the_embedded_ones_then_the_described_tasks():
+def test_accuracies_are_the_declared_qualities_the_rows_carry_in_declared_order():
     rows = [{"mmlu_acc": 0.5, "mc_cloze_acc": 1.0, "gsm_exact_match_strict-match": 0.1, "mmlu_acc_delta": 0.0,
              "code_pass_at_1": 0.2, "tokens_per_s": 3.0, "perplexity": 9.0}]
-    assert accuracy_metrics(rows) == ["mc_cloze_acc", "mmlu_acc", "gsm_exact_match_strict-match", "code_pass_at_1"]
+    quality, info, cost = MetricKind.QUALITY, MetricKind.INFO, MetricKind.COST
+    declared = [Metric(name, higher, name, kind) for name, higher, kind in (
+        ("mc_cloze_acc", True, quality), ("word_problem_em", True, quality), ("mmlu_acc", True, quality),
+        ("mmlu_acc_delta", True, info), ("gsm_exact_match_strict-match", True, quality), ("perplexity", False, info),
+        ("code_pass_at_1", True, quality), ("tokens_per_s", True, cost))]
+    assert accuracy_metrics(rows, declared) == ["mc_cloze_acc", "mmlu_acc", "gsm_exact_match_strict-match", "code_pass_at_1"]
 
 
 COMPRESS_EVALS = ["baseline_eval", "fp8_eval", "prune_eval", "distill_eval", "distill_fp8_eval", "width_prune_eval",

@@ -8,8 +8,10 @@ whose values differ between runs are the swept keys, and rows are grouped by the
 ``--baseline key=value,...`` names one row (``run=0,stage=baseline_eval``); every other row
 gets the difference of each accuracy and cost from it.
 Runs that failed or were skipped (and sweep jobs that never wrote results) are listed with
-their reasons instead of dropped. Writes ``report.md``, ``report.csv`` and
-``pareto_{throughput,size,memory}.png`` atomically into ``--out``.
+their reasons instead of dropped. Columns, their labels and the plots' axes come from what each run's
+stages declare (``llmexp.results.columns``), looked up among the plugins installed here. Writes
+``report.md``, ``report.csv`` and one ``pareto_<cost>.png`` per cost the evaluations declare and the
+model's size (``pareto_throughput.png``, ``pareto_size.png`` ...) atomically into ``--out``.
 """
 
 from __future__ import annotations
@@ -19,21 +21,22 @@ import json
 import math
 import os
 from pathlib import Path
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
+from llmexp.atomic import replace_atomically
 from llmexp.errors import UserError
+from llmexp.results.record import RESULTS_FILE, flatten_numbers
+from llmexp.results.report import markdown_table, pareto_png, report_rows, write_csv
+from llmexp.results.columns import (
+    PAIRED_SUFFIXES, PLOTTED_QUALITIES, SIZE, Columns, columns_of, declared_metrics, file_stem, is_number, plottable,
+    present,
+)
+from llmexp.techniques.contract import Metric, MetricKind
 
 REPORT_MD, REPORT_CSV = "report.md", "report.csv"
-# Metrics a row may carry that are accuracies (higher is better) beyond report.ACCURACIES: the
-# described evaluation tasks' names end so (mmlu_acc, gsm8k_exact_match_strict-match, code_pass_at_1).
-_ACCURACY_SUFFIXES = ("_acc", "_acc_norm", "_acc_macro", "_em", "_pass_at_1", "_score_mean", "_rougeL", "_bleu", "_f1")
-_ACCURACY_MARKERS = ("_exact_match",)
-# What a row shows about the model and what it cost, when present.
+# What a row shows about the model besides its measures, when present.
 _MODEL_COLUMNS = ("precision", "parameters")
-_COST_COLUMNS = (
-    "perplexity", "tokens_per_s", "output_tokens_per_s", "ttft_p50_ms", "size_mb", "eval_peak_memory_mb",
-    "train_time_s",
-)
+_VS_BASELINE = "_vs_baseline"
 
 
 def main(argv: List[str]) -> int:
@@ -41,30 +44,32 @@ def main(argv: List[str]) -> int:
     parser.add_argument("dirs", nargs="+", type=Path, help="run or multirun directories (searched for results.json)")
     parser.add_argument("--out", type=Path, help="where to write the report (default: the only DIR, else ./report)")
     parser.add_argument("--baseline", help="the row others are compared with: key=value[,key=value] (e.g. stage=baseline_eval)")
-    parser.add_argument("--metric", action="append", default=[], help="an accuracy to show and plot (repeatable)")
+    parser.add_argument("--metric", action="append", default=[], help="a quality to show and plot, by its key (repeatable); default: what the runs declare")
     args = parser.parse_args(argv)
     from llmexp.display import console
-    from llmexp.results.report import table_columns
 
     runs, missing = find_runs(args.dirs)
-    rows, unfinished, swept = collect_rows(runs)
+    rows, unfinished, swept, columns = collect_rows(runs)
     unfinished += missing
     if not rows and not unfinished:
         raise UserError(
             f"no results.json under {', '.join(map(str, args.dirs))}; give run directories (outputs/<date>/<time>) "
             "or multirun directories (multirun/<date>/<time>)."
         )
-    accuracies = args.metric or accuracy_metrics(rows)
+    qualities = [columns.metric(name) or Metric(name, True, name, MetricKind.QUALITY) for name in args.metric] or [
+        columns.metric(name) for name in accuracy_metrics(rows, columns.measured.values())]
     baseline = baseline_row(rows, args.baseline) if args.baseline else None
     out = args.out or (args.dirs[0] if len(args.dirs) == 1 else Path("report"))
-    written = write_cross_run_report(out, rows, unfinished, accuracies, swept, baseline)
-    measures = [*accuracies[:3], *(f"{name}_vs_baseline" for name in accuracies[:1]),
-                "perplexity", "size_mb", "tokens_per_s", "output_tokens_per_s"]
+    written = write_cross_run_report(out, rows, unfinished, columns, qualities, swept, baseline)
+    names = [metric.name for metric in qualities]
+    others = [m.name for m in columns.of_kind(MetricKind.INFO) if not m.name.endswith(PAIRED_SUFFIXES)]
+    measures = [*names[:3], *(name + _VS_BASELINE for name in names[:1]), *others[:1], SIZE.name,
+                *(m.name for m in columns.of_kind(MetricKind.COST))]
     # What a narrow terminal keeps first: which row it is (its run and stage are never left out), its first
-    # accuracy, the swept keys, then the other measures.
+    # quality, the swept keys, then the other measures.
     priority = list(dict.fromkeys(["run", "stage", "technique", "pipeline", *measures[:1], *swept, *measures]))
     console.print_fitted_table(
-        "Report", rows, table_columns(rows, priority), (REPORT_MD, REPORT_CSV), keep=2,
+        "Report", rows, present(rows, priority), (REPORT_MD, REPORT_CSV), keep=2,
         order=[*row_names(swept), *measures],
     )
     for entry in unfinished:
@@ -82,8 +87,6 @@ def find_runs(dirs: Sequence[Path]) -> Tuple[List[Tuple[Path, Dict[str, Any]]], 
     results.json), or one a Slurm sweep's ``jobs.json`` lists as failed without results,
     is reported as failed with what is known.
     """
-    from llmexp.results.record import RESULTS_FILE
-
     runs: List[Tuple[Path, Dict[str, Any]]] = []
     missing: List[Dict[str, Any]] = []
     for root in dirs:
@@ -108,12 +111,12 @@ def find_runs(dirs: Sequence[Path]) -> Tuple[List[Tuple[Path, Dict[str, Any]]], 
 
 def collect_rows(
     runs: Sequence[Tuple[Path, Mapping[str, Any]]],
-) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], List[str]]:
-    """One row per evaluation of every completed run with its swept overrides; the runs that did not complete; the swept keys."""
-    from llmexp.results.report import report_rows
-
+) -> Tuple[List[Dict[str, Any]], List[Dict[str, Any]], List[str], Columns]:
+    """One row per evaluation of every completed run with its swept overrides; the runs that did not complete; the
+    swept keys; the rows' columns (what each run's stages declare)."""
     rows: List[Dict[str, Any]] = []
     unfinished: List[Dict[str, Any]] = []
+    columns = Columns()
     overrides = {str(run_dir): _overrides(run_dir) for run_dir, _ in runs}
     swept = swept_keys(list(overrides.values()))
     names = run_names([run_dir for run_dir, _ in runs])
@@ -126,9 +129,8 @@ def collect_rows(
         evaluations = report_rows(results.get("comparison") or [])
         if not evaluations:  # a run without an evaluation: its last stage's numbers
             name, entry = list((stages or {"-": {}}).items())[-1]
-            from llmexp.results.record import flatten_numbers
-
             evaluations = [{"stage": name, "made_by": entry.get("technique"), **flatten_numbers(entry.get("metrics") or {})}]
+        columns.add(columns_of(evaluations, declared_metrics(results)))
         pipeline = ((results.get("config") or {}).get("pipeline") or {}).get("name")
         for evaluation in evaluations:
             row = {
@@ -139,7 +141,7 @@ def collect_rows(
             row["label"] = " ".join([row["run"], *label] if len(runs) > 1 else label).strip()
             rows.append(row)
     rows.sort(key=lambda row: [_sort_key(row.get(key)) for key in swept])
-    return rows, unfinished, swept
+    return rows, unfinished, swept, columns
 
 
 def run_names(run_dirs: Sequence[Path]) -> Dict[str, str]:
@@ -172,19 +174,10 @@ def swept_keys(overrides: Sequence[Mapping[str, str]]) -> List[str]:
     return [key for key in keys if len({run.get(key) for run in overrides}) > 1]
 
 
-def accuracy_metrics(rows: Sequence[Mapping[str, Any]]) -> List[str]:
-    """The accuracy measures the rows carry: the embedded tasks' first, then the described tasks'."""
-    from llmexp.results.report import ACCURACIES
-
-    present = list(dict.fromkeys(key for row in rows for key, value in row.items() if isinstance(value, (int, float))))
-    known = [name for name in ACCURACIES if name in present]
-    described = [
-        name for name in present
-        if name not in known and not name.endswith(("_delta", "_se")) and (
-            name.endswith(_ACCURACY_SUFFIXES) or any(marker in name for marker in _ACCURACY_MARKERS)
-        )
-    ]
-    return known + described
+def accuracy_metrics(rows: Sequence[Mapping[str, Any]], declared: Iterable[Metric]) -> List[str]:
+    """The qualities ``declared`` (``Technique.metrics``) that the rows carry, in the order declared."""
+    present = {key for row in rows for key, value in row.items() if is_number(value)}
+    return [metric.name for metric in declared if metric.kind is MetricKind.QUALITY and metric.name in present]
 
 
 def baseline_row(rows: Sequence[Mapping[str, Any]], selector: str) -> Mapping[str, Any]:
@@ -209,38 +202,49 @@ def write_cross_run_report(
     out: Path,
     rows: Sequence[Dict[str, Any]],
     unfinished: Sequence[Mapping[str, Any]],
-    accuracies: Sequence[str],
+    columns: Columns,
+    qualities: Sequence[Metric],
     swept: Sequence[str] = (),
     baseline: Optional[Mapping[str, Any]] = None,
 ) -> Dict[str, Path]:
-    """``report.md`` (table + runs not completed), ``report.csv`` and one Pareto PNG per cost axis."""
-    from llmexp.atomic import replace_atomically
-    from llmexp.results.report import GENERATION_THROUGHPUT, PEAK_MEMORY, SIZE, THROUGHPUT, _write_csv, markdown_table, pareto_png, table_columns
+    """``report.md`` (table + runs not completed), ``report.csv`` and one Pareto PNG per cost axis (``columns.costs``).
 
-    measures = [*accuracies, *(column for column in _COST_COLUMNS if column not in accuracies)]
+    Every measure (the ``qualities``, the other declared measures, the size and the costs) gets its difference from
+    the ``baseline`` row (``<metric>_vs_baseline``)."""
+    others = [m.name for m in columns.of_kind(MetricKind.INFO) if not m.name.endswith(PAIRED_SUFFIXES)]
+    costs = [SIZE.name, *(m.name for m in columns.of_kind(MetricKind.COST)), *columns.made]
+    measures = list(dict.fromkeys([*(metric.name for metric in qualities), *others, *costs]))
     if baseline is not None:
         for row in rows:
             for measure in measures:
                 if _number(row.get(measure)) and _number(baseline.get(measure)):
-                    row[f"{measure}_vs_baseline"] = row[measure] - baseline[measure]
-    columns = table_columns(
-        rows, [*row_names(swept), *_MODEL_COLUMNS, *(c for m in measures for c in (m, f"{m}_vs_baseline")), "run_dir"]
-    )
+                    row[measure + _VS_BASELINE] = row[measure] - baseline[measure]
+    shown = present(rows, [
+        *row_names(swept), *_MODEL_COLUMNS, *(c for m in measures for c in (m, m + _VS_BASELINE)), "run_dir",
+        *columns.undeclared,
+    ])
     out.mkdir(parents=True, exist_ok=True)
-    body = markdown_table(rows, columns) if rows else "No completed runs.\n"
+    body = markdown_table(rows, shown, [_header(columns, column) for column in shown]) if rows else "No completed runs.\n"
     if baseline is not None:
         body = f"Differences (`*_vs_baseline`) are against **{baseline.get('label')}**.\n\n" + body
     if unfinished:
         body += "\n## Not completed\n\n" + markdown_table(list(unfinished), ["run", "status", "reason"])
     written = {
         "table": replace_atomically(out / REPORT_MD, lambda handle: handle.write(body)),
-        "csv": replace_atomically(out / REPORT_CSV, lambda handle: _write_csv(handle, rows, columns)),
+        "csv": replace_atomically(out / REPORT_CSV, lambda handle: write_csv(handle, rows, shown)),
     }
-    for name, cost in (("throughput", THROUGHPUT), ("generation", GENERATION_THROUGHPUT), ("size", SIZE), ("memory", PEAK_MEMORY)):
-        png = pareto_png(rows, [cost], accuracies, label="label")
+    for cost in columns.costs(rows):
+        png = pareto_png(rows, [q for q in qualities if plottable(rows, q.name)][:PLOTTED_QUALITIES], [cost], label="label")
         if png is not None:
-            written[name] = replace_atomically(out / f"pareto_{name}.png", lambda handle, png=png: handle.write(png), binary=True)
+            written[cost.name] = replace_atomically(
+                out / f"pareto_{file_stem(cost)}.png", lambda handle, png=png: handle.write(png), binary=True)
     return written
+
+
+def _header(columns: Columns, column: str) -> str:
+    """A report's Markdown header: the column's label, ``<label> vs baseline`` for its difference from the baseline."""
+    measure, suffix = column[: -len(_VS_BASELINE)], column[-len(_VS_BASELINE):]
+    return f"{columns.label(measure)} vs baseline" if suffix == _VS_BASELINE else columns.label(column)
 
 
 def _overrides(run_dir: Path) -> Dict[str, str]:

@@ -1,4 +1,4 @@
-"""What a person sees: stage banners, the results table, warnings and one-paragraph errors.
+"""What a person sees: stage banners, tables that fit the terminal, warnings and one-paragraph errors.
 
 Progress and messages go to stderr; the results table and the run directory to stdout,
 so ``llmexp ... > summary.txt`` keeps the part worth keeping.
@@ -13,13 +13,13 @@ from __future__ import annotations
 
 import os
 import sys
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 from rich.console import Console
 from rich.table import Table
 from rich.text import Text
 
-from llmexp.results import report
+
 def _width(stream) -> Optional[int]:
     """Terminals report their width; piped output gets room so tables do not wrap names."""
     return None if stream.isatty() or "COLUMNS" in os.environ else 160
@@ -46,42 +46,17 @@ def error(message: str) -> None:
     err.print(Text.assemble(("error:", "bold red"), " ", message), highlight=False, soft_wrap=True)
 
 
-# Differences from a baseline: results.json and comparison.md keep them, the console leaves them out.
-PAIRED_SUFFIXES = ("_delta", "_delta_se")
-
-
-def print_results(record: Dict[str, Any], console: Console = out) -> None:
-    """Every stage's metrics, the comparison of the evaluated models, the final model and the run directory.
-
-    Nothing is cut short at any width: stage names and values keep their width and a metric
-    name too long for what is left folds onto the next line.
-    """
-    table = Table(title="Results", title_justify="left")
-    table.add_column("stage", no_wrap=True)
-    table.add_column("metric", overflow="fold")
-    table.add_column("value", justify="right", no_wrap=True)
-    for stage_name, stage in record["stages"].items():
-        for metric, value in stage["metrics"].items():
-            if metric.endswith(PAIRED_SUFFIXES):
-                continue
-            table.add_row(stage_name, metric, report.format_value(value))
-            stage_name = ""
-    console.print(table)
-    print_comparison(record.get("comparison") or [], console)
-    stats = record.get("model_stats") or {}
-    if stats:
-        console.print("model: " + ", ".join(f"{k}={report.format_value(v)}" for k, v in stats.items()))
-    console.print(f"wall time: {record['wall_time_s']:.1f} s")
-    console.print(f"run directory: {record['run_dir']}", soft_wrap=True, highlight=False)
-
-
-def print_comparison(rows: List[Dict[str, Any]], console: Console = out) -> None:
-    """The evaluations side by side with their models' stats and cost, as many columns as the width has room for."""
-    if len(rows) < 2:
-        return
-    rows = report.report_rows(rows)
-    columns = report.table_columns(rows, report.CONSOLE_COLUMNS)
-    print_fitted_table("Comparison", rows, columns, (report.TABLE_MD, report.TABLE_CSV), console, order=report.COLUMNS)
+def format_value(value: Any) -> str:
+    """A table cell: ``-`` for none, ``yes``/``no``, four significant digits, thousands separated."""
+    if value is None:
+        return "-"
+    if isinstance(value, bool):
+        return "yes" if value else "no"
+    if isinstance(value, float):
+        return f"{value:.4g}" if abs(value) < 1000 else f"{value:,.0f}"
+    if isinstance(value, int):
+        return f"{value:,}"
+    return str(value)
 
 
 def print_fitted_table(
@@ -127,7 +102,7 @@ def fitted_table(
         for column in ordered:
             table.add_column(column, justify="left" if column in _TEXT_COLUMNS else "right", overflow="fold")
         for row in rows:
-            table.add_row(*(report.format_value(row.get(column)) for column in ordered))
+            table.add_row(*(format_value(row.get(column)) for column in ordered))
         # The width the table takes unconstrained: measured against a console wide enough for any table.
         width = console.measure(table, options=console.options.update_width(_UNCONSTRAINED)).maximum
         if width <= console.width or len(shown) <= keep:

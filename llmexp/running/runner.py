@@ -44,7 +44,9 @@ from llmexp.display.library_noise import quiet_libraries
 from llmexp.models.loading import load_model
 from llmexp.configuration.pipeline import TOP_LEVEL_NODES, input_stage, node_path, stage_nodes
 from llmexp.planning.planner import make_plan
+from llmexp.results.columns import declared_metrics
 from llmexp.results.report import write_report
+from llmexp.results.summary import print_results
 from llmexp.techniques.plugin_manager import technique
 from llmexp.results.record import RunRecord, flatten_numbers, read_results, redact_hydra_record
 from llmexp.techniques.contract import ModelArtifact, StageContext, StageResult
@@ -90,12 +92,13 @@ def run_experiment(cfg: DictConfig, run_dir: Path, multirun: bool) -> RunRecord:
         return record
     _close(record, "completed")
     results = record.to_dict()
+    declared = declared_metrics(results)
     if len(results["comparison"]) > 1:
-        for path in write_report(run_dir, results["comparison"]).values():
+        for path in write_report(run_dir, results["comparison"], declared).values():
             tracker.log_file(path)
     tracker.log_results(results)
     tracker.finish("completed")
-    console.print_results(results)
+    print_results(results, declared=declared)
     return record
 
 
@@ -118,8 +121,8 @@ def _machine_problems(cfg) -> List[str]:
 def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earlier: Dict[str, Any]) -> None:
     # A top-level stage whose technique produces no model (evaluate, benchmark) is skipped when
     # that technique already looked at the same model: `technique=evaluate` evaluates once, not
-    # twice; and the evaluation is skipped after any technique that made no model
-    # (`technique=benchmark` benchmarks, it does not also score). A pipeline's own nodes always
+    # twice; and an implied measurement (``Technique.implied_measurement``: the evaluation) is skipped after
+    # any technique that made no model (`technique=benchmark` benchmarks, it does not also score). A pipeline's own nodes always
     # run: its author put each there on purpose.
     models: Dict[str, ModelArtifact] = {}  # by stage; model None, path set: kept, loaded when needed
     kept_stages: List[str] = []  # stages an earlier attempt completed, kept by this one
@@ -131,7 +134,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
         source = input_stage(cfg, key) or latest
         if not cls.produces_model:
             if key in TOP_LEVEL_NODES and (
-                (source, cls.name) in looked_at or (cls.name == "evaluate" and any(s == source for s, _ in looked_at))
+                (source, cls.name) in looked_at or (cls.implied_measurement and any(s == source for s, _ in looked_at))
             ):
                 continue
             looked_at.add((source, cls.name))

@@ -25,9 +25,10 @@ from llmexp.machine.backends import importable
 from llmexp.errors import UserError
 from llmexp.models.loading import MODELOPT_STATE
 from llmexp.serving.served_models import check_adapter_dir, resolve_model_dir
+from llmexp.techniques.contract import ServedExport
+from llmexp.techniques.plugin_manager import techniques
 
 VLLM_SERVER_MODULE = "vllm.entrypoints.openai.api_server"
-EXPORT_DIR = "export"  # where the quantize stage writes ModelOpt's unified HF export (llmexp/plugins/quantize/ptq.py)
 HF_QUANT_CONFIG = "hf_quant_config.json"
 
 # ModelOpt's quant_algo -> the name vLLM's ModelOpt loader detects it as. vLLM refuses a --quantization
@@ -95,19 +96,23 @@ def vllm_command(
 def servable_checkpoint(path: Path) -> Tuple[Path, Optional[Path]]:
     """(the directory vLLM loads, an adapter MODEL_DIR implied or None), refusing what vLLM cannot read.
 
-    Like the in-process backend (``resolve_model_dir``), except that a quantize stage serves its
-    ``export/`` (ModelOpt's unified checkpoint, which vLLM reads) and that a ModelOpt
-    ``mto.restore`` checkpoint (``modelopt_state.pth``: fake-quantized, our in-process format) is refused.
+    Like the in-process backend (``resolve_model_dir``), except that a stage directory serves the
+    export its technique writes for servers (``Technique.served_export``: a quantize stage's ModelOpt
+    unified checkpoint, which vLLM reads) and that a ModelOpt ``mto.restore`` checkpoint
+    (``modelopt_state.pth``: fake-quantized, our in-process format) is refused.
     """
-    if path.is_dir() and (path / EXPORT_DIR / "config.json").is_file():
-        checkpoint, implied_adapter = path / EXPORT_DIR, None
+    export = next((path / e.folder for e in served_exports() if (path / e.folder / "config.json").is_file()), None)
+    if path.is_dir() and export is not None:
+        checkpoint, implied_adapter = export, None
     else:
         checkpoint, implied_adapter = resolve_model_dir(path)
     if (checkpoint / MODELOPT_STATE).is_file():
-        export = checkpoint.parent / EXPORT_DIR
-        where = (f"Serve the unified export written beside it: `llmexp serve {export} --backend vllm`."
-                 if (export / "config.json").is_file() else
-                 f"No export is beside it ({export}): re-run the quantize stage with technique.export=true "
+        beside = [(checkpoint.parent / e.folder, e) for e in served_exports()]
+        written = next((folder for folder, _ in beside if (folder / "config.json").is_file()), None)
+        where = (f"Serve the unified export written beside it: `llmexp serve {written} --backend vllm`."
+                 if written is not None else
+                 f"No export is beside it ({', '.join(str(folder) for folder, _ in beside) or 'none declared'}): "
+                 f"re-run its stage with {' or '.join(e.written_by for _, e in beside) or 'an export'} "
                  "to write one, or serve this checkpoint with --backend inprocess.")
         raise UserError(
             f"MODEL_DIR={path}: {checkpoint} is a ModelOpt checkpoint for in-process use ({MODELOPT_STATE}, "
@@ -122,9 +127,15 @@ def servable_checkpoint(path: Path) -> Tuple[Path, Optional[Path]]:
 
 
 def served_name(checkpoint: Path) -> str:
-    """The checkpoint directory's name, or its stage's for ``<stage>/model`` and ``<stage>/export``."""
+    """The checkpoint directory's name, or its stage's for ``<stage>/model`` and a stage's served export."""
     directory = checkpoint.resolve()
-    return directory.parent.name if directory.name in ("model", EXPORT_DIR) else directory.name
+    return directory.parent.name if directory.name in ("model", *(e.folder for e in served_exports())) else directory.name
+
+
+def served_exports() -> List[ServedExport]:
+    """The exports for servers that the installed techniques write into their stage directories."""
+    return list(dict.fromkeys(entry.technique.served_export for entry in techniques().values()
+                              if entry.technique.served_export is not None))
 
 
 def name_of_implied_adapter(adapter_dir: Path) -> str:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import importlib
 from dataclasses import dataclass, field
+from enum import Enum
 from pathlib import Path
 from typing import Any, Callable, ClassVar, Dict, List, Mapping, Optional, Tuple
 
@@ -66,6 +67,33 @@ class StageResult:
     model_stats: Dict[str, Any] = field(default_factory=dict)
 
 
+class MetricKind(Enum):
+    """What a reported number is to a comparison: the report's table groups columns by it, its plots pair them."""
+
+    QUALITY = "quality"  # how good the model is (a task's accuracy): a Pareto plot's y axis
+    COST = "cost"  # what the model or the stage costs (size, speed, memory, time): a Pareto plot's x axis
+    INFO = "info"  # anything else worth a column (perplexity, differences from a baseline)
+
+
+@dataclass(frozen=True)
+class Metric:
+    """One number a stage reports (``Technique.metrics``): its key in the stage's metrics, whether more is better,
+    the label the comparison table and the plots' axes show, and its kind."""
+
+    name: str
+    higher_is_better: bool
+    label: str
+    kind: MetricKind
+
+
+@dataclass(frozen=True)
+class ServedExport:
+    """A copy of a stage's model that servers such as vLLM load instead of its ``model/`` (``Technique.served_export``)."""
+
+    folder: str  # in the stage's directory
+    written_by: str  # the setting that writes it, for the message when it is missing
+
+
 class Technique:
     """Subclass, set the class attributes, implement ``run``; return it from ``llmexp_techniques``.
 
@@ -87,6 +115,11 @@ class Technique:
     extra: ClassVar[Optional[str]] = None  # pip extra that installs them
     # "module:function" taking a StageContext: the heavy code ``run`` imports only when it runs
     entry: ClassVar[Optional[str]] = None
+    # a measurement that a run implies after its technique (the top-level evaluation): left out when a stage
+    # before it already looked at the same model without changing it (`technique=benchmark` does not also score)
+    implied_measurement: ClassVar[bool] = False
+    # a copy of the stage's model for external servers, beside its model/ (``llmexp serve --backend vllm``)
+    served_export: ClassVar[Optional[ServedExport]] = None
 
     def run(self, ctx: StageContext) -> StageResult:
         """Calls ``entry``; override instead when the technique has none."""
@@ -126,6 +159,13 @@ class Technique:
         (``llmexp.planning.planner.Plan``; ``plan.architectures[key]``: the architecture numbers of the model the
         stage receives and makes). Called once per stage by the planner. Must not import torch."""
         return []
+
+    @classmethod
+    def metrics(cls, config, node) -> Tuple[Metric, ...]:
+        """The numbers a stage of it (``node``) reports that a comparison shows, most important first within each
+        kind; the report takes its columns, their order and labels, and its plots' axes from them. A number a stage
+        reports but does not declare stays in results.json, out of the table. Pure Python."""
+        return ()
 
     @classmethod
     def measured_by(cls, config) -> Tuple[str, ...]:

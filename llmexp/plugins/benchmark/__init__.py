@@ -19,7 +19,7 @@ from typing import Any, Dict, List, Optional
 from urllib.parse import urlparse
 
 from llmexp.sdk import (
-    Technique, TechniqueConfig, context_length, has_weights, hookimpl, job_environment, model_sources, node_path,
+    Metric, MetricKind, Technique, TechniqueConfig, context_length, has_weights, hookimpl, job_environment, model_sources, node_path,
     redact_url_credentials,
 )
 
@@ -82,6 +82,16 @@ class Benchmark(Technique):
     produces_model = False
     requires = ("torch", "transformers", "httpx")
     entry = "llmexp.plugins.benchmark.sweep:benchmark"
+
+    @classmethod
+    def metrics(cls, config, node):
+        """The first point's generation throughput and latencies (``sweep.HEADLINE``): what serving the model costs."""
+        return (
+            Metric("output_tokens_per_s", True, "generation", MetricKind.COST),
+            Metric("request_throughput_per_s", True, "request_throughput_per_s", MetricKind.COST),
+            *(Metric(name, False, name, MetricKind.COST) for name in ("ttft_p50_ms", "ttft_p99_ms", "itl_p50_ms",
+                                                                    "e2e_p50_ms")),
+        )
 
     @classmethod
     def plan_problems(cls, config, key: str, node, plan) -> List[str]:

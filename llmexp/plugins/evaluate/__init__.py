@@ -33,6 +33,7 @@ from llmexp.sdk import (
 from llmexp.plugins.evaluate.harness.learned_tasks import added_tasks, learned_problems, learned_tasks
 from llmexp.plugins.evaluate.harness.paired import baseline_rows, missing_tasks_problem, paired_measures
 from llmexp.plugins.evaluate.harness.registry import Task, resolve_tasks, run_task
+from llmexp.plugins.evaluate.reported import reported
 from llmexp.plugins.evaluate.tasks import BUILT_IN
 from llmexp.plugins.evaluate.tasks.code import machine_problems
 from llmexp.plugins.evaluate.tasks.embedded import EMBEDDED_TASKS
@@ -65,7 +66,15 @@ class Evaluate(Technique):
     schema = EvaluateConfig
     memory = "inference"
     produces_model = False
+    implied_measurement = True
     requires = ("torch", "transformers")
+
+    @classmethod
+    def metrics(cls, config, node):
+        """Its tasks' metrics, with the tasks it adds for what its model learned, and its comparison's (``reported.py``)."""
+        tasks = resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
+        key = next((key for key, other in stage_nodes(config, strict=False) if other is node), None)
+        return reported(tasks + added_tasks(tasks, learned_tasks(config).get(key, [])), compared=bool(node.baseline))
 
     @classmethod
     def planned_as(cls, config, key: str, node) -> str:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import List, Optional
 
 from llmexp.sdk import (
-    Technique, TechniqueConfig, context_length, has_weights, hookimpl, local_directory, node_path, stage_nodes,
+    Metric, MetricKind, Technique, TechniqueConfig, context_length, has_weights, hookimpl, local_directory, node_path, stage_nodes,
 )
 
 FORMATS = ("hf", "trtllm", "triton")
@@ -50,6 +50,12 @@ class Export(Technique):
     produces_model = False
     requires = ("torch", "transformers")
     entry = "llmexp.plugins.export.stage:export"
+
+    @classmethod
+    def metrics(cls, config, node):
+        """What the deployable files weigh and took to write (``stage.export``)."""
+        return tuple(Metric(name, False, name, MetricKind.COST) for name in (
+            "checkpoint_bytes", "checkpoint_time_s", "engine_bytes", "engine_build_time_s"))
 
     @classmethod
     def plan_problems(cls, config, key: str, node, plan) -> List[str]:

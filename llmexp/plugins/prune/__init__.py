@@ -17,7 +17,7 @@ from typing import Any, Dict, List, Optional
 
 from llmexp.data.text import raw_text_problems
 from llmexp.plugins.prune.sizes import pruned_numbers
-from llmexp.sdk import Technique, TechniqueConfig, UserError, count_parameters, hookimpl, node_path, read_hf_config
+from llmexp.sdk import Metric, MetricKind, Technique, TechniqueConfig, UserError, count_parameters, hookimpl, node_path, read_hf_config
 
 METHODS = ("depth", "width")
 IMPORTANCES = ("block", "perplexity")  # llmexp.plugins.prune.importance.LAYER_IMPORTANCE
@@ -56,6 +56,12 @@ class Prune(Technique):
     requires = ("torch", "transformers")
 
     entry = "llmexp.plugins.prune.surgery:prune"
+
+    @classmethod
+    def metrics(cls, config, node):
+        """The share of parameters kept and what measuring importance took; the model's size is its model stats."""
+        return (Metric("parameter_fraction", False, "parameter_fraction", MetricKind.INFO),
+                Metric("calibration_time_s", False, "calibration_time_s", MetricKind.COST))
 
     @classmethod
     def made_architecture(cls, node, numbers: Dict[str, Any]) -> Dict[str, Any]:

@@ -21,7 +21,7 @@ import yaml
 from llmexp.data.text import raw_text_problems, read_text_documents
 from llmexp.plugins.quantize.formats import FORMATS, Format
 from llmexp.sdk import (
-    PRECISION_NEEDS, Technique, TechniqueConfig, has_weights, hookimpl, local_directory, model_sources, node_path,
+    PRECISION_NEEDS, Metric, MetricKind, ServedExport, Technique, TechniqueConfig, has_weights, hookimpl, local_directory, model_sources, node_path,
 )
 
 
@@ -52,6 +52,13 @@ class Quantize(Technique):
     requires = ("torch", "transformers", "modelopt")
 
     entry = "llmexp.plugins.quantize.ptq:quantize"
+    served_export = ServedExport("export", "technique.export=true")  # ModelOpt's unified checkpoint (ptq.export)
+
+    @classmethod
+    def metrics(cls, config, node):
+        """What calibrating and exporting took; the model's bits per weight are its model stats."""
+        return (Metric("calibration_time_s", False, "calibration_time_s", MetricKind.COST),
+                Metric("export_time_s", False, "export_time_s", MetricKind.COST))
 
     @classmethod
     def plan_problems(cls, config, key: str, node, plan) -> List[str]:
