@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import pytest
+from omegaconf import OmegaConf
 
 from llmexp.machine.backends import BACKENDS
 from llmexp.configuration.compose import compose_config
 from llmexp.errors import UserError
-from llmexp.configuration.schema import BACKEND_OPTIONS, TRACKER_OPTIONS, TrackerKind
+from llmexp.configuration.schema import BACKEND_OPTIONS, TRACKER_OPTIONS, SlurmClusterConfig, TrackerKind
 from llmexp.results.tracking import TRACKERS
 
 from .conftest import run_llmexp
@@ -32,6 +33,10 @@ from .conftest import run_llmexp
     (["tracker=none", "tracker.uri=http://mlflow.example:5000"], "tracker.uri is a key of tracker=mlflow; this run "
      "has tracker=none, which has no such key: choose tracker=mlflow or drop the override."),
     (["tracker.project=p"], "tracker.project is a key of tracker=wandb and tracker=mlflow; this run has tracker=none"),
+    (["cluster=none", "cluster.account=my_project"], "cluster.account is a key of cluster=example and "
+     "cluster=localhost; this run has cluster=none, which has no such key: choose cluster=example or drop the override."),
+    (["cluster=localhost", "cluster.acount=my_project"],
+     "cluster.acount is not a key of cluster; did you mean cluster.account=my_project?"),
     (["parallelism.shardin=fsdp"],
      "parallelism.shardin is not a key of parallelism; did you mean parallelism.sharding=fsdp?"),
 ])
@@ -92,6 +97,16 @@ def test_each_option_composes_with_only_its_own_keys():
     assert (list(mlflow), list(mlflow.tags)) == (["name", "tags", "project", "uri"], ["ci"])
     assert set(BACKEND_OPTIONS) == {name for name, backend in BACKENDS.items() if backend.role == "training"}
     assert {kind.value for kind in TrackerKind} == set(TRACKER_OPTIONS) == set(TRACKERS)
+
+
+def test_no_cluster_has_no_slurm_settings_and_every_slurm_profile_has_them():
+    assert list(compose_config([]).cluster) == ["name"]
+    for profile in ("localhost", "example"):
+        cluster = compose_config([f"cluster={profile}"]).cluster
+        assert OmegaConf.get_type(cluster) is SlurmClusterConfig and cluster.name == profile
+        assert list(cluster) == ["name", "account", "qos", "time_limit_min", "setup", "hardware"]
+    assert compose_config(["cluster=localhost"]).cluster.hardware.cpu.partition == "debug"
+    assert compose_config(["cluster=localhost", "cluster.name=mycluster"]).cluster.name == "mycluster"  # a label
 
 
 @pytest.mark.parametrize("overrides, message", [

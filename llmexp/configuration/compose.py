@@ -2,9 +2,9 @@
 
 Every technique's schema is stored as the option ``technique/<name>``, so a plugin's
 technique is selectable (``technique=<name>``) without shipping any YAML. Each ``backend``,
-``data`` and ``tracker`` option has a schema of its own (``<group>_<name>_schema``, named in its
-YAML's defaults), so a key of one option is refused in another at compose time, with the option
-that has it.
+``data`` and ``tracker`` option, and each kind of ``cluster`` profile, has a schema of its own
+(``<group>_<name>_schema``, named in its YAML's defaults), so a key of one option is refused in
+another at compose time, with the option that has it.
 """
 
 from __future__ import annotations
@@ -12,9 +12,11 @@ from __future__ import annotations
 import fnmatch
 import functools
 import os
+from importlib.resources import files
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
+import yaml
 from hydra import compose, initialize_config_dir, initialize_config_module
 from hydra.core.config_store import ConfigStore
 from hydra.core.global_hydra import GlobalHydra
@@ -26,7 +28,9 @@ from omegaconf.errors import OmegaConfBaseException
 from llmexp.configuration.errors import added_key_problems, composition_message, option_override
 from llmexp.errors import UserError
 from llmexp.techniques.plugin_manager import techniques
-from llmexp.configuration.schema import BACKEND_OPTIONS, DATA_OPTIONS, TRACKER_OPTIONS, RunConfig
+from llmexp.configuration.schema import (
+    BACKEND_OPTIONS, CLUSTER_KINDS, DATA_OPTIONS, TRACKER_OPTIONS, ClusterConfig, RunConfig,
+)
 
 CONFIG_MODULE = "llmexp.conf"
 CONFIG_NAME = "config"
@@ -36,7 +40,7 @@ CONFIG_NAME = "config"
 def register_configs() -> None:
     cs = ConfigStore.instance()
     cs.store(name="llmexp_schema", node=RunConfig)
-    for group, options in OPTION_SCHEMAS.items():
+    for group, options in {**OPTION_SCHEMAS, "cluster": CLUSTER_KINDS}.items():
         for name, schema in options.items():
             cs.store(name=f"{group}_{name}_schema", node=schema)
     for name, entry in techniques().items():
@@ -50,7 +54,25 @@ OPTION_SCHEMAS = {"backend": BACKEND_OPTIONS, "data": DATA_OPTIONS, "tracker": T
 def option_schemas() -> Dict[str, Dict[str, type]]:
     """group -> option -> schema, for the groups whose options each have a schema of their own."""
     return {**{group: dict(options) for group, options in OPTION_SCHEMAS.items()},
-            "technique": {name: entry.technique.schema for name, entry in techniques().items()}}
+            "technique": {name: entry.technique.schema for name, entry in techniques().items()},
+            "cluster": cluster_profiles()}
+
+
+@functools.lru_cache(maxsize=None)
+def cluster_profiles() -> Dict[str, type]:
+    """cluster=<profile> -> its schema: the kind its defaults name (``/cluster_<kind>_schema@_here_``).
+
+    A profile's name is a label of the user's (a copy of example.yaml), not one of a closed set, so
+    the cluster group is read from its files and left out of ``option_name_problems``.
+    """
+    profiles = {}
+    for entry in files(CONFIG_MODULE).joinpath("cluster").iterdir():
+        if entry.name.endswith(".yaml"):
+            defaults = yaml.safe_load(entry.read_text(encoding="utf-8")).get("defaults") or []
+            profiles[entry.name.removesuffix(".yaml")] = next(
+                (schema for kind, schema in CLUSTER_KINDS.items() if f"/cluster_{kind}_schema@_here_" in defaults),
+                ClusterConfig)
+    return dict(sorted(profiles.items()))
 
 
 # The pipeline a command line that chooses what runs implies (llmexp/conf/pipeline/).

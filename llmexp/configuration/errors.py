@@ -14,7 +14,7 @@ import re
 import typing
 from dataclasses import fields, is_dataclass
 from enum import Enum
-from typing import Any, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 from hydra.errors import MissingConfigException, OverrideParseException
 from omegaconf import DictConfig, ListConfig, OmegaConf
@@ -186,7 +186,7 @@ def _owned_elsewhere(key: str, node: str, schema: type) -> Optional[str]:
     from llmexp.configuration.compose import option_schemas  # composes with this module's messages, so it imports it first
 
     for group, options in option_schemas().items():
-        chosen = next((name for name, option in options.items() if option is schema), None)
+        chosen = _option_of(options, schema)
         owners = [name for name, option in options.items() if key in _keys(option)]
         if chosen is not None and owners:
             listed = " and ".join(f"{group}={name}" for name in owners)
@@ -202,10 +202,16 @@ def _where(full_key: str, schema: type) -> str:
 
     node = full_key.rpartition(".")[0]
     for group, options in option_schemas().items():
-        chosen = next((name for name, option in options.items() if option is schema), None)
+        chosen = _option_of(options, schema)
         if chosen is not None:
             return f"{group}={chosen}" if node == group else f"{node} ({group}={chosen})"
     return node or "the config"
+
+
+def _option_of(options: Dict[str, type], schema: type) -> Optional[str]:
+    """The one option whose schema is ``schema``; None where none is, or several share it (Slurm cluster profiles)."""
+    chosen = [name for name, option in options.items() if option is schema]
+    return chosen[0] if len(chosen) == 1 else None
 
 
 def _unknown_key(full_key: str, where: str, keys: Sequence[str], override: Optional[str]) -> str:

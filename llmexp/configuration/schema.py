@@ -338,17 +338,31 @@ class SlurmPlacement:
 
 @dataclass
 class ClusterConfig:
-    """A Slurm cluster profile for ``hydra/launcher=slurm``: each hardware option's placement, plus job-wide settings.
-
-    ``cluster=none`` (the default) is no cluster: runs on this machine.
-    """
+    """Where a run's jobs go; each kind of cluster has a schema of its own (``CLUSTER_KINDS``), named in its
+    profile's defaults (``cluster_<kind>_schema``), so a Slurm key on ``cluster=none`` is refused."""
 
     name: str = MISSING
+
+
+@dataclass
+class NoClusterConfig(ClusterConfig):
+    """``cluster=none`` (the default): no cluster, runs on this machine; no settings of its own."""
+
+    name: str = "none"
+
+
+@dataclass
+class SlurmClusterConfig(ClusterConfig):
+    """A Slurm cluster profile for ``hydra/launcher=slurm``: each hardware option's placement, plus job-wide settings."""
+
     account: Optional[str] = None
     qos: Optional[str] = None
     time_limit_min: int = 240  # per job; the job checkpoints and requeues before it (preemption signal)
     setup: List[str] = field(default_factory=list)  # shell lines run before the job (module load, env)
     hardware: Dict[str, SlurmPlacement] = field(default_factory=dict)  # hardware option name -> placement
+
+
+CLUSTER_KINDS = {"none": NoClusterConfig, "slurm": SlurmClusterConfig}  # a profile's kind -> its schema
 
 
 @dataclass
