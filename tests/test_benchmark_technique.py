@@ -332,10 +332,11 @@ def test_aiperf_client_times_a_point_against_a_loopback_server(tmp_path, varied_
 
 def plan_problems(*overrides: str, model_path: Path | None = None):
     from llmexp.configuration.compose import compose_config
-    from llmexp.plugins.benchmark import llmexp_plan_problems
+    from llmexp.plugins.benchmark import Benchmark
 
     extra = [f"model.path={model_path}"] if model_path else []
-    return " ".join(llmexp_plan_problems(compose_config(["technique=benchmark", *extra, *overrides]), plan=None))
+    cfg = compose_config(["technique=benchmark", *extra, *overrides])
+    return " ".join(Benchmark.plan_problems(cfg, "technique", cfg.technique, plan=None))
 
 
 @pytest.mark.parametrize("overrides, expected", [
@@ -365,12 +366,12 @@ def test_planner_refuses_bad_values_naming_the_field(overrides, expected, tiny_c
 
 def test_planner_accepts_the_defaults_and_an_endpoint_without_a_local_model():
     from llmexp.configuration.compose import compose_config
-    from llmexp.plugins.benchmark import llmexp_plan_problems
+    from llmexp.plugins.benchmark import Benchmark
 
     assert "model.path is unset" in plan_problems()  # in process needs a model
     endpoint = compose_config(["technique=benchmark", "technique.target=endpoint", "technique.url=http://127.0.0.1:9",
                                "technique.tokenizer=/some/tokenizer"])
-    assert llmexp_plan_problems(endpoint, plan=None) == []
+    assert Benchmark.plan_problems(endpoint, "technique", endpoint.technique, plan=None) == []
 
 
 def test_cli_refuses_before_anything_is_written(tmp_path, tiny_checkpoint):
@@ -384,7 +385,8 @@ def test_cli_refuses_before_anything_is_written(tmp_path, tiny_checkpoint):
 def test_the_plugin_and_its_plan_check_import_no_torch():
     code = (
         "import sys; from llmexp.configuration.compose import compose_config; from llmexp.plugins.benchmark import "
-        "llmexp_plan_problems; cfg = compose_config(['technique=benchmark', 'technique.concurrency=[0]']); "
-        "assert llmexp_plan_problems(cfg, None); assert 'torch' not in sys.modules, 'torch imported'"
+        "Benchmark; cfg = compose_config(['technique=benchmark', 'technique.concurrency=[0]']); "
+        "assert Benchmark.plan_problems(cfg, 'technique', cfg.technique, None); "
+        "assert 'torch' not in sys.modules, 'torch imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)

@@ -328,7 +328,7 @@ def test_the_plugin_and_its_plan_check_import_neither_torch_nor_tensorrt_llm():
         "import sys; import llmexp.plugins.export as p\n"
         "from llmexp.configuration.compose import compose_config\n"
         "cfg = compose_config(['technique=export', 'technique.format=triton', 'hardware=h100'])\n"
-        "assert p.llmexp_plan_problems(cfg, None)\n"
+        "assert p.Export.plan_problems(cfg, 'technique', cfg.technique, None)\n"
         "assert 'torch' not in sys.modules and 'tensorrt_llm' not in sys.modules, 'imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, cwd=REPO, timeout=120)
