@@ -47,7 +47,7 @@ TARGET_RATIO = 1.7
 def job(steps: int) -> List[str]:
     """A short train-then-evaluate job of ``steps`` optimiser steps."""
     return [
-        "pipeline=default",
+        "pipeline=technique_then_evaluation",
         f"technique.max_steps={steps}",
         "technique.checkpoint_every=0",
         "technique.save_model=false",

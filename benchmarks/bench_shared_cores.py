@@ -7,7 +7,7 @@ Run from the repository root, with nothing else running::
 
 What is compared
 ----------------
-The job is the default run's training: ``llmexp pipeline=single technique.max_steps=N``
+The job is the default run's training: ``llmexp pipeline=technique_only technique.max_steps=N``
 (the embedded baseline's recipe, cut to N steps), a fresh process each time. It runs with
 
 * *llmexp*: what ``llmexp.machine.cpu_threads`` chooses: a thread per usable core, lowered while other
@@ -52,7 +52,7 @@ def environment(setting: str) -> Dict[str, str]:
 
 
 def start_training(steps: int, run_dir: Path, setting: str) -> subprocess.Popen:
-    command = [sys.executable, "-m", "llmexp", "pipeline=single", f"technique.max_steps={steps}",
+    command = [sys.executable, "-m", "llmexp", "pipeline=technique_only", f"technique.max_steps={steps}",
                "technique.save_model=false", f"hydra.run.dir={run_dir}"]
     return subprocess.Popen(command, env=environment(setting), stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
                             text=True)

@@ -81,7 +81,7 @@ class Setup:
 
 def setup(technique: str, steps: int) -> Setup:
     # validation is off: the hand-written loop has none to match it
-    cfg = compose_config([f"technique={technique}", f"technique.max_steps={steps}", "technique.val_every=0", "pipeline=single"])
+    cfg = compose_config([f"technique={technique}", f"technique.max_steps={steps}", "technique.val_every=0", "pipeline=technique_only"])
     start = new_embedded_model(cfg)
     model, tokenizer = start.model, start.tokenizer
     if technique in ("pretrain", "cpt"):

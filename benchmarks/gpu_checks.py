@@ -339,7 +339,7 @@ def train_overrides(checks: Checks, size: str, backend: str) -> List[str]:
     args = checks.args
     steps = args.steps
     log_every = 10 if steps >= 20 else max(1, steps // 3)
-    overrides = ["pipeline=single", "technique=pretrain", "model=tiny_llama", f"backend={backend}",
+    overrides = ["pipeline=technique_only", "technique=pretrain", "model=tiny_llama", f"backend={backend}",
                  f"technique.max_steps={steps}", f"technique.log_every={log_every}", "technique.checkpoint_every=0"]
     if args.cpu_smoke:
         overrides += ["hardware=cpu", "precision=fp32"]
