@@ -72,6 +72,26 @@ class DType(Choice):
     mxfp8 = "mxfp8"
 
 
+class Interconnect(Choice):
+    """How the devices of one node are linked."""
+
+    none = "none"
+    pcie3 = "pcie3"
+    pcie4 = "pcie4"
+    pcie5 = "pcie5"
+    nvlink2 = "nvlink2"
+    nvlink3 = "nvlink3"
+    nvlink4 = "nvlink4"
+    nvlink5 = "nvlink5"
+
+
+class BackendKind(Choice):
+    """What trains (``llmexp.machine.backends.BACKENDS``' training backends); see ``BackendConfig``."""
+
+    torch = "torch"
+    megatron = "megatron"
+
+
 class Sharding(Choice):
     none = "none"
     fsdp = "fsdp"  # weights, grads and optimizer states split over dp
@@ -161,7 +181,7 @@ class HardwareConfig:
     memory_gb: Optional[float] = None  # per device; None on cpu means "this machine's RAM"
     dtypes: List[DType] = field(default_factory=list)
     gpus_per_node: int = 1
-    interconnect: str = "none"
+    interconnect: Interconnect = Interconnect.none
 
 
 @dataclass
@@ -184,7 +204,7 @@ class ParallelismConfig:
 class BackendConfig:
     """What trains; each option has a schema of its own (``BACKEND_OPTIONS``), so a key of one is refused in another."""
 
-    name: str = MISSING
+    name: BackendKind = MISSING
 
 
 @dataclass
@@ -194,7 +214,7 @@ class TorchBackendConfig(BackendConfig):
     Its layout is all in ``parallelism``; it has no settings of its own.
     """
 
-    name: str = "torch"
+    name: BackendKind = BackendKind.torch
 
 
 @dataclass
@@ -204,7 +224,7 @@ class MegatronBackendConfig(BackendConfig):
     ``model``, ``parallelism`` and ``precision``, into megatron-core's arguments.
     """
 
-    name: str = "megatron"
+    name: BackendKind = BackendKind.megatron
     sequence_parallel: bool = False  # split norm/dropout activations along the sequence over tp
     virtual_pipeline_stages: Optional[int] = None  # model chunks per pipeline rank (interleaved 1F1B)
     distributed_optimizer: bool = True  # optimizer states (and fp32 master weights) split over dp
