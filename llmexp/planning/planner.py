@@ -21,7 +21,6 @@ from llmexp.models.vocabulary import vocabulary_problem
 from llmexp.planning.data_flow import data_flow_problems
 from llmexp.planning.feasibility import divisibility_problems, layout_problems, memory_problems
 from llmexp.planning.hardware import GIB, device_memory_bytes, precision_problems, precision_value
-from llmexp.planning.data_flow import data_flow_problems
 from llmexp.planning.layout import Layout
 from llmexp.planning.stages import PlannedStage, heaviest_stage, model_numbers, planned_stages
 from llmexp.techniques import plugin_manager
@@ -73,7 +72,6 @@ def make_plan(cfg) -> Plan:
     problems += data_flow_problems(cfg)
     problems += embedded_vocabulary_problem(cfg, stages)
     problems += starting_weights.problems(cfg)
-    problems += data_flow_problems(cfg)
     precision = precision_value(cfg.precision)
     problems += layout_problems(cfg)
     layout = Layout.of(cfg)
