@@ -115,9 +115,8 @@ class LoRA(Customization):
     @classmethod
     def trainable_parameters(cls, config, node, model: Dict[str, Any]) -> int:
         """rank*(in + out) per adapted linear layer (in -> out), for each of ``target_modules`` in every layer."""
-        per_layer = sum(node.rank * sum(LINEAR_SHAPES[name](model)) for name in target_modules(node)
-                        if name in LINEAR_SHAPES)
-        return per_layer * model["num_layers"]
+        widths = sum(sum(LINEAR_SHAPES[name](model)) for name in target_modules(node) if name in LINEAR_SHAPES)
+        return node.rank * widths * model["num_layers"]
 
     @classmethod
     def plan_problems(cls, config, key: str, node, plan) -> List[str]:
