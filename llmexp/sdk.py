@@ -12,7 +12,7 @@ from __future__ import annotations
 
 # -- the contract: hooks, the technique class, what a stage gets and returns ------------------------
 from llmexp.techniques.contract import (
-    Metric, MetricKind, ModelArtifact, ServedExport, StageContext, StageResult, Technique, TechniqueConfig,
+    Consumed, Metric, MetricKind, ModelArtifact, Reads, ServedExport, StageContext, StageResult, Technique, TechniqueConfig,
 )
 from llmexp.techniques.hookspecs import hookimpl
 from llmexp.techniques.plugin_manager import plugin_manager, technique, techniques

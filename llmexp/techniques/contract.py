@@ -57,6 +57,25 @@ class StageContext:
     earlier: Mapping[str, Dict[str, Any]] = field(default_factory=dict)
 
 
+class Reads(Enum):
+    """What a stage takes from an earlier one (``Technique.consumes``)."""
+
+    MODEL = "model"  # the model it made (``StageContext.model_of``)
+    RESULTS = "results"  # its recorded metrics and artifacts (``StageContext.earlier``)
+
+
+@dataclass(frozen=True)
+class Consumed:
+    """An earlier stage a stage reads, named by ``field`` (its full config path), checked at plan time
+    (``llmexp.planning.data_flow``): the stage must run before, and make a model or be a ``technique`` stage."""
+
+    field: str
+    stage: str
+    reads: Reads
+    technique: Optional[str] = None  # for RESULTS: the technique whose records it reads
+    fix: str = ""  # appended to the refusal: another way to give what it reads, or what it is for
+
+
 @dataclass
 class StageResult:
     """What a stage returns; the runner records it in results.json."""
@@ -101,7 +120,6 @@ class Technique:
     ``trainable_parameters``, ``made_architecture`` and ``plan_problems``. ``memory`` is how the plan and
     ``llmexp plugins`` name what it holds per device (``inference``: weights and KV cache).
     """
-
 
     name: ClassVar[str]
     schema: ClassVar[type]
@@ -176,6 +194,12 @@ class Technique:
         technique that teaches nothing a task names (pretraining on the corpus, compression), or one
         trained on the user's own data. Pure Python.
         """
+        return ()
+
+    @classmethod
+    def consumes(cls, config, key: str, node) -> Tuple[Consumed, ...]:
+        """The earlier stages the stage ``key`` (``node``) reads besides the model it starts from (a teacher's
+        model, a baseline's results); the planner refuses a pipeline where one cannot run. Pure Python."""
         return ()
 
     @classmethod

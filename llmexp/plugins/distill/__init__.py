@@ -91,6 +91,17 @@ class Distill(TrainingTechnique):
         return super().plan_problems(config, key, node, plan) + stage_problems(
             config, node, node_path(key), earlier, plan.architectures, key)
 
+    @classmethod
+    def consumes(cls, config, key: str, node):
+        """The teacher's stage, when an earlier stage's model teaches."""
+        from llmexp.sdk import Consumed, Reads, node_path
+
+        if node.teacher.path or not node.teacher.stage:
+            return ()
+        field = node_path(key)
+        return (Consumed(f"{field}.teacher.stage", node.teacher.stage, Reads.MODEL,
+                         fix=f", or give a checkpoint with {field}.teacher.path instead"),)
+
 
 @hookimpl
 def llmexp_techniques():
@@ -103,20 +114,17 @@ def stage_problems(config, node, field: str, earlier, shapes, key: str) -> List[
     problems = training_problems(node, field) + _numbers_problems(node, field) + _data_problems(config, field)
     if node.val_every:
         problems.append(validation_problem(node, field))
-    teacher, makers, student = node.teacher, _model_makers(earlier), shapes[key][0]
+    teacher, student = node.teacher, shapes[key][0]
     if bool(teacher.path) == bool(teacher.stage):
         problems.append(
             f"{field}.teacher sets {'both' if teacher.path else 'neither'} of teacher.path and teacher.stage; set "
             f"exactly one: {field}.teacher.path=<the teacher's checkpoint directory> or {field}.teacher.stage=<an "
             "earlier stage of the pipeline whose model teaches>."
         )
-    elif teacher.stage:
-        found = _teacher_stage_problems(teacher.stage, field, makers)
-        if not found and teacher.stage in shapes:
-            found = _hidden_size_problems(node, field, shapes[teacher.stage][1], student)
-        problems += found
-    else:
+    elif teacher.path:
         problems += _teacher_path_problems(config, node, field, student)
+    elif teacher.stage in dict(earlier):  # whether that stage may teach: llmexp.planning.data_flow
+        problems += _hidden_size_problems(node, field, shapes[teacher.stage][1], student)
     return problems
 
 
@@ -165,29 +173,6 @@ def _data_problems(config, key: str) -> List[str]:
         f"data={config.data.name} holds instructions or pairs, and {key} (technique=distill) trains on the "
         "text pretraining reads: use data=embedded or data=text (data.paths=[...])."
     ))
-
-
-def _model_makers(earlier) -> List[str]:
-    """Names of the stages among ``earlier`` whose technique makes a model."""
-    from llmexp.sdk import TOP_LEVEL_NODES
-    from llmexp.sdk import techniques
-
-    known = techniques()
-    return [
-        key if key not in TOP_LEVEL_NODES else node.name  # the runner names a top-level stage by its technique
-        for key, node in earlier
-        if node.get("name") in known and known[node.name].technique.produces_model
-    ]
-
-
-def _teacher_stage_problems(stage: str, key: str, makers: List[str]) -> List[str]:
-    if stage in makers:
-        return []
-    choice = f"name one of {', '.join(makers)}" if makers else "put the teacher's stage before it in pipeline.stages"
-    return [
-        f"{key}.teacher.stage={stage} is not a stage before this one that makes a model; {choice}, or give a "
-        f"checkpoint with {key}.teacher.path instead."
-    ]
 
 
 def _teacher_path_problems(config, node, key: str, student) -> List[str]:

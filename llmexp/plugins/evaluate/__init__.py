@@ -26,7 +26,7 @@ from llmexp.data.embedded import build_world
 from llmexp.data.gsm8k import load_gsm8k
 from llmexp.data.jsonl import write_jsonl
 from llmexp.sdk import (
-    TOP_LEVEL_NODES, PeakMemory, Progress, StageContext, StageResult, TaskInputs, Technique,
+    TOP_LEVEL_NODES, Consumed, PeakMemory, Progress, Reads, StageContext, StageResult, TaskInputs, Technique,
     TechniqueConfig, UserError, console, context_length, has_weights, hookimpl, input_model, load_model, model_sources,
     node_path, run_device, stage_nodes, starting_weights,
 )
@@ -75,6 +75,14 @@ class Evaluate(Technique):
         tasks = resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
         key = next((key for key, other in stage_nodes(config, strict=False) if other is node), None)
         return reported(tasks + added_tasks(tasks, learned_tasks(config).get(key, [])), compared=bool(node.baseline))
+
+    @classmethod
+    def consumes(cls, config, key: str, node):
+        """The baseline's results, when this evaluation is compared with one item by item."""
+        if not node.baseline:
+            return ()
+        return (Consumed(f"{node_path(key)}.baseline", node.baseline, Reads.RESULTS, technique=cls.name,
+                         fix=": the evaluation of the baseline model, with the same tasks"),)
 
     @classmethod
     def planned_as(cls, config, key: str, node) -> str:
