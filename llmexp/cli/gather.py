@@ -15,15 +15,14 @@ from pathlib import Path
 from typing import List
 
 from llmexp.errors import UserError
+from llmexp.launchers import slurm_queue
+from llmexp.launchers.sweep_jobs import JOBS_FILE, UNFINISHED, finish, observe, read_jobs
 
 
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(prog="llmexp gather", description=__doc__.split("\n", 1)[0])
     parser.add_argument("sweep_dir", type=Path, help="the sweep directory `llmexp -m hydra/launcher=slurm ...` printed")
     args = parser.parse_args(argv)
-
-    from llmexp.launchers import slurm_queue
-    from llmexp.launchers.sweep_jobs import JOBS_FILE, UNFINISHED, finish, observe, read_jobs
 
     try:
         jobs = read_jobs(args.sweep_dir)

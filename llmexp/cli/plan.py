@@ -15,10 +15,13 @@ import sys
 from importlib.resources import files
 from typing import List, Optional
 
+from llmexp.configuration.compose import CONFIG_NAME, compose_config, implied_pipeline
+from llmexp.configuration.pipeline import stage_nodes
 from llmexp.display import console
-
-from llmexp.models import starting_weights
 from llmexp.errors import EXIT_USER_ERROR, UserError
+from llmexp.models import starting_weights
+from llmexp.planning.planner import make_plan
+from llmexp.techniques.plugin_manager import technique
 
 GIB = 2**30
 
@@ -39,9 +42,6 @@ def main(argv: List[str]) -> int:
         args = parser.parse_args(argv)
     except SystemExit as exit_:  # --help or a usage error: argparse has printed why
         return int(exit_.code or 0)
-
-    from llmexp.configuration.compose import CONFIG_NAME, compose_config, implied_pipeline
-    from llmexp.planning.planner import make_plan
 
     try:
         config_name = args.config_name or CONFIG_NAME
@@ -65,9 +65,6 @@ SINGLE_TECHNIQUE = ("technique_then_evaluation", "technique_only")  # pipelines 
 def planned(cfg, implied_by: Optional[str]) -> str:
     """Which job this is the plan of, and why that one: ``llmexp.configuration.compose.implied_pipeline`` says whether an
     override (``implied_by``) chose it over the whole workflow."""
-    from llmexp.configuration.pipeline import stage_nodes
-    from llmexp.techniques.plugin_manager import technique
-
     name, workflow = cfg.pipeline.name, workflow_pipeline()
     stages = stage_nodes(cfg, strict=False)
     if name in SINGLE_TECHNIQUE:

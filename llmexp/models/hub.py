@@ -17,6 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import List, Optional
 
+from llmexp.display import console
 from llmexp.errors import UserError
 from llmexp.failure import reason_of
 
@@ -97,8 +98,6 @@ def fetch(weights: PublishedWeights, files: List[str] = FILES) -> Path:
     from huggingface_hub import constants, get_token, snapshot_download
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
-
-    from llmexp.display import console
 
     from llmexp.training import distributed
     if offline():

@@ -12,9 +12,12 @@ import re
 from pathlib import Path
 from typing import Any, Dict, Iterator, Optional, Tuple
 
+from llmexp.data.embedded import build_world
+from llmexp.models import starting_weights
 from llmexp.models.checkpoint import HF_KEYS, MODELOPT_STATE, pickled_files, validate_checkpoint_dir
 from llmexp.errors import UserError
 from llmexp.models.vocabulary import vocabulary_problem
+from llmexp.techniques.contract import ModelArtifact
 
 
 @contextlib.contextmanager
@@ -217,9 +220,6 @@ def input_model(ctx) -> Optional["ModelArtifact"]:
     The run's weights are ``model.path``'s, else the preset's published ones (``model.hub_repo``,
     fetched through the Hugging Face cache): ``llmexp.models.starting_weights.weights_directory``.
     """
-    from llmexp.models import starting_weights
-    from llmexp.techniques.contract import ModelArtifact
-
     if ctx.model is not None:
         return ctx.model
     path = starting_weights.weights_directory(ctx.config)
@@ -237,8 +237,6 @@ def starting_model(ctx) -> Optional["ModelArtifact"]:
     """
     import copy
 
-    from llmexp.techniques.contract import ModelArtifact
-
     artifact = input_model(ctx)
     if artifact is None or ctx.model is None:
         return artifact  # a model read from the run's weights is this stage's own already
@@ -250,9 +248,7 @@ def new_embedded_model(config) -> "ModelArtifact":
     """A randomly initialised ``model`` with the embedded world's tokenizer, seeded by ``config.seed``."""
     import torch
 
-    from llmexp.data.embedded import build_world
-    from llmexp.data.tokenizer import word_level_tokenizer
-    from llmexp.techniques.contract import ModelArtifact
+    from llmexp.data.tokenizer import word_level_tokenizer  # imports transformers
 
     torch.manual_seed(config.seed)
     tokenizer = word_level_tokenizer(build_world(config.data.seed, config.data.num_people).vocabulary())

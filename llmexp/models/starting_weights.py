@@ -20,9 +20,11 @@ from __future__ import annotations
 from pathlib import Path
 from typing import List, Optional
 
-from llmexp.models import embedded_baseline
+from llmexp.configuration.pipeline import model_sources, node_path, stage_nodes
+from llmexp.models import embedded_baseline, hub
+from llmexp.techniques.plugin_manager import technique
 
-from llmexp.models import hub
+
 def describe(config) -> str:
     """One line for the plan: the checkpoint, the repository and whether it is cached, or what happens without."""
     if config.model.path:
@@ -49,9 +51,6 @@ def problems(config) -> List[str]:
     """What stops the run's starting weights: published weights that cannot be had (a bad repository id, or
     offline and not cached), and a stage that adapts a base with none to adapt (``base_problems``). Whether
     published weights exist on the Hub, and may be read, is known only when the run downloads them (``hub.fetch``)."""
-    from llmexp.configuration.pipeline import model_sources, node_path, stage_nodes
-    from llmexp.techniques.plugin_manager import technique
-
     sources, found = model_sources(config), []
     for key, node in stage_nodes(config, strict=False):
         if sources[key] is None and technique(node.name).adapts_base:

@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Tuple
 
 from llmexp.models.checkpoint import safetensors_problem, torch_archive_problem, validate_checkpoint_dir
+from llmexp.models.loading import load_model, weights_only_loading
 from llmexp.errors import UserError
 
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
@@ -75,8 +76,6 @@ def load_served_models(
 ) -> ServedModels:
     """Load ``model_dir`` (a checkpoint, a stage directory holding ``model/``, or a LoRA adapter whose base is
     on disk) and the ``adapters`` ({served name: PEFT directory}) on it; bad input is a ``UserError``."""
-    from llmexp.models.loading import load_model
-
     base_dir, implied_adapter = resolve_model_dir(Path(model_dir))
     base_name = name or _default_name(base_dir)
     given = _given_adapters(implied_adapter, adapters)
@@ -202,8 +201,6 @@ def _attach_adapters(model, adapters: Mapping[str, Tuple[Path, str]]):
     import pickle
 
     from peft import PeftModel
-
-    from llmexp.models.loading import weights_only_loading
 
     peft_model = None
     for adapter_name, (adapter_dir, label) in adapters.items():

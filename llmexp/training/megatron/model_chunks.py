@@ -131,10 +131,7 @@ def _architecture(args, hf_model) -> Dict[str, Any]:
 
 
 def _load(chunk, shard: Dict[str, Any]) -> None:
-    expected = {key for key in chunk.state_dict() if not key.endswith("_extra_state")}
-    if set(shard) != expected:
-        raise RuntimeError(f"the mapped weights do not fit megatron's GPT model: missing {sorted(expected - set(shard))}, "
-                           f"unexpected {sorted(set(shard) - expected)}")
+    checkpoint_mapping.check_against_model(shard, chunk.state_dict())  # every key and shape, or all that differ
     chunk.load_state_dict(shard, strict=False)
 
 

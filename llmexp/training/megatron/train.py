@@ -31,6 +31,7 @@ from llmexp.machine.backends import importable
 from llmexp.errors import UserError
 from llmexp.training.megatron import arguments as megatron_arguments
 from llmexp.training.megatron.model_chunks import build_chunks, copy_back, model_numbers, torch_dtype
+from llmexp.training.schedule import data_order, warmup_cosine
 from llmexp.techniques.contract import StageContext
 
 IGNORE_INDEX = -100
@@ -62,8 +63,6 @@ def train(ctx: StageContext, model, train_data: Sequence, collate: Callable,
     ``val_data`` is scored after the last step when the technique validates (``val_every``).
     """
     import torch
-
-    from llmexp.training.schedule import data_order, warmup_cosine
 
     cfg, tcfg = ctx.config, ctx.stage_config
     require_megatron(cfg)
