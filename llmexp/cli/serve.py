@@ -23,7 +23,8 @@ from typing import Dict, List, NoReturn, Sequence
 
 from llmexp.machine import cpu_threads
 from llmexp.machine.backends import SERVE_EXTRA_INSTALL, SERVE_EXTRA_MODULES, importable
-from llmexp.errors import UserError
+from llmexp.display import console
+from llmexp.errors import EXIT_USER_ERROR, UserError
 from llmexp.serving.auth import ENV_VAR as API_KEY_VAR
 from llmexp.serving.auth import NEW_KEY_HINT, read_api_keys
 from llmexp.serving.served_models import check_served_files
@@ -61,6 +62,8 @@ def main(argv: List[str]) -> int:
     check_served_files(args.model_dir, adapters)  # a damaged file is reported as such, whatever the port
     listener = _bind(args.host, args.port)
 
+    # the server itself (uvicorn, the app, the engine: torch and transformers) is imported once the input
+    # checks passed and the port is bound, so bad input is refused at once
     import uvicorn
 
     from llmexp.display.library_noise import quiet_libraries
@@ -285,9 +288,6 @@ def _url_host(host: str) -> str:
 
 
 if __name__ == "__main__":  # python -m llmexp.cli.serve (``llmexp serve`` is the usual way)
-    from llmexp.display import console
-    from llmexp.errors import EXIT_USER_ERROR
-
     try:
         sys.exit(main(sys.argv[1:]))
     except UserError as error:

@@ -2,7 +2,8 @@
 
 Files are JSON Lines in any of the common layouts (``FORMATS``). A prompt stays plain text
 until ``format_prompt`` wraps it in the tokenizer's chat template; evaluation builds its
-prompts the same way, so a model is asked exactly as it was trained.
+prompts the same way, so a model is asked exactly as it was trained. torch is imported when a
+batch is padded: the plan checks read the data without it.
 """
 
 from __future__ import annotations

@@ -2,7 +2,8 @@
 
 The world's text is space-separated words, so one token per word keeps the tiny model's
 vocabulary (and embedding table) small. Saved with ``save_pretrained`` it loads through
-plain ``AutoTokenizer.from_pretrained`` beside the model.
+plain ``AutoTokenizer.from_pretrained`` beside the model. tokenizers and transformers are imported
+when a tokenizer is built: the planner reads the embedded data without them.
 """
 
 from __future__ import annotations

@@ -38,10 +38,12 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Dict, Iterator, List, Sequence, Tuple
 
+import submitit
 from hydra.core.singleton import Singleton
 from hydra.core.utils import JobReturn, JobStatus, filter_overrides
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
 from omegaconf import DictConfig, OmegaConf, open_dict
+from submitit.core.utils import FailedJobError
 
 from llmexp.launchers import slurm_queue
 from llmexp.launchers.placement import SlurmResources, missing_cluster, slurm_resources
@@ -63,8 +65,6 @@ class SlurmLauncher(BaseSubmititLauncher):
 
     def __call__(self, *args: Any, **kwargs: Any) -> JobReturn:
         """The job side: torch.distributed from Slurm, the preemption signal routed, then the job."""
-        import submitit
-
         environment = submitit.JobEnvironment()
         if environment.num_tasks > 1:
             submitit.helpers.TorchDistributedEnvironment().export(set_cuda_visible_devices=False, overwrite=True)
@@ -84,8 +84,6 @@ class SlurmLauncher(BaseSubmititLauncher):
         return done
 
     def launch(self, job_overrides: Sequence[Sequence[str]], initial_job_idx: int) -> Sequence[JobReturn]:
-        from submitit.core.utils import FailedJobError
-
         assert self.config is not None and self.hydra_context is not None
         sweep_dir = Path(str(self.config.hydra.sweep.dir))
         jobs, groups, skipped = self._place(job_overrides, initial_job_idx)
@@ -157,8 +155,6 @@ class SlurmLauncher(BaseSubmititLauncher):
 
     def _executor(self, resources: SlurmResources, size: int):
         """A fresh executor for one group: submitit's parameters accumulate otherwise."""
-        import submitit
-
         executor = submitit.SlurmExecutor(
             folder=str(self.params["submitit_folder"]), max_num_timeout=self.params["max_num_timeout"])
         executor.update_parameters(**self._sbatch_parameters(resources, size))

@@ -26,6 +26,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
+from omegaconf import OmegaConf
 from rich.table import Table
 from rich.text import Text
 
@@ -201,8 +202,6 @@ class SweepSummary(Callback):
 
 def _local_job(run_dir: Path) -> SweepJob:
     """A job of a multirun on this machine, from Hydra's record of it and its results.json."""
-    from omegaconf import OmegaConf
-
     hydra = OmegaConf.load(run_dir / ".hydra" / "hydra.yaml").hydra
     job = SweepJob(int(hydra.job.num), list(hydra.overrides.task), str(run_dir.absolute()))
     results = _results(job.run_dir)

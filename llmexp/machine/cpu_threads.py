@@ -22,6 +22,9 @@ another process gives figures that differ in the last digits from a quiet run's.
 needs two checks in a row that agree (a short burst of another process changes nothing), and
 the first one is said on the console, with the fix for a run that must match a quiet one to
 the digit (``OMP_NUM_THREADS``: a fixed count, at the other process's mercy).
+
+torch and joblib are imported inside the functions: every command imports this module, and
+``llmexp plan`` never loads torch.
 """
 
 from __future__ import annotations

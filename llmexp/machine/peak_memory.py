@@ -8,10 +8,13 @@ memory that earlier work freed back to the system, or a later stage would reuse 
 and report almost nothing. ``ru_maxrss`` alone would not do: it is the high-water mark of the
 whole process's lifetime, so a second training stage in the same process would report the
 first stage's peak (or nothing above it). It is the fallback only where ``/proc`` is absent.
+torch is imported only on the CUDA path: the CPU path runs without it.
 """
 
 from __future__ import annotations
 
+import ctypes
+import ctypes.util
 import os
 import resource
 import sys
@@ -76,9 +79,6 @@ class PeakMemory:
 
 def _release_freed_memory() -> None:
     """glibc keeps freed heap pages resident for reuse; ``malloc_trim(0)`` returns them (no-op elsewhere)."""
-    import ctypes
-    import ctypes.util
-
     library = ctypes.util.find_library("c")
     trim = getattr(ctypes.CDLL(library), "malloc_trim", None) if library else None
     if trim is not None:

@@ -14,6 +14,7 @@ Python before ``llmexp serve`` binds its port, and adapters load under
 from __future__ import annotations
 
 import json
+import pickle
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -198,9 +199,7 @@ def _attach_adapters(model, adapters: Mapping[str, Tuple[Path, str]]):
     Loaded as checkpoints are (``weights_only_loading``): a pickled ``adapter_model.bin`` gives tensors or is
     refused, never runs code, whatever ``TORCH_FORCE_NO_WEIGHTS_ONLY_LOAD`` says.
     """
-    import pickle
-
-    from peft import PeftModel
+    from peft import PeftModel  # heavy: imported when adapters are served
 
     peft_model = None
     for adapter_name, (adapter_dir, label) in adapters.items():
