@@ -59,7 +59,8 @@ from llmexp.models.starting_weights import has_weights, local_directory, tokeniz
 # -- training: the shared loop and its techniques' config, ranks, threads, peak memory ----------------
 from llmexp.training import distributed
 from llmexp.machine.cpu_threads import FreeCores
-from llmexp.training.contract import LossOutput, TrainingConfig, TrainingTechnique, training_problems, validation_problem
+from llmexp.configuration.training_settings import training_problems, validation_problem
+from llmexp.training.contract import LossOutput, TrainingConfig, TrainingTechnique
 from llmexp.training.loop import train
 from llmexp.machine.peak_memory import PeakMemory
 from llmexp.training.trained_model import trained_model_result

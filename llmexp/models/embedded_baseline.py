@@ -22,6 +22,7 @@ from typing import List
 from omegaconf import OmegaConf
 
 from llmexp import __version__
+from llmexp.configuration.training_settings import training_problems
 
 CACHE_ENV = "LLMEXP_CACHE_DIR"
 STAGE = "embedded_baseline"  # the baseline's training's name in progress lines and its tracker curve
@@ -64,8 +65,6 @@ def recipe(config) -> str:
 
 def problems(config) -> List[str]:
     """Settings of ``model.baseline`` that cannot make a cached baseline (checked when a stage will use it)."""
-    from llmexp.training.contract import training_problems
-
     node = config.model.baseline
     found = training_problems(node, "model.baseline")
     if not node.save_model:

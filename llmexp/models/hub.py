@@ -20,6 +20,7 @@ from typing import List, Optional
 from llmexp.display import console
 from llmexp.errors import UserError
 from llmexp.failure import reason_of
+from llmexp.machine import ranks
 
 # What ``llmexp.models.loading.load_model`` reads; nothing else of a repository is fetched.
 FILES = ["*.json", "*.safetensors", "tokenizer*", "*.txt", "*.model"]
@@ -99,13 +100,12 @@ def fetch(weights: PublishedWeights, files: List[str] = FILES) -> Path:
     from huggingface_hub.errors import (GatedRepoError, HfHubHTTPError, LocalEntryNotFoundError,
                                         RepositoryNotFoundError, RevisionNotFoundError)
 
-    from llmexp.training import distributed
     if offline():
         snapshot = cached_snapshot(weights, files)
         if snapshot is None:
             raise UserError(not_cached_message(weights))
         return snapshot
-    if distributed.is_rank_zero() and cached_snapshot(weights, files) is None:
+    if ranks.is_rank_zero() and cached_snapshot(weights, files) is None:
         console.err.print(f"model: downloading {weights} from the Hugging Face Hub into {cache_dir()}", highlight=False,
                           soft_wrap=True)
     token = "HF_TOKEN is unset" if get_token() is None else "the token in use (HF_TOKEN) has no access to it"

@@ -19,7 +19,6 @@ runs on more than one rank.
 
 from __future__ import annotations
 
-import itertools
 import json
 import logging
 import os
@@ -29,11 +28,11 @@ import tempfile
 import time
 import uuid
 from contextlib import contextmanager
-from dataclasses import dataclass, field
 from datetime import timedelta
 from typing import Any, Callable, Iterator, Optional, Sequence, TypeVar
 
-from llmexp.machine import cpu_threads
+from llmexp.machine import cpu_threads, ranks
+from llmexp.machine.ranks import Ranks, is_rank_zero, local_world_size, rank, world_size  # noqa: F401 (this module's face)
 from llmexp.errors import EXIT_USER_ERROR, UserError
 
 T = TypeVar("T")
@@ -43,43 +42,13 @@ T = TypeVar("T")
 RANK_ZERO_STAGE_TIMEOUT = timedelta(hours=24)
 
 
-@dataclass
-class Ranks:
-    """This process's place in the job: its rank among ``world_size``, and on its node."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    store: Any = None  # the job's rendezvous store: rank 0's messages, and each process group's rendezvous
-    backend: str = "gloo"
-    device: Any = None  # the GPU of this rank (None on CPU)
-    messages: Iterator[int] = field(default_factory=itertools.count)  # every rank numbers them alike
-    groups: Iterator[int] = field(default_factory=itertools.count)
-
-
-_ranks = Ranks(0, 1, 0, 1)
-
-
 def world_size_of(parallelism) -> int:
     """How many processes ``parallelism`` runs as: tp * pp * dp."""
     return int(parallelism.tp) * int(parallelism.pp) * int(parallelism.dp)
 
 
-def rank() -> int:
-    return _ranks.rank
 
 
-def world_size() -> int:
-    return _ranks.world_size
-
-
-def local_world_size() -> int:
-    return _ranks.local_world_size
-
-
-def is_rank_zero() -> bool:
-    return _ranks.rank == 0
 
 
 def decided_by_rank_zero(decide: Callable[[], T]) -> T:
@@ -88,20 +57,20 @@ def decided_by_rank_zero(decide: Callable[[], T]) -> T:
     The other ranks wait for it (up to ``RANK_ZERO_STAGE_TIMEOUT``); when ``decide`` raises,
     they raise ``RankFailed`` and rank 0 the error itself.
     """
-    if _ranks.world_size == 1:
+    if ranks.current.world_size == 1:
         return decide()
-    key = f"llmexp/rank0/{next(_ranks.messages)}"
-    if _ranks.rank != 0:
-        ok, value = pickle.loads(_ranks.store.get(key))
+    key = f"llmexp/rank0/{next(ranks.current.messages)}"
+    if ranks.current.rank != 0:
+        ok, value = pickle.loads(ranks.current.store.get(key))
         if not ok:
-            raise RankFailed(f"rank 0 failed, so rank {_ranks.rank} stops too: {value}")
+            raise RankFailed(f"rank 0 failed, so rank {ranks.current.rank} stops too: {value}")
         return value
     try:
         value = decide()
     except BaseException as error:
-        _ranks.store.set(key, pickle.dumps((False, f"{type(error).__name__}: {error}")))
+        ranks.current.store.set(key, pickle.dumps((False, f"{type(error).__name__}: {error}")))
         raise
-    _ranks.store.set(key, pickle.dumps((True, value)))
+    ranks.current.store.set(key, pickle.dumps((True, value)))
     return value
 
 
@@ -112,7 +81,7 @@ def rank_zero_alone() -> Iterator[None]:
     Every rank enters; rank 0 runs the block, the others skip it (their block does nothing)
     and wait. Afterwards all join a new process group, for the training stages after it.
     """
-    if _ranks.world_size == 1:
+    if ranks.current.world_size == 1:
         yield
         return
     import torch.distributed as dist
@@ -249,7 +218,6 @@ def _as_rank(accelerator: str, job: Callable[..., T], args: Sequence) -> T:
     The rendezvous store (``env://``: torchrun's, or one rank 0 serves) carries rank 0's
     messages and each new process group's rendezvous.
     """
-    global _ranks
     import torch
     import torch.distributed as dist
 
@@ -265,24 +233,24 @@ def _as_rank(accelerator: str, job: Callable[..., T], args: Sequence) -> T:
         backend, device = "nccl", torch.device("cuda", local_rank)
     store, rank_, world = next(dist.rendezvous("env://"))
     store.set_timeout(RANK_ZERO_STAGE_TIMEOUT)
-    _ranks = Ranks(rank_, world, local_rank, local_world, store, backend, device)
+    ranks.current = Ranks(rank_, world, local_rank, local_world, store, backend, device)
     try:
         _join_process_group()
         return job(*args)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
-        _ranks = Ranks(0, 1, 0, 1)
+        ranks.current = Ranks(0, 1, 0, 1)
 
 
 def _join_process_group() -> None:
     import torch.distributed as dist
 
-    prefix = f"llmexp/group/{next(_ranks.groups)}/"
+    prefix = f"llmexp/group/{next(ranks.current.groups)}/"
     dist.init_process_group(
-        _ranks.backend,
-        store=dist.PrefixStore(prefix, _ranks.store),
-        rank=_ranks.rank,
-        world_size=_ranks.world_size,
-        device_id=_ranks.device,
+        ranks.current.backend,
+        store=dist.PrefixStore(prefix, ranks.current.store),
+        rank=ranks.current.rank,
+        world_size=ranks.current.world_size,
+        device_id=ranks.current.device,
     )

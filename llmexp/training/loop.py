@@ -39,10 +39,8 @@ from llmexp.machine.peak_memory import PeakMemory
 from llmexp.results.record import redact_secrets
 from llmexp.techniques.contract import StageContext
 from llmexp.training import distributed, preemption
-from llmexp.training.contract import (
-    LIGHTNING_PRECISION, LossFn, pipeline_training_problem, torch_precision_problem, training_problems,
-    validation_problem,
-)
+from llmexp.configuration.training_settings import training_problems, validation_problem
+from llmexp.training.contract import LIGHTNING_PRECISION, LossFn, pipeline_training_problem, torch_precision_problem
 from llmexp.training.lightning_module import training_module_class
 from llmexp.training.schedule import data_order
 
