@@ -1,16 +1,16 @@
 """``technique=weightstats``: the largest-norm weight matrices of the input model.
 
-A complete third-party technique: a config schema, a Technique class and two hooks.
+The smallest complete third-party technique: a config schema, a Technique class with its own plan
+check, and the hook that offers it. It imports llmexp's core through ``llmexp.sdk`` only.
 It reads the model the previous stage produced, or the checkpoint at ``model.path``.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import List
 
-from llmexp.errors import UserError
-from llmexp.techniques.hookspecs import hookimpl
-from llmexp.techniques.contract import StageContext, StageResult, Technique, TechniqueConfig
+from llmexp.sdk import StageContext, StageResult, Technique, TechniqueConfig, UserError, hookimpl, input_model, node_path
 
 
 @dataclass
@@ -22,13 +22,16 @@ class WeightStatsConfig(TechniqueConfig):
 class WeightStats(Technique):
     name = "weightstats"
     schema = WeightStatsConfig
-    memory = "inference"
     requires = ("torch",)
+
+    @classmethod
+    def plan_problems(cls, config, key: str, node, plan) -> List[str]:
+        if node.top_k < 1:
+            return [f"{node_path(key)}.top_k={node.top_k} must be at least 1; set {node_path(key)}.top_k=3."]
+        return []
 
     def run(self, ctx: StageContext) -> StageResult:
         import json
-
-        from llmexp.models.loading import input_model
 
         artifact = input_model(ctx)
         if artifact is None:
@@ -49,9 +52,3 @@ class WeightStats(Technique):
 def llmexp_techniques():
     return [WeightStats]
 
-
-@hookimpl
-def llmexp_plan_problems(config, plan):
-    if config.technique.name == "weightstats" and config.technique.top_k < 1:
-        return [f"technique.top_k={config.technique.top_k} must be at least 1; set technique.top_k=3."]
-    return []
