@@ -17,7 +17,7 @@ Metrics, all in [0, 1] except perplexity:
   reference.
 * ``perplexity``: exp of the token-weighted mean NLL over held-out documents.
 * ``throughput``: ``tokens_per_s`` of batched forward passes over the held-out documents
-  (``scoring.forward_throughput``); for a fake-quantized model, the simulation's speed.
+  (``harness/scoring.py``: ``forward_throughput``); for a fake-quantized model, the simulation's speed.
 * ``text2sql``: the embedded instruction task (``llmexp.data.text2sql``), prompted as the
   sft/lora techniques train it; ``text2sql_em`` (exact match of the greedy SQL, whitespace
   normalised), ``text2sql_exec_acc`` (the SQL returns the gold query's rows on sqlite3) and
