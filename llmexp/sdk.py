@@ -65,10 +65,11 @@ from llmexp.training.loop import train
 from llmexp.machine.peak_memory import PeakMemory
 from llmexp.training.trained_model import trained_model_result
 
-# -- serving: what one `llmexp serve` serves (the engine itself is imported on first use: it imports torch)
+# -- serving: what one `llmexp serve` serves, a request to it (the engine is imported on first use: it imports torch)
+from llmexp.serving.generation import GenerationRequest
 from llmexp.serving.served_models import ServedModels
 
-_IMPORTED_ON_FIRST_USE = {"Engine": "llmexp.serving.engine", "GenerationRequest": "llmexp.serving.generation"}
+_IMPORTED_ON_FIRST_USE = {"Engine": "llmexp.serving.engine"}
 
 
 def __getattr__(name: str):

@@ -120,7 +120,7 @@ def test_a_ranks_crash_shows_its_traceback(tmp_path):
     assert result.returncode == 1
     message = " ".join(result.stderr.split())
     assert "of parallelism=dp2 failed: Traceback (most recent call last)" in message
-    assert 'models.py", line' in message and "not a multiple of the number of attention heads (3)" in message
+    assert 'models/loading.py", line' in message and "not a multiple of the number of attention heads (3)" in message
 
 
 def test_a_layout_over_more_nodes_than_this_machine_is_refused(tmp_path):
