@@ -4,8 +4,9 @@ Before Hydra creates any output directory, every point of the invocation is comp
 a plain run is planned, so bad input (unknown option, misspelled key, wrong type,
 infeasible plan) ends with one paragraph and exit code 2, having written nothing.
 
-Each subcommand's module, and the runner, are imported when they are chosen: ``llmexp plan``
-answers in well under a second without loading the runner or the server.
+``plan`` is this module's own pre-flight, so it is imported here; every other subcommand's module, and the
+runner, are imported when chosen: ``llmexp plan`` answers in well under a second without loading the runner or
+the server.
 """
 
 from __future__ import annotations
@@ -19,7 +20,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig
 
-from llmexp.cli.plan import planned
+from llmexp.cli import plan as plan_command
 from llmexp.configuration.compose import (
     CONFIG_NAME, compose_config, implied_pipeline, register_configs, sweep_points, with_implied_pipeline,
 )
@@ -30,12 +31,6 @@ from llmexp.launchers.placement import SLURM_LAUNCHER, missing_cluster
 from llmexp.planning.planner import make_plan
 from llmexp.results.record import RunRecord
 from llmexp.training.distributed import RankFailed, local_start_problem, run_job
-
-
-def _plan(argv: List[str]) -> int:
-    from llmexp.cli.plan import main
-
-    return main(argv)
 
 
 def _plugins(argv: List[str]) -> int:
@@ -69,7 +64,7 @@ def _cp(argv: List[str]) -> int:
 
 
 SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {
-    "plan": _plan, "plugins": _plugins, "gather": _gather, "report": _report, "serve": _serve, "cp": _cp,
+    "plan": plan_command.main, "plugins": _plugins, "gather": _gather, "report": _report, "serve": _serve, "cp": _cp,
 }
 
 # Every multirun ends with jobs.json, the jobs table and the sweep's exit code (launchers.sweep_jobs);
@@ -127,7 +122,7 @@ def preflight(argv: List[str]) -> None:
             problems.append(problem)
         if problems:
             raise UserError(" ".join(problems))
-        console.note("running:" + planned(cfg, implied_pipeline(argv, config_name)).removeprefix("planned:"))
+        console.note("running:" + plan_command.planned(cfg, implied_pipeline(argv, config_name)).removeprefix("planned:"))
         for warning in plan.warnings:
             console.warn(warning)
 

@@ -102,14 +102,14 @@ class Evaluate(Technique):
         compared with a baseline, that the baseline evaluation scores every task it does, those added included."""
         learned = learned_tasks(config)
         problems: List[str] = learned_problems({key: learned[key]})
-        keys = [other for other, _ in stage_nodes(config, strict=False)]
+        nodes = dict(stage_nodes(config, strict=False))
+        keys = list(nodes)
         # the runner skips a top-level evaluation after a stage that made no model: it has nothing new to score
         skipped = key in TOP_LEVEL_NODES and keys.index(key) > 0
         if model_sources(config)[key] is None and not skipped and not has_weights(config):
             problems.append(_NO_MODEL.format(stage=key))
         problems += config_problems(node, node_path(key)) or _window_problems(node, context_length(config))
         baseline = node.get("baseline")
-        nodes = dict(stage_nodes(config, strict=False))
         earlier = keys[: keys.index(key)]
         if baseline in earlier and nodes[baseline].get("name") == cls.name:  # else llmexp.planning.data_flow refuses it
             theirs = _task_names(nodes[baseline], learned[baseline])
