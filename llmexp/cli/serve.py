@@ -5,6 +5,9 @@ Serves ``/v1/completions``, ``/v1/chat/completions`` (streaming or not), ``/v1/m
 continuously (``llmexp.serving.engine``); LoRA adapters given with ``--adapter`` are served
 on the same base, each under its name. Binds 127.0.0.1 unless told otherwise; Ctrl-C stops.
 ``--backend vllm`` instead becomes vLLM's own OpenAI server on CUDA GPUs (``llmexp.serving.vllm_server``).
+``--draft-model DIR`` (a smaller model with the same tokenizer, e.g. the compress pipeline's distilled
+student ``<run>/distill``) decodes speculatively, ``--num-speculative-tokens`` proposed per round, on
+either backend (``llmexp.serving.speculative``; vLLM's ``speculative_config``).
 
 API keys (``LLMEXP_API_KEY``, ``--api-key-file``; ``llmexp.serving.auth``) make every path but
 ``/health`` ask for ``Authorization: Bearer <key>``. An address other machines can reach is
@@ -27,7 +30,7 @@ from llmexp.display import console
 from llmexp.errors import EXIT_USER_ERROR, UserError
 from llmexp.serving.auth import ENV_VAR as API_KEY_VAR
 from llmexp.serving.auth import NEW_KEY_HINT, read_api_keys
-from llmexp.serving.served_models import check_served_files
+from llmexp.serving.served_models import DEFAULT_SPECULATIVE_TOKENS, check_served_files
 
 BACKENDS = ("inprocess", "vllm")
 INPROCESS_DEFAULTS = {"max_batch_size": 16, "max_queue": 64}
@@ -59,7 +62,7 @@ def main(argv: List[str]) -> int:
     # the engine steps the model in a worker thread while the event loop and clients need the cores between
     # its steps: spinning OpenMP threads made a 64-token generation 8x slower on 2 cores (bench_generation.py)
     cpu_threads.prefer_passive_waiting()
-    check_served_files(args.model_dir, adapters)  # a damaged file is reported as such, whatever the port
+    check_served_files(args.model_dir, adapters, args.draft_model)  # a damaged file is reported, whatever the port
     listener = _bind(args.host, args.port)
 
     # the server itself (uvicorn, the app, the engine: torch and transformers) is imported once the input
@@ -72,11 +75,17 @@ def main(argv: List[str]) -> int:
     from llmexp.serving.served_models import load_served_models
 
     quiet_libraries()
-    served = load_served_models(args.model_dir, adapters=adapters, name=args.name)
-    served.model.to(_device(args.device))
+    served = load_served_models(args.model_dir, adapters=adapters, name=args.name, draft_dir=args.draft_model,
+                                num_speculative_tokens=args.num_speculative_tokens or DEFAULT_SPECULATIVE_TOKENS)
+    device = _device(args.device)
+    served.model.to(device)
+    if served.draft is not None:
+        served.draft.model.to(device)
     engine = Engine(served, max_batch_size=args.max_batch_size, max_queue=args.max_queue)
     host, port = listener.getsockname()[:2]
     names = ", ".join([f"{served.base_name} (base)", *(f"{name} (adapter)" for name in served.adapter_dirs)])
+    if served.draft is not None:
+        names += f"  draft: {served.draft.directory} ({served.draft.num_speculative_tokens} tokens per round)"
 
     access = f"API keys: {len(api_keys)}" if api_keys else "no API key"
 
@@ -138,6 +147,11 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--max-body-bytes", type=int, default=None, metavar="BYTES",
                         help="in process: the largest request body taken; beyond, HTTP 413 (default: 64 bytes per "
                         "token of the model's context, at least 1 MiB)")
+    parser.add_argument("--draft-model", type=Path, default=None, metavar="DIR",
+                        help="decode speculatively with this smaller model as the draft: a checkpoint or a run's stage "
+                        "directory with the served model's tokenizer (e.g. a compress run's distill stage)")
+    parser.add_argument("--num-speculative-tokens", type=int, default=None, metavar="K",
+                        help=f"with --draft-model: tokens it proposes per round (default: {DEFAULT_SPECULATIVE_TOKENS})")
     parser.add_argument("--backend", choices=BACKENDS, default="inprocess",
                         help="what generates: the in-process continuous-batching engine (default; CPU or one GPU) "
                         "or vLLM's OpenAI server (CUDA GPUs, vLLM installed); backend=vllm works too")
@@ -149,17 +163,24 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         help="vLLM: the fraction of each GPU's memory it may use (default: vLLM's, 0.9)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="vLLM: the most tokens (prompt plus generated) per sequence (default: the model's)")
-    return parser.parse_args(hydra_style_backend(argv))
+    return parser.parse_args(hydra_style_options(argv))
 
 
-def hydra_style_backend(argv: List[str]) -> List[str]:
-    """``backend=X``, typed like llmexp's other overrides, as ``--backend X`` (not when it is an option's value)."""
+# options that may also be typed like llmexp's other overrides, bare or under serve.: serve.draft_model=DIR
+HYDRA_STYLE_OPTIONS = ("backend", "draft_model", "num_speculative_tokens")
+
+
+def hydra_style_options(argv: List[str]) -> List[str]:
+    """``backend=X``, ``serve.draft_model=DIR``, ... as ``--backend X``, ``--draft-model DIR`` (not when the word is
+    an option's value)."""
     words: List[str] = []
     for arg in argv:
         previous = words[-1] if words else ""
         awaited = previous.startswith("-") and "=" not in previous and previous not in ("-h", "--help")
-        if arg.startswith("backend=") and not awaited:
-            words += ["--backend", arg.split("=", 1)[1]]
+        key, sep, value = arg.partition("=")
+        key = key[len("serve."):] if key.startswith("serve.") else key
+        if sep and key in HYDRA_STYLE_OPTIONS and not awaited:
+            words += ["--" + key.replace("_", "-"), value]
         else:
             words.append(arg)
     return words
@@ -178,6 +199,7 @@ def _serve_with_vllm(args: argparse.Namespace, adapters: Dict[str, Path], api_ke
         args.model_dir, adapters=adapters, name=args.name, host=args.host, port=port,
         max_num_seqs=args.max_batch_size, tensor_parallel_size=args.tensor_parallel_size,
         gpu_memory_utilization=args.gpu_memory_utilization, max_model_len=args.max_model_len,
+        draft_dir=args.draft_model, num_speculative_tokens=args.num_speculative_tokens,
     )
     vllm_server.require_vllm()
     vllm_server.require_cuda(args.tensor_parallel_size)
@@ -236,9 +258,14 @@ def _check_numbers(args: argparse.Namespace) -> None:
                                  ("--port", args.port, 0), ("--max-tokens-limit", args.max_tokens_limit, 1),
                                  ("--max-body-bytes", args.max_body_bytes, 1),
                                  ("--tensor-parallel-size", args.tensor_parallel_size, 1),
-                                 ("--max-model-len", args.max_model_len, 1)):
+                                 ("--max-model-len", args.max_model_len, 1),
+                                 ("--num-speculative-tokens", args.num_speculative_tokens, 1)):
         if value is not None and value < least:
             raise UserError(f"{option}={value}: give a whole number of at least {least}.")
+    if args.num_speculative_tokens is not None and args.draft_model is None:
+        raise UserError(f"--num-speculative-tokens={args.num_speculative_tokens}: it sets what a draft model proposes, "
+                        "and none is given. Add --draft-model DIR (a smaller model with this one's tokenizer, e.g. "
+                        "<run>/distill), or drop --num-speculative-tokens.")
     if args.port > 65535:
         raise UserError(f"--port={args.port}: give a port from 0 to 65535.")
     fraction = args.gpu_memory_utilization

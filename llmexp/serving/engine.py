@@ -24,6 +24,15 @@ sampling processors fixed when the manager starts. Hence this loop over transfor
 ``DynamicCache``, batched as ``llmexp.serving.running_batch`` says. Greedy decoding through it
 equals ``model.generate(do_sample=False)`` for each prompt alone (tests/test_serving_engine.py).
 
+With a draft model (``ServedModels.draft``), each running row decodes by speculative rounds
+(``llmexp.serving.speculative``): the draft proposes its ``num_speculative_tokens``, the target
+checks them in one forward pass, and every accepted token is streamed as its own chunk, so EOS,
+stop strings and ``max_tokens`` end a row exactly where they would without a draft (a round never
+proposes past ``max_tokens`` or the context). Rows accept different numbers of tokens, so each keeps
+caches of its own and runs its round alone (``llmexp.serving.drafted_batch``); prompts are still
+prefilled together. Greedy output equals the target's alone; sampled output follows the target's
+distribution. ``speculation`` counts target forwards, proposed and accepted tokens.
+
 On a CPU, load torch with ``OMP_WAIT_POLICY=PASSIVE`` (``llmexp serve`` sets it): OpenMP threads
 that spin between the worker's steps starve the threads reading the streams, and decoding
 slowed 8x on 2 cores without it.
@@ -41,15 +50,18 @@ from collections import deque
 from typing import Deque, Iterator, List, Optional
 
 import torch
-from transformers import DynamicCache, TopPLogitsWarper
+from transformers import DynamicCache
 
 from llmexp.serving.generation import (
     GenerationChunk, GenerationFailed, GenerationRequest, GenerationStream, QueueFull, RequestFailed, UnknownModel,
 )
 from llmexp.serving.limits import check_context, check_sampling, prompt_token_ids
 from llmexp.serving.metrics import ServingMetrics
+from llmexp.serving.drafted_batch import DraftedBatch
 from llmexp.serving.running_batch import Row, RunningBatch, cache_keyword, check_cache_layout
+from llmexp.serving.sampling import draw, token_distribution
 from llmexp.serving.served_models import ServedModels
+from llmexp.serving.speculative import Sampling, SpeculationCounts, speculative_round
 from llmexp.serving.streamed_text import StreamedText
 
 
@@ -72,14 +84,18 @@ class Engine:
         self.prefill_steps = 0  # forward passes that prefilled new rows
         self.decode_steps = 0  # forward passes that decoded one token for every running row
         self.generated_tokens = 0
+        self.speculation = SpeculationCounts()  # what the draft's rounds did (all zero without a draft)
         check_cache_layout(served_models.model)
+        draft = served_models.draft
+        if draft is not None:
+            check_cache_layout(draft.model)
         self._cache_keyword = cache_keyword(served_models.model)
         self._eos = frozenset(served_models.eos_token_ids)
         self._ids = itertools.count()
         self._lock = threading.Condition()
         self._hold = threading.Lock()  # held by the worker through each iteration, and by paused()
         self._waiting: Deque[Row] = deque()
-        self._batch = RunningBatch()
+        self._batch = RunningBatch() if draft is None else DraftedBatch(served_models.model, draft.model)
         self._admitted: List[Row] = []  # taken from the queue, not yet in the batch (during their prefill)
         self._closed = False
         self._worker = threading.Thread(target=self._run, name="llmexp-serve-engine", daemon=True)
@@ -194,7 +210,10 @@ class Engine:
             self._prefill(self._admitted)
             self._admitted = []
         if self._batch.rows:
-            self._decode()
+            if self.served.draft is None:
+                self._decode()
+            else:
+                self._decode_drafted()
         self.metrics.running.set(len(self._batch.rows))
 
     def _admit(self) -> List[Row]:
@@ -283,6 +302,38 @@ class Engine:
         self._take_tokens(batch.rows, logits)
         self._batch.keep_unfinished()
 
+    def _decode_drafted(self) -> None:
+        """One speculative round for every running row, each alone; its tokens streamed one chunk each.
+
+        A round that raises ends its row alone (``RequestFailed``); the other rows go on.
+        """
+        draft, batch = self.served.draft, self._batch
+        for row, sequence in zip(batch.rows, batch.sequences):
+            if row.stream.cancelled:
+                self._end(row, "cancelled")
+                continue
+            # the round's tokens must fit max_tokens and the context: at most k + 1 of them
+            left = min(row.max_tokens - row.generated,
+                       self.served.context_length - len(row.prompt_ids) - row.generated)
+            k = min(draft.num_speculative_tokens, left - 1)
+            extra = {"adapter_names": [row.adapter]} if self.served.has_adapters else {}
+            before = (self.speculation.proposed, self.speculation.accepted)
+            try:
+                tokens = speculative_round(self.served.model, draft.model, sequence, k, _sampling(row),
+                                           self.speculation, extra)
+                now = time.perf_counter()
+                for token in tokens:
+                    if row.finish_reason is None:
+                        self._emit(row, token, now)
+            except Exception as error:
+                self._fail(row, _failed_alone(error))
+                continue
+            self.metrics.forward_steps.labels("verify").inc()
+            self.metrics.forward_steps.labels("draft").inc(k)
+            self.metrics.speculative_tokens.labels("proposed").inc(self.speculation.proposed - before[0])
+            self.metrics.speculative_tokens.labels("accepted").inc(self.speculation.accepted - before[1])
+        batch.keep_unfinished()
+
     def _fails_alone(self, row: Row) -> Optional[RequestFailed]:
         """The row's whole sequence so far (prompt and generated tokens) run by itself: the error, None if it runs."""
         try:
@@ -304,25 +355,11 @@ class Engine:
             try:
                 if not_numbers[i]:
                     raise FloatingPointError("the model's output (logits) for this request holds NaN or +inf")
-                token = greedy[i] if row.request.temperature == 0 else self._sample(row, logits[i])
+                token = greedy[i] if row.request.temperature == 0 else draw(
+                    token_distribution(logits[i], row.request.temperature, row.request.top_p)[0], row.generator)
                 self._emit(row, token, now)
             except Exception as error:
                 self._fail(row, _failed_alone(error))
-
-    @staticmethod
-    def _sample(row: Row, logits: torch.Tensor) -> int:
-        """Temperature, then top-p (transformers' warper), then a draw from the row's seeded generator.
-
-        In float64, with the largest logit shifted to 0 before dividing, every positive temperature
-        the limits allow stays finite: a tiny one sends the other tokens to -inf, a greedy draw (in
-        float32, a temperature of 1e-300 was a zero divisor and the softmax all NaN).
-        """
-        scores = logits.double()
-        scores = ((scores - scores.max()) / row.request.temperature)[None]
-        if row.request.top_p < 1:
-            scores = TopPLogitsWarper(row.request.top_p)(None, scores)
-        # drawn on the CPU, where the row's generator lives: the same seed gives the same text on any device
-        return int(torch.multinomial(scores.softmax(-1)[0].cpu(), 1, generator=row.generator))
 
     def _emit(self, row: Row, token: int, now: float) -> None:
         model = row.request.model
@@ -376,6 +413,10 @@ class Engine:
         self.metrics.running.set(0)
         for row in rows:
             self._fail(row, error)
+
+
+def _sampling(row: Row) -> Sampling:
+    return Sampling(row.request.temperature, row.request.top_p, row.generator)
 
 
 def _failed_alone(error: Exception) -> RequestFailed:

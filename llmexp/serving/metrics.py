@@ -28,12 +28,15 @@ class ServingMetrics:
         self.running = Gauge(f"{PREFIX}_running", "Requests in the running batch", registry=r)
         self.batch_size = Histogram(f"{PREFIX}_batch_size", "Rows in each forward step", ["kind"],
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.forward_steps = Counter(f"{PREFIX}_forward_steps", "Model forward passes: prefill or decode", ["kind"],
+        self.forward_steps = Counter(f"{PREFIX}_forward_steps", "Model forward passes: prefill, decode, or with a "
+                                     "draft model its rounds' target (verify) and draft passes", ["kind"],
                                      registry=r)
         self.ttft = Histogram(f"{PREFIX}_time_to_first_token_seconds", "From submission to the first generated token",
                               ["model"], buckets=LATENCY_BUCKETS, registry=r)
         self.e2e = Histogram(f"{PREFIX}_e2e_latency_seconds", "From submission to the last generated token",
                              ["model"], buckets=LATENCY_BUCKETS, registry=r)
+        self.speculative_tokens = Counter(f"{PREFIX}_speculative_tokens", "Tokens the draft model proposed, and "
+                                          "those the target accepted", ["kind"], registry=r)
         self.prompt_tokens = Counter(f"{PREFIX}_prompt_tokens", "Prompt tokens prefilled", ["model"], registry=r)
         self.generated_tokens = Counter(f"{PREFIX}_generated_tokens", "Tokens generated", ["model"], registry=r)
         self.generations = Counter(f"{PREFIX}_generations", "Generations ended, by finish reason "

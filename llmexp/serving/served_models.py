@@ -9,6 +9,10 @@ by its ``model`` name, and one batch may mix them (PEFT's ``adapter_names`` per 
 Adapters are as untrusted as checkpoints: ``check_served_files`` looks at every file in pure
 Python before ``llmexp serve`` binds its port, and adapters load under
 ``llmexp.models.loading.weights_only_loading``, any failure a ``UserError`` naming the file.
+
+A draft model (``--draft-model``) is served beside the base for speculative decoding: a checkpoint
+or a run's stage directory (the compress pipeline's distilled student of the base), checked like
+the base, and refused unless its tokenizer and vocabulary are the base's.
 """
 
 from __future__ import annotations
@@ -27,6 +31,17 @@ from llmexp.errors import UserError
 BASE_ADAPTER = "__base__"  # PEFT's name for "no adapter" in a mixed-adapter batch
 ADAPTER_CONFIG = "adapter_config.json"
 ADAPTER_WEIGHTS = ("adapter_model.safetensors", "adapter_model.bin")  # PEFT reads the first one present
+DEFAULT_SPECULATIVE_TOKENS = 4  # a draft's proposals per round: vLLM's and TensorRT-LLM's examples use 3 to 5
+
+
+@dataclass
+class DraftModel:
+    """A smaller model with the base's tokenizer that proposes tokens for the base to check
+    (``llmexp.serving.speculative``)."""
+
+    model: Any
+    directory: Path
+    num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS
 
 
 @dataclass
@@ -38,6 +53,7 @@ class ServedModels:
     base_name: str
     adapter_dirs: Dict[str, Path] = field(default_factory=dict)
     base_dir: Optional[Path] = None
+    draft: Optional[DraftModel] = None
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -73,10 +89,12 @@ class ServedModels:
 
 
 def load_served_models(
-    model_dir: str | Path, adapters: Optional[Mapping[str, str | Path]] = None, name: Optional[str] = None
+    model_dir: str | Path, adapters: Optional[Mapping[str, str | Path]] = None, name: Optional[str] = None,
+    draft_dir: Optional[str | Path] = None, num_speculative_tokens: int = DEFAULT_SPECULATIVE_TOKENS,
 ) -> ServedModels:
     """Load ``model_dir`` (a checkpoint, a stage directory holding ``model/``, or a LoRA adapter whose base is
-    on disk) and the ``adapters`` ({served name: PEFT directory}) on it; bad input is a ``UserError``."""
+    on disk), the ``adapters`` ({served name: PEFT directory}) on it and the draft model in ``draft_dir`` (a
+    checkpoint or stage directory, proposing ``num_speculative_tokens`` per round); bad input is a ``UserError``."""
     base_dir, implied_adapter = resolve_model_dir(Path(model_dir))
     base_name = name or _default_name(base_dir)
     given = _given_adapters(implied_adapter, adapters)
@@ -90,6 +108,7 @@ def load_served_models(
             raise UserError(f"--adapter {adapter_name!r}=...: that name is reserved or empty; choose another.")
     for directory, label in given.values():
         check_adapter_dir(directory, label)
+    draft_checkpoint = None if draft_dir is None else resolve_draft_dir(Path(draft_dir))
     model, tokenizer = load_model(base_dir)
     if tokenizer.pad_token_id is None:
         tokenizer.pad_token = tokenizer.eos_token  # left padding needs some id; masked out, its value is unseen
@@ -97,15 +116,37 @@ def load_served_models(
         model = _attach_adapters(model, given)
     model.eval().requires_grad_(False)
     adapter_dirs = {adapter_name: directory for adapter_name, (directory, _) in given.items()}
+    draft = None if draft_checkpoint is None else _load_draft(draft_checkpoint, model, tokenizer, draft_dir,
+                                                              num_speculative_tokens)
     return ServedModels(model=model, tokenizer=tokenizer, base_name=base_name, adapter_dirs=adapter_dirs,
-                        base_dir=base_dir)
+                        base_dir=base_dir, draft=draft)
 
 
-def check_served_files(model_dir: str | Path, adapters: Optional[Mapping[str, str | Path]] = None) -> None:
-    """Refuse (``UserError``) a damaged checkpoint or adapter before anything binds a port or loads: the checks
-    of ``validate_checkpoint_dir`` and ``check_adapter_dir``, in pure Python (no torch)."""
+def _load_draft(checkpoint: Path, model, tokenizer, given, num_speculative_tokens: int) -> DraftModel:
+    from llmexp.serving.speculative import check_same_vocabulary  # imports torch
+
+    draft, draft_tokenizer = load_model(checkpoint)
+    check_same_vocabulary(model, tokenizer, draft, draft_tokenizer, f"--draft-model {given}")
+    return DraftModel(draft.eval().requires_grad_(False), checkpoint, num_speculative_tokens)
+
+
+def resolve_draft_dir(path: Path) -> Path:
+    """The checkpoint directory of a draft given as a checkpoint or a run's stage directory; a LoRA adapter,
+    whose base would be as large as the target, is refused."""
+    if (path / ADAPTER_CONFIG).is_file() and not (path / "config.json").is_file():
+        raise UserError(f"--draft-model {path} is a LoRA adapter: a draft must be a whole model, smaller than the "
+                        "one served (e.g. the compress pipeline's distilled student: --draft-model <run>/distill).")
+    return resolve_model_dir(path, f"--draft-model {path}")[0]
+
+
+def check_served_files(model_dir: str | Path, adapters: Optional[Mapping[str, str | Path]] = None,
+                       draft_dir: Optional[str | Path] = None) -> None:
+    """Refuse (``UserError``) a damaged checkpoint, adapter or draft before anything binds a port or loads: the
+    checks of ``validate_checkpoint_dir`` and ``check_adapter_dir``, in pure Python (no torch)."""
     base_dir, implied_adapter = resolve_model_dir(Path(model_dir))
     validate_checkpoint_dir(base_dir)
+    if draft_dir is not None:
+        validate_checkpoint_dir(resolve_draft_dir(Path(draft_dir)))
     for directory, label in _given_adapters(implied_adapter, adapters).values():
         check_adapter_dir(directory, label)
 
@@ -153,36 +194,38 @@ def _given_adapters(implied_adapter: Optional[Path],
     return given
 
 
-def resolve_model_dir(path: Path) -> Tuple[Path, Optional[Path]]:
-    """(checkpoint directory, adapter directory or None) for what a user gave as MODEL_DIR.
+def resolve_model_dir(path: Path, label: Optional[str] = None) -> Tuple[Path, Optional[Path]]:
+    """(checkpoint directory, adapter directory or None) for what a user gave as MODEL_DIR (``label``: how they
+    gave it, for the messages).
 
     A checkpoint is itself; a stage directory (``<run>/<stage>``) serves its ``model/``; a PEFT
     adapter directory serves its base (``base_model_name_or_path``, when that is on disk) with
     the adapter. A run directory, which holds several models, is refused with the list of them.
     """
+    label = label or f"MODEL_DIR={path}"
     if not path.is_dir():
-        raise UserError(f"MODEL_DIR={path}: no such directory. Give a checkpoint directory written by save_pretrained.")
+        raise UserError(f"{label}: no such directory. Give a checkpoint directory written by save_pretrained.")
     if (path / "config.json").is_file():
         return path, None
     if (path / "model" / "config.json").is_file():
         return path / "model", None
     if (path / ADAPTER_CONFIG).is_file():
-        recorded = check_adapter_dir(path, f"MODEL_DIR={path}").get("base_model_name_or_path")
+        recorded = check_adapter_dir(path, label).get("base_model_name_or_path")
         base = Path(recorded) if isinstance(recorded, str) and recorded else None
         if base is None or not (base / "config.json").is_file():
             raise UserError(
-                f"MODEL_DIR={path} is a LoRA adapter whose base ({base or 'not recorded'}) is not a checkpoint "
+                f"{label} is a LoRA adapter whose base ({base or 'not recorded'}) is not a checkpoint "
                 "directory here. Serve the base and add the adapter: `llmexp serve BASE_DIR --adapter NAME=" f"{path}`."
             )
         return base, path
     stages = sorted(str(p.parent) for p in path.glob("*/model/config.json"))
     if stages:
         raise UserError(
-            f"MODEL_DIR={path} is a run directory holding several models: {', '.join(stages)}. "
+            f"{label} is a run directory holding several models: {', '.join(stages)}. "
             "Give one of them (a stage directory or its model/ folder)."
         )
     raise UserError(
-        f"MODEL_DIR={path} holds no config.json, model/ or adapter_config.json. Give a checkpoint directory "
+        f"{label} holds no config.json, model/ or adapter_config.json. Give a checkpoint directory "
         "written by save_pretrained (config.json, weights, tokenizer), a run's stage directory, or a LoRA adapter."
     )
 

@@ -24,7 +24,7 @@ from typing import Any, Dict, List, Mapping, NoReturn, Optional, Sequence, Tuple
 from llmexp.machine.backends import importable
 from llmexp.errors import UserError
 from llmexp.models.loading import MODELOPT_STATE
-from llmexp.serving.served_models import check_adapter_dir, resolve_model_dir
+from llmexp.serving.served_models import DEFAULT_SPECULATIVE_TOKENS, check_adapter_dir, resolve_draft_dir, resolve_model_dir
 from llmexp.techniques.contract import ServedExport
 from llmexp.techniques.plugin_manager import techniques
 
@@ -59,12 +59,15 @@ def vllm_command(
     tensor_parallel_size: Optional[int] = None,
     gpu_memory_utilization: Optional[float] = None,
     max_model_len: Optional[int] = None,
+    draft_dir: Optional[str | Path] = None,
+    num_speculative_tokens: Optional[int] = None,
     python: str = sys.executable,
 ) -> List[str]:
     """The argument list that starts vLLM's OpenAI server for MODEL_DIR and its adapters; bad input is a ``UserError``.
 
     Reads the directories and starts nothing, so the command can be checked (and shown) anywhere.
-    Options left None are vLLM's defaults.
+    Options left None are vLLM's defaults. A ``draft_dir`` becomes vLLM's draft-model speculative decoding
+    (``speculative_config``), ``num_speculative_tokens`` proposed per step.
     """
     checkpoint, implied_adapter = servable_checkpoint(Path(model_dir))
     base_name = name or served_name(checkpoint)
@@ -85,12 +88,24 @@ def vllm_command(
                         ("--gpu-memory-utilization", gpu_memory_utilization)):
         if value is not None:
             command += [flag, str(value)]
+    if draft_dir is not None:
+        command += ["--speculative-config", json.dumps(speculative_config(draft_dir, num_speculative_tokens))]
     if adapter_dirs:
         # every adapter resident at once (vLLM's default is 1 per batch), ranks up to the largest one
         command += ["--enable-lora", "--max-loras", str(len(adapter_dirs)),
                     "--max-lora-rank", str(vllm_max_lora_rank(max(ranks))),
                     "--lora-modules", *(lora_module(n, p) for n, p in adapter_dirs.items())]
     return command
+
+
+def speculative_config(draft_dir: str | Path, num_speculative_tokens: Optional[int]) -> Dict[str, Any]:
+    """vLLM's ``speculative_config`` for a draft model (``vllm serve --speculative-config``, ``LLM(speculative_config=)``):
+    the draft's directory as vLLM reads it (a stage's served export, like the target's), the tokens it proposes per
+    step (``DEFAULT_SPECULATIVE_TOKENS`` when not given), and the draft-model method."""
+    resolve_draft_dir(Path(draft_dir))  # what the in-process backend refuses (an adapter, no model) vLLM refuses too
+    checkpoint = servable_checkpoint(Path(draft_dir))[0]
+    return {"model": str(checkpoint.resolve()), "method": "draft_model",
+            "num_speculative_tokens": num_speculative_tokens or DEFAULT_SPECULATIVE_TOKENS}
 
 
 def servable_checkpoint(path: Path) -> Tuple[Path, Optional[Path]]:
