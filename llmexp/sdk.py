@@ -69,7 +69,7 @@ from llmexp.training.trained_model import trained_model_result
 from llmexp.serving.generation import GenerationRequest
 from llmexp.serving.served_models import ServedModels
 
-_IMPORTED_ON_FIRST_USE = {"Engine": "llmexp.serving.engine"}
+_IMPORTED_ON_FIRST_USE = {"Engine": "llmexp.serving.engine", "measure_draft": "llmexp.serving.speculative_speed"}
 
 
 def __getattr__(name: str):

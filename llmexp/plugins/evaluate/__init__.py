@@ -30,6 +30,7 @@ from llmexp.sdk import (
     TechniqueConfig, UserError, console, context_length, has_weights, hookimpl, input_model, load_model, model_sources,
     node_path, run_device, stage_nodes, starting_weights,
 )
+from llmexp.plugins.evaluate.harness.draft import AsDraftConfig, as_draft_problems, draft_measures
 from llmexp.plugins.evaluate.harness.learned_tasks import added_tasks, learned_problems, learned_tasks
 from llmexp.plugins.evaluate.harness.paired import baseline_rows, missing_tasks_problem, paired_measures
 from llmexp.plugins.evaluate.harness.registry import Task, resolve_tasks, run_task
@@ -58,6 +59,9 @@ class EvaluateConfig(TechniqueConfig):
     # also score what the model was trained for (its stages' measured_by: text2sql after sft, lora
     # or dpo on data=embedded), and what a comparison naming this one as baseline adds; false: tasks alone
     add_learned_tasks: bool = True
+    # compared with a baseline: also measure this model as the speculative-decoding draft of the baseline's
+    # (acceptance rate, tokens per target forward, speed-up; harness/draft.py), when num_speculative_tokens > 0
+    as_draft: AsDraftConfig = field(default_factory=AsDraftConfig)
 
 
 class Evaluate(Technique):
@@ -74,7 +78,8 @@ class Evaluate(Technique):
         """Its tasks' metrics, with the tasks it adds for what its model learned, and its comparison's (``reported.py``)."""
         tasks = resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
         key = next((key for key, other in stage_nodes(config, strict=False) if other is node), None)
-        return reported(tasks + added_tasks(tasks, learned_tasks(config).get(key, [])), compared=bool(node.baseline))
+        return reported(tasks + added_tasks(tasks, learned_tasks(config).get(key, [])), compared=bool(node.baseline),
+                        drafted=bool(node.baseline and node.as_draft.num_speculative_tokens))
 
     @classmethod
     def consumes(cls, config, key: str, node):
@@ -195,6 +200,9 @@ def _compared_with_baseline(ctx: StageContext, scorer, inputs: TaskInputs, tasks
     documents = inputs.first(inputs.world.heldout_documents(inputs.heldout_documents))
     total, count = scorer.next_token_kl(reference, documents)
     paired["kl_to_baseline"] = total / count
+    if ctx.stage_config.as_draft.num_speculative_tokens:
+        scorer.track("as draft of the baseline")
+        paired.update(draft_measures(ctx.stage_config.as_draft, reference, scorer.model, scorer.tokenizer, inputs))
     return paired
 
 
@@ -215,6 +223,7 @@ def config_problems(cfg, prefix: str) -> List[str]:
             problems.append(f"{prefix}.{key}={value} must be at least 1.")
     if cfg.num_fewshot < 0:
         problems.append(f"{prefix}.num_fewshot={cfg.num_fewshot} must be 0 or more.")
+    problems += as_draft_problems(cfg, prefix)
     if cfg.gsm8k_path:
         try:
             if not load_gsm8k(cfg.gsm8k_path):

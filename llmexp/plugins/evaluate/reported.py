@@ -12,6 +12,7 @@ from __future__ import annotations
 from typing import Optional, Sequence, Tuple
 
 from llmexp.sdk import Metric, MetricKind
+from llmexp.plugins.evaluate.harness.draft import METRICS as DRAFT_METRICS
 
 QUALITY, INFO, COST = MetricKind.QUALITY, MetricKind.INFO, MetricKind.COST
 
@@ -53,8 +54,9 @@ COSTS: Tuple[Tuple[Optional[str], Metric], ...] = (
 )
 
 
-def reported(tasks: Sequence, compared: bool) -> Tuple[Metric, ...]:
-    """What an evaluation of ``tasks`` (``harness.registry.Task``) reports; ``compared``: it has a baseline."""
+def reported(tasks: Sequence, compared: bool, drafted: bool = False) -> Tuple[Metric, ...]:
+    """What an evaluation of ``tasks`` (``harness.registry.Task``) reports; ``compared``: it has a baseline;
+    ``drafted``: its model is measured as the baseline's draft (``harness/draft.py``)."""
     names = {task.name for task in tasks if task.spec is None}
 
     def of(table) -> list:
@@ -64,7 +66,8 @@ def reported(tasks: Sequence, compared: bool) -> Tuple[Metric, ...]:
     described = [metric for task in tasks if task.spec is not None for metric in task.metrics() or _headline(task)]
     return (
         *(metric for metric in embedded if metric.kind is QUALITY), *described,
-        *(metric for metric in embedded if metric.kind is not QUALITY), *(of(PAIRED) if compared else ()), *of(COSTS),
+        *(metric for metric in embedded if metric.kind is not QUALITY), *(of(PAIRED) if compared else ()),
+        *(DRAFT_METRICS if drafted else ()), *of(COSTS),
     )
 
 
