@@ -4,13 +4,19 @@ statistically on fixed distributions); ``llmexp serve --draft-model`` over real 
 
 from __future__ import annotations
 
+import json
 import math
 import random
+from pathlib import Path
 
 import httpx
 import pytest
 import torch
+import yaml
 from omegaconf import OmegaConf
+
+from llmexp.configuration.compose import compose_config
+from llmexp.planning.planner import make_plan
 
 from llmexp.data.embedded import build_world
 from llmexp.data.tokenizer import word_level_tokenizer
@@ -20,6 +26,7 @@ from llmexp.serving.engine import Engine
 from llmexp.serving.generation import GenerationRequest
 from llmexp.serving.sampling import token_distribution
 from llmexp.serving.served_models import DraftModel, load_served_models
+from llmexp.serving.vllm_server import vllm_command
 from llmexp.serving.speculative import (
     Sampling, SpeculationCounts, accept, check_same_vocabulary, greedy_start, speculative_round,
 )
@@ -244,3 +251,49 @@ def test_as_draft_without_a_baseline_is_refused_before_anything_runs(tmp_path, t
     assert "technique.as_draft.num_speculative_tokens=3: the model drafts for the baseline evaluation's model, and " \
            "technique.baseline is unset" in result.stderr
     assert list(tmp_path.iterdir()) == []
+
+
+# ---------------------------------------------------------------- the same setting on GPU backends (no GPU needed)
+
+
+def test_vllm_gets_the_draft_as_its_speculative_config(checkpoints, tmp_path):
+    command = vllm_command(checkpoints / NAME, draft_dir=checkpoints / "draft", num_speculative_tokens=3)
+    config = json.loads(command[command.index("--speculative-config") + 1])
+    assert config == {"model": str((checkpoints / "draft" / "model").resolve()), "method": "draft_model",
+                      "num_speculative_tokens": 3}
+    default = vllm_command(checkpoints / NAME, draft_dir=checkpoints / "draft")
+    assert json.loads(default[default.index("--speculative-config") + 1])["num_speculative_tokens"] == 4
+    assert "--speculative-config" not in vllm_command(checkpoints / NAME)
+    adapter = save_lora_adapter(checkpoints / NAME, tmp_path / "lora", seed=2)
+    with pytest.raises(UserError, match="is a LoRA adapter: a draft must be a whole model"):
+        vllm_command(checkpoints / NAME, draft_dir=adapter)
+    with pytest.raises(UserError, match="no such directory"):
+        vllm_command(checkpoints / NAME, draft_dir=tmp_path / "nothing")
+
+
+def test_the_export_writes_tensorrt_llms_draft_target_options_beside_the_checkpoint(checkpoints, tmp_path):
+    from llmexp.running.runner import run_experiment
+
+    results = run_experiment(compose_config([
+        "technique=export", f"model.path={checkpoints / NAME}", f"technique.draft_model={checkpoints / 'draft'}",
+        "technique.num_speculative_tokens=3"]), tmp_path / "run", multirun=False).to_dict()
+    stage = results["stages"]["export"]
+    options = yaml.safe_load(Path(stage["artifacts"]["llm_api_options"]).read_text())
+    assert options == {"speculative_config": {"decoding_type": "DraftTarget", "max_draft_len": 3,
+                                              "speculative_model": str((checkpoints / "draft" / "model").resolve())},
+                       "disable_overlap_scheduler": True}
+    assert json.loads(Path(stage["artifacts"]["manifest"]).read_text())["llm_api_options"] == \
+        stage["artifacts"]["llm_api_options"]
+
+
+@pytest.mark.parametrize("overrides, expected", [
+    (["technique.draft_model=/no/such/draft"], "technique.draft_model=/no/such/draft: no config.json there"),
+    (["technique.draft_model={draft}", "technique.num_speculative_tokens=0"],
+     "technique.num_speculative_tokens=0 must be at least 1"),
+    (["technique.draft_model={draft}", "technique.format=trtllm"],
+     "technique.draft_model with format=trtllm: the draft goes to TensorRT-LLM's PyTorch workflow"),
+])
+def test_the_plan_refuses_a_bad_export_draft_naming_the_field(checkpoints, overrides, expected):
+    config = compose_config(["technique=export", f"model.path={checkpoints / NAME}",
+                             *(o.format(draft=checkpoints / "draft") for o in overrides)])
+    assert any(expected in problem for problem in make_plan(config).problems)

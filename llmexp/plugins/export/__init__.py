@@ -40,6 +40,10 @@ class ExportConfig(TechniqueConfig):
     instance_count: int = 1  # instances of the preprocessing and postprocessing python models
     engine_dir: Optional[str] = None  # a prebuilt engine to serve instead of building one (no tensorrt_llm needed)
     repository_root: Optional[str] = None  # where the server mounts the repository (e.g. /models); None: where written
+    # hf: serve with this smaller draft model (a checkpoint or a run's stage directory, same tokenizer) by
+    # TensorRT-LLM's draft-target speculative decoding: writes the LLM API options beside the checkpoint (draft_target.py)
+    draft_model: Optional[str] = None
+    num_speculative_tokens: int = 4  # tokens the draft proposes per step (TensorRT-LLM's max_draft_len)
 
 
 class Export(Technique):
@@ -114,6 +118,7 @@ def _source_node(config, stages, index: int):
 def export_problems(config, node, field: str, source=None) -> List[str]:
     """Problems of the export node at ``field``; ``source``: the node of the stage whose model it starts from
     (None: no stage before it makes one, so its input is ``model.path``)."""
+    from llmexp.plugins.export.draft_target import draft_target_problems
     from llmexp.plugins.export.engine import gpu_problem
     from llmexp.plugins.export.engine_settings import limit_problems
     from llmexp.plugins.export.triton import SCHEDULER_POLICIES
@@ -130,6 +135,7 @@ def export_problems(config, node, field: str, source=None) -> List[str]:
     if node.engine_dir and node.format != "triton":
         problems.append(f"{field}.engine_dir is a prebuilt engine for format=triton to serve; with "
                         f"format={node.format} unset it ({field}.engine_dir=null).")
+    problems += draft_target_problems(node, field)
     if node.format == "hf":
         return problems
     problems += limit_problems(node, context_length(config), field)

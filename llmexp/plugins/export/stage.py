@@ -4,7 +4,8 @@
 (trtllm, and triton when it builds), ``<stage dir>/triton`` (triton). Each is written whole or
 not at all (``directories.write_directory``); their paths are the stage's artifacts, and
 ``<stage dir>/export.json`` records how each was made (the checkpoint's source, the engine's
-build settings, the engine served).
+build settings, the engine served). With ``draft_model``, ``<stage dir>/trtllm_llm_api_options.yaml``
+holds TensorRT-LLM's draft-target speculative decoding options for serving the checkpoint.
 """
 
 from __future__ import annotations
@@ -41,6 +42,10 @@ def export(ctx: StageContext) -> StageResult:
                        checkpoint_time_s=round(time.perf_counter() - clock, 3))
         artifacts["hf"] = str(checkpoint)
         manifest.update(hf=str(checkpoint), hf_from=how)
+    if node.draft_model:
+        options = _write_draft_target_options(stage_dir, node, field)
+        artifacts["llm_api_options"] = str(options)
+        manifest.update(llm_api_options=str(options))
     if builds_engine(node):
         engine_dir, settings, seconds = _build(ctx, checkpoint, stage_dir / "engine", field)
         from llmexp.plugins.export.engine import engine_bytes
@@ -63,6 +68,15 @@ def export(ctx: StageContext) -> StageResult:
     path = replace_atomically(stage_dir / "export.json", lambda handle: json.dump(manifest, handle, indent=2))
     artifacts["manifest"] = str(path)
     return StageResult(metrics=metrics, artifacts=artifacts)
+
+
+def _write_draft_target_options(stage_dir: Path, node, field: str) -> Path:
+    import yaml
+
+    from llmexp.plugins.export.draft_target import OPTIONS_FILE, draft_checkpoint, draft_target_options
+
+    options = draft_target_options(draft_checkpoint(node.draft_model, field), node.num_speculative_tokens)
+    return replace_atomically(stage_dir / OPTIONS_FILE, lambda handle: yaml.safe_dump(options, handle, sort_keys=False))
 
 
 def _build(ctx: StageContext, checkpoint: Path, engine_dir: Path, field: str):
