@@ -2,9 +2,11 @@
 
 Rows are left-padded to a common length with a per-row attention mask, so each row sees
 exactly the positions it would alone. New rows are prefilled with a cache of their own, which
-is left-padded and concatenated onto the batch's (``merge``); finished rows are selected away,
+is left-padded and stacked with the batch's (``merge``); finished rows are selected away,
 with the leading columns that are padding in every row left (``keep_unfinished``). The cache
-is transformers' ``DynamicCache`` with full-attention layers (``check_cache_layout``).
+is transformers' ``DynamicCache`` with full-attention layers (``check_cache_layout``), its
+layers ``llmexp.serving.growing_cache.GrowingLayer``s once merged: a decoding step writes its
+position in place instead of copying the whole cache.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ from transformers import DynamicCache
 from transformers.cache_utils import DynamicLayer
 
 from llmexp.serving.generation import GenerationRequest, GenerationStream
+from llmexp.serving.growing_cache import GrowingLayer
 from llmexp.serving.streamed_text import StreamedText
 
 
@@ -48,33 +51,37 @@ class RunningBatch:
     mask: Optional[torch.Tensor] = None
 
     def merge(self, rows: List[Row], cache, mask: torch.Tensor) -> None:
-        """Append prefilled rows: both caches left-padded to the longer, then concatenated."""
-        if not self.rows:
-            self.rows, self.cache, self.mask = list(rows), cache, mask
-            return
-        width = max(self.mask.shape[1], mask.shape[1])
-        for old, new in zip(self.cache.layers, cache.layers):
-            old.keys = torch.cat([_left_pad(old.keys, width, -2), _left_pad(new.keys, width, -2)])
-            old.values = torch.cat([_left_pad(old.values, width, -2), _left_pad(new.values, width, -2)])
-        self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(mask, width, -1)])
-        self.rows.extend(rows)
+        """Append prefilled rows: the batch's cache and theirs stacked into one with room to grow, the shorter left-padded."""
+        parts = [(self.cache, self.mask)] if self.rows else []
+        parts.append((cache, mask))
+        width = max(part_mask.shape[1] for _, part_mask in parts)
+        cache.layers = [
+            GrowingLayer.stacked([(c.layers[i].keys, c.layers[i].values) for c, _ in parts], width)
+            for i in range(len(cache.layers))
+        ]
+        self.cache = cache
+        self.mask = torch.cat([_left_pad(part_mask, width, -1) for _, part_mask in parts])
+        self.rows = [*self.rows, *rows]
 
     def keep_unfinished(self) -> None:
-        """Drop finished rows, and the leading positions that are padding in every row left."""
+        """Drop finished rows, and the leading positions that are padding in every row left.
+
+        A finished row's slot is taken by a running row from the end of the batch, so only as
+        many rows move in the cache as have finished.
+        """
         keep = [i for i, row in enumerate(self.rows) if row.finish_reason is None]
         if len(keep) == len(self.rows):
             return
         if not keep:
             self.clear()
             return
-        index = torch.tensor(keep, device=self.mask.device)
-        mask = self.mask[index]
+        order = _holes_filled(keep)
+        mask = self.mask[torch.tensor(order, device=self.mask.device)]
         start = int((mask.sum(0) > 0).nonzero()[0])  # first position some row still uses
         self.mask = mask[:, start:]
         for layer in self.cache.layers:
-            layer.keys = layer.keys[index, :, start:]
-            layer.values = layer.values[index, :, start:]
-        self.rows = [self.rows[i] for i in keep]
+            layer.keep_rows(order, start)
+        self.rows = [self.rows[i] for i in order]
 
     def cut_cache(self, width: int) -> None:
         """The cache back to its first ``width`` positions: undoes a decoding step that extended some layers, then failed."""
@@ -99,6 +106,13 @@ def cache_keyword(model) -> str:
     """The forward argument taking the KV cache: ``cache`` since transformers 5.24, ``past_key_values`` before."""
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     return "cache" if "cache" in inspect.signature(base.forward).parameters else "past_key_values"
+
+
+def _holes_filled(keep: List[int]) -> List[int]:
+    """The rows ``keep`` (ascending) in slots ``0..len(keep)``: each kept slot in place, each freed one taken by a
+    kept row from beyond them."""
+    kept, movers = set(keep), iter(i for i in keep if i >= len(keep))
+    return [i if i in kept else next(movers) for i in range(len(keep))]
 
 
 def _left_pad(tensor: torch.Tensor, width: int, dim: int) -> torch.Tensor:
