@@ -5,15 +5,19 @@ Streamed text never shows what a stop string later removes, and never half a cha
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Sequence, Tuple
 
 
 class StreamedText:
     """Turns a row's token ids into text deltas, and finds its stop strings.
 
-    Decodes all ids so far each step (tokenizers merge pieces across tokens: a word-level
-    one joins words with spaces, byte-level BPE completes characters), sends what is new,
-    and holds back an incomplete character and any tail that could begin a stop string, so
+    Tokenizers merge pieces across tokens (a word-level one joins words with spaces, byte-level
+    BPE completes characters, SentencePiece drops the space of a text's first word), so a
+    token's text depends on the tokens before it. Decoding every id at every step would cost a
+    row time in proportion to its length per token; instead each step decodes a short window
+    (the ids from the last token whose text was taken, then the new ones) and appends what the
+    window adds to the text of its first tokens, as vLLM and TGI stream. What is new is sent,
+    holding back an incomplete character and any tail that could begin a stop string, so
     streamed text never shows what a stop string later removes.
     """
 
@@ -21,26 +25,45 @@ class StreamedText:
         self.tokenizer = tokenizer
         self.stop = tuple(stop)
         self.ids: List[int] = []
+        self.text = ""  # the text of ids[:self._read]
         self.sent = 0  # characters of the text already sent
+        self._window = 0  # where the decoding window starts: the text of ids before it is settled
+        self._read = 0  # ids whose text is in self.text
 
     def push(self, token_id: int) -> Tuple[str, bool]:
         """Add a token; return (text to send now, whether a stop string was reached)."""
         self.ids.append(token_id)
-        text = self.tokenizer.decode(self.ids, skip_special_tokens=True)
-        if text.endswith("\ufffd"):  # a multi-byte character is not complete yet
+        if not self._take_window(complete_only=True):  # a multi-byte character is not complete yet
             return "", False
-        stops = [i for i in (text.find(s) for s in self.stop) if i >= 0]
+        text = self.text
+        # a stop string that ended within sent text would have been found when it was pushed
+        stops = [i for i in (text.find(s, max(0, self.sent - len(s) + 1)) for s in self.stop) if i >= 0]
         if stops:
-            return self._advance(text, min(stops)), True
+            return self._advance(min(stops)), True
         hold = max((k for s in self.stop for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
-        return self._advance(text, len(text) - hold), False
+        return self._advance(len(text) - hold), False
 
     def flush(self) -> str:
         """The held-back text, sent when the row ends for another reason than a stop string."""
-        return self._advance(self.tokenizer.decode(self.ids, skip_special_tokens=True), None)
+        self._take_window(complete_only=False)
+        return self._advance(len(self.text))
 
-    def _advance(self, text: str, end: Optional[int]) -> str:
-        end = len(text) if end is None else end
-        delta = text[self.sent:end] if end > self.sent else ""
+    def _take_window(self, complete_only: bool) -> bool:
+        """Append the text the ids after ``_read`` add; False (nothing taken) if it ends in half a character."""
+        if self._read == len(self.ids):
+            return True
+        settled = self._decode(self.ids[self._window:self._read])
+        window = self._decode(self.ids[self._window:])
+        if complete_only and (window.endswith("\ufffd") or len(window) <= len(settled)):
+            return not window.endswith("\ufffd")
+        self.text += window[len(settled):]
+        self._window, self._read = self._read, len(self.ids)
+        return True
+
+    def _decode(self, ids: List[int]) -> str:
+        return self.tokenizer.decode(ids, skip_special_tokens=True) if ids else ""
+
+    def _advance(self, end: int) -> str:
+        delta = self.text[self.sent:end] if end > self.sent else ""
         self.sent = max(self.sent, end)
         return delta
