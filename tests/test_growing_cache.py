@@ -48,6 +48,22 @@ def test_rows_stack_right_aligned_over_zeros_and_leave_without_new_buffers():
     assert keys.shape == (2, 2, 6, 4) and torch.equal(keys[:, :, -1:], step[0])
 
 
+def test_rows_join_in_the_buffers_room_widened_to_the_left_with_zeros():
+    torch.manual_seed(3)
+    first = torch.randn(2, 2, 6, 4)
+    layer = GrowingLayer.stacked([(first, first)], 6)
+    layer.keep_rows([1], 2)  # one row left, its first two positions dropped: width 4
+    before = storage(layer.keys)
+    joining = torch.randn(2, 2, 5, 4)
+    layer.add_rows(joining, joining, 5)
+    assert storage(layer.keys) == before  # in the room the buffers kept
+    expected = torch.cat([torch.cat([torch.zeros(1, 2, 1, 4), first[1:, :, 2:]], -2), joining])
+    assert torch.equal(layer.keys, expected) and torch.equal(layer.values, expected)
+    longer = torch.randn(1, 2, 9, 4)
+    layer.add_rows(longer, longer, 9)  # wider than the buffers reach to the left: new buffers
+    assert torch.equal(layer.keys, torch.cat([torch.cat([torch.zeros(3, 2, 4, 4), expected], -2), longer]))
+
+
 def test_keys_replaced_from_outside_are_taken_as_they_are():
     torch.manual_seed(2)
     layer = GrowingLayer.stacked([(torch.randn(1, 2, 8, 4), torch.randn(1, 2, 8, 4))], 8)
@@ -82,7 +98,7 @@ def prefill(model, prompts):
 def test_the_model_decodes_through_a_batch_that_rows_join_and_leave_as_each_prompt_alone():
     model, tokenizer = build_varied_model(seed=3)
     model.eval()
-    prompts = [tokenizer(p)["input_ids"] for p in random_prompts(5, seed=4)]
+    prompts = [tokenizer(p)["input_ids"] for p in random_prompts(5, seed=8)]  # 17, 32, 8, 7 and 40 tokens
     steps = 12
     with torch.inference_mode():
         alone = [model.generate(torch.tensor([p]), max_new_tokens=steps, min_new_tokens=steps, do_sample=False,
@@ -98,15 +114,17 @@ def test_the_model_decodes_through_a_batch_that_rows_join_and_leave_as_each_prom
         batch.merge(new, cache, mask)
 
     join([0, 1, 2])
-    for step in range(1, steps + 6):
+    for step in range(1, steps + 8):
+        pointer = storage(batch.cache.layers[0].keys)
         if step == 3:
-            join([3, 4])  # a longer prompt joins a batch already decoding
+            join([3])  # a shorter prompt joins a batch already decoding: in the buffers' room
         if step == 5:
             next(row for row, i in rows if i == 1).finish_reason = "stop"  # a middle row leaves
             batch.keep_unfinished()
-        pointer = storage(batch.cache.layers[0].keys)
+        if step == 6:
+            join([4])  # a prompt longer than the batch: new buffers
         tokens = decode(model, batch, [row.next_token for row in batch.rows])
-        assert storage(batch.cache.layers[0].keys) == pointer  # written in place, not copied
+        assert (storage(batch.cache.layers[0].keys) == pointer) == (step != 6)  # written in place, not copied
         for row, token in zip(batch.rows, tokens):
             i = next(index for r, index in rows if r is row)
             outputs[i].append(token)

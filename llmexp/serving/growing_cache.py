@@ -6,7 +6,9 @@ batched decoding step at 16 rows of ~100 positions, and it grows with the contex
 ``GrowingLayer`` keeps its keys and values as views of buffers with free positions after them, so
 a step writes its position in place and only a full buffer is copied (into one half as long
 again). Rows that leave the batch are removed by moving rows from the end into their slots
-inside the buffers (``keep_rows``); rows that join are stacked into new buffers once (``stacked``).
+inside the buffers (``keep_rows``); rows that join take free rows the buffers keep
+(``add_rows``; new buffers only when those are used up). At most the buffers hold 1.5 times
+the rows and 1.5 times the positions in use (a few more for short ones).
 
 The buffers are inference tensors, written in ``torch.inference_mode`` whoever calls: a serving
 cache is never differentiated. Whoever replaces ``keys`` and ``values`` (``crop``,
@@ -22,39 +24,43 @@ import torch
 from transformers.cache_utils import DynamicLayer
 
 MIN_ROOM = 64  # free positions a new buffer keeps at least: a buffer is not copied again for that many steps
+MIN_ROW_ROOM = 4  # free rows a new buffer keeps at least, for rows that join
 
 
 class GrowingLayer(DynamicLayer):
-    """A ``DynamicLayer`` whose ``keys`` and ``values`` are ``[rows, heads, start:end]`` views of larger buffers."""
+    """A ``DynamicLayer`` whose ``keys`` and ``values`` are ``[:rows, :, start:end]`` views of larger buffers.
+
+    Every position of the views holds a finite number: positions that are padding for a row are
+    hidden by the attention mask, but a hidden position's weight 0 times NaN would still be NaN,
+    and a new buffer's free space is not initialised.
+    """
 
     def __init__(self) -> None:
         super().__init__()
-        self._buffers: Tuple[torch.Tensor, torch.Tensor] = ()  # [rows, heads, capacity, head_dim] each
+        self._buffers: Tuple[torch.Tensor, ...] = ()  # keys and values: [row capacity, heads, capacity, head_dim]
         self._views: Tuple[torch.Tensor, ...] = ()  # what keys and values were set to here
         self._rows = self._start = self._end = 0
 
     @classmethod
     def stacked(cls, parts: Sequence[Tuple[torch.Tensor, torch.Tensor]], width: int) -> "GrowingLayer":
-        """The rows of each ``(keys, values)`` part in turn, right-aligned to ``width`` positions, with room after.
-
-        Positions left of a shorter part are zeros: the attention mask hides them, and a hidden
-        position must still hold finite numbers (its weight 0 times NaN would be NaN).
-        """
+        """The rows of each ``(keys, values)`` part in turn, right-aligned to ``width`` positions, zeros before."""
         layer = cls()
-        keys, values = parts[0]
-        layer.lazy_initialization(keys, values)
-        rows = sum(part[0].shape[0] for part in parts)
-        with torch.inference_mode():
-            layer._buffers = tuple(_buffer(t, rows, width + _room(width)) for t in (keys, values))
-            row = 0
-            for part in parts:
-                count, length = part[0].shape[0], part[0].shape[-2]
-                for buffer, tensor in zip(layer._buffers, part):
-                    buffer[row:row + count, :, :width - length].zero_()
-                    buffer[row:row + count, :, width - length:width] = tensor
-                row += count
-        layer._show(rows, 0, width)
+        layer.lazy_initialization(*parts[0])
+        layer._stack(parts, width)
         return layer
+
+    def add_rows(self, keys: torch.Tensor, values: torch.Tensor, width: int) -> None:
+        """Append rows, right-aligned like the others to ``width`` positions (at least the current width), zeros before:
+        in the buffers' room when it holds them, the current rows widened to the left with zeros."""
+        rows, first = self._rows + keys.shape[0], self._end - width
+        if not self._holds_views() or rows > self._buffers[0].shape[0] or first < 0:
+            self._stack([(self.keys, self.values), (keys, values)], width)
+            return
+        with torch.inference_mode():
+            for buffer, tensor in zip(self._buffers, (keys, values)):
+                buffer[:self._rows, :, first:self._start].zero_()
+                _put_right_aligned(buffer[self._rows:rows, :, first:self._end], tensor)
+        self._show(rows, first, self._end)
 
     def update(self, key_states: torch.Tensor, value_states: torch.Tensor, *args, **kwargs):
         """Write the new positions after the cached ones (a new buffer only when the room is used up)."""
@@ -90,15 +96,28 @@ class GrowingLayer(DynamicLayer):
     def _holds_views(self) -> bool:
         return bool(self._views) and self.keys is self._views[0] and self.values is self._views[1]
 
+    def _stack(self, parts: Sequence[Tuple[torch.Tensor, torch.Tensor]], width: int) -> None:
+        rows = sum(part[0].shape[0] for part in parts)
+        with torch.inference_mode():
+            buffers = tuple(_buffer(t, rows + _row_room(rows), width + _room(width)) for t in parts[0])
+            row = 0
+            for part in parts:
+                count = part[0].shape[0]
+                for buffer, tensor in zip(buffers, part):
+                    _put_right_aligned(buffer[row:row + count, :, :width], tensor)
+                row += count
+        self._buffers = buffers
+        self._show(rows, 0, width)
+
     def _rebuffer(self, key_states: torch.Tensor, value_states: torch.Tensor) -> None:
         """New buffers holding the current keys and values, with room for these states and more."""
         cached = self.get_seq_length()
         rows = key_states.shape[0]
         length = cached + key_states.shape[-2]
-        buffers = tuple(_buffer(t, rows, length + _room(length)) for t in (key_states, value_states))
+        buffers = tuple(_buffer(t, rows + _row_room(rows), length + _room(length)) for t in (key_states, value_states))
         if cached:
             for buffer, tensor in zip(buffers, (self.keys, self.values)):
-                buffer[:, :, :cached] = tensor
+                buffer[:rows, :, :cached] = tensor
         self._buffers = buffers
         self._rows, self._start, self._end = rows, 0, cached
 
@@ -111,6 +130,18 @@ class GrowingLayer(DynamicLayer):
 def _room(length: int) -> int:
     """Free positions after ``length``: half as many again, so copies stay rare however long the sequence."""
     return max(MIN_ROOM, length // 2)
+
+
+def _row_room(rows: int) -> int:
+    """Free rows after ``rows``: rows that join while others finish fill them without a new buffer."""
+    return max(MIN_ROW_ROOM, rows // 2)
+
+
+def _put_right_aligned(target: torch.Tensor, tensor: torch.Tensor) -> None:
+    """``tensor`` into the last positions of ``target`` (same rows), zeros before it."""
+    length = tensor.shape[-2]
+    target[:, :, :target.shape[-2] - length].zero_()
+    target[:, :, target.shape[-2] - length:] = tensor
 
 
 def _buffer(like: torch.Tensor, rows: int, capacity: int) -> torch.Tensor:

@@ -51,17 +51,17 @@ class RunningBatch:
     mask: Optional[torch.Tensor] = None
 
     def merge(self, rows: List[Row], cache, mask: torch.Tensor) -> None:
-        """Append prefilled rows: the batch's cache and theirs stacked into one with room to grow, the shorter left-padded."""
-        parts = [(self.cache, self.mask)] if self.rows else []
-        parts.append((cache, mask))
-        width = max(part_mask.shape[1] for _, part_mask in parts)
-        cache.layers = [
-            GrowingLayer.stacked([(c.layers[i].keys, c.layers[i].values) for c, _ in parts], width)
-            for i in range(len(cache.layers))
-        ]
-        self.cache = cache
-        self.mask = torch.cat([_left_pad(part_mask, width, -1) for _, part_mask in parts])
-        self.rows = [*self.rows, *rows]
+        """Append prefilled rows; the shorter of their cache and the batch's is left-padded to the longer."""
+        if not self.rows:
+            width = mask.shape[1]
+            cache.layers = [GrowingLayer.stacked([(layer.keys, layer.values)], width) for layer in cache.layers]
+            self.rows, self.cache, self.mask = list(rows), cache, mask
+            return
+        width = max(self.mask.shape[1], mask.shape[1])
+        for layer, new in zip(self.cache.layers, cache.layers):
+            layer.add_rows(new.keys, new.values, width)
+        self.mask = torch.cat([_left_pad(self.mask, width, -1), _left_pad(mask, width, -1)])
+        self.rows.extend(rows)
 
     def keep_unfinished(self) -> None:
         """Drop finished rows, and the leading positions that are padding in every row left.
