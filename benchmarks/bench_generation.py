@@ -2,8 +2,8 @@
 
 Run from the repository root::
 
-    python benchmarks/bench_generation.py                    # 32 prompts x 64 tokens, batch 16, 5 rounds
-    python benchmarks/bench_generation.py --prompts 64 --new-tokens 128 --rounds 5
+    python benchmarks/bench_generation.py                    # 32 prompts x 64 tokens, batch 16; 64, batch 32; 5 rounds
+    python benchmarks/bench_generation.py --prompts 64 --new-tokens 128 --many 128 --rounds 5
 
 What is compared
 ----------------
@@ -21,15 +21,16 @@ decodes; rows that finish leave and waiting ones join at the next step. Timed fr
 on left-padded batches of ``--batch`` prompts, one after another: what one writes without a
 server.
 
-Two workloads, each in alternating rounds (order swapped each round) after one untimed
-warm-up of each side: *fixed*, every prompt ``--new-tokens`` tokens (the same work on both
-sides, step for step: what is measured is the engine's overhead), and *mixed*, each prompt
-its own budget between a quarter of ``--new-tokens`` and all of it (seeded), as requests
-reach a server: ``generate`` runs each static batch to its longest budget, the engine lets a
-finished row leave and a waiting prompt take its place. Throughput counts each prompt's
-budget only. The headline per workload is the median of the rounds' ratios, target engine /
-generate >= 1.0. Every prompt's tokens must be equal on both sides (greedy, same model):
-exit 1 if not.
+Three workloads, each in alternating rounds (order swapped each round) after one untimed
+warm-up of each side: *fixed*, every prompt ``--new-tokens`` tokens (the same forward passes
+on both sides, step for step: what is measured is the engine's own cost per step against
+``generate``'s), *mixed*, each prompt its own budget between a quarter of ``--new-tokens``
+and all of it (seeded), as requests reach a server: ``generate`` runs each static batch to
+its longest budget, the engine lets a finished row leave and a waiting prompt take its
+place; and *many*, the same with ``--many`` prompts (64) and a batch of half as many (32),
+many requests in flight at once. Throughput counts each prompt's budget only. The headline
+per workload is the median of the rounds' ratios, target engine / generate >= 1.0. Every
+prompt's tokens must be equal on both sides (greedy, same model): exit 1 if not.
 ``OMP_WAIT_POLICY=PASSIVE`` (unless set) for both sides, as ``llmexp serve`` runs: see
 ``llmexp.machine.cpu_threads.prefer_passive_waiting``.
 """
@@ -125,26 +126,31 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--prompts", type=int, default=32)
     parser.add_argument("--new-tokens", type=int, default=64)
     parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--many", type=int, default=64, help="prompts of the many-requests workload (batch: half)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
 
     served = tiny_served_model()
-    prompts = make_prompts(served.tokenizer, args.prompts)
     rng = random.Random(1)
-    workloads = {
-        "fixed": [args.new_tokens] * args.prompts,
-        "mixed": [rng.randint(max(1, args.new_tokens // 4), args.new_tokens) for _ in prompts],
+
+    def mixed(count: int) -> List[int]:
+        return [rng.randint(max(1, args.new_tokens // 4), args.new_tokens) for _ in range(count)]
+
+    workloads = {  # name: (prompts, batch, each prompt's budget)
+        "fixed": (args.prompts, args.batch, [args.new_tokens] * args.prompts),
+        "mixed": (args.prompts, args.batch, mixed(args.prompts)),
+        "many": (args.many, args.many // 2, mixed(args.many)),
     }
-    engine = Engine(served, max_batch_size=args.batch, max_queue=args.prompts)
-    run_engine(engine, prompts, [8] * len(prompts))  # warm-up: every prompt shape once on each side
-    run_generate(served, prompts, [8] * len(prompts), args.batch)
     meter = OtherLoad().start()
     results = {}
-    for name, budgets in workloads.items():
-        print(f"\n{name}: {args.prompts} prompts x {min(budgets)}-{max(budgets)} new tokens ({sum(budgets)} in all), "
-              f"batch {args.batch}, greedy, EOS disabled, torch threads {torch.get_num_threads()}")
-        results[name] = compare(engine, served, prompts, budgets, args.batch, args.rounds)
-    engine.close()
+    for name, (count, batch, budgets) in workloads.items():
+        prompts = make_prompts(served.tokenizer, count)
+        with Engine(served, max_batch_size=batch, max_queue=count) as engine:
+            run_engine(engine, prompts, [8] * count)  # warm-up: every prompt shape once on each side
+            run_generate(served, prompts, [8] * count, batch)
+            print(f"\n{name}: {count} prompts x {min(budgets)}-{max(budgets)} new tokens ({sum(budgets)} in all), "
+                  f"batch {batch}, greedy, EOS disabled, torch threads {torch.get_num_threads()}")
+            results[name] = compare(engine, served, prompts, budgets, batch, args.rounds)
     same = all(equal for _, equal in results.values())
     print()
     for name, (ratio, equal) in results.items():

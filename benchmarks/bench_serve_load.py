@@ -1,4 +1,5 @@
-"""``llmexp serve`` under load on loopback: output tokens/s and p99 time to first token, against the engine alone.
+"""``llmexp serve`` under load on loopback: output tokens/s and p99 time to first token, against the engine alone
+and against the same requests sent one at a time to plain ``model.generate``.
 
 Run from the repository root::
 
@@ -18,10 +19,17 @@ TTFT is from sending the request to receiving its first token's event.
 threads each submitting and reading one stream at a time: what the server costs is then
 HTTP, JSON, SSE and the event loop. TTFT is from ``submit`` to the first chunk.
 
-Both use the same number of torch threads (the default), server first then engine at each
+*one at a time*: the same requests through plain ``model.generate`` in this process, one after
+another, batch 1, greedy, ``--new-tokens`` each (``min_new_tokens`` too): what serving them
+costs without a server. Timed once before the levels and once after; the figure is the
+mean throughput of the two.
+
+All use the same number of torch threads (the default), server first then engine at each
 level; the client shares the machine with the server, as a load generator on the same host
-does. Figures: output tokens/s of each, their ratio, and p99 TTFT. Exit 1 if a request fails
-or returns another number of tokens.
+does. Figures: output tokens/s of each, server / engine, server / one at a time (the headline
+at concurrency 16: target >= 4), and p99 TTFT. "others' cores" is the CPU that processes other
+than this one and the server took meanwhile. Exit 1 if a request fails or returns another
+number of tokens.
 
 *abandoned*: then ``--abandoned`` times, one non-streaming request for the whole context is sent
 on a raw socket, and the socket closed once ``/metrics`` shows it running; the figure is the time
@@ -61,6 +69,7 @@ from machine_load import OtherLoad, describe
 
 MODEL = "tiny_llama"
 WARM_UP = 4  # requests sent at once before measuring
+TARGET_VS_ONE_AT_A_TIME = 4.0
 
 
 def p99(values: List[float]) -> float:
@@ -125,6 +134,26 @@ def load_engine(engine: Engine, prompts: List[List[int]], concurrency: int, new_
     return time.perf_counter() - start, tokens, ttfts
 
 
+def one_at_a_time(served, prompts: List[List[int]], new_tokens: int) -> Tuple[float, List[int]]:
+    """(wall seconds, tokens per request) of ``prompts`` run one after another through ``model.generate``, batch 1."""
+    tokens = []
+    start = time.perf_counter()
+    for prompt in prompts:
+        with torch.inference_mode():
+            out = served.model.generate(input_ids=torch.tensor([prompt]), attention_mask=torch.ones(1, len(prompt),
+                                        dtype=torch.long), max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                        do_sample=False, pad_token_id=served.tokenizer.pad_token_id)
+        tokens.append(out.shape[1] - len(prompt))
+    return time.perf_counter() - start, tokens
+
+
+def cpu_seconds(pid: int) -> float:
+    """CPU seconds process ``pid`` has used so far (user + system, from ``/proc/<pid>/stat``)."""
+    with open(f"/proc/{pid}/stat") as stat:
+        fields = stat.read().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 def running_rows(http: httpx.Client) -> float:
     text = http.get("/metrics").text
     return next(float(line.split()[1]) for line in text.splitlines() if line.startswith("llmexp_serve_running "))
@@ -184,20 +213,36 @@ def main(argv: Optional[List[str]] = None) -> int:
         try:
             asyncio.run(load_server(url, prompts[:WARM_UP], WARM_UP, 4))
             load_engine(engine, prompts[:WARM_UP], WARM_UP, 4)
+            one_at_a_time(served, prompts[:WARM_UP], 4)
+            total = args.requests * args.new_tokens
+            alone_s, alone_tokens = one_at_a_time(served, prompts, args.new_tokens)
             print(f"{args.requests} streaming requests x {args.new_tokens} tokens, greedy, EOS ignored; server "
                   f"--max-batch-size {args.batch}; torch threads {torch.get_num_threads()}")
-            print(f"{'C':>3s} {'server tok/s':>13s} {'engine tok/s':>13s} {'ratio':>6s} {'server p99 TTFT':>16s} "
-                  f"{'engine p99 TTFT':>16s}  others' cores")
+            print(f"{'C':>3s} {'server tok/s':>13s} {'engine tok/s':>13s} {'server/engine':>13s} "
+                  f"{'server/one-at-a-time':>20s} {'server p99 TTFT':>16s} {'engine p99 TTFT':>16s}  others' cores")
+            rows = []
             for concurrency in levels:
-                meter = OtherLoad().start()
+                meter, server_cpu = OtherLoad().start(), cpu_seconds(process.pid)
                 server_s, server_tokens, server_ttft = asyncio.run(
                     load_server(url, prompts, concurrency, args.new_tokens))
                 engine_s, engine_tokens, engine_ttft = load_engine(engine, prompts, concurrency, args.new_tokens)
-                total = args.requests * args.new_tokens
+                others = meter.cores()
+                if others is not None:
+                    others = max(0.0, others - (cpu_seconds(process.pid) - server_cpu) / (server_s + engine_s))
                 ok &= all(t == args.new_tokens for t in server_tokens + engine_tokens)
-                print(f"{concurrency:3d} {total / server_s:13.0f} {total / engine_s:13.0f} "
-                      f"{engine_s / server_s:6.3f} {1000 * p99(server_ttft):13.1f} ms {1000 * p99(engine_ttft):13.1f} ms"
-                      f"  {describe(meter.cores())}")
+                rows.append((concurrency, server_s, engine_s, server_ttft, engine_ttft, describe(others)))
+            again_s, again_tokens = one_at_a_time(served, prompts, args.new_tokens)
+            ok &= all(t == args.new_tokens for t in alone_tokens + again_tokens)
+            alone_rate = (total / alone_s + total / again_s) / 2
+            for concurrency, server_s, engine_s, server_ttft, engine_ttft, others in rows:
+                print(f"{concurrency:3d} {total / server_s:13.0f} {total / engine_s:13.0f} {engine_s / server_s:13.3f} "
+                      f"{total / server_s / alone_rate:20.2f} {1000 * p99(server_ttft):13.1f} ms "
+                      f"{1000 * p99(engine_ttft):13.1f} ms  {others}")
+            print(f"one at a time through model.generate: {total / alone_s:.0f} and {total / again_s:.0f} tok/s "
+                  f"(before and after the levels)")
+            headline = [total / server_s / alone_rate for concurrency, server_s, *_ in rows if concurrency == 16]
+            if headline:
+                print(f"server at concurrency 16 / one at a time: {headline[0]:.2f}x (target >= {TARGET_VS_ONE_AT_A_TIME}x)")
             if args.abandoned:
                 released = slot_release_seconds(url, prompts[0][:32], args.abandoned)
                 print(f"\nabandoned non-streaming requests ({args.abandoned}): slot free "
@@ -207,8 +252,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             process.terminate()
             process.wait(timeout=30)
             engine.close()
-    print(f"\nratio = server tokens/s / engine-alone tokens/s; every request returned {args.new_tokens} tokens: "
-          f"{'yes' if ok else 'NO'}")
+    print(f"\nevery request returned {args.new_tokens} tokens: {'yes' if ok else 'NO'}")
     return 0 if ok else 1
 
 
