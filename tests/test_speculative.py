@@ -111,6 +111,18 @@ def test_a_round_equals_generate_and_its_caches_hold_exactly_the_accepted_tokens
         assert produced == expected
 
 
+def test_the_draft_proposes_nothing_past_an_eos_token(checkpoints):
+    served = served_with(checkpoints, "target")
+    model, prompt = served.model, random_prompts(1, seed=15)[0]
+    plain = generate_alone(model, served.tokenizer, prompt, 8, eos_token_id=None)
+    eos = plain[2]  # the third token ends the sequence
+    assert eos not in plain[:2]
+    counts = SpeculationCounts()
+    sequence = greedy_start(model, model, served.tokenizer(prompt)["input_ids"])
+    tokens = speculative_round(model, model, sequence, 4, Sampling(), counts, stop_tokens={eos})
+    assert tokens[:2] == plain[1:3] and (counts.proposed, counts.accepted) == (2, 2)
+
+
 def draws(p_logits: torch.Tensor, q_logits: torch.Tensor, sampling: Sampling, count: int):
     """``count`` rounds of the rule with proposals drawn from ``q``: the produced token sequences."""
     q = token_distribution(q_logits, sampling.temperature, sampling.top_p)

@@ -320,7 +320,7 @@ class Engine:
             before = (self.speculation.proposed, self.speculation.accepted)
             try:
                 tokens = speculative_round(self.served.model, draft.model, sequence, k, _sampling(row),
-                                           self.speculation, extra)
+                                           self.speculation, extra, () if row.request.ignore_eos else self._eos)
                 now = time.perf_counter()
                 for token in tokens:
                     if row.finish_reason is None:

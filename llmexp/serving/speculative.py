@@ -23,7 +23,7 @@ what the engine runs per request, with its own seeded generator, and counts what
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional, Tuple
+from typing import Any, Collection, Dict, List, Optional, Tuple
 
 import torch
 
@@ -126,11 +126,12 @@ def greedy_start(target, draft, prompt_ids: List[int]) -> DraftedSequence:
 
 def speculative_round(
     target, draft, sequence: DraftedSequence, k: int, sampling: Sampling, counts: SpeculationCounts,
-    target_inputs: Optional[Dict[str, Any]] = None,
+    target_inputs: Optional[Dict[str, Any]] = None, stop_tokens: Collection[int] = (),
 ) -> List[int]:
     """Run one round for ``sequence``: the 1 to ``k + 1`` tokens it produces, its caches advanced to them.
 
-    ``target_inputs`` go to the target's forward too (a served adapter: ``adapter_names``). A target
+    The draft stops proposing after one of ``stop_tokens`` (EOS): what follows it would be checked for
+    nothing. ``target_inputs`` go to the target's forward too (a served adapter: ``adapter_names``). A target
     whose logits hold NaN or +inf raises ``FloatingPointError``, after which the sequence cannot go on.
     """
     proposals: List[int] = []
@@ -142,21 +143,24 @@ def speculative_round(
         proposals.append(token)
         draft_dists.append(dist)
         feed = [token]
+        if token in stop_tokens:
+            break
+    drafted = len(proposals)  # what the draft's cache read: its pending tokens and proposals 1..drafted-1
     target_logits = _forward(target, [sequence.last_token, *proposals], sequence.target_cache, keep_last=False,
                              **(target_inputs or {}))
     counts.target_forwards += 1
     _check_numbers(target_logits)
     accepted, token = accept(target_logits, proposals, draft_dists, sampling)
-    counts.proposed += k
+    counts.proposed += drafted
     counts.accepted += accepted
     counts.produced += accepted + 1
-    # the target read last_token and all k proposals: keep last_token and the accepted ones
-    _drop_last(sequence.target_cache, k - accepted)
-    if k == 0:  # the draft did not run: what it has not read grows
+    # the target read last_token and every proposal: keep last_token and the accepted ones
+    _drop_last(sequence.target_cache, drafted - accepted)
+    if drafted == 0:  # the draft did not run: what it has not read grows
         sequence.draft_pending = [*sequence.draft_pending, token]
-    else:  # the draft read its pending tokens and proposals 1..k-1: keep up to the last accepted proposal
-        _drop_last(sequence.draft_cache, max(0, k - 1 - accepted))
-        sequence.draft_pending = [*proposals[k - 1:accepted], token]
+    else:  # keep the draft's cache up to the last accepted proposal; a last proposal accepted is still unread
+        _drop_last(sequence.draft_cache, max(0, drafted - 1 - accepted))
+        sequence.draft_pending = [*proposals[drafted - 1:accepted], token]
     sequence.last_token = token
     return [*proposals[:accepted], token]
 

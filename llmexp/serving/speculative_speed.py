@@ -62,10 +62,10 @@ def generate(target, draft, prompts: Sequence[Sequence[int]], max_new_tokens: in
     for prompt in prompts:
         sequence = greedy_start(target, draft, list(prompt))
         produced = [sequence.last_token]
-        while len(produced) < max_new_tokens and produced[-1] not in eos_token_ids:
+        while len(produced) < max_new_tokens and not any(token in eos_token_ids for token in produced):
             k = min(num_speculative_tokens, max_new_tokens - len(produced) - 1)
-            produced += speculative_round(target, draft, sequence, k, Sampling(), counts)
+            produced += speculative_round(target, draft, sequence, k, Sampling(), counts, stop_tokens=eos_token_ids)
         ends = [i for i, token in enumerate(produced) if token in eos_token_ids]
-        outputs.append(produced[: ends[0] + 1] if ends else produced[:max_new_tokens])
+        outputs.append(produced[: ends[0] + 1] if ends else produced)
     return outputs
 
