@@ -13,7 +13,8 @@ What is compared
 The target is the run's baseline; every model of the run with fewer parameters than it (the
 pruned, distilled, fine-tuned students) drafts for it in turn, and so does the control: an
 untrained model of the first draft's architecture with the same tokenizer. The prompts are the
-embedded world's word problems (worked solutions, tens of tokens), one at a time (batch 1, where
+embedded world's word problems (worked solutions, tens of tokens) and the first words of held-out
+biographies (facts about a person), alternately, one at a time (batch 1, where
 speculative decoding pays), greedy, up to ``--new-tokens`` tokens or EOS. Side by side, in
 alternating order each round, after an untimed warm-up:
 
@@ -83,7 +84,12 @@ def new_run() -> Path:
 
 
 def prompts(tokenizer, count: int) -> List[List[int]]:
-    return [tokenizer(problem.prompt)["input_ids"] for problem in build_world(0).word_problem_test(count)]
+    """Half word problems (a worked solution follows), half the first words of held-out biographies (facts follow)."""
+    world = build_world(0)
+    problems = [tokenizer(problem.prompt)["input_ids"] for problem in world.word_problem_test(count)]
+    biographies = [tokenizer(" ".join(document.split()[:6]))["input_ids"]
+                   for document in world.heldout_documents(2 * count)[::2]]
+    return [ids for pair in zip(problems, biographies) for ids in pair][:count]
 
 
 class ForwardCounter:
@@ -119,21 +125,22 @@ def timed(fn):
     return time.perf_counter() - clock, result
 
 
-def forward_cost(model, length: int = 32, repeats: int = 100) -> float:
-    """Seconds of one decoding forward (one new token after ``length`` cached ones), the least of ``repeats``
-    (the least is the one other processes on the cores disturbed least)."""
+def relative_cost(target, draft, length: int = 32, repeats: int = 60) -> float:
+    """c: one decoding forward of ``draft`` (one new token after ``length`` cached ones) over one of ``target``'s,
+    medians of ``repeats`` timed alternately, so load from other processes falls on both alike."""
     from llmexp.serving.speculative import new_cache
 
-    ids = torch.randint(4, model.config.vocab_size, (1, length))
-    times = []
+    ids = torch.randint(4, target.config.vocab_size, (1, length))
+    times: Dict[str, List[float]] = {"target": [], "draft": []}
     with torch.inference_mode():
         for _ in range(repeats):
-            cache = new_cache(model)
-            model(input_ids=ids, cache=cache, use_cache=True)
-            clock = time.perf_counter()
-            model(input_ids=ids[:, -1:], cache=cache, use_cache=True)
-            times.append(time.perf_counter() - clock)
-    return min(times)
+            for name, model in (("target", target), ("draft", draft)):
+                cache = new_cache(model)
+                model(input_ids=ids, cache=cache, use_cache=True)
+                clock = time.perf_counter()
+                model(input_ids=ids[:, -1:], cache=cache, use_cache=True)
+                times[name].append(time.perf_counter() - clock)
+    return statistics.median(times["draft"]) / statistics.median(times["target"])
 
 
 def measure(target, draft, prompts_ids, new_tokens: int, k: int, eos: int, rounds: int) -> Dict[str, float]:
@@ -211,7 +218,6 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     target.eval()
     eos = tokenizer.eos_token_id
     prompt_ids = prompts(tokenizer, args.prompts)
-    target_cost = forward_cost(target)
     loaded = []
     for name, path in drafts:
         draft, draft_tokenizer = load_model(path)
@@ -225,7 +231,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     first_name, first_path, _ = loaded[0]
     loaded.append((f"untrained {first_name} (control)", first_path, random_control(first_path)))
     k = args.num_speculative_tokens
-    print(f"target {target_dir}: {parameters(target):,} parameters; {len(prompt_ids)} word-problem prompts, batch 1, "
+    print(f"target {target_dir}: {parameters(target):,} parameters; {len(prompt_ids)} prompts, batch 1, "
           f"greedy, up to {args.new_tokens} tokens; k = {k}; {torch.get_num_threads()} threads; median of "
           f"{args.rounds} rounds")
     header = ("| draft | params | c | acceptance | tokens/target fwd (llmexp) | tokens/target fwd (assisted) | "
@@ -235,7 +241,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     print("|" + "---|" * (header.count("|") - 1))
     failed = False
     for name, _, draft in loaded:
-        cost = forward_cost(draft) / target_cost
+        cost = relative_cost(target, draft)
         row = measure(target, draft, prompt_ids, args.new_tokens, k, eos, args.rounds)
         failed |= not row["identical"]
         print(f"| {name} | {parameters(draft):,} | {cost:.2f} | {row['acceptance']:.3f} | "

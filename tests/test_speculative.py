@@ -23,7 +23,7 @@ from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.models.loading import build_model, save_model
 from llmexp.errors import UserError
 from llmexp.serving.engine import Engine
-from llmexp.serving.generation import GenerationRequest
+from llmexp.serving.generation import GenerationRequest, RequestFailed
 from llmexp.serving.sampling import token_distribution
 from llmexp.serving.served_models import DraftModel, load_served_models
 from llmexp.serving.vllm_server import vllm_command
@@ -81,6 +81,20 @@ def test_greedy_output_with_a_draft_is_the_targets_own(checkpoints, draft):
         assert counts.acceptance_rate < 0.5  # an untrained draft rarely guesses the target's token
 
 
+def test_a_stop_string_ends_the_text_before_it_mid_round(checkpoints):
+    served = served_with(checkpoints, "target")  # every round yields k + 1 tokens: the stop string falls inside one
+    prompt = random_prompts(1, seed=3)[0]
+    tokens = generate_alone(served.model, served.tokenizer, prompt, 12, eos_token_id=None)
+    words = served.tokenizer.decode(tokens).split(" ")
+    stop = f"{words[5]} {words[6]}"
+    before = served.tokenizer.decode(tokens).split(stop)[0]
+    with Engine(served) as engine:
+        chunks = list(engine.submit(GenerationRequest(NAME, prompt, 12, temperature=0.0, stop=(stop,),
+                                                      ignore_eos=True)))
+    assert "".join(chunk.text for chunk in chunks) == before and chunks[-1].finish_reason == "stop"
+    assert sum(len(chunk.token_ids) for chunk in chunks) <= 7  # nothing streamed past the token completing it
+
+
 def test_a_draft_that_is_the_target_gives_k_plus_1_tokens_per_target_forward(checkpoints):
     served = served_with(checkpoints, "target")
     rounds = 4
@@ -94,6 +108,33 @@ def test_a_draft_that_is_the_target_gives_k_plus_1_tokens_per_target_forward(che
     assert (counts.target_forwards, counts.proposed, counts.accepted) == (3 * rounds, 3 * rounds * K, 3 * rounds * K)
     assert counts.tokens_per_target_forward == K + 1
     assert engine.decode_steps == 0 and engine.prefill_steps == 1
+
+
+@pytest.mark.parametrize("where", ["prompt", "generated"])
+def test_a_request_the_target_fails_on_ends_alone_and_the_others_go_on(checkpoints, where):
+    served = served_with(checkpoints, "random")
+    prompts = random_prompts(3, seed=16)
+    expected = [generate_alone(served.model, served.tokenizer, p, 6, eos_token_id=None) for p in prompts]
+    ids = [served.tokenizer(p)["input_ids"] for p in prompts]
+    others = {t for i in (1, 2) for t in ids[i] + expected[i]}
+    mine = ids[0] if where == "prompt" else expected[0][2:3]  # a prompt token, or the third generated one
+    poison = next(t for t in mine if t not in others and t not in served.tokenizer.all_special_ids)
+
+    def fail(module, args):
+        if (args[0] == poison).any():
+            raise RuntimeError(f"token {poison} breaks this model")
+
+    handle = served.model.get_input_embeddings().register_forward_pre_hook(fail)
+    try:
+        with Engine(served) as engine:
+            with engine.paused():
+                streams = [engine.submit(GenerationRequest(NAME, p, 6, temperature=0.0, ignore_eos=True))
+                           for p in prompts]
+            with pytest.raises(RequestFailed, match="went on"):
+                streams[0].read_all()
+            assert [stream.read_all().token_ids for stream in streams[1:]] == [tuple(e) for e in expected[1:]]
+    finally:
+        handle.remove()
 
 
 def test_a_round_equals_generate_and_its_caches_hold_exactly_the_accepted_tokens(checkpoints):

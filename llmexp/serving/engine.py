@@ -328,9 +328,10 @@ class Engine:
             except Exception as error:
                 self._fail(row, _failed_alone(error))
                 continue
+            proposed = self.speculation.proposed - before[0]  # one draft forward each (fewer than k after EOS)
             self.metrics.forward_steps.labels("verify").inc()
-            self.metrics.forward_steps.labels("draft").inc(k)
-            self.metrics.speculative_tokens.labels("proposed").inc(self.speculation.proposed - before[0])
+            self.metrics.forward_steps.labels("draft").inc(proposed)
+            self.metrics.speculative_tokens.labels("proposed").inc(proposed)
             self.metrics.speculative_tokens.labels("accepted").inc(self.speculation.accepted - before[1])
         batch.keep_unfinished()
 
