@@ -9,7 +9,7 @@ import pytest
 
 from llmexp.data.embedded import build_world
 from llmexp.data.tokenizer import word_level_tokenizer
-from llmexp.serving.streamed_text import StreamedText
+from llmexp.serving.streamed_text import WINDOW, StreamedText
 
 TEXTS = [
     "naïve café — 世界 🙂 ünïcödé 東京 👩‍🚀 crème brûlée",
@@ -31,6 +31,20 @@ def byte_tokenizer():
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
     core.train_from_iterator(TEXTS * 5, trainer=trainer)
     return PreTrainedTokenizerFast(tokenizer_object=core, bos_token="<s>", eos_token="</s>")
+
+
+@pytest.fixture(scope="module")
+def metaspace_tokenizer():
+    """A SentencePiece-style BPE (``▁`` marks a word's space; decoding drops the text's first one)."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import PreTrainedTokenizerFast
+
+    core = Tokenizer(models.BPE(unk_token="<unk>"))
+    core.pre_tokenizer = pre_tokenizers.Metaspace()
+    core.decoder = decoders.Metaspace()
+    trainer = trainers.BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"], show_progress=False)
+    core.train_from_iterator(TEXTS * 5, trainer=trainer)
+    return PreTrainedTokenizerFast(tokenizer_object=core, unk_token="<unk>", bos_token="<s>", eos_token="</s>")
 
 
 def streamed(tokenizer, ids, stop=()):
@@ -56,6 +70,13 @@ def test_byte_level_deltas_add_up_to_the_whole_decode_and_never_hold_half_a_char
         assert not stopped
         assert "".join(deltas) == byte_tokenizer.decode(ids, skip_special_tokens=True) == text
         assert not any("\ufffd" in delta for delta in deltas)
+
+
+def test_sentencepiece_style_deltas_keep_the_spaces_between_words(metaspace_tokenizer):
+    for text in TEXTS:
+        ids = metaspace_tokenizer(text, add_special_tokens=False)["input_ids"]
+        deltas, _ = streamed(metaspace_tokenizer, ids)
+        assert "".join(deltas) == metaspace_tokenizer.decode(ids) == text
 
 
 def test_word_level_deltas_add_up_to_the_whole_decode():
@@ -96,4 +117,4 @@ def test_each_token_decodes_a_short_window_not_the_whole_text_so_far():
     ids = [rng.randrange(4, tokenizer.tokenizer.vocab_size) for _ in range(1000)]
     deltas, _ = streamed(tokenizer, ids, stop=("never there",))
     assert "".join(deltas) == tokenizer.tokenizer.decode(ids, skip_special_tokens=True)
-    assert tokenizer.decoded < 4 * len(ids)  # decoding everything each step: over 500,000 ids
+    assert tokenizer.decoded < 2 * WINDOW * len(ids)  # decoding everything each step: over 500,000 ids

@@ -7,6 +7,8 @@ from __future__ import annotations
 
 from typing import List, Sequence, Tuple
 
+WINDOW = 8  # ids a decoding window grows to before it restarts
+
 
 class StreamedText:
     """Turns a row's token ids into text deltas, and finds its stop strings.
@@ -15,8 +17,9 @@ class StreamedText:
     BPE completes characters, SentencePiece drops the space of a text's first word), so a
     token's text depends on the tokens before it. Decoding every id at every step would cost a
     row time in proportion to its length per token; instead each step decodes a short window
-    (the ids from the last token whose text was taken, then the new ones) and appends what the
-    window adds to the text of its first tokens, as vLLM and TGI stream. What is new is sent,
+    (a few ids already taken, then the new ones) and appends what it adds to the window's text
+    at the last step, as vLLM and TGI stream; every ``WINDOW`` ids the window restarts at the
+    last ids taken, so one decode per token suffices and the window stays short. What is new is sent,
     holding back an incomplete character and any tail that could begin a stop string, so
     streamed text never shows what a stop string later removes.
     """
@@ -29,6 +32,7 @@ class StreamedText:
         self.sent = 0  # characters of the text already sent
         self._window = 0  # where the decoding window starts: the text of ids before it is settled
         self._read = 0  # ids whose text is in self.text
+        self._window_text = ""  # the text of ids[self._window:self._read]
 
     def push(self, token_id: int) -> Tuple[str, bool]:
         """Add a token; return (text to send now, whether a stop string was reached)."""
@@ -52,12 +56,14 @@ class StreamedText:
         """Append the text the ids after ``_read`` add; False (nothing taken) if it ends in half a character."""
         if self._read == len(self.ids):
             return True
-        settled = self._decode(self.ids[self._window:self._read])
         window = self._decode(self.ids[self._window:])
-        if complete_only and (window.endswith("\ufffd") or len(window) <= len(settled)):
+        if complete_only and (window.endswith("\ufffd") or len(window) <= len(self._window_text)):
             return not window.endswith("\ufffd")
-        self.text += window[len(settled):]
-        self._window, self._read = self._read, len(self.ids)
+        self.text += window[len(self._window_text):]
+        if len(self.ids) - self._window > WINDOW:  # restart at the ids taken last time: context for the next ones
+            self._window = self._read
+            window = self._decode(self.ids[self._window:])
+        self._read, self._window_text = len(self.ids), window
         return True
 
     def _decode(self, ids: List[int]) -> str:
