@@ -16,7 +16,8 @@ hand-written loop has none to compare it with.
 
 *hand-written*: what one would write without the framework: a copy of the same starting
 model, the same micro-batches in the same order (``data_order``), the same loss function
-on them, AdamW over the trainable parameters with the same decay groups, the warm-up +
+on them, AdamW over the trainable parameters with the same decay groups and kernel
+(``llmexp.training.optimizer.adamw``: fused where it runs; the kernel is not the loop), the warm-up +
 cosine schedule written out, ``clip_grad_norm_``, ``zero_grad``, ``loss.item()`` each step.
 
 How it is measured
@@ -42,7 +43,7 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import lightning as L
 import torch
@@ -59,6 +60,7 @@ from llmexp.plugins.pretrain.loop import next_token_loss
 from llmexp.techniques.contract import StageContext
 from llmexp.results.tracking import make_tracker
 from llmexp.training.loop import train
+from llmexp.training.optimizer import adamw
 from llmexp.training.schedule import data_order
 from machine_load import OtherLoad, describe
 
@@ -79,9 +81,10 @@ class Setup:
     extra_modules: List[Any] = field(default_factory=list)
 
 
-def setup(technique: str, steps: int) -> Setup:
+def setup(technique: str, steps: int, overrides: Sequence[str] = ()) -> Setup:
     # validation is off: the hand-written loop has none to match it
-    cfg = compose_config([f"technique={technique}", f"technique.max_steps={steps}", "technique.val_every=0", "pipeline=technique_only"])
+    cfg = compose_config([f"technique={technique}", f"technique.max_steps={steps}", "technique.val_every=0",
+                          "pipeline=technique_only", *overrides])
     start = new_embedded_model(cfg)
     model, tokenizer = start.model, start.tokenizer
     if technique in ("pretrain", "cpt"):
@@ -107,12 +110,7 @@ class HandWritten:
         self.s, t = s, s.cfg.technique
         self.model = copy.deepcopy(s.model)
         self.model.train()
-        params = [p for p in self.model.parameters() if p.requires_grad]
-        self.optimizer = torch.optim.AdamW(
-            [{"params": [p for p in params if p.ndim >= 2], "weight_decay": t.weight_decay},
-             {"params": [p for p in params if p.ndim < 2], "weight_decay": 0.0}],
-            lr=t.lr, betas=(t.beta1, t.beta2),
-        )
+        self.optimizer = adamw(self.model.parameters(), t.lr, (t.beta1, t.beta2), t.weight_decay)  # the same kernel
         self.schedule = torch.optim.lr_scheduler.LambdaLR(self.optimizer, self.multiplier)
         micro = s.cfg.parallelism.micro_batch
         order = data_order(len(s.examples), t.max_steps * s.cfg.parallelism.global_batch, s.cfg.seed, s.shuffle).tolist()

@@ -195,6 +195,29 @@ def test_activation_checkpointing_on_a_peft_adapter_trains_the_adapter_alike(tmp
     assert checkpointed["trainable_fraction"] == round(adapter / checkpointed["total_parameters"], 6) < 0.05
 
 
+@pytest.mark.slow
+def test_a_compiled_step_trains_as_the_eager_one_and_saves_the_same_keys(tmp_path):
+    eager_model, eager = run(context(tmp_path / "eager" / "pretrain"))
+    compiled_model, compiled = run(context(tmp_path / "compiled" / "pretrain", "technique.compile=true"))
+    for a, b in zip(log_rows(tmp_path / "eager" / "pretrain"), log_rows(tmp_path / "compiled" / "pretrain"), strict=True):
+        assert b["loss"] == pytest.approx(a["loss"], abs=1e-4)  # the tolerance of the dp-vs-single parity check
+    assert compiled["compile_time_s"] > 1.0 and "compile_time_s" not in eager  # eager first steps take milliseconds
+    assert list(compiled_model.state_dict()) == list(eager_model.state_dict())  # the model, not a compiled wrapper
+    assert not compiled_model.training and type(compiled_model) is type(eager_model)
+
+
+def test_adamw_runs_its_fused_kernel_on_plain_tensors_and_keeps_the_decay_groups():
+    from llmexp.training.optimizer import adamw
+
+    model = torch.nn.Sequential(torch.nn.Linear(4, 4), torch.nn.LayerNorm(4))
+    model[1].weight.requires_grad_(False)
+    optimizer = adamw(model.parameters(), 1e-3, (0.9, 0.95), 0.1)
+    assert optimizer.defaults["fused"] is True
+    decay, no_decay = optimizer.param_groups
+    assert [p.shape for p in decay["params"]] == [(4, 4)] and decay["weight_decay"] == 0.1
+    assert [p.shape for p in no_decay["params"]] == [(4,), (4,)] and no_decay["weight_decay"] == 0.0
+
+
 def test_frozen_parameters_are_counted_and_left_alone(tmp_path):
     ctx = context(tmp_path / "pretrain")
     model = tiny_model(ctx)

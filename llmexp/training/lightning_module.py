@@ -15,6 +15,8 @@ from typing import Any, Dict, Optional
 from llmexp.display import console, progress
 from llmexp.machine import cpu_threads
 from llmexp.training import distributed, preemption
+from llmexp.training.compilation import compiled
+from llmexp.training.optimizer import adamw
 from llmexp.training.schedule import warmup_cosine
 
 STOP_SIGNAL_SKEW_S = 30  # how much later than another rank a rank may get the cluster's stop signal
@@ -58,6 +60,10 @@ def training_module_class() -> type:
         ):
             super().__init__()
             self.model = model
+            # what the loss calls: the model, or a compiled wrapper sharing its parameters (in a tuple: not a submodule,
+            # so that checkpoints keep the model's keys)
+            self._trained = (compiled(model) if tcfg.compile else model,)
+            self.first_step_s: Optional[float] = None  # the first optimiser step's wall time: compiling it, when compiled
             self.loss_fn, self.tcfg, self.accumulation = loss_fn, tcfg, accumulation
             self.extra_modules = list(extra_modules)  # a list, not submodules: neither saved nor optimised
             self.val_batches, self.log_path, self.checkpoints = val_batches, log_path, checkpoints
@@ -73,7 +79,9 @@ def training_module_class() -> type:
             self._logs: Dict[str, Any] = {}
             self._done_step = 0
             self._restored: Optional[Dict[str, Any]] = None
-            self.free_cores = cpu_threads.FreeCores(name, console.warn)  # threads to the cores other processes leave free
+            # threads to the cores other processes leave free; a compiled step keeps its count, as Inductor builds its
+            # kernels for one thread count and each new count would compile the step again
+            self.free_cores = None if tcfg.compile else cpu_threads.FreeCores(name, console.warn)
 
         def configure_model(self):
             """Under ModelParallelStrategy: split the model over its device mesh (``llmexp.training.model_parallel``)."""
@@ -82,8 +90,9 @@ def training_module_class() -> type:
                 model_parallel.parallelize(self.model, self.device_mesh, tensor_parallel=p.tp > 1, shard=p.dp > 1)
 
         def training_step(self, batch, batch_idx):
-            self.free_cores.check()
-            out = self.loss_fn(self.model, batch)
+            if self.free_cores is not None:
+                self.free_cores.check()
+            out = self.loss_fn(self._trained[0], batch)
             self.session_tokens += out.tokens
             loss = out.loss.detach()
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
@@ -106,6 +115,8 @@ def training_module_class() -> type:
             step = self.trainer.global_step
             if step == self._done_step:  # still accumulating micro-batches
                 return
+            if self.first_step_s is None:
+                self.first_step_s = time.perf_counter() - self._started
             self._done_step = step
             self._step_loss, self._loss_sum, self._step_mean = self._loss_sum / self.accumulation, None, None
             last = step == self.tcfg.max_steps
@@ -188,16 +199,8 @@ def training_module_class() -> type:
             return self._mean_step_loss() if self._step_loss is not None else self._restored["stats"]["loss"]
 
         def configure_optimizers(self):
-            decay, no_decay = [], []
-            for param in self.model.parameters():
-                if param.requires_grad:
-                    (no_decay if param.ndim < 2 else decay).append(param)  # no decay on norms and biases
             t = self.tcfg
-            optimizer = torch.optim.AdamW(
-                [{"params": decay, "weight_decay": t.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
-                lr=t.lr,
-                betas=(t.beta1, t.beta2),
-            )
+            optimizer = adamw(self.model.parameters(), t.lr, (t.beta1, t.beta2), t.weight_decay)
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: warmup_cosine(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
             )
