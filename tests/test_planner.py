@@ -402,6 +402,17 @@ def test_training_through_pipeline_stages_is_refused_and_inference_is_not():
     assert not [problem for problem in evaluation.problems if "parallelism.pp" in problem]
 
 
+def test_compiling_a_split_model_or_a_megatron_step_is_refused_and_data_parallel_is_not():
+    problem = only(plan_of("technique.compile=true", "parallelism=tp2").problems, "compile")
+    assert "technique.compile=true" in problem and "parallelism tp=2" in problem and "technique.compile=false" in problem
+    only(plan_of("technique.compile=true", "parallelism=fsdp2").problems, "sharding=fsdp")
+    megatron = only(plan_of("technique.compile=true", "backend=megatron", "hardware=h100", "precision=bf16").problems,
+                    "compile")
+    assert "backend=megatron runs its own kernels" in megatron
+    assert plan_of("technique.compile=true", "parallelism=dp2").problems == []
+    assert plan_of("technique.compile=true").problems == []
+
+
 def test_tensor_parallel_lora_is_refused_and_data_parallel_lora_is_not():
     problem = only(plan_of("technique=lora", "parallelism=tp2").problems, "parallelism.tp=2")
     assert "technique=lora" in problem and "parallelism.tp=1" in problem

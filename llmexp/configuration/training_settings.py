@@ -30,6 +30,11 @@ def training_problems(node, key: str = "technique", min_steps: int = 1) -> List[
     return problems
 
 
+def splits_model(parallelism) -> bool:
+    """Whether the layout splits the model's weights (tensor parallel or FSDP2) rather than replicating them."""
+    return parallelism.tp > 1 or (parallelism.sharding == "fsdp" and parallelism.dp > 1)
+
+
 def validation_problem(node, key: str) -> str:
     """The refusal of ``<key>.val_every`` on a stage that has no validation examples (``key``: where ``node`` sits)."""
     return (

@@ -14,6 +14,7 @@ from llmexp.architecture import count_parameters
 from llmexp.machine.backends import BACKENDS, unavailable_reason
 from llmexp.techniques.contract import Metric, MetricKind, Technique, TechniqueConfig
 from llmexp.techniques.plugin_manager import techniques
+from llmexp.training.compilation import compile_problems
 from llmexp.training.megatron.arguments import megatron_problems
 
 # Our precision names -> Lightning's. Mixed precision keeps fp32 master weights.
@@ -43,6 +44,7 @@ class TrainingConfig(TechniqueConfig):
     checkpoint_every: int = 200  # resumable checkpoint every N optimiser steps (0: never)
     keep_checkpoints: int = 2  # the newest K are kept
     save_model: bool = True  # write the HF checkpoint to <stage dir>/model
+    compile: bool = False  # torch.compile the training step: faster steps for a one-off compile (llmexp.training.compilation)
 
 
 class TrainingTechnique(Technique):
@@ -73,7 +75,7 @@ class TrainingTechnique(Technique):
             Metric("trainable_parameters", False, "trainable_parameters", MetricKind.COST),
             Metric("peak_memory_mb", False, "peak_memory_mb", MetricKind.COST),
             Metric("tokens_per_s", True, "training throughput", MetricKind.COST),
-        )
+        ) + ((Metric("compile_time_s", False, "compile_time_s", MetricKind.COST),) if node.get("compile") else ())
 
     @classmethod
     def plan_problems(cls, config, key: str, node, plan) -> List[str]:
@@ -82,7 +84,7 @@ class TrainingTechnique(Technique):
         whose loss it does not compute. Whether the backend's packages and a GPU are on this machine is checked when
         the run starts (``machine_problems``): a plan may be for a cluster."""
         if config.backend.name == "megatron":
-            problems = megatron_problems(config)
+            problems = megatron_problems(config) + compile_problems(config, key, node)
             if "megatron" not in cls.backends:
                 trained = sorted(name for name, entry in techniques().items()
                                  if issubclass(entry.technique, TrainingTechnique)
@@ -97,7 +99,7 @@ class TrainingTechnique(Technique):
         problems = [problem for problem in [torch_precision_problem(precision, config.hardware)] if problem]
         if config.parallelism.pp > 1:
             problems.append(pipeline_training_problem(config.parallelism))
-        return problems
+        return problems + compile_problems(config, key, node)
 
     @classmethod
     def machine_problems(cls, config, node, field: str) -> List[str]:

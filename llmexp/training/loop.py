@@ -39,7 +39,7 @@ from llmexp.machine.peak_memory import PeakMemory
 from llmexp.results.record import redact_secrets
 from llmexp.techniques.contract import StageContext
 from llmexp.training import distributed, preemption
-from llmexp.configuration.training_settings import training_problems, validation_problem
+from llmexp.configuration.training_settings import splits_model, training_problems, validation_problem
 from llmexp.training.contract import LIGHTNING_PRECISION, LossFn, pipeline_training_problem, torch_precision_problem
 from llmexp.training.lightning_module import training_module_class
 from llmexp.training.schedule import data_order
@@ -82,8 +82,9 @@ def train(
     run's), ``final_loss`` (the last optimiser step's loss: the mean over its micro-batches),
     ``steps``, ``val_loss`` and ``val_<log>`` for the loss's other logs (the last validation, when
     validating), ``trainable_parameters``,
-    ``total_parameters``, ``trainable_fraction``, ``peak_memory_mb``, ``resumed_from_step`` and
-    ``fewest_threads`` (the fewest CPU threads it ran with: fewer than the cores when other processes used them).
+    ``total_parameters``, ``trainable_fraction``, ``peak_memory_mb``, ``resumed_from_step``,
+    ``fewest_threads`` (the fewest CPU threads it ran with: fewer than the cores when other processes used them), and
+    ``compile_time_s`` with ``compile=true`` (the first step's time beyond the others': compiling it).
     The model is left in eval mode.
     """
     if ctx.config.backend.name == "megatron":
@@ -135,7 +136,7 @@ def train(
     )
     val_batches = functools.partial(_batches, val_data, collate, micro_batch) if tcfg.val_every else None
     model.train()  # Lightning keeps the modes it finds; a loaded model arrives in eval mode
-    split = _splits_model(parallelism)
+    split = splits_model(parallelism)
     trained = copy.deepcopy(model) if split else model  # split in place: ``model`` stays a plain HF model
     module = training_module_class()(
         ctx.stage_name, trained, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints,
@@ -167,8 +168,13 @@ def train(
         trainable_fraction=round(trainable / total, 6),
         peak_memory_mb=peak.mb,
         resumed_from_step=point.step if point else 0,
-        fewest_threads=module.free_cores.lowest or torch.get_num_threads(),
+        fewest_threads=(module.free_cores and module.free_cores.lowest) or torch.get_num_threads(),
     )
+    session_steps = trainer.global_step - (point.step if point else 0)
+    if tcfg.compile and module.first_step_s is not None and session_steps > 1:
+        # the first step compiles: its time beyond the other steps' mean
+        later = (seconds - module.first_step_s) / (session_steps - 1)
+        metrics["compile_time_s"] = round(max(0.0, module.first_step_s - later), 3)
     return metrics
 
 
@@ -261,7 +267,7 @@ def training_strategy(parallelism, accelerator: str):
     backend = "gloo" if accelerator == "cpu" else "nccl"
     if parallelism.pp > 1:
         raise UserError(pipeline_training_problem(parallelism))
-    if not _splits_model(parallelism):
+    if not splits_model(parallelism):
         return DDPStrategy(process_group_backend=backend)
     return ModelParallelStrategy(
         data_parallel_size=parallelism.dp,
@@ -269,11 +275,6 @@ def training_strategy(parallelism, accelerator: str):
         save_distributed_checkpoint=False,
         process_group_backend=backend,
     )
-
-
-def _splits_model(parallelism) -> bool:
-    """Whether the layout splits the model's weights (tensor parallel or FSDP2) rather than replicating them."""
-    return parallelism.tp > 1 or (parallelism.sharding == "fsdp" and parallelism.dp > 1)
 
 
 def enable_activation_checkpointing(model) -> None:
