@@ -56,6 +56,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # importable before setup_problem can say that llmexp is not installed
+from llmexp.architecture import training_flops_per_token  # noqa: E402
 from llmexp.results.record import write_json_atomic  # noqa: E402
 
 PARTS = ("peak", "train", "formats", "serve")
@@ -79,28 +80,14 @@ ONE_B_OVERRIDES = (
 # -- pure helpers -------------------------------------------------------------------------
 
 
-def flops_per_token(non_embedding_parameters: int, layers: int, heads: int, head_dim: int, seq_len: int) -> float:
-    """Training FLOPs per token, PaLM (Chowdhery et al. 2022), appendix B: ``6N + 12·L·H·Q·T``.
-
-    N: parameters without the embeddings, L: layers, H: attention heads, Q: head dimension,
-    T: sequence length. 6N is the forward (2N) and backward (4N) matmuls of the weights; the
-    second term the attention scores and their weighted sum, which the weights do not count.
-    """
-    return 6 * non_embedding_parameters + 12 * layers * heads * head_dim * seq_len
-
-
 def mfu(tokens_per_s: float, flops_per_token_: float, peak_flops_per_s: float) -> float:
     """Model FLOPs utilisation: the FLOP/s the training did, as a share of the peak."""
     return tokens_per_s * flops_per_token_ / peak_flops_per_s
 
 
-def model_flops_per_token(config: Dict[str, Any], total_parameters: int) -> float:
-    """``flops_per_token`` of a run from its results.json ``config`` and its trained parameter count."""
-    model = config["model"]
-    embeddings = model["vocab_size"] * model["hidden_size"] * (1 if model["tie_word_embeddings"] else 2)
-    head_dim = model.get("head_dim") or model["hidden_size"] // model["num_attention_heads"]
-    return flops_per_token(total_parameters - embeddings, model["num_layers"], model["num_attention_heads"],
-                           head_dim, config["data"]["seq_len"])
+def model_flops_per_token(config: Dict[str, Any]) -> int:
+    """``llmexp.architecture.training_flops_per_token`` of a run, from its results.json ``config``."""
+    return training_flops_per_token(config["model"], config["data"]["seq_len"])
 
 
 def compare_loss_curves(a: Sequence[Dict[str, Any]], b: Sequence[Dict[str, Any]]) -> Dict[str, Any]:
@@ -362,8 +349,8 @@ def train_run(checks: Checks, entry: Dict[str, Any], size: str, backend: str) ->
                             if "loss" in row]
     record["model_dir"] = (stage.get("artifacts") or {}).get("model")
     peak = checks.report["parts"].get("peak", {}).get("tflops")
-    if metrics.get("tokens_per_s") and metrics.get("total_parameters"):
-        per_token = model_flops_per_token(record["results"]["config"], metrics["total_parameters"])
+    if metrics.get("tokens_per_s"):
+        per_token = model_flops_per_token(record["results"]["config"])
         record["flops_per_token"] = per_token
         record["mfu"] = round(mfu(metrics["tokens_per_s"], per_token, peak * 1e12), 4) if peak else None
     results = record.pop("results")  # the run directory keeps it; the report keeps what it reads

@@ -58,3 +58,21 @@ def count_parameters(model_numbers: Any) -> int:
     per_layer = attention + 3 * h * m["intermediate_size"] + 2 * h
     embeddings = m["vocab_size"] * h * (1 if m["tie_word_embeddings"] else 2)
     return embeddings + m["num_layers"] * per_layer + h
+
+
+def matmul_parameters(model_numbers: Any) -> int:
+    """Weights that multiply activations: every linear layer of every decoder layer and the LM head (tied or not)."""
+    m = architecture(model_numbers)
+    per_layer = sum(inputs * outputs for inputs, outputs in (shape(m) for shape in LINEAR_SHAPES.values()))
+    return m["num_layers"] * per_layer + m["vocab_size"] * m["hidden_size"]
+
+
+def training_flops_per_token(model_numbers: Any, seq_len: int) -> int:
+    """Training FLOPs per token: ``6·N + 12·L·(heads·head_dim)·T`` (PaLM, Chowdhery et al. 2022, appendix B).
+
+    N: ``matmul_parameters`` (2 FLOPs per weight forward, 4 backward); the second term the
+    attention scores and their weighted sum over T positions, which no weight counts. Norms,
+    activations and the optimiser are not model FLOPs: MFU counts them as overhead.
+    """
+    m = architecture(model_numbers)
+    return 6 * matmul_parameters(m) + 12 * m["num_layers"] * m["num_attention_heads"] * m["head_dim"] * seq_len

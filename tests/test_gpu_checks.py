@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from llmexp.architecture import training_flops_per_token
+
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "benchmarks" / "gpu_checks.py"
 
@@ -19,25 +21,25 @@ gpu_checks = importlib.util.module_from_spec(spec)
 spec.loader.exec_module(gpu_checks)
 
 TINY_CONFIG = {  # what results.json records of tiny_llama at the embedded default's seq_len
-    "model": {"vocab_size": 256, "hidden_size": 128, "num_layers": 8, "num_attention_heads": 4, "head_dim": 32,
+    "model": {"vocab_size": 256, "hidden_size": 128, "intermediate_size": 384, "num_layers": 8,
+              "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 32,
               "tie_word_embeddings": True},
     "data": {"seq_len": 64},
 }
-TINY_PARAMETERS = 1_607_808  # `llmexp pipeline=technique_only technique=pretrain` reports it
 
 
 def test_flops_per_token_of_tiny_llama_by_hand():
-    # N = 1,607,808 - 256*128 (tied embeddings, counted once) = 1,575,040; 6N = 9,450,240
+    # matmul weights per layer: q 128*128 + k, v 128*64 each + o 128*128 + gate, up, down 128*384 each = 196,608;
+    # 8 layers + the LM head 256*128 (tied to the embeddings, but a matmul all the same) = 1,605,632; 6N = 9,633,792
     # 12*L*H*Q*T = 12*8*4*32*64 = 786,432
-    assert gpu_checks.flops_per_token(1_575_040, 8, 4, 32, 64) == 10_236_672
-    assert gpu_checks.model_flops_per_token(TINY_CONFIG, TINY_PARAMETERS) == 10_236_672
+    assert training_flops_per_token(TINY_CONFIG["model"], 64) == 10_420_224
+    assert gpu_checks.model_flops_per_token(TINY_CONFIG) == 10_420_224
 
 
-def test_untied_embeddings_are_left_out_twice_and_head_dim_defaults_to_hidden_over_heads():
+def test_untied_head_counts_once_and_head_dim_defaults_to_hidden_over_heads():
     config = {"model": {**TINY_CONFIG["model"], "tie_word_embeddings": False, "head_dim": None},
               "data": {"seq_len": 64}}
-    untied_parameters = TINY_PARAMETERS + 256 * 128
-    assert gpu_checks.model_flops_per_token(config, untied_parameters) == 10_236_672
+    assert gpu_checks.model_flops_per_token(config) == 10_420_224
 
 
 def test_mfu_is_achieved_over_peak_flops():
@@ -157,7 +159,7 @@ def test_cpu_smoke_trains_through_the_cli_and_reports_its_curve(tmp_path):
     assert run["status"] == "ok" and run["run_status"] == "completed"
     assert [row["step"] for row in run["loss_curve"]] == [1, 2, 3, 4]  # log_every = steps // 3 = 1
     assert run["metrics"]["steps"] == 4 and run["metrics"]["tokens_per_s"] > 0
-    assert run["flops_per_token"] == 10_236_672 and run["mfu"] is None  # no peak measured on a CPU
+    assert run["flops_per_token"] == 10_420_224 and run["mfu"] is None  # no peak measured on a CPU
     assert "hardware=cpu" in run["command"] and "backend=torch" in run["command"]
     assert "tiny/torch         ok" in done.stdout
 
