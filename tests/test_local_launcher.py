@@ -89,7 +89,7 @@ def _sweep(tmp_path: Path, *points: str) -> Iterator[subprocess.Popen]:
     launcher = subprocess.Popen(
         [sys.executable, "-m", "llmexp", "-m", *LOCAL, *SHORT_JOB[:1], *SHORT_JOB[2:], *points, "hydra.sweep.dir=sweep"],
         cwd=tmp_path, env=env, stdout=open(tmp_path / "stdout", "w"), stderr=open(tmp_path / "stderr", "w"),
-        start_new_session=True,
+        start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL),  # as from a terminal
     )
     try:
         yield launcher
@@ -147,6 +147,8 @@ def test_no_worker_outlives_an_interrupted_or_killed_sweep(tmp_path, how):
         if how == "ctrl-c":  # the terminal signals the whole foreground process group
             os.killpg(launcher.pid, signal.SIGINT)
             assert launcher.wait(timeout=60) != 0
+            assert "KeyboardInterrupt" in (tmp_path / "stderr").read_text()  # the launching process was interrupted
+            assert "[1/2]" not in (tmp_path / "stderr").read_text()  # not a sweep that went on without its workers
         else:
             launcher.kill()
             launcher.wait(timeout=60)

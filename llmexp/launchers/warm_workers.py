@@ -198,7 +198,8 @@ def _serve(connection: Connection, cpus: List[int], preload: Sequence[str], run:
     read, write = lifeline
     os.close(write)
     threading.Thread(target=_exit_with_launcher, args=(read,), daemon=True).start()
-    signal.signal(signal.SIGINT, _leave_quietly)
+    if signal.getsignal(signal.SIGINT) is not signal.SIG_IGN:  # a sweep in the background ignores Ctrl-C, its workers too
+        signal.signal(signal.SIGINT, _leave_quietly)
     os.sched_setaffinity(0, cpus)
     for name in preload:
         importlib.import_module(name)
