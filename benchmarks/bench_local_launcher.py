@@ -1,4 +1,4 @@
-"""A local multirun of short jobs: Hydra's joblib launcher (parallel) vs its basic launcher (sequential).
+"""A local multirun of short jobs: llmexp's warm-worker launcher (and Hydra's joblib launcher) vs Hydra's sequential one.
 
 Run from anywhere (the sweeps run in a temporary directory)::
 
@@ -12,18 +12,22 @@ The same sweep, ``llmexp -m seed=0..7`` with a short training job per point
 
 * **sequential**: Hydra's basic launcher, the default: the jobs run one after another in the
   llmexp process, torch using every core for each.
-* **parallel**: ``hydra/launcher=joblib hydra.launcher.n_jobs=<workers>``: Hydra's joblib
-  launcher runs the jobs in ``workers`` loky processes, and loky gives each worker
-  cores // workers threads, so the jobs do not fight over cores.
+* **local**: ``hydra/launcher=local hydra.launcher.workers=<workers>`` (``llmexp.launchers.local``):
+  warm workers forked as Hydra sets the launcher up, each pinned to cores // workers cores and
+  importing torch, transformers and lightning while the sweep is still being composed, then
+  taking jobs as they come.
+* **joblib**: ``hydra/launcher=joblib hydra.launcher.n_jobs=<workers>``: Hydra's joblib launcher,
+  loky workers with cores // workers threads each, for reference.
 
-Both are timed wall-clock from spawn to exit, imports and start-up included (the parallel
-side pays them once per worker). The two ways alternate, their order swapping each round;
-the headline is median(sequential) / median(parallel), target >= 1.7 on 2 cores. The jobs'
-training tokens/s show the ceiling: a sequential job's torch already uses every core, so
-running ``workers`` jobs at once gains only what one thread per job does better than all
-threads on one job. Every job
-of both must end ``completed`` with the same final loss for the same seed (exit 1 otherwise):
-a launcher must not change what a job computes.
+Each is timed wall-clock from spawn to exit, imports and start-up included. The sides take
+turns, their order rotating each round; the headline is median(sequential) / median(local),
+target >= 1.7 on 2 cores. Every job of every side must end ``completed`` with the same final
+loss for the same seed (exit 1 otherwise): a launcher must not change what a job computes.
+
+What bounds the ratio is printed with it: each job's own wall time (results.json, from its
+first record to its last) and its training tokens/s, sequential (all cores, alone) and local
+(its share, beside the other workers' jobs); ``workers`` x their ratio is what the jobs
+themselves allow, and the rest of each side's time is start-up, dispatch and exit.
 """
 
 from __future__ import annotations
@@ -55,18 +59,25 @@ def job(steps: int) -> List[str]:
     ]
 
 
-def sweep(workdir: Path, jobs: int, workers: int, steps: int, parallel: bool) -> Dict[str, object]:
-    """One ``llmexp -m`` sweep: its wall time, each job's final loss by seed, the jobs' median training tokens/s."""
-    out = workdir / ("parallel" if parallel else "sequential")
-    launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={workers}"] if parallel else []
+LAUNCHERS = {
+    "sequential": lambda workers: [],
+    "local": lambda workers: ["hydra/launcher=local", f"hydra.launcher.workers={workers}"],
+    "joblib": lambda workers: ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={workers}"],
+}
+
+
+def sweep(workdir: Path, jobs: int, workers: int, steps: int, side: str) -> Dict[str, object]:
+    """One ``llmexp -m`` sweep: its wall time, each job's final loss by seed, the jobs' median wall time and training tokens/s."""
+    out = workdir / side
     seeds = ",".join(str(seed) for seed in range(jobs))
-    command = [sys.executable, "-m", "llmexp", "-m", *job(steps), f"seed={seeds}", *launcher, f"hydra.sweep.dir={out}"]
+    command = [sys.executable, "-m", "llmexp", "-m", *job(steps), f"seed={seeds}", *LAUNCHERS[side](workers),
+               f"hydra.sweep.dir={out}"]
     start = time.perf_counter()
     done = subprocess.run(command, cwd=workdir, capture_output=True, text=True)
     seconds = time.perf_counter() - start
     if done.returncode != 0:
         sys.exit(f"{' '.join(command)} failed ({done.returncode}):\n{done.stderr[-3000:]}")
-    losses, speeds = {}, []
+    losses, speeds, walls = {}, [], []
     for results in sorted(out.glob("*/results.json")):
         record = json.loads(results.read_text())
         if record["status"] != "completed":
@@ -74,9 +85,11 @@ def sweep(workdir: Path, jobs: int, workers: int, steps: int, parallel: bool) ->
         metrics = record["stages"]["pretrain"]["metrics"]
         losses[record["config"]["seed"]] = metrics["final_loss"]
         speeds.append(metrics["tokens_per_s"])
+        walls.append(record["wall_time_s"])
     if len(losses) != jobs:
         sys.exit(f"{out}: {len(losses)} results for {jobs} jobs")
-    return {"seconds": seconds, "losses": losses, "tokens_per_s": statistics.median(speeds)}
+    return {"seconds": seconds, "losses": losses, "tokens_per_s": statistics.median(speeds),
+            "job_s": statistics.median(walls), "jobs_s": sum(walls)}
 
 
 def main(argv: List[str] | None = None) -> int:
@@ -85,42 +98,50 @@ def main(argv: List[str] | None = None) -> int:
     parser.add_argument("--workers", type=int, default=os.cpu_count() or 2)
     parser.add_argument("--rounds", type=int, default=2)
     parser.add_argument("--steps", type=int, default=10, help="training steps per job")
+    parser.add_argument("--sides", default="sequential,local,joblib", help="which launchers, comma-separated")
     args = parser.parse_args(argv)
+    sides = args.sides.split(",")
 
-    times: Dict[bool, List[float]] = {False: [], True: []}
-    speeds: Dict[bool, List[float]] = {False: [], True: []}
-    losses: Dict[bool, Dict[int, float]] = {}
+    runs: Dict[str, List[Dict[str, object]]] = {side: [] for side in sides}
     load = OtherLoad().start()
     with tempfile.TemporaryDirectory(prefix="bench-launcher-") as tmp:
         for round_ in range(args.rounds):
-            for parallel in ((False, True) if round_ % 2 == 0 else (True, False)):
+            for side in sides[round_ % len(sides):] + sides[:round_ % len(sides)]:
                 workdir = Path(tmp) / f"round{round_}"
                 workdir.mkdir(exist_ok=True)
-                result = sweep(workdir, args.jobs, args.workers, args.steps, parallel)
-                times[parallel].append(result["seconds"])
-                speeds[parallel].append(result["tokens_per_s"])
-                losses[parallel] = result["losses"]
-                name = "parallel  " if parallel else "sequential"
-                print(f"round {round_ + 1}: {name} {result['seconds']:6.1f} s", flush=True)
-    mismatched = {s: (losses[False][s], losses[True][s]) for s in losses[False] if losses[False][s] != losses[True][s]}
-    sequential, parallel = statistics.median(times[False]), statistics.median(times[True])
-    ratio = sequential / parallel
+                runs[side].append(sweep(workdir, args.jobs, args.workers, args.steps, side))
+                print(f"round {round_ + 1}: {side:10s} {runs[side][-1]['seconds']:6.1f} s", flush=True)
+
+    def median(side: str, key: str) -> float:
+        return statistics.median(run[key] for run in runs[side])
+
     print(f"\n{args.jobs} jobs ({' '.join(job(args.steps))}), {args.workers} workers, {args.rounds} rounds")
-    print(f"sequential (basic launcher):   {sequential:6.1f} s  ({sequential / args.jobs:.1f} s per job)")
-    print(f"parallel (joblib, {args.workers} workers):  {parallel:6.1f} s  ({parallel / args.jobs:.1f} s per job)")
-    verdict = "PASS" if ratio >= TARGET_RATIO else "MISS"
-    print(f"speed-up sequential / parallel: {ratio:.2f}x  (target >= {TARGET_RATIO}: {verdict})")
-    # Each parallel job trains on cores // workers threads while the others run; a sequential
-    # job has every core. The parallel side's training can be at most workers x its per-job
-    # speed over the sequential per-job speed faster: the ceiling the training time allows.
-    ceiling = args.workers * statistics.median(speeds[True]) / statistics.median(speeds[False])
-    print(f"training tokens/s per job: sequential {statistics.median(speeds[False]):,.0f}, "
-          f"parallel {statistics.median(speeds[True]):,.0f} -> ceiling of the speed-up from training: {ceiling:.2f}x")
+    for side in sides:
+        seconds = median(side, "seconds")
+        outside = seconds - median(side, "jobs_s") / (1 if side == "sequential" else args.workers)
+        print(f"{side:10s} {seconds:6.1f} s  ({seconds / args.jobs:.1f} s per job; a job {median(side, 'job_s'):.2f} s "
+              f"median, training {median(side, 'tokens_per_s'):,.0f} tokens/s; outside the jobs {outside:.1f} s)")
+    code = 0
+    if "sequential" in sides:
+        sequential = median("sequential", "seconds")
+        for side in [other for other in sides if other != "sequential"]:
+            ratio = sequential / median(side, "seconds")
+            verdict = f"  (target >= {TARGET_RATIO}: {'PASS' if ratio >= TARGET_RATIO else 'MISS'})" if side == "local" else ""
+            print(f"speed-up sequential / {side}: {ratio:.2f}x{verdict}")
+            # A job of the parallel side runs on its share of the cores beside the others; a sequential job
+            # has every core. If start-up and exit cost nothing, the sweep could be at most workers x
+            # (sequential job time / parallel job time) faster; the same for the training alone.
+            jobs_bound = args.workers * median("sequential", "job_s") / median(side, "job_s")
+            training_bound = args.workers * median(side, "tokens_per_s") / median("sequential", "tokens_per_s")
+            print(f"  bound from the jobs themselves: {jobs_bound:.2f}x (from their training alone: {training_bound:.2f}x)")
+            mismatched = {seed: (loss, runs[side][-1]["losses"][seed])
+                          for seed, loss in runs["sequential"][-1]["losses"].items()
+                          if loss != runs[side][-1]["losses"][seed]}
+            if mismatched:
+                print(f"  final losses differ from the sequential ones (seed: sequential, {side}): {mismatched}")
+                code = 1
     print(f"other processes kept {describe(load.cores())} of {os.cpu_count()} cores busy meanwhile")
-    if mismatched:
-        print(f"final losses differ between the launchers (seed: sequential, parallel): {mismatched}")
-        return 1
-    return 0
+    return code
 
 
 if __name__ == "__main__":
