@@ -272,6 +272,12 @@ def test_bad_drafts_and_options_exit_2_with_the_field_and_the_fix(checkpoints, t
     save_model(model, word_level_tokenizer(random.Random(0).sample(words, len(words))), tmp_path / "other")
     other = refusal(target, "--port", "0", "--draft-model", str(tmp_path / "other"))
     assert other.returncode == 2 and "tokenizer maps tokens to other ids" in other.stderr
+    model_cfg = OmegaConf.load(REPO / "llmexp/conf/model/tiny_llama.yaml")
+    model_cfg.num_layers, model_cfg.vocab_size = 1, 250
+    tokenizer = load_served_models(checkpoints / NAME).tokenizer
+    save_model(build_model(model_cfg, tokenizer), tokenizer, tmp_path / "smaller")
+    smaller = refusal(target, "--port", "0", "--draft-model", str(tmp_path / "smaller"))
+    assert smaller.returncode == 2 and "the draft model scores 250 tokens and the target 256" in smaller.stderr
     assert math.isnan(SpeculationCounts().acceptance_rate)
 
 

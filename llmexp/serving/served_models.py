@@ -130,6 +130,15 @@ def _load_draft(checkpoint: Path, model, tokenizer, given, num_speculative_token
     return DraftModel(draft.eval().requires_grad_(False), checkpoint, num_speculative_tokens)
 
 
+def vocabulary_mismatch(field: str, draft_size: int, target_size: int) -> UserError:
+    """The refusal of a draft whose output layer scores another number of tokens than the target's."""
+    return UserError(
+        f"{field}: the draft model scores {draft_size} tokens and the target {target_size}, so its proposals "
+        "cannot be checked against the target's distribution. Give a draft with the target's tokenizer and "
+        "vocabulary (a pruned or distilled model of the target, or one trained with its tokenizer)."
+    )
+
+
 def resolve_draft_dir(path: Path) -> Path:
     """The checkpoint directory of a draft given as a checkpoint or a run's stage directory; a LoRA adapter,
     whose base would be as large as the target, is refused."""
@@ -146,7 +155,12 @@ def check_served_files(model_dir: str | Path, adapters: Optional[Mapping[str, st
     base_dir, implied_adapter = resolve_model_dir(Path(model_dir))
     validate_checkpoint_dir(base_dir)
     if draft_dir is not None:
-        validate_checkpoint_dir(resolve_draft_dir(Path(draft_dir)))
+        draft_checkpoint = resolve_draft_dir(Path(draft_dir))
+        validate_checkpoint_dir(draft_checkpoint)
+        target_size, draft_size = (json.loads((d / "config.json").read_text(encoding="utf-8")).get("vocab_size")
+                                   for d in (base_dir, draft_checkpoint))
+        if None not in (target_size, draft_size) and target_size != draft_size:
+            raise vocabulary_mismatch(f"--draft-model {draft_dir}", draft_size, target_size)
     for directory, label in _given_adapters(implied_adapter, adapters).values():
         check_adapter_dir(directory, label)
 

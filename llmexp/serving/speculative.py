@@ -31,6 +31,7 @@ import torch
 from llmexp.errors import UserError
 from llmexp.serving.running_batch import cache_keyword
 from llmexp.serving.sampling import draw, token_distribution
+from llmexp.serving.served_models import vocabulary_mismatch
 
 
 @dataclass
@@ -92,11 +93,7 @@ def check_same_vocabulary(target, target_tokenizer, draft, draft_tokenizer, fiel
     distributions token by token, so both tokenizers and both output layers must be the same."""
     target_size, draft_size = _vocabulary_size(target), _vocabulary_size(draft)
     if target_size != draft_size:
-        raise UserError(
-            f"{field_name}: the draft model scores {draft_size} tokens and the target {target_size}, so its "
-            "proposals cannot be checked against the target's distribution. Give a draft with the target's "
-            "tokenizer and vocabulary (a pruned or distilled model of the target, or one trained with its tokenizer)."
-        )
+        raise vocabulary_mismatch(field_name, draft_size, target_size)
     if target_tokenizer.get_vocab() != draft_tokenizer.get_vocab():
         different = sorted(set(target_tokenizer.get_vocab().items()) ^ set(draft_tokenizer.get_vocab().items()))
         example = ", ".join(f"{token!r}={index}" for token, index in different[:3])

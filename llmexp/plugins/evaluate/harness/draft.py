@@ -44,8 +44,9 @@ def as_draft_problems(node, field: str) -> List[str]:
     if settings.num_speculative_tokens and not node.baseline:
         problems.append(
             f"{field}.as_draft.num_speculative_tokens={settings.num_speculative_tokens}: the model drafts for the "
-            f"baseline evaluation's model, and {field}.baseline is unset. Name the evaluation of the model to draft "
-            f"for ({field}.baseline=baseline_eval), or set {field}.as_draft.num_speculative_tokens=0."
+            f"baseline evaluation's model, and {field}.baseline is unset. Name an earlier evaluate stage, of the "
+            f"model to draft for ({field}.baseline=<that stage>, e.g. baseline_eval), or set "
+            f"{field}.as_draft.num_speculative_tokens=0."
         )
     return problems
 
