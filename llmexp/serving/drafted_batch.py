@@ -1,11 +1,12 @@
 """The engine's running rows when a draft model speculates: each row with KV caches of its own.
 
 Rows accept different numbers of proposals per round, so after one round their sequences
-differ in length by up to ``k``; one batched cache would need holes in the middle of its rows
-and would grow by ``k + 1`` positions a round whatever was accepted. Each row therefore keeps
-its own target and draft caches (``llmexp.serving.speculative.DraftedSequence``) and is
-decoded by a round of its own. Prompts are still prefilled together: ``merge`` cuts the
-batched, left-padded prefill cache into one unpadded cache per row. The interface is the
+differ in length by up to ``k``; one batched cache kept across rounds would need holes in the
+middle of its rows and would grow by ``k + 1`` positions a round whatever was accepted. Each row
+therefore keeps its own target and draft caches (``llmexp.serving.speculative.DraftedSequence``),
+which a round stacks and cuts back (``llmexp.serving.batched_speculation``). Prompts are
+prefilled together: ``merge`` cuts the batched, left-padded prefill cache into one unpadded
+cache per row. The interface is the
 one ``llmexp.serving.running_batch.RunningBatch`` gives the engine (``rows``, ``merge``,
 ``keep_unfinished``, ``clear``).
 """

@@ -29,8 +29,9 @@ With a draft model (``ServedModels.draft``), each running row decodes by specula
 checks them in one forward pass, and every accepted token is streamed as its own chunk, so EOS,
 stop strings and ``max_tokens`` end a row exactly where they would without a draft (a round never
 proposes past ``max_tokens`` or the context). Rows accept different numbers of tokens, so each keeps
-caches of its own and runs its round alone (``llmexp.serving.drafted_batch``); prompts are still
-prefilled together. Greedy output equals the target's alone; sampled output follows the target's
+caches of its own between rounds (``llmexp.serving.drafted_batch``); a round stacks them and runs
+the draft's steps and the target's check as batched forwards over all rows
+(``llmexp.serving.batched_speculation``). Greedy output equals the target's alone; sampled output follows the target's
 distribution. ``speculation`` counts target forwards, proposed and accepted tokens.
 
 On a CPU, load torch with ``OMP_WAIT_POLICY=PASSIVE`` (``llmexp serve`` sets it): OpenMP threads
@@ -47,7 +48,7 @@ import threading
 import time
 import traceback
 from collections import deque
-from typing import Deque, Iterator, List, Optional
+from typing import Deque, Iterator, List, Optional, Union
 
 import torch
 from transformers import DynamicCache
@@ -57,6 +58,7 @@ from llmexp.serving.generation import (
 )
 from llmexp.serving.limits import check_context, check_sampling, prompt_token_ids
 from llmexp.serving.metrics import ServingMetrics
+from llmexp.serving.batched_speculation import batched_round
 from llmexp.serving.drafted_batch import DraftedBatch
 from llmexp.serving.running_batch import Row, RunningBatch, cache_keyword, check_cache_layout
 from llmexp.serving.sampling import draw, token_distribution
@@ -84,7 +86,8 @@ class Engine:
         self.prefill_steps = 0  # forward passes that prefilled new rows
         self.decode_steps = 0  # forward passes that decoded one token for every running row
         self.generated_tokens = 0
-        self.speculation = SpeculationCounts()  # what the draft's rounds did (all zero without a draft)
+        self.verify_steps = 0  # target forward passes of speculative rounds (one per round when batched)
+        self.speculation = SpeculationCounts()  # what the draft's rounds did, per sequence (zero without a draft)
         check_cache_layout(served_models.model)
         draft = served_models.draft
         if draft is not None:
@@ -303,37 +306,61 @@ class Engine:
         self._batch.keep_unfinished()
 
     def _decode_drafted(self) -> None:
-        """One speculative round for every running row, each alone; its tokens streamed one chunk each.
+        """One speculative round for every running row, batched (``batched_speculation``); each row's tokens
+        streamed one chunk each.
 
-        A round that raises ends its row alone (``RequestFailed``); the other rows go on.
+        If the batched forwards raise, each row runs its round alone: the rows that fail by themselves end
+        (``RequestFailed``), the others go on. A row whose own acceptance fails (NaN logits) ends alone.
         """
-        draft, batch = self.served.draft, self._batch
-        for row, sequence in zip(batch.rows, batch.sequences):
+        batch = self._batch
+        for row in batch.rows:
             if row.stream.cancelled:
                 self._end(row, "cancelled")
-                continue
-            # the round's tokens must fit max_tokens and the context: at most k + 1 of them
-            left = min(row.max_tokens - row.generated,
-                       self.served.context_length - len(row.prompt_ids) - row.generated)
-            k = min(draft.num_speculative_tokens, left - 1)
-            extra = {"adapter_names": [row.adapter]} if self.served.has_adapters else {}
-            before = (self.speculation.proposed, self.speculation.accepted)
+        batch.keep_unfinished()
+        if not batch.rows:
+            return
+        rows, sequences = batch.rows, batch.sequences
+        # each round's tokens must fit max_tokens and the context: at most k + 1 of them
+        ks = [min(self.served.draft.num_speculative_tokens,
+                  min(row.max_tokens - row.generated, self.served.context_length - len(row.prompt_ids) - row.generated)
+                  - 1) for row in rows]
+        stops = [() if row.request.ignore_eos else self._eos for row in rows]
+        extra = {"adapter_names": [row.adapter for row in rows]} if self.served.has_adapters else {}
+        before = (self.speculation.proposed, self.speculation.accepted)
+        try:
+            results = batched_round(self.served.model, self.served.draft.model, sequences, ks,
+                                    [_sampling(row) for row in rows], self.speculation, stops, extra)
+            verify_passes, draft_passes = 1, max(ks)
+        except Exception:
+            results = [self._round_alone(row, sequence, k, stop) for row, sequence, k, stop
+                       in zip(rows, sequences, ks, stops)]
+            verify_passes, draft_passes = len(rows), self.speculation.proposed - before[0]
+        now = time.perf_counter()
+        for row, result in zip(rows, results):
             try:
-                tokens = speculative_round(self.served.model, draft.model, sequence, k, _sampling(row),
-                                           self.speculation, extra, () if row.request.ignore_eos else self._eos)
-                now = time.perf_counter()
-                for token in tokens:
+                if isinstance(result, Exception):
+                    raise result
+                for token in result:
                     if row.finish_reason is None:
                         self._emit(row, token, now)
             except Exception as error:
                 self._fail(row, _failed_alone(error))
-                continue
-            proposed = self.speculation.proposed - before[0]  # one draft forward each (fewer than k after EOS)
-            self.metrics.forward_steps.labels("verify").inc()
-            self.metrics.forward_steps.labels("draft").inc(proposed)
-            self.metrics.speculative_tokens.labels("proposed").inc(proposed)
-            self.metrics.speculative_tokens.labels("accepted").inc(self.speculation.accepted - before[1])
+        self.verify_steps += verify_passes
+        self.metrics.forward_steps.labels("verify").inc(verify_passes)
+        self.metrics.forward_steps.labels("draft").inc(draft_passes)
+        self.metrics.batch_size.labels("verify").observe(len(rows))
+        self.metrics.speculative_tokens.labels("proposed").inc(self.speculation.proposed - before[0])
+        self.metrics.speculative_tokens.labels("accepted").inc(self.speculation.accepted - before[1])
         batch.keep_unfinished()
+
+    def _round_alone(self, row: Row, sequence, k: int, stop) -> Union[List[int], Exception]:
+        """The row's round by itself (``speculative_round``): its tokens, or what it raised."""
+        extra = {"adapter_names": [row.adapter]} if self.served.has_adapters else {}
+        try:
+            return speculative_round(self.served.model, self.served.draft.model, sequence, k, _sampling(row),
+                                     self.speculation, extra, stop)
+        except Exception as error:
+            return error
 
     def _fails_alone(self, row: Row) -> Optional[RequestFailed]:
         """The row's whole sequence so far (prompt and generated tokens) run by itself: the error, None if it runs."""

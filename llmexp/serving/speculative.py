@@ -137,7 +137,7 @@ def speculative_round(
     feed = sequence.draft_pending
     for _ in range(k):
         logits = _forward(draft, feed, sequence.draft_cache, keep_last=True)[-1]
-        token, dist = _choose(logits, sampling, "draft")
+        token, dist = propose(logits, sampling, "draft")
         proposals.append(token)
         draft_dists.append(dist)
         feed = [token]
@@ -147,7 +147,7 @@ def speculative_round(
     target_logits = _forward(target, [sequence.last_token, *proposals], sequence.target_cache, keep_last=False,
                              **(target_inputs or {}))
     counts.target_forwards += 1
-    _check_numbers(target_logits)
+    check_numbers(target_logits)
     accepted, token = accept(target_logits, proposals, draft_dists, sampling)
     counts.proposed += drafted
     counts.accepted += accepted
@@ -187,15 +187,18 @@ def accept(target_logits: torch.Tensor, proposals: List[int], draft_dists: List[
     return len(proposals), draw(p[len(proposals)], sampling.generator)
 
 
-def _choose(logits: torch.Tensor, sampling: Sampling, which: str) -> Tuple[int, Optional[torch.Tensor]]:
+def propose(logits: torch.Tensor, sampling: Sampling, which: str) -> Tuple[int, Optional[torch.Tensor]]:
+    """The token ``sampling`` picks from ``logits`` [vocabulary], and the distribution it was drawn from (None when
+    greedy); ``which`` model made them, for the error when they are not numbers."""
     if sampling.greedy:
         return int(logits.argmax()), None
-    _check_numbers(logits[None], which)
+    check_numbers(logits[None], which)
     dist = token_distribution(logits, sampling.temperature, sampling.top_p)[0]
     return draw(dist, sampling.generator), dist
 
 
-def _check_numbers(logits: torch.Tensor, which: str = "target") -> None:
+def check_numbers(logits: torch.Tensor, which: str = "target") -> None:
+    """Raise ``FloatingPointError`` when ``logits`` hold NaN or +inf (the request cannot be sampled)."""
     if bool((logits.isnan() | logits.isposinf()).any()):
         raise FloatingPointError(f"the {which} model's output (logits) for this request holds NaN or +inf")
 
@@ -203,15 +206,21 @@ def _check_numbers(logits: torch.Tensor, which: str = "target") -> None:
 def _forward(model, token_ids: List[int], cache, keep_last: bool, **inputs) -> torch.Tensor:
     """Float logits [positions, vocabulary] of ``token_ids`` read after what ``cache`` holds (one sequence)."""
     input_ids = torch.tensor([token_ids], device=model.device)
-    if model not in _CACHE_KEYWORDS:  # inspecting the signature costs ~0.1 ms, 2% of a tiny model's forward
-        _CACHE_KEYWORDS[model] = cache_keyword(model)
     with torch.inference_mode():
-        out = model(input_ids=input_ids, use_cache=True, **{_CACHE_KEYWORDS[model]: cache},
+        out = model(input_ids=input_ids, use_cache=True, **{cache_keyword_of(model): cache},
                     logits_to_keep=1 if keep_last else 0, **inputs)
     return out.logits[0].float()
 
 
 _CACHE_KEYWORDS: "weakref.WeakKeyDictionary[Any, str]" = weakref.WeakKeyDictionary()
+
+
+def cache_keyword_of(model) -> str:
+    """``running_batch.cache_keyword`` of ``model``, looked up once: inspecting the signature costs ~0.1 ms, 2% of a
+    tiny model's forward."""
+    if model not in _CACHE_KEYWORDS:
+        _CACHE_KEYWORDS[model] = cache_keyword(model)
+    return _CACHE_KEYWORDS[model]
 
 
 def _drop_last(cache, count: int) -> None:
