@@ -25,13 +25,16 @@ lets the draft stop proposing early where it is unsure); its target forward pass
 with a forward hook, since transformers reports no acceptance figure;
 *llmexp*: ``llmexp.serving.speculative`` rounds with ``-k`` proposals (what ``llmexp serve
 --draft-model`` runs per request), and the same loop with no draft (the target alone, one
-forward per token).
+forward per token);
+*engine*: every prompt submitted at once to ``llmexp.serving.engine.Engine`` (continuous
+batching, one row per prompt), without and with the draft, whose rounds run batched across the
+rows.
 
 Printed per draft: its parameters and the cost of one of its forward passes relative to the
 target's (c), the acceptance rate (a), tokens per target forward, the speed-ups (median over the
 rounds) of llmexp's rounds vs its own loop without a draft, vs ``generate`` and vs assisted
-generation, assisted vs ``generate``, and the expected speed-up from a and c
-((1 - a^(k+1)) / ((1 - a)(k c + 1)), Leviathan et al.). Every side's tokens must equal
+generation, assisted vs ``generate``, the expected speed-up from a and c
+((1 - a^(k+1)) / ((1 - a)(k c + 1)), Leviathan et al.), and the engine's with the draft vs without. Every side's tokens must equal
 ``generate``'s: exit 1 if not. At this scale a draft of 6 layers costs ~3/4 of an 8-layer
 target's forward (c near 0.75, and per-call overhead makes it closer to 1), so a speed-up may
 be impossible even at high acceptance; the acceptance rates are what carries over to real
@@ -54,6 +57,9 @@ import torch
 
 from llmexp.data.embedded import build_world
 from llmexp.models.loading import load_model
+from llmexp.serving.engine import Engine
+from llmexp.serving.generation import GenerationRequest
+from llmexp.serving.served_models import DraftModel, ServedModels
 from llmexp.serving.speculative import SpeculationCounts, check_same_vocabulary
 from llmexp.serving.speculative_speed import generate as speculative_generate
 
@@ -143,11 +149,22 @@ def relative_cost(target, draft, length: int = 32, repeats: int = 60) -> float:
     return statistics.median(times["draft"]) / statistics.median(times["target"])
 
 
-def measure(target, draft, prompts_ids, new_tokens: int, k: int, eos: int, rounds: int) -> Dict[str, float]:
+def run_engine(target, tokenizer, draft, prompts_ids, new_tokens: int, k: int) -> List[List[int]]:
+    """Every prompt submitted at once to the serving engine (continuous batching), with or without ``draft``."""
+    served = ServedModels(target, tokenizer, "target", draft=None if draft is None else DraftModel(draft, Path("."), k))
+    with Engine(served, max_batch_size=len(prompts_ids), max_queue=len(prompts_ids)) as engine:
+        streams = [engine.submit(GenerationRequest("target", prompt_ids=ids, max_tokens=new_tokens, temperature=0.0))
+                   for ids in prompts_ids]
+        return [list(stream.read_all().token_ids) for stream in streams]
+
+
+def measure(target, tokenizer, draft, prompts_ids, new_tokens: int, k: int, eos: int, rounds: int) -> Dict[str, float]:
     """Every side on ``prompts_ids``, ``rounds`` times in alternating order; median times, counts, identity."""
     draft.generation_config.num_assistant_tokens = k
     draft.generation_config.num_assistant_tokens_schedule = "constant"
     sides = {
+        "engine": lambda: run_engine(target, tokenizer, None, prompts_ids, new_tokens, k),
+        "engine_draft": lambda: run_engine(target, tokenizer, draft, prompts_ids, new_tokens, k),
         "generate": lambda: run_generate(target, prompts_ids, new_tokens, eos),
         "assisted": lambda: run_generate(target, prompts_ids, new_tokens, eos, draft),
         "alone": lambda: speculative_generate(target, draft, prompts_ids, new_tokens, 0, (eos,), SpeculationCounts()),
@@ -180,7 +197,8 @@ def measure(target, draft, prompts_ids, new_tokens: int, k: int, eos: int, round
         "vs_generate": median["generate"] / median["llmexp"],
         "vs_assisted": median["assisted"] / median["llmexp"],
         "assisted_vs_generate": median["generate"] / median["assisted"],
-        "identical": all(outputs[name] == outputs["generate"] for name in ("assisted", "alone", "llmexp")),
+        "engine_with_draft": median["engine"] / median["engine_draft"],
+        "identical": all(outputs[name] == outputs["generate"] for name in sides),
         "tokens": tokens,
     }
 
@@ -216,6 +234,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         target_dir, drafts = run_models(args.run or new_run())
     target, tokenizer = load_model(target_dir)
     target.eval()
+    if tokenizer.pad_token_id is None:
+        tokenizer.pad_token = tokenizer.eos_token  # the engine left-pads prompts batched together
     eos = tokenizer.eos_token_id
     prompt_ids = prompts(tokenizer, args.prompts)
     loaded = []
@@ -236,18 +256,19 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
           f"{args.rounds} rounds")
     header = ("| draft | params | c | acceptance | tokens/target fwd (llmexp) | tokens/target fwd (assisted) | "
               "llmexp vs own loop | llmexp vs generate | llmexp vs assisted | assisted vs generate | expected | "
-              "identical |")
+              "engine with draft vs without | identical |")
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     failed = False
     for name, _, draft in loaded:
         cost = relative_cost(target, draft)
-        row = measure(target, draft, prompt_ids, args.new_tokens, k, eos, args.rounds)
+        row = measure(target, tokenizer, draft, prompt_ids, args.new_tokens, k, eos, args.rounds)
         failed |= not row["identical"]
         print(f"| {name} | {parameters(draft):,} | {cost:.2f} | {row['acceptance']:.3f} | "
               f"{row['tokens_per_target_forward']:.2f} | {row['assisted_tokens_per_target_forward']:.2f} | "
               f"{row['vs_alone']:.2f}x | {row['vs_generate']:.2f}x | {row['vs_assisted']:.2f}x | "
               f"{row['assisted_vs_generate']:.2f}x | {expected_speedup(row['acceptance'], cost, k):.2f}x | "
+              f"{row['engine_with_draft']:.2f}x | "
               f"{'yes' if row['identical'] else 'NO'} |", flush=True)
     if failed:
         print("FAIL: some greedy output with a draft differs from the target's alone")
