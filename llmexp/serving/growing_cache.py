@@ -7,8 +7,8 @@ batched decoding step at 16 rows of ~100 positions, and it grows with the contex
 a step writes its position in place and only a full buffer is copied (into one half as long
 again). Rows that leave the batch are removed by moving rows from the end into their slots
 inside the buffers (``keep_rows``); rows that join take free rows the buffers keep
-(``add_rows``; new buffers only when those are used up). At most the buffers hold 1.5 times
-the rows and 1.5 times the positions in use (a few more for short ones).
+(``add_rows``; new buffers only when those are used up). A new buffer has room for half as
+many rows and positions again as it starts with (at least ``MIN_ROW_ROOM`` and ``MIN_ROOM``).
 
 The buffers are inference tensors, written in ``torch.inference_mode`` whoever calls: a serving
 cache is never differentiated. Whoever replaces ``keys`` and ``values`` (``crop``,
