@@ -122,8 +122,9 @@ def test_a_draft_that_is_the_target_gives_k_plus_1_tokens_per_target_forward(che
     assert engine.verify_steps == rounds  # the three rows' rounds ran as one batched target forward each
 
 
-@pytest.mark.parametrize("where", ["prompt", "generated"])
-def test_a_request_the_target_fails_on_ends_alone_and_the_others_go_on(checkpoints, where):
+@pytest.mark.parametrize("where, how", [("prompt", "raise"), ("generated", "raise"), ("generated", "nan")])
+def test_a_request_the_target_fails_on_ends_alone_and_the_others_go_on(checkpoints, where, how):
+    """Raising fails the batched round, which then runs row by row; NaN logits end their row within the batch."""
     served = served_with(checkpoints, "random")
     prompts = random_prompts(3, seed=16)
     expected = [generate_alone(served.model, served.tokenizer, p, 6, eos_token_id=None) for p in prompts]
@@ -132,11 +133,15 @@ def test_a_request_the_target_fails_on_ends_alone_and_the_others_go_on(checkpoin
     mine = ids[0] if where == "prompt" else expected[0][2:3]  # a prompt token, or the third generated one
     poison = next(t for t in mine if t not in others and t not in served.tokenizer.all_special_ids)
 
-    def fail(module, args):
-        if (args[0] == poison).any():
+    def fail(module, args, output):
+        rows = (args[0] == poison).any(-1)
+        if rows.any() and how == "raise":
             raise RuntimeError(f"token {poison} breaks this model")
+        output = output.clone()
+        output[rows] = float("nan")
+        return output
 
-    handle = served.model.get_input_embeddings().register_forward_pre_hook(fail)
+    handle = served.model.get_input_embeddings().register_forward_hook(fail)
     try:
         with Engine(served) as engine:
             with engine.paused():

@@ -28,8 +28,8 @@ def batched_round(
     counts: SpeculationCounts, stop_tokens: Sequence[Collection[int]], target_inputs: Optional[Dict[str, Any]] = None,
 ) -> List[Union[List[int], Exception]]:
     """A round for every sequence (row ``i`` proposing up to ``ks[i]``, its draft stopping after
-    ``stop_tokens[i]``): per row, its 1 to ``ks[i] + 1`` tokens, or the exception its acceptance raised (NaN
-    logits, ...), which leaves that row's caches as they were. A forward pass that raises raises."""
+    ``stop_tokens[i]``): per row, its 1 to ``ks[i] + 1`` tokens, or the exception its own part raised (NaN
+    logits, ...), after which that row cannot go on. A forward pass that raises raises, every row untouched."""
     k = max(ks)
     proposals: List[List[int]] = [[] for _ in sequences]
     dists: List[List[Optional[torch.Tensor]]] = [[] for _ in sequences]
@@ -61,37 +61,44 @@ def batched_round(
     target_logits = _forward(target, checked, mask, target_cache, keep_last=False, **(target_inputs or {}))
     results: List[Union[List[int], Exception]] = []
     for i, sequence in enumerate(sequences):
-        if i in failures:
-            results.append(failures[i])
-            continue
-        drafted = len(proposals[i])
         try:
-            check_numbers(target_logits[i, : drafted + 1])
-            accepted, token = accept(target_logits[i, : drafted + 1], proposals[i], dists[i], samplings[i])
-        except Exception as error:
+            if i in failures:
+                raise failures[i]
+            results.append(_take(target, draft, sequence, i, proposals[i], dists[i], samplings[i], counts,
+                                 target_logits, (target_cache, target_mask), (draft_cache, draft_mask), pending_width))
+        except Exception as error:  # this row's output is not numbers (or its sampling failed): it alone ends
             results.append(error)
-            continue
-        counts.target_forwards += 1
-        counts.proposed += drafted
-        counts.accepted += accepted
-        counts.produced += accepted + 1
-        target_width, draft_width = target_mask.shape[1], draft_mask.shape[1]
-        # the target keeps its old tokens, last_token and the accepted proposals
-        sequence.target_cache = _row_cache(target, target_cache, i, [
-            (target_width - int(target_mask[i].sum()), target_width + 1 + accepted)])
-        if drafted:  # a row that proposed nothing keeps its draft cache: its pending tokens wait for a round
-            # the draft read its old tokens, its pending ones, then each proposal at the step after it; it keeps
-            # them up to the last accepted proposal, at most the one before its last (as a round alone does)
-            kept = min(accepted, drafted - 1)
-            sequence.draft_cache = _row_cache(draft, draft_cache, i, [
-                (draft_width - int(draft_mask[i].sum()), draft_width),
-                (draft_width + pending_width - len(sequence.draft_pending), draft_width + pending_width + kept)])
-            sequence.draft_pending = [*proposals[i][kept:accepted], token]
-        else:
-            sequence.draft_pending = [*sequence.draft_pending, token]
-        sequence.last_token = token
-        results.append([*proposals[i][:accepted], token])
     return results
+
+
+def _take(target, draft, sequence: DraftedSequence, i: int, proposals: List[int], dists, sampling: Sampling,
+          counts: SpeculationCounts, target_logits: torch.Tensor, target_stack, draft_stack,
+          pending_width: int) -> List[int]:
+    """Row ``i``'s accepted tokens, its caches cut from the stacks to them."""
+    drafted = len(proposals)
+    check_numbers(target_logits[i, : drafted + 1])
+    accepted, token = accept(target_logits[i, : drafted + 1], proposals, dists, sampling)
+    (target_cache, target_mask), (draft_cache, draft_mask) = target_stack, draft_stack
+    target_width, draft_width = target_mask.shape[1], draft_mask.shape[1]
+    # the target keeps its old tokens, last_token and the accepted proposals
+    target_kept = _row_cache(target, target_cache, i, [
+        (target_width - int(target_mask[i].sum()), target_width + 1 + accepted)])
+    if drafted:  # a row that proposed nothing keeps its draft cache: its pending tokens wait for a round
+        # the draft read its old tokens, its pending ones, then each proposal at the step after it; it keeps
+        # them up to the last accepted proposal, at most the one before its last (as a round alone does)
+        kept = min(accepted, drafted - 1)
+        sequence.draft_cache = _row_cache(draft, draft_cache, i, [
+            (draft_width - int(draft_mask[i].sum()), draft_width),
+            (draft_width + pending_width - len(sequence.draft_pending), draft_width + pending_width + kept)])
+        sequence.draft_pending = [*proposals[kept:accepted], token]
+    else:
+        sequence.draft_pending = [*sequence.draft_pending, token]
+    sequence.target_cache, sequence.last_token = target_kept, token
+    counts.target_forwards += 1
+    counts.proposed += drafted
+    counts.accepted += accepted
+    counts.produced += accepted + 1
+    return [*proposals[:accepted], token]
 
 
 def _left_justified(lengths: Sequence[int], width: int, device) -> torch.Tensor:
