@@ -137,7 +137,7 @@ def test_a_job_whose_worker_dies_is_failed_and_the_sweep_goes_on(tmp_path):
     assert [jobs[n]["status"] for n in range(2)] == ["completed", "failed"]
     reason = "the worker process running it was killed by SIGKILL (the out-of-memory killer sends it; so does `kill -9`)"
     assert jobs[1]["reason"] == read_results(tmp_path / "sweep" / "1")["reason"] == reason
-    assert f"#1 " in (tmp_path / "stderr").read_text() and f": failed ({reason})" in (tmp_path / "stderr").read_text()
+    assert "#1 " in (tmp_path / "stderr").read_text() and f": failed ({reason})" in (tmp_path / "stderr").read_text()
 
 
 @pytest.mark.parametrize("how", ["ctrl-c", "kill -9"])
