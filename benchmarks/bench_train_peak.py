@@ -209,6 +209,37 @@ def compact(run: Dict[str, Any], steps: int) -> Dict[str, Any]:
     return {"step_s": step_s, "losses": losses}
 
 
+CATEGORIES = (  # op-name fragments -> where a step's time goes
+    ("matmul", ("aten::mm", "aten::addmm", "aten::bmm", "aten::matmul", "aten::linear")),
+    ("attention", ("scaled_dot_product", "flash_attention")),
+    ("optimizer", ("adam", "foreach", "lerp", "addcdiv", "addcmul", "sqrt", "linalg_vector_norm")),
+    ("elementwise", ("aten::mul", "aten::add", "aten::sub", "aten::div", "aten::neg", "aten::cat", "aten::silu", "aten::pow",
+                     "aten::rsqrt", "aten::sum", "aten::mean", "aten::copy_", "aten::fill_", "aten::to", "aten::_to_copy",
+                     "log_softmax", "nll_loss", "aten::cos", "aten::sin", "aten::embedding", "aten::index")),
+)
+
+
+def profile_steps(steps: int, overrides: List[str]) -> None:
+    """Where an eager framework step's time goes: self CPU time of the ops by kind, the rest is Python and waits."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with tempfile.TemporaryDirectory(prefix="llmexp-bench-") as tmp, profile(activities=[ProfilerActivity.CPU]) as prof:
+        start = time.perf_counter()
+        framework(steps, False, Path(tmp), overrides)
+        wall = time.perf_counter() - start
+    spent = {name: 0.0 for name, _ in CATEGORIES}
+    spent["other ops"] = 0.0
+    for event in prof.key_averages():
+        if not event.key.startswith("aten::") and "adam" not in event.key.lower():
+            continue
+        name = next((name for name, fragments in CATEGORIES if any(f in event.key.lower() for f in fragments)), "other ops")
+        spent[name] += event.self_cpu_time_total / 1e6
+    spent["python, framework, waits"] = max(0.0, wall - sum(spent.values()))
+    print(f"\nwhere {steps} eager steps' {wall:.1f} s go (torch.profiler self time; set-up included):")
+    for name, seconds in sorted(spent.items(), key=lambda item: -item[1]):
+        print(f"  {name:26s} {seconds:7.2f} s  {seconds / wall:6.1%}")
+
+
 def tokens_per_s(step_s: List[float], warmup: int, tokens_per_step: int) -> float:
     steady = step_s[warmup:]
     return len(steady) * tokens_per_step / sum(steady)
@@ -228,6 +259,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--warmup", type=int, default=10)
     parser.add_argument("--no-compile", dest="compile", action="store_false")
     parser.add_argument("--gpu-preset", default="h100", help="the hardware option a GPU run composes (bf16)")
+    parser.add_argument("--profile", type=int, default=0, metavar="STEPS",
+                        help="also profile this many eager framework steps and print where the time goes")
     parser.add_argument("--backend", default="torch", choices=("torch", "megatron"),
                         help="megatron: megatron-core's loop on a GPU (its own tokens/s, warm-up included)")
     args = parser.parse_args(argv)
@@ -291,6 +324,8 @@ def main(argv: Optional[List[str]] = None) -> int:
               f"{compile_s[0]:.1f} s, later (cache warm) {', '.join(f'{c:.1f}' for c in compile_s[1:]) or '-'} s; "
               + (f"pays off after {compile_s[0] / saved:,.0f} steps cold, "
                  f"{statistics.median(compile_s[1:] or compile_s) / saved:,.0f} warm" if saved > 0 else "never pays off"))
+    if args.profile:
+        profile_steps(args.profile, overrides)
     print(f"target llmexp >= {TARGET_SHARE:.0%} of the matmul peak; compact losses "
           f"{'match' if ok else 'DIFFER'}; others' cores {describe(meter.cores())}")
     return 0 if ok else 1
