@@ -129,6 +129,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     parser.add_argument("--many", type=int, default=64, help="prompts of the many-requests workload (batch: half)")
     parser.add_argument("--rounds", type=int, default=5)
     args = parser.parse_args(argv)
+    if args.many < 2:
+        parser.error(f"--many={args.many}: give at least 2 prompts (the workload's batch is half of them)")
 
     served = tiny_served_model()
     rng = random.Random(1)
