@@ -44,6 +44,9 @@ log = logging.getLogger(__name__)
 
 class LocalLauncher(Launcher):
     def __init__(self, workers: Optional[int] = None, preload: Sequence[str] = ()) -> None:
+        if workers is not None and workers < 1:
+            raise ValueError(f"hydra.launcher.workers={workers}: the number of jobs run at once must be at least 1; "
+                             "give a count, or null for one worker per usable core.")
         self.workers = workers or usable_cores()
         self.preload = list(preload)
         self.pool: Optional[WarmWorkers] = None
