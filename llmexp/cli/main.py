@@ -95,9 +95,10 @@ def register_launchers() -> None:
     editable install (``pip install -e .``) serves through an import hook the walk skips.
     """
     from hydra.core.plugins import Plugins
-    from hydra_plugins.llmexp_launchers import SlurmLauncher
+    from hydra_plugins.llmexp_launchers import LocalLauncher, SlurmLauncher
 
     Plugins.instance().register(SlurmLauncher)
+    Plugins.instance().register(LocalLauncher)
 
 
 def preflight(argv: List[str]) -> None:
