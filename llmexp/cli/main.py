@@ -89,7 +89,7 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 def register_launchers() -> None:
-    """Make ``hydra/launcher=slurm`` known to Hydra even when its plugin scan cannot see it.
+    """Make ``hydra/launcher=slurm`` and ``hydra/launcher=local`` known to Hydra even when its plugin scan cannot see them.
 
     Hydra finds launchers by walking the ``hydra_plugins`` namespace package, which an
     editable install (``pip install -e .``) serves through an import hook the walk skips.
