@@ -215,7 +215,7 @@ def random_control(architecture_dir: Path, seed: int = 0):
     from transformers import AutoConfig, AutoModelForCausalLM
 
     torch.manual_seed(seed)
-    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(architecture_dir)).eval()
+    return AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(architecture_dir, trust_remote_code=False)).eval()
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

@@ -47,8 +47,10 @@ def test_a_sweep_computes_what_the_basic_launcher_computes_each_job_logging_to_i
     for num in range(3):
         ours, theirs = read_results(tmp_path / "local" / str(num)), read_results(tmp_path / "basic" / str(num))
         assert ours["status"] == theirs["status"] == "completed"
-        assert ours["stages"]["pretrain"]["metrics"]["final_loss"] == theirs["stages"]["pretrain"]["metrics"]["final_loss"]
-        assert ours["stages"]["evaluate"]["metrics"]["perplexity"] == theirs["stages"]["evaluate"]["metrics"]["perplexity"]
+        # a worker computes on half the cores: sums reduce in another order, so agreement is to float32 rounding
+        for stage, metric in (("pretrain", "final_loss"), ("evaluate", "perplexity")):
+            assert ours["stages"][stage]["metrics"][metric] == pytest.approx(theirs["stages"][stage]["metrics"][metric],
+                                                                             rel=1e-5)
         assert ours["environment"]["cpu_threads"]["usable_cores"] == max(1, usable_cores() // 2)
         output = (tmp_path / "local" / str(num) / "output.log").read_text()
         assert f"run directory: {tmp_path / 'local' / str(num)}" in " ".join(output.split())

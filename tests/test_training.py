@@ -218,6 +218,14 @@ def test_adamw_runs_its_fused_kernel_on_plain_tensors_and_keeps_the_decay_groups
     assert [p.shape for p in no_decay["params"]] == [(4,), (4,)] and no_decay["weight_decay"] == 0.0
 
 
+def test_mixed_precision_training_clips_with_the_foreach_adamw(tmp_path):
+    """Lightning refuses to clip for an optimizer that unscales gradients itself (the fused kernel)."""
+    for precision in ("fp32", "bf16"):
+        run(context(tmp_path / precision / "pretrain", f"precision={precision}", "technique.grad_clip=0.5"))
+    fp32, bf16 = (log_rows(tmp_path / precision / "pretrain") for precision in ("fp32", "bf16"))
+    assert [row["loss"] for row in bf16] == pytest.approx([row["loss"] for row in fp32], abs=0.02)
+
+
 def test_frozen_parameters_are_counted_and_left_alone(tmp_path):
     ctx = context(tmp_path / "pretrain")
     model = tiny_model(ctx)

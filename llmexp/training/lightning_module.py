@@ -200,7 +200,8 @@ def training_module_class() -> type:
 
         def configure_optimizers(self):
             t = self.tcfg
-            optimizer = adamw(self.model.parameters(), t.lr, (t.beta1, t.beta2), t.weight_decay)
+            optimizer = adamw(self.model.parameters(), t.lr, (t.beta1, t.beta2), t.weight_decay,
+                              mixed_precision="mixed" in str(self.trainer.precision))
             schedule = torch.optim.lr_scheduler.LambdaLR(
                 optimizer, lambda step: warmup_cosine(step, t.warmup_steps, t.max_steps, t.min_lr_ratio)
             )
