@@ -37,6 +37,14 @@ def test_each_worker_has_its_own_share_of_the_cores():
     assert cores_of(0, 1) == cpus[:usable_cores()]
 
 
+def test_no_workers_is_bad_input_refused_before_anything_starts(tmp_path):
+    done = run_llmexp("-m", "hydra/launcher=local", "hydra.launcher.workers=0", *SHORT_JOB, "seed=0,1",
+                      "hydra.sweep.dir=sweep", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-3000:]
+    assert "hydra.launcher.workers=0: the number of jobs run at once must be at least 1" in " ".join(done.stderr.split())
+    assert not (tmp_path / "sweep").exists()
+
+
 def test_a_sweep_computes_what_the_basic_launcher_computes_each_job_logging_to_its_own_file(tmp_path):
     points = ["seed=0,1,2"]
     basic = run_llmexp("-m", *SHORT_JOB, *points, "hydra.sweep.dir=basic", cwd=tmp_path)

@@ -27,6 +27,7 @@ from llmexp.configuration.compose import (
 from llmexp.configuration.secrets import secrets_to_environment
 from llmexp.display import console, progress
 from llmexp.errors import EXIT_USER_ERROR, UserError
+from llmexp.launchers.local import LOCAL_LAUNCHER, workers_problem
 from llmexp.launchers.placement import SLURM_LAUNCHER, missing_cluster
 from llmexp.planning.planner import make_plan
 from llmexp.results.record import RunRecord
@@ -113,9 +114,12 @@ def preflight(argv: List[str]) -> None:
     points = sweep_points(args.overrides, config_name, config_dir) if args.multirun else [args.overrides]
     for overrides in points:
         cfg = compose_config(overrides, config_name, config_dir)
-        if HydraConfig.get().launcher._target_ == SLURM_LAUNCHER:  # any other starts the ranks on this machine
+        launcher = HydraConfig.get().launcher
+        if launcher._target_ == SLURM_LAUNCHER:  # any other starts the ranks on this machine
             if problem := missing_cluster(cfg):
                 raise UserError(problem)
+        if launcher._target_ == LOCAL_LAUNCHER and (problem := workers_problem(launcher.get("workers"))):
+            raise UserError(problem)
     if not args.multirun and args.cfg is None:  # a multirun records such a point as skipped and goes on
         plan = make_plan(cfg)
         problems = list(plan.problems)

@@ -42,11 +42,21 @@ OUTPUT_LOG = "output.log"  # a job's stdout and stderr, in its run directory
 log = logging.getLogger(__name__)
 
 
+LOCAL_LAUNCHER = "hydra_plugins.llmexp_launchers.LocalLauncher"  # conf/hydra/launcher/local.yaml's _target_
+
+
+def workers_problem(workers: Optional[int]) -> Optional[str]:
+    """Why ``hydra.launcher.workers`` cannot run a sweep (the pool would wait forever), else None."""
+    if workers is not None and workers < 1:
+        return (f"hydra.launcher.workers={workers}: the number of jobs run at once must be at least 1; "
+                "give a count, or null for one worker per usable core.")
+    return None
+
+
 class LocalLauncher(Launcher):
     def __init__(self, workers: Optional[int] = None, preload: Sequence[str] = ()) -> None:
-        if workers is not None and workers < 1:
-            raise ValueError(f"hydra.launcher.workers={workers}: the number of jobs run at once must be at least 1; "
-                             "give a count, or null for one worker per usable core.")
+        if problem := workers_problem(workers):
+            raise ValueError(problem)
         self.workers = workers or usable_cores()
         self.preload = list(preload)
         self.pool: Optional[WarmWorkers] = None
