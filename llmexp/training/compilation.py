@@ -1,11 +1,12 @@
 """``technique.compile=true``: a training step's forward and backward through ``torch.compile`` (TorchInductor).
 
 Inductor fuses what eager PyTorch runs as separate kernels (RMSNorm, RoPE, SwiGLU's gate,
-residual adds, the loss): on the embedded default on 2 CPU cores a compiled step is ~1.35x as
-fast as an eager one. Compiling costs 25-35 s there the first time (Inductor builds its C++
-kernels with the host compiler) and ~5 s once its on-disk cache holds them, so the default's
-1,000-step baseline only breaks even on a fresh machine: off by default, worth it for long runs
-and on GPUs (``benchmarks/bench_train_peak.py`` measures both).
+residual adds, the loss): on the embedded default on 2 CPU cores a compiled step is 1.28-1.39x
+as fast as an eager one. Compiling costs 30-36 s there the first time (Inductor builds its C++
+kernels with the host compiler) and ~2 s once its on-disk cache holds them: ~1,500 steps to pay
+back cold, ~100 warm. A fresh clone's first run is cold and the default's baseline trains 1,000
+steps, so it is off by default; worth it for long runs, repeated runs and on GPUs
+(``benchmarks/bench_train_peak.py`` measures all of it).
 
 What is compiled is the model as the technique's loss calls it, through a wrapper that shares
 its parameters, not the module itself: checkpoints keep their keys whether or not a run
