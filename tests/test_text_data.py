@@ -67,3 +67,11 @@ def test_a_file_that_is_not_utf8_is_named(tmp_path):
     path.write_bytes(b"caf\xe9\n")
     with pytest.raises(UserError, match=rf"{path} is not UTF-8"):
         read_text_documents([str(path)])
+
+
+def test_the_text_of_a_jsonl_record_comes_from_data_text_field(tmp_path):
+    corpus = tmp_path / "crawl.jsonl"
+    corpus.write_text("\n".join(json.dumps({"id": n, "content": f"page {n}"}) for n in range(3)) + "\n")
+    assert read_text_documents([str(corpus)], "content") == ["page 0", "page 1", "page 2"]
+    with pytest.raises(UserError, match='no text in a "text" field .* data.text_field names the field'):
+        read_text_documents([str(corpus)])

@@ -264,10 +264,12 @@ class EmbeddedDataConfig(DataConfig):
 
 @dataclass
 class TextDataConfig(DataConfig):
-    """The user's plain-text corpus: files or folders of them (.txt/.md: a document per paragraph; .jsonl: "text")."""
+    """The user's plain-text corpus: files or folders of them (.txt/.md: a document per paragraph; .jsonl: a record
+    per line, its text in ``text_field``)."""
 
     name: DataKind = DataKind.text
     paths: List[str] = field(default_factory=list)
+    text_field: str = "text"  # the JSONL field holding a record's text
 
 
 @dataclass

@@ -33,7 +33,7 @@ def raw_text_blocks(data, tokenizer, embedded_blocks: int):
     if data.name == "embedded":
         stream = embedded_token_stream(build_world(data.seed, data.num_people), tokenizer, data.word_problem_weight)
         return pack_documents(stream, seq_len=data.seq_len, num_blocks=embedded_blocks), False
-    return text_blocks(read_text_documents(data.paths), tokenizer, data.seq_len), True
+    return text_blocks(read_text_documents(data.paths, data.text_field), tokenizer, data.seq_len), True
 
 
 def training_blocks(config, node, tokenizer):

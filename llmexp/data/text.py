@@ -17,7 +17,7 @@ _PARAGRAPH_BREAK = re.compile(r"\n\s*\n")
 _FIX = "Give text files or folders of them, e.g. data.paths=[corpus/] or data.paths=[notes.md,more.jsonl]."
 
 
-def _paragraphs(path: Path) -> List[str]:
+def _paragraphs(path: Path, text_field: str) -> List[str]:
     try:
         text = path.read_text(encoding="utf-8-sig")
     except UnicodeDecodeError:
@@ -25,23 +25,25 @@ def _paragraphs(path: Path) -> List[str]:
     return [p.strip() for p in _PARAGRAPH_BREAK.split(text) if p.strip()]
 
 
-def _jsonl_texts(path: Path) -> List[str]:
+def _jsonl_texts(path: Path, text_field: str) -> List[str]:
     texts = []
     for line, record in read_jsonl_numbered(path):
-        if not isinstance(record.get("text"), str):
+        if not isinstance(record.get(text_field), str):
             raise UserError(
-                f'{path}:{line}: no text in a "text" field (fields on that line: {sorted(record)}). '
-                'Each line of a text corpus in JSONL looks like {"text": "..."}.'
+                f'{path}:{line}: no text in a "{text_field}" field (fields on that line: {sorted(record)}). '
+                f'Each line of a text corpus in JSONL looks like {{"{text_field}": "..."}}; data.text_field names '
+                "the field that holds the text."
             )
-        if record["text"].strip():
-            texts.append(record["text"])
+        if record[text_field].strip():
+            texts.append(record[text_field])
     return texts
 
 
-READERS: Dict[str, Callable[[Path], List[str]]] = {".txt": _paragraphs, ".md": _paragraphs, ".jsonl": _jsonl_texts}
+# a file's documents; the JSONL reader takes them from the field data.text_field names
+READERS: Dict[str, Callable[[Path, str], List[str]]] = {".txt": _paragraphs, ".md": _paragraphs, ".jsonl": _jsonl_texts}
 
 
-def read_text_documents(paths: Sequence[str]) -> List[str]:
+def read_text_documents(paths: Sequence[str], text_field: str = "text") -> List[str]:
     """Every document under ``paths`` (files, or folders searched recursively in sorted order)."""
     if not paths:
         raise UserError(f"data=text needs data.paths: the files or folders of the corpus. {_FIX}")
@@ -61,7 +63,7 @@ def read_text_documents(paths: Sequence[str]) -> List[str]:
                 f"data.paths: {entry} does not exist (relative paths are resolved against {Path.cwd()}). {_FIX}"
             )
         for file in files:
-            documents.extend(READERS[file.suffix](file))
+            documents.extend(READERS[file.suffix](file, text_field))
     if not documents:
         raise UserError(
             f"data.paths={list(paths)} holds no documents (no non-empty paragraph "
@@ -85,7 +87,7 @@ def raw_text_problems(data, refusal: str) -> List[str]:
         return [refusal]
     if data.name == "text":
         try:
-            read_text_documents(data.paths)
+            read_text_documents(data.paths, data.text_field)
         except UserError as error:
             return [str(error)]
     return []

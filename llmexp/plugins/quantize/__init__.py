@@ -179,7 +179,7 @@ def data_problems(config, node, field: str) -> List[str]:
     ))
     if problems or data.name == "embedded":
         return problems
-    documents = read_text_documents(data.paths)
+    documents = read_text_documents(data.paths, data.text_field)
     available = text_blocks_available(config, documents)
     if available is None or available >= node.calibration_size:
         return []
