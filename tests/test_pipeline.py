@@ -86,6 +86,20 @@ def test_a_stage_starts_only_from_a_stage_that_makes_a_model():
                in problem for problem in teacher.problems)
 
 
+def test_a_stage_reads_a_corpus_only_from_an_earlier_stage_that_makes_one():
+    plan = make_plan(compose_config(["pipeline=compress", "+pipeline.data_inputs.distill=baseline"]))
+    assert plan.problems == [
+        "pipeline.data_inputs.distill=baseline: 'distill' reads the corpus 'baseline' makes, and "
+        "pipeline.nodes.baseline (technique=pretrain) makes none; name a stage before it that makes a corpus, "
+        "such as a technique=curate stage (there is none)."
+    ]
+    later = make_plan(compose_config(["pipeline=compress", "+pipeline.data_inputs.baseline=distill"]))
+    assert later.problems == [
+        "pipeline.data_inputs.baseline=distill: both must be stages of pipeline.stages ("
+        + ", ".join(compose_config(["pipeline=compress"]).pipeline.stages) + ") and 'distill' must come before 'baseline'."
+    ]
+
+
 def test_a_pipeline_input_outside_the_stages_is_one_problem_not_a_crash():
     plan = make_plan(compose_config(["pipeline=compress", "pipeline.stages=[baseline_eval,fp8,fp8_eval]"]))
     assert plan.problems[0].startswith("pipeline.inputs.fp8=baseline: both must be stages of pipeline.stages")

@@ -5,15 +5,18 @@ key of ``pipeline.nodes``, where a pipeline preset keeps nodes of its own (the
 ``customize`` pipeline's ``base``, ``lora``, ``sft`` ...). A stage starts from the model
 the stage before it produced, unless ``pipeline.inputs`` names another stage (``sft:
 base`` fine-tunes the base model, not the LoRA model trained just before it); that stage
-must make a model (``llmexp.planning.data_flow``).
+must make a model (``llmexp.planning.data_flow``). Likewise a stage reads the run's ``data``
+unless ``pipeline.data_inputs`` names a stage that made a corpus (a curation), which it then
+reads as ``data=text`` (``stage_config``).
 """
 
 from __future__ import annotations
 
 from typing import Any, Dict, List, Optional, Tuple
 
-from omegaconf import OmegaConf
+from omegaconf import OmegaConf, open_dict
 
+from llmexp.configuration.schema import DataConfig, TextDataConfig
 from llmexp.errors import UserError
 from llmexp.techniques.plugin_manager import technique
 
@@ -76,6 +79,25 @@ def model_sources(config) -> Dict[str, Optional[str]]:
         if technique(node.name).produces_model:
             latest = key
     return sources
+
+
+def data_input_stage(config, key: str) -> str | None:
+    """The stage whose corpus ``key`` reads instead of the run's data, when ``pipeline.data_inputs`` names one."""
+    inputs = OmegaConf.select(config, "pipeline.data_inputs", default=None) or {}
+    return inputs.get(key)
+
+
+def with_corpus(config, corpus: str):
+    """``config`` with its data replaced by the corpus directory ``corpus`` as ``data=text`` (the same text field
+    when the run's data has one): what a stage named in ``pipeline.data_inputs`` reads. The embedded world's
+    settings stay, so evaluation tasks and a from-scratch tokenizer are the run's own."""
+    data = config.data
+    world = {name: data[name] for name in DataConfig.__dataclass_fields__ if name != "name" and name in data}
+    text_field = OmegaConf.select(data, "text_field", default=None) or "text"
+    staged = config.copy()
+    with open_dict(staged):
+        staged.data = OmegaConf.structured(TextDataConfig(**world, paths=[corpus], text_field=text_field))
+    return staged
 
 
 def input_stage(config, key: str) -> str | None:

@@ -344,6 +344,7 @@ class PipelineConfig:
     stages: List[str] = field(default_factory=lambda: ["technique", "evaluation"])
     nodes: Dict[str, Any] = field(default_factory=dict)  # a pipeline's own technique nodes, by stage key
     inputs: Dict[str, str] = field(default_factory=dict)  # stage -> the earlier stage whose model it starts from
+    data_inputs: Dict[str, str] = field(default_factory=dict)  # stage -> the earlier stage whose corpus it reads
 
 
 @dataclass

@@ -47,24 +47,31 @@ def _read_problems(read: Consumed, key: str, earlier) -> List[str]:
 
 
 def input_problems(config, stages) -> List[str]:
-    """``pipeline.inputs``: each names a stage that runs before its reader and makes a model."""
+    """``pipeline.inputs`` and ``pipeline.data_inputs``: each names a stage that runs before its reader and makes a
+    model (inputs) or a corpus (data_inputs: a technique=curate stage)."""
+    return (_source_problems(config, stages, "inputs", "starts from the model", lambda cls: cls.produces_model, "a model")
+            + _source_problems(config, stages, "data_inputs", "reads the corpus", lambda cls: cls.produces_data is not None,
+                               "a corpus, such as a technique=curate stage"))
+
+
+def _source_problems(config, stages, setting: str, reads: str, makes, kind: str) -> List[str]:
     keys = [key for key, _ in stages]
     nodes = dict(stages)
-    inputs = OmegaConf.select(config, "pipeline.inputs", default=None) or {}
+    inputs = OmegaConf.select(config, f"pipeline.{setting}", default=None) or {}
     all_keys = list(OmegaConf.select(config, "pipeline.stages", default=None) or [])
     problems = []
     for stage, source in inputs.items():
         if stage not in keys or source not in keys or keys.index(source) >= keys.index(stage):
             problems.append(
-                f"pipeline.inputs.{stage}={source}: both must be stages of pipeline.stages "
+                f"pipeline.{setting}.{stage}={source}: both must be stages of pipeline.stages "
                 f"({', '.join(all_keys)}) and {source!r} must come before {stage!r}."
             )
             continue
-        makers = [key for key in keys[:keys.index(stage)] if technique(nodes[key].name).produces_model]
+        makers = [key for key in keys[:keys.index(stage)] if makes(technique(nodes[key].name))]
         if source not in makers:
             problems.append(
-                f"pipeline.inputs.{stage}={source}: {stage!r} starts from the model {source!r} makes, and "
+                f"pipeline.{setting}.{stage}={source}: {stage!r} {reads} {source!r} makes, and "
                 f"{node_path(source)} (technique={nodes[source].name}) makes none; name a stage before it "
-                f"that makes a model ({', '.join(makers) or 'there is none'})."
+                f"that makes {kind} ({', '.join(makers) or 'there is none'})."
             )
     return problems

@@ -239,18 +239,21 @@ class RunRecord:
         wall_time_s: Optional[float] = None,
         reason: Optional[str] = None,
         input_model: Optional[str] = None,
+        input_data: Optional[str] = None,
     ) -> Dict[str, Any]:
         """Record a stage from its ``StageResult`` (metrics, model_stats, artifacts); returns the entry.
 
         ``input_model`` says which model the stage started from: an earlier stage's name,
-        ``model.path``, or None. A stage that yields model stats makes them the run's
-        ``model_stats`` (the last model wins).
+        ``model.path``, or None; ``input_data`` the earlier stage whose corpus it read instead of the
+        run's data (``pipeline.data_inputs``), when one did. A stage that yields model stats makes them
+        the run's ``model_stats`` (the last model wins).
         """
         entry = {
             "technique": technique,
             "status": status,
             "reason": reason,
             "input_model": input_model,
+            **({"input_data": input_data} if input_data else {}),
             "metrics": _plain(getattr(result, "metrics", None) or {}),
             "model_stats": _plain(getattr(result, "model_stats", None) or {}),
             "artifacts": _plain(getattr(result, "artifacts", None) or {}),

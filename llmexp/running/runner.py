@@ -42,7 +42,7 @@ from llmexp.errors import UserError
 from llmexp.failure import reason_of
 from llmexp.display.library_noise import quiet_libraries
 from llmexp.models.loading import load_model
-from llmexp.configuration.pipeline import TOP_LEVEL_NODES, input_stage, node_path, stage_nodes
+from llmexp.configuration.pipeline import TOP_LEVEL_NODES, data_input_stage, input_stage, node_path, stage_nodes, with_corpus
 from llmexp.planning.planner import make_plan
 from llmexp.results.columns import declared_metrics
 from llmexp.results.report import write_report
@@ -141,12 +141,14 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
         stage_name = key if key not in TOP_LEVEL_NODES else _unique(cls.name, taken)
         taken.add(stage_name)
         input_model = source or starting_weights.source(cfg, cls.adapts_base)
+        input_data = data_input_stage(cfg, key)
         if lead:
             console.stage_banner(stage_name)
         entry = earlier.get(stage_name)
         if distributed.decided_by_rank_zero(lambda: _can_keep(entry, cls, stage_name)):
             kept = StageResult(entry["metrics"], artifacts=entry["artifacts"], model_stats=entry["model_stats"])
-            record.add_stage(stage_name, cls.name, kept, wall_time_s=entry["wall_time_s"], input_model=input_model)
+            record.add_stage(stage_name, cls.name, kept, wall_time_s=entry["wall_time_s"], input_model=input_model,
+                             input_data=input_data)
             kept_stages.append(stage_name)
             if cls.produces_model:
                 models[stage_name] = ModelArtifact(None, None, Path(entry["artifacts"]["model"]), produced_by=stage_name)
@@ -163,7 +165,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
         def run_stage() -> StageResult:
             model = _model_of(models, source) if source else None
             context = StageContext(
-                cfg, node, stage_dir, model, tracker, stage_name,
+                _stage_config(cfg, record, input_data), node, stage_dir, model, tracker, stage_name,
                 model_of=lambda stage: _model_of(models, stage, asked_by=stage_name), earlier=dict(record.stages),
             )
             return cls().run(context)
@@ -178,13 +180,23 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
         wall_time = time.perf_counter() - clock
         shared = distributed.decided_by_rank_zero(lambda: _shareable(result, wall_time))
         recorded, wall_time, made_model, saved_at = shared
-        record.add_stage(stage_name, cls.name, recorded, wall_time_s=wall_time, input_model=input_model)
+        record.add_stage(stage_name, cls.name, recorded, wall_time_s=wall_time, input_model=input_model,
+                         input_data=input_data)
         if lead:
             record.write()  # a run that dies later still shows what finished (status "running")
             tracker.log_metrics(flatten_numbers(recorded.metrics, prefix=f"{stage_name}/"))
         if made_model:  # a trained model is in every rank's memory; another is loaded from where rank 0 saved it
             made = result.model if result is not None else ModelArtifact(None, None, saved_at, produced_by=stage_name)
             models[stage_name], latest = made, stage_name
+
+
+def _stage_config(cfg: DictConfig, record: RunRecord, input_data: Optional[str]) -> DictConfig:
+    """The run's config as a stage sees it: its data replaced by the corpus ``input_data`` made
+    (``pipeline.data_inputs``), which the plan checked is an earlier stage that makes one."""
+    if input_data is None:
+        return cfg
+    made_by = technique(record.stages[input_data]["technique"])
+    return with_corpus(cfg, record.stages[input_data]["artifacts"][made_by.produces_data])
 
 
 def _shareable(result: StageResult, wall_time: float) -> Tuple[StageResult, float, bool, Optional[Path]]:

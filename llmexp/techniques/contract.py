@@ -125,6 +125,9 @@ class Technique:
     schema: ClassVar[type]
     memory: ClassVar[str] = "inference"
     produces_model: ClassVar[bool] = False
+    # the artifact holding a corpus in data=text's formats that a later stage can read instead of the run's
+    # data (``pipeline.data_inputs``: a curated corpus feeding a training stage); None: it makes none
+    produces_data: ClassVar[Optional[str]] = None
     # starts from a base model (fine-tuning, continued pretraining, pruning): the run's weights when no stage
     # before it makes one, on the embedded default the embedded baseline, never random weights
     # (``llmexp.models.starting_weights``: refused at plan time when there is no base)
