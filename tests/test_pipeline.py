@@ -3,7 +3,7 @@
 import pytest
 
 from llmexp.configuration.compose import compose_config
-from llmexp.configuration.pipeline import input_stage, stage_nodes
+from llmexp.configuration.pipeline import input_stage, model_sources, stage_nodes
 from llmexp.planning.data_flow import data_flow_problems
 from llmexp.planning.planner import make_plan
 from llmexp.techniques.contract import Consumed, Reads
@@ -141,3 +141,10 @@ def test_a_pipeline_whose_data_cannot_flow_is_refused_by_the_command_before_anyt
             "model; name one of baseline, fp8, prune, distill, distill_fp8, width_prune, or give a checkpoint with "
             "pipeline.nodes.width_distill.teacher.path instead.") in " ".join(result.stderr.split())
     assert list(tmp_path.iterdir()) == []
+
+
+def test_pipeline_inputs_none_starts_a_stage_as_a_first_stage_would():
+    config = compose_config(["pipeline=customize", "pipeline.inputs.sft=none"])
+    assert make_plan(config).problems == []
+    assert model_sources(config) == {"base": None, "zero_shot": "base", "few_shot": "base", "lora": "base",
+                                      "lora_eval": "lora", "sft": None, "sft_eval": "sft"}

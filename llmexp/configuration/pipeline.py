@@ -4,8 +4,8 @@ A stage key is ``technique`` or ``evaluation`` (the top-level nodes every run ha
 key of ``pipeline.nodes``, where a pipeline preset keeps nodes of its own (the
 ``customize`` pipeline's ``base``, ``lora``, ``sft`` ...). A stage starts from the model
 the stage before it produced, unless ``pipeline.inputs`` names another stage (``sft:
-base`` fine-tunes the base model, not the LoRA model trained just before it); that stage
-must make a model (``llmexp.planning.data_flow``). Likewise a stage reads the run's ``data``
+base`` fine-tunes the base model, not the LoRA model trained just before it; ``none`` starts it
+as a first stage would, from ``model.path`` or from scratch); that stage must make a model (``llmexp.planning.data_flow``). Likewise a stage reads the run's ``data``
 unless ``pipeline.data_inputs`` names a stage that made a corpus (a curation), which it then
 reads as ``data=text`` (``stage_config``).
 """
@@ -75,7 +75,7 @@ def model_sources(config) -> Dict[str, Optional[str]]:
     sources: Dict[str, Optional[str]] = {}
     latest = None
     for key, node in stage_nodes(config, strict=False):
-        sources[key] = input_stage(config, key) or latest
+        sources[key] = model_source(config, key, latest)
         if technique(node.name).produces_model:
             latest = key
     return sources
@@ -98,6 +98,15 @@ def with_corpus(config, corpus: str):
     with open_dict(staged):
         staged.data = OmegaConf.structured(TextDataConfig(**world, paths=[corpus], text_field=text_field))
     return staged
+
+
+NO_MODEL = "none"  # pipeline.inputs.<stage>=none: it starts as a first stage would (model.path, else from scratch)
+
+
+def model_source(config, key: str, latest: Optional[str]) -> Optional[str]:
+    """The stage whose model ``key`` starts from: ``pipeline.inputs``' choice (None for ``none``), else ``latest``."""
+    named = input_stage(config, key)
+    return None if named == NO_MODEL else named or latest
 
 
 def input_stage(config, key: str) -> str | None:

@@ -14,7 +14,7 @@ from typing import List
 
 from omegaconf import OmegaConf
 
-from llmexp.configuration.pipeline import node_path, stage_name, stage_nodes
+from llmexp.configuration.pipeline import NO_MODEL, node_path, stage_name, stage_nodes
 from llmexp.techniques.contract import Consumed, Reads
 from llmexp.techniques.plugin_manager import technique
 
@@ -61,6 +61,8 @@ def _source_problems(config, stages, setting: str, reads: str, makes, kind: str)
     all_keys = list(OmegaConf.select(config, "pipeline.stages", default=None) or [])
     problems = []
     for stage, source in inputs.items():
+        if setting == "inputs" and source == NO_MODEL and stage in keys:
+            continue
         if stage not in keys or source not in keys or keys.index(source) >= keys.index(stage):
             problems.append(
                 f"pipeline.{setting}.{stage}={source}: both must be stages of pipeline.stages "

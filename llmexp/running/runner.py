@@ -42,7 +42,7 @@ from llmexp.errors import UserError
 from llmexp.failure import reason_of
 from llmexp.display.library_noise import quiet_libraries
 from llmexp.models.loading import load_model
-from llmexp.configuration.pipeline import TOP_LEVEL_NODES, data_input_stage, input_stage, node_path, stage_nodes, with_corpus
+from llmexp.configuration.pipeline import TOP_LEVEL_NODES, data_input_stage, model_source, node_path, stage_nodes, with_corpus
 from llmexp.planning.planner import make_plan
 from llmexp.results.columns import declared_metrics
 from llmexp.results.report import write_report
@@ -131,7 +131,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
     lead = distributed.is_rank_zero()
     for key, node in stage_nodes(cfg):
         cls = technique(node.name)
-        source = input_stage(cfg, key) or latest
+        source = model_source(cfg, key, latest)
         if not cls.produces_model:
             if key in TOP_LEVEL_NODES and (
                 (source, cls.name) in looked_at or (cls.implied_measurement and any(s == source for s, _ in looked_at))
