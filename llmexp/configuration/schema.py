@@ -119,6 +119,7 @@ class DataKind(Choice):
     text = "text"
     jsonl = "jsonl"
     preference = "preference"
+    noisy_web = "noisy_web"
 
 
 class TrackerKind(Choice):
@@ -288,8 +289,32 @@ class PreferenceDataConfig(JsonlDataConfig):
     name: DataKind = DataKind.preference
 
 
+@dataclass
+class NoisyWebDataConfig(DataConfig):
+    """The embedded stream's documents as a polluted web crawl (``llmexp.data.noisy_web``): raw text for
+    pretraining, and a corpus for technique=curate. Shares are of the clean pages (``documents_per_page``
+    documents each)."""
+
+    name: DataKind = DataKind.noisy_web
+    word_problem_weight: float = 1.0
+    documents: int = 6000  # clean documents of the embedded training stream, every one in the crawl
+    documents_per_page: int = 6
+    near_duplicate_pages: float = 0.05  # pages copied near_duplicate_copies times with word edits
+    near_duplicate_copies: int = 20
+    near_duplicate_jaccard: List[float] = field(default_factory=lambda: [1.0, 0.95, 0.9, 0.85])  # cycled per copy
+    near_duplicate_ngram: int = 5  # word n-grams the similarity is measured on
+    spam_pages: float = 0.5
+    spam_kinds: List[str] = field(default_factory=lambda: [
+        "navigation", "keyword_spam", "lorem_ipsum", "bullet_list", "symbols", "read_more", "script", "short"])
+    foreign_pages: float = 0.2
+    foreign_languages: List[str] = field(default_factory=lambda: ["de", "fr"])
+    pii_pages: float = 0.1  # clean pages with PII lines written in
+    pii_kinds: List[str] = field(default_factory=lambda: ["email", "phone", "ip_address", "credit_card"])
+    shards: int = 4
+
+
 DATA_OPTIONS = {"embedded": EmbeddedDataConfig, "text": TextDataConfig, "jsonl": JsonlDataConfig,
-                "preference": PreferenceDataConfig}  # data=<option> -> its schema
+                "preference": PreferenceDataConfig, "noisy_web": NoisyWebDataConfig}  # data=<option> -> its schema
 
 
 @dataclass

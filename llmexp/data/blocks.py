@@ -11,7 +11,7 @@ import torch
 
 from llmexp.data.embedded import build_world, embedded_token_stream
 from llmexp.data.packing import pack_documents
-from llmexp.data.text import RAW_TEXT_DATA, raw_text_refusal, read_text_documents
+from llmexp.data.text import RAW_TEXT_DATA, raw_text_refusal, read_text_documents, text_corpus
 from llmexp.errors import UserError
 
 
@@ -29,11 +29,11 @@ def text_blocks(documents, tokenizer, seq_len: int) -> torch.Tensor:
 
 def raw_text_blocks(data, tokenizer, embedded_blocks: int):
     """``(blocks, shuffle)`` of ``data=embedded`` (the generated stream: exactly ``embedded_blocks``, in stream
-    order) or ``data=text`` (every full block the files fill, to be shuffled)."""
+    order) or ``data=text``/``data=noisy_web`` (every full block the files fill, to be shuffled)."""
     if data.name == "embedded":
         stream = embedded_token_stream(build_world(data.seed, data.num_people), tokenizer, data.word_problem_weight)
         return pack_documents(stream, seq_len=data.seq_len, num_blocks=embedded_blocks), False
-    return text_blocks(read_text_documents(data.paths, data.text_field), tokenizer, data.seq_len), True
+    return text_blocks(read_text_documents(*text_corpus(data)), tokenizer, data.seq_len), True
 
 
 def training_blocks(config, node, tokenizer):

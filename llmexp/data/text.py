@@ -8,8 +8,9 @@ from __future__ import annotations
 
 import re
 from pathlib import Path
-from typing import Callable, Dict, List, Sequence
+from typing import Callable, Dict, List, Sequence, Tuple
 
+from llmexp.data import noisy_web
 from llmexp.data.jsonl import read_jsonl_numbered
 from llmexp.errors import UserError
 
@@ -72,7 +73,15 @@ def read_text_documents(paths: Sequence[str], text_field: str = "text") -> List[
     return documents
 
 
-RAW_TEXT_DATA = ("embedded", "text")  # what pretraining, calibration and distillation read
+RAW_TEXT_DATA = ("embedded", "text", "noisy_web")  # what pretraining, calibration and distillation read
+
+
+def text_corpus(data) -> Tuple[List[str], str]:
+    """``(paths, text_field)`` of a corpus on disk: ``data=text``'s files, or ``data=noisy_web``'s shards (generated
+    when not cached yet)."""
+    if data.name == "noisy_web":
+        return noisy_web.shard_paths(data), noisy_web.TEXT_FIELD
+    return list(data.paths), data.text_field
 
 
 def raw_text_refusal(technique: str, data: str) -> str:
@@ -85,6 +94,8 @@ def raw_text_problems(data, refusal: str) -> List[str]:
     """Problems of a run reading raw text: ``[refusal]`` for other data, and unreadable ``data=text`` files."""
     if data.name not in RAW_TEXT_DATA:
         return [refusal]
+    if data.name == "noisy_web":
+        return noisy_web.problems(data)
     if data.name == "text":
         try:
             read_text_documents(data.paths, data.text_field)
