@@ -1,0 +1,111 @@
+"""``engine=dask``: the shards as tasks on a Dask cluster, dedup groups formed by a shuffle across partitions.
+
+Each shard is a task that reads its records from the corpus files itself and saves its facts or its
+output part (the stage directory and the corpus must be on a filesystem every worker sees, as on a
+cluster's shared home). Deduplication makes a bag with one partition per shard's facts and groups it
+by exact key, then by LSH band key, with a task-based shuffle: every document sharing a key meets in
+one partition whichever shard it came from, so near-duplicates in different shards are found. The
+bucket-to-pair step runs on the workers; the connected components of the pairs (far fewer than the
+documents) are formed here, as datatrove's last MinHash stage does.
+
+The cluster is a ``LocalCluster`` of ``dask.workers`` processes by default, an existing scheduler at
+``dask.address``, or with ``dask.slurm`` Slurm jobs from the run's cluster profile (``slurm_job``).
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Any, Callable, Dict, Iterator, Sequence
+
+from llmexp.plugins.curate.corpus import Shard
+from llmexp.plugins.curate.decisions import bucket_pairs, exact_duplicates, fuzzy_duplicates, removals
+from llmexp.plugins.curate.facts import band_rows, exact_rows, read_facts
+
+WORKERS_TIMEOUT_S = 300  # how long Slurm jobs may wait in the queue before the stage gives up
+
+
+def slurm_job(config, dask) -> Dict[str, Any]:
+    """``dask_jobqueue.SLURMCluster``'s arguments for one worker job, placed as the Slurm launcher places
+    ``hardware``'s jobs (``cluster.hardware.<hardware>``: partition, constraint; account, qos, time limit
+    and setup lines of the profile). Curation computes on CPUs, so no GPU is asked for."""
+    cluster = config.cluster
+    place = cluster.hardware[config.hardware.name]
+    directives = [f"--constraint={place.constraint}"] if place.constraint else []
+    if cluster.qos:
+        directives.append(f"--qos={cluster.qos}")
+    hours, minutes = divmod(cluster.time_limit_min, 60)
+    return {
+        "queue": place.partition,
+        "account": cluster.account,
+        "cores": dask.threads_per_worker,
+        "processes": 1,
+        "memory": dask.worker_memory,
+        "walltime": f"{hours:02d}:{minutes:02d}:00",
+        "job_extra_directives": directives,
+        "job_script_prologue": list(cluster.setup),
+        "python": sys.executable,
+        "log_directory": None,
+    }
+
+
+class DaskEngine:
+    def __init__(self, config, dask, log_directory: Path):
+        from distributed import Client, LocalCluster
+
+        self.cluster = None
+        if dask.address:
+            self.client = Client(dask.address)
+            return
+        if dask.slurm:
+            from dask_jobqueue import SLURMCluster
+
+            self.cluster = SLURMCluster(**{**slurm_job(config, dask), "log_directory": str(log_directory)})
+            self.cluster.scale(jobs=dask.workers)
+        else:
+            # processes, not threads: the rules are pure Python and would share one interpreter lock
+            self.cluster = LocalCluster(n_workers=dask.workers, threads_per_worker=dask.threads_per_worker,
+                                        processes=True, memory_limit=dask.worker_memory, dashboard_address=None)
+        self.client = Client(self.cluster)
+        self.client.wait_for_workers(dask.workers, timeout=WORKERS_TIMEOUT_S)
+
+    def each(self, function: Callable[..., int], shards: Sequence[Shard], *args) -> Iterator[int]:
+        """``function(shard, *args)`` for each shard as a task, its results as they come."""
+        from distributed import as_completed
+
+        futures = [self.client.submit(function, shard, *args, pure=False) for shard in shards]
+        return (future.result() for future in as_completed(futures))
+
+    def duplicates(self, shards: Sequence[Shard], folder: Path) -> Dict[int, str]:
+        """Exact then fuzzy duplicates among the documents the filters kept (``decisions``)."""
+        import dask.bag
+
+        documents = dask.bag.from_sequence(shards, npartitions=len(shards)).map(read_facts, folder)
+        exact = set(_grouped(documents.map(exact_rows).flatten()).map(exact_duplicates).flatten().compute(
+            scheduler=self.client))
+        buckets = _grouped(documents.map(band_rows, exact).flatten())
+        pairs = buckets.map(bucket_pairs).flatten().compute(scheduler=self.client)
+        return removals(exact, fuzzy_duplicates(pairs))
+
+    def close(self) -> None:
+        self.client.close()
+        if self.cluster is not None:
+            self.cluster.close()
+
+
+def _grouped(rows):
+    """The indices of each group of ``(key, index)`` rows with more than one member, shuffled by key."""
+    groups = rows.groupby(_key, shuffle="tasks").map(_indices)
+    return groups.filter(_several)
+
+
+def _key(row):
+    return row[0]
+
+
+def _indices(group):
+    return [index for _, index in group[1]]
+
+
+def _several(indices) -> bool:
+    return len(indices) > 1
