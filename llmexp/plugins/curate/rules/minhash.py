@@ -73,14 +73,13 @@ def lsh_probability(jaccard: float, s: FuzzySettings) -> float:
 
 
 def shingles(text: str, s: FuzzySettings) -> set[bytes]:
-    """The set of n-grams that MinHash estimates Jaccard similarity over."""
+    """The set of n-grams (UTF-8) that MinHash estimates Jaccard similarity over."""
     n = s.ngram or DEFAULT_NGRAM[s.shingle]
     text = normalise(text, _SHINGLE_NORMALISATION)
-    units = text.split(" ") if s.shingle == "word" else text
-    joiner = " " if s.shingle == "word" else ""
-    if len(units) <= n:
-        return {text.encode("utf-8")}
-    return {joiner.join(units[i : i + n]).encode("utf-8") for i in range(len(units) - n + 1)}
+    if s.shingle == "word":
+        words = text.encode("utf-8").split(b" ")
+        return {b" ".join(words[i : i + n]) for i in range(max(len(words) - n, 0) + 1)}
+    return {text[i : i + n].encode("utf-8") for i in range(max(len(text) - n, 0) + 1)}
 
 
 @functools.lru_cache(maxsize=8)
@@ -101,6 +100,12 @@ def signature(text: str, s: FuzzySettings) -> np.ndarray:
     )
     sketch.update_batch(shingles(text, s))
     return sketch.hashvalues.astype(np.uint64)
+
+
+def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
+    """The Jaccard similarity two signatures estimate (standard error sqrt(J(1-J)/num_perm)):
+    checking candidate pairs against a threshold removes the LSH curve's tail of dissimilar pairs."""
+    return float(np.mean(a == b))
 
 
 def band_keys(sig: np.ndarray, s: FuzzySettings) -> list[bytes]:

@@ -3,14 +3,15 @@ Unicode form, punctuation or spacing count as the same document."""
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import re
+import sys
 import unicodedata
 from dataclasses import dataclass
 
 UNICODE_FORMS = ("NFC", "NFD", "NFKC", "NFKD", "none")
 
-_WHITESPACE = re.compile(r"\s+")
 _DIGITS = re.compile(r"\d")
 
 
@@ -35,8 +36,11 @@ def normalisation_problems(how: Normalisation, field_prefix: str) -> list[str]:
     return []
 
 
-def _is_punctuation_or_symbol(char: str) -> bool:
-    return unicodedata.category(char)[0] in "PS"
+@functools.cache
+def _punctuation_and_symbols() -> dict[int, None]:
+    """A `str.translate` table deleting every Unicode punctuation (P*) and symbol (S*) character:
+    one C-level pass per text, where testing each character's category in Python is ~10x slower."""
+    return {c: None for c in range(sys.maxunicode + 1) if unicodedata.category(chr(c))[0] in "PS"}
 
 
 def normalise(text: str, how: Normalisation) -> str:
@@ -46,11 +50,11 @@ def normalise(text: str, how: Normalisation) -> str:
     if how.lowercase:
         text = text.casefold()
     if how.strip_punctuation:
-        text = "".join(c for c in text if not _is_punctuation_or_symbol(c))
+        text = text.translate(_punctuation_and_symbols())
     if how.strip_digits:
         text = _DIGITS.sub("", text)
     if how.collapse_whitespace:
-        text = _WHITESPACE.sub(" ", text).strip()
+        text = " ".join(text.split())
     return text
 
 
