@@ -339,8 +339,24 @@ def read_manifest(data) -> List[Dict]:
         return [json.loads(line) for line in handle]
 
 
+def read_records(data) -> List[Dict]:
+    """The crawl's records, in crawl order."""
+    records = []
+    for path in shard_paths(data):
+        with open(path, encoding="utf-8") as handle:
+            records.extend(map(json.loads, handle))
+    return records
+
+
 def redacted(text: str, pii: Sequence[Dict]) -> str:
     """``text`` with the PII values the manifest lists replaced by typed placeholders (``<EMAIL>``, ...)."""
     for found in pii:
         text = text.replace(found["value"], f"<{found['kind'].upper()}>")
     return text
+
+
+def ground_truth_curation(data) -> List[Dict]:
+    """The records a perfect curation of the crawl keeps, in crawl order: each clean page once, its PII redacted;
+    every near-duplicate copy, spam page and foreign page dropped. The yardstick for a curation's effect."""
+    return [{**record, TEXT_FIELD: redacted(record[TEXT_FIELD], entry.get("pii", ()))}
+            for record, entry in zip(read_records(data), read_manifest(data)) if entry["kind"] == "clean"]
