@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional
 
 import yaml
 
-from llmexp.data.text import raw_text_problems, read_text_documents
+from llmexp.data.text import raw_text_problems, read_text_documents, text_corpus
 from llmexp.plugins.quantize.formats import FORMATS, Format
 from llmexp.sdk import (
     PRECISION_NEEDS, Metric, MetricKind, ServedExport, Technique, TechniqueConfig, has_weights, hookimpl, local_directory, model_sources, node_path,
@@ -179,7 +179,7 @@ def data_problems(config, node, field: str) -> List[str]:
     ))
     if problems or data.name == "embedded":
         return problems
-    documents = read_text_documents(data.paths, data.text_field)
+    documents = read_text_documents(*text_corpus(data))
     available = text_blocks_available(config, documents)
     if available is None or available >= node.calibration_size:
         return []
