@@ -37,19 +37,22 @@ Exit status 1 if exact dedup is not exact or a document is removed with no partn
 from __future__ import annotations
 
 import argparse
+import os
 import random
 import sys
+import tempfile
 import time
 from collections import defaultdict
+from importlib.metadata import version
 from multiprocessing import Pool
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from machine_load import OtherLoad, describe  # noqa: E402
+from machine_load import OtherLoad, describe
 
-from llmexp.plugins.curate.rules.minhash import (  # noqa: E402
+from llmexp.plugins.curate.rules.minhash import (
     FuzzySettings,
     band_keys,
     connected_components_survivors,
@@ -59,7 +62,7 @@ from llmexp.plugins.curate.rules.minhash import (  # noqa: E402
     shingles,
     signature,
 )
-from llmexp.plugins.curate.rules.normalisation import Normalisation, exact_key  # noqa: E402
+from llmexp.plugins.curate.rules.normalisation import Normalisation, exact_key
 
 LEVELS = (0.3, 0.4, 0.45, 0.5, 0.6, 0.7, 0.75, 0.8, 0.85, 0.875, 0.9, 0.925, 0.95, 0.975)
 REPORT_BANDS = ((0.2, 0.5), (0.5, 0.7), (0.7, 0.8), (0.8, 0.85), (0.85, 0.9), (0.9, 0.95), (0.95, 1.01))
@@ -161,6 +164,42 @@ def exact_removed(docs: list[str]) -> tuple[set[int], float]:
     return removed, time.perf_counter() - start
 
 
+def datatrove_removed(docs: list[str]) -> tuple[set[int], float]:
+    """The documents datatrove's MinHash dedup removes (its four stages, defaults, one process),
+    and the seconds it took. Words are split on whitespace: datatrove's English word tokenizer is
+    NLTK's punkt, whose data it downloads."""
+    from datatrove.data import Document
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashConfig,
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+    from datatrove.utils.word_tokenizers import WordTokenizer
+
+    class Whitespace(WordTokenizer):
+        def word_tokenize(self, text: str) -> list[str]:
+            return text.split()
+
+        def sent_tokenize(self, text: str) -> list[str]:
+            return [text]
+
+        def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+            raise NotImplementedError("MinHash dedup splits words only")
+
+    config = MinhashConfig()
+    documents = [Document(text=d, id=str(i)) for i, d in enumerate(docs)]
+    start = time.perf_counter()
+    with tempfile.TemporaryDirectory() as work:
+        MinhashDedupSignature(f"{work}/sigs", config, language=Whitespace()).run(iter(documents), 0, 1)
+        for bucket in range(config.num_buckets):
+            MinhashDedupBuckets(f"{work}/sigs", f"{work}/buckets", config=config).run(None, bucket, config.num_buckets)
+        MinhashDedupCluster(f"{work}/buckets", f"{work}/remove", config=config).run(None, 0, 1)
+        kept = {int(d.id) for d in MinhashDedupFilter(f"{work}/remove").run(iter(documents), 0, 1)}
+    return set(range(len(docs))) - kept, time.perf_counter() - start
+
+
 def report_fuzzy(truth: dict[tuple[int, int], float], removed: set[int]) -> bool:
     """Prints recall per similarity band and against the targets; whether no document was removed
     without a partner above Jaccard 0.5."""
@@ -218,6 +257,7 @@ def main() -> int:
     print(f"\nexact dedup: removed {len(exact)} documents for {len(copies)} planted copies: precision "
           f"{precision:.3f}, recall {recall:.3f} (target 1, 1); {len(docs) / exact_s:,.0f} documents/s in one process")
 
+    removed_by: dict[float | None, set[int]] = {}
     for check in CHECKS:
         load = OtherLoad().start()
         removed, one_s = fuzzy_removed(docs, 1, check)
@@ -230,6 +270,26 @@ def main() -> int:
               f"in 2 processes (2 cores; other processes kept {others} cores busy meanwhile)")
         clean = report_fuzzy(truth, removed)
         ok &= clean or check is None  # the bare LSH curve itself merges ~5% of pairs at 0.5
+        removed_by[check] = removed
+
+    try:
+        import datatrove.pipeline.dedup.minhash  # noqa: F401 (sets up its loguru handlers)
+        from loguru import logger
+    except ImportError:
+        print("\ndatatrove is not installed: no side-by-side run (see the module docstring)")
+        return 0 if ok else 1
+    logger.remove()  # datatrove logs every stage through loguru
+    os.environ["TQDM_DISABLE"] = "1"  # and draws progress bars
+    theirs, their_s = datatrove_removed(docs)
+    ours = removed_by[None]
+    print(f"\ndatatrove {version('datatrove')} MinHash dedup, the same 14 x 8 and 5-word shingles, one process: "
+          f"removed {len(theirs)}; {len(docs) / their_s:,.0f} documents/s (ours, no check: {len(ours)} removed)")
+    report_fuzzy(truth, theirs)
+    similar = [p for p, j in truth.items() if j >= 0.2]
+    for name, one, other in (("ours", ours, theirs), ("datatrove", theirs, ours)):
+        alone = sorted(truth[p] for p in similar if (p[0] in one or p[1] in one) and not (p[0] in other or p[1] in other))
+        print(f"planted pairs merged by {name} only: {len(alone)}, {sum(j < 0.85 for j in alone)} of them at Jaccard "
+              f"< 0.85 (on the slope of the LSH curve); at >= 0.85: {[round(j, 3) for j in alone if j >= 0.85]}")
     return 0 if ok else 1
 
 

@@ -4,20 +4,36 @@ import random
 
 import pytest
 
-from llmexp.plugins.curate.rules.language import LanguageSettings, identify, kept_language, language_problems
+from llmexp.plugins.curate.rules.language import (
+    LanguageSettings,
+    identify,
+    kept_language,
+    language_problems,
+)
 from llmexp.plugins.curate.rules.minhash import (
     FuzzySettings,
     band_keys,
     connected_components_survivors,
     duplicate_pairs,
+    estimated_jaccard,
     fuzzy_problems,
     lsh_probability,
     shingles,
     signature,
 )
-from llmexp.plugins.curate.rules.normalisation import Normalisation, exact_key, normalisation_problems, normalise
+from llmexp.plugins.curate.rules.normalisation import (
+    Normalisation,
+    exact_key,
+    normalisation_problems,
+    normalise,
+)
 from llmexp.plugins.curate.rules.pii import PiiSettings, pii_problems, redact
-from llmexp.plugins.curate.rules.quality import QualitySettings, quality_failures, quality_problems, quality_rule_names
+from llmexp.plugins.curate.rules.quality import (
+    QualitySettings,
+    quality_failures,
+    quality_problems,
+    quality_rule_names,
+)
 
 PROSE = (
     "The river runs through the old town and past the mill that was built by the first settlers. "
@@ -79,7 +95,7 @@ def test_minhash_estimates_true_jaccard():
         base = [rng.choice(vocab) for _ in range(300)]
         a, b = " ".join(base), " ".join(_edited(base, edits, rng))
         true = _jaccard(shingles(a, s), shingles(b, s))
-        estimate = float((signature(a, s) == signature(b, s)).mean())
+        estimate = estimated_jaccard(signature(a, s), signature(b, s))
         errors.append(abs(estimate - true))
         if edits == 0:
             assert estimate == true == 1.0
@@ -164,6 +180,12 @@ def test_each_quality_rule_fires_on_its_crafted_text(rule):
     failures = quality_failures(CRAFTED[rule], QualitySettings())
     assert rule in failures, failures
     assert rule not in quality_failures(CRAFTED[rule], QualitySettings(disabled=[rule]))
+
+
+def test_hashes_and_ellipses_are_counted_apart():
+    some_of_each = PROSE + " #a #b #c #d #e #f #g #h" + " so on..." * 8  # 129 words: 0.06 each, 0.12 together
+    assert "gopher_symbol_word_ratio" not in quality_failures(some_of_each, QualitySettings())
+    assert "gopher_symbol_word_ratio" in quality_failures(some_of_each, QualitySettings(max_symbol_word_ratio=0.05))
 
 
 def test_c4_line_rules_decide_the_sentence_count():

@@ -14,7 +14,6 @@ import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-from typing import Optional
 
 import numpy as np
 import xxhash
@@ -37,7 +36,7 @@ class FuzzySettings:
     bands: int = 14
     rows: int = 8
     shingle: str = "word"  # "word" or "char" n-grams
-    ngram: Optional[int] = None  # shingle size; None: 5 words or 24 characters
+    ngram: int | None = None  # shingle size; None: 5 words or 24 characters
     seed: int = 1
     threshold: float = 0.8  # reported only: bands and rows decide what is found
 

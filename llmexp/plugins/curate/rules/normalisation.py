@@ -30,8 +30,10 @@ def normalisation_problems(how: Normalisation, field_prefix: str) -> list[str]:
     """One paragraph per bad setting, naming the field, the value and the fix."""
     if how.unicode_form not in UNICODE_FORMS:
         return [
-            f"{field_prefix}.unicode_form={how.unicode_form!r} is not a Unicode normal form: "
-            f"use one of {', '.join(UNICODE_FORMS)}."
+            (
+                f"{field_prefix}.unicode_form={how.unicode_form!r} is not a Unicode normal form: "
+                f"use one of {', '.join(UNICODE_FORMS)}."
+            )
         ]
     return []
 

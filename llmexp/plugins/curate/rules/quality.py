@@ -24,7 +24,7 @@ _LINE_BREAKS = re.compile(r"\n+")
 _PARAGRAPH_BREAKS = re.compile(r"\n{2,}")
 _SENTENCE_END = re.compile(r"[.!?]+(?=[\s\"')\]]|$)")
 _TERMINAL_PUNCTUATION = (".", "?", "!", '"', "'", "”", "’")
-_BULLETS = ("•", "-", "*", "●", "○", "▪", "‣", "–")
+_BULLETS = ("•", "-", "*", "●", "○", "▪", "‣", "–")  # datatrove checks the first two
 _ELLIPSES = ("...", "…")
 
 
@@ -37,7 +37,7 @@ class QualitySettings:
     max_words: int = 100_000
     min_mean_word_length: float = 3.0
     max_mean_word_length: float = 10.0
-    max_symbol_word_ratio: float = 0.1  # "#" and ellipses per word
+    max_symbol_word_ratio: float = 0.1  # "#" per word, and ellipses per word
     max_bullet_lines: float = 0.9  # fraction of lines starting with a bullet
     max_ellipsis_lines: float = 0.3  # fraction of lines ending in an ellipsis
     min_alpha_words: float = 0.8  # fraction of words with at least one letter
@@ -182,7 +182,7 @@ def quality_failures(text: str, s: QualitySettings) -> list[str]:
     checks = {
         "gopher_word_count": lambda: not s.min_words <= len(words) <= s.max_words,
         "gopher_mean_word_length": lambda: not s.min_mean_word_length <= mean_word_length <= s.max_mean_word_length,
-        "gopher_symbol_word_ratio": lambda: (text.count("#") + sum(text.count(e) for e in _ELLIPSES)) / n_words
+        "gopher_symbol_word_ratio": lambda: max(text.count("#"), sum(text.count(e) for e in _ELLIPSES)) / n_words
         > s.max_symbol_word_ratio,
         "gopher_bullet_lines": lambda: sum(line.lstrip().startswith(_BULLETS) for line in lines) / len(lines)
         > s.max_bullet_lines,
