@@ -14,12 +14,15 @@ import functools
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
-
-import numpy as np
-import xxhash
-from datasketch import MinHash
+from typing import TYPE_CHECKING
 
 from .normalisation import Normalisation, normalise
+
+if TYPE_CHECKING:
+    import numpy as np
+
+# numpy, xxhash and datasketch are imported where used: the settings and checks here are read
+# when the plugin loads, which must stay light.
 
 SHINGLES = ("word", "char")
 DEFAULT_NGRAM = {"word": 5, "char": 24}
@@ -83,6 +86,8 @@ def shingles(text: str, s: FuzzySettings) -> set[bytes]:
 
 @functools.lru_cache(maxsize=8)
 def _permutations(num_perm: int, seed: int) -> np.ndarray:
+    from datasketch import MinHash
+
     # Drawing the permutations costs more than sketching a short document: draw them once.
     return MinHash(num_perm=num_perm, seed=seed, scheme="affine32").permutations
 
@@ -90,6 +95,10 @@ def _permutations(num_perm: int, seed: int) -> np.ndarray:
 def signature(text: str, s: FuzzySettings) -> np.ndarray:
     """The document's MinHash: `num_perm` minima (uint64), equal positions agreeing with
     probability equal to the Jaccard similarity of the two shingle sets."""
+    import numpy as np
+    import xxhash
+    from datasketch import MinHash
+
     sketch = MinHash(
         num_perm=s.num_perm,
         seed=s.seed,
@@ -104,7 +113,7 @@ def signature(text: str, s: FuzzySettings) -> np.ndarray:
 def estimated_jaccard(a: np.ndarray, b: np.ndarray) -> float:
     """The Jaccard similarity two signatures estimate (standard error sqrt(J(1-J)/num_perm)):
     checking candidate pairs against a threshold removes the LSH curve's tail of dissimilar pairs."""
-    return float(np.mean(a == b))
+    return float((a == b).mean())
 
 
 def band_keys(sig: np.ndarray, s: FuzzySettings) -> list[bytes]:
