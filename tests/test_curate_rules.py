@@ -244,6 +244,7 @@ def test_each_pii_kind_is_redacted_and_counted(text, redacted, kind):
         "Account GB00 WEST 1234 5698 7654 32 is malformed.",  # mod-97-invalid
         "Version 1.2.300.4 and 999.1.1.1 are not addresses.",
         "The meeting is at 12:30:45 on 2024-01-15, room 101, in 1999.",
+        "In Haskell, f :: Int -> Int and the MAC is 00:1A:2B:3C:4D:5E.",
     ],
 )
 def test_invalid_numbers_are_left_alone(text):
@@ -269,6 +270,7 @@ def test_english_kept_german_and_french_detected():
     assert identify(german)[0] == "de" and identify(french)[0] == "fr"
     assert not kept_language(german, s) and not kept_language(french, s)
     assert kept_language(german, LanguageSettings(keep=["en", "de"]))
+    assert identify(german.replace(", ", ",\n"))[0] == "de"
     assert not kept_language(PROSE, LanguageSettings(min_score=1.01))
 
 

@@ -36,7 +36,7 @@ def known_languages() -> frozenset[str]:
 
 def identify(text: str) -> tuple[str, float]:
     """The most likely language code and its probability."""
-    best = _detector().detect(text.replace("\n", " "), k=1)[0]
+    best = _detector().detect(text, k=1)[0]  # it joins lines itself: fastText reads one line
     return best["lang"], best["score"]
 
 

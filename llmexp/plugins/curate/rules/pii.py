@@ -37,6 +37,8 @@ def _iban_valid(candidate: str) -> bool:
 
 
 def _ip_valid(candidate: str) -> bool:
+    if sum(c.isalnum() for c in candidate) < 2:  # "::" and "::1" hold nothing personal ("f :: Int")
+        return False
     try:
         ipaddress.ip_address(candidate)
     except ValueError:
