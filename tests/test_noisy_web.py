@@ -199,3 +199,12 @@ def test_calibration_reads_the_crawl_as_raw_text(cache):
     blocks = calibration_blocks(config, tokenizer, 32, "technique.calibration_size")
     assert tuple(blocks.shape) == (32, config.data.seq_len)
     assert (blocks == tokenizer.unk_token_id).any()  # spam, foreign words and PII are outside the vocabulary
+
+
+def test_an_unwritable_cache_is_one_clear_error(tmp_path):
+    blocked = tmp_path / "file"
+    blocked.write_text("not a folder")
+    result = run_llmexp("technique=pretrain", "data=noisy_web", "data.documents=60", "technique.max_steps=1",
+                        "hydra.run.dir=run", cwd=tmp_path, env={"LLMEXP_CACHE_DIR": str(blocked)})
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert "Set LLMEXP_CACHE_DIR to a writable folder." in " ".join(result.stderr.split())

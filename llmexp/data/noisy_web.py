@@ -29,6 +29,7 @@ from typing import Dict, Iterable, List, Sequence, Tuple
 from omegaconf import OmegaConf
 
 from llmexp.data.embedded import VALUES, EmbeddedWorld, build_world
+from llmexp.errors import UserError
 
 CACHE_ENV = "LLMEXP_CACHE_DIR"
 FORMAT = 1  # bump when the generator's output changes, so older cached crawls are not reused
@@ -206,7 +207,7 @@ def near_duplicate(rng: random.Random, text: str, target: float, n: int) -> Tupl
 
 def settings(data) -> Dict:
     """The settings that decide the crawl (fingerprinted): the data config less how it is read."""
-    container = OmegaConf.to_container(data, resolve=True) if OmegaConf.is_config(data) else dict(data)
+    container = OmegaConf.to_container(data, resolve=True)
     return {key: value for key, value in sorted(container.items()) if key not in _NOT_GENERATING}
 
 
@@ -313,18 +314,23 @@ def materialise(data) -> Path:
     if target.is_dir():
         return target
     records, manifest = generate(data)
-    target.parent.mkdir(parents=True, exist_ok=True)
     building = target.parent / f".{target.name}.{os.getpid()}.tmp"
-    shutil.rmtree(building, ignore_errors=True)
-    (building / SHARDS).mkdir(parents=True)
-    size = -(-len(records) // data.shards)
-    for shard in range(data.shards):
-        _write_jsonl(building / SHARDS / f"part-{shard:05d}.jsonl", records[shard * size:(shard + 1) * size])
-    _write_jsonl(building / MANIFEST, manifest)
     try:
+        shutil.rmtree(building, ignore_errors=True)
+        (building / SHARDS).mkdir(parents=True)
+        size = -(-len(records) // data.shards)
+        for shard in range(data.shards):
+            _write_jsonl(building / SHARDS / f"part-{shard:05d}.jsonl", records[shard * size:(shard + 1) * size])
+        _write_jsonl(building / MANIFEST, manifest)
         building.rename(target)
-    except OSError:  # another process finished the same crawl first; theirs is identical
-        shutil.rmtree(building)
+    except BaseException as error:
+        shutil.rmtree(building, ignore_errors=True)
+        if isinstance(error, OSError) and target.is_dir():  # another process finished the same crawl first
+            return target
+        if isinstance(error, OSError):
+            raise UserError(f"data=noisy_web could not write its crawl to {target}: {error}. Set {CACHE_ENV} to a "
+                            "writable folder.") from None
+        raise
     return target
 
 
