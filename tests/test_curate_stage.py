@@ -52,9 +52,9 @@ def polluted_corpus(folder: Path, clean: int = 40, seed: int = 0) -> dict:
     return {r["id"]: r for r in records}
 
 
-def curate(cwd: Path, run_dir: Path, *overrides: str) -> subprocess.CompletedProcess:
+def curate(cwd: Path, run_dir: Path, *overrides: str, env: dict | None = None) -> subprocess.CompletedProcess:
     return run_llmexp("technique=curate", "data=text", "data.paths=[corpus/]", "technique.shard_records=10",
-                      f"hydra.run.dir={run_dir}", *overrides, cwd=cwd, timeout=300)
+                      f"hydra.run.dir={run_dir}", *overrides, cwd=cwd, env=env, timeout=300)
 
 
 def kept(run_dir: Path) -> list:
@@ -214,3 +214,13 @@ def test_the_slurm_workers_job_script_follows_the_cluster_profile(tmp_path):
     assert "#SBATCH --cpus-per-task=3" in script and "#SBATCH -t 04:00:00" in script
     assert "module load cuda/12.8" in script and sys.executable in script
     assert "gres" not in script  # curation computes on CPUs
+
+
+def test_dask_workers_started_as_slurm_jobs_curate_as_the_local_engine_does(slurm_cluster, corpus, local_run):
+    cwd, _ = corpus
+    finished = curate(cwd, cwd / "slurm", "technique.engine=dask", "technique.dask.slurm=true", "cluster=localhost",
+                      "hardware=cpu", "technique.dask.worker_memory=1GB", env=slurm_cluster)
+    assert finished.returncode == 0, finished.stderr[-3000:]
+    assert outputs(cwd / "slurm") == outputs(local_run)
+    worker_logs = list((cwd / "slurm" / "curate" / "dask-logs").glob("*.err"))
+    assert len(worker_logs) == 2  # one Slurm job per worker
