@@ -66,6 +66,11 @@ def outputs(run_dir: Path) -> dict:
     return {p.name: p.read_bytes() for p in sorted((run_dir / "curate" / "curated").iterdir())}
 
 
+def decisions(run_dir: Path) -> dict:
+    """Each removed duplicate's index and rule, as the dedup pass saved them."""
+    return {p.name: p.read_bytes() for p in sorted((run_dir / "curate" / "work").glob("duplicates-*.json"))}
+
+
 @pytest.fixture(scope="module")
 def corpus(tmp_path_factory):
     cwd = tmp_path_factory.mktemp("curate")
@@ -130,6 +135,7 @@ def test_the_dask_engine_writes_the_same_bytes_with_near_duplicates_in_other_par
     finished = curate(cwd, cwd / "dask", "technique.engine=dask")
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert outputs(cwd / "dask") == outputs(local_run)
+    assert decisions(cwd / "dask") == decisions(local_run)
     local = json.loads((local_run / "curate" / "report.json").read_text())["metrics"]
     remote = json.loads((cwd / "dask" / "curate" / "report.json").read_text())["metrics"]
     assert {k: v for k, v in remote.items() if k != "docs_per_s"} == {k: v for k, v in local.items() if k != "docs_per_s"}

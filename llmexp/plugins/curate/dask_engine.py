@@ -2,11 +2,11 @@
 
 Each shard is a task that reads its records from the corpus files itself and saves its facts or its
 output part (the stage directory and the corpus must be on a filesystem every worker sees, as on a
-cluster's shared home). Deduplication makes a bag with one partition per shard's facts and groups it
-by exact key, then by LSH band key, with a task-based shuffle: every document sharing a key meets in
-one partition whichever shard it came from, so near-duplicates in different shards are found. The
-bucket-to-pair step runs on the workers; the connected components of the pairs (far fewer than the
-documents) are formed here, as datatrove's last MinHash stage does.
+cluster's shared home). Deduplication groups the documents by exact key, then by LSH band key, with a
+hash shuffle across partitions (``shuffled``): every document sharing a key meets in one reducer
+whichever shard it came from, so near-duplicates in different shards are found. The bucket-to-pair
+step runs in the reducers; the connected components of the pairs (far fewer than the documents) are
+formed here, as datatrove's last MinHash stage does.
 
 The cluster is a ``LocalCluster`` of ``dask.workers`` processes by default, an existing scheduler at
 ``dask.address``, or with ``dask.slurm`` Slurm jobs from the run's cluster profile (``slurm_job``).
@@ -14,9 +14,10 @@ The cluster is a ``LocalCluster`` of ``dask.workers`` processes by default, an e
 
 from __future__ import annotations
 
+import operator
 import sys
 from pathlib import Path
-from typing import Any, Callable, Dict, Iterator, Sequence
+from typing import Any, Callable, Dict, Iterator, List, Sequence
 
 from llmexp.plugins.curate.corpus import Shard
 from llmexp.plugins.curate.decisions import bucket_pairs, exact_duplicates, fuzzy_duplicates, removals
@@ -78,14 +79,24 @@ class DaskEngine:
 
     def duplicates(self, shards: Sequence[Shard], folder: Path) -> Dict[int, str]:
         """Exact then fuzzy duplicates among the documents the filters kept (``decisions``)."""
-        import dask.bag
+        exact = set(self.shuffled(shards, folder, exact_duplicates, exact_rows))
+        [removed] = self.client.scatter([exact], broadcast=True)  # the set as one object on every worker
+        return removals(exact, fuzzy_duplicates(self.shuffled(shards, folder, bucket_pairs, band_rows, removed)))
 
-        documents = dask.bag.from_sequence(shards, npartitions=len(shards)).map(read_facts, folder)
-        exact = set(_grouped(documents.map(exact_rows).flatten()).map(exact_duplicates).flatten().compute(
-            scheduler=self.client))
-        buckets = _grouped(documents.map(band_rows, exact).flatten())
-        pairs = buckets.map(bucket_pairs).flatten().compute(scheduler=self.client)
-        return removals(exact, fuzzy_duplicates(pairs))
+    def shuffled(self, shards: Sequence[Shard], folder: Path, decide: Callable, rows_of: Callable, *args) -> list:
+        """``decide(group)`` for each group of two or more documents sharing a key, concatenated.
+
+        Each shard's task groups its rows (``rows_of(facts, *args)``) by key and splits the groups into one
+        piece per reducer by key modulo their number; reducer ``j`` merges piece ``j`` of every shard. By hand
+        rather than ``dask.bag``'s groupby, which moves and tokenizes row by row: 3.0 s against 1.0 s for the
+        100k band keys of 8000 documents on 2 workers.
+        """
+        submit = self.client.submit
+        reducers = len(shards)
+        pieces = [submit(keyed_pieces, shard, folder, reducers, rows_of, *args, pure=False) for shard in shards]
+        decided = [submit(merged_groups, decide, *[submit(operator.getitem, piece, j) for piece in pieces])
+                   for j in range(reducers)]
+        return [item for part in self.client.gather(decided) for item in part]
 
     def close(self) -> None:
         self.client.close()
@@ -93,19 +104,18 @@ class DaskEngine:
             self.cluster.close()
 
 
-def _grouped(rows):
-    """The indices of each group of ``(key, index)`` rows with more than one member, shuffled by key."""
-    groups = rows.groupby(_key, shuffle="tasks").map(_indices)
-    return groups.filter(_several)
+def keyed_pieces(shard: Shard, folder: Path, reducers: int, rows_of: Callable, *args) -> List[Dict[int, List[int]]]:
+    """The shard's ``(key, index)`` rows grouped by key, in one piece per reducer (key modulo ``reducers``)."""
+    pieces: List[Dict[int, List[int]]] = [{} for _ in range(reducers)]
+    for key, index in rows_of(read_facts(shard, folder), *args):
+        pieces[key % reducers].setdefault(key, []).append(index)
+    return pieces
 
 
-def _key(row):
-    return row[0]
-
-
-def _indices(group):
-    return [index for _, index in group[1]]
-
-
-def _several(indices) -> bool:
-    return len(indices) > 1
+def merged_groups(decide: Callable, *pieces: Dict[int, List[int]]) -> list:
+    """``decide(group)`` for each key's indices from all ``pieces`` that has two or more, concatenated."""
+    groups: Dict[int, List[int]] = {}
+    for piece in pieces:
+        for key, indices in piece.items():
+            groups.setdefault(key, []).extend(indices)
+    return [item for group in groups.values() if len(group) > 1 for item in decide(group)]

@@ -42,6 +42,12 @@ def redacted(text: str, settings) -> Tuple[str, Counter]:
     return redact(text, settings.pii) if settings.pii.enabled else (text, Counter())
 
 
+def as_int(key: bytes) -> int:
+    """A key as an int (its bytes big-endian): JSON holds it as it is, and ints hash alike in every process, so
+    a shuffle sends a key to the same partition whichever worker has it."""
+    return int.from_bytes(key, "big")
+
+
 def document_facts(index: int, text: str, settings) -> Dict[str, Any]:
     """Everything pass 1 learns about one document (see the module docstring)."""
     from llmexp.plugins.curate.rules.minhash import band_keys, signature
@@ -53,12 +59,10 @@ def document_facts(index: int, text: str, settings) -> Dict[str, Any]:
         clean, pii = redacted(text, settings)
         facts.update(pii=dict(pii), tokens_out=tokens(clean))
         if settings.exact_dedup.enabled:
-            facts["exact"] = exact_key(clean, settings.normalisation).hex()
+            facts["exact"] = as_int(exact_key(clean, settings.normalisation))
         if settings.fuzzy_dedup.enabled:
-            # an int per band (its bytes read big-endian): ints hash alike in every process, so a shuffle
-            # sends a band key to one partition whichever worker emits it
-            facts["bands"] = [int.from_bytes(key, "big") for key in band_keys(signature(clean, settings.fuzzy_dedup),
-                                                                              settings.fuzzy_dedup)]
+            sketch = signature(clean, settings.fuzzy_dedup)
+            facts["bands"] = [as_int(key) for key in band_keys(sketch, settings.fuzzy_dedup)]
     return facts
 
 
@@ -80,14 +84,15 @@ def read_facts(shard: Shard, folder: Path) -> List[Dict[str, Any]]:
     return json.loads(facts_path(folder, shard).read_text(encoding="utf-8"))["documents"]
 
 
-def exact_rows(documents: List[Dict[str, Any]]) -> Iterator[Tuple[str, int]]:
+def exact_rows(documents: List[Dict[str, Any]]) -> Iterator[Tuple[int, int]]:
     """``(exact key, index)`` of each document the filters kept."""
     return ((d["exact"], d["index"]) for d in documents if d["removed"] is None and "exact" in d)
 
 
-def band_rows(documents: List[Dict[str, Any]], removed: Container[int]) -> Iterator[Tuple[Tuple[int, int], int]]:
-    """``((band, band key), index)`` of each document kept by the filters and by exact dedup."""
+def band_rows(documents: List[Dict[str, Any]], removed: Container[int]) -> Iterator[Tuple[int, int]]:
+    """``(band key, index)`` of each document kept by the filters and by exact dedup (a band's index is part of
+    its keys: ``rules.minhash.band_keys``)."""
     for d in documents:
         if d["removed"] is None and d["index"] not in removed:
-            yield from (((band, key), d["index"]) for band, key in enumerate(d.get("bands", ())))
+            yield from ((key, d["index"]) for key in d.get("bands", ()))
 

@@ -18,12 +18,12 @@ class LocalEngine:
 
     def duplicates(self, shards: Sequence[Shard], folder: Path) -> Dict[int, str]:
         """Exact then fuzzy duplicates among the documents the filters kept (``decisions``)."""
-        groups: Dict[str, List[int]] = defaultdict(list)
+        groups: Dict[int, List[int]] = defaultdict(list)
         for shard in shards:
             for key, index in exact_rows(read_facts(shard, folder)):
                 groups[key].append(index)
         exact = {index for group in groups.values() if len(group) > 1 for index in exact_duplicates(group)}
-        buckets: Dict[tuple, List[int]] = defaultdict(list)
+        buckets: Dict[int, List[int]] = defaultdict(list)
         for shard in shards:
             for key, index in band_rows(read_facts(shard, folder), exact):
                 buckets[key].append(index)
