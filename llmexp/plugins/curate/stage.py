@@ -88,9 +88,9 @@ def run_pass(progress: Progress, engine, description: str, shards: Sequence[Shar
 def curate(ctx: StageContext) -> StageResult:
     node, stage_dir = ctx.stage_config, ctx.stage_dir.resolve()  # absolute: workers run elsewhere
     paths, text_field = corpus_source(ctx.config.data)
+    shards = plan_shards(paths, text_field, node.shard_records)  # reads every record: a bad one stops it here
     work, out = fresh_work(stage_dir, fingerprint(paths, text_field, node)), stage_dir / CURATED
     settings = OmegaConf.to_object(node)
-    shards = plan_shards(paths, text_field, node.shard_records)
     started = time.perf_counter()
     engine = engine_for(ctx.config, node, stage_dir)
     try:
