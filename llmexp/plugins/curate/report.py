@@ -36,10 +36,10 @@ def curation_report(shards: Sequence[Shard], facts: Path, duplicates: Dict[int, 
                 numbers["records_out"] += 1
                 numbers["tokens_out"] += document["tokens_out"]
                 pii.update(document["pii"])
-    metrics = {"records_in": numbers["records_in"], "tokens_in": numbers["tokens_in"],
-               **{f"removed_{rule}": count for rule, count in removed.items()},
-               "removed_quality": sum(quality.values()),
+    metrics = {"records_in": numbers["records_in"], "tokens_in": numbers["tokens_in"],  # in the rules' order
+               f"removed_{LANGUAGE}": removed[LANGUAGE], "removed_quality": sum(quality.values()),
                **{f"removed_{rule}": count for rule, count in sorted(quality.items())},
+               f"removed_{EXACT}": removed[EXACT], f"removed_{FUZZY}": removed[FUZZY],
                **{f"pii_{kind}": count for kind, count in sorted(pii.items())},
                "records_out": numbers["records_out"], "tokens_out": numbers["tokens_out"]}
     return {"metrics": metrics, "quality_hits": dict(sorted(hits.items()))}
