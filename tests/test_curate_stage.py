@@ -246,3 +246,32 @@ def test_a_record_without_its_text_field_stops_the_run_naming_the_line_before_an
     assert refused.returncode == 2
     assert "a.jsonl:2: no text in a \"content\" field (fields on that line: ['body', 'id'])" in refused.stderr
     assert list((tmp_path / "run" / "curate").iterdir()) == []
+
+
+def band_sharing_pair(rng: random.Random, below: float = 0.6):
+    """Two documents whose signatures share an LSH band (candidates) yet estimate a Jaccard below ``below``."""
+    from llmexp.plugins.curate.rules.minhash import FuzzySettings, band_keys, estimated_jaccard, signature
+
+    settings = FuzzySettings()
+    while True:
+        words = document(rng, sentences=12).split()
+        other = list(words)
+        for position in rng.sample(range(len(words)), len(words) // 5):
+            other[position] = rng.choice(WORDS)
+        a, b = signature(" ".join(words), settings), signature(" ".join(other), settings)
+        if set(band_keys(a, settings)) & set(band_keys(b, settings)) and estimated_jaccard(a, b) < below:
+            return " ".join(words), " ".join(other)
+
+
+def test_candidate_pairs_are_checked_on_their_signatures_so_dissimilar_documents_both_stay(tmp_path):
+    first, second = band_sharing_pair(random.Random(7))
+    (tmp_path / "corpus").mkdir()
+    (tmp_path / "corpus" / "pair.jsonl").write_text(
+        "".join(json.dumps({"id": n, "text": text}) + "\n" for n, text in enumerate((first, second))))
+    checked = curate(tmp_path, tmp_path / "checked", "technique.quality.enabled=false")
+    assert checked.returncode == 0, checked.stderr[-3000:]
+    assert [record["id"] for record in kept(tmp_path / "checked")] == [0, 1]
+    unchecked = curate(tmp_path, tmp_path / "unchecked", "technique.quality.enabled=false",
+                       "technique.fuzzy_dedup.threshold=0.01")  # any pair LSH proposes is merged
+    assert unchecked.returncode == 0, unchecked.stderr[-3000:]
+    assert [record["id"] for record in kept(tmp_path / "unchecked")] == [0]

@@ -20,7 +20,7 @@ from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Sequence
 
 from llmexp.plugins.curate.corpus import Shard
-from llmexp.plugins.curate.decisions import bucket_pairs, exact_duplicates, fuzzy_duplicates, removals
+from llmexp.plugins.curate.decisions import bucket_pairs, exact_duplicates, fuzzy_duplicates, removals, similar_pairs
 from llmexp.plugins.curate.facts import band_rows, exact_rows, read_facts
 
 WORKERS_TIMEOUT_S = 300  # how long Slurm jobs may wait in the queue before the stage gives up
@@ -77,11 +77,12 @@ class DaskEngine:
         futures = [self.client.submit(function, shard, *args, pure=False) for shard in shards]
         return (future.result() for future in as_completed(futures))
 
-    def duplicates(self, shards: Sequence[Shard], folder: Path) -> Dict[int, str]:
+    def duplicates(self, shards: Sequence[Shard], folder: Path, threshold: float) -> Dict[int, str]:
         """Exact then fuzzy duplicates among the documents the filters kept (``decisions``)."""
         exact = set(self.shuffled(shards, folder, exact_duplicates, exact_rows))
         [removed] = self.client.scatter([exact], broadcast=True)  # the set as one object on every worker
-        return removals(exact, fuzzy_duplicates(self.shuffled(shards, folder, bucket_pairs, band_rows, removed)))
+        pairs = self.shuffled(shards, folder, bucket_pairs, band_rows, removed)
+        return removals(exact, fuzzy_duplicates(similar_pairs(pairs, shards, folder, threshold)))
 
     def shuffled(self, shards: Sequence[Shard], folder: Path, decide: Callable, rows_of: Callable, *args) -> list:
         """``decide(group)`` for each group of two or more documents sharing a key, concatenated.

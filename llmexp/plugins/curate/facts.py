@@ -2,7 +2,7 @@
 
 A shard's facts are, per document, the filter that removed it (language, or the first failing quality
 rule), every quality rule it failed, the PII it held, its token counts, and the keys deduplication
-groups by (exact key, LSH band keys) — never its text. They are written atomically, one JSON file per
+groups by (exact key, LSH band keys, the MinHash signature its candidate pairs are checked on) — never its text. They are written atomically, one JSON file per
 shard, so a rerun skips a shard whose file exists and the dedup decisions are made from the files alone.
 """
 
@@ -63,6 +63,7 @@ def document_facts(index: int, text: str, settings) -> Dict[str, Any]:
         if settings.fuzzy_dedup.enabled:
             sketch = signature(clean, settings.fuzzy_dedup)
             facts["bands"] = [as_int(key) for key in band_keys(sketch, settings.fuzzy_dedup)]
+            facts["signature"] = sketch.tolist()  # candidate pairs are checked on it (``decisions.similar_pairs``)
     return facts
 
 

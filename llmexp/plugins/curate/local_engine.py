@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Callable, Dict, Iterator, List, Sequence
 
 from llmexp.plugins.curate.corpus import Shard
-from llmexp.plugins.curate.decisions import bucket_pairs, exact_duplicates, fuzzy_duplicates, removals
+from llmexp.plugins.curate.decisions import bucket_pairs, exact_duplicates, fuzzy_duplicates, removals, similar_pairs
 from llmexp.plugins.curate.facts import band_rows, exact_rows, read_facts
 
 
@@ -16,7 +16,7 @@ class LocalEngine:
         """``function(shard, *args)`` for each shard, its results as they come."""
         return (function(shard, *args) for shard in shards)
 
-    def duplicates(self, shards: Sequence[Shard], folder: Path) -> Dict[int, str]:
+    def duplicates(self, shards: Sequence[Shard], folder: Path, threshold: float) -> Dict[int, str]:
         """Exact then fuzzy duplicates among the documents the filters kept (``decisions``)."""
         groups: Dict[int, List[int]] = defaultdict(list)
         for shard in shards:
@@ -28,7 +28,7 @@ class LocalEngine:
             for key, index in band_rows(read_facts(shard, folder), exact):
                 buckets[key].append(index)
         pairs = (pair for bucket in buckets.values() if len(bucket) > 1 for pair in bucket_pairs(bucket))
-        return removals(exact, fuzzy_duplicates(pairs))
+        return removals(exact, fuzzy_duplicates(similar_pairs(pairs, shards, folder, threshold)))
 
     def close(self) -> None:
         pass

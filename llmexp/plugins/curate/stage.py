@@ -98,7 +98,7 @@ def curate(ctx: StageContext) -> StageResult:
             judged = run_pass(progress, engine, "rules", shards, lambda shard: facts_path(work, shard).exists(),
                               shard_facts, text_field, settings, work)
             if not (work / DECIDED).exists():
-                save_decisions(shards, engine.duplicates(shards, work), work)
+                save_decisions(shards, engine.duplicates(shards, work, node.fuzzy_dedup.threshold), work)
             written = run_pass(progress, engine, "write", shards, lambda shard: (out / shard.output_name).exists(),
                                write_part, text_field, settings, work, out)
     finally:

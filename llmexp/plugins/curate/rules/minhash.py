@@ -41,7 +41,7 @@ class FuzzySettings:
     shingle: str = "word"  # "word" or "char" n-grams
     ngram: int | None = None  # shingle size; None: 5 words or 24 characters
     seed: int = 1
-    threshold: float = 0.8  # reported only: bands and rows decide what is found
+    threshold: float = 0.8  # candidate pairs (documents sharing a band) are kept when their signatures estimate this
 
 
 def fuzzy_problems(s: FuzzySettings, field_prefix: str) -> list[str]:
