@@ -2,11 +2,23 @@
 ground-truth curation (each clean page once, PII redacted; near-duplicates, spam and foreign pages dropped, as the
 crawl's manifest says), the same steps, scored on the world's clean test sets.
 
-    OMP_NUM_THREADS=1 python benchmarks/bench_noisy_web.py                   # 300 steps each
+    OMP_NUM_THREADS=1 python benchmarks/bench_noisy_web.py                   # 600 steps each
     OMP_NUM_THREADS=1 python benchmarks/bench_noisy_web.py 200 data.spam_pages=0.3
 
 Prints the corpus of each side (records, tokens, share of unknown tokens) and the evaluation's held-out
 perplexity, cloze and free-answer accuracy; a curation stage should land between the two rows.
+
+Measured 2026-12-07 on 2 CPU cores (OMP_NUM_THREADS=1), the default crawl (seed 0: 2700 records, 352k tokens,
+14.6% unknown; its ground-truth curation 1000 records, 146k tokens, 0.4% unknown), tiny_llama, pretrain:
+
+    steps  train seed  raw crawl ppl  curated ppl   raw cloze  curated cloze
+    300    0           3.82           2.50          0.29       0.39
+    300    1           3.82           2.47          0.35       0.64
+    300    2           4.00           2.58          0.23       0.33
+    600    0           2.87           1.91          0.34       0.35
+
+Held-out perplexity separates the two by a third at every seed; cloze accuracy (150 facts) swings between seeds
+while the facts are being learned, so compare it over several training seeds.
 """
 
 from __future__ import annotations
@@ -65,5 +77,5 @@ def main(steps: int, overrides) -> None:
 
 if __name__ == "__main__":
     arguments = sys.argv[1:]
-    main(int(arguments[0]) if arguments and arguments[0].isdigit() else 300,
+    main(int(arguments[0]) if arguments and arguments[0].isdigit() else 600,
          [a for a in arguments if not a.isdigit()])
