@@ -8,17 +8,23 @@ crawl's manifest says), the same steps, scored on the world's clean test sets.
 Prints the corpus of each side (records, tokens, share of unknown tokens) and the evaluation's held-out
 perplexity, cloze and free-answer accuracy; a curation stage should land between the two rows.
 
-Measured 2026-12-07 on 2 CPU cores (OMP_NUM_THREADS=1), the default crawl (seed 0: 2700 records, 352k tokens,
-14.6% unknown; its ground-truth curation 1000 records, 146k tokens, 0.4% unknown), tiny_llama, pretrain:
+Measured 2026-12-07 on 2 CPU cores (OMP_NUM_THREADS=1), tiny_llama, pretrain, perplexity and cloze on the world's
+clean test sets. data.documents=6000: a crawl of 2700 records, 352k tokens, 14.6% unknown; its ground-truth
+curation 1000 records, 146k tokens, 0.4% unknown. data.documents=20000 (the default): 9008 records, 1.15M tokens,
+15.3% unknown; curated 3334 records, 487k tokens, 0.4% unknown.
 
-    steps  train seed  raw crawl ppl  curated ppl   raw cloze  curated cloze
-    300    0           3.82           2.50          0.29       0.39
-    300    1           3.82           2.47          0.35       0.64
-    300    2           4.00           2.58          0.23       0.33
-    600    0           2.87           1.91          0.34       0.35
+    documents  steps  train seed  raw ppl  curated ppl  raw cloze  curated cloze
+    6000       300    0           3.82     2.50         0.29       0.39
+    6000       300    1           3.82     2.47         0.35       0.64
+    6000       300    2           4.00     2.58         0.23       0.33
+    6000       600    0           2.87     1.91         0.34       0.35
+    6000       1000   0           2.63     1.81         0.55       0.37
+    20000      600    0           3.56     1.96         0.33       0.83
+    20000      600    1           2.72     2.14         0.33       0.35
 
-Held-out perplexity separates the two by a third at every seed; cloze accuracy (150 facts) swings between seeds
-while the facts are being learned, so compare it over several training seeds.
+Held-out perplexity separates the two at every seed and length; cloze accuracy (150 facts) jumps when a run
+learns the facts, which the curated corpus reaches more often within the steps but not always: compare it over
+several training seeds.
 """
 
 from __future__ import annotations

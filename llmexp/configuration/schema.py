@@ -297,7 +297,7 @@ class NoisyWebDataConfig(DataConfig):
 
     name: DataKind = DataKind.noisy_web
     word_problem_weight: float = 1.0
-    documents: int = 6000  # clean documents of the embedded training stream, every one in the crawl
+    documents: int = 20000  # clean documents of the embedded training stream, every one in the crawl
     documents_per_page: int = 6
     near_duplicate_pages: float = 0.05  # pages copied near_duplicate_copies times with word edits
     near_duplicate_copies: int = 20
