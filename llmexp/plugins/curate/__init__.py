@@ -123,6 +123,10 @@ class Curate(Technique):
                 corpus_files(config.data.paths)
             except UserError as error:
                 problems.append(str(error))
+        else:  # the generated crawl: its settings
+            from llmexp.data import noisy_web
+
+            problems += noisy_web.problems(config.data)
         return problems + settings_problems(config, node, field)
 
     @classmethod

@@ -18,7 +18,7 @@ from typing import Sequence
 
 from omegaconf import OmegaConf
 
-from llmexp.data import noisy_web
+from llmexp.data.text import text_corpus
 from llmexp.plugins.curate.corpus import Shard, corpus_files, plan_shards
 from llmexp.plugins.curate.decisions import DECIDED, read_decisions, save_decisions
 from llmexp.plugins.curate.facts import facts_path, shard_facts
@@ -30,13 +30,6 @@ CURATED = "curated"
 WORK = "work"
 FINGERPRINT = "fingerprint.json"
 REPORT = "report.json"
-
-
-def corpus_source(data):
-    """``(paths, text_field)`` of the corpus: data=text's files, or the generated crawl of data=noisy_web."""
-    if data.name == "noisy_web":
-        return noisy_web.shard_paths(data), noisy_web.TEXT_FIELD
-    return list(data.paths), data.text_field
 
 
 def fingerprint(paths: Sequence[str], text_field: str, node) -> dict:
@@ -87,7 +80,7 @@ def run_pass(progress: Progress, engine, description: str, shards: Sequence[Shar
 
 def curate(ctx: StageContext) -> StageResult:
     node, stage_dir = ctx.stage_config, ctx.stage_dir.resolve()  # absolute: workers run elsewhere
-    paths, text_field = corpus_source(ctx.config.data)
+    paths, text_field = text_corpus(ctx.config.data)
     shards = plan_shards(paths, text_field, node.shard_records)  # reads every record: a bad one stops it here
     work, out = fresh_work(stage_dir, fingerprint(paths, text_field, node)), stage_dir / CURATED
     settings = OmegaConf.to_object(node)
