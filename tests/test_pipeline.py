@@ -90,8 +90,8 @@ def test_a_stage_reads_a_corpus_only_from_an_earlier_stage_that_makes_one():
     plan = make_plan(compose_config(["pipeline=compress", "+pipeline.data_inputs.distill=baseline"]))
     assert plan.problems == [
         "pipeline.data_inputs.distill=baseline: 'distill' reads the corpus 'baseline' makes, and "
-        "pipeline.nodes.baseline (technique=pretrain) makes none; name a stage before it that makes a corpus, "
-        "such as a technique=curate stage (there is none)."
+        "pipeline.nodes.baseline (technique=pretrain) makes none; name a stage before it that makes a corpus "
+        "(there is none)."
     ]
     later = make_plan(compose_config(["pipeline=compress", "+pipeline.data_inputs.baseline=distill"]))
     assert later.problems == [

@@ -48,10 +48,10 @@ def _read_problems(read: Consumed, key: str, earlier) -> List[str]:
 
 def input_problems(config, stages) -> List[str]:
     """``pipeline.inputs`` and ``pipeline.data_inputs``: each names a stage that runs before its reader and makes a
-    model (inputs) or a corpus (data_inputs: a technique=curate stage)."""
+    model (inputs) or a corpus (data_inputs: ``Technique.produces_data``)."""
     return (_source_problems(config, stages, "inputs", "starts from the model", lambda cls: cls.produces_model, "a model")
             + _source_problems(config, stages, "data_inputs", "reads the corpus", lambda cls: cls.produces_data is not None,
-                               "a corpus, such as a technique=curate stage"))
+                               "a corpus"))
 
 
 def _source_problems(config, stages, setting: str, reads: str, makes, kind: str) -> List[str]:
