@@ -44,27 +44,33 @@ def _jsonl_texts(path: Path, text_field: str) -> List[str]:
 READERS: Dict[str, Callable[[Path, str], List[str]]] = {".txt": _paragraphs, ".md": _paragraphs, ".jsonl": _jsonl_texts}
 
 
-def read_text_documents(paths: Sequence[str], text_field: str = "text") -> List[str]:
-    """Every document under ``paths`` (files, or folders searched recursively in sorted order)."""
+def text_files(paths: Sequence[str]) -> List[Path]:
+    """The corpus files under ``paths`` (files, or folders searched recursively in sorted order)."""
     if not paths:
         raise UserError(f"data=text needs data.paths: the files or folders of the corpus. {_FIX}")
-    documents: List[str] = []
+    files: List[Path] = []
     for entry in map(Path, paths):
         if entry.is_dir():
-            files = sorted(f for f in entry.rglob("*") if f.suffix in READERS and f.is_file())
+            files += sorted(f for f in entry.rglob("*") if f.suffix in READERS and f.is_file())
         elif entry.is_file():
             if entry.suffix not in READERS:
                 raise UserError(
                     f"data.paths: {entry} is a {entry.suffix or 'extensionless'} file; "
                     f"text corpora are {', '.join(READERS)} files. {_FIX}"
                 )
-            files = [entry]
+            files.append(entry)
         else:
             raise UserError(
                 f"data.paths: {entry} does not exist (relative paths are resolved against {Path.cwd()}). {_FIX}"
             )
-        for file in files:
-            documents.extend(READERS[file.suffix](file, text_field))
+    return files
+
+
+def read_text_documents(paths: Sequence[str], text_field: str = "text") -> List[str]:
+    """Every document under ``paths`` (``text_files``)."""
+    documents: List[str] = []
+    for file in text_files(paths):
+        documents.extend(READERS[file.suffix](file, text_field))
     if not documents:
         raise UserError(
             f"data.paths={list(paths)} holds no documents (no non-empty paragraph "

@@ -18,9 +18,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import IO, Iterable, Iterator, List, Optional, Sequence, Tuple
 
+from llmexp.data.text import READERS, text_files
 from llmexp.sdk import UserError, replace_atomically
 
-SUFFIXES = (".jsonl", ".txt", ".md")
 _FIX = "Give text files or folders of them, e.g. data.paths=[corpus/] or data.paths=[notes.md,more.jsonl]."
 
 
@@ -50,26 +50,10 @@ class Record:
 
 
 def corpus_files(paths: Sequence[str]) -> List[Path]:
-    """The corpus files under ``paths`` (folders searched recursively, in sorted order), as data=text reads them."""
-    if not paths:
-        raise UserError(f"data=text needs data.paths: the files or folders of the corpus. {_FIX}")
-    files: List[Path] = []
-    for entry in map(Path, paths):
-        if entry.is_dir():
-            files += sorted(f for f in entry.rglob("*") if f.suffix in SUFFIXES and f.is_file())
-        elif entry.is_file() and entry.suffix in SUFFIXES:
-            files.append(entry)
-        elif entry.is_file():
-            raise UserError(
-                f"data.paths: {entry} is a {entry.suffix or 'extensionless'} file; technique=curate reads "
-                f"{', '.join(SUFFIXES)} files. {_FIX}"
-            )
-        else:
-            raise UserError(
-                f"data.paths: {entry} does not exist (relative paths are resolved against {Path.cwd()}). {_FIX}"
-            )
+    """The corpus files under ``paths``, as data=text reads them (``text_files``); at least one."""
+    files = text_files(paths)
     if not files:
-        raise UserError(f"data.paths={list(paths)} holds no {', '.join(SUFFIXES)} file. {_FIX}")
+        raise UserError(f"data.paths={list(paths)} holds no {', '.join(READERS)} file. {_FIX}")
     return files
 
 
