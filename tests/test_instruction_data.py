@@ -15,8 +15,8 @@ from llmexp.data.instructions import (
     instruction_data,
     pad_collate,
     read_instruction_file,
-    split_validation,
 )
+from llmexp.data.splits import split_validation
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
 

@@ -120,6 +120,7 @@ class DataKind(Choice):
     jsonl = "jsonl"
     preference = "preference"
     noisy_web = "noisy_web"
+    word_problems = "word_problems"
 
 
 class TrackerKind(Choice):
@@ -313,8 +314,19 @@ class NoisyWebDataConfig(DataConfig):
     shards: int = 4
 
 
+@dataclass
+class WordProblemsDataConfig(JsonlDataConfig):
+    """Arithmetic word problems with worked answers ending in ``#### N`` (``llmexp.data.word_problems``): prompt ->
+    solution for sft/lora, prompt and answer for grpo's verifiable reward. ``path`` (GSM8K's JSONL layout) unset:
+    ``problems`` generated from the embedded world, their number triples never in its held-out test."""
+
+    name: DataKind = DataKind.word_problems
+    problems: int = 2000
+
+
 DATA_OPTIONS = {"embedded": EmbeddedDataConfig, "text": TextDataConfig, "jsonl": JsonlDataConfig,
-                "preference": PreferenceDataConfig, "noisy_web": NoisyWebDataConfig}  # data=<option> -> its schema
+                "preference": PreferenceDataConfig, "noisy_web": NoisyWebDataConfig,
+                "word_problems": WordProblemsDataConfig}  # data=<option> -> its schema
 
 
 @dataclass

@@ -145,6 +145,12 @@ class EmbeddedWorld:
             for f in self.facts
         ]
 
+    def word_problems(self, count: int, stream: int = 0) -> List[WordProblem]:
+        """``count`` word problems as training poses them (number triples never held out), deterministic in
+        (seed, stream): what fine-tuning and reinforcement learning on the skill read."""
+        rng = random.Random(f"{self.seed}/wp_train/{stream}")
+        return [self._trained_problem(rng) for _ in range(count)]
+
     def word_problem_test(self, count: int = 150) -> List[WordProblem]:
         rng = random.Random(f"{self.seed}/wp_test")
         triples = sorted(self.heldout_triples)
@@ -197,12 +203,14 @@ class EmbeddedWorld:
         return f"Question: {self._train_question(rng, fact)}\nAnswer: {fact.value}"
 
     def _train_word_problem(self, rng: random.Random) -> str:
+        problem = self._trained_problem(rng)
+        return f"{problem.prompt} {problem.solution}"
+
+    def _trained_problem(self, rng: random.Random) -> WordProblem:
         while True:
             triple = _random_triple(rng)
             if triple not in self.heldout_triples:
-                break
-        problem = self._word_problem(rng, *triple)
-        return f"{problem.prompt} {problem.solution}"
+                return self._word_problem(rng, *triple)
 
     def _word_problem(self, rng: random.Random, a: int, b: int, c: int) -> WordProblem:
         person, item = rng.choice(self.people), rng.choice(ITEMS)

@@ -8,18 +8,18 @@ batch is padded: the plan checks read the data without it.
 
 from __future__ import annotations
 
-import random
 from dataclasses import dataclass
 from functools import partial
-from typing import Any, Callable, Dict, List, Sequence, Tuple, TypeVar
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from llmexp.data.embedded import build_world
 from llmexp.data.jsonl import PathLike, read_jsonl_numbered
 from llmexp.data.records import Example
+from llmexp.data.splits import read_train_and_validation, split_validation
 from llmexp.data.text2sql import text2sql_examples
+from llmexp.data.word_problems import word_problem_examples
 from llmexp.errors import UserError
 
-T = TypeVar("T")
 IGNORE_INDEX = -100  # label of a token the loss skips (PyTorch's cross_entropy default)
 
 
@@ -66,32 +66,6 @@ def read_instruction_file(path: PathLike) -> List[Example]:
     return examples
 
 
-def split_validation(records: Sequence[T], data_cfg) -> Tuple[List[T], List[T]]:
-    """Hold out ``data.validation_split`` of ``records``: the same ones for the same ``data.seed``.
-
-    At least one record is held out when there are two or more and the share is above 0;
-    both lists keep file order.
-    """
-    share = data_cfg.validation_split
-    if not 0 <= share < 1:
-        raise UserError(
-            f"data.validation_split={share} is outside [0, 1). Give the share of training records "
-            "to hold out for validation, e.g. data.validation_split=0.1 (0 for none)."
-        )
-    count = 0 if share == 0 or len(records) < 2 else min(len(records) - 1, max(1, round(share * len(records))))
-    held = set(random.Random(f"{data_cfg.seed}/validation").sample(range(len(records)), count))
-    train = [r for i, r in enumerate(records) if i not in held]
-    return train, [r for i, r in enumerate(records) if i in held]
-
-
-def read_train_and_validation(data_cfg, read_file: Callable[[PathLike], List[T]]) -> Tuple[List[T], List[T]]:
-    """``data.path`` read with ``read_file``; validation from ``data.validation_path`` or ``split_validation``."""
-    train = _read_nonempty(data_cfg.path, read_file)
-    if data_cfg.validation_path:
-        return train, _read_nonempty(data_cfg.validation_path, read_file)
-    return split_validation(train, data_cfg)
-
-
 def instruction_data(data_cfg) -> Tuple[List[Example], List[Example]]:
     """(train, validation) examples for the ``data`` option of an SFT or LoRA run."""
     if data_cfg.name == "embedded":
@@ -103,9 +77,12 @@ def instruction_data(data_cfg) -> Tuple[List[Example], List[Example]]:
                 "or instruction+(input)+output records (data.validation_path=<valid.jsonl> optional)."
             )
         return read_train_and_validation(data_cfg, read_instruction_file)
+    if data_cfg.name == "word_problems":
+        return word_problem_examples(data_cfg)
     raise UserError(
         f"data={data_cfg.name} holds no instruction data. For SFT and LoRA use data=embedded "
-        "(the built-in Text2SQL set) or data=jsonl data.path=<train.jsonl>."
+        "(the built-in Text2SQL set), data=word_problems (worked arithmetic answers) or data=jsonl "
+        "data.path=<train.jsonl>."
     )
 
 
@@ -161,10 +138,3 @@ def pad_collate(pad_id: int) -> Callable[[Sequence[Tuple[List[int], List[int]]]]
 
 def _pad_to_longest(rows: Sequence[Tuple[List[int], List[int]]], pad_id: int) -> Dict[str, Any]:
     return pad_batch(rows, pad_id, max(len(ids) for ids, _ in rows))
-
-
-def _read_nonempty(path: str, read_file: Callable[[PathLike], List[T]]) -> List[T]:
-    records = read_file(path)
-    if not records:
-        raise UserError(f"{path} holds no records. Give a JSONL file with one record per line.")
-    return records

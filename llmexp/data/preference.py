@@ -7,11 +7,13 @@ so they can run through the model as one batch.
 
 from __future__ import annotations
 
+import math
 from functools import partial
 from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from llmexp.data.embedded import build_world
-from llmexp.data.instructions import encode_example, pad_batch, read_train_and_validation, split_validation
+from llmexp.data.instructions import encode_example, pad_batch
+from llmexp.data.splits import read_train_and_validation, split_validation
 from llmexp.data.jsonl import PathLike, read_jsonl_numbered
 from llmexp.data.records import Example, PreferencePair
 from llmexp.data.text2sql import text2sql_preference_pairs
@@ -22,7 +24,8 @@ SIDES = ("chosen", "rejected")
 
 
 def read_preference_file(path: PathLike) -> List[PreferencePair]:
-    """The pairs in a JSONL file of ``{"prompt", "chosen", "rejected"}``, in file order.
+    """The pairs in a JSONL file of ``{"prompt", "chosen", "rejected"}`` and an optional numeric ``"margin"``, in
+    file order.
 
     A line without those text fields, or whose sides are the same text, raises ``UserError``
     naming ``file:line``.
@@ -34,7 +37,12 @@ def read_preference_file(path: PathLike) -> List[PreferencePair]:
                 f"{path}:{line}: has fields {sorted(record)}; a preference pair needs text fields "
                 '"prompt", "chosen" and "rejected".'
             )
-        pair = PreferencePair(*(record[field] for field in FIELDS))
+        margin = record.get("margin")
+        if margin is not None and (isinstance(margin, bool) or not isinstance(margin, (int, float))
+                                   or not math.isfinite(margin)):
+            raise UserError(f"{path}:{line}: margin is {margin!r}; give it as a number (the reward gap the chosen "
+                            "response must clear) or leave the field out.")
+        pair = PreferencePair(*(record[field] for field in FIELDS), margin=margin)
         if pair.chosen.strip() == pair.rejected.strip():
             raise UserError(
                 f"{path}:{line}: chosen and rejected are the same text; a pair must differ to teach a "

@@ -22,23 +22,38 @@ from typing import List
 from omegaconf import OmegaConf
 
 from llmexp import __version__
+from llmexp.configuration.schema import EmbeddedDataConfig
 from llmexp.configuration.training_settings import training_problems
 
 CACHE_ENV = "LLMEXP_CACHE_DIR"
 STAGE = "embedded_baseline"  # the baseline's training's name in progress lines and its tracker curve
 RECORD = "baseline.json"  # written last: the settings and figures of a finished baseline
-DATA = "embedded"  # the data the baseline node trains on, and that the stages adapting it read
+DATA = "embedded"  # the data the baseline node trains on
+# Other data options the package makes from the same world when they have no data.path (word problems, preference
+# pairs): a stage adapting a base on them starts from the baseline of that world's data=embedded stream.
+WORLD_DATA = ("word_problems", "preference")
+WORLD_SETTINGS = ("seed", "seq_len", "num_people", "heldout_documents", "validation_split")
 
 
 def available(config) -> bool:
-    """Whether the model trains its own baseline for this run's data (``model.baseline`` on data=embedded)."""
-    return bool(config.model.get("baseline")) and config.data.name == DATA
+    """Whether the model trains its own baseline for this run's data (``model.baseline`` on the embedded world's data)."""
+    data = config.data
+    made_from_world = data.name == DATA or (data.name in WORLD_DATA and not data.get("path"))
+    return bool(config.model.get("baseline")) and made_from_world
+
+
+def baseline_data(data):
+    """The data the baseline trains on: ``data=embedded`` of the same world as the run's data (the same fingerprint
+    whichever of the world's options the run reads, so they share one cached baseline)."""
+    if data.name == DATA:
+        return data
+    return OmegaConf.merge(OmegaConf.structured(EmbeddedDataConfig), {key: data[key] for key in WORLD_SETTINGS})
 
 
 def baseline_config(config):
     """The settings that decide the baseline's weights: the config its training runs with, and what is fingerprinted."""
     return OmegaConf.create({
-        "model": config.model, "technique": config.model.baseline, "data": config.data, "seed": config.seed,
+        "model": config.model, "technique": config.model.baseline, "data": baseline_data(config.data), "seed": config.seed,
         "precision": config.precision, "backend": config.backend, "parallelism": config.parallelism,
         "hardware": config.hardware, "llmexp_version": __version__,
     })

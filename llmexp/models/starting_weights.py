@@ -131,7 +131,8 @@ def base_problems(config, key: str, technique: str) -> List[str]:
 
 
 def no_base_message(config, key: str, technique: str) -> str:
-    baseline = (f", and model.baseline (the embedded baseline) trains on data={embedded_baseline.DATA} only"
+    baseline = (f", and model.baseline (the embedded baseline) serves only the embedded world's data (data="
+                f"{embedded_baseline.DATA}, or data={' / data='.join(embedded_baseline.WORLD_DATA)} without data.path)"
                 if config.model.get("baseline") else "")
     return (f"{key}: technique={technique} adapts a base model and this run has none: model.path is unset, "
             f"model={config.model.name} names no published weights (model.hub_repo){baseline}. Set model.path=<a "
