@@ -8,6 +8,7 @@ from every one of those.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 
 @dataclass(frozen=True)
@@ -20,8 +21,10 @@ class Example:
 
 @dataclass(frozen=True)
 class PreferencePair:
-    """``prompt`` is plain text like ``Example.prompt``; ``chosen`` is preferred over ``rejected``."""
+    """``prompt`` is plain text like ``Example.prompt``; ``chosen`` is preferred over ``rejected``, by at least
+    ``margin`` in reward where the record gives one (a reward model's Bradley–Terry margin, as TRL reads it)."""
 
     prompt: str
     chosen: str
     rejected: str
+    margin: Optional[float] = None
