@@ -32,6 +32,19 @@ def test_deltas_flips_and_the_paired_standard_error():
     # per-item differences 0, -1, +1, 0: sample variance 2/3, standard error sqrt(2/3 / 4)
     assert paired["mc_cloze_acc_delta_se"] == pytest.approx(math.sqrt(2 / 3 / 4))
     assert "multiple_choice_n_delta" not in paired and "flip_rate_perplexity" not in paired
+    # one item gained, one lost: McNemar's discordant pair is a coin toss
+    assert (paired["mc_cloze_acc_gained"], paired["mc_cloze_acc_lost"], paired["mc_cloze_acc_mcnemar_p"]) == (1, 1, 1.0)
+
+
+@pytest.mark.parametrize("gained, lost", [(0, 0), (1, 0), (10, 2), (2, 10), (30, 14), (25, 25), (0, 9)])
+def test_mcnemar_is_the_exact_two_sided_binomial_test_of_the_discordant_items(gained, lost):
+    from scipy.stats import binomtest
+
+    from llmexp.results.statistics import mcnemar_p
+
+    expected = 1.0 if gained + lost == 0 else binomtest(gained, gained + lost, 0.5).pvalue
+    assert mcnemar_p(gained, lost) == pytest.approx(expected, rel=1e-12)
+    assert mcnemar_p(10, 2) < 0.05 < mcnemar_p(8, 3)  # 10 vs 2 is significant, 8 vs 3 is not
 
 
 def test_a_zero_baseline_has_no_relative_delta():

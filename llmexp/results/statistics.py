@@ -1,4 +1,5 @@
-"""The statistics results are made of: means, the standard error of a mean, the index of a best score, pass@k.
+"""The statistics results are made of: means, the standard error of a mean, the index of a best score, pass@k,
+and McNemar's test of two models graded on the same items.
 
 One implementation of each, for every technique that measures (plugins reach them through
 ``llmexp.sdk``). Plain Python over sequences of numbers (flags count as 0 and 1), summed in
@@ -43,3 +44,18 @@ def pass_at_k(n: int, c: int, k: int) -> float:
         return 1.0
     # C(n-c, k) / C(n, k) = prod_{i=n-c+1}^{n} (1 - k/i): no factorials, no overflow
     return 1.0 - math.prod(1.0 - k / i for i in range(n - c + 1, n + 1))
+
+
+def mcnemar_p(gained: int, lost: int) -> float:
+    """Two-sided exact McNemar p-value of paired right/wrong grades: ``gained`` items only the second model got right,
+    ``lost`` items only the first did.
+
+    Under the null hypothesis (neither model better) each discordant item is a fair coin, so the p-value is the
+    two-sided binomial tail of ``min(gained, lost)`` in ``gained + lost`` trials (the exact test, which small
+    discordant counts need; the chi-squared approximation is for large ones). 1.0 when no item differs.
+    """
+    if gained < 0 or lost < 0:
+        raise ValueError(f"McNemar needs counts of at least 0; got gained={gained}, lost={lost}")
+    n = gained + lost
+    tail = sum(math.comb(n, i) for i in range(min(gained, lost) + 1)) / 2**n
+    return min(1.0, 2 * tail)

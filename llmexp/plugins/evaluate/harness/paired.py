@@ -10,6 +10,8 @@ its baseline item by item and by continuous measures that see much smaller chang
   make), the standard error of the *paired* difference (the spread of per-item
   differences), much smaller than that of either accuracy when few answers change;
 * ``flip_rate_<task>``: the share of items whose answer changed, right or wrong;
+* ``<metric>_gained`` / ``<metric>_lost``: items only this model / only the baseline got right, and
+  ``<metric>_mcnemar_p``, the exact McNemar test of them (is the difference more than chance?);
 * ``kl_to_baseline``: mean KL(baseline || model) of the next-token distributions over the
   held-out documents' tokens (computed by the caller, which has both models).
 """
@@ -69,5 +71,9 @@ def paired_measures(
         flips = (mine.get("predicted") != other.get("predicted") for mine, other in zip(own, theirs))
         paired[f"flip_rate_{task}"] = statistics.mean(flips)
         differences = [float(mine["correct"]) - float(other["correct"]) for mine, other in zip(own, theirs)]
-        paired[f"{headline[task]}_delta_se"] = statistics.standard_error(differences)
+        metric = headline[task]
+        paired[f"{metric}_delta_se"] = statistics.standard_error(differences)
+        gained, lost = differences.count(1.0), differences.count(-1.0)
+        paired.update({f"{metric}_gained": gained, f"{metric}_lost": lost,
+                       f"{metric}_mcnemar_p": statistics.mcnemar_p(gained, lost)})
     return paired
