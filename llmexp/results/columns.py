@@ -31,8 +31,9 @@ SIZE = Metric("size_mb", False, "size", MetricKind.COST)
 SIZE_COLUMNS = (SIZE.name, "size_pct", "bits_per_weight")
 # Keys of a row that say which model it is rather than measure it.
 _NOT_MEASURES = ("model", "bytes_on_disk")
-# Differences from a baseline (``<metric>_delta``, ``_delta_se``): the table keeps them, a terminal leaves them out.
-PAIRED_SUFFIXES = ("_delta", "_delta_se")
+# Differences from a baseline (``<metric>_delta``, ``_delta_se``, the items gained and lost): the table keeps them,
+# a terminal leaves them out (it shows McNemar's p-value of the gained and lost items).
+PAIRED_SUFFIXES = ("_delta", "_delta_se", "_gained", "_lost")
 # At most this many qualities a Pareto plot draws, each against every cost.
 PLOTTED_QUALITIES = 2
 
