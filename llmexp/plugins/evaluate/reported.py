@@ -42,13 +42,13 @@ PAIRED: Tuple[Tuple[Optional[str], Metric], ...] = (
     ("multiple_choice", _keyed("mc_cloze_acc_delta_se", False, INFO)),
     ("word_problems", _keyed("word_problem_em_delta", True, INFO)),
     ("word_problems", _keyed("word_problem_em_delta_se", False, INFO)),
-    ("word_problems", _keyed("word_problem_em_mcnemar_p", False, INFO)),
-    ("text2sql", _keyed("text2sql_em_delta", True, INFO)),
-    ("text2sql", _keyed("text2sql_em_mcnemar_p", False, INFO)),
     ("perplexity", _keyed("perplexity_rel_delta", False, INFO)),
     (None, _keyed("kl_to_baseline", False, INFO)),
     ("multiple_choice", _keyed("flip_rate_multiple_choice", False, INFO)),
     ("word_problems", _keyed("flip_rate_word_problems", False, INFO)),
+    ("word_problems", _keyed("word_problem_em_mcnemar_p", False, INFO)),
+    ("text2sql", _keyed("text2sql_em_delta", True, INFO)),
+    ("text2sql", _keyed("text2sql_em_mcnemar_p", False, INFO)),
 )
 # What scoring cost: the forward pass's speed (the throughput task) and the evaluation's peak memory.
 COSTS: Tuple[Tuple[Optional[str], Metric], ...] = (
