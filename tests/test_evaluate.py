@@ -416,8 +416,10 @@ def test_composed_config_selects_evaluate(tmp_path):
     assert cfg.technique.name == "evaluate" and cfg.technique.limit == 5 and list(cfg.technique.tasks) == EMBEDDED_TASKS
     assert cfg.evaluation.gsm8k_path == str(tmp_path / "absent")
     problems = evaluate_problems(cfg)
-    assert any(p.startswith("technique: nothing to evaluate") for p in problems)
+    assert not any("nothing to evaluate" in p for p in problems)  # on the embedded world it scores the baseline
     assert any(p.startswith(f"evaluation.gsm8k_path={tmp_path / 'absent'}:") for p in problems)
+    without_baseline = evaluate_problems(compose_config(["technique=evaluate", "model.baseline=null"]))
+    assert any(p.startswith("technique: nothing to evaluate") for p in without_baseline)
 
 
 # -- a task type from another package ---------------------------------------------------------

@@ -101,7 +101,8 @@ def test_a_stage_reads_a_corpus_only_from_an_earlier_stage_that_makes_one():
 
 
 def test_a_pipeline_input_outside_the_stages_is_one_problem_not_a_crash():
-    plan = make_plan(compose_config(["pipeline=compress", "pipeline.stages=[baseline_eval,fp8,fp8_eval]"]))
+    plan = make_plan(compose_config(["pipeline=compress", "pipeline.stages=[baseline_eval,fp8,fp8_eval]",
+                                     "model.baseline=null"]))
     assert plan.problems[0].startswith("pipeline.inputs.fp8=baseline: both must be stages of pipeline.stages")
     assert any(problem.startswith("baseline_eval: nothing to evaluate") for problem in plan.problems)
 

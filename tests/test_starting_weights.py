@@ -360,3 +360,15 @@ def test_export_places_the_cached_snapshot_as_the_checkpoint(tmp_path, hub_cache
     for path in exported.iterdir():  # the cache's files themselves, not its links to them (which would dangle here)
         assert not path.is_symlink() and path.read_bytes() == (snapshot / path.name).read_bytes(), path.name
     assert stage["metrics"]["checkpoint_bytes"] == sum((snapshot / path.name).stat().st_size for path in exported.iterdir())
+
+
+def test_an_evaluation_with_no_model_before_it_scores_the_embedded_baseline(tmp_path):
+    env = {"LLMEXP_CACHE_DIR": str(tmp_path / "cache")}
+    small = ["data=word_problems", "model.baseline.max_steps=12", "model.baseline.warmup_steps=2",
+             "technique=evaluate", "technique.tasks=[word_problems]", "technique.limit=6", *FAST]
+    result = run_llmexp(*small, f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr[-3000:]
+    (baseline,) = [path for path in (tmp_path / "cache" / "baselines").iterdir() if path.is_dir()]
+    stage = json.loads((tmp_path / "run/results.json").read_text())["stages"]["evaluate"]
+    assert stage["input_model"] == str(baseline / "model") and stage["metrics"]["word_problems_n"] == 6
+    assert 0 <= stage["metrics"]["word_problem_em"] <= 1

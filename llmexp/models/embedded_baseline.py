@@ -37,9 +37,10 @@ WORLD_SETTINGS = ("seed", "seq_len", "num_people", "heldout_documents", "validat
 
 def available(config) -> bool:
     """Whether the model trains its own baseline for this run's data (``model.baseline`` on the embedded world's data)."""
+    if not config.model.get("baseline"):
+        return False
     data = config.data
-    made_from_world = data.name == DATA or (data.name in WORLD_DATA and not data.get("path"))
-    return bool(config.model.get("baseline")) and made_from_world
+    return data.name == DATA or (data.name in WORLD_DATA and not data.get("path"))
 
 
 def baseline_data(data):

@@ -140,7 +140,8 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
             looked_at.add((source, cls.name))
         stage_name = key if key not in TOP_LEVEL_NODES else _unique(cls.name, taken)
         taken.add(stage_name)
-        input_model = source or starting_weights.source(cfg, cls.adapts_base)
+        # an implied measurement (the evaluation) with no model before it scores the base a fine-tuning stage adapts
+        input_model = source or starting_weights.source(cfg, cls.adapts_base or cls.implied_measurement)
         input_data = data_input_stage(cfg, key)
         if lead:
             console.stage_banner(stage_name)

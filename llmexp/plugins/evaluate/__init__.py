@@ -27,7 +27,7 @@ from llmexp.data.gsm8k import load_gsm8k
 from llmexp.data.jsonl import write_jsonl
 from llmexp.sdk import (
     TOP_LEVEL_NODES, Consumed, PeakMemory, Progress, Reads, StageContext, StageResult, TaskInputs, Technique,
-    TechniqueConfig, UserError, console, context_length, has_weights, hookimpl, input_model, load_model, model_sources,
+    TechniqueConfig, UserError, base_model, console, context_length, hookimpl, input_model, load_model, model_sources,
     node_path, run_device, stage_nodes, starting_weights,
 )
 from llmexp.plugins.evaluate.harness.draft import AsDraftConfig, as_draft_problems, draft_measures
@@ -111,7 +111,9 @@ class Evaluate(Technique):
         keys = list(nodes)
         # the runner skips a top-level evaluation after a stage that made no model: it has nothing new to score
         skipped = key in TOP_LEVEL_NODES and keys.index(key) > 0
-        if model_sources(config)[key] is None and not skipped and not has_weights(config):
+        # with no stage before it making a model it scores the run's weights, or on the embedded world the
+        # embedded baseline (the base a fine-tuning stage would adapt)
+        if model_sources(config)[key] is None and not skipped and starting_weights.source(config, True) is None:
             problems.append(_NO_MODEL.format(stage=key))
         problems += config_problems(node, node_path(key)) or _window_problems(node, context_length(config))
         baseline = node.get("baseline")
@@ -131,6 +133,8 @@ class Evaluate(Technique):
         if problems:
             raise UserError(" ".join(problems))
         artifact = input_model(ctx)
+        if artifact is None and starting_weights.source(ctx.config, True) is not None:
+            artifact = base_model(ctx)  # the embedded baseline, loaded from its cache or trained now
         if artifact is None:
             raise UserError(_NO_MODEL.format(stage=ctx.stage_name))
         data = ctx.config.data
@@ -189,8 +193,10 @@ def _compared_with_baseline(ctx: StageContext, scorer, inputs: TaskInputs, tasks
         metrics, rows, entry["metrics"], baseline_rows(entry, names, name, field_name), headlines
     )
     source = entry.get("input_model")
-    own = source == starting_weights.source(ctx.config)  # the run's own weights, not an earlier stage's model
-    reference = load_model(starting_weights.weights_directory(ctx.config))[0] if own else ctx.model_of(source).model
+    # the run's own weights or the embedded baseline (whose source is its directory), not an earlier stage's model
+    own = source == starting_weights.source(ctx.config, True)
+    own_directory = starting_weights.weights_directory(ctx.config) or source
+    reference = load_model(own_directory)[0] if own else ctx.model_of(source).model
     if reference.config.vocab_size != scorer.model.config.vocab_size:
         raise UserError(
             f"{field_name}={name}: its model has a vocabulary of {reference.config.vocab_size} tokens and this one "
@@ -207,7 +213,8 @@ def _compared_with_baseline(ctx: StageContext, scorer, inputs: TaskInputs, tasks
 
 
 _NO_MODEL = (
-    "{stage}: nothing to evaluate: no stage before it produced a model and model.path is unset. "
+    "{stage}: nothing to evaluate: no stage before it produced a model, model.path is unset and the model trains no "
+    "embedded baseline for this data. "
     "Set model.path=<a Hugging Face checkpoint directory> or run a training technique before it "
     "(e.g. the default pipeline: `llmexp technique=pretrain`)."
 )
