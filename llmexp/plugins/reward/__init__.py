@@ -122,11 +122,10 @@ class RewardModel(TrainingTechnique):
             problems.append(f"{field}: the preference data holds no training pairs; check data.path and "
                             "data.validation_split.")
         if not held_out:
+            or_file = " or give data.validation_path=<pairs.jsonl>" if "validation_path" in config.data else ""
             problems.append(
                 f"{field} (technique=reward_model) scores its reward model on held-out pairs, and the data holds none "
-                f"(data.validation_split={config.data.get('validation_split')}, data.validation_path="
-                f"{config.data.get('validation_path')}); set data.validation_split=0.1 or give "
-                "data.validation_path=<pairs.jsonl>.")
+                f"(data.validation_split={config.data.validation_split}); set data.validation_split=0.1{or_file}.")
         return problems
 
 
