@@ -52,10 +52,12 @@ def held_out_figures_of(directory: Path, data_cfg) -> dict:
 
     model = AutoModelForSequenceClassification.from_pretrained(directory)
     tokenizer = AutoTokenizer.from_pretrained(directory)
+    assert tokenizer.model_max_length == data_cfg.seq_len  # the length the stage cut sequences to, saved with it
     _, held_out = preference_data(data_cfg)
     prompts = [pair.prompt for pair in held_out]
-    chosen = reward_scores(model, tokenizer, prompts, [pair.chosen for pair in held_out], data_cfg.seq_len)
-    rejected = reward_scores(model, tokenizer, prompts, [pair.rejected for pair in held_out], data_cfg.seq_len)
+    max_len = tokenizer.model_max_length
+    chosen = reward_scores(model, tokenizer, prompts, [pair.chosen for pair in held_out], max_len)
+    rejected = reward_scores(model, tokenizer, prompts, [pair.rejected for pair in held_out], max_len)
 
     def lengths(side):
         return [len(tokenizer(getattr(pair, side), add_special_tokens=False)["input_ids"]) for pair in held_out]

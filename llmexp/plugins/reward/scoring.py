@@ -18,7 +18,23 @@ from llmexp.sdk import evaluating
 
 
 def reward_input_ids(prompt: str, response: str, tokenizer, max_len: int) -> List[int]:
-    """The token ids a reward model reads for ``response`` to the plain-text ``prompt``."""
+    """The token ids a reward model reads for ``response`` to the plain-text ``prompt``.
+
+    Step by step, for a user of a saved reward model (its directory's tokenizer; ``max_len`` is
+    its ``tokenizer.model_max_length``, the stage's ``data.seq_len``):
+
+    1. the prompt text: ``tokenizer.apply_chat_template([{"role": "user", "content": prompt}],
+       tokenize=False, add_generation_prompt=True)`` if the tokenizer has a chat template, else
+       ``prompt + "\n"``;
+    2. its ids: ``tokenizer(text, add_special_tokens=<no chat template>)["input_ids"]`` (BOS first);
+    3. the response's ids: ``tokenizer(response, add_special_tokens=False)["input_ids"] + [eos_token_id]``;
+    4. longer than ``max_len`` in all: the response keeps its first ``max_len`` tokens (after a
+       leading BOS), and the prompt loses tokens from its start, keeping its BOS;
+    5. prompt ids + response ids.
+
+    The reward is ``model(input_ids, attention_mask).logits[:, 0]`` of rows right-padded with
+    ``tokenizer.pad_token_id`` (``reward_scores``).
+    """
     return encode_example(Example(prompt, response), tokenizer, max_len)[0]
 
 

@@ -9,6 +9,7 @@ rewards its held-out figures were computed from.
 
 from __future__ import annotations
 
+import copy
 import os
 import shutil
 from pathlib import Path
@@ -50,7 +51,7 @@ def run_reward_model(ctx: StageContext) -> StageResult:
     classifier = plain_classifier(model)
     metrics.update(held_out_figures(classifier, tokenizer, held_out, max_len))
     path = Path(ctx.stage_dir) / ARTIFACT
-    stats = save_whole(classifier, tokenizer, path) if distributed.is_rank_zero() else model_stats(classifier)
+    stats = save_whole(classifier, tokenizer, max_len, path) if distributed.is_rank_zero() else model_stats(classifier)
     return StageResult(metrics=metrics, artifacts={ARTIFACT: str(path)}, model_stats=stats)
 
 
@@ -76,10 +77,16 @@ def sides(classifier, tokenizer, pairs: List[PreferencePair], max_len: int) -> T
             reward_scores(classifier, tokenizer, prompts, [pair.rejected for pair in pairs], max_len))
 
 
-def save_whole(classifier, tokenizer, path: Path) -> Dict:
-    """Save into ``<path>.partial`` and rename it to ``path``: a reader finds the whole directory or none."""
+def save_whole(classifier, tokenizer, max_len: int, path: Path) -> Dict:
+    """Save into ``<path>.partial`` and rename it to ``path``: a reader finds the whole directory or none.
+
+    The tokenizer is saved with ``model_max_length`` = ``max_len``, the length its sequences were cut to
+    (``scoring.reward_input_ids``), so a user of the directory alone scores as the stage did.
+    """
     partial = path.with_name(f"{path.name}.partial")
     shutil.rmtree(partial, ignore_errors=True)  # a save an interrupted attempt left
+    tokenizer = copy.deepcopy(tokenizer)  # the starting model's tokenizer is left as it was
+    tokenizer.model_max_length = max_len
     stats = save_model(classifier, tokenizer, partial)
     shutil.rmtree(path, ignore_errors=True)  # an attempt that saved but did not complete the stage
     os.replace(partial, path)
