@@ -213,6 +213,20 @@ def test_a_run_saves_a_classifier_that_plain_transformers_loads_and_that_reprodu
     data_cfg = OmegaConf.create(results["config"]["data"])
     recomputed = held_out_figures_of(directory, data_cfg)
     assert recomputed == {name: pytest.approx(metrics[name], abs=1e-4) for name in recomputed}
+
+    # the recipe a user without llmexp follows (scoring.reward_input_ids): prompt + newline with BOS, the
+    # completion's tokens, EOS; the score of the one row is the reward
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    model = AutoModelForSequenceClassification.from_pretrained(directory).eval()
+    tokenizer = AutoTokenizer.from_pretrained(directory)
+    prompt, completion = "Question: what pet does Kalo have ?\nAnswer:", "a cat #### 3"
+    ids = (tokenizer(prompt + "\n")["input_ids"] + tokenizer(completion, add_special_tokens=False)["input_ids"]
+           + [tokenizer.eos_token_id])
+    with torch.no_grad():
+        by_hand = model(input_ids=torch.tensor([ids])).logits[0, 0].item()
+    assert reward_scores(model, tokenizer, [prompt], [completion], tokenizer.model_max_length) == [
+        pytest.approx(by_hand, abs=1e-6)]
     assert results["stages"].keys() == {"reward_model"}  # it hands on no model
 
 
