@@ -27,7 +27,8 @@ from typing import Dict, Optional, Tuple
 
 import torch
 
-LOSS_TYPES = ("grpo", "dr_grpo", "dapo")
+from llmexp.plugins.grpo import LOSS_TYPES
+
 STD_FLOOR = 1e-4  # added to a group's reward std before dividing, as TRL does (a group of equal rewards has std 0)
 
 
