@@ -79,9 +79,9 @@ def classifier(causal_lm):
     return sequence_classifier(causal, tokenizer, "technique"), tokenizer
 
 
-def tiny_numbers() -> dict:
-    """The architecture numbers of the tiny checkpoint: tiny_llama with 2 layers."""
-    return {**OmegaConf.to_container(OmegaConf.load(REPO / "llmexp/conf/model/tiny_llama.yaml")), "num_layers": 2}
+def tiny_numbers(layers: int = 2) -> dict:
+    """The architecture numbers of tiny_llama with ``layers`` layers (the tiny checkpoint has 2)."""
+    return {**OmegaConf.to_container(OmegaConf.load(REPO / "llmexp/conf/model/tiny_llama.yaml")), "num_layers": layers}
 
 
 # -- the loss against TRL 1.16's RewardTrainer --------------------------------------------------------------------
@@ -282,6 +282,20 @@ def test_the_plans_parameter_counts_are_the_classifiers(causal_lm, classifier):
     lora = add_lora(sequence_classifier(*causal_lm, "technique"), node)
     trainable = sum(p.numel() for p in lora.parameters() if p.requires_grad)
     assert RewardModel.trainable_parameters(None, node, tiny_numbers()) == trainable  # adapters and the score head
+
+
+def test_the_plan_holds_the_classifier_in_full_or_its_adapters(tmp_path):
+    def plan(*args):
+        result = run_llmexp("plan", "--json", "technique=reward_model", *args, cwd=tmp_path)
+        assert result.returncode == 0, result.stderr[-3000:]
+        return json.loads(result.stdout)
+
+    full, lora = plan(), plan("technique.lora_rank=16")
+    assert full["feasible"] and lora["feasible"]
+    assert "adapter" not in full["memory_breakdown"]
+    assert full["memory_breakdown"]["optimizer"] == 8 * classifier_parameters(tiny_numbers(8))  # Adam
+    assert lora["memory_breakdown"]["adapter"] == 4 * lora["trainable_parameters"]
+    assert lora["memory_per_device_bytes"] < full["memory_per_device_bytes"]
 
 
 # -- refusals before anything runs ----------------------------------------------------------------------------------
