@@ -18,7 +18,8 @@ USER_REWARDS = textwrap.dedent("""
     def distinct_words(prompts, completions, answers):
         return [len(set(completion.split())) / 10 for completion in completions]
 """)
-SHORT = ["pipeline=technique_only", "data=word_problems", "data.problems=200", "technique.group_size=4",
+WORD_PROBLEMS = ["data=word_problems", "data.problems=200"]
+SHORT = ["pipeline=technique_only", "technique.group_size=4",
          "technique.max_completion_tokens=12", "parallelism.global_batch=4", "parallelism.micro_batch=2",
          "technique.lr=0.01", "technique.warmup_steps=0"]
 LOGGED = ("reward_mean", "reward_std", "zero_advantage_groups", "kl", "completion_length", "clip_fraction")
@@ -133,6 +134,27 @@ def test_the_plan_counts_reference_reward_model_and_generation(tmp_path, tiny_ch
                                                   f"technique.reward_model={tiny_checkpoint}")
 
 
+def reward_pipeline(*stages: str):
+    """A pipeline of a reward_model stage ``rm`` and a grpo stage ``rl`` rewarded by it, on the preference pairs."""
+    from llmexp.configuration.compose import compose_config
+    from llmexp.planning.planner import make_plan
+
+    return make_plan(compose_config([
+        "pipeline=technique_only", "data=preference", "+technique@pipeline.nodes.rm=reward_model",
+        "+technique@pipeline.nodes.rl=grpo", f"pipeline.stages=[{','.join(stages)}]",
+        "pipeline.nodes.rl.rewards=[reward_model]", "pipeline.nodes.rl.reward_model=rm"]))
+
+
+def test_an_earlier_reward_model_stage_rewards_and_is_counted():
+    plan = reward_pipeline("rm", "rl")
+    assert plan.feasible, plan.problems
+    assert plan.memory_breakdown["reward_model"] == plan.memory_breakdown["weights"]
+    misordered = reward_pipeline("rl", "rm")
+    assert not misordered.feasible
+    assert any("pipeline.nodes.rl.reward_model=rm is neither an earlier stage of this pipeline nor a directory" in p
+               for p in misordered.problems)
+
+
 def run_ok(tmp_path: Path, *args: str, run_dir: str = "run") -> dict:
     (tmp_path / "my_rewards.py").write_text(USER_REWARDS)
     result = run_llmexp(*args, f"hydra.run.dir={tmp_path / run_dir}", cwd=tmp_path,
@@ -146,7 +168,8 @@ def log_rows(run_dir: Path):
 
 
 def test_a_short_run_logs_every_steps_rewards_kl_and_clipping(tmp_path, tiny_checkpoint):
-    record = run_ok(tmp_path, "technique=grpo", *SHORT, f"model.path={tiny_checkpoint}", "technique.max_steps=4",
+    record = run_ok(tmp_path, "technique=grpo", *SHORT, *WORD_PROBLEMS, f"model.path={tiny_checkpoint}",
+                    "technique.max_steps=4",
                     "technique.num_iterations=2", "technique.rewards=[format,my_rewards:distinct_words]",
                     "technique.reward_weights=[1.0,2.0]")
     metrics = record["stages"]["grpo"]["metrics"]
@@ -167,10 +190,20 @@ def test_a_short_run_logs_every_steps_rewards_kl_and_clipping(tmp_path, tiny_che
     assert (tmp_path / "run/grpo/model/config.json").exists()
 
 
+def test_a_reward_model_directory_rewards_the_preference_prompts(tmp_path, tiny_checkpoint, tiny_classifier):
+    record = run_ok(tmp_path, "technique=grpo", *SHORT, "data=preference", f"model.path={tiny_checkpoint}",
+                    "technique.max_steps=2", "technique.rewards=[reward_model]",
+                    f"technique.reward_model={tiny_classifier}")
+    rows = log_rows(tmp_path / "run")
+    assert all(row["reward_reward_model"] == pytest.approx(row["reward_mean"], abs=1e-5) for row in rows)
+    assert all(row["reward_std"] > 0 and row["zero_advantage_groups"] == 0 for row in rows)  # scores differ
+    assert record["stages"]["grpo"]["metrics"]["steps"] == 2
+
+
 def test_a_resumed_run_keeps_its_refreshed_reference(tmp_path, tiny_checkpoint):
     """Cut after step 2's checkpoint (its reference refreshed at step 2): the resumed steps 3 and 4 see the same
     samples and the same reference, so their rewards and KL are the uninterrupted run's."""
-    args = ["technique=grpo", *SHORT, f"model.path={tiny_checkpoint}", "technique.max_steps=4",
+    args = ["technique=grpo", *SHORT, *WORD_PROBLEMS, f"model.path={tiny_checkpoint}", "technique.max_steps=4",
             "technique.rewards=[my_rewards:distinct_words]", "technique.ref_refresh_steps=2",
             "technique.checkpoint_every=2", "technique.keep_checkpoints=3"]
     run_ok(tmp_path, *args, run_dir="clean")

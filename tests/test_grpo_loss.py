@@ -100,9 +100,10 @@ def trl_trainer(start_dir, tokenizer, tmp_path, loss_type: str, beta: float, sca
 
 
 @pytest.mark.parametrize("loss_type", ["grpo", "dr_grpo", "dapo"])
-@pytest.mark.parametrize("beta,scale_rewards,kl_correction", [(0.04, True, True), (0.04, False, False), (0.0, True, True)])
-def test_loss_and_gradients_equal_trls_grpo_trainer(loss_type, beta, scale_rewards, kl_correction, tokenizer, start_dir, start_model, tmp_path,
-                                                    monkeypatch):
+@pytest.mark.parametrize("beta,scale_rewards,kl_correction",
+                         [(0.04, True, True), (0.04, False, False), (0.0, True, True)])
+def test_loss_and_gradients_equal_trls_grpo_trainer(loss_type, beta, scale_rewards, kl_correction, tokenizer, start_dir,
+                                                    start_model, tmp_path, monkeypatch):
     monkeypatch.setenv("TRL_EXPERIMENTAL_SILENCE", "1")
     ours = start_model
     trainer = trl_trainer(start_dir, tokenizer, tmp_path, loss_type, beta, scale_rewards, kl_correction)

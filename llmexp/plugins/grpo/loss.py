@@ -104,7 +104,9 @@ class ClippedObjective:
             kl = torch.exp(delta) - delta - 1
             logs["kl"] = _masked_mean(kl.detach(), mask)
             per_token = per_token + self.beta * (kl * ratio if self.kl_correction else kl)
-        region = ((ratio < 1 - self.epsilon_low) & (advantages < 0)) | ((ratio > 1 + self.epsilon_high) & (advantages > 0))
+        low = (ratio < 1 - self.epsilon_low) & (advantages < 0)
+        high = (ratio > 1 + self.epsilon_high) & (advantages > 0)
+        region = low | high
         logs["clip_fraction"] = _masked_mean(region.to(mask.dtype), mask)
         return self._aggregate(per_token * mask, mask, step_tokens, accumulation), logs
 

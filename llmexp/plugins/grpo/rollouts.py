@@ -40,15 +40,6 @@ class Rollouts:
     completion_mask: torch.Tensor
     completions: List[str]
 
-    def rows(self, index: torch.Tensor) -> "Rollouts":
-        """The completions at ``index``, with the padding no row of them needs cut off."""
-        prompt_mask, completion_mask = self.prompt_mask[index], self.completion_mask[index]
-        start = int((prompt_mask.sum(0) > 0).nonzero()[0])
-        end = int((completion_mask.sum(0) > 0).nonzero()[-1]) + 1
-        return Rollouts(self.prompt_ids[index][:, start:], prompt_mask[:, start:],
-                        self.completion_ids[index][:, :end], completion_mask[:, :end],
-                        [self.completions[i] for i in index.tolist()])
-
 
 def request_seed(run_seed: int, generation: int, prompt: int, member: int) -> int:
     """A sampling seed for one completion that depends on where it is in the run alone (numpy's SeedSequence mixes

@@ -84,7 +84,8 @@ class GroupPolicyLoss:
 
     def __init__(self, ctx: StageContext, batches: List[List[Prompt]], tokenizer, rewards: Rewards, reference):
         node, parallelism = ctx.stage_config, ctx.config.parallelism
-        self.node, self.batches, self.tokenizer, self.rewards, self.reference = node, batches, tokenizer, rewards, reference
+        self.node, self.batches, self.tokenizer = node, batches, tokenizer
+        self.rewards, self.reference = rewards, reference
         self.run_seed = ctx.config.seed
         self.seq_len = ctx.config.data.seq_len
         self.group = node.group_size
@@ -115,7 +116,8 @@ class GroupPolicyLoss:
             logprobs, None if self.old is None else self.old[rows], None if self.ref is None else self.ref[rows],
             self.advantages[rows], mask, step_tokens=self.step_tokens, accumulation=self.accumulation)
         tokens = int(mask.sum() + r.prompt_mask[rows].sum())
-        return LossOutput(loss=loss, tokens=tokens, logs={**self.batch_logs, **self._step_means(batch["step"], logs, mask)})
+        step_logs = self._step_means(batch["step"], logs, mask)
+        return LossOutput(loss=loss, tokens=tokens, logs={**self.batch_logs, **step_logs})
 
     def _prepare(self, model, generation: int) -> None:
         """Sample, score and (for the repeats and the KL) take the log-probabilities of ``generation``'s batch."""
