@@ -3,7 +3,12 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import textwrap
+import time
 from pathlib import Path
 
 import pytest
@@ -200,22 +205,43 @@ def test_a_reward_model_directory_rewards_the_preference_prompts(tmp_path, tiny_
     assert record["stages"]["grpo"]["metrics"]["steps"] == 2
 
 
-def test_a_resumed_run_keeps_its_refreshed_reference(tmp_path, tiny_checkpoint):
-    """Cut after step 2's checkpoint (its reference refreshed at step 2): the resumed steps 3 and 4 see the same
-    samples and the same reference, so their rewards and KL are the uninterrupted run's."""
-    args = ["technique=grpo", *SHORT, *WORD_PROBLEMS, f"model.path={tiny_checkpoint}", "technique.max_steps=4",
-            "technique.rewards=[my_rewards:distinct_words]", "technique.ref_refresh_steps=2",
-            "technique.checkpoint_every=2", "technique.keep_checkpoints=3"]
+def test_a_killed_run_resumes_and_samples_what_the_uninterrupted_one_did(tmp_path, tiny_checkpoint):
+    """SIGKILL after a checkpoint and a logged step past it; the rerun resumes there, and every resumed step's rewards,
+    KL and lengths are the uninterrupted run's: same seeds per completion, same weights, and the reference as
+    refreshed at the checkpoint's step (ref_refresh_steps = checkpoint_every)."""
+    args = ["technique=grpo", *SHORT, *WORD_PROBLEMS, f"model.path={tiny_checkpoint}", "technique.max_steps=24",
+            "technique.rewards=[my_rewards:distinct_words]", "technique.checkpoint_every=8",
+            "technique.num_iterations=2", "technique.ref_refresh_steps=8"]
     run_ok(tmp_path, *args, run_dir="clean")
-    run_ok(tmp_path, *args, run_dir="cut")
-    cut = tmp_path / "cut"
-    (cut / "grpo/checkpoints/step-00000004.ckpt").unlink()  # as if killed after step 4's row, before its checkpoint
-    (cut / "results.json").unlink()
-    resumed = run_ok(tmp_path, *args, run_dir="cut")["stages"]["grpo"]["metrics"]
-    assert resumed["resumed_from_step"] == 2
-    clean_rows, resumed_rows = log_rows(tmp_path / "clean"), log_rows(cut)
-    assert [row["step"] for row in resumed_rows] == [1, 2, 3, 4]
-    for row, reference in zip(resumed_rows[2:], clean_rows[2:]):
+    clean_rows = log_rows(tmp_path / "clean")
+    run_dir = tmp_path / "killed"
+    process = subprocess.Popen(
+        [sys.executable, "-m", "llmexp", *args, f"hydra.run.dir={run_dir}"], cwd=tmp_path, start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1", "HF_HUB_OFFLINE": "1"},
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        checkpoint = step_past_a_checkpoint(run_dir, process)
+    finally:
+        os.killpg(process.pid, signal.SIGKILL)
+        process.wait()
+    resumed = run_ok(tmp_path, *args, run_dir="killed")["stages"]["grpo"]["metrics"]
+    assert checkpoint <= resumed["resumed_from_step"] < 24 and resumed["steps"] == 24
+    rows = log_rows(run_dir)
+    assert [row["step"] for row in rows] == list(range(1, 25))
+    for row, reference in zip(rows, clean_rows):
         for key in LOGGED:
-            assert row[key] == pytest.approx(reference[key], abs=1e-5), key
-    assert clean_rows[3]["kl"] > 0
+            assert row[key] == pytest.approx(reference[key], abs=1e-5), (row["step"], key)
+
+
+def step_past_a_checkpoint(run_dir: Path, process: subprocess.Popen, timeout: float = 120) -> int:
+    """Wait until a checkpoint exists and the log has a whole row past it; its step."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        assert process.poll() is None, "the run finished before it could be killed"
+        steps = [int(p.name[5:13]) for p in (run_dir / "grpo/checkpoints").glob("step-*.ckpt")]
+        log = run_dir / "grpo/train_log.jsonl"
+        logged = [json.loads(line)["step"] for line in (log.read_text().split("\n")[:-1] if log.exists() else [])]
+        if steps and logged and logged[-1] > max(steps):
+            return max(steps)
+        time.sleep(0.02)
+    raise AssertionError("no checkpoint with a logged step past it appeared in time")
