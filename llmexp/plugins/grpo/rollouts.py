@@ -40,6 +40,10 @@ class Rollouts:
     completion_mask: torch.Tensor
     completions: List[str]
 
+    def to(self, device) -> "Rollouts":
+        return Rollouts(self.prompt_ids.to(device), self.prompt_mask.to(device), self.completion_ids.to(device),
+                        self.completion_mask.to(device), self.completions)
+
 
 def request_seed(run_seed: int, generation: int, prompt: int, member: int) -> int:
     """A sampling seed for one completion that depends on where it is in the run alone (numpy's SeedSequence mixes

@@ -43,7 +43,7 @@ def run_grpo(ctx: StageContext) -> StageResult:
     prompts, _ = training_prompts(cfg.data)
     reference = copy.deepcopy(model).eval().requires_grad_(False) if node.beta else None
     batches = generation_batches(prompts, node, cfg.parallelism.global_batch, cfg.seed)
-    loss = GroupPolicyLoss(ctx, batches, tokenizer, load_rewards(ctx, stage_node_path(ctx)), reference)
+    loss = GroupPolicyLoss(ctx, model, batches, tokenizer, load_rewards(ctx, stage_node_path(ctx)), reference)
     callbacks = [ReferenceRefresh(model, reference, node.ref_refresh_steps, node.ref_mixup_alpha)] \
         if reference is not None and node.ref_refresh_steps else []
     try:
@@ -80,11 +80,13 @@ def collate(examples: List[Dict[str, int]]) -> Dict[str, Any]:
 
 class GroupPolicyLoss:
     """The loss the loop calls per micro-batch: samples and scores a generation batch when it first meets it, then
-    GRPO's clipped objective on the micro-batch's completions (``llmexp.plugins.grpo.loss``)."""
+    GRPO's clipped objective on the micro-batch's completions (``llmexp.plugins.grpo.loss``). The engine samples
+    from ``policy`` itself (not a compiled wrapper of it: it runs its own decoding steps)."""
 
-    def __init__(self, ctx: StageContext, batches: List[List[Prompt]], tokenizer, rewards: Rewards, reference):
+    def __init__(self, ctx: StageContext, policy, batches: List[List[Prompt]], tokenizer, rewards: Rewards,
+                 reference):
         node, parallelism = ctx.stage_config, ctx.config.parallelism
-        self.node, self.batches, self.tokenizer = node, batches, tokenizer
+        self.node, self.policy, self.batches, self.tokenizer = node, policy, batches, tokenizer
         self.rewards, self.reference = rewards, reference
         self.run_seed = ctx.config.seed
         self.seq_len = ctx.config.data.seq_len
@@ -107,7 +109,8 @@ class GroupPolicyLoss:
     def __call__(self, model, batch: Dict[str, Any]) -> LossOutput:
         if batch["generation"] != self.generation:
             self._prepare(model, batch["generation"])
-        rows = torch.tensor([slot * self.group + member for slot in batch["slots"] for member in range(self.group)])
+        rows = torch.tensor([slot * self.group + member for slot in batch["slots"] for member in range(self.group)],
+                            device=self.advantages.device)
         r = self.rollouts
         mask = r.completion_mask[rows]
         logprobs = completion_logprobs(model, r.prompt_ids[rows], r.prompt_mask[rows], r.completion_ids[rows], mask,
@@ -122,17 +125,19 @@ class GroupPolicyLoss:
     def _prepare(self, model, generation: int) -> None:
         """Sample, score and (for the repeats and the KL) take the log-probabilities of ``generation``'s batch."""
         if self.sampler is None:
-            self.sampler = Sampler(model, self.tokenizer, len(self.batches[0]) * self.group)
+            self.sampler = Sampler(self.policy, self.tokenizer, len(self.batches[0]) * self.group)
         prompts = self.batches[generation]
         prompt_ids = [self.tokenizer(p.text(self.tokenizer))["input_ids"][-self.seq_len:] for p in prompts]
         started = time.perf_counter()
         rollouts = self.sampler.sample(prompt_ids, self.group, self.sampling, self.run_seed, generation)
+        rollouts = rollouts.to(next(self.policy.parameters()).device)
         scored = time.perf_counter()
         per_function, totals = self.rewards(
             [p.question for p in prompts for _ in range(self.group)], rollouts.completions,
             [p.answer for p in prompts for _ in range(self.group)])
         rewards = torch.tensor(totals, dtype=torch.float32)
-        self.advantages, zero_std = group_advantages(rewards, self.group, self.node.scale_rewards)
+        advantages, zero_std = group_advantages(rewards, self.group, self.node.scale_rewards)
+        self.advantages = advantages.to(rollouts.completion_ids.device)
         self.rollouts, self.generation = rollouts, generation
         self.step_tokens = float(rollouts.completion_mask.sum())
         self.old = self._logprobs(model, rollouts) if self.node.num_iterations > 1 else None
