@@ -205,6 +205,18 @@ def test_a_reward_model_directory_rewards_the_preference_prompts(tmp_path, tiny_
     assert record["stages"]["grpo"]["metrics"]["steps"] == 2
 
 
+def test_a_reward_model_stage_rewards_the_grpo_stage_after_it(tmp_path, tiny_checkpoint):
+    record = run_ok(tmp_path, "pipeline=technique_only", "data=preference", f"model.path={tiny_checkpoint}",
+                    "+technique@pipeline.nodes.rm=reward_model", "+technique@pipeline.nodes.rl=grpo",
+                    "pipeline.stages=[rm,rl]", "pipeline.nodes.rm.max_steps=2", "pipeline.nodes.rl.max_steps=2",
+                    "pipeline.nodes.rl.rewards=[reward_model]", "pipeline.nodes.rl.reward_model=rm",
+                    "pipeline.nodes.rl.group_size=4", "pipeline.nodes.rl.max_completion_tokens=8",
+                    "parallelism.global_batch=4", "parallelism.micro_batch=2")
+    metrics = record["stages"]["rl"]["metrics"]
+    assert metrics["steps"] == 2 and metrics["reward_std"] > 0
+    assert metrics["reward_reward_model"] == pytest.approx(metrics["reward_mean"], abs=1e-5)
+
+
 def test_a_killed_run_resumes_and_samples_what_the_uninterrupted_one_did(tmp_path, tiny_checkpoint):
     """SIGKILL after a checkpoint and a logged step past it; the rerun resumes there, and every resumed step's rewards,
     KL and lengths are the uninterrupted run's: same seeds per completion, same weights, and the reference as
