@@ -74,9 +74,10 @@ class GRPO(TrainingTechnique):
 
     @classmethod
     def metrics(cls, config, node) -> Tuple[Metric, ...]:
+        kl = (Metric("kl", False, "KL to the reference (last step)", MetricKind.INFO),) if node.beta else ()
         return (
             Metric("reward_mean", True, "mean reward (last step)", MetricKind.INFO),
-            Metric("kl", False, "KL to the reference (last step)", MetricKind.INFO),
+            *kl,
             *super().metrics(config, node),
             Metric("generation_time_s", False, "generation_time_s", MetricKind.COST),
             Metric("scoring_time_s", False, "scoring_time_s", MetricKind.COST),
