@@ -31,13 +31,15 @@ class GRPOConfig(TrainingConfig):
 
     The defaults suit the embedded word problems on a CPU: groups of 8 (DeepSeekMath used 64,
     TRL defaults to 8) give most prompts a spread of rewards at the baseline's accuracy;
-    40 completion tokens hold a worked solution ("6 + 9 = 15 . 15 - 5 = 10 . #### 10" is 17) and
+    40 completion tokens hold a worked solution ("6 + 9 = 15 . 15 - 5 = 10 . #### 10" is 14) and
     generation stops at the next "Question:", as the evaluation's does.
     """
 
     name: str = "grpo"
     max_steps: int = 100
-    lr: float = 2e-4  # an RL update moves the baseline gently: sft's 3e-3 collapses the policy's samples
+    # 20 steps from the embedded baseline, mean training reward of steps 1-10 -> 11-20: 0.23 -> 0.15 at 3e-3 (sft's;
+    # KL 0.34 at the end), 0.30 -> 0.26 at 1e-3 (KL 0.13), 0.33 -> 0.30 at 2e-4 (KL 0.01)
+    lr: float = 2e-4
     warmup_steps: int = 5
     log_every: int = 1  # every step's rewards, KL and clipping
     checkpoint_every: int = 50
