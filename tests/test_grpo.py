@@ -231,11 +231,12 @@ def test_a_reward_model_stage_rewards_the_grpo_stage_after_it(tmp_path, tiny_che
 
 def test_a_killed_run_resumes_and_samples_what_the_uninterrupted_one_did(tmp_path, tiny_checkpoint):
     """SIGKILL after a checkpoint and a logged step past it; the rerun resumes there, and every resumed step's rewards,
-    KL and lengths are the uninterrupted run's: same seeds per completion, same weights, and the reference as
-    refreshed at the checkpoint's step (ref_refresh_steps = checkpoint_every)."""
+    KL and lengths are the uninterrupted run's: same seeds per completion, same weights, the reference as refreshed
+    at the checkpoint's step (ref_refresh_steps = checkpoint_every), and the completions sampled before it for the
+    repeats still to come (every checkpoint falls inside a generation batch's 3 repeats)."""
     args = ["technique=grpo", *SHORT, *WORD_PROBLEMS, f"model.path={tiny_checkpoint}", "technique.max_steps=24",
             "technique.rewards=[my_rewards:distinct_words]", "technique.checkpoint_every=8",
-            "technique.num_iterations=2", "technique.ref_refresh_steps=8"]
+            "technique.num_iterations=3", "technique.ref_refresh_steps=8"]
     run_ok(tmp_path, *args, run_dir="clean")
     clean_rows = log_rows(tmp_path / "clean")
     run_dir = tmp_path / "killed"

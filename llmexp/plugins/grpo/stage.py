@@ -7,8 +7,8 @@ order they are trained on (``shuffle=False``): generation batch g serves the opt
 g * num_iterations .. (g + 1) * num_iterations - 1, as TRL's RepeatSampler repeats it, and the
 loss samples its completions when it first meets it, from the weights of that moment, then
 reuses them, their rewards and their old and reference log-probabilities for the repeats.
-A run resumed in the middle of a generation batch's repeats samples it again from the restored
-weights (TRL does the same).
+The batch in use is saved in the loop's checkpoints (``KeptExperience``), so a run resumed in the
+middle of its repeats goes on with the completions the interrupted run sampled.
 
 The step's time is split three ways (the figures GRPO systems compare): ``generation_time_s``
 (the engine sampling completions), ``scoring_time_s`` (the rewards, the advantages, and the
@@ -30,7 +30,7 @@ import torch
 from llmexp.plugins.grpo.loss import ClippedObjective, completion_logprobs, group_advantages
 from llmexp.plugins.grpo.prompts import Prompt, training_prompts
 from llmexp.plugins.grpo.rewards import Rewards, load_rewards
-from llmexp.plugins.grpo.rollouts import Sampler, Sampling
+from llmexp.plugins.grpo.rollouts import Rollouts, Sampler, Sampling
 from llmexp.sdk import (
     LossOutput, StageContext, StageResult, base_model, stage_node_path, train, trained_model_result,
 )
@@ -44,8 +44,9 @@ def run_grpo(ctx: StageContext) -> StageResult:
     reference = copy.deepcopy(model).eval().requires_grad_(False) if node.beta else None
     batches = generation_batches(prompts, node, cfg.parallelism.global_batch, cfg.seed)
     loss = GroupPolicyLoss(ctx, model, batches, tokenizer, load_rewards(ctx, stage_node_path(ctx)), reference)
-    callbacks = [ReferenceRefresh(model, reference, node.ref_refresh_steps, node.ref_mixup_alpha)] \
-        if reference is not None and node.ref_refresh_steps else []
+    callbacks = [KeptExperience(loss)]
+    if reference is not None and node.ref_refresh_steps:
+        callbacks.append(ReferenceRefresh(model, reference, node.ref_refresh_steps, node.ref_mixup_alpha))
     try:
         metrics = train(ctx, model, loss, schedule(node, cfg.parallelism.global_batch), collate, None, shuffle=False,
                         extra_modules=[reference] if reference is not None else [], callbacks=callbacks)
@@ -153,6 +154,29 @@ class GroupPolicyLoss:
             **{reward_log_name(name): value for name, value in zip(self.rewards.names, function_means)},
         }
 
+    def experience(self) -> Dict[str, Any]:
+        """The generation batch in use: what a checkpoint keeps so that its repeats go on after a resume."""
+        if self.generation < 0:
+            return {}
+        r = self.rollouts
+        tensors = {"prompt_ids": r.prompt_ids, "prompt_mask": r.prompt_mask, "completion_ids": r.completion_ids,
+                   "completion_mask": r.completion_mask, "advantages": self.advantages,
+                   "old": self.old, "ref": self.ref}
+        return {"generation": self.generation, "completions": list(r.completions), "step_tokens": self.step_tokens,
+                "batch_logs": dict(self.batch_logs),
+                **{key: value.cpu() for key, value in tensors.items() if value is not None}}
+
+    def restore(self, state: Dict[str, Any]) -> None:
+        if not state:
+            return
+        device = next(self.policy.parameters()).device
+        kept = {key: value.to(device) for key, value in state.items() if torch.is_tensor(value)}
+        self.rollouts = Rollouts(kept["prompt_ids"], kept["prompt_mask"], kept["completion_ids"],
+                                 kept["completion_mask"], state["completions"])
+        self.advantages, self.old, self.ref = kept["advantages"], kept.get("old"), kept.get("ref")
+        self.generation, self.step_tokens = state["generation"], state["step_tokens"]
+        self.batch_logs = state["batch_logs"]
+
     def _logprobs(self, model, rollouts) -> torch.Tensor:
         r = rollouts
         with torch.no_grad():
@@ -190,6 +214,19 @@ class GroupPolicyLoss:
 def reward_log_name(name: str) -> str:
     """The log key of one reward's mean: ``reward_<name>``; a user's ``package.module:function`` by its function."""
     return f"reward_{name.rsplit(':', 1)[-1]}"
+
+
+class KeptExperience(L.Callback):
+    """Saves the loss's generation batch in the loop's checkpoints and gives it back on resume."""
+
+    def __init__(self, loss: GroupPolicyLoss):
+        self.loss = loss
+
+    def state_dict(self) -> Dict[str, Any]:
+        return self.loss.experience()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        self.loss.restore(state)
 
 
 class ReferenceRefresh(L.Callback):
