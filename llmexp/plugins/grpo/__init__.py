@@ -44,7 +44,7 @@ class GRPOConfig(TrainingConfig):
     log_every: int = 1  # every step's rewards, KL and clipping
     checkpoint_every: int = 50
     group_size: int = 8  # completions per prompt (G)
-    max_completion_tokens: int = 40
+    max_completion_tokens: int = 40  # sampled tokens per completion at most
     temperature: float = 1.0  # sampling; the log-probabilities are of the same tempered distribution
     top_p: float = 1.0
     stop: List[str] = field(default_factory=lambda: ["Question:"])  # strings that end a completion
@@ -59,6 +59,7 @@ class GRPOConfig(TrainingConfig):
     kl_correction: bool = True  # KL term times the ratio: TRL 1.16's use_bias_correction_kl (its default)
     ref_refresh_steps: int = 0  # 0: the reference stays the starting model; N: refreshed every N steps
     ref_mixup_alpha: float = 1.0  # a refresh sets reference = alpha * policy + (1 - alpha) * reference
+    # summed with reward_weights: exact_match, format, reward_model, or your 'package.module:function'
     rewards: List[str] = field(default_factory=lambda: ["exact_match"])
     reward_weights: List[float] = field(default_factory=list)  # one per reward; [] = all 1
     reward_model: Optional[str] = None  # an earlier reward_model stage's name, or a classifier's directory
