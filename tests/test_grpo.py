@@ -89,6 +89,9 @@ def refusal(tmp_path: Path, *args: str) -> str:
     (["technique.reward_weights=[1,2]"], "technique.reward_weights has 2 values for 1 rewards"),
     (["technique.val_every=10"], "technique.val_every=10: grpo validates no loss while it trains"),
     (["parallelism=dp2"], "parallelism=dp2 (2 ranks) with technique=grpo"),
+    (["technique.max_completion_tokens=200"],
+     "technique.max_completion_tokens=200 with data.seq_len=64 (the most prompt tokens kept) needs 264 positions, and "
+     "the model's context is 256"),
 ])
 def test_bad_settings_are_refused_by_the_plan(tmp_path, args, fragment):
     assert fragment in refusal(tmp_path, "data=word_problems", *args)

@@ -18,7 +18,7 @@ from typing import Any, Dict, List, Optional, Tuple
 from llmexp.plugins.grpo.prompts import training_prompts
 from llmexp.plugins.grpo.rewards import reward_problems, reward_stage
 from llmexp.sdk import (
-    Consumed, Metric, MetricKind, Reads, TrainingConfig, TrainingTechnique, UserError, architecture,
+    Consumed, Metric, MetricKind, Reads, TrainingConfig, TrainingTechnique, UserError, architecture, context_length,
     count_parameters, hookimpl, model_numbers_from_hf_config, node_path, read_hf_config, training_problems,
 )
 
@@ -119,6 +119,7 @@ class GRPO(TrainingTechnique):
         path = node_path(key)
         problems = super().plan_problems(config, key, node, plan) + training_problems(node, path)
         problems += _settings_problems(node, path) + _layout_problems(config, path)
+        problems += _context_problems(config, node, path)
         try:
             prompts, _ = training_prompts(config.data)
         except UserError as error:
@@ -168,6 +169,17 @@ def _settings_problems(node, path: str) -> List[str]:
                              "task scores the held-out word problems)."),
     ]
     return [message for ok, message in checks if not ok]
+
+
+def _context_problems(config, node, path: str) -> List[str]:
+    """A prompt (cut to its last data.seq_len tokens) and its completion must fit the model's context."""
+    context = context_length(config)
+    needed = config.data.seq_len + node.max_completion_tokens
+    if context is None or needed <= context:
+        return []
+    return [f"{path}.max_completion_tokens={node.max_completion_tokens} with data.seq_len={config.data.seq_len} "
+            f"(the most prompt tokens kept) needs {needed} positions, and the model's context is {context}; lower "
+            "one of them."]
 
 
 def _layout_problems(config, path: str) -> List[str]:
