@@ -100,7 +100,8 @@ def test_bad_settings_are_refused_by_the_plan(tmp_path, args, fragment):
 def test_answers_are_needed_for_exact_match_and_prompts_for_any_reward(tmp_path):
     assert "technique.rewards has exact_match, which compares a completion with the prompt's answer, and " \
            "data=preference has no answers" in refusal(tmp_path, "data=preference")
-    assert "data=embedded with technique=grpo" in refusal(tmp_path, "data=embedded")
+    assert "data=jsonl with technique=grpo" in refusal(tmp_path, "data=jsonl")
+    assert refusal(tmp_path, "data=embedded") == ""  # the world's word problems, as data=word_problems has them
     assert refusal(tmp_path, "data=preference", "technique.rewards=[my_rewards:distinct_words]") == ""
     assert run_llmexp("plan", "technique=grpo", "data=word_problems", cwd=tmp_path).returncode == 0
 

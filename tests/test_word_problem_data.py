@@ -8,6 +8,7 @@ import pytest
 from llmexp.configuration.compose import compose_config
 from llmexp.data.embedded import build_world
 from llmexp.data.instructions import instruction_data
+from llmexp.data.preference import preference_data
 from llmexp.data.word_problems import word_problem_data
 from llmexp.errors import UserError
 from llmexp.models import embedded_baseline
@@ -50,6 +51,15 @@ def test_a_gsm8k_file_is_read_and_a_line_without_its_number_is_named(tmp_path):
     path.write_text(path.read_text() + json.dumps({"question": "q", "answer": "no number"}) + "\n")
     with pytest.raises(UserError, match=r"train.jsonl:11: the answer does not contain '#### <number>'"):
         word_problem_data(data)
+
+
+def test_data_embedded_holds_its_worlds_word_problems_and_data_preference_its_chosen_responses():
+    assert word_problem_data(compose_config([]).data) == word_problem_data(compose_config(["data=word_problems"]).data)
+    pairs = compose_config(["data=preference"]).data
+    examples, validation = instruction_data(pairs)
+    train_pairs, validation_pairs = preference_data(pairs)
+    assert [(e.prompt, e.response) for e in examples] == [(p.prompt, p.chosen) for p in train_pairs]
+    assert len(validation) == len(validation_pairs) > 0
 
 
 def test_other_data_holds_no_word_problems():

@@ -79,10 +79,16 @@ def instruction_data(data_cfg) -> Tuple[List[Example], List[Example]]:
         return read_train_and_validation(data_cfg, read_instruction_file)
     if data_cfg.name == "word_problems":
         return word_problem_examples(data_cfg)
+    if data_cfg.name == "preference":  # the preferred responses: SFT on the chosen side, before DPO or RL
+        # imported when used: llmexp.data.preference encodes its pairs with this module's encode_example
+        from llmexp.data.preference import preference_data
+
+        train, validation = preference_data(data_cfg)
+        return [Example(p.prompt, p.chosen) for p in train], [Example(p.prompt, p.chosen) for p in validation]
     raise UserError(
         f"data={data_cfg.name} holds no instruction data. For SFT and LoRA use data=embedded "
-        "(the built-in Text2SQL set), data=word_problems (worked arithmetic answers) or data=jsonl "
-        "data.path=<train.jsonl>."
+        "(the built-in Text2SQL set), data=word_problems (worked arithmetic answers), data=preference (the "
+        "chosen responses) or data=jsonl data.path=<train.jsonl>."
     )
 
 

@@ -20,22 +20,27 @@ from llmexp.data.splits import read_train_and_validation, split_validation
 from llmexp.errors import UserError
 
 
+DEFAULT_PROBLEMS = 2000  # generated when the data option does not say (data=embedded)
+
+
 def word_problem_data(data_cfg) -> Tuple[List[GSM8KProblem], List[GSM8KProblem]]:
-    """(train, validation) problems of ``data=word_problems``; a bad file line raises ``UserError`` at ``file:line``."""
-    if data_cfg.name != "word_problems":
+    """(train, validation) problems of ``data=word_problems``, or of ``data=embedded`` (its world's, as
+    ``data=word_problems`` generates them by default); a bad file line raises ``UserError`` at ``file:line``."""
+    if data_cfg.name not in ("word_problems", "embedded"):
         raise UserError(
             f"data={data_cfg.name} holds no word problems with answers. Use data=word_problems (the embedded "
             "world's, or data.path=<train.jsonl> in GSM8K's layout: question, and an answer ending '#### N')."
         )
-    if data_cfg.path:
+    if data_cfg.get("path"):
         return read_train_and_validation(data_cfg, load_gsm8k)
-    if data_cfg.problems < 2:
+    count = data_cfg.get("problems", DEFAULT_PROBLEMS)
+    if count < 2:
         raise UserError(
-            f"data.problems={data_cfg.problems}: generate at least 2 word problems (one to train on, one to "
+            f"data.problems={count}: generate at least 2 word problems (one to train on, one to "
             "validate with), e.g. data.problems=2000."
         )
     world = build_world(data_cfg.seed, data_cfg.num_people)
-    problems = [GSM8KProblem(p.question, p.solution, p.answer) for p in world.word_problems(data_cfg.problems)]
+    problems = [GSM8KProblem(p.question, p.solution, p.answer) for p in world.word_problems(count)]
     return split_validation(problems, data_cfg)
 
 

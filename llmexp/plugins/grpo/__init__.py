@@ -92,7 +92,7 @@ class GRPO(TrainingTechnique):
         """The embedded word problems' held-out test when it trains on the embedded ones; text2sql on the
         embedded preference pairs' prompts."""
         data = config.data
-        if data.name == "word_problems" and not data.path:
+        if data.name == "embedded" or (data.name == "word_problems" and not data.path):
             return ("word_problems",)
         return ("text2sql",) if data.name == "preference" and not data.path else ()
 

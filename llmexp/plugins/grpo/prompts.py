@@ -1,6 +1,7 @@
 """What GRPO samples completions for: each prompt's text as the model sees it, and the answer a reward may check.
 
-``data=word_problems``: the problems' prompts exactly as the evaluation's ``word_problems`` task asks
+``data=word_problems``, and ``data=embedded`` (its world's word problems: the embedded task with a
+verifiable answer): the problems' prompts exactly as the evaluation's ``word_problems`` task asks
 them ("Question: ...\\nAnswer:"), with the number after ``####`` as the answer. ``data=preference``:
 the pairs' prompts as DPO and SFT show them (``format_prompt``), with no answer, so only a reward
 model or the user's reward applies. Pure Python: the plan reads the prompts to check them.
@@ -35,7 +36,7 @@ class Prompt:
 
 def training_prompts(data_cfg) -> Tuple[List[Prompt], List[Prompt]]:
     """(train, validation) prompts of the run's data; anything else is a ``UserError`` naming ``data``."""
-    if data_cfg.name == "word_problems":
+    if data_cfg.name in ("word_problems", "embedded"):
         from llmexp.data.word_problems import word_problem_data
 
         train, validation = word_problem_data(data_cfg)
