@@ -100,6 +100,14 @@ def test_a_stage_reads_a_corpus_only_from_an_earlier_stage_that_makes_one():
     ]
 
 
+def test_narrowing_the_stages_leaves_the_inputs_of_those_left_out_unread():
+    narrowed = make_plan(compose_config(["pipeline=grpo_word_problems", "pipeline.stages=[base_eval,grpo,grpo_eval]"]))
+    assert narrowed.problems == []
+    typo = make_plan(compose_config(["pipeline=grpo_word_problems", "+pipeline.inputs.sfft=none"]))
+    assert typo.problems == ["pipeline.inputs.sfft=none: 'sfft' is not a stage of pipeline.stages (base_eval, grpo, "
+                             "grpo_eval, sft, sft_eval); name one of them."]
+
+
 def test_a_pipeline_input_outside_the_stages_is_one_problem_not_a_crash():
     plan = make_plan(compose_config(["pipeline=compress", "pipeline.stages=[baseline_eval,fp8,fp8_eval]",
                                      "model.baseline=null"]))

@@ -59,11 +59,18 @@ def _source_problems(config, stages, setting: str, reads: str, makes, kind: str)
     nodes = dict(stages)
     inputs = OmegaConf.select(config, f"pipeline.{setting}", default=None) or {}
     all_keys = list(OmegaConf.select(config, "pipeline.stages", default=None) or [])
+    declared = OmegaConf.select(config, "pipeline.nodes", default=None) or {}
     problems = []
     for stage, source in inputs.items():
+        if stage not in keys and stage in declared:
+            continue  # a node of the pipeline that pipeline.stages leaves out: it runs, and reads, nothing
         if setting == "inputs" and source == NO_MODEL and stage in keys:
             continue
-        if stage not in keys or source not in keys or keys.index(source) >= keys.index(stage):
+        if stage not in keys:
+            problems.append(f"pipeline.{setting}.{stage}={source}: {stage!r} is not a stage of pipeline.stages "
+                            f"({', '.join(all_keys)}); name one of them.")
+            continue
+        if source not in keys or keys.index(source) >= keys.index(stage):
             problems.append(
                 f"pipeline.{setting}.{stage}={source}: both must be stages of pipeline.stages "
                 f"({', '.join(all_keys)}) and {source!r} must come before {stage!r}."
