@@ -4,12 +4,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
 import textwrap
 import time
 from pathlib import Path
+from typing import Optional
 
 import pytest
 
@@ -167,11 +169,14 @@ def test_an_earlier_reward_model_stage_rewards_and_is_counted():
                for p in misordered.problems)
 
 
-def run_ok(tmp_path: Path, *args: str, run_dir: str = "run") -> dict:
+def run_ok(tmp_path: Path, *args: str, run_dir: str = "run", console: Optional[list] = None) -> dict:
+    """The run's results.json; ``console`` (a list) receives its stderr."""
     (tmp_path / "my_rewards.py").write_text(USER_REWARDS)
     result = run_llmexp(*args, f"hydra.run.dir={tmp_path / run_dir}", cwd=tmp_path,
-                        env={"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1"})
+                        env={"PYTHONPATH": str(tmp_path), "OMP_NUM_THREADS": "1", "LLMEXP_PROGRESS_INTERVAL": "0"})
     assert result.returncode == 0, result.stderr[-3000:]
+    if console is not None:
+        console.append(result.stderr)
     return read_results(tmp_path / run_dir)
 
 
@@ -180,10 +185,11 @@ def log_rows(run_dir: Path):
 
 
 def test_a_short_run_logs_every_steps_rewards_kl_and_clipping(tmp_path, tiny_checkpoint):
+    console = []
     record = run_ok(tmp_path, "technique=grpo", *SHORT, *WORD_PROBLEMS, f"model.path={tiny_checkpoint}",
                     "technique.max_steps=4",
                     "technique.num_iterations=2", "technique.rewards=[format,my_rewards:distinct_words]",
-                    "technique.reward_weights=[1.0,2.0]")
+                    "technique.reward_weights=[1.0,2.0]", console=console)
     metrics = record["stages"]["grpo"]["metrics"]
     rows = log_rows(tmp_path / "run")
     assert [row["step"] for row in rows] == [1, 2, 3, 4]
@@ -200,6 +206,10 @@ def test_a_short_run_logs_every_steps_rewards_kl_and_clipping(tmp_path, tiny_che
     assert metrics["steps"] == 4 and metrics["generation_time_s"] > 0 and metrics["optimisation_time_s"] > 0
     assert metrics["scoring_time_s"] >= 0 and metrics["reward_mean"] == pytest.approx(rows[-1]["reward_mean"], abs=1e-5)
     assert (tmp_path / "run/grpo/model/config.json").exists()
+    # each step's progress line (off a terminal) gives the step's mean reward beside its loss
+    lines = re.findall(r"^grpo: step (\d+)/4 \(\d+%\) loss \S+ reward_mean (\S+) ", console[0], re.M)
+    assert [(int(step), float(reward)) for step, reward in lines] == [
+        (row["step"], pytest.approx(row["reward_mean"], rel=1e-3)) for row in rows]
 
 
 def test_grpo_raises_a_reward_the_policy_can_learn(tmp_path, tiny_checkpoint):

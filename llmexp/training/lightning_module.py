@@ -134,10 +134,12 @@ def training_module_class() -> type:
                 preemption.requeue_now()
 
         def _progress_detail(self) -> str:
-            """This rank's loss of the step, and the tokens/s of every data-parallel rank (they see equal shares)."""
+            """This rank's loss of the step and the loss's first log (DPO's reward accuracy, GRPO's mean reward),
+            and the tokens/s of every data-parallel rank (they see equal shares)."""
             seconds = max(time.perf_counter() - self._started, 1e-9)
             tokens_per_s = self.session_tokens * self.parallelism.dp / seconds
-            return f"loss {float(self._step_loss):.4g} {progress.rate(tokens_per_s)} tok/s"
+            first_log = "".join(f" {name} {float(value):.4g}" for name, value in list(self._logs.items())[:1])
+            return f"loss {float(self._step_loss):.4g}{first_log} {progress.rate(tokens_per_s)} tok/s"
 
         def _stop_requested(self) -> bool:
             """Whether a stop signal came to any rank: all of them stop after the same step."""
