@@ -42,6 +42,7 @@ PAIRED = {  # pipeline preset -> its evaluations compared item by item with base
                        "lm_finetune_eval", "distill_fp8_eval", "width_prune_eval", "width_distill_eval"],
     "prune_distill": ["prune_eval", "distill_eval"],
     "gpu_formats": ["fp8_eval", "nvfp4_eval", "mxfp8_eval"],
+    "grpo_word_problems": ["grpo_eval", "sft_eval"],
 }
 
 
@@ -56,7 +57,7 @@ def test_an_override_of_the_baseline_evaluation_reaches_every_comparison(pipelin
     # a comparison may still be narrowed on its own
     narrowed = compose_config([f"pipeline={pipeline}", f"pipeline.nodes.{compared[0]}.tasks=[perplexity]"])
     assert narrowed.pipeline.nodes[compared[0]].tasks == ["perplexity"]
-    assert "multiple_choice" in narrowed.pipeline.nodes[compared[-1]].tasks
+    assert narrowed.pipeline.nodes[compared[-1]].tasks == narrowed.pipeline.nodes.baseline_eval.tasks != ["perplexity"]
 
 
 def test_the_customize_evaluations_score_the_zero_shot_tasks():
@@ -101,11 +102,11 @@ def test_a_stage_reads_a_corpus_only_from_an_earlier_stage_that_makes_one():
 
 
 def test_narrowing_the_stages_leaves_the_inputs_of_those_left_out_unread():
-    narrowed = make_plan(compose_config(["pipeline=grpo_word_problems", "pipeline.stages=[base_eval,grpo,grpo_eval]"]))
+    narrowed = make_plan(compose_config(["pipeline=grpo_word_problems", "pipeline.stages=[baseline_eval,grpo,grpo_eval]"]))
     assert narrowed.problems == []
     typo = make_plan(compose_config(["pipeline=grpo_word_problems", "+pipeline.inputs.sfft=none"]))
-    assert typo.problems == ["pipeline.inputs.sfft=none: 'sfft' is not a stage of pipeline.stages (base_eval, grpo, "
-                             "grpo_eval, sft, sft_eval); name one of them."]
+    assert typo.problems == ["pipeline.inputs.sfft=none: 'sfft' is not a stage of pipeline.stages (baseline_eval, "
+                             "grpo, grpo_eval, sft, sft_eval); name one of them."]
 
 
 def test_a_pipeline_input_outside_the_stages_is_one_problem_not_a_crash():
