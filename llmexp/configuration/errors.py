@@ -189,7 +189,8 @@ def _owned_elsewhere(key: str, node: str, schema: type) -> Optional[str]:
         chosen = _option_of(options, schema)
         owners = [name for name, option in options.items() if key in _keys(option)]
         if chosen is not None and owners:
-            listed = " and ".join(f"{group}={name}" for name in owners)
+            named = [f"{group}={name}" for name in owners]
+            listed = named[0] if len(named) == 1 else f"{', '.join(named[:-1])} and {named[-1]}"
             which = f"this run has {group}={chosen}" if node == group else f"{node} is {group}={chosen}"
             return (f"{node}.{key} is a key of {listed}; {which}, which has no such key: "
                     f"choose {option_override(node, group, owners[0])} or drop the override.")
