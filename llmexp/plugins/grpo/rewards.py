@@ -154,9 +154,10 @@ class RewardModelScore:
     def __init__(self, directory: Path, max_len: int):
         from transformers import AutoModelForSequenceClassification, AutoTokenizer
 
-        self.model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True)
+        self.model = AutoModelForSequenceClassification.from_pretrained(directory, local_files_only=True,
+                                                                        trust_remote_code=False)
         self.model.eval().requires_grad_(False)
-        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+        self.tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True, trust_remote_code=False)
         self.max_len = max_len
 
     def __call__(self, prompts: Sequence[str], completions: Sequence[str], answers: Sequence[Any]) -> List[float]:
