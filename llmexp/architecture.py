@@ -9,7 +9,7 @@ llmexp, so every layer may import it.
 from __future__ import annotations
 
 from collections.abc import Mapping
-from typing import Any, Callable, Dict, Tuple
+from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 ARCHITECTURE_NUMBERS = ("vocab_size", "hidden_size", "intermediate_size", "num_layers", "num_attention_heads",
                         "num_key_value_heads", "head_dim", "tie_word_embeddings", "attention_bias")
@@ -76,3 +76,15 @@ def training_flops_per_token(model_numbers: Any, seq_len: int) -> int:
     """
     m = architecture(model_numbers)
     return 6 * matmul_parameters(m) + 12 * m["num_layers"] * m["num_attention_heads"] * m["head_dim"] * seq_len
+
+
+def lora_targets(target_modules: Sequence[str]) -> List[str]:
+    """The linear layers a LoRA adapter wraps, by PEFT's names: ``[all-linear]`` is every one of a layer."""
+    targets = list(target_modules)
+    return list(LINEAR_SHAPES) if targets == ["all-linear"] else targets
+
+
+def lora_parameters(model: Mapping[str, Any], rank: int, target_modules: Sequence[str]) -> int:
+    """LoRA's trainable parameters: rank * (in + out) per adapted linear layer, in every layer (unknown names add none)."""
+    widths = sum(sum(LINEAR_SHAPES[name](model)) for name in lora_targets(target_modules) if name in LINEAR_SHAPES)
+    return rank * widths * model["num_layers"]

@@ -38,7 +38,7 @@ from llmexp.results.record import write_json_atomic
 from llmexp.results import statistics
 
 # -- planning: architecture numbers, precision needs, memory per device's building blocks, this machine --
-from llmexp.architecture import LINEAR_SHAPES, architecture, count_parameters
+from llmexp.architecture import LINEAR_SHAPES, architecture, count_parameters, lora_parameters, lora_targets
 from llmexp.planning.hardware import FP32_BYTES, PRECISION_NEEDS
 from llmexp.planning.layout import Layout
 from llmexp.machine.backends import gpu_driver_present, importable

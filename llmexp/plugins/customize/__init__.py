@@ -15,7 +15,10 @@ from dataclasses import dataclass, field
 from typing import Any, Dict, List, Tuple
 
 from llmexp.plugins.customize.checks import stage_problems
-from llmexp.sdk import LINEAR_SHAPES, TrainingConfig, TrainingTechnique, count_parameters, hookimpl, node_path
+from llmexp.sdk import (
+    LINEAR_SHAPES, TrainingConfig, TrainingTechnique, count_parameters, hookimpl, lora_parameters, lora_targets,
+    node_path,
+)
 
 
 @dataclass
@@ -115,8 +118,7 @@ class LoRA(Customization):
     @classmethod
     def trainable_parameters(cls, config, node, model: Dict[str, Any]) -> int:
         """rank*(in + out) per adapted linear layer (in -> out), for each of ``target_modules`` in every layer."""
-        widths = sum(sum(LINEAR_SHAPES[name](model)) for name in target_modules(node) if name in LINEAR_SHAPES)
-        return node.rank * widths * model["num_layers"]
+        return lora_parameters(model, node.rank, node.target_modules)
 
     @classmethod
     def plan_problems(cls, config, key: str, node, plan) -> List[str]:
@@ -124,7 +126,7 @@ class LoRA(Customization):
         layers tp splits)."""
         field = node_path(key)
         problems = super().plan_problems(config, key, node, plan)
-        unknown = [name for name in target_modules(node) if name not in LINEAR_SHAPES]
+        unknown = [name for name in lora_targets(node.target_modules) if name not in LINEAR_SHAPES]
         if unknown:
             model = config.model.name if config.model.path is None else f"{config.model.name} from {config.model.path}"
             problems.append(
@@ -140,11 +142,6 @@ class LoRA(Customization):
             )
         return problems
 
-
-def target_modules(node) -> List[str]:
-    """The linear layers a LoRA node adapts, by PEFT's names; ``all-linear`` (the schema's default) is every one."""
-    targets = list(node.target_modules)
-    return list(LINEAR_SHAPES) if targets == ["all-linear"] else targets
 
 
 class DPO(Customization):

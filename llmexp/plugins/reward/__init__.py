@@ -20,7 +20,7 @@ from typing import Any, Dict, List, Tuple
 from llmexp.data.preference import preference_data
 from llmexp.sdk import (
     LINEAR_SHAPES, Metric, MetricKind, TrainingConfig, TrainingTechnique, UserError, count_parameters, hookimpl,
-    node_path, training_problems,
+    lora_parameters, lora_targets, node_path, training_problems,
 )
 
 
@@ -56,11 +56,6 @@ def classifier_parameters(model: Dict[str, Any]) -> int:
     return count_parameters({**model, "tie_word_embeddings": True}) + model["hidden_size"]
 
 
-def target_modules(node) -> List[str]:
-    """The linear layers LoRA adapts, by PEFT's names; ``all-linear`` (the default) is every one of a layer."""
-    targets = list(node.target_modules)
-    return list(LINEAR_SHAPES) if targets == ["all-linear"] else targets
-
 
 class RewardModel(TrainingTechnique):
     """Training of the classifier on a chosen and a rejected sequence per pair: activations of twice the
@@ -94,8 +89,7 @@ class RewardModel(TrainingTechnique):
         LoRA: rank*(in + out) per adapted linear layer in every layer, and the head."""
         if node.lora_rank <= 0:
             return count_parameters(model)
-        widths = sum(sum(LINEAR_SHAPES[name](model)) for name in target_modules(node) if name in LINEAR_SHAPES)
-        return node.lora_rank * widths * model["num_layers"] + model["hidden_size"]
+        return lora_parameters(model, node.lora_rank, node.target_modules) + model["hidden_size"]
 
     @classmethod
     def metrics(cls, config, node) -> Tuple[Metric, ...]:
@@ -154,7 +148,7 @@ def settings_problems(node, field: str) -> List[str]:
 def lora_problems(config, node, field: str) -> List[str]:
     """Targets a Llama-style layer has; no tensor parallelism (PEFT's adapter layers are not the layers tp splits)."""
     problems = []
-    unknown = [name for name in target_modules(node) if name not in LINEAR_SHAPES]
+    unknown = [name for name in lora_targets(node.target_modules) if name not in LINEAR_SHAPES]
     if unknown:
         problems.append(f"{field}.target_modules names {', '.join(unknown)}, which a {config.model.name} layer does "
                         f"not have; choose from {', '.join(LINEAR_SHAPES)} or [all-linear].")
