@@ -6,7 +6,7 @@ from llmexp.techniques.plugin_manager import techniques
 
 from .conftest import REPO, run_llmexp
 
-GROUPS = ["backend", "cluster", "data", "hardware", "model", "parallelism", "pipeline", "tracker"]
+GROUPS = ["backend", "cluster", "data", "hardware", "model", "parallelism", "pipeline", "rails", "retriever", "tracker"]
 
 
 def test_help_is_short_and_names_every_group_option_subcommand_and_the_full_config(tmp_path):

@@ -29,7 +29,8 @@ from llmexp.configuration.errors import added_key_problems, composition_message,
 from llmexp.errors import UserError
 from llmexp.techniques.plugin_manager import techniques
 from llmexp.configuration.schema import (
-    BACKEND_OPTIONS, CLUSTER_KINDS, DATA_OPTIONS, TRACKER_OPTIONS, ClusterConfig, RunConfig,
+    BACKEND_OPTIONS, CLUSTER_KINDS, DATA_OPTIONS, RAILS_OPTIONS, RETRIEVER_OPTIONS, TRACKER_OPTIONS, ClusterConfig,
+    RunConfig,
 )
 
 CONFIG_MODULE = "llmexp.conf"
@@ -48,7 +49,8 @@ def register_configs() -> None:
 
 
 # Groups whose YAML options each name a schema of their own (``<group>_<option>_schema`` in their defaults).
-OPTION_SCHEMAS = {"backend": BACKEND_OPTIONS, "data": DATA_OPTIONS, "tracker": TRACKER_OPTIONS}
+OPTION_SCHEMAS = {"backend": BACKEND_OPTIONS, "data": DATA_OPTIONS, "tracker": TRACKER_OPTIONS,
+                  "retriever": RETRIEVER_OPTIONS, "rails": RAILS_OPTIONS}
 
 
 def option_schemas() -> Dict[str, Dict[str, type]]:

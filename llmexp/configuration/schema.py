@@ -8,20 +8,13 @@ own schema (see ``llmexp.techniques.contract``); these are the groups every run 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from enum import Enum
 from typing import Any, Dict, List, Optional
 
 from omegaconf import MISSING
 
-
-class Choice(str, Enum):
-    """A closed set of values for a config field: composing any other value fails and lists these.
-
-    A ``str`` that prints as its value, so code compares, formats and serialises it as the text.
-    """
-
-    def __str__(self) -> str:
-        return str(self.value)
+from llmexp.configuration.choice import Choice
+from llmexp.configuration.rails import RAILS_OPTIONS, RailsConfig
+from llmexp.configuration.retrieval import RETRIEVER_OPTIONS, RetrieverConfig
 
 
 class Precision(Choice):
@@ -435,6 +428,8 @@ class RunConfig:
     backend: BackendConfig = MISSING
     data: DataConfig = MISSING
     tracker: TrackerConfig = MISSING
+    retriever: RetrieverConfig = MISSING
+    rails: RailsConfig = MISSING
     pipeline: PipelineConfig = MISSING
     cluster: ClusterConfig = MISSING
     technique: Any = MISSING  # typed by the selected technique's own schema
