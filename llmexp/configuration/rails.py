@@ -6,6 +6,7 @@ Each option has a schema of its own (``RAILS_OPTIONS``), so a key of one option 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional
 
 from omegaconf import MISSING
 
@@ -16,6 +17,7 @@ class RailsKind(Choice):
     """Which rails guard requests and responses."""
 
     none = "none"
+    guardrails = "guardrails"
 
 
 @dataclass
@@ -32,4 +34,14 @@ class NoRailsConfig(RailsConfig):
     name: RailsKind = RailsKind.none
 
 
-RAILS_OPTIONS = {"none": NoRailsConfig}  # rails=<option> -> its schema
+@dataclass
+class GuardrailsConfig(RailsConfig):
+    """``rails=guardrails``: the input and output rails of a rails config directory in NeMo Guardrails' layout
+    (``config.yml`` with ``rails.input.flows``, ``rails.output.flows`` and ``rails.config``; ``prompts.yml`` with
+    the self-check prompts), run by ``llmexp.rails``."""
+
+    name: RailsKind = RailsKind.guardrails
+    config_path: Optional[str] = None  # a rails config directory; None: the shipped one (llmexp/rails/default)
+
+
+RAILS_OPTIONS = {"none": NoRailsConfig, "guardrails": GuardrailsConfig}  # rails=<option> -> its schema
