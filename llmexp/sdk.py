@@ -65,6 +65,12 @@ from llmexp.training.loop import train
 from llmexp.machine.peak_memory import PeakMemory
 from llmexp.training.trained_model import trained_model_result
 
+# -- retrieval: documents, passages, the configured retriever, its metrics, passages in a prompt -------------
+from llmexp.retrieval import (
+    INDEX_DIRECTORY, Document, Hit, Passage, Retriever, build_retriever, chunk, documents_for, read_documents,
+    retrieval_metrics, with_context,
+)
+
 # -- serving: what one `llmexp serve` serves, a request to it (the engine is imported on first use: it imports torch)
 from llmexp.serving.generation import GenerationRequest
 from llmexp.serving.served_models import ServedModels

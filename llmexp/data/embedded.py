@@ -134,6 +134,14 @@ class EmbeddedWorld:
                 docs.append(f"{problem.prompt} {problem.solution}")
         return docs
 
+    def documents(self) -> Dict[str, str]:
+        """One biography per person, by name: each of the person's facts stated once, with its relation's first
+        statement template, in ``RELATIONS`` order. What a retriever over the world searches; deterministic."""
+        return {
+            person: " ".join(STATEMENTS[f.relation][0].format(p=f.person, v=f.value) for f in self.facts if f.person == person)
+            for person in self.people
+        }
+
     # -- tests ------------------------------------------------------------------------
     def multiple_choice_test(self) -> List[MultipleChoice]:
         rng = random.Random(f"{self.seed}/mc_test")

@@ -1,0 +1,50 @@
+"""BM25 over the passages' words (bm25s: Okapi BM25, Lucene's variant, as a sparse matrix).
+
+Words are lower-cased and English stop words dropped, for passages and queries alike, so "where does
+X live ?" matches on X and "live" alone.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Sequence, Tuple
+
+STOPWORDS = "en"
+
+
+def _words(texts: Sequence[str]) -> List[List[str]]:
+    import bm25s
+
+    return bm25s.tokenize(list(texts), stopwords=STOPWORDS, return_ids=False, show_progress=False)
+
+
+class Bm25Ranking:
+    """Passage indexes ranked by BM25 score; saved to and loaded from a folder of bm25s's files."""
+
+    FILE = "bm25"  # its folder in the index directory
+
+    def __init__(self, index) -> None:
+        self.index = index
+
+    @classmethod
+    def build(cls, texts: Sequence[str], k1: float, b: float) -> "Bm25Ranking":
+        import bm25s
+
+        index = bm25s.BM25(k1=k1, b=b)
+        index.index(_words(texts), show_progress=False)
+        return cls(index)
+
+    @classmethod
+    def load(cls, folder: Path) -> "Bm25Ranking":
+        import bm25s
+
+        return cls(bm25s.BM25.load(str(folder), show_progress=False))
+
+    def save(self, folder: Path) -> None:
+        self.index.save(str(folder), show_progress=False)
+
+    def rank(self, queries: Sequence[str], depth: int) -> List[List[Tuple[int, float]]]:
+        """The ``depth`` best passages of each query as ``(passage index, score)``, best first."""
+        depth = min(depth, self.index.scores["num_docs"])
+        found, scores = self.index.retrieve(_words(queries), k=depth, show_progress=False, n_threads=1)
+        return [[(int(i), float(s)) for i, s in zip(row, row_scores)] for row, row_scores in zip(found, scores)]
