@@ -29,6 +29,7 @@ class TaskInputs:
     gsm8k_path: Optional[str] = None
     num_fewshot: int = 0
     stage_dir: Optional[str] = None  # where a task may keep scratch files (code execution) beside its rows
+    config: Any = None  # the run's config: the retriever (cfg.retriever) and documents a retrieval task scores
 
     def first(self, items: Sequence[Any]) -> List[Any]:
         return list(items if self.limit is None else items[: self.limit])

@@ -145,6 +145,7 @@ class Evaluate(Technique):
             gsm8k_path=cfg.gsm8k_path,
             num_fewshot=cfg.num_fewshot,
             stage_dir=str(ctx.stage_dir),
+            config=ctx.config,
         )
         metrics, artifacts = {}, {}
         progress = Progress(ctx.stage_name)

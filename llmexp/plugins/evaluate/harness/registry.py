@@ -44,8 +44,9 @@ def embedded_names() -> List[str]:
 
 
 def described_names() -> List[str]:
-    """The task types ``tasks`` describes as mappings."""
-    return [name for name, task_type in task_types().items() if not task_type.embedded]
+    """The task types ``tasks`` describes as mappings: those over the user's data, and an embedded one that takes keys
+    (``retrieval``: bare over the embedded questions, ``{type: retrieval, path: ...}`` over the user's)."""
+    return [name for name, task_type in task_types().items() if not task_type.embedded or task_type.keys]
 
 
 @dataclass(frozen=True)

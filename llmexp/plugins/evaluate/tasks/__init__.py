@@ -5,7 +5,7 @@ Over the user's files (described as ``{type: ..., path: ...}``): ``mmlu.py`` (MM
 release), ``continuation.py`` (HellaSwag / ARC style multiple choice), ``generation.py``
 (GSM8K and its kin, regex answer filters), ``text_perplexity.py``, ``similarity.py`` (ROUGE,
 BLEU, F1), ``code.py`` (HumanEval, pass@k in the sandbox), ``lm_eval.py`` (any
-lm-evaluation-harness task YAML) and the ``judge`` (``../judge/``).
+lm-evaluation-harness task YAML) and the ``judge`` (``../judge/``); ``retrieval.py`` scores the run's retriever.
 """
 
 from __future__ import annotations
@@ -17,7 +17,9 @@ from llmexp.plugins.evaluate.tasks.embedded import TASKS
 from llmexp.plugins.evaluate.tasks.generation import GENERATION
 from llmexp.plugins.evaluate.tasks.lm_eval import LM_EVAL
 from llmexp.plugins.evaluate.tasks.mmlu import MMLU
+from llmexp.plugins.evaluate.tasks.retrieval import RETRIEVAL
 from llmexp.plugins.evaluate.tasks.similarity import SIMILARITY
 from llmexp.plugins.evaluate.tasks.text_perplexity import TEXT_PERPLEXITY
 
-BUILT_IN = (*TASKS.values(), MMLU, CONTINUATION, GENERATION, TEXT_PERPLEXITY, SIMILARITY, CODE, JUDGE, LM_EVAL)
+BUILT_IN = (*TASKS.values(), MMLU, CONTINUATION, GENERATION, TEXT_PERPLEXITY, SIMILARITY, CODE, JUDGE, LM_EVAL,
+            RETRIEVAL)
