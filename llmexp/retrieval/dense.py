@@ -9,8 +9,17 @@ searched with queries from another encoder.
 from __future__ import annotations
 
 import hashlib
+import logging
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
+
+
+def _faiss():
+    """The faiss module, imported with its loader's log held to warnings (it logs each CPU build it tries at INFO)."""
+    logging.getLogger("faiss.loader").setLevel(logging.WARNING)
+    import faiss
+
+    return faiss
 
 
 def embed(encoder, texts: Sequence[str], batch_size: int):
@@ -40,8 +49,7 @@ class DenseRanking:
 
     @classmethod
     def build(cls, encoder, texts: Sequence[str], batch_size: int) -> "DenseRanking":
-        import faiss
-
+        faiss = _faiss()
         vectors = embed(encoder, texts, batch_size)
         index = faiss.IndexFlatIP(vectors.shape[1])
         index.add(vectors)
@@ -49,14 +57,10 @@ class DenseRanking:
 
     @classmethod
     def load(cls, encoder, file: Path, batch_size: int) -> "DenseRanking":
-        import faiss
-
-        return cls(encoder, faiss.read_index(str(file)), batch_size)
+        return cls(encoder, _faiss().read_index(str(file)), batch_size)
 
     def save(self, file: Path) -> None:
-        import faiss
-
-        faiss.write_index(self.index, str(file))
+        _faiss().write_index(self.index, str(file))
 
     def rank(self, queries: Sequence[str], depth: int) -> List[List[Tuple[int, float]]]:
         """The ``depth`` nearest passages of each query as ``(passage index, cosine)``, best first."""

@@ -48,6 +48,8 @@ class Retriever:
         k = self.top_k if k is None else k
         if k < 1:
             raise ValueError(f"k={k}: ask for at least one passage")
+        if not queries:
+            return []
         wanted = max(k, self.rerank_candidates) if self.reranker else k
         if len(self.rankings) == 1:
             ranked = self.rankings[0].rank(queries, wanted)

@@ -6,16 +6,23 @@ X live ?" matches on X and "live" alone.
 
 from __future__ import annotations
 
+import logging
 from pathlib import Path
 from typing import List, Sequence, Tuple
 
 STOPWORDS = "en"
 
 
-def _words(texts: Sequence[str]) -> List[List[str]]:
+def _bm25s():
+    """The bm25s module, its logger held to warnings (importing it sets that to DEBUG: every build would be logged)."""
     import bm25s
 
-    return bm25s.tokenize(list(texts), stopwords=STOPWORDS, return_ids=False, show_progress=False)
+    logging.getLogger("bm25s").setLevel(logging.WARNING)
+    return bm25s
+
+
+def _words(texts: Sequence[str]) -> List[List[str]]:
+    return _bm25s().tokenize(list(texts), stopwords=STOPWORDS, return_ids=False, show_progress=False)
 
 
 class Bm25Ranking:
@@ -28,17 +35,13 @@ class Bm25Ranking:
 
     @classmethod
     def build(cls, texts: Sequence[str], k1: float, b: float) -> "Bm25Ranking":
-        import bm25s
-
-        index = bm25s.BM25(k1=k1, b=b)
+        index = _bm25s().BM25(k1=k1, b=b)
         index.index(_words(texts), show_progress=False)
         return cls(index)
 
     @classmethod
     def load(cls, folder: Path) -> "Bm25Ranking":
-        import bm25s
-
-        return cls(bm25s.BM25.load(str(folder), show_progress=False))
+        return cls(_bm25s().BM25.load(str(folder), show_progress=False))
 
     def save(self, folder: Path) -> None:
         self.index.save(str(folder), show_progress=False)
