@@ -71,6 +71,12 @@ from llmexp.retrieval import (
     retrieval_metrics, with_context,
 )
 
+# -- rails: a rails config directory's checks, the labelled prompts they are measured on ---------------------
+from llmexp.rails import (
+    REFUSAL, Rails, load_rails_config, rails_metrics, read_labelled_prompts, resolve_config_dir,
+)
+from llmexp.rails.sensitive_data import ENTITIES as SENSITIVE_ENTITIES, find_entities
+
 # -- serving: what one `llmexp serve` serves, a request to it (the engine is imported on first use: it imports torch)
 from llmexp.serving.generation import GenerationRequest
 from llmexp.serving.served_models import ServedModels

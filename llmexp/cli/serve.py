@@ -12,6 +12,10 @@ either backend (``llmexp.serving.speculative``; vLLM's ``speculative_config``).
 API keys (``LLMEXP_API_KEY``, ``--api-key-file``; ``llmexp.serving.auth``) make every path but
 ``/health`` ask for ``Authorization: Bearer <key>``. An address other machines can reach is
 refused without a key, unless ``--allow-unauthenticated-remote`` says that is meant.
+
+``--rails DIR`` (a rails config directory in NeMo Guardrails' layout; ``default``: the shipped one) checks each
+request's input and each answer, and answers a blocked request with a refusal that names the rail
+(``llmexp.serving.guarded``).
 """
 
 from __future__ import annotations
@@ -53,6 +57,7 @@ def main(argv: List[str]) -> int:
     _check_numbers(args)
     _check_backend_options(args)
     adapters = _parse_adapters(args.adapter)
+    rails = _rails(args)
     api_keys = _api_keys(args)
     if args.backend == "vllm":
         _serve_with_vllm(args, adapters, api_keys)
@@ -88,13 +93,15 @@ def main(argv: List[str]) -> int:
         names += f"  draft: {served.draft.directory} ({served.draft.num_speculative_tokens} tokens per round)"
 
     access = f"API keys: {len(api_keys)}" if api_keys else "no API key"
+    if rails is not None:
+        access += f"  rails: {rails.spec.directory}"
 
     def announce() -> None:
         print(f"llmexp serve: http://{_url_host(host)}:{port}/v1  models: {names}  {access}  (Ctrl-C stops)",
               flush=True)
 
     app = create_app(engine, max_tokens_limit=args.max_tokens_limit, on_ready=announce, api_keys=api_keys,
-                     max_body_bytes=args.max_body_bytes)
+                     max_body_bytes=args.max_body_bytes, rails=rails)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     try:
         # uvicorn turns Ctrl-C (SIGINT) and SIGTERM into a graceful shutdown, then re-raises the signal
@@ -163,6 +170,9 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
                         help="vLLM: the fraction of each GPU's memory it may use (default: vLLM's, 0.9)")
     parser.add_argument("--max-model-len", type=int, default=None,
                         help="vLLM: the most tokens (prompt plus generated) per sequence (default: the model's)")
+    parser.add_argument("--rails", default=None, metavar="DIR",
+                        help="in process: check requests and answers with the rails of DIR (NeMo Guardrails' layout: "
+                        "config.yml, prompts.yml), or `default` for the shipped ones")
     return parser.parse_args(hydra_style_options(argv))
 
 
@@ -184,6 +194,18 @@ def hydra_style_options(argv: List[str]) -> List[str]:
         else:
             words.append(arg)
     return words
+
+
+def _rails(args: argparse.Namespace):
+    """``--rails``: its config directory read and checked before the model loads; None without it."""
+    if args.rails is None:
+        return None
+    if args.backend != "inprocess":
+        raise UserError(f"--rails {args.rails}: rails guard the in-process engine only, and this serve uses "
+                        f"--backend {args.backend}. Drop --backend {args.backend}, or --rails.")
+    from llmexp.rails import Rails, load_rails_config, resolve_config_dir
+
+    return Rails(load_rails_config(resolve_config_dir(args.rails)))
 
 
 def _serve_with_vllm(args: argparse.Namespace, adapters: Dict[str, Path], api_keys: Sequence[str]) -> NoReturn:

@@ -38,10 +38,12 @@ from llmexp.serving.auth import RequireApiKey
 from llmexp.serving.body_limit import LimitBodySize
 from llmexp.serving.chat import chat_prompt_ids
 from llmexp.serving.engine import Engine
+from llmexp.rails import Rails
 from llmexp.serving.generation import (
     GenerationChunk, GenerationFailed, GenerationRequest, GenerationStream, QueueFull, UnknownModel,
 )
 from llmexp.serving.limits import InvalidRequest, default_max_body_bytes, shown
+from llmexp.serving.guarded import Guarded, guard_chat, guard_input
 from llmexp.serving.request_bodies import ChatBody, CompletionBody, SamplingFields, check_common, max_tokens_of
 
 RETRY_AFTER_SECONDS = 1
@@ -51,10 +53,11 @@ ENDPOINTS = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GE
 
 def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
                on_ready: Optional[Callable[[], None]] = None, api_keys: Sequence[str] = (),
-               max_body_bytes: Optional[int] = None) -> FastAPI:
+               max_body_bytes: Optional[int] = None, rails: Optional[Rails] = None) -> FastAPI:
     """The FastAPI app serving ``engine``'s models; ``max_tokens_limit`` caps a request's ``max_tokens`` and
     ``max_body_bytes`` its body (default: ``limits.default_max_body_bytes`` of the context); with ``api_keys``,
-    every path but ``/health`` needs one of them (``llmexp.serving.auth``)."""
+    every path but ``/health`` needs one of them (``llmexp.serving.auth``); with ``rails``, requests and answers
+    are checked and responses say what fired (``llmexp.serving.guarded``)."""
     served = engine.served
     metrics = engine.metrics
     limit = min(max_tokens_limit or served.context_length, served.context_length)
@@ -132,16 +135,25 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
             if len(prompt) != 1:
                 raise ApiError(400, f"prompt holds {len(prompt)} prompts; send one prompt per request.", param="prompt")
             prompt = prompt[0]
+        guarded = await guard_input(rails, engine, body, prompt if isinstance(prompt, str) else None)
+        if guarded is not None and guarded.input.blocked:
+            count(request, 200)
+            return guarded.refusal(body, "cmpl", "text_completion", completion_choice)
+        prompt = guarded.input.text if guarded is not None else prompt
         text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
         max_tokens = max_tokens_of("max_tokens", body.max_tokens, 16, limit)
         stream = _submit(engine, body, max_tokens, prompt=text, prompt_ids=ids)
-        return await respond(request, body, stream, "cmpl", "text_completion", completion_choice)
+        return await respond(request, body, stream, "cmpl", "text_completion", completion_choice, guarded)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
         request.state.model = body.model
         check_common(body)
         messages = [{"role": m.role, "content": m.text()} for m in body.messages]
+        guarded = await guard_chat(rails, engine, body, messages)  # a masking rail rewrites the last user message
+        if guarded is not None and guarded.input.blocked:
+            count(request, 200)
+            return guarded.refusal(body, "chatcmpl", "chat.completion", chat_choice)
         try:
             ids = chat_prompt_ids(messages, served.tokenizer)
         except InvalidRequest as error:
@@ -150,10 +162,13 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = max_tokens_of(field, requested, max(1, min(limit, served.context_length - len(ids))), limit)
         stream = _submit(engine, body, max_tokens, prompt_ids=ids)
-        return await respond(request, body, stream, "chatcmpl", "chat.completion", chat_choice)
+        return await respond(request, body, stream, "chatcmpl", "chat.completion", chat_choice, guarded)
 
     async def respond(request: Request, body: SamplingFields, stream: GenerationStream, id_prefix: str, kind: str,
-                      choice: Callable[[GenerationChunk, bool, bool], Dict[str, Any]]):
+                      choice: Callable[[GenerationChunk, bool, bool], Dict[str, Any]],
+                      guarded: Optional[Guarded] = None):
+        """The response (or its events); ``guarded``'s output rails check the answer (a guarded request does not
+        stream)."""
         response_id = f"{id_prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
         head = {"id": response_id, "created": created, "model": body.model}
@@ -173,8 +188,12 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
                 result = reading.result()
             except GenerationFailed as error:
                 raise generation_error(error) from None
+            extra: Dict[str, Any] = {}
+            if guarded is not None:
+                result, extra = await guarded.check_output(result)
             count(request, 200)
-            return {**head, "object": kind, "choices": [choice(result, False, False)], "usage": usage(stream)}
+            return {**head, "object": kind, "choices": [choice(result, False, False)], "usage": usage(stream),
+                    **extra}
         count(request, 200)
         include_usage = bool(body.stream_options and body.stream_options.include_usage)
         chunk_kind = f"{kind}.chunk"

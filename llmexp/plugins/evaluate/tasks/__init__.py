@@ -17,9 +17,10 @@ from llmexp.plugins.evaluate.tasks.embedded import TASKS
 from llmexp.plugins.evaluate.tasks.generation import GENERATION
 from llmexp.plugins.evaluate.tasks.lm_eval import LM_EVAL
 from llmexp.plugins.evaluate.tasks.mmlu import MMLU
+from llmexp.plugins.evaluate.tasks.rails import RAILS
 from llmexp.plugins.evaluate.tasks.retrieval import RETRIEVAL
 from llmexp.plugins.evaluate.tasks.similarity import SIMILARITY
 from llmexp.plugins.evaluate.tasks.text_perplexity import TEXT_PERPLEXITY
 
 BUILT_IN = (*TASKS.values(), MMLU, CONTINUATION, GENERATION, TEXT_PERPLEXITY, SIMILARITY, CODE, JUDGE, LM_EVAL,
-            RETRIEVAL)
+            RETRIEVAL, RAILS)
