@@ -13,6 +13,11 @@ API keys (``LLMEXP_API_KEY``, ``--api-key-file``; ``llmexp.serving.auth``) make 
 ``/health`` ask for ``Authorization: Bearer <key>``. An address other machines can reach is
 refused without a key, unless ``--allow-unauthenticated-remote`` says that is meant.
 
+``retriever=bm25 retriever.documents=DIR`` (any key of the ``retriever`` group, and ``data=...`` whose documents a
+retriever without ``documents`` reads) attaches a retriever: each question is answered with the passages it
+retrieves in front of it, and the response lists them as ``sources`` (``llmexp.serving.retrieval_augmented``). The
+index is built once and cached in ``--index-dir``.
+
 ``--rails DIR`` (a rails config directory in NeMo Guardrails' layout; ``default``: the shipped one) checks each
 request's input and each answer, and answers a blocked request with a refusal that names the rail
 (``llmexp.serving.guarded``).
@@ -21,12 +26,13 @@ request's input and each answer, and answers a blocked request with a refusal th
 from __future__ import annotations
 
 import argparse
+import hashlib
 import ipaddress
 import os
 import socket
 import sys
 from pathlib import Path
-from typing import Dict, List, NoReturn, Sequence
+from typing import Dict, List, NoReturn, Optional, Sequence
 
 from llmexp.machine import cpu_threads
 from llmexp.machine.backends import SERVE_EXTRA_INSTALL, SERVE_EXTRA_MODULES, importable
@@ -57,6 +63,7 @@ def main(argv: List[str]) -> int:
     _check_numbers(args)
     _check_backend_options(args)
     adapters = _parse_adapters(args.adapter)
+    retrieval_config = _retrieval_config(args)
     rails = _rails(args)
     api_keys = _api_keys(args)
     if args.backend == "vllm":
@@ -68,6 +75,8 @@ def main(argv: List[str]) -> int:
     # its steps: spinning OpenMP threads made a 64-token generation 8x slower on 2 cores (bench_generation.py)
     cpu_threads.prefer_passive_waiting()
     check_served_files(args.model_dir, adapters, args.draft_model)  # a damaged file is reported, whatever the port
+    # the index is built (or found) before binding: a documents problem stops the command before it serves
+    retrieval = _attach_retriever(retrieval_config, args.index_dir)
     listener = _bind(args.host, args.port)
 
     # the server itself (uvicorn, the app, the engine: torch and transformers) is imported once the input
@@ -93,6 +102,8 @@ def main(argv: List[str]) -> int:
         names += f"  draft: {served.draft.directory} ({served.draft.num_speculative_tokens} tokens per round)"
 
     access = f"API keys: {len(api_keys)}" if api_keys else "no API key"
+    if retrieval is not None:
+        access += f"  retriever: {retrieval_config.retriever.name} top_k {retrieval.top_k}, index {args.index_dir}"
     if rails is not None:
         access += f"  rails: {rails.spec.directory}"
 
@@ -101,7 +112,7 @@ def main(argv: List[str]) -> int:
               flush=True)
 
     app = create_app(engine, max_tokens_limit=args.max_tokens_limit, on_ready=announce, api_keys=api_keys,
-                     max_body_bytes=args.max_body_bytes, rails=rails)
+                     max_body_bytes=args.max_body_bytes, retrieval=retrieval, rails=rails)
     server = uvicorn.Server(uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=5))
     try:
         # uvicorn turns Ctrl-C (SIGINT) and SIGTERM into a graceful shutdown, then re-raises the signal
@@ -110,6 +121,8 @@ def main(argv: List[str]) -> int:
         pass
     finally:
         engine.close()
+        if retrieval is not None:
+            retrieval.close()
         listener.close()
     print("llmexp serve: stopped", flush=True)
     return 0
@@ -173,7 +186,19 @@ def parse_args(argv: List[str]) -> argparse.Namespace:
     parser.add_argument("--rails", default=None, metavar="DIR",
                         help="in process: check requests and answers with the rails of DIR (NeMo Guardrails' layout: "
                         "config.yml, prompts.yml), or `default` for the shipped ones")
-    return parser.parse_args(hydra_style_options(argv))
+    parser.add_argument("--index-dir", type=Path, default=None, metavar="DIR",
+                        help="with a retriever: where its index is built once and reused while the documents and "
+                        "retriever settings stay the same (default: under ${LLMEXP_CACHE_DIR:-~/.cache/llmexp}/indexes/)")
+    parser.add_argument("config_overrides", nargs="*", default=[], metavar="retriever=KIND retriever.KEY=VALUE",
+                        help="a retriever and its settings, as in llmexp's other commands (retriever=bm25, "
+                        "retriever.documents=DIR, retriever.top_k=5, retriever.chunk_words=128, ...; data=... for "
+                        "the documents of a data option when retriever.documents is not set)")
+    args, unknown = parser.parse_known_args(hydra_style_options(argv))
+    stray = [word for word in unknown if word.split("=", 1)[0].split(".", 1)[0] in CONFIG_GROUPS]
+    if len(stray) != len(unknown):
+        parser.error(f"unrecognized arguments: {' '.join(word for word in unknown if word not in stray)}")
+    args.config_overrides += stray  # a group's override given after an option, e.g. --port 0 retriever=bm25
+    return args
 
 
 # options that may also be typed like llmexp's other overrides, bare or under serve.: serve.draft_model=DIR
@@ -194,6 +219,63 @@ def hydra_style_options(argv: List[str]) -> List[str]:
         else:
             words.append(arg)
     return words
+
+
+# the config groups serve composes, with llmexp's config, from KEY=VALUE words: what a retriever reads
+CONFIG_GROUPS = ("retriever", "data")
+
+
+def _retrieval_config(args: argparse.Namespace):
+    """The run config composed from the retriever overrides (None without any): a key no retriever option has
+    stops the command here."""
+    if not args.config_overrides:
+        if args.index_dir is not None:
+            raise UserError(f"--index-dir {args.index_dir}: it holds a retriever's index, and no retriever is given. "
+                            "Add retriever=bm25 retriever.documents=DIR (or dense, hybrid), or drop --index-dir.")
+        return None
+    for word in args.config_overrides:
+        if word.split("=", 1)[0].split(".", 1)[0] not in CONFIG_GROUPS or "=" not in word:
+            raise UserError(f"{word}: llmexp serve takes KEY=VALUE overrides of the retriever (retriever=bm25, "
+                            "retriever.documents=DIR, retriever.top_k=5, ...) and data=... only; the model is "
+                            "MODEL_DIR, given once, and its other settings are options (llmexp serve --help).")
+    if args.backend != "inprocess":
+        raise UserError(f"{args.config_overrides[0]}: a retriever is served by the in-process engine only, and this "
+                        f"serve uses --backend {args.backend}. Drop --backend {args.backend}, or the retriever.")
+    from llmexp.configuration.compose import compose_config
+
+    cfg = compose_config(args.config_overrides)
+    name = cfg.retriever.name
+    if name == "none":
+        raise UserError(f"{' '.join(args.config_overrides)}: these settings are for a retriever, and none is chosen "
+                        "(retriever=none). Add retriever=bm25 (or dense, hybrid), or drop them.")
+    if args.index_dir is None:
+        args.index_dir = _default_index_dir(cfg)
+    return cfg
+
+
+def _default_index_dir(cfg) -> Path:
+    """A directory per retriever setting and documents path under the cache, so switching between two sets of
+    documents keeps both indexes."""
+    from omegaconf import OmegaConf
+
+    documents = cfg.retriever.documents
+    what = {"retriever": OmegaConf.to_container(cfg.retriever),
+            "documents": str(Path(documents).expanduser().resolve()) if documents else None,
+            "data": None if documents else OmegaConf.to_container(cfg.data)}
+    fingerprint = hashlib.sha256(repr(sorted(what.items())).encode()).hexdigest()[:16]
+    root = Path(os.environ.get("LLMEXP_CACHE_DIR") or Path.home() / ".cache" / "llmexp").expanduser()
+    return root / "indexes" / f"{cfg.retriever.name}-{fingerprint}"
+
+
+def _attach_retriever(cfg, index_dir: Optional[Path]):
+    """The retriever of ``cfg`` with its index built (or reused from ``index_dir``), ready for requests; None
+    without one."""
+    if cfg is None:
+        return None
+    from llmexp.retrieval import build_retriever
+    from llmexp.serving.retrieval_augmented import RetrievalAugmentation
+
+    return RetrievalAugmentation(build_retriever(cfg, index_dir), cfg.retriever.top_k)
 
 
 def _rails(args: argparse.Namespace):

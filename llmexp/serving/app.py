@@ -43,8 +43,9 @@ from llmexp.serving.generation import (
     GenerationChunk, GenerationFailed, GenerationRequest, GenerationStream, QueueFull, UnknownModel,
 )
 from llmexp.serving.limits import InvalidRequest, default_max_body_bytes, shown
-from llmexp.serving.guarded import Guarded, guard_chat, guard_input
 from llmexp.serving.request_bodies import ChatBody, CompletionBody, SamplingFields, check_common, max_tokens_of
+from llmexp.serving.guarded import Guarded, guard_chat, guard_input
+from llmexp.serving.retrieval_augmented import RetrievalAugmentation, augment_chat, augment_completion
 
 RETRY_AFTER_SECONDS = 1
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer": counted, never sent
@@ -53,11 +54,13 @@ ENDPOINTS = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GE
 
 def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
                on_ready: Optional[Callable[[], None]] = None, api_keys: Sequence[str] = (),
-               max_body_bytes: Optional[int] = None, rails: Optional[Rails] = None) -> FastAPI:
+               max_body_bytes: Optional[int] = None, retrieval: Optional[RetrievalAugmentation] = None,
+               rails: Optional[Rails] = None) -> FastAPI:
     """The FastAPI app serving ``engine``'s models; ``max_tokens_limit`` caps a request's ``max_tokens`` and
     ``max_body_bytes`` its body (default: ``limits.default_max_body_bytes`` of the context); with ``api_keys``,
-    every path but ``/health`` needs one of them (``llmexp.serving.auth``); with ``rails``, requests and answers
-    are checked and responses say what fired (``llmexp.serving.guarded``)."""
+    every path but ``/health`` needs one of them (``llmexp.serving.auth``); with ``retrieval``, prompts get the
+    passages their question retrieves and responses list them (``llmexp.serving.retrieval_augmented``); with
+    ``rails``, requests and answers are checked and responses say what fired (``llmexp.serving.guarded``)."""
     served = engine.served
     metrics = engine.metrics
     limit = min(max_tokens_limit or served.context_length, served.context_length)
@@ -140,10 +143,12 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
             count(request, 200)
             return guarded.refusal(body, "cmpl", "text_completion", completion_choice)
         prompt = guarded.input.text if guarded is not None else prompt
-        text, ids = (prompt, None) if isinstance(prompt, str) else (None, prompt)
+        augmented = await augment_completion(retrieval, body.model_extra or {}, prompt)
+        text, ids = (augmented.prompt, None) if isinstance(augmented.prompt, str) else (None, augmented.prompt)
         max_tokens = max_tokens_of("max_tokens", body.max_tokens, 16, limit)
         stream = _submit(engine, body, max_tokens, prompt=text, prompt_ids=ids)
-        return await respond(request, body, stream, "cmpl", "text_completion", completion_choice, guarded)
+        return await respond(request, body, stream, "cmpl", "text_completion", completion_choice, augmented.fields(),
+                             guarded)
 
     @app.post("/v1/chat/completions")
     async def chat_completions(body: ChatBody, request: Request):
@@ -154,21 +159,23 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
         if guarded is not None and guarded.input.blocked:
             count(request, 200)
             return guarded.refusal(body, "chatcmpl", "chat.completion", chat_choice)
+        augmented = await augment_chat(retrieval, body.model_extra or {}, messages)
         try:
-            ids = chat_prompt_ids(messages, served.tokenizer)
+            ids = chat_prompt_ids(augmented.prompt, served.tokenizer)
         except InvalidRequest as error:
             raise refused(error) from None
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = max_tokens_of(field, requested, max(1, min(limit, served.context_length - len(ids))), limit)
         stream = _submit(engine, body, max_tokens, prompt_ids=ids)
-        return await respond(request, body, stream, "chatcmpl", "chat.completion", chat_choice, guarded)
+        return await respond(request, body, stream, "chatcmpl", "chat.completion", chat_choice, augmented.fields(),
+                             guarded)
 
     async def respond(request: Request, body: SamplingFields, stream: GenerationStream, id_prefix: str, kind: str,
-                      choice: Callable[[GenerationChunk, bool, bool], Dict[str, Any]],
+                      choice: Callable[[GenerationChunk, bool, bool], Dict[str, Any]], extra: Dict[str, Any],
                       guarded: Optional[Guarded] = None):
-        """The response (or its events); ``guarded``'s output rails check the answer (a guarded request does not
-        stream)."""
+        """The response (or its events); ``extra`` top-level fields go in it (in the first event when streaming);
+        ``guarded``'s output rails check the answer (a guarded request does not stream)."""
         response_id = f"{id_prefix}-{uuid.uuid4().hex}"
         created = int(time.time())
         head = {"id": response_id, "created": created, "model": body.model}
@@ -188,9 +195,9 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
                 result = reading.result()
             except GenerationFailed as error:
                 raise generation_error(error) from None
-            extra: Dict[str, Any] = {}
             if guarded is not None:
-                result, extra = await guarded.check_output(result)
+                result, checked = await guarded.check_output(result)
+                extra = {**extra, **checked}
             count(request, 200)
             return {**head, "object": kind, "choices": [choice(result, False, False)], "usage": usage(stream),
                     **extra}
@@ -204,7 +211,8 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
                 async for chunk in stream:
                     if chunk.finish_reason == "cancelled":
                         return
-                    event = {**head, "object": chunk_kind, "choices": [choice(chunk, True, first)]}
+                    event = {**head, "object": chunk_kind, "choices": [choice(chunk, True, first)],
+                             **(extra if first else {})}
                     if include_usage:
                         event["usage"] = None
                     first = False
