@@ -66,3 +66,8 @@ class DenseRanking:
         """The ``depth`` nearest passages of each query as ``(passage index, cosine)``, best first."""
         scores, found = self.index.search(embed(self.encoder, queries, self.batch_size), min(depth, self.index.ntotal))
         return [[(int(i), float(s)) for i, s in zip(row, row_scores) if i >= 0] for row, row_scores in zip(found, scores)]
+
+    @staticmethod
+    def fusion_ranking(row: Sequence[Tuple[int, float]]) -> List[int]:
+        """What a ranked row gives reciprocal rank fusion: every passage, in order (every cosine is a measurement)."""
+        return [i for i, _ in row]

@@ -54,9 +54,9 @@ class Retriever:
         if len(self.rankings) == 1:
             ranked = self.rankings[0].rank(queries, wanted)
         else:
-            lists = [ranking.rank(queries, max(wanted, FUSION_DEPTH)) for ranking in self.rankings]
-            ranked = [reciprocal_rank_fusion([[i for i, _ in per_query] for per_query in rows], self.rrf_k)[:wanted]
-                      for rows in zip(*lists)]
+            lists = [[ranking.fusion_ranking(row) for row in ranking.rank(queries, max(wanted, FUSION_DEPTH))]
+                     for ranking in self.rankings]
+            ranked = [reciprocal_rank_fusion(rows, self.rrf_k)[:wanted] for rows in zip(*lists)]
         hits = [[Hit(self.passages[i], score) for i, score in row] for row in ranked]
         if self.reranker:
             first = self.reranker.rerank(queries, [row[: self.rerank_candidates] for row in hits])

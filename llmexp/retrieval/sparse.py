@@ -51,3 +51,9 @@ class Bm25Ranking:
         depth = min(depth, self.index.scores["num_docs"])
         found, scores = self.index.retrieve(_words(queries), k=depth, show_progress=False, n_threads=1)
         return [[(int(i), float(s)) for i, s in zip(row, row_scores)] for row, row_scores in zip(found, scores)]
+
+    @staticmethod
+    def fusion_ranking(row: Sequence[Tuple[int, float]]) -> List[int]:
+        """What a ranked row gives reciprocal rank fusion: the passages sharing a word with the query. BM25 scores
+        the others 0, so their order is arbitrary; fused, it would outvote the other ranking."""
+        return [i for i, score in row if score > 0]
