@@ -65,7 +65,7 @@ def test_a_key_of_another_option_names_the_option_that_has_it(overrides, message
      "(now null), got 'onlin'; did you mean tracker.mode=online?"),
     (["precision=fp9"], "precision=fp9: precision expects one of fp32, bf16, fp16, fp8, fp4 (now fp32), got 'fp9';"),
     (["tracker.name=tensorboard"], "tracker.name expects one of none, wandb, mlflow (now none), got 'tensorboard';"),
-    (["data.name=csv"], "data.name expects one of embedded, text, jsonl, preference, noisy_web, word_problems (now embedded), got 'csv';"),
+    (["data.name=csv"], "data.name expects one of embedded, text, jsonl, preference, noisy_web, word_problems, knowledge (now embedded), got 'csv';"),
     (["backend.name=foo"], "backend.name=foo: backend.name expects one of torch, megatron (now torch), got 'foo';"),
     (["hardware.interconnect=nvlnk4"], "hardware.interconnect expects one of none, pcie3, pcie4, pcie5, nvlink2, "
      "nvlink3, nvlink4, nvlink5 (now none), got 'nvlnk4'; did you mean hardware.interconnect=nvlink4?"),

@@ -496,8 +496,8 @@ def test_planning_imports_no_torch(tmp_path):
                          "precision=fp32, or in fp16 on a GPU preset."),
     (["data=jsonl", "data.path=x.jsonl"], "technique=pretrain trains on raw text: data=embedded or data=text"),
     (["technique.val_every=10"], "technique.val_every=10 asks for validation, but pretrain has no validation examples"),
-    (["data.num_people=100"], "model.vocab_size=256 is smaller than the embedded tokenizer's 275 tokens; set "
-                              "model.vocab_size=320 or more."),
+    (["data.num_people=100"], "model.vocab_size=256 is smaller than the embedded tokenizer's 321 tokens; set "
+                              "model.vocab_size=384 or more."),
     (["pipeline=compress", "pipeline.nodes.width_prune.hidden_size=96", "pipeline.nodes.width_distill.hidden_weight=1"],
      "pipeline.nodes.width_distill.hidden_weight=1.0 compares last hidden states, but the teacher's hidden size is "
      "128 and the student's 96"),

@@ -7,7 +7,7 @@ the stage before it produced, unless ``pipeline.inputs`` names another stage (``
 base`` fine-tunes the base model, not the LoRA model trained just before it; ``none`` starts it
 as a first stage would, from ``model.path`` or from scratch); that stage must make a model (``llmexp.planning.data_flow``). Likewise a stage reads the run's ``data``
 unless ``pipeline.data_inputs`` names a stage that made a corpus (a curation), which it then
-reads as ``data=text`` (``stage_config``).
+reads as ``data=text`` (``stage_config``), and with the fields ``pipeline.data_fields`` sets for it.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from __future__ import annotations
 from typing import Any, Dict, List, Optional, Tuple
 
 from omegaconf import OmegaConf, open_dict
+from omegaconf.errors import OmegaConfBaseException
 
 from llmexp.configuration.schema import DataConfig, TextDataConfig
 from llmexp.errors import UserError
@@ -97,6 +98,23 @@ def with_corpus(config, corpus: str):
     staged = config.copy()
     with open_dict(staged):
         staged.data = OmegaConf.structured(TextDataConfig(**world, paths=[corpus], text_field=text_field))
+    return staged
+
+
+def with_data_fields(config, key: str):
+    """``config`` as stage ``key`` reads it: with the fields ``pipeline.data_fields.<key>`` sets on the run's data (one
+    data option serving stages that read different parts of it: the knowledge study's reader and its fine-tuning on
+    the new facts); merged into the data's schema, so a field the option lacks is refused with its name."""
+    fields = OmegaConf.select(config, f"pipeline.data_fields.{key}", default=None)
+    if not fields:
+        return config
+    staged = config.copy()
+    try:
+        with open_dict(staged):
+            staged.data = OmegaConf.merge(config.data, fields)
+    except OmegaConfBaseException as error:  # its message names the key and the value
+        raise UserError(f"pipeline.data_fields.{key}: {error}. Set only fields data={config.data.name} has "
+                        "(llmexp --cfg job --package data lists them).") from None
     return staged
 
 

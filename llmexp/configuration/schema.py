@@ -114,6 +114,7 @@ class DataKind(Choice):
     preference = "preference"
     noisy_web = "noisy_web"
     word_problems = "word_problems"
+    knowledge = "knowledge"
 
 
 class TrackerKind(Choice):
@@ -317,9 +318,25 @@ class WordProblemsDataConfig(JsonlDataConfig):
     problems: int = 2000
 
 
+@dataclass
+class KnowledgeDataConfig(DataConfig):
+    """The knowledge study (``llmexp.data.knowledge``): a second world of people the base never saw. Raw text for
+    cpt (its biographies, ``paraphrases`` wordings each), instructions for sft/lora (``instructions``: ``reading``,
+    answering from a context about practice people; ``questions``, the second world's facts), its questions for
+    evaluation and its biographies for a retriever."""
+
+    name: DataKind = DataKind.knowledge
+    seq_len: int = 224  # a question with five biographies before it
+    instructions: str = "reading"  # reading | questions
+    reading_examples: int = 6000
+    context_passages: int = 5  # at most this many biographies in a reading example's context, one the answer's
+    closed_book_share: float = 0.2  # reading examples with no context, asking the first world's true facts
+    paraphrases: int = 8
+
+
 DATA_OPTIONS = {"embedded": EmbeddedDataConfig, "text": TextDataConfig, "jsonl": JsonlDataConfig,
                 "preference": PreferenceDataConfig, "noisy_web": NoisyWebDataConfig,
-                "word_problems": WordProblemsDataConfig}  # data=<option> -> its schema
+                "word_problems": WordProblemsDataConfig, "knowledge": KnowledgeDataConfig}  # data=<option> -> its schema
 
 
 @dataclass
@@ -375,6 +392,7 @@ class PipelineConfig:
     nodes: Dict[str, Any] = field(default_factory=dict)  # a pipeline's own technique nodes, by stage key
     inputs: Dict[str, str] = field(default_factory=dict)  # stage -> the earlier stage whose model it starts from
     data_inputs: Dict[str, str] = field(default_factory=dict)  # stage -> the earlier stage whose corpus it reads
+    data_fields: Dict[str, Dict[str, Any]] = field(default_factory=dict)  # stage -> fields of `data` it reads otherwise
 
 
 @dataclass

@@ -10,6 +10,7 @@ from __future__ import annotations
 import torch
 
 from llmexp.data.embedded import build_world, embedded_token_stream
+from llmexp.data.knowledge import knowledge_corpus
 from llmexp.data.packing import pack_documents
 from llmexp.data.text import RAW_TEXT_DATA, raw_text_refusal, read_text_documents, text_corpus
 from llmexp.errors import UserError
@@ -29,10 +30,13 @@ def text_blocks(documents, tokenizer, seq_len: int) -> torch.Tensor:
 
 def raw_text_blocks(data, tokenizer, embedded_blocks: int):
     """``(blocks, shuffle)`` of ``data=embedded`` (the generated stream: exactly ``embedded_blocks``, in stream
-    order) or ``data=text``/``data=noisy_web`` (every full block the files fill, to be shuffled)."""
+    order), ``data=knowledge`` (the second world's biographies) or ``data=text``/``data=noisy_web`` (every full block
+    the files fill); all but the stream to be shuffled."""
     if data.name == "embedded":
         stream = embedded_token_stream(build_world(data.seed, data.num_people), tokenizer, data.word_problem_weight)
         return pack_documents(stream, seq_len=data.seq_len, num_blocks=embedded_blocks), False
+    if data.name == "knowledge":
+        return text_blocks(knowledge_corpus(data), tokenizer, data.seq_len), True
     return text_blocks(read_text_documents(*text_corpus(data)), tokenizer, data.seq_len), True
 
 

@@ -11,7 +11,7 @@ what it memorised. Everything is a pure function of the seed: no network, no fil
 from __future__ import annotations
 
 import random
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Dict, List, Sequence, Tuple
 
 LETTERS = "ABCD"
@@ -47,6 +47,11 @@ TRAIN_TEMPLATES = 3
 # Words of the Text2SQL set (llmexp.data.text2sql) that the texts above lack. They come after
 # the sorted words, never merged into them, so every older token id (and checkpoint) stays valid.
 TEXT2SQL_WORDS = ("write", "SQL", "query", "that", "answers", "question", "SELECT", "FROM", "WHERE", "people", "name")
+# Words of the knowledge study (llmexp.data.knowledge), after those: the word that opens a retrieved context, and
+# names no text of this world mentions (people the base model never saw). A fixed count, so the vocabulary
+# grows with num_people exactly as before.
+CONTEXT_WORD = "Context:"
+UNSEEN_NAMES = 45
 
 ITEMS = ["apples", "pens", "coins", "stamps", "books", "shells", "cards", "marbles"]
 WORD_PROBLEM_MAX = 12  # a, b in 1..12; c in 1..a+b-1
@@ -106,6 +111,7 @@ class EmbeddedWorld:
     towns: List[str]
     facts: List[Fact]
     heldout_triples: frozenset
+    unseen: List[str] = field(default_factory=list)  # names in the vocabulary that no text of this world uses
 
     # -- text a model trains on -------------------------------------------------------
     def training_documents(self, count: int, word_problem_weight: float = 1.0, stream: int = 0) -> List[str]:
@@ -175,7 +181,7 @@ class EmbeddedWorld:
         for text in texts + [_WP_TEMPLATE, _WP_SOLUTION, "Question: Answer:"]:
             words.update(w for w in text.split() if "{" not in w)
         words.update(str(n) for n in range(0, 2 * WORD_PROBLEM_MAX + 1))
-        return sorted(words) + list(TEXT2SQL_WORDS)
+        return sorted(words) + list(TEXT2SQL_WORDS) + [CONTEXT_WORD] + self.unseen
 
     # -- makers -----------------------------------------------------------------------
     def _values(self, relation: str) -> List[str]:
@@ -269,7 +275,10 @@ def build_world(seed: int = 0, num_people: int = 30) -> EmbeddedWorld:
         for c in range(1, a + b)
     ]
     heldout = frozenset(rng.sample(all_triples, k=len(all_triples) // 5))
-    return EmbeddedWorld(seed, people, towns, facts, heldout)
+    # a stream of its own, so the world above is drawn exactly as before these names existed
+    unseen = [n for n in _invent_names(random.Random(f"{seed}/unseen"), UNSEEN_NAMES + len(people), parts=2)
+              if n not in people][:UNSEEN_NAMES]
+    return EmbeddedWorld(seed, people, towns, facts, heldout, unseen)
 
 
 def embedded_token_stream(world: EmbeddedWorld, tokenizer, word_problem_weight: float = 1.0, chunk: int = 4096):

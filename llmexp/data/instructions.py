@@ -14,6 +14,7 @@ from typing import Any, Callable, Dict, List, Sequence, Tuple
 
 from llmexp.data.embedded import build_world
 from llmexp.data.jsonl import PathLike, read_jsonl_numbered
+from llmexp.data.knowledge import knowledge_examples
 from llmexp.data.records import Example
 from llmexp.data.splits import read_train_and_validation, split_validation
 from llmexp.data.text2sql import text2sql_examples
@@ -79,6 +80,8 @@ def instruction_data(data_cfg) -> Tuple[List[Example], List[Example]]:
         return read_train_and_validation(data_cfg, read_instruction_file)
     if data_cfg.name == "word_problems":
         return word_problem_examples(data_cfg)
+    if data_cfg.name == "knowledge":
+        return knowledge_examples(data_cfg)
     if data_cfg.name == "preference":  # the preferred responses: SFT on the chosen side, before DPO or RL
         # imported when used: llmexp.data.preference encodes its pairs with this module's encode_example
         from llmexp.data.preference import preference_data
@@ -88,7 +91,8 @@ def instruction_data(data_cfg) -> Tuple[List[Example], List[Example]]:
     raise UserError(
         f"data={data_cfg.name} holds no instruction data. For SFT and LoRA use data=embedded "
         "(the built-in Text2SQL set), data=word_problems (worked arithmetic answers), data=preference (the "
-        "chosen responses) or data=jsonl data.path=<train.jsonl>."
+        "chosen responses), data=knowledge (reading from a context, or the second world's facts) or data=jsonl "
+        "data.path=<train.jsonl>."
     )
 
 

@@ -79,7 +79,7 @@ def read_text_documents(paths: Sequence[str], text_field: str = "text") -> List[
     return documents
 
 
-RAW_TEXT_DATA = ("embedded", "text", "noisy_web")  # what pretraining, calibration and distillation read
+RAW_TEXT_DATA = ("embedded", "text", "noisy_web", "knowledge")  # what pretraining, calibration and distillation read
 
 
 def text_corpus(data) -> Tuple[List[str], str]:

@@ -24,15 +24,17 @@ from omegaconf import OmegaConf
 from llmexp import __version__
 from llmexp.configuration.schema import EmbeddedDataConfig
 from llmexp.configuration.training_settings import training_problems
+from llmexp.data.embedded import build_world
 
 CACHE_ENV = "LLMEXP_CACHE_DIR"
 STAGE = "embedded_baseline"  # the baseline's training's name in progress lines and its tracker curve
 RECORD = "baseline.json"  # written last: the settings and figures of a finished baseline
 DATA = "embedded"  # the data the baseline node trains on
 # Other data options the package makes from the same world when they have no data.path (word problems, preference
-# pairs): a stage adapting a base on them starts from the baseline of that world's data=embedded stream.
-WORLD_DATA = ("word_problems", "preference")
-WORLD_SETTINGS = ("seed", "seq_len", "num_people", "heldout_documents", "validation_split")
+# pairs, the knowledge study's second world): a stage adapting a base on them starts from the baseline of that
+# world's data=embedded stream.
+WORLD_DATA = ("word_problems", "preference", "knowledge")
+WORLD_SETTINGS = ("seed", "num_people", "heldout_documents", "validation_split")  # the block length is the stream's own
 
 
 def available(config) -> bool:
@@ -62,8 +64,11 @@ def baseline_config(config):
 
 def directory(config) -> Path:
     """Where the baseline of ``config`` is cached: ``<cache>/baselines/<fingerprint>``."""
-    # the settings as canonical JSON (they hold no secret: no tracker, no endpoint)
-    settings = json.dumps(OmegaConf.to_container(baseline_config(config), resolve=True), sort_keys=True, default=str)
+    # the settings as canonical JSON (they hold no secret: no tracker, no endpoint), with the tokenizer's words: it is
+    # saved beside the weights, so a baseline cached before the vocabulary grew is not reused
+    settings = OmegaConf.to_container(baseline_config(config), resolve=True)
+    settings["vocabulary"] = build_world(config.data.seed, config.data.num_people).vocabulary()
+    settings = json.dumps(settings, sort_keys=True, default=str)
     fingerprint = hashlib.sha256(settings.encode()).hexdigest()[:16]
     root = Path(os.environ.get(CACHE_ENV) or Path.home() / ".cache" / "llmexp").expanduser()
     return root / "baselines" / fingerprint

@@ -14,7 +14,8 @@ from typing import List
 
 from omegaconf import OmegaConf
 
-from llmexp.configuration.pipeline import NO_MODEL, node_path, stage_name, stage_nodes
+from llmexp.configuration.pipeline import NO_MODEL, node_path, stage_name, stage_nodes, with_data_fields
+from llmexp.errors import UserError
 from llmexp.techniques.contract import Consumed, Reads
 from llmexp.techniques.plugin_manager import technique
 
@@ -22,7 +23,7 @@ from llmexp.techniques.plugin_manager import technique
 def data_flow_problems(config) -> List[str]:
     """One paragraph per read of an earlier stage that cannot happen, naming the field and the fix."""
     stages = stage_nodes(config, strict=False)
-    problems = input_problems(config, stages)
+    problems = input_problems(config, stages) + data_field_problems(config, stages)
     for index, (key, node) in enumerate(stages):
         earlier = {stage_name(k, n): n for k, n in stages[:index]}
         for read in technique(node.name).consumes(config, key, node):
@@ -52,6 +53,23 @@ def input_problems(config, stages) -> List[str]:
     return (_source_problems(config, stages, "inputs", "starts from the model", lambda cls: cls.produces_model, "a model")
             + _source_problems(config, stages, "data_inputs", "reads the corpus", lambda cls: cls.produces_data is not None,
                                "a corpus"))
+
+
+def data_field_problems(config, stages) -> List[str]:
+    """``pipeline.data_fields``: each names a stage, and sets fields its data option has to values they take."""
+    keys = [key for key, _ in stages]
+    declared = OmegaConf.select(config, "pipeline.nodes", default=None) or {}
+    problems = []
+    for stage in OmegaConf.select(config, "pipeline.data_fields", default=None) or {}:
+        if stage not in keys and stage not in declared:
+            problems.append(f"pipeline.data_fields.{stage}: {stage!r} is not a stage of pipeline.stages "
+                            f"({', '.join(keys)}); name one of them.")
+            continue
+        try:
+            with_data_fields(config, stage)
+        except UserError as error:
+            problems.append(str(error))
+    return problems
 
 
 def _source_problems(config, stages, setting: str, reads: str, makes, kind: str) -> List[str]:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable, Dict, List
 
 from llmexp.configuration.retrieval import DOCUMENT_SUFFIXES as SUFFIXES
-from llmexp.data.embedded import build_world
+from llmexp.data.knowledge import evaluated_world
 from llmexp.data.jsonl import read_jsonl_numbered
 from llmexp.errors import UserError
 
@@ -92,15 +92,15 @@ _READERS: Dict[str, Callable[[Path, str], List[Document]]] = {".txt": _whole_fil
 
 
 def documents_for(cfg) -> List[Document]:
-    """``retriever.documents`` when set, else the embedded world's biographies (one per person, id = the name).
+    """``retriever.documents`` when set, else the biographies (one per person, id = the name) of the world the
+    evaluation asks about (``evaluated_world``: the embedded world, or under ``data=knowledge`` the second world).
 
     Every data option keeps the embedded world's settings (``data.seed``, ``data.num_people``), and the
-    embedded evaluation tasks ask about that world whatever the training data, so its biographies are the
-    documents those questions come from.
+    embedded evaluation tasks ask about that world, so its biographies are the documents those questions come from.
     """
     if cfg.retriever.documents:
         return read_documents(cfg.retriever.documents)
-    world = build_world(cfg.data.seed, cfg.data.num_people)
+    world = evaluated_world(cfg.data)
     return [Document(person, text) for person, text in world.documents().items()]
 
 

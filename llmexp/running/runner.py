@@ -42,7 +42,9 @@ from llmexp.errors import UserError
 from llmexp.failure import reason_of
 from llmexp.display.library_noise import quiet_libraries
 from llmexp.models.loading import load_model
-from llmexp.configuration.pipeline import TOP_LEVEL_NODES, data_input_stage, model_source, node_path, stage_nodes, with_corpus
+from llmexp.configuration.pipeline import (
+    TOP_LEVEL_NODES, data_input_stage, model_source, node_path, stage_nodes, with_corpus, with_data_fields,
+)
 from llmexp.planning.planner import make_plan
 from llmexp.results.columns import declared_metrics
 from llmexp.results.report import write_report
@@ -166,7 +168,7 @@ def _run_stages(cfg: DictConfig, run_dir: Path, tracker, record: RunRecord, earl
         def run_stage() -> StageResult:
             model = _model_of(models, source) if source else None
             context = StageContext(
-                _stage_config(cfg, record, input_data), node, stage_dir, model, tracker, stage_name,
+                _stage_config(with_data_fields(cfg, key), record, input_data), node, stage_dir, model, tracker, stage_name,
                 model_of=lambda stage: _model_of(models, stage, asked_by=stage_name), earlier=dict(record.stages),
             )
             return cls().run(context)

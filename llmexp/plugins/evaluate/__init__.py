@@ -22,7 +22,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, List, Optional
 
-from llmexp.data.embedded import build_world
+from llmexp.data.knowledge import evaluated_world
 from llmexp.data.gsm8k import load_gsm8k
 from llmexp.data.jsonl import write_jsonl
 from llmexp.sdk import (
@@ -139,7 +139,7 @@ class Evaluate(Technique):
             raise UserError(_NO_MODEL.format(stage=ctx.stage_name))
         data = ctx.config.data
         inputs = TaskInputs(
-            world=build_world(data.seed, data.num_people),
+            world=evaluated_world(data),
             heldout_documents=data.heldout_documents,
             limit=cfg.limit,
             gsm8k_path=cfg.gsm8k_path,
