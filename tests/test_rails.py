@@ -188,3 +188,27 @@ def test_serve_refuses_rails_it_cannot_read_before_loading_a_model(tmp_path):
         serve_command.main([str(tmp_path / "model"), "--rails", str(tmp_path)])
     with pytest.raises(UserError, match="in-process engine only"):
         serve_command.main([str(tmp_path / "model"), "--rails", "default", "--backend", "vllm"])
+
+
+def test_the_rails_task_measures_a_model_behind_the_rails(tmp_path):
+    """The evaluation condition: every labelled prompt through the input rails, the model, the output rails; the
+    self checks ask the evaluated model."""
+    from llmexp.plugins.evaluate.harness.scoring import Scorer
+    from llmexp.plugins.evaluate.tasks.rails import RAILS
+    from llmexp.sdk import TaskInputs
+
+    model, tokenizer = build_varied_model()
+    scorer = Scorer(model.eval(), tokenizer, batch_size=8, max_new_tokens=8)
+    result = RAILS.run({"max_new_tokens": 4}, TaskInputs(world=None), scorer)
+    rows, metrics = result.rows, result.metrics
+    assert len(rows) == len(read_labelled_prompts())
+    assert metrics["label_agreement"] == sum(row["correct"] for row in rows) / len(rows)
+    assert metrics["pii_leak_rate"] == 0.0 and metrics["block_rate/pii"] == 1.0
+    allowed = next(row for row in rows if row["rail"] is None)
+    rendered = Rails(load_rails_config(DEFAULT_CONFIG)).templates["self_check_input"].render(
+        user_input=allowed["prompt"])
+    assert allowed["self_checks"]["self check input"] == scorer.generate([rendered], stop=(), max_new_tokens=3)[0]
+    assert allowed["answer"] == scorer.generate([allowed["prompt"]], stop=(), max_new_tokens=4)[0]
+    assert RAILS.problems({"config_path": str(tmp_path)}, "technique.tasks[0]") == [
+        f"technique.tasks[0].config_path: rails config {tmp_path}: no config.yml there. Give a rails config "
+        f"directory (NeMo Guardrails' layout, e.g. a copy of {DEFAULT_CONFIG}), or `default` for the shipped one."]
