@@ -11,7 +11,9 @@ Runs that failed or were skipped (and sweep jobs that never wrote results) are l
 their reasons instead of dropped. Columns, their labels and the plots' axes come from what each run's
 stages declare (``llmexp.results.columns``), looked up among the plugins installed here. Writes
 ``report.md``, ``report.csv`` and one ``pareto_<cost>.png`` per cost the evaluations declare and the
-model's size (``pareto_throughput.png``, ``pareto_size.png`` ...) atomically into ``--out``.
+model's size (``pareto_throughput.png``, ``pareto_size.png`` ...) atomically into ``--out``; where evaluations
+record a condition (closed-book, few-shot, RAG), report.md's conditions table (``llmexp.results.conditions``: each
+evaluation's model, condition, qualities and paired comparison with its baseline) and ``conditions.csv``.
 """
 
 from __future__ import annotations
@@ -31,6 +33,7 @@ from llmexp.results.columns import (
     PAIRED_SUFFIXES, PLOTTED_QUALITIES, SIZE, Columns, columns_of, declared_metrics, file_stem, is_number, plottable,
     present,
 )
+from llmexp.results.conditions import CONDITIONS_CSV, condition_columns, condition_rows
 from llmexp.techniques.contract import Metric, MetricKind
 
 REPORT_MD, REPORT_CSV = "report.md", "report.csv"
@@ -50,6 +53,7 @@ def main(argv: List[str]) -> int:
 
     runs, missing = find_runs(args.dirs)
     rows, unfinished, swept, columns = collect_rows(runs)
+    conditions = collect_conditions(runs)
     unfinished += missing
     if not rows and not unfinished:
         raise UserError(
@@ -60,7 +64,7 @@ def main(argv: List[str]) -> int:
         columns.metric(name) for name in accuracy_metrics(rows, columns.measured.values())]
     baseline = baseline_row(rows, args.baseline) if args.baseline else None
     out = args.out or (args.dirs[0] if len(args.dirs) == 1 else Path("report"))
-    written = write_cross_run_report(out, rows, unfinished, columns, qualities, swept, baseline)
+    written = write_cross_run_report(out, rows, unfinished, columns, qualities, swept, baseline, conditions)
     names = [metric.name for metric in qualities]
     others = [m.name for m in columns.of_kind(MetricKind.INFO) if not m.name.endswith(PAIRED_SUFFIXES)]
     measures = [*names[:3], *(name + _VS_BASELINE for name in names[:1]), *others[:1], SIZE.name,
@@ -144,6 +148,13 @@ def collect_rows(
     return rows, unfinished, swept, columns
 
 
+def collect_conditions(runs: Sequence[Tuple[Path, Mapping[str, Any]]]) -> List[Dict[str, Any]]:
+    """The conditions table's rows (``llmexp.results.conditions``) of every completed run, in run order."""
+    names = run_names([run_dir for run_dir, _ in runs])
+    return [row for run_dir, results in runs if results.get("status") == "completed"
+            for row in condition_rows(names[str(run_dir)], results, declared_metrics(results))]
+
+
 def run_names(run_dirs: Sequence[Path]) -> Dict[str, str]:
     """A short name for each run directory: its path below the deepest folder that holds them all.
 
@@ -206,8 +217,10 @@ def write_cross_run_report(
     qualities: Sequence[Metric],
     swept: Sequence[str] = (),
     baseline: Optional[Mapping[str, Any]] = None,
+    conditions: Sequence[Mapping[str, Any]] = (),
 ) -> Dict[str, Path]:
-    """``report.md`` (table + runs not completed), ``report.csv`` and one Pareto PNG per cost axis (``columns.costs``).
+    """``report.md`` (table, the ``conditions`` table, runs not completed), ``report.csv``, ``conditions.csv`` (with
+    conditions) and one Pareto PNG per cost axis (``columns.costs``).
 
     Every measure (the ``qualities``, the other declared measures, the size and the costs) gets its difference from
     the ``baseline`` row (``<metric>_vs_baseline``)."""
@@ -227,12 +240,20 @@ def write_cross_run_report(
     body = markdown_table(rows, shown, [_header(columns, column) for column in shown]) if rows else "No completed runs.\n"
     if baseline is not None:
         body = f"Differences (`*_vs_baseline`) are against **{baseline.get('label')}**.\n\n" + body
+    if conditions:
+        names, headers = condition_columns(conditions, several_runs=len({row["run"] for row in conditions}) > 1)
+        body += ("\n## Conditions\n\nWhat each evaluation's model read before each question, and its paired "
+                 "comparison with its baseline's evaluation of the same items.\n\n"
+                 + markdown_table(conditions, names, headers))
     if unfinished:
         body += "\n## Not completed\n\n" + markdown_table(list(unfinished), ["run", "status", "reason"])
     written = {
         "table": replace_atomically(out / REPORT_MD, lambda handle: handle.write(body)),
         "csv": replace_atomically(out / REPORT_CSV, lambda handle: write_csv(handle, rows, shown)),
     }
+    if conditions:
+        written["conditions"] = replace_atomically(
+            out / CONDITIONS_CSV, lambda handle: write_csv(handle, conditions, names))
     for cost in columns.costs(rows):
         png = pareto_png(rows, [q for q in qualities if plottable(rows, q.name)][:PLOTTED_QUALITIES], [cost], label="label")
         if png is not None:

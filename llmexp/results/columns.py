@@ -44,22 +44,34 @@ def declared_metrics(results: Mapping[str, Any]) -> Dict[str, Optional[Tuple[Met
     """What each stage of a run's results.json declares, by stage name: its technique (looked up among the plugins
     installed here) asked with the run's recorded config. None for a technique not installed, or a stage whose
     node the recorded config lacks (a record without its config): its numbers show undeclared."""
-    from omegaconf import OmegaConf
-
-    config = OmegaConf.create(dict(results.get("config") or {}))
-    nodes = stage_nodes(config, strict=False) if "pipeline" in config else []
-    own = {key: node for key, node in nodes if key not in TOP_LEVEL_NODES}  # a pipeline's nodes: named by their key
-    top = [node for key, node in nodes if key in TOP_LEVEL_NODES]  # named by their technique (evaluate, evaluate-2)
+    config, nodes = recorded_nodes(results)
     declared: Dict[str, Optional[Tuple[Metric, ...]]] = {}
     for name, entry in (results.get("stages") or {}).items():
-        node = own.get(name) or next((node for node in top if node.name == entry.get("technique")), None)
-        top = [other for other in top if other is not node]
+        node = nodes.get(name)
         try:
             cls = technique(str(entry.get("technique")))
         except UserError:  # not installed here
             cls = None
         declared[name] = tuple(cls.metrics(config, node)) if cls is not None and node is not None else None
     return declared
+
+
+def recorded_nodes(results: Mapping[str, Any]) -> Tuple[Any, Dict[str, Any]]:
+    """A run's recorded config and the config node of each of its stages, by stage name (a stage whose node the
+    record lacks has none)."""
+    from omegaconf import OmegaConf
+
+    config = OmegaConf.create(dict(results.get("config") or {}))
+    nodes = stage_nodes(config, strict=False) if "pipeline" in config else []
+    own = {key: node for key, node in nodes if key not in TOP_LEVEL_NODES}  # a pipeline's nodes: named by their key
+    top = [node for key, node in nodes if key in TOP_LEVEL_NODES]  # named by their technique (evaluate, evaluate-2)
+    found: Dict[str, Any] = {}
+    for name, entry in (results.get("stages") or {}).items():
+        node = own.get(name) or next((node for node in top if node.name == entry.get("technique")), None)
+        top = [other for other in top if other is not node]
+        if node is not None:
+            found[name] = node
+    return config, found
 
 
 @dataclass

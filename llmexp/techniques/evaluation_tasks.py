@@ -30,6 +30,10 @@ class TaskInputs:
     num_fewshot: int = 0
     stage_dir: Optional[str] = None  # where a task may keep scratch files (code execution) beside its rows
     config: Any = None  # the run's config: the retriever (cfg.retriever) and documents a retrieval task scores
+    # what precedes each question (the evaluation's ``condition``): nothing (closed_book), ``num_fewshot`` solved
+    # examples (few_shot) or retrieved passages (rag); a task type honours those its ``conditions`` name
+    condition: str = "closed_book"
+    retrieve: Optional[Callable[[Sequence[str]], List[List[Any]]]] = None  # rag: each question's hits, best first
 
     def first(self, items: Sequence[Any]) -> List[Any]:
         return list(items if self.limit is None else items[: self.limit])
@@ -83,3 +87,4 @@ class TaskType:
     headline: Optional[str] = None
     metrics: Callable[[Mapping[str, Any]], Tuple[Metric, ...]] = no_metrics
     embedded: bool = False  # named bare in ``tasks`` over the package's data; its metric names unprefixed
+    conditions: Tuple[str, ...] = ()  # the conditions besides closed_book its prompts honour (TaskInputs.condition)

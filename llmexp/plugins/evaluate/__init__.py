@@ -4,7 +4,8 @@
 default pipeline the same technique runs as the ``evaluation`` stage after training or
 compression, and scores what that training taught besides its ``tasks``
 (``harness/learned_tasks.py``: ``text2sql`` after ``technique=lora`` on the embedded data).
-Per-item predictions go to ``<stage dir>/<task>.jsonl``.
+Per-item predictions go to ``<stage dir>/<task>.jsonl``. Its ``condition`` says what precedes each
+question: nothing, solved examples, or retrieved passages (``harness/conditions.py``).
 
 Four parts, a folder each: ``harness/`` runs tasks (the task interface, the registry fed by
 the ``llmexp_evaluation_tasks`` hook, the scorer with lm-evaluation-harness's conventions,
@@ -30,6 +31,9 @@ from llmexp.sdk import (
     TechniqueConfig, UserError, base_model, console, context_length, hookimpl, input_model, load_model, model_sources,
     node_path, run_device, stage_nodes, starting_weights,
 )
+from llmexp.plugins.evaluate.harness.conditions import (
+    CLOSED_BOOK, RAG, condition_problems, retriever_for, unconditioned, with_shots,
+)
 from llmexp.plugins.evaluate.harness.draft import AsDraftConfig, as_draft_problems, draft_measures
 from llmexp.plugins.evaluate.harness.learned_tasks import added_tasks, learned_problems, learned_tasks
 from llmexp.plugins.evaluate.harness.paired import baseline_rows, missing_tasks_problem, paired_measures
@@ -52,7 +56,10 @@ class EvaluateConfig(TechniqueConfig):
     batch_size: int = 32  # sequences per forward pass / generate call
     max_new_tokens: int = 40  # generation budget per answer (real models on GSM8K want ~256)
     gsm8k_path: Optional[str] = None  # a GSM8K-format JSONL test file; adds the gsm8k task
-    num_fewshot: int = 0  # solved examples in the prompt (the text2sql task)
+    # what the model reads before each question: closed_book (the question alone), few_shot (num_fewshot solved
+    # examples) or rag (the passages the run's `retriever` finds for it); harness/conditions.py
+    condition: str = CLOSED_BOOK
+    num_fewshot: int = 0  # solved examples in the prompt: the text2sql task's always, every task's under few_shot
     # an earlier evaluate stage of the pipeline (same tasks) to compare with item by item:
     # deltas, flip rates, paired standard errors and KL(baseline || model) (harness/paired.py)
     baseline: Optional[str] = None
@@ -116,6 +123,8 @@ class Evaluate(Technique):
         if model_sources(config)[key] is None and not skipped and starting_weights.source(config, True) is None:
             problems.append(_NO_MODEL.format(stage=key))
         problems += config_problems(node, node_path(key)) or _window_problems(node, context_length(config))
+        retriever = config.get("retriever") or {}  # a config composed without the group has none
+        problems += condition_problems(node, node_path(key), str(retriever.get("name", "none")))
         baseline = node.get("baseline")
         earlier = keys[: keys.index(key)]
         if baseline in earlier and nodes[baseline].get("name") == cls.name:  # else llmexp.planning.data_flow refuses it
@@ -145,11 +154,18 @@ class Evaluate(Technique):
             gsm8k_path=cfg.gsm8k_path,
             num_fewshot=cfg.num_fewshot,
             stage_dir=str(ctx.stage_dir),
+            condition=cfg.condition,
             config=ctx.config,
         )
         metrics, artifacts = {}, {}
         progress = Progress(ctx.stage_name)
         tasks = _stage_tasks(ctx)
+        closed = unconditioned(tasks, cfg.condition)
+        if closed:
+            console.note(f"{ctx.stage_name}: {', '.join(closed)} scored closed-book: the condition {cfg.condition} "
+                         "does not apply to them (harness/conditions.py)")
+        if cfg.condition == RAG:
+            inputs.retrieve = retriever_for(ctx.config, Path(ctx.stage_dir))
         rows = {}
         artifact.model.to(run_device(ctx.config.hardware))  # a GPU run's model may come back on the CPU (Lightning)
         with progress, PeakMemory(next(artifact.model.parameters()).device) as peak:
@@ -231,6 +247,8 @@ def config_problems(cfg, prefix: str) -> List[str]:
             problems.append(f"{prefix}.{key}={value} must be at least 1.")
     if cfg.num_fewshot < 0:
         problems.append(f"{prefix}.num_fewshot={cfg.num_fewshot} must be 0 or more.")
+    elif not problems:
+        problems += _fewshot_problems(cfg, prefix)
     problems += as_draft_problems(cfg, prefix)
     if cfg.gsm8k_path:
         try:
@@ -251,6 +269,18 @@ def llmexp_techniques():
 @hookimpl
 def llmexp_evaluation_tasks():
     return list(BUILT_IN)
+
+
+def _fewshot_problems(cfg, prefix: str) -> List[str]:
+    """Under few_shot, the checks of the described tasks given the evaluation's ``num_fewshot`` (``with_shots``):
+    where their solved examples come from."""
+    found = []
+    for task in resolve_tasks(cfg.tasks, None, f"{prefix}.tasks")[0]:
+        spec = with_shots(task.spec or {}, task.type, cfg.condition, cfg.num_fewshot)
+        if task.spec is not None and spec != task.spec:
+            found += [f"{prefix}.condition=few_shot gives {task.name} {prefix}.num_fewshot={cfg.num_fewshot} solved "
+                      f"examples: {problem}" for problem in task.type.problems(spec, f"{prefix}.tasks ({task.name})")]
+    return found
 
 
 def _window_problems(node, context: Optional[int]) -> List[str]:

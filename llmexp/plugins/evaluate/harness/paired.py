@@ -14,6 +14,10 @@ its baseline item by item and by continuous measures that see much smaller chang
   ``<metric>_mcnemar_p``, the exact McNemar test of them (is the difference more than chance?);
 * ``kl_to_baseline``: mean KL(baseline || model) of the next-token distributions over the
   held-out documents' tokens (computed by the caller, which has both models).
+
+Rows pair by position; where both rows name their ``question`` (``conditions.py``), the questions must be the
+same. The prompts may differ: two conditions (closed-book and RAG, say) ask the same questions differently, and
+that difference is what their comparison measures.
 """
 
 from __future__ import annotations
@@ -68,6 +72,9 @@ def paired_measures(
         theirs = baseline[task]
         if len(own) != len(theirs) or not own or "correct" not in own[0] or task not in headline:
             continue  # a task without graded items (perplexity, throughput), or other items
+        if any(mine.get("question", other.get("question")) != other.get("question", mine.get("question"))
+               for mine, other in zip(own, theirs)):
+            continue  # other questions in the same number
         flips = (mine.get("predicted") != other.get("predicted") for mine, other in zip(own, theirs))
         paired[f"flip_rate_{task}"] = statistics.mean(flips)
         differences = [float(mine["correct"]) - float(other["correct"]) for mine, other in zip(own, theirs)]

@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 from omegaconf import DictConfig, OmegaConf
 
 from llmexp.sdk import Metric, TaskInputs, TaskResult, TaskType, UserError, plugin_manager
+from llmexp.plugins.evaluate.harness.conditions import task_inputs, with_shots
 
 _COMMON_KEYS = ("type", "name", "limit")
 
@@ -140,8 +141,10 @@ def _described(spec: Dict[str, Any], where: str) -> Tuple[Optional[Task], List[s
 
 
 def run_task(task: Task, inputs: TaskInputs, scorer) -> TaskResult:
-    """Score ``task``; a described task's metrics come back prefixed with its name."""
+    """Score ``task`` in the evaluation's condition (closed-book where its type does not honour it); a described
+    task's metrics come back prefixed with its name."""
     if task.spec is not None and task.spec.get("limit") is not None:
         inputs = replace(inputs, limit=task.spec["limit"])
-    result = task.type.run(task.spec or {}, inputs, scorer)
+    inputs = task_inputs(task, inputs)
+    result = task.type.run(with_shots(task.spec or {}, task.type, inputs.condition, inputs.num_fewshot), inputs, scorer)
     return TaskResult({task.metric_name(key): value for key, value in result.metrics.items()}, result.rows)

@@ -14,6 +14,9 @@ A line's ``choices`` field is a list of strings, or ARC's mapping ``{text: [...]
 [...]}``. Its ``label`` is the right choice: an index (``2`` or ``"2"``, HellaSwag's
 layout), one of the mapping's labels (ARC's ``answerKey``), a letter (``"C"``) or the
 choice's text, tried in that order.
+
+Conditions (``harness/conditions.py``): under ``few_shot`` an entry without ``num_fewshot`` takes the evaluation's
+(from ``fewshot_path``); under ``rag`` the passages retrieved for the context come before the prompt above.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ from llmexp.data.jsonl import read_jsonl_numbered
 from llmexp.sdk import UserError
 from llmexp.sdk import Metric, MetricKind, statistics
 from llmexp.sdk import TaskInputs, TaskResult, TaskType, declared
+from llmexp.plugins.evaluate.harness.conditions import FEW_SHOT, RAG, Prompts
 
 KEYS = ("path", "context_field", "choices_field", "label_field", "num_fewshot", "fewshot_path")
 DEFAULT_FIELDS = {"context_field": "context", "choices_field": "choices", "label_field": "label"}
@@ -76,10 +80,11 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
     num_fewshot = int(spec.get("num_fewshot") or 0)
     shots = read_items(spec["fewshot_path"], spec)[:num_fewshot] if num_fewshot else []
     items = inputs.first(read_items(spec["path"], spec))
-    contexts = [prompt(shots, item) for item in items]
+    asked = Prompts(inputs, [item.context for item in items])
+    contexts = asked([prompt(shots, item) for item in items])
     scores = iter(scorer.loglikelihood([(text, f" {choice}") for text, item in zip(contexts, items) for choice in item.choices]))
     rows = []
-    for text, item in zip(contexts, items):
+    for index, (text, item) in enumerate(zip(contexts, items)):
         logprobs = [next(scores).logprob for _ in item.choices]
         picked = statistics.argmax(logprobs)  # the first of equals, as lm-eval's
         chars = [float(len(choice)) for choice in item.choices]
@@ -89,6 +94,7 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
         rows.append(
             {
                 "prompt": text,
+                **asked.row(index),
                 "choices": item.choices,
                 "expected": item.choices[item.answer],
                 "predicted": item.choices[picked],
@@ -177,7 +183,7 @@ def _answer(label: Any, choices: List[str], labels: List[str]):
 
 
 CONTINUATION = TaskType(
-    "continuation", run, problems, keys=KEYS, headline="acc",
+    "continuation", run, problems, keys=KEYS, headline="acc", conditions=(FEW_SHOT, RAG),
     metrics=declared(*(Metric(name, True, name, MetricKind.QUALITY if name == "acc" else MetricKind.INFO)
                        for name in ("acc", "acc_norm", "acc_bytes"))),
 )

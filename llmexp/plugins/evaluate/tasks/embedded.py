@@ -23,20 +23,29 @@ Metrics, all in [0, 1] except perplexity:
   normalised), ``text2sql_exec_acc`` (the SQL returns the gold query's rows on sqlite3) and
   the similarity measures of the seeds' customization comparison: ``text2sql_rouge1``,
   ``_rouge2``, ``_rougeL``, ``_bleu`` (corpus, 0-100) and ``_f1`` (token F1), from ``similarity.py``.
-  With ``num_fewshot`` = k, k solved training examples precede each prompt.
+  With ``num_fewshot`` = k, k solved training examples precede each prompt, in every condition.
+
+Conditions (``harness/conditions.py``): ``multiple_choice``, ``free_answer`` and ``word_problems`` honour
+``few_shot`` and ``rag``, ``gsm8k`` ``rag``. Few-shot examples are training-side, never a test item: a fact task's
+are other people's facts asked with a training template (the test asks the held-out one), solved in the task's
+own layout; a word problem's are problems as training poses them (number triples never held out). Under ``rag``
+the retriever is searched with the question, and a multiple-choice item's cloze and letter prompts read the same
+passages; the options are scored as closed-book.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Dict, Sequence
+import random
+from typing import Any, Dict, List, Sequence
 
-from llmexp.data.embedded import LETTERS
+from llmexp.data.embedded import LETTERS, QUESTIONS, TRAIN_TEMPLATES, VALUES, EmbeddedWorld, Fact, MultipleChoice
 from llmexp.data.gsm8k import extract_answer, load_gsm8k
 from llmexp.data.instructions import format_prompt
 from llmexp.data.text2sql import execute, sql_exact_match, text2sql_examples, text2sql_test
 from llmexp.sdk import statistics
 from llmexp.sdk import TaskInputs, TaskResult, TaskType
+from llmexp.plugins.evaluate.harness.conditions import FEW_SHOT, RAG, Prompts, solved
 from llmexp.plugins.evaluate.tasks.similarity import similarity_scores
 
 # Where a generated answer ends besides EOS. lm-eval's gsm8k stops at "Question:"; a worked
@@ -52,13 +61,17 @@ def normalise_answer(text: str) -> str:
 
 def multiple_choice(inputs: TaskInputs, scorer) -> TaskResult:
     items = inputs.first(inputs.world.multiple_choice_test())
+    shots = fact_shots(inputs, len(items))
+    asked = Prompts(inputs, [item.question for item in items])
+    cloze_prompts = asked([item.cloze_prompt() for item in items], [solved(map(_answered, s)) for s in shots])
+    letter_prompts = asked([item.letter_prompt() for item in items], [solved(map(_lettered, s)) for s in shots])
     requests = []
-    for item in items:
-        requests += [(item.cloze_prompt(), f" {choice}") for choice in item.choices]
-        requests += [(item.letter_prompt(), f" {letter}") for letter in LETTERS[: len(item.choices)]]
+    for item, cloze_prompt, letter_prompt in zip(items, cloze_prompts, letter_prompts):
+        requests += [(cloze_prompt, f" {choice}") for choice in item.choices]
+        requests += [(letter_prompt, f" {letter}") for letter in LETTERS[: len(item.choices)]]
     scores = iter(scorer.loglikelihood(requests))
     rows = []
-    for item in items:
+    for index, (item, cloze_prompt, letter_prompt) in enumerate(zip(items, cloze_prompts, letter_prompts)):
         cloze = [next(scores).logprob for _ in item.choices]
         letter = [next(scores).logprob for _ in item.choices]
         cloze_norm = [lp / len(choice) for lp, choice in zip(cloze, item.choices)]  # lm-eval: the choice without its delimiter
@@ -66,8 +79,9 @@ def multiple_choice(inputs: TaskInputs, scorer) -> TaskResult:
         picked = {name: statistics.argmax(values) for name, values in ranked.items()}
         rows.append(
             {
-                "prompt": item.cloze_prompt(),
-                "letter_prompt": item.letter_prompt(),
+                "prompt": cloze_prompt,
+                "letter_prompt": letter_prompt,
+                **asked.row(index),
                 "choices": list(item.choices),
                 "expected": item.choices[item.answer],
                 "expected_letter": LETTERS[item.answer],
@@ -93,25 +107,33 @@ def multiple_choice(inputs: TaskInputs, scorer) -> TaskResult:
 
 def free_answer(inputs: TaskInputs, scorer) -> TaskResult:
     items = inputs.first(inputs.world.free_answer_test())
-    generated = scorer.generate([item.prompt for item in items], stop=ANSWER_STOP)
+    # the test asks every fact in order, with the held-out template
+    questions = [QUESTIONS[fact.relation][TRAIN_TEMPLATES].format(p=fact.person) for fact in inputs.world.facts]
+    asked = Prompts(inputs, questions[: len(items)])
+    prompts = asked([item.prompt for item in items], [solved(map(_answered, s)) for s in fact_shots(inputs, len(items))])
+    generated = scorer.generate(prompts, stop=ANSWER_STOP)
     rows = [
         {
-            "prompt": item.prompt,
+            "prompt": prompt,
+            **asked.row(index),
             "expected": item.answer,
             "predicted": text.strip(),
             "correct": normalise_answer(text) == normalise_answer(item.answer),
         }
-        for item, text in zip(items, generated)
+        for index, (item, prompt, text) in enumerate(zip(items, prompts, generated))
     ]
     return TaskResult({"free_answer_em": statistics.mean(row["correct"] for row in rows)}, rows)
 
 
 def word_problems(inputs: TaskInputs, scorer) -> TaskResult:
-    return _solve(inputs.first(inputs.world.word_problem_test()), scorer, "word_problem_em")
+    problems = inputs.first(inputs.world.word_problem_test())
+    trained = inputs.world.word_problems(inputs.num_fewshot) if inputs.condition == FEW_SHOT else []
+    shots = solved(f"{problem.prompt} {problem.solution}" for problem in trained)
+    return _solve(problems, scorer, "word_problem_em", inputs, shots)
 
 
 def gsm8k(inputs: TaskInputs, scorer) -> TaskResult:
-    return _solve(load_gsm8k(inputs.gsm8k_path, limit=inputs.limit), scorer, "gsm8k_em")
+    return _solve(load_gsm8k(inputs.gsm8k_path, limit=inputs.limit), scorer, "gsm8k_em", inputs)
 
 
 def perplexity(inputs: TaskInputs, scorer) -> TaskResult:
@@ -161,15 +183,56 @@ def text2sql(inputs: TaskInputs, scorer) -> TaskResult:
     return TaskResult(metrics, rows)
 
 
-def _solve(problems: Sequence[Any], scorer, metric: str) -> TaskResult:
-    """Greedy worked solutions graded by the number after their first ``####``."""
-    generated = scorer.generate([problem.prompt for problem in problems], stop=SOLUTION_STOP)
+def fact_shots(inputs: TaskInputs, count: int) -> List[List[MultipleChoice]]:
+    """Under few_shot, the solved examples of each of the first ``count`` facts (the test items of the fact tasks,
+    in order): ``num_fewshot`` other people's facts, each asked with a training template; else none.
+
+    The pool is one seeded order of every fact, the same for every item; an item skips its own person's facts,
+    so no example states (or hints at) its answer.
+    """
+    if inputs.condition != FEW_SHOT:
+        return [[] for _ in range(count)]
+    world = inputs.world
+    rng = random.Random(f"{world.seed}/fewshot")
+    pool = [_asked_in_training(rng, world, fact) for fact in rng.sample(world.facts, len(world.facts))]
+    return [
+        [shot for shot, person in pool if person != fact.person][: inputs.num_fewshot] for fact in world.facts[:count]
+    ]
+
+
+def _asked_in_training(rng: random.Random, world: EmbeddedWorld, fact: Fact):
+    """``fact`` as a multiple-choice question with a training template, and its person."""
+    values = world.towns if fact.relation == "town" else VALUES[fact.relation]
+    choices = rng.sample([value for value in values if value != fact.value], 3)
+    answer = rng.randrange(4)
+    choices.insert(answer, fact.value)
+    question = QUESTIONS[fact.relation][rng.randrange(TRAIN_TEMPLATES)].format(p=fact.person)
+    return MultipleChoice(question, tuple(choices), answer), fact.person
+
+
+def _answered(shot: MultipleChoice) -> str:
+    """A solved example in the free-answer (and cloze) layout."""
+    return f"{shot.cloze_prompt()} {shot.choices[shot.answer]}"
+
+
+def _lettered(shot: MultipleChoice) -> str:
+    """A solved example in the letter layout."""
+    return f"{shot.letter_prompt()} {LETTERS[shot.answer]}"
+
+
+def _solve(problems: Sequence[Any], scorer, metric: str, inputs: TaskInputs, shots: str = "") -> TaskResult:
+    """Greedy worked solutions graded by the number after their first ``####``; ``shots`` precede each under
+    few_shot."""
+    asked = Prompts(inputs, [problem.question for problem in problems])
+    prompts = asked([problem.prompt for problem in problems], [shots] * len(problems))
+    generated = scorer.generate(prompts, stop=SOLUTION_STOP)
     rows = []
-    for problem, text in zip(problems, generated):
+    for index, (problem, prompt, text) in enumerate(zip(problems, prompts, generated)):
         predicted = extract_answer(text)
         rows.append(
             {
-                "prompt": problem.prompt,
+                "prompt": prompt,
+                **asked.row(index),
                 "expected": problem.answer,
                 "generated": text,
                 "predicted": predicted,
@@ -179,20 +242,21 @@ def _solve(problems: Sequence[Any], scorer, metric: str) -> TaskResult:
     return TaskResult({metric: statistics.mean(row["correct"] for row in rows)}, rows)
 
 
-def _embedded(name: str, score, headline=None) -> TaskType:
+def _embedded(name: str, score, headline=None, conditions=()) -> TaskType:
     """The task type of an embedded task ``score(inputs, scorer)``: named bare, it takes no spec."""
-    return TaskType(name, lambda spec, inputs, scorer: score(inputs, scorer), headline=headline, embedded=True)
+    return TaskType(name, lambda spec, inputs, scorer: score(inputs, scorer), headline=headline, embedded=True,
+                    conditions=conditions)
 
 
 # The embedded tasks, each with the metric its rows' ``correct`` flags make (what a paired comparison tests).
 TASKS: Dict[str, TaskType] = {
     task.name: task
     for task in (
-        _embedded("multiple_choice", multiple_choice, "mc_cloze_acc"),
-        _embedded("free_answer", free_answer, "free_answer_em"),
-        _embedded("word_problems", word_problems, "word_problem_em"),
+        _embedded("multiple_choice", multiple_choice, "mc_cloze_acc", (FEW_SHOT, RAG)),
+        _embedded("free_answer", free_answer, "free_answer_em", (FEW_SHOT, RAG)),
+        _embedded("word_problems", word_problems, "word_problem_em", (FEW_SHOT, RAG)),
         _embedded("perplexity", perplexity),
-        _embedded("gsm8k", gsm8k, "gsm8k_em"),
+        _embedded("gsm8k", gsm8k, "gsm8k_em", (RAG,)),
         _embedded("text2sql", text2sql, "text2sql_em"),
         _embedded("throughput", throughput),
     )

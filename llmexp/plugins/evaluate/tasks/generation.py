@@ -24,6 +24,9 @@ Metrics: ``exact_match_<filter>`` for each filter and ``exact_match``, the first
 first sample, as lm-eval's ``take_first``; ``maj_at_<k>_<filter>`` grades the most common
 answer of the k (maj@k, ties to the earliest) and ``mean_at_<k>_<filter>`` is the mean
 over all k samples.
+
+Conditions (``harness/conditions.py``): under ``few_shot`` an entry without ``num_fewshot`` takes the evaluation's
+(from ``fewshot_path``); under ``rag`` the passages retrieved for the question come before the prompt (shots included).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple, Union
 from llmexp.data.gsm8k import AnswerFilter, Number, SolvedProblem, parse_number, read_solved_problems
 from llmexp.sdk import Metric, MetricKind, statistics
 from llmexp.sdk import TaskInputs, TaskResult, TaskType
+from llmexp.plugins.evaluate.harness.conditions import FEW_SHOT, RAG, Prompts
 from llmexp.plugins.evaluate.tasks.generation_spec import DEFAULTS, problems
 
 
@@ -70,7 +74,8 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
     spec = {**DEFAULTS, **spec}
     items = inputs.first(read_solved_problems(spec["path"], spec["question_field"], spec["answer_field"]))
     prefix = _fewshot_prefix(spec)
-    prompts = [prefix + spec["template"].format(question=problem.question) for problem in items]
+    asked = Prompts(inputs, [problem.question for problem in items])
+    prompts = asked([prefix + spec["template"].format(question=problem.question) for problem in items])
     samples: List[List[str]] = [[] for _ in prompts]
     for repeat in range(spec["repeats"]):
         sampling = Sampling(spec["temperature"], spec["top_p"], spec["seed"] + repeat) if spec["do_sample"] else None
@@ -80,8 +85,8 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
     filters = [AnswerFilter.from_spec(f, i) for i, f in enumerate(spec["filters"])]
     normaliser = AnswerNormaliser(tuple(spec["regexes_to_ignore"]), spec["ignore_case"], spec["ignore_punctuation"])
     rows = [
-        _graded(problem, prompt, texts, filters, normaliser)
-        for problem, prompt, texts in zip(items, prompts, samples)
+        {**_graded(problem, prompt, texts, filters, normaliser), **asked.row(index)}
+        for index, (problem, prompt, texts) in enumerate(zip(items, prompts, samples))
     ]
     return TaskResult(_metrics(rows, filters, spec["repeats"]), rows)
 
@@ -149,4 +154,5 @@ def metrics(spec: Mapping[str, Any]) -> Tuple[Metric, ...]:
     return tuple(Metric(name, True, name, MetricKind.QUALITY if i == 0 else MetricKind.INFO) for i, name in enumerate(names))
 
 
-GENERATION = TaskType("generation", run, problems, keys=("path", *DEFAULTS), headline="exact_match", metrics=metrics)
+GENERATION = TaskType("generation", run, problems, keys=("path", *DEFAULTS), headline="exact_match", metrics=metrics,
+                      conditions=(FEW_SHOT, RAG))

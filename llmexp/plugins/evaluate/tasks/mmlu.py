@@ -13,6 +13,9 @@ likely is the model's answer. Same prompts, same log-likelihood convention
 Metrics: ``acc`` (all questions: lm-eval's micro-averaged group score), ``acc_macro``
 (the mean of the subjects' accuracies) and ``acc_<subject>``. A ``limit`` applies per
 subject, as lm-eval's ``--limit`` does per subtask.
+
+Conditions (``harness/conditions.py``): under ``few_shot`` an entry without ``num_fewshot`` takes the evaluation's;
+under ``rag`` the passages retrieved for the question come first (``Context: ...``), then the prompt above.
 """
 
 from __future__ import annotations
@@ -25,6 +28,7 @@ from typing import Any, List, Mapping, Optional, Sequence, Tuple
 from llmexp.sdk import UserError
 from llmexp.sdk import Metric, MetricKind, statistics
 from llmexp.sdk import TaskInputs, TaskResult, TaskType, declared
+from llmexp.plugins.evaluate.harness.conditions import FEW_SHOT, RAG, Prompts
 
 LETTERS = ("A", "B", "C", "D")
 _TEST_SUFFIX, _DEV_SUFFIX = "_test.csv", "_dev.csv"
@@ -108,15 +112,18 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
         shots = read_questions(root / "dev" / f"{subject}{_DEV_SUFFIX}")[:num_fewshot] if num_fewshot else []
         for question in inputs.first(read_questions(root / "test" / f"{subject}{_TEST_SUFFIX}")):
             asked.append((subject, prompt(subject, shots, question), question))
-    scores = scorer.loglikelihood([(text, f" {letter}") for _, text, _ in asked for letter in LETTERS])
+    conditioned = Prompts(inputs, [question.question for _, _, question in asked])
+    texts = conditioned([text for _, text, _ in asked])
+    scores = scorer.loglikelihood([(text, f" {letter}") for text in texts for letter in LETTERS])
     rows = []
-    for index, (subject, text, question) in enumerate(asked):
+    for index, ((subject, _, question), text) in enumerate(zip(asked, texts)):
         letter_scores = [score.logprob for score in scores[4 * index : 4 * index + 4]]
         predicted = LETTERS[statistics.argmax(letter_scores)]  # the first of equals, as lm-eval
         rows.append(
             {
                 "subject": subject,
                 "prompt": text,
+                **conditioned.row(index),
                 "choices": list(question.choices),
                 "expected": question.answer,
                 "predicted": predicted,
@@ -190,6 +197,6 @@ def _accuracy(rows) -> float:
 
 
 MMLU = TaskType(
-    "mmlu", run, problems, keys=("path", "num_fewshot", "subjects"), headline="acc",
+    "mmlu", run, problems, keys=("path", "num_fewshot", "subjects"), headline="acc", conditions=(FEW_SHOT, RAG),
     metrics=declared(Metric("acc", True, "acc", MetricKind.QUALITY), Metric("acc_macro", True, "acc_macro", MetricKind.INFO)),
 )

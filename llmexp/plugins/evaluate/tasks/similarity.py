@@ -15,6 +15,7 @@ are the reusable part (text2sql adds these metrics to its own). The task reads a
 ``prompt`` and ``reference`` (field names configurable); the model continues each prompt
 greedily, or, with ``prediction_field``, the file's own predictions are scored and the
 model is not asked. No heavy imports at module level: the planner imports this module.
+Under the ``rag`` condition (``harness/conditions.py``) the passages retrieved for each prompt come before it.
 """
 
 from __future__ import annotations
@@ -23,6 +24,7 @@ import functools
 import re
 import string
 from collections import Counter
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
@@ -30,6 +32,7 @@ from llmexp.data.jsonl import read_jsonl_numbered, require_text
 from llmexp.sdk import UserError
 from llmexp.sdk import Metric, MetricKind, statistics
 from llmexp.sdk import TaskInputs, TaskResult, TaskType, declared
+from llmexp.plugins.evaluate.harness.conditions import CLOSED_BOOK, RAG, Prompts
 
 ROUGE_TYPES = ("rouge1", "rouge2", "rougeL")
 METRICS = (*ROUGE_TYPES, "bleu", "f1", "exact_match")
@@ -114,20 +117,22 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
     """Generate (or read) a prediction per row and score it against the row's reference."""
     spec = {**_DEFAULTS, **spec}
     items = inputs.first(_read(spec))
+    if spec["prediction_field"]:  # the file's predictions: no prompt is asked, whatever the condition
+        inputs = replace(inputs, condition=CLOSED_BOOK, retrieve=None)
+    asked = Prompts(inputs, [prompt for prompt, _, _ in items])
+    prompts = asked([prompt for prompt, _, _ in items])
     if spec["prediction_field"]:
         predictions = [prediction for _, _, prediction in items]
     else:
         predictions = [
             text.strip()
-            for text in scorer.generate(
-                [prompt for prompt, _, _ in items], stop=list(spec["stop"]), max_new_tokens=spec.get("max_new_tokens")
-            )
+            for text in scorer.generate(prompts, stop=list(spec["stop"]), max_new_tokens=spec.get("max_new_tokens"))
         ]
     references = [reference for _, reference, _ in items]
     scored = [row_scores(p, r) for p, r in zip(predictions, references)]
     rows = [
-        {"prompt": prompt, "expected": reference, "predicted": prediction, **scores}
-        for (prompt, reference, _), prediction, scores in zip(items, predictions, scored)
+        {"prompt": prompt, **asked.row(index), "expected": reference, "predicted": prediction, **scores}
+        for index, (prompt, (_, reference, _), prediction, scores) in enumerate(zip(prompts, items, predictions, scored))
     ]
     metrics = _corpus(predictions, references, scored) if rows else {metric: float("nan") for metric in METRICS}
     return TaskResult(metrics, rows)
@@ -186,4 +191,5 @@ SIMILARITY = TaskType(
     "similarity", run, problems, keys=("path", "prompt_field", "reference_field", "prediction_field", "max_new_tokens", "stop"),
     metrics=declared(*(Metric(name, True, name, MetricKind.QUALITY if name == "rougeL" else MetricKind.INFO)
                        for name in ("rougeL", "bleu", "f1", "rouge1", "rouge2", "exact_match"))),
+    conditions=(RAG,),
 )
