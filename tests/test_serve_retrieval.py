@@ -171,6 +171,14 @@ def test_requests_retrieval_cannot_serve_get_400_and_a_server_without_a_retrieve
     assert "sources" not in complete(rag.plain) and "sources" not in complete(rag.plain, retrieval=False)
 
 
+def test_passages_that_push_the_prompt_past_the_context_get_a_400_saying_so(rag):
+    room = rag.served.context_length - len(rag.served.tokenizer(QUESTION)["input_ids"])  # fits without passages
+    response = rag.client.post("/v1/completions", json={"model": NAME, "prompt": QUESTION, "max_tokens": room})
+    assert response.status_code == 400
+    error = response.json()["error"]
+    assert error["param"] == "max_tokens" and f"holds {TOP_K} retrieved passages" in error["message"]
+
+
 class HeldRetriever:
     """The real retriever, waiting at each search until released: what the server does meanwhile is observable."""
 
@@ -200,7 +208,7 @@ def test_a_search_in_progress_blocks_no_other_request(rag):
     retrieval.close()
 
 
-def test_the_command_serves_with_a_retriever_and_builds_its_index_once(rag, tmp_path):
+def test_the_command_serves_with_a_retriever_and_keeps_its_index_in_index_dir(rag, tmp_path):
     index = tmp_path / "index"
     process = run_serve(str(rag.root / NAME), "--port", "0", "retriever=bm25", f"retriever.documents={rag.documents}",
                         "--index-dir", str(index), "retriever.top_k=1")
@@ -216,7 +224,7 @@ def test_the_command_serves_with_a_retriever_and_builds_its_index_once(rag, tmp_
     finally:
         process.kill()
         process.communicate()
-    assert any(index.iterdir())
+    assert json.loads((index / "manifest.json").read_text())["passages"] == len(rag.retriever.passages)
 
 
 def test_the_command_refuses_bad_retriever_settings_before_it_binds(rag):

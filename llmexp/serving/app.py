@@ -146,7 +146,7 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
         augmented = await augment_completion(retrieval, body.model_extra or {}, prompt)
         text, ids = (augmented.prompt, None) if isinstance(augmented.prompt, str) else (None, augmented.prompt)
         max_tokens = max_tokens_of("max_tokens", body.max_tokens, 16, limit)
-        stream = _submit(engine, body, max_tokens, prompt=text, prompt_ids=ids)
+        stream = augmented.submitted(lambda: _submit(engine, body, max_tokens, prompt=text, prompt_ids=ids))
         return await respond(request, body, stream, "cmpl", "text_completion", completion_choice, augmented.fields(),
                              guarded)
 
@@ -167,7 +167,7 @@ def create_app(engine: Engine, max_tokens_limit: Optional[int] = None,
         field = "max_completion_tokens" if body.max_completion_tokens is not None else "max_tokens"
         requested = body.max_completion_tokens if body.max_completion_tokens is not None else body.max_tokens
         max_tokens = max_tokens_of(field, requested, max(1, min(limit, served.context_length - len(ids))), limit)
-        stream = _submit(engine, body, max_tokens, prompt_ids=ids)
+        stream = augmented.submitted(lambda: _submit(engine, body, max_tokens, prompt_ids=ids))
         return await respond(request, body, stream, "chatcmpl", "chat.completion", chat_choice, augmented.fields(),
                              guarded)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 import asyncio
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence, TypeVar
 
 from llmexp.retrieval.prompting import with_context
 from llmexp.serving.api_errors import ApiError
@@ -23,6 +23,7 @@ if TYPE_CHECKING:
 
 FIELD = "retrieval"  # the request body's extra field
 MAX_TOP_K = 100  # passages one request may ask for; the model's context refuses far fewer long ones first
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -35,6 +36,17 @@ class Augmented:
     def fields(self) -> Dict[str, Any]:
         """The response's extra top-level fields."""
         return {} if self.sources is None else {"sources": self.sources}
+
+    def submitted(self, submit: Callable[[], T]) -> T:
+        """``submit()``, where a prompt the passages made too long for the model's context says so."""
+        try:
+            return submit()
+        except ApiError as error:
+            if not self.sources or error.status != 400 or error.param not in ("prompt", "max_tokens"):
+                raise
+            raise ApiError(400, f"{error.message} The prompt holds {len(self.sources)} retrieved passages: ask for "
+                                f"fewer with \"{FIELD}\": {{\"top_k\": N}}, or set \"{FIELD}\": false.",
+                           param=error.param) from None
 
 
 class RetrievalAugmentation:
