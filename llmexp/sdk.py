@@ -70,6 +70,12 @@ from llmexp.retrieval import (
     INDEX_DIRECTORY, Document, Hit, Passage, Retriever, build_retriever, chunk, documents_for, read_documents,
     retrieval_metrics, with_context,
 )
+# -- encoders dense retrieval embeds with: loading, contrastive training, ranking metrics, stage artifacts ----
+from llmexp.retrieval.encoders import (
+    ARTIFACT as ENCODER_ARTIFACT, EncoderTraining, Pair, embedded_held_out, embedded_pairs, encoder_consumed,
+    encoder_problems, load_encoder, new_embedded_encoder, ranking_metrics, resolve_encoder, resolved_encoder_config,
+    train_encoder,
+)
 
 # -- rails: a rails config directory's checks, the labelled prompts they are measured on ---------------------
 from llmexp.rails import (
