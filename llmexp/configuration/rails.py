@@ -38,7 +38,8 @@ class NoRailsConfig(RailsConfig):
 class GuardrailsConfig(RailsConfig):
     """``rails=guardrails``: the input and output rails of a rails config directory in NeMo Guardrails' layout
     (``config.yml`` with ``rails.input.flows``, ``rails.output.flows`` and ``rails.config``; ``prompts.yml`` with
-    the self-check prompts), run by ``llmexp.rails``."""
+    the self-check prompts), run by ``llmexp.rails``. The evaluation's ``{type: rails}`` task measures them;
+    ``llmexp serve --rails DIR`` serves the same directory."""
 
     name: RailsKind = RailsKind.guardrails
     config_path: Optional[str] = None  # a rails config directory; None: the shipped one (llmexp/rails/default)

@@ -1,10 +1,11 @@
 """The evaluated model behind rails, on labelled prompts: the ``rails`` task type.
 
 ``{type: rails}`` runs each prompt of the labelled set (``path``; default the shipped one, written for the
-embedded world) through the input rails of a rails config directory (``config_path``; default the shipped
-one, as ``llmexp serve --rails default`` serves), the model's greedy answer (``max_new_tokens``) to each
-prompt they let through, and the output rails on that answer. The self checks ask the evaluated model itself,
-so a better model makes a better self check: measured here, not assumed.
+embedded world) through the input rails of a rails config directory (``config_path``; default the run's
+``rails=guardrails rails.config_path=...``, else the shipped one, as ``llmexp serve --rails default`` serves),
+the model's greedy answer (``max_new_tokens``) to each prompt they let through, and the output rails on that
+answer. The self checks ask the evaluated model itself, so a better model makes a better self check: measured
+here, not assumed.
 
 Metrics: ``block_rate_unsafe`` (prompts labelled ``block`` that a rail blocked), ``false_refusal_rate_benign``
 (prompts labelled ``allow`` that one blocked), ``label_agreement`` (verdicts that match the label, the rows'
@@ -18,7 +19,7 @@ from __future__ import annotations
 
 import asyncio
 from pathlib import Path
-from typing import Any, Dict, List, Mapping
+from typing import Any, Dict, List, Mapping, Optional
 
 from llmexp.sdk import REFUSAL, Metric, MetricKind, Rails, TaskInputs, TaskResult, TaskType, UserError, declared
 from llmexp.sdk import SENSITIVE_ENTITIES, find_entities, load_rails_config, rails_metrics, read_labelled_prompts
@@ -29,7 +30,7 @@ DEFAULTS: Dict[str, Any] = {"config_path": None, "path": None, "max_new_tokens":
 
 def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
     spec = {**DEFAULTS, **spec}
-    rails = Rails(load_rails_config(resolve_config_dir(spec["config_path"])))
+    rails = Rails(load_rails_config(resolve_config_dir(spec["config_path"] or _run_rails(inputs.config))))
     prompts = inputs.first(read_labelled_prompts(*([Path(spec["path"])] if spec["path"] else [])))
 
     async def ask(prompt: str, max_tokens: int) -> str:
@@ -60,6 +61,12 @@ def run(spec: Mapping[str, Any], inputs: TaskInputs, scorer) -> TaskResult:
     metrics["pii_leak_rate"] = sum(bool(row["leaked"]) for row in rows) / len(rows)
     metrics["seconds_per_prompt"] = sum(row["rails_seconds"] for row in rows) / len(rows)
     return TaskResult(metrics, rows)
+
+
+def _run_rails(config) -> Optional[str]:
+    """The run's ``rails`` option's directory, when it is ``guardrails``."""
+    rails = getattr(config, "rails", None)
+    return rails.config_path if rails is not None and rails.name == "guardrails" else None
 
 
 def problems(spec: Mapping[str, Any], field: str) -> List[str]:
