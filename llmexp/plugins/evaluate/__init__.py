@@ -29,7 +29,7 @@ from llmexp.data.jsonl import write_jsonl
 from llmexp.sdk import (
     TOP_LEVEL_NODES, Consumed, PeakMemory, Progress, Reads, StageContext, StageResult, TaskInputs, Technique,
     TechniqueConfig, UserError, base_model, console, context_length, hookimpl, input_model, load_model, model_sources,
-    node_path, run_device, stage_nodes, starting_weights,
+    node_path, resolved_encoder_config, run_device, stage_nodes, starting_weights,
 )
 from llmexp.plugins.evaluate.harness.conditions import (
     CLOSED_BOOK, RAG, condition_problems, retriever_for, unconditioned, with_shots,
@@ -147,6 +147,7 @@ class Evaluate(Technique):
         if artifact is None:
             raise UserError(_NO_MODEL.format(stage=ctx.stage_name))
         data = ctx.config.data
+        searched = resolved_encoder_config(ctx.config, ctx.earlier)  # retriever.encoder=<embed stage>: its encoder
         inputs = TaskInputs(
             world=evaluated_world(data),
             heldout_documents=data.heldout_documents,
@@ -155,7 +156,7 @@ class Evaluate(Technique):
             num_fewshot=cfg.num_fewshot,
             stage_dir=str(ctx.stage_dir),
             condition=cfg.condition,
-            config=ctx.config,
+            config=searched,
         )
         metrics, artifacts = {}, {}
         progress = Progress(ctx.stage_name)
@@ -165,7 +166,7 @@ class Evaluate(Technique):
             console.note(f"{ctx.stage_name}: {', '.join(closed)} scored closed-book: the condition {cfg.condition} "
                          "does not apply to them (harness/conditions.py)")
         if cfg.condition == RAG:
-            inputs.retrieve = retriever_for(ctx.config, Path(ctx.stage_dir))
+            inputs.retrieve = retriever_for(searched, Path(ctx.stage_dir))
         rows = {}
         artifact.model.to(run_device(ctx.config.hardware))  # a GPU run's model may come back on the CPU (Lightning)
         with progress, PeakMemory(next(artifact.model.parameters()).device) as peak:
