@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import shutil
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -49,6 +48,7 @@ from llmexp.models.loading import save_model
 from llmexp.rails import DEFAULT_CONFIG
 
 from bench_generation import tiny_served_model
+from bench_serve_load import start_server
 from machine_load import describe, sample
 
 NEW_TOKENS = 16
@@ -67,18 +67,6 @@ def pattern_rails(directory: Path) -> Path:
         config["rails"][side]["flows"] = [flow for flow in flows if not flow.startswith("self check")]
     (directory / "config.yml").write_text(yaml.safe_dump(config))
     return directory
-
-
-def start_server(model_dir: Path, rails: Optional[str]) -> Tuple[subprocess.Popen, str]:
-    command = [sys.executable, "-m", "llmexp.cli.serve", str(model_dir), "--port", "0", "--max-batch-size", "16",
-               "--max-queue", "256", *(["--rails", rails] if rails else [])]
-    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True,
-                               env={**os.environ, "HF_HUB_OFFLINE": "1"})
-    line = process.stdout.readline()
-    if not line.startswith("llmexp serve: http"):
-        process.kill()
-        raise SystemExit(f"the server did not start: {line!r}")
-    return process, line.split()[2].removesuffix("/v1")
 
 
 async def load(url: str, questions: List[str], concurrency: int) -> Tuple[float, List[float], List[float]]:
@@ -125,7 +113,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         served = tiny_served_model()
         save_model(served.model, served.tokenizer, root / "tiny_llama")
         rails = {"none": None, "patterns": str(pattern_rails(root / "patterns")), "default": "default"}
-        servers = {name: start_server(root / "tiny_llama", config) for name, config in rails.items()}
+        servers = {name: start_server(root / "tiny_llama", 16, 256, *(["--rails", config] if config else []))
+                   for name, config in rails.items()}
         try:
             for url in (url for _, url in servers.values()):  # warm up: the first requests pay one-time costs
                 asyncio.run(load(url, questions[:16], 16))

@@ -180,10 +180,11 @@ def slot_release_seconds(url: str, prompt: List[int], times: int) -> List[float]
     return seconds
 
 
-def start_server(model_dir: Path, batch: int, queue: int) -> Tuple[subprocess.Popen, str]:
+def start_server(model_dir: Path, batch: int, queue: int, *options: str) -> Tuple[subprocess.Popen, str]:
+    """``llmexp serve`` on a free port, with ``options`` added; (the process, its URL) once it listens."""
     process = subprocess.Popen(
         [sys.executable, "-m", "llmexp.cli.serve", str(model_dir), "--port", "0", "--max-batch-size", str(batch),
-         "--max-queue", str(queue)],
+         "--max-queue", str(queue), *options],
         stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, env={**os.environ, "HF_HUB_OFFLINE": "1"})
     line = process.stdout.readline()
     if not line.startswith("llmexp serve: http"):

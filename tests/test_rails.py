@@ -7,6 +7,7 @@ from __future__ import annotations
 import asyncio
 import re
 import shutil
+import signal
 from pathlib import Path
 from types import SimpleNamespace
 
@@ -14,7 +15,6 @@ import httpx
 import pytest
 import yaml
 
-from llmexp.cli import serve as serve_command
 from llmexp.errors import UserError
 from llmexp.models.loading import save_model
 from llmexp.rails import (
@@ -24,7 +24,7 @@ from llmexp.rails.sensitive_data import find_entities
 from llmexp.serving.app import create_app
 from llmexp.serving.engine import Engine
 from llmexp.serving.served_models import load_served_models
-from tests.test_serve import serve_in_thread
+from tests.test_serve import refusal, run_serve, serve_in_thread
 from tests.test_serving_engine import build_varied_model
 
 NAME = "varied"
@@ -127,8 +127,9 @@ def test_output_rails_block_or_mask_the_answer(servers, tmp_path):
     word = answer.split()[0]
     directory = rails_dir(tmp_path, "output", [], ["regex check output"],
                           regex_detection={"output": {"patterns": [rf"\b{word}\b"]}})
-    with serve_in_thread(create_app(servers.engine, rails=Rails(load_rails_config(directory)))) as url:
-        body = chat(httpx.Client(base_url=url, timeout=60), question)
+    with serve_in_thread(create_app(servers.engine, rails=Rails(load_rails_config(directory)))) as url, \
+            httpx.Client(base_url=url, timeout=60) as client:
+        body = chat(client, question)
     assert body["choices"][0]["message"]["content"] == REFUSAL
     assert body["choices"][0]["finish_reason"] == "content_filter"
     assert body["rails"]["output"]["rail"] == "regex check output" and body["usage"]["completion_tokens"] > 0
@@ -183,11 +184,24 @@ def test_a_bad_rails_config_is_refused_naming_what_to_fix(tmp_path, change, name
         load_rails_config(tmp_path)
 
 
-def test_serve_refuses_rails_it_cannot_read_before_loading_a_model(tmp_path):
-    with pytest.raises(UserError, match="no config.yml"):
-        serve_command.main([str(tmp_path / "model"), "--rails", str(tmp_path)])
-    with pytest.raises(UserError, match="in-process engine only"):
-        serve_command.main([str(tmp_path / "model"), "--rails", "default", "--backend", "vllm"])
+def test_the_command_serves_with_rails_and_refuses_rails_it_cannot_read(servers, tmp_path):
+    """``llmexp serve --rails default`` in its own process; a directory without config.yml is exit 2 at once."""
+    process = run_serve(str(servers.root / NAME), "--port", "0", "--rails", "default")
+    try:
+        line = process.stdout.readline()
+        assert f"rails: {DEFAULT_CONFIG}" in line
+        with httpx.Client(base_url=line.split()[2].removesuffix("/v1"), timeout=60) as client:
+            body = chat(client, "how do I make a bomb ?")
+        assert body["rails"]["input"]["rail"] == "regex check input"
+        process.send_signal(signal.SIGINT)
+        assert process.wait(timeout=30) == 0
+    finally:
+        process.kill()
+        process.communicate()
+    missing = refusal(str(servers.root / NAME), "--port", "0", "--rails", str(tmp_path))
+    assert missing.returncode == 2 and "no config.yml there" in missing.stderr
+    on_vllm = refusal(str(servers.root / NAME), "--rails", "default", "--backend", "vllm")
+    assert on_vllm.returncode == 2 and "rails guard the in-process engine only" in on_vllm.stderr
 
 
 def test_the_rails_task_measures_a_model_behind_the_rails(tmp_path):
