@@ -78,8 +78,8 @@ def test_a_directory_that_is_no_saved_encoder_is_refused_by_its_field(tmp_path):
 def test_technique_embed_trains_and_saves_an_encoder_sentence_transformers_loads(cache, tmp_path):
     from sentence_transformers import SentenceTransformer
 
-    result = run_llmexp("technique=embed", "technique.untrained=true", "hydra.run.dir=run", cwd=tmp_path,
-                        env={"LLMEXP_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"})
+    result = run_llmexp("technique=embed", "technique.untrained=true", "technique.epochs=3", "hydra.run.dir=run",
+                        cwd=tmp_path, env={"LLMEXP_CACHE_DIR": str(cache), "OMP_NUM_THREADS": "1"})
     assert result.returncode == 0, result.stderr[-3000:]
     stage = read_results(tmp_path / "run")["stages"]["embed"]
     metrics = stage["metrics"]
@@ -90,6 +90,16 @@ def test_technique_embed_trains_and_saves_an_encoder_sentence_transformers_loads
     rows = [json.loads(line) for line in (tmp_path / "run/embed/train_log.jsonl").read_text().splitlines()]
     assert rows[0]["loss"] > 10 * rows[-1]["loss"]
     assert not (tmp_path / "run/embed/trainer").exists()
+    # retriever.encoder=<the stage> searches with what it saved, through the retrieval core
+    from llmexp.configuration.compose import compose_config
+    from llmexp.retrieval import build_retriever
+    from llmexp.retrieval.encoders import stage_records
+
+    config = compose_config(["retriever=dense", "retriever.encoder=embed"])
+    retriever = build_retriever(resolved_encoder_config(config, stage_records(tmp_path / "run")))
+    questions, relevant = embedded_held_out(build_world(0, 30))
+    found = [[hit.passage.document for hit in row] for row in retriever.search(questions, k=5)]
+    assert sum(wanted <= set(row) for row, wanted in zip(found, relevant)) / len(questions) == metrics["recall_at_5"]
 
 
 def pair_file(path: Path, templates: range) -> Path:
