@@ -68,6 +68,25 @@ def test_contrastive_training_ranks_the_held_out_questions_biography_first(cache
     assert trained["mrr"] - untrained["mrr"] > 0.15
 
 
+def test_training_is_a_function_of_the_seed(tmp_path):
+    import torch
+
+    from llmexp.retrieval.encoders import EncoderTraining, embedded_pairs, one_thread, train_encoder
+
+    world = build_world(0, 30)
+    weights = []
+    with one_thread():
+        for attempt in range(2):
+            encoder = new_embedded_encoder(world.vocabulary(), seed=0)
+            train_encoder(encoder, embedded_pairs(world), EncoderTraining(max_steps=8), 0, tmp_path / str(attempt),
+                          cpu=True)
+            weights.append(encoder.state_dict())
+    assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
+    untrained = new_embedded_encoder(world.vocabulary(), seed=0).state_dict()
+    assert not torch.equal(untrained["0.model.embeddings.word_embeddings.weight"],
+                           weights[0]["0.model.embeddings.word_embeddings.weight"])
+
+
 def test_a_directory_that_is_no_saved_encoder_is_refused_by_its_field(tmp_path):
     with pytest.raises(UserError, match=r"retriever\.encoder=.*no such directory"):
         load_encoder(str(tmp_path / "missing"), WORLD)

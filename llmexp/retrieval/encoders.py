@@ -11,10 +11,10 @@ The embedded encoder is a BERT-style transformer small enough to train in second
 (``MultipleNegativesRankingLoss``: each question against its biography, the batch's other
 biographies as negatives) on every fact asked with the training question templates, never the
 held-out template the evaluation asks, so its scores on those questions measure generalisation.
-It is a pure function of the world and ``EMBEDDED_TRAINING``, trained on one thread (its matrices
-are too small for threads to pay, and one thread gives the same weights on every machine), once:
-it is cached in ``${LLMEXP_CACHE_DIR:-~/.cache/llmexp}/encoders/<fingerprint>/``, built beside it
-and renamed into place under a file lock, so a second process waits for it and loads it.
+It is a pure function of the world and ``EMBEDDED_TRAINING``, trained on one CPU thread (its
+matrices are too small for threads or a GPU to pay, and its weights then do not depend on how many
+cores a machine has), once: it is cached in ``${LLMEXP_CACHE_DIR:-~/.cache/llmexp}/encoders/<fingerprint>/``,
+built beside it and renamed into place under a file lock, so a second process waits for it and loads it.
 
 This module imports neither torch nor sentence-transformers until an encoder is built or loaded.
 """
@@ -293,7 +293,8 @@ def _build(world: EmbeddedWorld, path: Path) -> None:
             encoder = new_embedded_encoder(world.vocabulary(), world.seed)
             queries, relevant = embedded_held_out(world)
             untrained = ranking_metrics(encoder, queries, relevant, world.documents())
-            trained = train_encoder(encoder, embedded_pairs(world), EMBEDDED_TRAINING, world.seed, partial / "trainer")
+            trained = train_encoder(encoder, embedded_pairs(world), EMBEDDED_TRAINING, world.seed, partial / "trainer",
+                                    cpu=True)
             held_out = ranking_metrics(encoder, queries, relevant, world.documents())
         shutil.rmtree(partial / "trainer")
         encoder.save(str(partial))
@@ -322,9 +323,10 @@ def one_thread():
 
 def train_encoder(encoder, pairs: Sequence[Pair], training: EncoderTraining, seed: int, work_dir: Path,
                   on_step: Optional[Callable[[int, int], None]] = None,
-                  on_log: Optional[Callable[[Dict[str, float]], None]] = None) -> Dict[str, float]:
+                  on_log: Optional[Callable[[Dict[str, float]], None]] = None, cpu: bool = False) -> Dict[str, float]:
     """Train ``encoder`` in place on ``pairs`` (all with a hard negative, or none) with
-    ``MultipleNegativesRankingLoss`` through ``SentenceTransformerTrainer``, deterministic in ``seed``.
+    ``MultipleNegativesRankingLoss`` through ``SentenceTransformerTrainer``, deterministic in ``seed``, on a GPU when
+    there is one unless ``cpu``.
 
     ``work_dir`` is the trainer's output directory (no checkpoint is saved in it). ``on_step(step, total)``
     follows each optimiser step; ``on_log({"step", "loss", "lr"})`` every ``log_every`` steps.
@@ -347,7 +349,7 @@ def train_encoder(encoder, pairs: Sequence[Pair], training: EncoderTraining, see
         per_device_train_batch_size=training.batch_size, learning_rate=training.lr,
         warmup_steps=training.warmup_steps, weight_decay=training.weight_decay, seed=seed, data_seed=seed,
         batch_sampler=BatchSamplers.NO_DUPLICATES, logging_steps=training.log_every, save_strategy="no",
-        report_to="none", disable_tqdm=True, dataloader_pin_memory=torch.cuda.is_available())
+        report_to="none", disable_tqdm=True, use_cpu=cpu, dataloader_pin_memory=torch.cuda.is_available() and not cpu)
     logged: List[Dict[str, float]] = []
 
     class Follow(TrainerCallback):
