@@ -112,6 +112,25 @@ def test_rag_prompts_put_the_right_persons_biography_before_the_question(world, 
         assert len(row["cloze_scores"]) == len(row["letter_scores"]) == len(LETTERS)  # options scored as before
 
 
+def test_a_described_task_takes_the_evaluations_shots_unless_it_sets_its_own_and_reads_passages(
+        world, scorer, bm25, tmp_path):
+    lines = [{"context": f"what does {fact.person} eat ?", "choices": ["rice", fact.value], "label": 1}
+             for fact in world.facts if fact.relation == "food"][:4]
+    path, shots = tmp_path / "items.jsonl", tmp_path / "shots.jsonl"
+    path.write_text("".join(json.dumps(line) + "\n" for line in lines[2:]))
+    shots.write_text("".join(json.dumps(line) + "\n" for line in lines[:2]))
+    entry = {"type": "continuation", "path": str(path), "fewshot_path": str(shots)}
+    few = TaskInputs(world, num_fewshot=1, condition="few_shot")
+    task = resolve_tasks([entry], None, "tasks")[0][0]
+    solved = f"{lines[0]['context']} {lines[0]['choices'][1]}\n\n"
+    assert [row["prompt"] for row in run_task(task, few, scorer).rows] == [solved + line["context"] for line in lines[2:]]
+    own = resolve_tasks([{**entry, "num_fewshot": 0}], None, "tasks")[0][0]
+    assert [row["prompt"] for row in run_task(own, few, scorer).rows] == [line["context"] for line in lines[2:]]
+    rag = run_task(task, TaskInputs(world, condition="rag", retrieve=bm25), scorer).rows
+    for row, line, found in zip(rag, lines[2:], bm25([line["context"] for line in lines[2:]])):
+        assert row["prompt"] == with_context(line["context"], found) and row["question"] == line["context"]
+
+
 def test_conditions_compare_item_by_item_and_other_questions_do_not():
     closed = [{"question": q, "condition": "closed_book", "correct": c, "predicted": p}
               for q, c, p in zip("abcd", [1, 0, 0, 1], "wxyz")]

@@ -276,11 +276,12 @@ def _fewshot_problems(cfg, prefix: str) -> List[str]:
     """Under few_shot, the checks of the described tasks given the evaluation's ``num_fewshot`` (``with_shots``):
     where their solved examples come from."""
     found = []
-    for task in resolve_tasks(cfg.tasks, None, f"{prefix}.tasks")[0]:
+    for index, task in enumerate(resolve_tasks(cfg.tasks, None, f"{prefix}.tasks")[0]):  # called on valid tasks
         spec = with_shots(task.spec or {}, task.type, cfg.condition, cfg.num_fewshot)
         if task.spec is not None and spec != task.spec:
             found += [f"{prefix}.condition=few_shot gives {task.name} {prefix}.num_fewshot={cfg.num_fewshot} solved "
-                      f"examples: {problem}" for problem in task.type.problems(spec, f"{prefix}.tasks ({task.name})")]
+                      f"examples (an entry's own num_fewshot, 0 included, overrides it): {problem}"
+                      for problem in task.type.problems(spec, f"{prefix}.tasks[{index}]")]
     return found
 
 
