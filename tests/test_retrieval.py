@@ -268,6 +268,17 @@ def test_plan_refuses_bad_retriever_settings(tmp_path):
         assert expected in found
 
 
+def test_plan_names_the_rag_extra_when_a_retrievers_library_is_missing(monkeypatch, tmp_path):
+    from llmexp.configuration import retrieval
+
+    monkeypatch.setattr(retrieval, "importable", lambda module: module not in {"faiss", "sentence_transformers"})
+    assert retriever_problems(_config("retriever=bm25")) == []
+    assert retriever_problems(_config("retriever=bm25", f"retriever.reranker={tmp_path}")) == [
+        "retriever=bm25 needs sentence_transformers, which this environment lacks: pip install 'llmexp[rag]', "
+        "or retriever=none."]
+    assert "needs faiss, sentence_transformers" in retriever_problems(_config("retriever=dense"))[0]
+
+
 def test_llmexp_plan_names_a_missing_documents_path():
     done = subprocess.run([sys.executable, "-m", "llmexp", "plan", "retriever=bm25", "retriever.documents=/nope"],
                           capture_output=True, text=True, timeout=120)

@@ -14,6 +14,7 @@ from typing import List, Optional
 from omegaconf import MISSING
 
 from llmexp.configuration.choice import Choice
+from llmexp.machine.backends import importable
 
 
 DOCUMENT_SUFFIXES = (".txt", ".md", ".jsonl")  # the files retriever.documents reads
@@ -88,6 +89,12 @@ RETRIEVER_OPTIONS = {"none": NoRetrieverConfig, "bm25": Bm25RetrieverConfig, "de
                      "hybrid": HybridRetrieverConfig}  # retriever=<option> -> its schema
 
 
+# The modules each option searches with, all from the rag extra.
+RETRIEVER_MODULES = {"bm25": ("bm25s",), "dense": ("faiss", "sentence_transformers"),
+                     "hybrid": ("bm25s", "faiss", "sentence_transformers")}
+RAG_INSTALL = "pip install 'llmexp[rag]'"
+
+
 def retriever_problems(config) -> List[str]:
     """What stops ``config.retriever`` before anything runs, each naming its field and the fix (no torch, no index).
 
@@ -100,6 +107,10 @@ def retriever_problems(config) -> List[str]:
     if str(settings.name) == RetrieverKind.none:
         return []
     problems = []
+    needed = RETRIEVER_MODULES[str(settings.name)] + (("sentence_transformers",) if settings.reranker else ())
+    if missing := [module for module in dict.fromkeys(needed) if not importable(module)]:
+        problems.append(f"retriever={settings.name} needs {', '.join(missing)}, which this environment lacks: "
+                        f"{RAG_INSTALL}, or retriever=none.")
     documents = settings.documents
     if documents and not Path(str(documents)).exists():
         problems.append(
