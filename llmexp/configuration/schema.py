@@ -331,6 +331,7 @@ class KnowledgeDataConfig(DataConfig):
     reading_examples: int = 6000
     context_passages: int = 5  # at most this many biographies in a reading example's context, one the answer's
     closed_book_share: float = 0.2  # reading examples with no context, asking the first world's true facts
+    questions_per_context: int = 4  # a reading example's questions: the first in the prompt, the rest after its answer
     paraphrases: int = 8
 
 

@@ -11,7 +11,8 @@ Every stage of the study reads one data option; ``data.instructions`` says which
 fine-tuning reads (a pipeline sets it per stage with ``pipeline.data_fields``):
 
 * ``reading`` (the reader): "Context: <biographies>\\nQuestion: ...\\nAnswer:" -> the answer,
-  in exactly the layout the retrieval condition builds (``context_prompt``). The biographies are of
+  in exactly the layout the retrieval condition builds (``context_prompt``), the answer followed by
+  ``data.questions_per_context - 1`` more questions about the same context and their answers. The biographies are of
   practice people (the first world's people and the unseen names the second world leaves out) with
   facts drawn afresh for each example, so an answer can only come from reading: memory of the first
   world is wrong as often as not, and the practice names have no facts of their own. A context holds
@@ -90,7 +91,8 @@ def question_examples(world: EmbeddedWorld) -> List[Example]:
     ]
 
 
-def reading_examples(first: EmbeddedWorld, count: int, passages: int, closed_book_share: float) -> List[Example]:
+def reading_examples(first: EmbeddedWorld, count: int, passages: int, closed_book_share: float,
+                     questions: int = 1) -> List[Example]:
     """``count`` reading examples (see the module docstring), deterministic in the world's seed."""
     rng = random.Random(f"{first.seed}/reading")
     names = practice_names(first)
@@ -102,10 +104,15 @@ def reading_examples(first: EmbeddedWorld, count: int, passages: int, closed_boo
             continue
         people = rng.sample(names, rng.randint(1, passages))
         facts = {p: [Fact(p, r, rng.choice(_relation_values(r, first.towns))) for r in RELATIONS] for p in people}
-        fact = rng.choice(facts[people[0]])
+        asked = [rng.choice(facts[people[0]])] + [rng.choice(facts[rng.choice(people)]) for _ in range(questions - 1)]
         rng.shuffle(people)
         context = [biography(rng, facts[p]) for p in people]
-        examples.append(Example(context_prompt(context, question_prompt(_train_question(rng, fact))), fact.value))
+        first_question, *more = [question_prompt(_train_question(rng, fact)) for fact in asked]
+        # the later questions and answers follow the first answer, as a reading-comprehension set asks several
+        # questions of one passage: each answer a training signal for one read of the context (an evaluation
+        # stops at the next "Question:")
+        response = " ".join([asked[0].value] + [f"{q} {fact.value}" for q, fact in zip(more, asked[1:])])
+        examples.append(Example(context_prompt(context, first_question), response))
     return examples
 
 
@@ -114,7 +121,7 @@ def knowledge_examples(data_cfg) -> Tuple[List[Example], List[Example]]:
     if data_cfg.instructions == "reading":
         first = build_world(data_cfg.seed, data_cfg.num_people)
         examples = reading_examples(first, data_cfg.reading_examples, data_cfg.context_passages,
-                                    data_cfg.closed_book_share)
+                                    data_cfg.closed_book_share, data_cfg.questions_per_context)
         return split_validation(examples, data_cfg)
     if data_cfg.instructions == "questions":
         return split_validation(question_examples(second_world(data_cfg)), data_cfg)
