@@ -116,6 +116,6 @@ def test_a_technique_measured_by_a_task_the_evaluation_lacks_is_refused_by_the_p
     assert problems == [
         "evaluation: a technique that made its model names 'sql_quiz' as what measures its training (measured_by), "
         "which is not an embedded evaluation task (multiple_choice, free_answer, word_problems, perplexity, gsm8k, "
-        "text2sql, throughput); set evaluation.add_learned_tasks=false, and tell the technique's author."]
+        "text2sql, throughput, retrieval); set evaluation.add_learned_tasks=false, and tell the technique's author."]
     assert not make_plan(compose_config(["technique=lora", "pipeline=technique_then_evaluation", "evaluation.add_learned_tasks=false"])
                          ).problems
