@@ -19,6 +19,8 @@ from llmexp.data.knowledge import (
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
 from llmexp.planning.planner import make_plan
+from llmexp.retrieval.passages import Hit, Passage
+from llmexp.retrieval.prompting import with_context
 from tests.conftest import read_results, run_llmexp
 
 # sha256 of the embedded vocabulary (seed 0, 30 people) joined by spaces, before the knowledge study's words
@@ -95,7 +97,9 @@ def test_the_parts_of_data_knowledge():
     assert evaluated_world(knowledge_data()).facts == second.facts
     blocks, shuffled = raw_text_blocks(knowledge_data(seq_len=32), word_level_tokenizer(build_world().vocabulary()), 0)
     assert shuffled and blocks.shape[1] == 32 and blocks.shape[0] > 10
-    assert context_prompt(["a .", "b ."], "Question: q\nAnswer:") == "Context: a . b .\nQuestion: q\nAnswer:"
+    hits = [Hit(Passage(f"{text}#0", text, text), 1.0) for text in ("a .", "b .")]
+    assert context_prompt(["a .", "b ."], "Question: q\nAnswer:") == with_context("Question: q\nAnswer:", hits) \
+        == "Context: a . b .\nQuestion: q\nAnswer:"  # the reader's training layout is the rag condition's
 
 
 def test_the_pipeline_plans_and_its_stages_read_their_part_of_the_data():
@@ -150,3 +154,17 @@ def test_every_stage_reads_its_model_its_part_of_the_data_and_its_condition(tmp_
         assert metrics["free_answer_em_delta"] == pytest.approx(
             metrics["free_answer_em"] - stages[baseline]["metrics"]["free_answer_em"])
         assert metrics["free_answer_em_delta"] == pytest.approx((gained - lost) / 10)
+
+
+@pytest.mark.slow
+def test_the_reader_answers_new_facts_better_from_a_retrieved_biography_than_from_memory(tmp_path):
+    """The default reader (from the embedded baseline, cached once like every run's); BM25's best biography is the
+    asked person's for every question, and reading it beats the reader's memory of facts it never saw."""
+    result = run_llmexp("pipeline=knowledge", "retriever.top_k=1", "pipeline.stages=[reader,reader_closed_book,reader_rag]",
+                        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+    assert result.returncode == 0, result.stderr[-3000:]
+    stages = read_results(tmp_path / "run")["stages"]
+    assert stages["reader_closed_book"]["metrics"]["free_answer_em"] <= 0.15  # about chance: ten values a relation
+    rag = stages["reader_rag"]["metrics"]
+    assert rag["free_answer_em_gained"] > 3 * rag["free_answer_em_lost"]
+    assert rag["free_answer_em_mcnemar_p"] < 0.05

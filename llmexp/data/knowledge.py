@@ -12,10 +12,10 @@ fine-tuning reads (a pipeline sets it per stage with ``pipeline.data_fields``):
 
 * ``reading`` (the reader): "Context: <biographies>\\nQuestion: ...\\nAnswer:" -> the answer,
   in exactly the layout the retrieval condition builds (``context_prompt``), the answer followed by
-  ``data.questions_per_context - 1`` more questions about the same context and their answers. The biographies are of
-  practice people (the first world's people and the unseen names the second world leaves out) with
-  facts drawn afresh for each example, so an answer can only come from reading: memory of the first
-  world is wrong as often as not, and the practice names have no facts of their own. A context holds
+  ``data.questions_per_context - 1`` more questions about the same context and their answers. The
+  biographies are of practice people (the first world's people and the unseen names the second world
+  leaves out) with facts drawn afresh for each example, so an answer can only come from reading: memory
+  of the first world is wrong nine times in ten, and the practice names have no facts of their own. A context holds
   up to ``data.context_passages`` biographies, one of them the answer's; a share of the examples
   (``data.closed_book_share``) has no context and asks the first world's true facts, so a reader
   still answers from memory when nothing is retrieved. No second-world name or fact is in them.
