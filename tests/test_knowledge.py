@@ -137,18 +137,19 @@ def test_every_stage_reads_its_model_its_part_of_the_data_and_its_condition(tmp_
                           "pipeline.nodes.reader.max_steps=3", "pipeline.nodes.cpt.max_steps=2",
                           "pipeline.nodes.sft.max_steps=2", "pipeline.nodes.reader_closed_book.limit=10")
     stages = record["stages"]
-    assert list(stages) == ["reader", "reader_closed_book", "reader_few_shot", "reader_rag", "cpt", "cpt_closed_book",
-                            "cpt_rag", "sft", "sft_closed_book", "sft_rag"]
+    assert list(stages) == ["reader", "reader_closed_book", "reader_few_shot", "reader_rag", "reader_rag_top1", "cpt",
+                            "cpt_closed_book", "cpt_rag", "cpt_rag_top1", "sft", "sft_closed_book", "sft_rag",
+                            "sft_rag_top1"]
     assert stages["cpt"]["input_model"] == stages["sft"]["input_model"] == "reader"
     second = build_second_world(0, 30)
-    for key in ("reader_rag", "cpt_rag", "sft_rag"):
+    for key, read in (("reader_rag", 5), ("cpt_rag", 5), ("sft_rag", 5), ("reader_rag_top1", 1), ("sft_rag_top1", 1)):
         rows = [json.loads(line) for line in open(stages[key]["artifacts"]["free_answer"])]
         assert [row["expected"] for row in rows] == [f.value for f in second.facts[:10]]
-        # each question read BM25's five biographies of the second world, its own person's first
-        assert all(len(row["passages"]) == 5 and row["passages"][0].split("#")[0] == fact.person
+        # each question read BM25's best biographies of the second world (five, or one), its own person's first
+        assert all(len(row["passages"]) == read and row["passages"][0].split("#")[0] == fact.person
                    for row, fact in zip(rows, second.facts))
     for key, baseline in (("reader_rag", "reader_closed_book"), ("cpt_closed_book", "reader_closed_book"),
-                          ("sft_rag", "reader_rag")):
+                          ("sft_rag", "reader_rag"), ("cpt_rag_top1", "reader_rag_top1")):
         metrics = stages[key]["metrics"]
         gained, lost = metrics["free_answer_em_gained"], metrics["free_answer_em_lost"]
         assert metrics["free_answer_em_delta"] == pytest.approx(
@@ -160,11 +161,11 @@ def test_every_stage_reads_its_model_its_part_of_the_data_and_its_condition(tmp_
 def test_the_reader_answers_new_facts_better_from_a_retrieved_biography_than_from_memory(tmp_path):
     """The default reader (from the embedded baseline, cached once like every run's); BM25's best biography is the
     asked person's for every question, and reading it beats the reader's memory of facts it never saw."""
-    result = run_llmexp("pipeline=knowledge", "retriever.top_k=1", "pipeline.stages=[reader,reader_closed_book,reader_rag]",
+    result = run_llmexp("pipeline=knowledge", "pipeline.stages=[reader,reader_closed_book,reader_rag_top1]",
                         f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     stages = read_results(tmp_path / "run")["stages"]
     assert stages["reader_closed_book"]["metrics"]["free_answer_em"] <= 0.15  # about chance: ten values a relation
-    rag = stages["reader_rag"]["metrics"]
+    rag = stages["reader_rag_top1"]["metrics"]
     assert rag["free_answer_em_gained"] > 3 * rag["free_answer_em_lost"]
     assert rag["free_answer_em_mcnemar_p"] < 0.05

@@ -112,6 +112,13 @@ def test_rag_prompts_put_the_right_persons_biography_before_the_question(world, 
         assert len(row["cloze_scores"]) == len(row["letter_scores"]) == len(LETTERS)  # options scored as before
 
 
+def test_an_evaluations_passages_set_how_many_each_question_reads(tmp_path):
+    cfg = compose_config(["technique=evaluate", "retriever=bm25"])
+    five, one = retriever_for(cfg, tmp_path), retriever_for(cfg, tmp_path, passages=1)
+    question = "what pet does Kalo have ?"
+    assert len(five([question])[0]) == 5 and one([question]) == [five([question])[0][:1]]
+
+
 def test_a_described_task_takes_the_evaluations_shots_unless_it_sets_its_own_and_reads_passages(
         world, scorer, bm25, tmp_path):
     lines = [{"context": f"what does {fact.person} eat ?", "choices": ["rice", fact.value], "label": 1}
@@ -148,6 +155,8 @@ def test_conditions_compare_item_by_item_and_other_questions_do_not():
     (["technique.condition=rag"], "technique.condition=rag puts the passages a retriever finds before each question, "
                                   "but retriever=none finds none; choose a retriever: retriever=bm25"),
     (["technique.condition=few_shot"], "technique.condition=few_shot puts technique.num_fewshot solved examples"),
+    (["technique.condition=rag", "retriever=bm25", "technique.passages=0"],
+     "technique.passages=0: a rag question reads at least one passage"),
     (["technique.condition=open_book"], "technique.condition=open_book is not a condition; choose one of closed_book, "
                                         "few_shot, rag."),
 ])

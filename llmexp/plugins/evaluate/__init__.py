@@ -59,6 +59,7 @@ class EvaluateConfig(TechniqueConfig):
     # what the model reads before each question: closed_book (the question alone), few_shot (num_fewshot solved
     # examples) or rag (the passages the run's `retriever` finds for it); harness/conditions.py
     condition: str = CLOSED_BOOK
+    passages: Optional[int] = None  # rag: how many passages precede each question (None: retriever.top_k)
     num_fewshot: int = 0  # solved examples in the prompt: the text2sql task's always, every task's under few_shot
     # an earlier evaluate stage of the pipeline (same tasks) to compare with item by item:
     # deltas, flip rates, paired standard errors and KL(baseline || model) (harness/paired.py)
@@ -166,7 +167,7 @@ class Evaluate(Technique):
             console.note(f"{ctx.stage_name}: {', '.join(closed)} scored closed-book: the condition {cfg.condition} "
                          "does not apply to them (harness/conditions.py)")
         if cfg.condition == RAG:
-            inputs.retrieve = retriever_for(searched, Path(ctx.stage_dir))
+            inputs.retrieve = retriever_for(searched, Path(ctx.stage_dir), cfg.passages)
         rows = {}
         artifact.model.to(run_device(ctx.config.hardware))  # a GPU run's model may come back on the CPU (Lightning)
         with progress, PeakMemory(next(artifact.model.parameters()).device) as peak:

@@ -33,6 +33,9 @@ def condition_problems(node, prefix: str, retriever: str) -> List[str]:
             f"{prefix}.condition=few_shot puts {prefix}.num_fewshot solved examples before each question, and "
             f"{prefix}.num_fewshot={node.num_fewshot}; set {prefix}.num_fewshot=3 (or any number from 1)."
         ]
+    if node.get("passages") is not None and node.passages < 1:
+        return [f"{prefix}.passages={node.passages}: a rag question reads at least one passage; set it to 1 or more, "
+                "or null for retriever.top_k."]
     if condition == RAG and retriever == "none":
         return [
             f"{prefix}.condition=rag puts the passages a retriever finds before each question, but retriever=none "
@@ -64,10 +67,11 @@ def with_shots(spec: Mapping[str, Any], task_type, condition: str, num_fewshot: 
     return spec
 
 
-def retriever_for(cfg, stage_dir: Path):
-    """The rag condition's search: the run's retriever over its index in ``<stage dir>/retrieval_index``."""
+def retriever_for(cfg, stage_dir: Path, passages: Optional[int] = None):
+    """The rag condition's search: the run's retriever over its index in ``<stage dir>/retrieval_index``, finding
+    ``passages`` per question (None: ``retriever.top_k``), so one pipeline can ask with one passage and with five."""
     retriever = build_retriever(cfg, Path(stage_dir) / INDEX_DIRECTORY)
-    return retriever.search
+    return lambda questions: retriever.search(questions, passages)
 
 
 class Prompts:
