@@ -65,6 +65,15 @@ def test_the_customize_evaluations_score_the_zero_shot_tasks():
     assert [nodes[key].tasks for key in ("few_shot", "lora_eval", "sft_eval")] == [["free_answer"]] * 3
 
 
+def test_the_conditions_pipeline_asks_closed_books_tasks_three_ways():
+    cfg = compose_config(["pipeline=conditions", "pipeline.nodes.closed_book.tasks=[free_answer]"])
+    nodes = cfg.pipeline.nodes
+    assert [(key, nodes[key].condition, nodes[key].tasks, nodes[key].baseline) for key in cfg.pipeline.stages] == [
+        ("closed_book", "closed_book", ["free_answer"], None), ("few_shot", "few_shot", ["free_answer"], "closed_book"),
+        ("rag", "rag", ["free_answer"], "closed_book")]
+    assert cfg.retriever.name == "bm25" and make_plan(cfg).problems == []
+
+
 def test_a_comparison_needs_its_tasks_in_the_baseline_evaluation():
     plan = make_plan(compose_config(["pipeline=compress", "pipeline.nodes.baseline_eval.tasks=[perplexity]",
                                      "pipeline.nodes.prune_eval.tasks=[perplexity,multiple_choice]"]))
