@@ -33,18 +33,18 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
+from llmexp.rails import Rails
 from llmexp.serving.api_errors import ApiError, error_body, error_json, generation_error, invalid_body, refused
 from llmexp.serving.auth import RequireApiKey
 from llmexp.serving.body_limit import LimitBodySize
 from llmexp.serving.chat import chat_prompt_ids
 from llmexp.serving.engine import Engine
-from llmexp.rails import Rails
 from llmexp.serving.generation import (
     GenerationChunk, GenerationFailed, GenerationRequest, GenerationStream, QueueFull, UnknownModel,
 )
+from llmexp.serving.guarded import Guarded, guard_chat, guard_input
 from llmexp.serving.limits import InvalidRequest, default_max_body_bytes, shown
 from llmexp.serving.request_bodies import ChatBody, CompletionBody, SamplingFields, check_common, max_tokens_of
-from llmexp.serving.guarded import Guarded, guard_chat, guard_input
 from llmexp.serving.retrieval_augmented import RetrievalAugmentation, augment_chat, augment_completion
 
 RETRY_AFTER_SECONDS = 1
