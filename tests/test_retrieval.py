@@ -304,6 +304,15 @@ def test_the_retrieval_task_on_the_embedded_questions(tmp_path):
         run_task(tasks[0], TaskInputs(world=WORLD, stage_dir=str(tmp_path), config=_config()), scorer=None)
 
 
+def test_the_retrieval_task_without_a_retriever_is_refused_at_plan_time():
+    from llmexp.planning.planner import make_plan
+
+    assert make_plan(_config("retriever=none", "technique.tasks=[retrieval]")).problems == [
+        "technique.tasks: retrieval scores the run's retriever, and retriever=none has none; choose retriever=bm25 "
+        "(or retriever=dense, retriever=hybrid), or drop the task."]
+    assert make_plan(_config("retriever=bm25", "technique.tasks=[retrieval]")).problems == []
+
+
 def test_the_retrieval_task_over_your_questions(tmp_path, corpus):
     questions = tmp_path / "q.jsonl"
     questions.write_text(json.dumps({"question": "how is green tea made ?", "sources": ["guides/tea.md"]}) + "\n"

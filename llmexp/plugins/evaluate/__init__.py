@@ -126,6 +126,8 @@ class Evaluate(Technique):
         problems += config_problems(node, node_path(key)) or _window_problems(node, context_length(config))
         retriever = config.get("retriever") or {}  # a config composed without the group has none
         problems += condition_problems(node, node_path(key), str(retriever.get("name", "none")))
+        if not problems and str(retriever.get("name", "none")) == "none":
+            problems += _unsearchable(node, node_path(key))
         baseline = node.get("baseline")
         earlier = keys[: keys.index(key)]
         if baseline in earlier and nodes[baseline].get("name") == cls.name:  # else llmexp.planning.data_flow refuses it
@@ -291,6 +293,14 @@ def _window_problems(node, context: Optional[int]) -> List[str]:
     tasks = resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
     return [problem for task in tasks if context and task.spec and task.spec.get("type") == "text_perplexity"
             for problem in window_problems(task.spec, context)]
+
+
+def _unsearchable(node, prefix: str) -> List[str]:
+    """A task that scores the run's retriever (``retrieval``) in a run that has none: refused before anything runs."""
+    searching = [task.name for task in resolve_tasks(node.tasks, node.gsm8k_path, "tasks")[0]
+                 if task.type.name == "retrieval"]
+    return [f"{prefix}.tasks: {', '.join(searching)} scores the run's retriever, and retriever=none has none; choose "
+            "retriever=bm25 (or retriever=dense, retriever=hybrid), or drop the task."] if searching else []
 
 
 def _task_names(node, learned: List[str]) -> List[str]:
