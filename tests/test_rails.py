@@ -184,6 +184,18 @@ def test_a_bad_rails_config_is_refused_naming_what_to_fix(tmp_path, change, name
         load_rails_config(tmp_path)
 
 
+def test_a_rails_directory_without_its_config_is_refused_at_plan_time(tmp_path):
+    from llmexp.configuration.compose import compose_config
+    from llmexp.planning.planner import make_plan
+
+    problems = make_plan(compose_config(["rails=guardrails", f"rails.config_path={tmp_path}"])).problems
+    assert problems == [f"rails.config_path={tmp_path} holds no config.yml (relative paths are resolved against "
+                        f"{Path.cwd()}). Give a rails config directory in NeMo Guardrails' layout (a copy of "
+                        "llmexp/rails/default), or rails.config_path=null for the shipped rails."]
+    shutil.copytree(DEFAULT_CONFIG, tmp_path / "mine")
+    assert make_plan(compose_config(["rails=guardrails", f"rails.config_path={tmp_path / 'mine'}"])).problems == []
+
+
 def test_the_command_serves_with_rails_and_refuses_rails_it_cannot_read(servers, tmp_path):
     """``llmexp serve --rails default`` in its own process; a directory without config.yml is exit 2 at once."""
     process = run_serve(str(servers.root / NAME), "--port", "0", "--rails", "default")

@@ -6,7 +6,8 @@ Each option has a schema of its own (``RAILS_OPTIONS``), so a key of one option 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
+from pathlib import Path
+from typing import List, Optional
 
 from omegaconf import MISSING
 
@@ -46,3 +47,15 @@ class GuardrailsConfig(RailsConfig):
 
 
 RAILS_OPTIONS = {"none": NoRailsConfig, "guardrails": GuardrailsConfig}  # rails=<option> -> its schema
+
+
+def rails_problems(config) -> List[str]:
+    """A ``rails.config_path`` with no ``config.yml``, found before anything runs (its contents are checked where
+    the rails are read, ``llmexp.rails.config``, a layer above this one)."""
+    settings = config.get("rails") or {}
+    path = settings.get("config_path")
+    if str(settings.get("name")) != RailsKind.guardrails or not path or (Path(str(path)) / "config.yml").is_file():
+        return []
+    return [f"rails.config_path={path} holds no config.yml (relative paths are resolved against {Path.cwd()}). "
+            "Give a rails config directory in NeMo Guardrails' layout (a copy of llmexp/rails/default), or "
+            "rails.config_path=null for the shipped rails."]

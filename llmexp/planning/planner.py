@@ -14,6 +14,7 @@ from dataclasses import asdict, dataclass, field, replace
 from typing import Any, Dict, List, Optional
 
 from llmexp.architecture import count_parameters
+from llmexp.configuration.rails import rails_problems
 from llmexp.configuration.retrieval import retriever_problems
 from llmexp.data.embedded import build_world
 from llmexp.data.tokenizer import SPECIAL_TOKENS
@@ -73,7 +74,7 @@ def make_plan(cfg) -> Plan:
     problems += data_flow_problems(cfg)
     problems += embedded_vocabulary_problem(cfg, stages)
     problems += starting_weights.problems(cfg)
-    problems += retriever_problems(cfg)
+    problems += retriever_problems(cfg) + rails_problems(cfg)
     precision = precision_value(cfg.precision)
     problems += layout_problems(cfg)
     layout = Layout.of(cfg)
