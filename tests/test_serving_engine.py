@@ -12,7 +12,7 @@ import pytest
 import torch
 from omegaconf import OmegaConf
 
-from llmexp.data.embedded import build_world
+from llmexp.data.embedded import CONTEXT_WORD, build_world
 from llmexp.data.tokenizer import word_level_tokenizer
 from llmexp.errors import UserError
 from llmexp.models.loading import build_model, load_model, save_model
@@ -54,7 +54,9 @@ def served(varied_checkpoint):
 
 
 def random_prompts(count: int, seed: int = 0):
-    words = build_world(0).vocabulary()
+    world = build_world(0)
+    # the words of the world's texts (not the names only the knowledge study uses), so prompts stay as they were
+    words = [word for word in world.vocabulary() if word not in world.unseen and word != CONTEXT_WORD]
     rng = random.Random(seed)
     return [" ".join(rng.choice(words) for _ in range(rng.randint(2, 40))) for _ in range(count)]
 
