@@ -249,9 +249,9 @@ def test_a_seed_repeats_the_sampled_text_alone_or_batched_with_others(checkpoint
 def test_a_draft_with_another_vocabulary_is_refused_naming_the_field(checkpoints):
     served = load_served_models(checkpoints / NAME)
     model_cfg = OmegaConf.load(REPO / "llmexp/conf/model/tiny_llama.yaml")
-    model_cfg.num_layers, model_cfg.vocab_size = 1, 250
+    model_cfg.num_layers, model_cfg.vocab_size = 1, 252
     smaller = build_model(model_cfg, served.tokenizer)
-    with pytest.raises(UserError, match=r"--draft-model x: the draft model scores 250 tokens and the target 256"):
+    with pytest.raises(UserError, match=r"--draft-model x: the draft model scores 252 tokens and the target 256"):
         check_same_vocabulary(served.model, served.tokenizer, smaller, served.tokenizer, "--draft-model x")
     words = build_world(0).vocabulary()
     shuffled = word_level_tokenizer(random.Random(0).sample(words, len(words)))
@@ -301,11 +301,11 @@ def test_bad_drafts_and_options_exit_2_with_the_field_and_the_fix(checkpoints, t
     other = refusal(target, "--port", "0", "--draft-model", str(tmp_path / "other"))
     assert other.returncode == 2 and "tokenizer maps tokens to other ids" in other.stderr
     model_cfg = OmegaConf.load(REPO / "llmexp/conf/model/tiny_llama.yaml")
-    model_cfg.num_layers, model_cfg.vocab_size = 1, 250
+    model_cfg.num_layers, model_cfg.vocab_size = 1, 252
     tokenizer = load_served_models(checkpoints / NAME).tokenizer
     save_model(build_model(model_cfg, tokenizer), tokenizer, tmp_path / "smaller")
     smaller = refusal(target, "--port", "0", "--draft-model", str(tmp_path / "smaller"))
-    assert smaller.returncode == 2 and "the draft model scores 250 tokens and the target 256" in smaller.stderr
+    assert smaller.returncode == 2 and "the draft model scores 252 tokens and the target 256" in smaller.stderr
     assert math.isnan(SpeculationCounts().acceptance_rate)
 
 
