@@ -162,7 +162,7 @@ def test_the_reader_answers_new_facts_better_from_a_retrieved_biography_than_fro
     """The default reader (from the embedded baseline, cached once like every run's); BM25's best biography is the
     asked person's for every question, and reading it beats the reader's memory of facts it never saw."""
     result = run_llmexp("pipeline=knowledge", "pipeline.stages=[reader,reader_closed_book,reader_rag_top1]",
-                        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path)
+                        f"hydra.run.dir={tmp_path / 'run'}", cwd=tmp_path, timeout=840)  # the reader: ~5-10 min
     assert result.returncode == 0, result.stderr[-3000:]
     stages = read_results(tmp_path / "run")["stages"]
     assert stages["reader_closed_book"]["metrics"]["free_answer_em"] <= 0.15  # about chance: ten values a relation

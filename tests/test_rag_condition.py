@@ -167,68 +167,51 @@ def test_bad_conditions_are_refused_before_the_run(tmp_path, overrides, message)
     assert not (tmp_path / "run" / "results.json").exists()
 
 
-CONDITIONS_PIPELINE = """\
-defaults:
-  - /technique@nodes.eval_closed: evaluate
-  - /technique@nodes.eval_fewshot: evaluate
-  - /technique@nodes.eval_rag: evaluate
-  - _self_
-name: conditions
-stages: [eval_closed, eval_fewshot, eval_rag]
-nodes:
-  eval_closed: {tasks: [free_answer, multiple_choice], limit: 40}
-  eval_fewshot: {tasks: [free_answer, multiple_choice], limit: 40, condition: few_shot, num_fewshot: 3,
-                 baseline: eval_closed}
-  eval_rag: {tasks: [free_answer, multiple_choice], limit: 40, condition: rag, baseline: eval_closed}
-"""
-
-
 @pytest.mark.slow
 def test_three_conditions_on_the_embedded_baseline_compared_and_reported(tmp_path):
     """Closed-book, few-shot and RAG evaluations of the embedded baseline in one pipeline, the last two compared
     with the first item by item, and `llmexp report`'s conditions table."""
-    (tmp_path / "conf/pipeline").mkdir(parents=True)
-    (tmp_path / "conf/pipeline/conditions.yaml").write_text(CONDITIONS_PIPELINE)
     run = tmp_path / "run"
-    result = run_llmexp(f"hydra.searchpath=[file://{tmp_path / 'conf'}]", "pipeline=conditions", "retriever=bm25",
+    result = run_llmexp("pipeline=conditions", "pipeline.nodes.closed_book.tasks=[free_answer,multiple_choice]",
+                        "pipeline.nodes.closed_book.limit=40",
                         f"hydra.run.dir={run}", cwd=tmp_path, env={"OMP_NUM_THREADS": "2"})
     assert result.returncode == 0, result.stderr[-3000:]
     stages = read_results(run)["stages"]
     world = build_world(0)
     rows = {name: [json.loads(line) for line in (run / name / "free_answer.jsonl").read_text().splitlines()]
             for name in stages}
-    for closed, few, rag, fact in zip(rows["eval_closed"], rows["eval_fewshot"], rows["eval_rag"], world.facts):
+    for closed, few, rag, fact in zip(rows["closed_book"], rows["few_shot"], rows["rag"], world.facts):
         assert closed["question"] == few["question"] == rag["question"]
         assert (closed["condition"], few["condition"], rag["condition"]) == ("closed_book", "few_shot", "rag")
         assert rag["passages"][0].split("#")[0] == fact.person and rag["prompt"].startswith("Context: ")
-    assert (run / "eval_rag" / "retrieval_index").is_dir()
-    for name in ("eval_fewshot", "eval_rag"):
+    assert (run / "rag" / "retrieval_index").is_dir()
+    for name in ("few_shot", "rag"):
         metrics = stages[name]["metrics"]
         differences = [int(mine["correct"]) - int(theirs["correct"])
-                       for mine, theirs in zip(rows[name], rows["eval_closed"])]
+                       for mine, theirs in zip(rows[name], rows["closed_book"])]
         assert (metrics["free_answer_em_gained"], metrics["free_answer_em_lost"]) == (
             differences.count(1), differences.count(-1))
         assert metrics["free_answer_em_delta"] == pytest.approx(
-            metrics["free_answer_em"] - stages["eval_closed"]["metrics"]["free_answer_em"])
+            metrics["free_answer_em"] - stages["closed_book"]["metrics"]["free_answer_em"])
 
     report = run_llmexp("report", str(run), cwd=tmp_path)
     assert report.returncode == 0, report.stderr[-3000:]
     with open(run / "conditions.csv", newline="") as handle:
         table = {row["stage"]: row for row in csv.DictReader(handle)}
-    assert [table[name]["condition"] for name in ("eval_closed", "eval_fewshot", "eval_rag")] == [
+    assert [table[name]["condition"] for name in ("closed_book", "few_shot", "rag")] == [
         "closed_book", "few_shot", "rag"]
     for name, row in table.items():
         metrics = stages[name]["metrics"]
         assert row["model"] == stages[name]["input_model"]
         assert float(row["free_answer_em"]) == pytest.approx(metrics["free_answer_em"])
         assert float(row["mc_cloze_acc"]) == pytest.approx(metrics["mc_cloze_acc"])
-        if name == "eval_closed":
+        if name == "closed_book":
             assert row["baseline"] == "" and row["free_answer_em_delta"] == ""
         else:
-            assert row["baseline"] == "eval_closed"
+            assert row["baseline"] == "closed_book"
             assert float(row["free_answer_em_delta"]) == pytest.approx(metrics["free_answer_em_delta"])
             assert float(row["free_answer_em_mcnemar_p"]) == pytest.approx(metrics["free_answer_em_mcnemar_p"])
     markdown = (run / "report.md").read_text()
     section = markdown.split("## Conditions\n", 1)[1]
     assert "| stage | model | condition | baseline | " in section
-    assert "| eval_rag |" in section and "free_answer_em McNemar p" in section
+    assert "| rag |" in section and "free_answer_em McNemar p" in section
