@@ -76,12 +76,10 @@ class DenseRetrieverConfig(IndexedRetrieverConfig):
 
 
 @dataclass
-class HybridRetrieverConfig(DenseRetrieverConfig):
-    """BM25 and dense rankings fused by reciprocal rank (score = sum of 1 / (rrf_k + rank))."""
+class HybridRetrieverConfig(DenseRetrieverConfig, Bm25RetrieverConfig):
+    """BM25 and dense rankings fused by reciprocal rank (score = sum of 1 / (rrf_k + rank)): both options' keys."""
 
     name: RetrieverKind = RetrieverKind.hybrid
-    k1: float = 1.5
-    b: float = 0.75
     rrf_k: int = 60
 
 
