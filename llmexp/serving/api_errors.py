@@ -13,7 +13,7 @@ from typing import Any, Dict, List, Optional
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
-from llmexp.serving.generation import GenerationFailed, RequestFailed
+from llmexp.serving.generation import GenerationFailed, QueueFull, RequestFailed, UnknownModel
 from llmexp.serving.limits import FIELD_RULES, InvalidRequest, shown
 
 
@@ -28,6 +28,19 @@ class ApiError(Exception):
 
 def refused(error: InvalidRequest) -> ApiError:
     return ApiError(400, str(error), param=error.param)
+
+
+RETRY_AFTER_SECONDS = 1
+
+
+def not_admitted(error: Exception) -> ApiError:
+    """The answer to a request the engine does not take in: a model it does not serve (404), or a full queue (429,
+    with when to retry)."""
+    if isinstance(error, UnknownModel):
+        return ApiError(404, str(error), param="model", error_type="not_found_error")
+    assert isinstance(error, QueueFull)
+    return ApiError(429, f"the server is busy: {error}", error_type="rate_limit_error",
+                    headers={"Retry-After": str(RETRY_AFTER_SECONDS)})
 
 
 def generation_error(error: GenerationFailed) -> ApiError:

@@ -34,7 +34,9 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.requests import ClientDisconnect
 
 from llmexp.rails import Rails
-from llmexp.serving.api_errors import ApiError, error_body, error_json, generation_error, invalid_body, refused
+from llmexp.serving.api_errors import (
+    ApiError, error_body, error_json, generation_error, invalid_body, not_admitted, refused,
+)
 from llmexp.serving.auth import RequireApiKey
 from llmexp.serving.body_limit import LimitBodySize
 from llmexp.serving.chat import chat_prompt_ids
@@ -47,7 +49,6 @@ from llmexp.serving.limits import InvalidRequest, default_max_body_bytes, shown
 from llmexp.serving.request_bodies import ChatBody, CompletionBody, SamplingFields, check_common, max_tokens_of
 from llmexp.serving.retrieval_augmented import RetrievalAugmentation, augment_chat, augment_completion
 
-RETRY_AFTER_SECONDS = 1
 CLIENT_CLOSED = 499  # nginx's status for "the client closed the connection before the answer": counted, never sent
 ENDPOINTS = "POST /v1/completions, POST /v1/chat/completions, GET /v1/models, GET /health, GET /metrics"
 
@@ -245,13 +246,10 @@ def _submit(engine: Engine, body: SamplingFields, max_tokens: int, prompt=None, 
                                 ignore_eos=body.ignore_eos)
     try:
         return engine.submit(request)
-    except UnknownModel as error:
-        raise ApiError(404, str(error), param="model", error_type="not_found_error") from None
+    except (UnknownModel, QueueFull) as error:
+        raise not_admitted(error) from None
     except InvalidRequest as error:
         raise refused(error) from None
-    except QueueFull as error:
-        raise ApiError(429, f"the server is busy: {error}", error_type="rate_limit_error",
-                       headers={"Retry-After": str(RETRY_AFTER_SECONDS)}) from None
     except GenerationFailed as error:
         raise ApiError(503, str(error), error_type="server_error") from None
 

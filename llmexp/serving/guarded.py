@@ -20,7 +20,7 @@ import uuid
 from typing import Any, Callable, Dict, List, Optional, Tuple
 
 from llmexp.rails import REFUSAL, Ask, Rails, Verdict
-from llmexp.serving.api_errors import ApiError, generation_error
+from llmexp.serving.api_errors import ApiError, generation_error, not_admitted
 from llmexp.serving.engine import Engine
 from llmexp.serving.generation import GenerationChunk, GenerationFailed, GenerationRequest, QueueFull, UnknownModel
 from llmexp.serving.limits import InvalidRequest
@@ -36,11 +36,8 @@ def served_model_asker(engine: Engine, model: str) -> Ask:
             stream = engine.submit(GenerationRequest(model=model, prompt=prompt, max_tokens=max_tokens,
                                                      temperature=0.0))
             return (await stream.aread_all()).text
-        except UnknownModel as error:
-            raise ApiError(404, str(error), param="model", error_type="not_found_error") from None
-        except QueueFull as error:
-            raise ApiError(429, f"the server is busy: {error}", error_type="rate_limit_error",
-                           headers={"Retry-After": "1"}) from None
+        except (UnknownModel, QueueFull) as error:
+            raise not_admitted(error) from None
         except InvalidRequest as error:
             raise ApiError(400, f"the rails self check's prompt, which holds the message: {error}",
                            param=error.param) from None
