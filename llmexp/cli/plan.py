@@ -144,6 +144,8 @@ def print_table(cfg, plan, planned_job: str) -> None:
     out.print(Text(title, style="bold"), soft_wrap=True)
     out.print(Text(f"weights: {s['weights']}"), soft_wrap=True)
     out.print(table)
+    if plan.pipeline:
+        print_pipeline(plan.pipeline, p["pp"], plan.device_memory_bytes)
     for warning in plan.warnings:
         out.print(Text(f"⚠ {warning}", style="yellow"), soft_wrap=True)
     if plan.feasible:
@@ -152,6 +154,30 @@ def print_table(cfg, plan, planned_job: str) -> None:
     out.print(Text(f"✗ {len(plan.problems)} problem(s):", style="red bold"))
     for problem in plan.problems:
         out.print(Text(f"  - {problem}"), soft_wrap=True)  # unbroken, so it can be grepped
+
+
+def print_pipeline(pipeline: dict, pp: int, device_bytes: int) -> None:
+    """Each pipeline stage's layers, ranks and memory per device, and the share of a step the schedule idles."""
+    from rich.table import Table
+    from rich.text import Text
+
+    m = pipeline["micro_batches"]
+    console.out.print(Text(
+        f"pipeline: {pp} stages, schedule {pipeline['schedule']}, {m} micro-batches per step; bubble "
+        f"(pp-1)/(m+pp-1) = {pp - 1}/{m + pp - 1} = {pipeline['bubble_fraction']:.1%} of each step"), soft_wrap=True)
+    if not pipeline["stages"]:
+        return  # the layers do not split evenly: a problem below says so
+    table = Table()
+    for column in ("stage", "layers", "ranks", "activations", "memory per device"):
+        table.add_column(column, justify="left" if column == "stage" else "right")
+    for stage in pipeline["stages"]:
+        first, last = stage["layers"]
+        ranks = stage["ranks"]
+        total = stage["memory_per_device_bytes"]
+        table.add_row(str(stage["stage"]), f"{first}-{last}", f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0]),
+                      size(stage["memory_breakdown"].get("activations", 0)),
+                      f"{size(total)} ({total / device_bytes:.0%})")
+    console.out.print(table)
 
 
 def count(parameters: int) -> str:

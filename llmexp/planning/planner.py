@@ -23,8 +23,8 @@ from llmexp.models.vocabulary import vocabulary_problem
 from llmexp.planning.data_flow import data_flow_problems
 from llmexp.planning.feasibility import divisibility_problems, layout_problems, memory_problems
 from llmexp.planning.hardware import GIB, device_memory_bytes, precision_problems, precision_value
-from llmexp.planning.layout import Layout
-from llmexp.planning.stages import PlannedStage, heaviest_stage, model_numbers, planned_stages
+from llmexp.planning.layout import Layout, stage_layers, stage_ranks
+from llmexp.planning.stages import PlannedStage, StageMemory, heaviest_stage, model_numbers, planned_stages
 from llmexp.techniques import plugin_manager
 
 # data.seq_len below this share of the model's training length (``model.train_seq_len``) is far from
@@ -48,6 +48,9 @@ class Plan:
     # Memory at model.train_seq_len, when data.seq_len is far shorter: seq_len, memory_breakdown,
     # memory_per_device_bytes, fits.
     at_train_seq_len: Optional[Dict[str, Any]] = None
+    # Under pipeline parallelism (pp > 1): schedule, micro_batches per step, bubble_fraction, and stages,
+    # each {stage, layers: [first, last], ranks, memory_per_device_bytes, memory_breakdown}.
+    pipeline: Optional[Dict[str, Any]] = None
     # Each stage's (received, made) architecture numbers by key, for the stages' checks; not recorded.
     architectures: Dict[str, tuple] = field(default_factory=dict, repr=False)
 
@@ -91,6 +94,7 @@ def make_plan(cfg) -> Plan:
         technique_memory=heaviest.stage.technique.memory,
         problems=problems,
         trainable_parameters=heaviest.trainable,
+        pipeline=pipeline_plan(layout, heaviest, model) if layout.pp > 1 else None,
         architectures={stage.key: (stage.received, stage.made) for stage in stages},
     )
     plan.problems += memory_problems(cfg, plan, model, heaviest.step_parts)
@@ -101,6 +105,20 @@ def make_plan(cfg) -> Plan:
     plan.problems += plugin_manager.plan_problems(cfg, plan)
     plan.problems = list(dict.fromkeys(plan.problems))
     return plan
+
+
+def pipeline_plan(layout: Layout, heaviest: StageMemory, model: Dict[str, Any]) -> Dict[str, Any]:
+    """What each pipeline stage holds (layers, ranks, bytes per device) and the share of a step it idles."""
+    stages = [
+        {"stage": index, "layers": [layers.start, layers.stop - 1],
+         "ranks": list(stage_ranks(layout.tp, layout.pp, layout.dp, index)),
+         "memory_per_device_bytes": sum(breakdown.values()), "memory_breakdown": breakdown}
+        for index, (layers, breakdown) in enumerate(zip(
+            stage_layers(model["num_layers"], layout.pp) if heaviest.per_pipeline_stage else [],
+            heaviest.per_pipeline_stage))
+    ]
+    return {"schedule": layout.schedule, "micro_batches": layout.micro_batches,
+            "bubble_fraction": layout.bubble_fraction, "stages": stages}
 
 
 def train_length_memory(cfg, stages: List[PlannedStage], model, precision: str, layout: Layout,

@@ -32,12 +32,17 @@ class PlannedStage:
 
 @dataclass(frozen=True)
 class StageMemory:
-    """What one stage holds per device, by part, and what of it grows with a step's tokens."""
+    """What one stage holds per device, by part, and what of it grows with a step's tokens.
+
+    Under pipeline parallelism ``breakdown`` is the busiest pipeline stage's, and ``per_pipeline_stage``
+    has every pipeline stage's in order (empty without one, or when the layers do not split evenly).
+    """
 
     stage: PlannedStage
     breakdown: Dict[str, int]
     trainable: int
     step_parts: Tuple[str, ...]  # parts that grow with the tokens of a step (activations, caches), not the model
+    per_pipeline_stage: Tuple[Dict[str, int], ...] = ()
 
     @property
     def total(self) -> int:
@@ -85,16 +90,24 @@ def planned_stages(cfg, start: Dict[str, Any], problems: List[str]) -> List[Plan
 def stage_memory(cfg, stage: PlannedStage, model: Dict[str, Any], precision: str, layout: Layout) -> StageMemory:
     """The stage's bytes per device (whole bytes, rounded up) with ``model``'s numbers, and its trainable parameters.
 
-    The step's parts are those that change when the step's sequences are twice as long.
+    Under pipeline parallelism each pipeline stage is sized on its own (``Layout.for_stage``) and the busiest
+    one is the stage's figure. The step's parts are those that change when the step's sequences are twice as long.
     """
     def bytes_at(at: Layout) -> Dict[str, int]:
         breakdown = stage.technique.memory_per_device(cfg, stage.key, stage.node, model, precision, at)
         return {name: int(math.ceil(value)) for name, value in breakdown.items()}
 
-    breakdown = bytes_at(layout)
-    longer = bytes_at(replace(layout, seq_len=2 * layout.seq_len))
+    pipeline: Tuple[Dict[str, int], ...] = ()
+    busiest = layout
+    if layout.pp > 1 and model["num_layers"] % layout.pp == 0:
+        layouts = [layout.for_stage(model, index) for index in range(layout.pp)]
+        pipeline = tuple(bytes_at(at) for at in layouts)
+        busiest = layouts[max(range(layout.pp), key=lambda index: (sum(pipeline[index].values()), -index))]
+    breakdown = bytes_at(busiest)
+    longer = bytes_at(replace(busiest, seq_len=2 * busiest.seq_len))
     step_parts = tuple(name for name, value in breakdown.items() if longer.get(name) != value)
-    return StageMemory(stage, breakdown, stage.technique.trainable_parameters(cfg, stage.node, model), step_parts)
+    return StageMemory(stage, breakdown, stage.technique.trainable_parameters(cfg, stage.node, model), step_parts,
+                       pipeline)
 
 
 def heaviest_stage(cfg, stages: List[PlannedStage], model: Dict[str, Any], precision: str,
