@@ -434,7 +434,75 @@ class SlurmClusterConfig(ClusterConfig):
     hardware: Dict[str, SlurmPlacement] = field(default_factory=dict)  # hardware option name -> placement
 
 
-CLUSTER_KINDS = {"none": NoClusterConfig, "slurm": SlurmClusterConfig}  # a profile's kind -> its schema
+class KubernetesJobKind(Choice):
+    """The Kubeflow object a job becomes: Trainer v2's TrainJob (on a ClusterTrainingRuntime) or the training
+    operator's PyTorchJob."""
+
+    TrainJob = "TrainJob"
+    PyTorchJob = "PyTorchJob"
+
+
+class TolerationOperator(Choice):
+    Equal = "Equal"
+    Exists = "Exists"
+
+
+class TaintEffect(Choice):
+    NoSchedule = "NoSchedule"
+    PreferNoSchedule = "PreferNoSchedule"
+    NoExecute = "NoExecute"
+
+
+@dataclass
+class KubernetesToleration:
+    """A taint the pods tolerate (core/v1 Toleration); GPU node groups are commonly tainted nvidia.com/gpu."""
+
+    key: Optional[str] = None
+    operator: TolerationOperator = TolerationOperator.Equal
+    value: Optional[str] = None
+    effect: Optional[TaintEffect] = None  # None: every effect
+
+
+@dataclass
+class KubernetesPlacement:
+    """Where one ``hardware`` option's pods go on a Kubernetes cluster, and what each GPU brings with it."""
+
+    node_selector: Dict[str, str] = field(default_factory=dict)  # node labels, e.g. node.kubernetes.io/instance-type
+    tolerations: List[KubernetesToleration] = field(default_factory=list)
+    gpu_resource: str = "nvidia.com/gpu"  # the device plugin's extended resource
+    gpus_per_node: int = 8  # 0: a CPU node, pods ask for no GPU
+    cpus_per_gpu: int = 8  # per process when gpus_per_node is 0
+    memory_per_gpu_gb: Optional[int] = None  # per process when gpus_per_node is 0; None: no memory request
+    efa_per_node: int = 0  # vpc.amazonaws.com/efa devices a node has; a pod asks for its GPUs' share
+
+
+@dataclass
+class KubernetesStorage:
+    """The shared volume every pod mounts: run directories live on it, so the launcher reads what pods write."""
+
+    claim: str = MISSING  # the PersistentVolumeClaim (ReadWriteMany: FSx for Lustre, EFS, NFS) in the namespace
+    mount_path: str = "/fsx"  # where pods see it
+    local_path: Optional[str] = None  # where the launcher's machine sees the same volume; None: at mount_path too
+
+
+@dataclass
+class KubernetesClusterConfig(ClusterConfig):
+    """A Kubernetes cluster profile for ``hydra/launcher=kubernetes``: Kubeflow jobs, each hardware option's placement."""
+
+    context: Optional[str] = None  # kubeconfig context; None: the current one
+    namespace: str = "default"
+    job_kind: KubernetesJobKind = KubernetesJobKind.TrainJob
+    runtime: str = "torch-distributed"  # the ClusterTrainingRuntime a TrainJob runs on
+    image: str = MISSING  # a container image with llmexp installed (and its CUDA extras)
+    service_account: Optional[str] = None
+    env: Dict[str, str] = field(default_factory=dict)  # set in every container (NCCL/EFA settings, HF_HOME, ...)
+    time_limit_min: int = 240  # per job: activeDeadlineSeconds
+    storage: KubernetesStorage = field(default_factory=KubernetesStorage)
+    hardware: Dict[str, KubernetesPlacement] = field(default_factory=dict)  # hardware option name -> placement
+
+
+CLUSTER_KINDS = {"none": NoClusterConfig, "slurm": SlurmClusterConfig,
+                 "kubernetes": KubernetesClusterConfig}  # a profile's kind -> its schema
 
 
 @dataclass

@@ -64,8 +64,10 @@ def missing_cluster(cfg) -> Optional[str]:
     )
 
 
-def slurm_resources(cfg) -> Union[SlurmResources, str]:
-    """The job's resources on ``cfg.cluster``, or why it cannot go there (one sentence with the fix)."""
+def hardware_placement(cfg) -> Any:
+    """``cfg.cluster``'s placement of ``cfg.hardware`` (a cluster kind's placement schema, with ``gpus_per_node``),
+    or why the job cannot go there: the hardware is unmapped, or its nodes have fewer GPUs than the layout's
+    ranks per node (one sentence with the fix)."""
     cluster, hardware, layout = cfg.cluster, cfg.hardware.name, cfg.parallelism
     place = cluster.hardware.get(hardware)
     if place is None:
@@ -81,6 +83,16 @@ def slurm_resources(cfg) -> Union[SlurmResources, str]:
             f"{cluster.name} has {place.gpus_per_node} GPUs; choose a layout with parallelism.devices_per_node <= "
             f"{place.gpus_per_node} (more nodes instead)."
         )
+    return place
+
+
+def slurm_resources(cfg) -> Union[SlurmResources, str]:
+    """The job's resources on ``cfg.cluster``, or why it cannot go there (one sentence with the fix)."""
+    cluster, layout = cfg.cluster, cfg.parallelism
+    place = hardware_placement(cfg)
+    if isinstance(place, str):
+        return place
+    ranks = layout.devices_per_node
     gpus = ranks if place.gpus_per_node else 0
     return SlurmResources(
         partition=place.partition,

@@ -1,0 +1,196 @@
+"""What a job becomes on a Kubernetes cluster: a Kubeflow TrainJob (Trainer v2) or PyTorchJob (training operator).
+
+Pure Python: the launcher, its dry run and the tests share it; only ``validate`` imports the
+official API models (the ``kubernetes`` extra). The job's ``hardware`` picks its nodes through the
+cluster profile (``cluster=<name>``, kind kubernetes), its layout comes from ``parallelism``: one
+pod per node (``parallelism.nodes``), ``devices_per_node`` processes in each, started by
+``torchrun -m llmexp``. torchrun takes the node count, processes per node, node rank and master
+address from the ``PET_*`` variables both operators set, so the command is the same for both kinds.
+Each pod mounts the profile's shared volume, where the run directory is, and asks for its GPUs,
+their share of the node's EFA devices, CPUs and memory.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import posixpath
+import re
+from dataclasses import dataclass
+from pathlib import PurePosixPath
+from typing import Any, Dict, List, Optional, Tuple, Union
+
+import yaml
+
+from llmexp.errors import UserError
+from llmexp.launchers.placement import hardware_placement
+
+# kind -> (API group, version, plural): what the client's CustomObjectsApi calls take
+API = {"TrainJob": ("trainer.kubeflow.org", "v1alpha1", "trainjobs"), "PyTorchJob": ("kubeflow.org", "v1", "pytorchjobs")}
+
+EFA_RESOURCE = "vpc.amazonaws.com/efa"  # the AWS EFA device plugin's extended resource
+RUN_VOLUME = "runs"  # the pod's volume holding the shared storage (run directories)
+SHM_VOLUME = "dshm"  # a memory-backed /dev/shm: NCCL and data loader workers outgrow the container's 64 MB
+TRAINJOB_NODE = "node"  # the torch-distributed runtime's replicated job and container
+PYTORCHJOB_CONTAINER = "pytorch"  # the container name the training operator looks for
+PATCH_MANAGER = "llmexp"  # this launcher's entry in a TrainJob's runtimePatches
+MAX_NAME = 40  # leaves room for what the operators append (-worker-<n>, -node-0-<n>-<hash>) within 63
+
+
+@dataclass(frozen=True)
+class KubernetesResources:
+    """What one job asks for: its pods (one per node) and what each pod gets; equal jobs go to the same nodes."""
+
+    nodes: int
+    procs_per_node: int
+    gpus_per_node: int  # GPUs each pod asks for (0 on CPU nodes)
+    gpu_resource: str
+    cpu: int  # per pod
+    memory_gb: Optional[int]  # per pod; None: no memory request
+    efa_per_node: int  # EFA devices each pod asks for
+    node_selector: Tuple[Tuple[str, str], ...]
+    tolerations: Tuple[Tuple[Tuple[str, str], ...], ...]  # each toleration's set fields, as (name, value) pairs
+
+    def resource_requirements(self) -> Dict[str, Dict[str, str]]:
+        """The pod's core/v1 ResourceRequirements: GPUs and EFA devices as limits (extended resources), CPU and
+        memory requested too, so the pod lands on a node with room; CPU is not capped (no throttling)."""
+        devices = {name: str(count) for name, count in ((self.gpu_resource, self.gpus_per_node),
+                                                        (EFA_RESOURCE, self.efa_per_node)) if count}
+        memory = {"memory": f"{self.memory_gb}G"} if self.memory_gb else {}
+        return {"requests": {"cpu": str(self.cpu), **memory, **devices}, "limits": {**memory, **devices}}
+
+    def to_dict(self) -> Dict[str, Any]:
+        return {
+            "nodes": self.nodes, "procs_per_node": self.procs_per_node, "gpus_per_node": self.gpus_per_node,
+            "gpu_resource": self.gpu_resource, "cpu": self.cpu, "memory_gb": self.memory_gb,
+            "efa_per_node": self.efa_per_node, "node_selector": dict(self.node_selector),
+            "tolerations": [dict(toleration) for toleration in self.tolerations],
+        }
+
+
+def kubernetes_resources(cfg) -> Union[KubernetesResources, str]:
+    """The job's resources on ``cfg.cluster``, or why it cannot go there (one sentence with the fix)."""
+    place = hardware_placement(cfg)
+    if isinstance(place, str):
+        return place
+    procs = cfg.parallelism.devices_per_node
+    gpus = procs if place.gpus_per_node else 0
+    per_process = gpus or procs  # CPU and memory come per GPU, or per process on CPU nodes
+    return KubernetesResources(
+        nodes=cfg.parallelism.nodes,
+        procs_per_node=procs,
+        gpus_per_node=gpus,
+        gpu_resource=place.gpu_resource,
+        cpu=place.cpus_per_gpu * per_process,
+        memory_gb=place.memory_per_gpu_gb * per_process if place.memory_per_gpu_gb else None,
+        efa_per_node=math.ceil(place.efa_per_node * gpus / place.gpus_per_node) if gpus else 0,
+        node_selector=tuple(sorted((str(key), str(value)) for key, value in place.node_selector.items())),
+        tolerations=tuple(_toleration(toleration) for toleration in place.tolerations),
+    )
+
+
+def _toleration(toleration) -> Tuple[Tuple[str, str], ...]:
+    """A profile's toleration as core/v1 Toleration fields, unset ones left out (Exists takes no value)."""
+    fields = {"key": toleration.key, "operator": toleration.operator,
+              "value": toleration.value, "effect": toleration.effect}
+    return tuple((name, str(value)) for name, value in fields.items() if value is not None)
+
+
+def job_name(sweep_id: str, num: int) -> str:
+    """The job's object name: ``llmexp-<sweep>-<num>``, a DNS-1035 label short enough for the pods' names.
+
+    ``sweep_id`` (e.g. the sweep directory's ``2026-12-07/10-00-00``) is lowercased to letters, digits
+    and dashes; a long one is cut and given a hash of the whole, so two sweeps never share names.
+    """
+    suffix = f"-{num}"
+    slug = re.sub(r"[^a-z0-9]+", "-", sweep_id.lower()).strip("-")
+    room = MAX_NAME - len("llmexp-") - len(suffix)
+    if len(slug) > room:
+        digest = hashlib.sha1(sweep_id.encode("utf-8")).hexdigest()[:6]
+        slug = f"{slug[:room - len(digest) - 1].rstrip('-')}-{digest}"
+    return f"llmexp-{slug}{suffix}" if slug else f"llmexp{suffix}"
+
+
+def pod_path(cfg, local_path: str) -> str:
+    """``local_path`` (a run directory on this machine) as the pods see it on the shared volume.
+
+    The launcher's machine sees the volume at ``cluster.storage.local_path`` (or at ``mount_path``
+    when unset), pods at ``mount_path``; a directory outside the volume is one pods cannot write.
+    """
+    storage = cfg.cluster.storage
+    root = PurePosixPath(posixpath.normpath(storage.local_path or storage.mount_path))
+    path = PurePosixPath(posixpath.normpath(local_path))
+    if path != root and root not in path.parents:
+        raise UserError(
+            f"the run directory {local_path} is not on cluster={cfg.cluster.name}'s shared volume (claim "
+            f"{storage.claim}, seen here at {root}), so its pods could not write it: run the sweep from a directory "
+            f"under {root} or set hydra.sweep.dir={root}/<dir>, or set cluster.storage.local_path to where this "
+            f"machine mounts the volume."
+        )
+    return str(PurePosixPath(storage.mount_path) / path.relative_to(root))
+
+
+def render(cfg, name: str, arguments: List[str], run_dir: str, resources: KubernetesResources,
+           labels: Dict[str, str]) -> Dict[str, Any]:
+    """The job's manifest (a plain dict) of kind ``cfg.cluster.job_kind``.
+
+    The pod runs ``torchrun -m llmexp <arguments> hydra.run.dir=<run_dir as pods see it>``;
+    ``arguments`` are the point's overrides (the profile included), without ``hydra.run.dir``.
+    ``labels`` go on the job and its pods (a sweep's objects are found by them).
+    """
+    cluster = cfg.cluster
+    command = ["torchrun", "-m", "llmexp", *arguments, f"hydra.run.dir={pod_path(cfg, run_dir)}"]
+    env = [{"name": key, "value": str(value)} for key, value in cluster.env.items()]
+    mounts = [{"name": RUN_VOLUME, "mountPath": cluster.storage.mount_path}, {"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
+    volumes = [{"name": RUN_VOLUME, "persistentVolumeClaim": {"claimName": cluster.storage.claim}},
+               {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}]
+    placement = {
+        **({"serviceAccountName": cluster.service_account} if cluster.service_account else {}),
+        **({"nodeSelector": dict(resources.node_selector)} if resources.node_selector else {}),
+        **({"tolerations": [dict(toleration) for toleration in resources.tolerations]} if resources.tolerations else {}),
+        "volumes": volumes,
+    }
+    metadata = {"name": name, "namespace": cluster.namespace, "labels": dict(labels)}
+    deadline = cluster.time_limit_min * 60
+    if cluster.job_kind == "PyTorchJob":
+        container = {"name": PYTORCHJOB_CONTAINER, "image": cluster.image, "command": command,
+                     "resources": resources.resource_requirements(), "volumeMounts": mounts,
+                     **({"env": env} if env else {})}
+        pod = {"metadata": {"labels": dict(labels)}, "spec": {**placement, "containers": [container]}}
+        replicas = {"Master": 1, "Worker": resources.nodes - 1}
+        return {
+            "apiVersion": "/".join(API["PyTorchJob"][:2]), "kind": "PyTorchJob", "metadata": metadata,
+            "spec": {
+                "nprocPerNode": str(resources.procs_per_node),
+                "runPolicy": {"activeDeadlineSeconds": deadline, "backoffLimit": 0, "cleanPodPolicy": "None"},
+                "pytorchReplicaSpecs": {role: {"replicas": count, "restartPolicy": "Never", "template": pod}
+                                        for role, count in replicas.items() if count},
+            },
+        }
+    pod_patch = {**placement, "containers": [{"name": TRAINJOB_NODE, "volumeMounts": mounts}]}
+    return {
+        "apiVersion": "/".join(API["TrainJob"][:2]), "kind": "TrainJob", "metadata": metadata,
+        "spec": {
+            "runtimeRef": {"name": cluster.runtime, "apiGroup": API["TrainJob"][0], "kind": "ClusterTrainingRuntime"},
+            "activeDeadlineSeconds": deadline,
+            "trainer": {
+                "image": cluster.image, "command": command, "numNodes": resources.nodes,
+                "numProcPerNode": resources.procs_per_node, "resourcesPerNode": resources.resource_requirements(),
+                **({"env": env} if env else {}),
+            },
+            "runtimePatches": [{"manager": PATCH_MANAGER, "trainingRuntimeSpec": {"template": {"spec": {
+                "replicatedJobs": [{"name": TRAINJOB_NODE, "template": {"spec": {"template": {
+                    "metadata": {"labels": dict(labels)}, "spec": pod_patch}}}}],
+            }}}}],
+        },
+    }
+
+
+def validate(manifest: Dict[str, Any]) -> None:
+    """Check ``manifest`` against the official API models of its kind; ValueError naming the first wrong field."""
+    raise NotImplementedError
+
+
+def manifests_yaml(manifests: List[Dict[str, Any]]) -> str:
+    """The manifests as one multi-document YAML stream, as ``kubectl apply -f -`` takes it."""
+    return yaml.safe_dump_all(manifests, sort_keys=False, default_flow_style=False)
