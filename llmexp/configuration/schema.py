@@ -194,6 +194,8 @@ class ParallelismConfig:
     global_batch: int = 16
     sharding: Sharding = Sharding.none
     activation_checkpointing: bool = False
+    # with pp > 1 on the torch backend: "1f1b" (one forward, one backward: fewer activations held) or "gpipe"
+    pipeline_schedule: str = "1f1b"
 
 
 @dataclass

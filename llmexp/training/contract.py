@@ -16,6 +16,7 @@ from llmexp.techniques.contract import Metric, MetricKind, Technique, TechniqueC
 from llmexp.techniques.plugin_manager import techniques
 from llmexp.training.compilation import compile_problems
 from llmexp.training.megatron.arguments import megatron_problems
+from llmexp.training.pipeline_parallel import pipeline_problems, schedule_problem
 
 # Our precision names -> Lightning's. Mixed precision keeps fp32 master weights.
 LIGHTNING_PRECISION = {"fp32": "32-true", "bf16": "bf16-mixed", "fp16": "16-mixed"}
@@ -55,6 +56,9 @@ class TrainingTechnique(Technique):
     requires: ClassVar[Tuple[str, ...]] = ("torch", "transformers", "lightning")
     # training backends (``backend=``) whose loop can run its loss: megatron's computes next-token loss only
     backends: ClassVar[Tuple[str, ...]] = ("torch",)
+    # whether its loss trains through pipeline stages on torch (parallelism.pp > 1): it calls the model once per
+    # micro-batch for logits and the HF loss on its labels (``llmexp.training.pipeline_stages``)
+    pipelines: ClassVar[bool] = False
 
     @classmethod
     def memory_per_device(cls, config, key: str, node, model: Dict[str, Any], precision: str,
@@ -79,8 +83,8 @@ class TrainingTechnique(Technique):
 
     @classmethod
     def plan_problems(cls, config, key: str, node, plan) -> List[str]:
-        """What the run's training backend cannot train: on torch (``llmexp.training.loop``) FP8/FP4 and pipeline
-        stages; on megatron what megatron-core cannot run (``llmexp.training.megatron.arguments``) and a technique
+        """What the run's training backend cannot train: on torch (``llmexp.training.loop``) FP8/FP4 and what pipeline
+        stages cannot run (``llmexp.training.pipeline_parallel``); on megatron what megatron-core cannot run (``llmexp.training.megatron.arguments``) and a technique
         whose loss it does not compute. Whether the backend's packages and a GPU are on this machine is checked when
         the run starts (``machine_problems``): a plan may be for a cluster."""
         if config.backend.name == "megatron":
@@ -97,9 +101,21 @@ class TrainingTechnique(Technique):
             return []
         precision = getattr(config.precision, "value", config.precision)
         problems = [problem for problem in [torch_precision_problem(precision, config.hardware)] if problem]
-        if config.parallelism.pp > 1:
-            problems.append(pipeline_training_problem(config.parallelism))
+        schedule = schedule_problem(config.parallelism)
+        problems += [schedule] if schedule else []
+        problems += pipeline_problems(config, key, node, cls.pipeline_refusal(config, key, node))
         return problems + compile_problems(config, key, node)
+
+    @classmethod
+    def pipeline_refusal(cls, config, key: str, node) -> Optional[str]:
+        """Why this technique cannot train through pipeline stages on torch (``parallelism.pp > 1``), or None."""
+        if cls.pipelines:
+            return None
+        trained = sorted(name for name, entry in techniques().items()
+                         if issubclass(entry.technique, TrainingTechnique) and entry.technique.pipelines)
+        return (f"{key}: technique={cls.name} does not train through pipeline stages on the torch backend (parallelism."
+                f"pp={config.parallelism.pp}; pipelines train {', '.join(trained)}); set parallelism.pp=1, e.g. "
+                "parallelism=dp2 or parallelism=fsdp2.")
 
     @classmethod
     def machine_problems(cls, config, node, field: str) -> List[str]:
@@ -142,13 +158,3 @@ def torch_precision_problem(precision: str, hardware) -> Optional[str]:
             "preset."
         )
     return None
-
-
-def pipeline_training_problem(parallelism) -> str:
-    return (
-        f"parallelism.pp={parallelism.pp} (parallelism={parallelism.name}): the torch backend does not train "
-        "through pipeline stages; train with backend=megatron (CUDA GPUs), or split the model with parallelism.tp "
-        "(tensor parallel) or parallelism.sharding=fsdp over parallelism.dp instead and set parallelism.pp=1."
-    )
-
-

@@ -56,10 +56,14 @@ def training_module_class() -> type:
 
         def __init__(
             self, name, model, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints,
-            parallelism, split, steps,
+            parallelism, split, steps, pipeline=None,
         ):
             super().__init__()
             self.model = model
+            # parallelism.pp > 1: an llmexp.training.pipeline_stages.Pipeline runs each step's micro-batches (one
+            # Lightning batch) and this module steps the optimiser itself
+            self.pipeline = pipeline
+            self.automatic_optimization = pipeline is None
             # what the loss calls: the model, or a compiled wrapper sharing its parameters (in a tuple: not a submodule,
             # so that checkpoints keep the model's keys)
             self._trained = (compiled(model) if tcfg.compile else model,)
@@ -92,12 +96,28 @@ def training_module_class() -> type:
         def training_step(self, batch, batch_idx):
             if self.free_cores is not None:
                 self.free_cores.check()
+            if self.pipeline is not None:
+                return self._pipeline_step(batch)
             out = self.loss_fn(self._trained[0], batch)
             self.session_tokens += out.tokens
             loss = out.loss.detach()
             self._loss_sum = loss if self._loss_sum is None else self._loss_sum + loss
             self._logs = out.logs
             return out.loss
+
+        def _pipeline_step(self, micro_batches):
+            """One optimiser step through the pipeline: gradients exchanged and clipped over every stage."""
+            optimizer, schedule = self.optimizers(), self.lr_schedulers()
+            loss_sum, tokens, logs = self.pipeline.step(micro_batches)
+            self.pipeline.synchronize_gradients()
+            if self.tcfg.grad_clip:
+                self.pipeline.clip_grad_norm_(self.tcfg.grad_clip)
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+            schedule.step()
+            self.session_tokens += tokens
+            self._loss_sum = torch.tensor(loss_sum, device=self.device)
+            self._logs = logs
 
         def on_fit_start(self):
             for module in self.extra_modules:

@@ -40,7 +40,7 @@ from llmexp.results.record import redact_secrets
 from llmexp.techniques.contract import StageContext
 from llmexp.training import distributed, preemption
 from llmexp.configuration.training_settings import splits_model, training_problems, validation_problem
-from llmexp.training.contract import LIGHTNING_PRECISION, LossFn, pipeline_training_problem, torch_precision_problem
+from llmexp.training.contract import LIGHTNING_PRECISION, LossFn, torch_precision_problem
 from llmexp.training.lightning_module import training_module_class
 from llmexp.training.schedule import data_order
 
@@ -93,7 +93,7 @@ def train(
     import torch
     from torch.utils.data import DataLoader
 
-    from llmexp.training import model_parallel, resume
+    from llmexp.training import model_parallel, pipeline_stages, resume
 
     cfg, tcfg = ctx.config, ctx.stage_config
     lead = distributed.is_rank_zero()
@@ -127,20 +127,23 @@ def train(
     # off a terminal Lightning's bar is drawn only at the end: plain step lines instead (llmexp.display.progress)
     steps = progress.Progress(ctx.stage_name, unit="step") if lead and not progress.is_live() else None
     position = point.state["micro_batches"] if point else 0
+    micro_batches = _MicroBatches(len(order) // micro_batch, micro_batch, position,
+                                  distributed.rank() // (parallelism.tp * parallelism.pp), parallelism.dp)
+    pipelined = parallelism.pp > 1
     loader = DataLoader(
         _Samples(train_data, order),
-        batch_sampler=_MicroBatches(
-            len(order) // micro_batch, micro_batch, position, distributed.rank() // parallelism.tp, parallelism.dp
-        ),
-        collate_fn=collate,
+        # pipelined: one batch is a step's micro-batches, collated one by one (the schedule runs them)
+        batch_sampler=_StepBatches(micro_batches, accumulation) if pipelined else micro_batches,
+        collate_fn=functools.partial(_collate_each, collate, micro_batch) if pipelined else collate,
     )
     val_batches = functools.partial(_batches, val_data, collate, micro_batch) if tcfg.val_every else None
     model.train()  # Lightning keeps the modes it finds; a loaded model arrives in eval mode
     split = splits_model(parallelism)
-    trained = copy.deepcopy(model) if split else model  # split in place: ``model`` stays a plain HF model
+    trained = copy.deepcopy(model) if split or pipelined else model  # split in place: ``model`` stays a plain HF model
+    pipeline = pipeline_stages.Pipeline(trained, parallelism, loss_fn, trainer.strategy.root_device) if pipelined else None
     module = training_module_class()(
         ctx.stage_name, trained, loss_fn, tcfg, accumulation, extra_modules, val_batches, log_path, checkpoints,
-        parallelism, split, steps,
+        parallelism, split, steps, pipeline,
     )
     with PeakMemory(trainer.strategy.root_device) as peak, preemption.training_steps(), (
         steps or contextlib.nullcontext()
@@ -150,6 +153,8 @@ def train(
         seconds = time.perf_counter() - start
     if split:
         model_parallel.load_full_weights(trained, model)
+    if pipelined:
+        pipeline_stages.load_full_weights(trained, model)
     model.eval()
 
     trainable, total = parameter_counts(model)
@@ -170,6 +175,8 @@ def train(
         resumed_from_step=point.step if point else 0,
         fewest_threads=(module.free_cores and module.free_cores.lowest) or torch.get_num_threads(),
     )
+    if pipelined:
+        metrics.update(pipeline_stages.pipeline_metrics(model, parallelism, peak.mb))
     session_steps = trainer.global_step - (point.step if point else 0)
     if tcfg.compile and module.first_step_s is not None and session_steps > 1:
         # the first step compiles: its time beyond the other steps' mean
@@ -223,6 +230,7 @@ def make_trainer(config, training, logger=False, plugins: Sequence = (), callbac
             f"hardware={config.hardware.name} needs a CUDA GPU and this machine has none; run with hardware=cpu, "
             "or use `llmexp plan` to check the configuration without running it."
         )
+    pipelined = parallelism.pp > 1  # its module steps the optimiser and clips itself (manual optimisation)
     layout: Dict[str, Any] = {"devices": 1}
     if world_size > 1:
         local = distributed.local_world_size()
@@ -239,8 +247,8 @@ def make_trainer(config, training, logger=False, plugins: Sequence = (), callbac
         precision=LIGHTNING_PRECISION[precision],
         max_steps=training.max_steps,
         max_epochs=1,  # the data order holds exactly max_steps optimiser steps of samples
-        accumulate_grad_batches=accumulation_steps(parallelism),
-        gradient_clip_val=training.grad_clip or None,
+        accumulate_grad_batches=1 if pipelined else accumulation_steps(parallelism),
+        gradient_clip_val=None if pipelined else training.grad_clip or None,
         logger=logger,
         log_every_n_steps=training.log_every,
         enable_checkpointing=False,  # llmexp.training.resume writes the checkpoints
@@ -256,7 +264,8 @@ def make_trainer(config, training, logger=False, plugins: Sequence = (), callbac
 def training_strategy(parallelism, accelerator: str):
     """Lightning's strategy for a layout of several ranks.
 
-    Data parallel alone: DDP (every rank holds the whole model). FSDP2 or tensor parallel:
+    Data parallel alone: DDP (every rank holds the whole model). Pipeline stages: DDP's process group without
+    its wrapper (``llmexp.training.pipeline_stages``). FSDP2 or tensor parallel:
     ModelParallelStrategy, on a data x tensor device mesh; the module splits the model there
     (``llmexp.training.model_parallel``). Tensor parallel with dp > 1 shards over dp with FSDP2 whatever
     ``parallelism.sharding`` says: that strategy composes tensor parallelism with FSDP2 only.
@@ -266,7 +275,9 @@ def training_strategy(parallelism, accelerator: str):
 
     backend = "gloo" if accelerator == "cpu" else "nccl"
     if parallelism.pp > 1:
-        raise UserError(pipeline_training_problem(parallelism))
+        from llmexp.training.pipeline_stages import pipeline_strategy_class
+
+        return pipeline_strategy_class()(process_group_backend=backend)
     if not splits_model(parallelism):
         return DDPStrategy(process_group_backend=backend)
     return ModelParallelStrategy(
@@ -357,6 +368,29 @@ class _MicroBatches:
     def __iter__(self):
         for batch in range(self.start + self.shard, self.total, self.shards):
             yield list(range(batch * self.size, (batch + 1) * self.size))
+
+
+class _StepBatches:
+    """``micro_batches`` grouped ``accumulation`` at a time: one optimiser step's samples of this data-parallel rank."""
+
+    def __init__(self, micro_batches: _MicroBatches, accumulation: int):
+        self.micro_batches, self.accumulation = micro_batches, accumulation
+
+    def __len__(self) -> int:
+        return len(self.micro_batches) // self.accumulation
+
+    def __iter__(self):
+        step: list = []
+        for count, batch in enumerate(self.micro_batches, 1):
+            step += batch
+            if count % self.accumulation == 0:
+                yield step
+                step = []
+
+
+def _collate_each(collate: Callable, size: int, samples: list) -> list:
+    """A step's samples as its micro-batches, each collated alone (as without pipelining)."""
+    return [collate(samples[begin:begin + size]) for begin in range(0, len(samples), size)]
 
 
 def _batches(data: Sequence, collate: Callable, size: int):

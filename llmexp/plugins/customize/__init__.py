@@ -88,6 +88,7 @@ class SFT(Customization):
     name = "sft"
     schema = SFTConfig
     backends = ("torch", "megatron")
+    pipelines = True
 
     entry = "llmexp.plugins.customize.stages:run_sft"
 
@@ -99,6 +100,7 @@ class LoRA(Customization):
     name = "lora"
     schema = LoRAConfig
     memory = "adapter"
+    pipelines = True
     requires = (*TrainingTechnique.requires, "peft")
 
     entry = "llmexp.plugins.customize.stages:run_lora"

@@ -60,6 +60,7 @@ class Distill(TrainingTechnique):
     name = "distill"
     schema = DistillConfig
     memory = "distill"
+    pipelines = True
 
     entry = "llmexp.plugins.distill.stage:run_distill"
 
@@ -90,6 +91,15 @@ class Distill(TrainingTechnique):
         earlier = stages[:[stage for stage, _ in stages].index(key)] if key in dict(stages) else []
         return super().plan_problems(config, key, node, plan) + stage_problems(
             config, node, node_path(key), earlier, plan.architectures, key)
+
+    @classmethod
+    def pipeline_refusal(cls, config, key: str, node) -> Optional[str]:
+        """Pipeline stages hand the loss the student's logits only, not its hidden states."""
+        if node.hidden_weight > 0:
+            return (f"{node_path(key)}.hidden_weight={node.hidden_weight} compares the student's last hidden states, "
+                    f"which pipeline stages (parallelism.pp={config.parallelism.pp}) do not hand the loss; set "
+                    f"{node_path(key)}.hidden_weight=0, or parallelism.pp=1.")
+        return None
 
     @classmethod
     def consumes(cls, config, key: str, node):

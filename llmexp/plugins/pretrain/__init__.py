@@ -41,6 +41,7 @@ class Pretrain(TrainingTechnique):
     name = "pretrain"
     schema = PretrainConfig
     backends = ("torch", "megatron")
+    pipelines = True
     min_steps: ClassVar[int] = 0  # max_steps=0 passes the starting model on untrained
 
     entry = "llmexp.plugins.pretrain.loop:pretrain"
