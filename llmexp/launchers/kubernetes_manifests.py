@@ -16,6 +16,7 @@ import hashlib
 import math
 import posixpath
 import re
+import typing
 from dataclasses import dataclass
 from pathlib import PurePosixPath
 from typing import Any, Dict, List, Optional, Tuple, Union
@@ -187,8 +188,128 @@ def render(cfg, name: str, arguments: List[str], run_dir: str, resources: Kubern
 
 
 def validate(manifest: Dict[str, Any]) -> None:
-    """Check ``manifest`` against the official API models of its kind; ValueError naming the first wrong field."""
-    raise NotImplementedError
+    """Check ``manifest`` against the official API models of its kind; ValueError naming the first wrong field.
+
+    A TrainJob is read into kubeflow_trainer_api's ``TrainerV1alpha1TrainJob``, a PyTorchJob into
+    kubeflow.training's ``KubeflowOrgV1PyTorchJob`` (its pods are the ``kubernetes`` client's models),
+    one object at a time, so an error carries its path. What their own deserialisers let through is
+    refused as well: a key the model does not declare (the API server would drop it, or refuse it),
+    and a value of another JSON type (``"2"`` for an integer, which they would coerce).
+    """
+    kind = manifest.get("kind")
+    if kind not in API:
+        raise ValueError(f"kind: expects one of {', '.join(API)}, got {kind!r}.")
+    version = "/".join(API[kind][:2])
+    if manifest.get("apiVersion") != version:
+        raise ValueError(f"{kind} field apiVersion: expects {version}, got {manifest.get('apiVersion')!r}.")
+    name = (manifest.get("metadata") or {}).get("name")
+    if not isinstance(name, str) or not DNS_1035.fullmatch(name):
+        raise ValueError(f"{kind} field metadata.name: {name!r} is not a DNS-1035 label (lowercase letters, digits "
+                         f"and '-', starting with a letter, at most 63 characters).")
+    try:
+        if kind == "TrainJob":
+            from kubeflow_trainer_api.models import TrainerV1alpha1TrainJob
+
+            _read_pydantic(TrainerV1alpha1TrainJob, manifest, "")
+        else:
+            _read_swagger("KubeflowOrgV1PyTorchJob", manifest, "")
+    except ValueError as error:
+        raise ValueError(f"{kind} field {error}") from None
+
+
+DNS_1035 = re.compile(r"[a-z]([-a-z0-9]{0,61}[a-z0-9])?")
+
+
+def _read_pydantic(annotation: Any, data: Any, path: str) -> None:
+    """Read ``data`` as ``annotation`` of kubeflow_trainer_api (pydantic models), one object at a time."""
+    from pydantic import BaseModel, TypeAdapter, ValidationError
+
+    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    if origin is Union:  # Optional[X]
+        _read_pydantic(next(arg for arg in args if arg is not type(None)), data, path)
+    elif origin in (list, List):
+        _expect(data, list, "a list", path)
+        for index, item in enumerate(data):
+            _read_pydantic(args[0], item, f"{path}[{index}]")
+    elif origin in (dict, Dict):
+        _expect(data, dict, "an object", path)
+        for key, value in data.items():
+            _read_pydantic(args[1], value, _field(path, key))
+    elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
+        if "actual_instance" not in annotation.model_fields:  # not a oneOf wrapper (a quantity: string or number)
+            _expect(data, dict, "an object", path)
+            fields = {field.alias or name: field for name, field in annotation.model_fields.items()}
+            for key, value in data.items():
+                if key not in fields:
+                    raise ValueError(_unknown(path, key, annotation.__name__, fields))
+                if value is not None:
+                    _read_pydantic(fields[key].annotation, value, _field(path, key))
+        try:
+            annotation.from_dict(data)  # required fields, enumerations, a quantity's oneOf
+        except ValidationError as error:
+            first = error.errors()[0]
+            where = ".".join(str(part) for part in first["loc"])
+            missing = first["loc"] and first["loc"][0] not in data
+            raise ValueError(f"{_field(path, where)}: {'required, missing' if missing else first['msg']}.") from None
+        except ValueError:  # a oneOf wrapper matching none of its schemas
+            schemas = " or ".join(sorted(annotation.model_fields["one_of_schemas"].default))
+            raise ValueError(f"{path}: expects {schemas}, got {data!r}.") from None
+    else:
+        try:
+            TypeAdapter(annotation).validate_python(data)
+        except ValidationError as error:
+            raise ValueError(f"{path}: {error.errors()[0]['msg']}, got {data!r}.") from None
+
+
+SWAGGER_TYPES = {"str": (str,), "int": (int,), "bool": (bool,), "float": (int, float), "object": (object,),
+                 "datetime": (str,), "date": (str,)}
+
+
+def _read_swagger(type_name: str, data: Any, path: str) -> Any:
+    """``data`` as the object kubeflow.training's ApiClient would make of it (its models, or the ``kubernetes``
+    client's for pods), one object at a time; its constructors refuse missing required fields."""
+    import kubeflow.training.models
+
+    if type_name.startswith("list["):
+        _expect(data, list, "a list", path)
+        return [_read_swagger(type_name[5:-1], item, f"{path}[{index}]") for index, item in enumerate(data)]
+    if type_name.startswith("dict("):
+        _expect(data, dict, "an object", path)
+        value_type = type_name[5:-1].split(", ", 1)[1]
+        return {key: _read_swagger(value_type, value, _field(path, key)) for key, value in data.items()}
+    if type_name in SWAGGER_TYPES:
+        if not isinstance(data, SWAGGER_TYPES[type_name]) or (type_name != "bool" and isinstance(data, bool)):
+            raise ValueError(f"{path}: expects {type_name}, got {data!r}.")
+        return data
+    model = getattr(kubeflow.training.models, type_name)
+    _expect(data, dict, "an object", path)
+    fields = {json_name: attribute for attribute, json_name in model.attribute_map.items()}
+    values = {}
+    for key, value in data.items():
+        if key not in fields:
+            raise ValueError(_unknown(path, key, type_name, fields))
+        if value is not None:
+            values[fields[key]] = _read_swagger(model.openapi_types[fields[key]], value, _field(path, key))
+    try:
+        return model(**values)
+    except ValueError as error:  # "Invalid value for `containers`, must not be `None`"
+        required = re.match(r"Invalid value for `(\w+)`, must not be `None`", str(error))
+        if required:
+            raise ValueError(f"{_field(path, model.attribute_map[required[1]])}: required, missing.") from None
+        raise ValueError(f"{path}: {error}") from None
+
+
+def _expect(data: Any, kind: type, what: str, path: str) -> None:
+    if not isinstance(data, kind):
+        raise ValueError(f"{path}: expects {what}, got {data!r}.")
+
+
+def _unknown(path: str, key: str, model: str, fields) -> str:
+    return f"{_field(path, key)}: {model} has no field {key!r} (its fields: {', '.join(sorted(fields))})."
+
+
+def _field(path: str, key: str) -> str:
+    return f"{path}.{key}" if path else key
 
 
 def manifests_yaml(manifests: List[Dict[str, Any]]) -> str:

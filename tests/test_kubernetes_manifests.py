@@ -1,0 +1,179 @@
+"""What the Kubernetes launcher submits: Kubeflow jobs rendered from a cluster profile and checked against the
+official API models (kubeflow_trainer_api, kubeflow.training, kubernetes), without a cluster."""
+
+from __future__ import annotations
+
+import copy
+import math
+import re
+
+import pytest
+import yaml
+
+from llmexp.configuration.compose import compose_config
+from llmexp.errors import UserError
+from llmexp.launchers.kubernetes_manifests import (
+    API, KubernetesResources, job_name, kubernetes_resources, manifests_yaml, pod_path, render, validate,
+)
+from llmexp.planning.planner import make_plan
+
+PRESETS = ["single", "dp2", "tp8", "tp8_dp2", "tp4_pp4_dp4"]
+LABELS = {"llmexp.io/sweep": "s1"}
+
+
+def job(*overrides: str, kind: str = "TrainJob", run_dir: str = "/fsx/multirun/s1/0"):
+    cfg = compose_config(["cluster=eks_example", f"cluster.job_kind={kind}", *overrides])
+    resources = kubernetes_resources(cfg)
+    assert isinstance(resources, KubernetesResources), resources
+    return cfg, resources, render(cfg, job_name("s1", 0), list(overrides), run_dir, resources, LABELS)
+
+
+def pod_specs(manifest):
+    """(pod spec or pod patch, pod count, the container with the image) of each role of the job."""
+    spec = manifest["spec"]
+    if manifest["kind"] == "TrainJob":
+        patch = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+        return [(patch["template"]["spec"]["template"]["spec"], spec["trainer"]["numNodes"], spec["trainer"])]
+    return [(role["template"]["spec"], role["replicas"], role["template"]["spec"]["containers"][0])
+            for role in spec["pytorchReplicaSpecs"].values()]
+
+
+@pytest.mark.parametrize("kind", list(API))
+@pytest.mark.parametrize("preset", PRESETS)
+def test_each_generation_gets_its_nodes_and_the_plans_layout(kind, preset):
+    efa_per_node = {"h100": 32, "a100_80g": 4}
+    for hardware in ("h100", "a100_80g"):
+        cfg, resources, manifest = job(f"hardware={hardware}", f"parallelism={preset}", kind=kind)
+        validate(manifest)
+        place, layout = cfg.cluster.hardware[hardware], cfg.parallelism
+        gpus = layout.devices_per_node
+        efa = math.ceil(efa_per_node[hardware] * gpus / 8)
+        pods = pod_specs(manifest)
+        assert sum(count for _, count, _ in pods) == layout.nodes
+        for spec, _, container in pods:
+            assert spec["nodeSelector"] == dict(place.node_selector)
+            assert spec["nodeSelector"]["node.kubernetes.io/instance-type"] == {
+                "h100": "p5.48xlarge", "a100_80g": "p4de.24xlarge"}[hardware]
+            assert spec["tolerations"] == [{"key": "nvidia.com/gpu", "operator": "Exists", "effect": "NoSchedule"}]
+            asked = container.get("resources") or container["resourcesPerNode"]
+            assert asked["limits"] == {"memory": f"{place.memory_per_gpu_gb * gpus}G", "nvidia.com/gpu": str(gpus),
+                                       "vpc.amazonaws.com/efa": str(efa)}
+            assert asked["requests"]["cpu"] == str(place.cpus_per_gpu * gpus)
+            assert {"name": "runs", "persistentVolumeClaim": {"claimName": "fsx-claim"}} in spec["volumes"]
+            assert container["command"][:3] == ["torchrun", "-m", "llmexp"]
+            assert container["command"][-1] == "hydra.run.dir=/fsx/multirun/s1/0"
+        procs = (manifest["spec"]["trainer"]["numProcPerNode"] if kind == "TrainJob"
+                 else int(manifest["spec"]["nprocPerNode"]))
+        assert procs == gpus and layout.nodes * procs == make_plan(cfg).world_size
+        assert (resources.nodes, resources.procs_per_node, resources.gpus_per_node, resources.efa_per_node) == (
+            layout.nodes, gpus, gpus, efa)
+        assert manifest["metadata"] == {"name": "llmexp-s1-0", "namespace": "llm", "labels": LABELS}
+
+
+def test_a_pytorchjob_has_one_master_and_a_worker_per_further_node():
+    _, _, one = job("hardware=h100", "parallelism=tp8", kind="PyTorchJob")
+    assert {role: spec["replicas"] for role, spec in one["spec"]["pytorchReplicaSpecs"].items()} == {"Master": 1}
+    _, _, eight = job("hardware=h100", "parallelism=tp4_pp4_dp4", kind="PyTorchJob")
+    assert {role: spec["replicas"] for role, spec in eight["spec"]["pytorchReplicaSpecs"].items()} == {
+        "Master": 1, "Worker": 7}
+    assert [spec["template"]["spec"]["containers"][0]["name"] for spec in eight["spec"]["pytorchReplicaSpecs"].values()
+            ] == ["pytorch", "pytorch"]  # the name the training operator sets PET_* variables in
+
+
+def test_a_trainjob_runs_on_the_profiles_runtime_with_its_image_env_and_deadline():
+    _, _, manifest = job("hardware=h200", "parallelism=tp8_dp2")
+    spec = manifest["spec"]
+    assert spec["runtimeRef"] == {"name": "torch-distributed", "apiGroup": "trainer.kubeflow.org",
+                                  "kind": "ClusterTrainingRuntime"}
+    assert spec["trainer"]["image"].endswith("/llmexp:latest") and spec["activeDeadlineSeconds"] == 240 * 60
+    assert {"name": "FI_PROVIDER", "value": "efa"} in spec["trainer"]["env"]
+    assert spec["trainer"]["resourcesPerNode"]["limits"]["vpc.amazonaws.com/efa"] == "16"  # p5en
+    patch = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
+    assert patch["name"] == "node" and patch["template"]["spec"]["template"]["metadata"]["labels"] == LABELS
+    assert patch["template"]["spec"]["template"]["spec"]["serviceAccountName"] == "llmexp-runner"
+
+
+TRAINJOB_BREAKS = [
+    (lambda m: m["spec"]["trainer"].__setitem__("numNodes", "2"),
+     "TrainJob field spec.trainer.numNodes: Input should be a valid integer, got '2'."),
+    (lambda m: m["spec"]["trainer"].__setitem__("numnodes", 2),
+     "TrainJob field spec.trainer.numnodes: TrainerV1alpha1Trainer has no field 'numnodes'"),
+    (lambda m: m["spec"]["runtimeRef"].pop("name"), "TrainJob field spec.runtimeRef.name: required, missing."),
+    (lambda m: m["spec"]["trainer"]["resourcesPerNode"]["limits"].__setitem__("nvidia.com/gpu", [8]),
+     "TrainJob field spec.trainer.resourcesPerNode.limits.nvidia.com/gpu: expects float or str, got [8]."),
+    (lambda m: pod_specs(m)[0][0]["tolerations"][0].__setitem__("tolerationSecond", 30),
+     "replicatedJobs[0].template.spec.template.spec.tolerations[0].tolerationSecond: IoK8sApiCoreV1Toleration has no "
+     "field 'tolerationSecond' (its fields: effect, key, operator, tolerationSeconds, value)."),
+    (lambda m: m.__setitem__("apiVersion", "kubeflow.org/v1"),
+     "TrainJob field apiVersion: expects trainer.kubeflow.org/v1alpha1, got 'kubeflow.org/v1'."),
+]
+PYTORCHJOB_BREAKS = [
+    (lambda m: m["spec"]["pytorchReplicaSpecs"]["Worker"].__setitem__("replicas", "1"),
+     "PyTorchJob field spec.pytorchReplicaSpecs.Worker.replicas: expects int, got '1'."),
+    (lambda m: m["spec"].__setitem__("nprocPerNode", 8), "PyTorchJob field spec.nprocPerNode: expects str, got 8."),
+    (lambda m: m["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"]["containers"][0].pop("name"),
+     "PyTorchJob field spec.pytorchReplicaSpecs.Master.template.spec.containers[0].name: required, missing."),
+    (lambda m: m["spec"]["pytorchReplicaSpecs"]["Master"]["template"]["spec"].__setitem__("nodeSelecter", {}),
+     "PyTorchJob field spec.pytorchReplicaSpecs.Master.template.spec.nodeSelecter: V1PodSpec has no field"),
+    (lambda m: m["metadata"].__setitem__("name", "Run_1"), "PyTorchJob field metadata.name: 'Run_1' is not a DNS-1035"),
+    (lambda m: m.__setitem__("kind", "TFJob"), "kind: expects one of TrainJob, PyTorchJob, got 'TFJob'."),
+]
+
+
+@pytest.mark.parametrize("kind, break_it, message", [("TrainJob", *case) for case in TRAINJOB_BREAKS]
+                         + [("PyTorchJob", *case) for case in PYTORCHJOB_BREAKS])
+def test_a_broken_manifest_fails_naming_the_field(kind, break_it, message):
+    _, _, manifest = job("hardware=h100", "parallelism=tp8_dp2", kind=kind)
+    validate(copy.deepcopy(manifest))
+    break_it(manifest)
+    with pytest.raises(ValueError) as error:
+        validate(manifest)
+    assert message in str(error.value)
+
+
+def test_an_unmapped_hardware_or_a_crowded_node_gives_the_reason_and_the_fix():
+    unmapped = kubernetes_resources(compose_config(["cluster=eks_example", "hardware=b200"]))
+    assert unmapped == (
+        "hardware=b200 has no placement in cluster=eks_example (it maps a100_40g, a100_80g, h100, h200); add "
+        "cluster.hardware.b200 to llmexp/conf/cluster/eks_example.yaml or choose a hardware it maps.")
+    crowded = kubernetes_resources(compose_config(
+        ["cluster=eks_example", "hardware=h100", "parallelism=tp8", "cluster.hardware.h100.gpus_per_node=4"]))
+    assert isinstance(crowded, str) and "puts 8 ranks on each node" in crowded and "has 4 GPUs" in crowded
+    assert "parallelism.devices_per_node <= 4" in crowded
+
+
+@pytest.mark.parametrize("overrides, message", [
+    (["cluster=eks_example", "cluster.account=my_project"], "cluster.account is a key of cluster=example and "
+     "cluster=localhost; this run has cluster=eks_example, which has no such key"),
+    (["cluster=example", "cluster.namespace=llm"], "cluster.namespace=llm: cluster.namespace is not a key of cluster, "
+     "whose keys are name, account, qos, time_limit_min, setup, hardware."),
+    (["cluster=localhost", "cluster.hardware.h100.efa_per_node=4"], "efa_per_node"),
+    (["cluster=eks_example", "cluster.job_kind=MPIJob"], "cluster.job_kind expects one of TrainJob, PyTorchJob"),
+])
+def test_compose_refuses_a_key_of_the_other_cluster_kind(overrides, message):
+    with pytest.raises(UserError) as error:
+        compose_config(overrides)
+    assert message in str(error.value)
+
+
+def test_job_names_are_dns_labels_unique_per_point_and_sweep():
+    names = {job_name(sweep, num) for sweep in ("2026-12-07/10-00-00", "2026-12-07/10-00-01", "x" * 80 + "a",
+                                                "x" * 80 + "b") for num in (0, 1, 117)}
+    assert len(names) == 12
+    assert all(re.fullmatch(r"[a-z]([-a-z0-9]*[a-z0-9])?", name) and len(name) <= 40 for name in names)
+    assert job_name("2026-12-07/10-00-00", 3) == "llmexp-2026-12-07-10-00-00-3"
+
+
+def test_the_run_directory_is_where_pods_see_the_shared_volume():
+    cfg = compose_config(["cluster=eks_example", "cluster.storage.local_path=/mnt/fsx/"])
+    assert pod_path(cfg, "/mnt/fsx/multirun/a/0") == "/fsx/multirun/a/0"
+    with pytest.raises(UserError, match="is not on cluster=eks_example's shared volume"):
+        pod_path(cfg, "/home/me/multirun/a/0")
+    with pytest.raises(UserError):
+        pod_path(cfg, "/mnt/fsx2/multirun/a/0")
+
+
+def test_manifests_print_as_one_yaml_stream_kubectl_applies():
+    documents = [job("hardware=h100")[2], job("hardware=a100_80g", kind="PyTorchJob")[2]]
+    text = manifests_yaml(documents)
+    assert text.count("\n---\n") == 1 and list(yaml.safe_load_all(text)) == documents
