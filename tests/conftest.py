@@ -1,10 +1,12 @@
-"""Shared fixtures: run the real ``llmexp`` command, and a tiny HF checkpoint on disk."""
+"""Shared fixtures: run the real ``llmexp`` command (to its end, or left running), and a tiny HF checkpoint on disk."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,29 @@ def run_llmexp(*args: str, cwd: Path, env: dict | None = None, timeout: int = 60
     return subprocess.run(
         [sys.executable, "-m", "llmexp", *args], cwd=cwd, env=full_env, capture_output=True, text=True, timeout=timeout
     )
+
+
+def start_llmexp(*args: str, cwd: Path, env: dict) -> subprocess.Popen:
+    """``llmexp <args>`` left running, as a user's terminal would have it."""
+    return subprocess.Popen([sys.executable, "-m", "llmexp", *args], cwd=cwd, env={**os.environ, **env},
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+
+
+def wait_for(predicate, what: str, timeout: float = 180):
+    """``predicate()``'s first true value, asked every 0.3 s; the test fails after ``timeout`` seconds."""
+    deadline = time.monotonic() + timeout
+    while not (value := predicate()):
+        assert time.monotonic() < deadline, f"timed out waiting for {what}"
+        time.sleep(0.3)
+    return value
+
+
+def jobs_of(sweep: Path) -> list:
+    """A sweep's jobs.json, or [] while it has none."""
+    try:
+        return json.loads((sweep / "jobs.json").read_text())
+    except (OSError, ValueError):
+        return []
 
 
 @pytest.fixture(scope="session")

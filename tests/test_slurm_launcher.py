@@ -13,7 +13,6 @@ import re
 import shutil
 import signal
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -21,7 +20,7 @@ from pathlib import Path
 import pytest
 
 from llmexp.launchers import slurm_localhost
-from tests.conftest import REPO, read_results, run_llmexp
+from tests.conftest import REPO, jobs_of, read_results, run_llmexp, start_llmexp, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -45,27 +44,6 @@ def sacct(env: dict, job_id: str) -> str:
             return " ".join(row[0].split("|")[1:])
         assert time.monotonic() < deadline, f"sacct has no final state for {job_id}: {row}"
         time.sleep(1)
-
-
-def wait_for(predicate, what: str, timeout: float = 180):
-    deadline = time.monotonic() + timeout
-    while not (value := predicate()):
-        assert time.monotonic() < deadline, f"timed out waiting for {what}"
-        time.sleep(0.3)
-    return value
-
-
-def start_llmexp(*args: str, cwd: Path, env: dict) -> subprocess.Popen:
-    """``llmexp <args>`` left running, as a user's terminal would have it."""
-    return subprocess.Popen([sys.executable, "-m", "llmexp", *args], cwd=cwd, env={**os.environ, **env},
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-
-
-def jobs_of(sweep: Path) -> list:
-    try:
-        return json.loads((sweep / "jobs.json").read_text())
-    except (OSError, ValueError):
-        return []
 
 
 def results_of(run_dir: Path):

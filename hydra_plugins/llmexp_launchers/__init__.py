@@ -5,7 +5,7 @@ module is in the ``hydra_plugins`` namespace, so the classes Hydra sees are defi
 the launchers in ``llmexp.launchers`` (where their code and tests live).
 """
 
-from llmexp.launchers import local, slurm
+from llmexp.launchers import kubernetes, local, slurm
 
 
 class SlurmLauncher(slurm.SlurmLauncher):
@@ -14,3 +14,7 @@ class SlurmLauncher(slurm.SlurmLauncher):
 
 class LocalLauncher(local.LocalLauncher):
     """``hydra/launcher=local`` (llmexp/conf/hydra/launcher/local.yaml); see ``llmexp.launchers.local``."""
+
+
+class KubernetesLauncher(kubernetes.KubernetesLauncher):
+    """``hydra/launcher=kubernetes`` (llmexp/conf/hydra/launcher/kubernetes.yaml); see ``llmexp.launchers.kubernetes``."""

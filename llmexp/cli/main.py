@@ -1,4 +1,4 @@
-"""The ``llmexp`` command: subcommands (``plan``, ``plugins``, ``gather``, ``report``, ``serve``, ``cp``) or a Hydra run/multirun.
+"""The ``llmexp`` command: subcommands (``plan``, ``plugins``, ``gather``, ``cancel``, ``report``, ``serve``, ``cp``) or a Hydra run/multirun.
 
 Before Hydra creates any output directory, every point of the invocation is composed and
 a plain run is planned, so bad input (unknown option, misspelled key, wrong type,
@@ -28,7 +28,7 @@ from llmexp.configuration.secrets import secrets_to_environment
 from llmexp.display import console, progress
 from llmexp.errors import EXIT_USER_ERROR, UserError
 from llmexp.launchers.local import LOCAL_LAUNCHER, workers_problem
-from llmexp.launchers.placement import SLURM_LAUNCHER, missing_cluster
+from llmexp.launchers.placement import launcher_problem
 from llmexp.planning.planner import make_plan
 from llmexp.results.record import RunRecord
 from llmexp.training.distributed import RankFailed, local_start_problem, run_job
@@ -42,6 +42,12 @@ def _plugins(argv: List[str]) -> int:
 
 def _gather(argv: List[str]) -> int:
     from llmexp.cli.gather import main
+
+    return main(argv)
+
+
+def _cancel(argv: List[str]) -> int:
+    from llmexp.cli.cancel import main
 
     return main(argv)
 
@@ -65,7 +71,8 @@ def _cp(argv: List[str]) -> int:
 
 
 SUBCOMMANDS: Dict[str, Callable[[List[str]], int]] = {
-    "plan": plan_command.main, "plugins": _plugins, "gather": _gather, "report": _report, "serve": _serve, "cp": _cp,
+    "plan": plan_command.main, "plugins": _plugins, "gather": _gather, "cancel": _cancel, "report": _report,
+    "serve": _serve, "cp": _cp,
 }
 
 # Every multirun ends with jobs.json, the jobs table and the sweep's exit code (launchers.sweep_jobs);
@@ -90,16 +97,16 @@ def main(argv: Optional[List[str]] = None) -> None:
 
 
 def register_launchers() -> None:
-    """Make ``hydra/launcher=slurm`` and ``hydra/launcher=local`` known to Hydra even when its plugin scan cannot see them.
+    """Make llmexp's launchers (slurm, kubernetes, local) known to Hydra even when its plugin scan cannot see them.
 
     Hydra finds launchers by walking the ``hydra_plugins`` namespace package, which an
     editable install (``pip install -e .``) serves through an import hook the walk skips.
     """
     from hydra.core.plugins import Plugins
-    from hydra_plugins.llmexp_launchers import LocalLauncher, SlurmLauncher
+    from hydra_plugins.llmexp_launchers import KubernetesLauncher, LocalLauncher, SlurmLauncher
 
-    Plugins.instance().register(SlurmLauncher)
-    Plugins.instance().register(LocalLauncher)
+    for launcher in (SlurmLauncher, KubernetesLauncher, LocalLauncher):
+        Plugins.instance().register(launcher)
 
 
 def preflight(argv: List[str]) -> None:
@@ -115,9 +122,8 @@ def preflight(argv: List[str]) -> None:
     for overrides in points:
         cfg = compose_config(overrides, config_name, config_dir)
         launcher = HydraConfig.get().launcher
-        if launcher._target_ == SLURM_LAUNCHER:  # any other starts the ranks on this machine
-            if problem := missing_cluster(cfg):
-                raise UserError(problem)
+        if problem := launcher_problem(launcher._target_, cfg):  # a cluster launcher without its profile or extra
+            raise UserError(problem)
         if launcher._target_ == LOCAL_LAUNCHER and (problem := workers_problem(launcher.get("workers"))):
             raise UserError(problem)
     if not args.multirun and args.cfg is None:  # a multirun records such a point as skipped and goes on

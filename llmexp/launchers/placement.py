@@ -4,6 +4,9 @@ Pure Python (no submitit, no Slurm): the launcher, the dry run and the tests sha
 Ranks map to Slurm tasks one to one: ``parallelism.nodes`` nodes, ``devices_per_node``
 tasks per node, each task one GPU of the profile's type, ``cpus_per_gpu`` CPUs and
 ``mem_per_gpu_gb`` memory with it.
+
+Which cluster launcher needs which kind of profile (``CLUSTER_LAUNCHERS``), and what the
+preflight refuses before anything is written (``launcher_problem``), are said here too.
 """
 
 from __future__ import annotations
@@ -11,8 +14,19 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, Optional, Tuple, Union
 
+from omegaconf import OmegaConf
+
+from llmexp.configuration.compose import cluster_profiles
+from llmexp.configuration.schema import CLUSTER_KINDS
+from llmexp.machine.backends import importable
+
 # llmexp/conf/hydra/launcher/slurm.yaml's _target_: a launcher that starts each job's ranks on the nodes it asks for
 SLURM_LAUNCHER = "hydra_plugins.llmexp_launchers.SlurmLauncher"
+KUBERNETES_LAUNCHER = "hydra_plugins.llmexp_launchers.KubernetesLauncher"  # conf/hydra/launcher/kubernetes.yaml's
+CLUSTER_LAUNCHERS = {SLURM_LAUNCHER: "slurm", KUBERNETES_LAUNCHER: "kubernetes"}  # _target_ -> the profile kind it needs
+# What hydra/launcher=kubernetes imports (the kubernetes extra), found without importing it
+KUBERNETES_MODULES = ("kubernetes", "kubeflow_trainer_api", "kubeflow.training")
+KUBERNETES_INSTALL = "pip install 'llmexp[kubernetes]'"
 
 
 @dataclass(frozen=True)
@@ -54,14 +68,36 @@ class SlurmResources:
         return {key: (list(value) if isinstance(value, tuple) else value) for key, value in asdict(self).items()}
 
 
-def missing_cluster(cfg) -> Optional[str]:
-    """Why ``hydra/launcher=slurm`` cannot place ``cfg`` at all (no cluster profile chosen), else None."""
-    if cfg.cluster.name != "none":
+def launcher_problem(target: str, cfg) -> Optional[str]:
+    """Why the launcher ``target`` (a ``_target_``) cannot take ``cfg``'s jobs at all, else None: a cluster
+    launcher without a profile of its kind, or the Kubernetes one without its extra."""
+    kind = CLUSTER_LAUNCHERS.get(target)
+    if kind is None:  # the others start the ranks on this machine
         return None
+    if problem := missing_cluster(cfg, kind):
+        return problem
+    if kind == "kubernetes" and (missing := [module for module in KUBERNETES_MODULES if not importable(module)]):
+        return (f"hydra/launcher=kubernetes needs {', '.join(missing)}, which this environment lacks: "
+                f"{KUBERNETES_INSTALL}")
+    return None
+
+
+def missing_cluster(cfg, kind: str = "slurm") -> Optional[str]:
+    """Why ``hydra/launcher=<kind>`` cannot place ``cfg`` at all (no cluster profile of that kind chosen), else None."""
+    if cluster_kind(cfg) == kind:
+        return None
+    profiles = ", ".join(name for name, schema in cluster_profiles().items() if schema is CLUSTER_KINDS[kind])
     return (
-        "hydra/launcher=slurm needs a cluster profile saying where each hardware goes: add cluster=<name> "
-        "(llmexp/conf/cluster/: localhost, example, or your own copy of example.yaml)."
+        f"hydra/launcher={kind} needs a cluster profile saying where each hardware goes, of kind {kind} "
+        f"(cluster={cfg.cluster.name} is of kind {cluster_kind(cfg)}): add cluster=<name> "
+        f"(llmexp/conf/cluster/: {profiles or 'none yet'}, or your own copy of one of them)."
     )
+
+
+def cluster_kind(cfg) -> str:
+    """The kind of ``cfg.cluster``'s profile (``CLUSTER_KINDS``: none, slurm, kubernetes ...), from its schema."""
+    schema = OmegaConf.get_type(cfg.cluster)
+    return next((kind for kind, kind_schema in CLUSTER_KINDS.items() if kind_schema is schema), "unknown")
 
 
 def hardware_placement(cfg) -> Any:

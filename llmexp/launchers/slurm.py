@@ -29,31 +29,26 @@ job exits non-zero: ``sacct`` shows it FAILED and ``--dependency=afterok`` chain
 from __future__ import annotations
 
 import os
-import shutil
 import signal
-import sys
-import time
 from collections import defaultdict
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Dict, Iterator, List, Sequence, Tuple
+from typing import Any, Dict, List, Sequence, Tuple
 
 import submitit
 from hydra.core.singleton import Singleton
-from hydra.core.utils import JobReturn, JobStatus, filter_overrides
+from hydra.core.utils import JobReturn
 from hydra_plugins.hydra_submitit_launcher.submitit_launcher import BaseSubmititLauncher
-from omegaconf import DictConfig, OmegaConf, open_dict
 from submitit.core.utils import FailedJobError
 
 from llmexp.launchers import slurm_queue
-from llmexp.launchers.placement import SlurmResources, missing_cluster, slurm_resources
-from llmexp.launchers.sweep_jobs import JOBS_FILE, UNFINISHED, SweepJob, finish, observe, submitted, write_jobs
+from llmexp.launchers.cluster_sweep import (
+    compose_points, follow, job_return, nothing_orphaned, record_skipped, remove_sweep_dir,
+)
+from llmexp.launchers.placement import SlurmResources, slurm_resources
+from llmexp.launchers.sweep_jobs import JOBS_FILE, SweepJob, finish, observe, submitted, write_jobs
 from llmexp.display import console
 from llmexp.training import preemption
-from llmexp.errors import EXIT_USER_ERROR
-from llmexp.failure import reason_of
-from llmexp.planning.planner import make_plan
-from llmexp.results.record import RunRecord, read_results
+from llmexp.results.record import read_results
 
 
 class RunFailed(RuntimeError):
@@ -89,13 +84,10 @@ class SlurmLauncher(BaseSubmititLauncher):
         jobs, groups, skipped = self._place(job_overrides, initial_job_idx)
         if self.params["dry_run"]:
             self._print_dry_run(groups, skipped)
-            if sweep_dir.is_dir() and {p.name for p in sweep_dir.iterdir()} <= {"multirun.yaml"}:
-                _remove_sweep_dir(sweep_dir)
-            return [_job_return(job) for job in jobs]
-        for job, cfg, reason in skipped:
-            RunRecord.start(job.run_dir, cfg).finish("skipped", reason).write()
-            job.status, job.reason = "skipped", reason
-        with _nothing_orphaned(sweep_dir, jobs):
+            remove_sweep_dir(sweep_dir)
+            return [job_return(job) for job in jobs]
+        record_skipped(skipped)
+        with nothing_orphaned(sweep_dir, jobs, _scancel):
             try:
                 self._submit(sweep_dir, jobs, groups)
             except FailedJobError as error:  # sbatch refused: no controller, an unknown partition, a bad gres ...
@@ -108,40 +100,21 @@ class SlurmLauncher(BaseSubmititLauncher):
                     f"{len(skipped)}; they are recorded in {sweep_dir / JOBS_FILE}; collect them with "
                     f"`llmexp gather {sweep_dir}`", highlight=False, soft_wrap=True,
                 )
-                return [_job_return(job) for job in jobs]
+                return [job_return(job) for job in jobs]
             self._wait(sweep_dir, jobs)
         code = finish(sweep_dir, jobs)
         if code:
             raise SystemExit(code)
-        return [_job_return(job) for job in jobs]
+        return [job_return(job) for job in jobs]
 
     def _place(self, job_overrides, initial_job_idx):
         """Each point's job record and, for those that can run, its group; the others with their reason."""
-        jobs: List[SweepJob] = []
+        jobs, placed, skipped = compose_points(self, job_overrides, initial_job_idx, "slurm", slurm_resources)
         groups: Dict[SlurmResources, List[Tuple[SweepJob, Tuple]]] = defaultdict(list)
-        skipped: List[Tuple[SweepJob, DictConfig, str]] = []
-        for offset, overrides in enumerate(job_overrides):
-            num = initial_job_idx + offset
-            sweep_config = self.hydra_context.config_loader.load_sweep_config(self.config, list(overrides))
-            with open_dict(sweep_config.hydra.job):
-                sweep_config.hydra.job.num = num
-            run_dir = str((Path(sweep_config.hydra.sweep.dir) / str(sweep_config.hydra.sweep.subdir)).absolute())
-            cfg = OmegaConf.masked_copy(sweep_config, [key for key in sweep_config if key != "hydra"])
-            problem = missing_cluster(cfg)  # caught by preflight when the command line names the launcher
-            if problem:
-                console.error(problem)
-                sys.exit(EXIT_USER_ERROR)
-            job = SweepJob(num, list(filter_overrides(overrides)), run_dir)
-            jobs.append(job)
-            problems = make_plan(cfg).problems
-            resources = slurm_resources(cfg)
-            if isinstance(resources, str):
-                problems.append(resources)
-            if problems:
-                skipped.append((job, cfg, " ".join(problems)))
-                continue
+        for job, _, resources, overrides in placed:
             job.resources = resources.to_dict()
-            groups[resources].append((job, (list(overrides), "hydra.sweep.dir", num, f"job_id_for_{num}", Singleton.get_state())))
+            groups[resources].append((job, (overrides, "hydra.sweep.dir", job.num, f"job_id_for_{job.num}",
+                                            Singleton.get_state())))
         return jobs, groups, skipped
 
     def _sbatch_parameters(self, resources: SlurmResources, size: int) -> Dict[str, Any]:
@@ -172,30 +145,12 @@ class SlurmLauncher(BaseSubmititLauncher):
 
     def _wait(self, sweep_dir: Path, jobs: List[SweepJob]) -> None:
         """Until Slurm lists none of the jobs; each is reported as it ends, jobs.json rewritten on every change."""
-        waiting = [job for job in jobs if job.status in UNFINISHED]
-        total, unreachable = len(waiting), None
-        while waiting:
-            time.sleep(slurm_queue.POLL_SECONDS)
-            try:
-                states = slurm_queue.query(job.slurm_job_id for job in waiting)
-            except slurm_queue.SlurmUnreachable as error:  # a controller restarting: ask again, say so once
-                if str(error) != unreachable:
-                    console.warn(f"{error}; asking again every {slurm_queue.POLL_SECONDS:g} s")
-                unreachable = str(error)
-                continue
-            changed = False
-            for job in list(waiting):
-                before = (job.status, job.node, job.slurm_state)
+        def update(waiting: List[SweepJob]) -> None:
+            states = slurm_queue.query(job.slurm_job_id for job in waiting)
+            for job in waiting:
                 observe(job, states.get(job.slurm_job_id))
-                changed |= (job.status, job.node, job.slurm_state) != before
-                if job.status not in UNFINISHED:
-                    waiting.remove(job)
-                    console.err.print(
-                        f"[{total - len(waiting)}/{total}] #{job.num} {' '.join(job.overrides)}: {job.status}"
-                        + (f" ({job.reason})" if job.status == "failed" else ""), highlight=False, soft_wrap=True,
-                    )
-            if changed:
-                write_jobs(sweep_dir, jobs)
+
+        follow(sweep_dir, jobs, slurm_queue.POLL_SECONDS, update, slurm_queue.SlurmUnreachable)
 
     def _print_dry_run(self, groups, skipped) -> None:
         """Each group's sbatch script as submitit will write it (the same executor and call); needs no Slurm here."""
@@ -217,40 +172,6 @@ class SlurmLauncher(BaseSubmititLauncher):
                           "nothing submitted", highlight=False)
 
 
-@contextmanager
-def _nothing_orphaned(sweep_dir: Path, jobs: List[SweepJob]) -> Iterator[None]:
-    """If the sweep stops early (an error, Ctrl-C), its submitted jobs are on record and the user learns how to reach them."""
-    try:
-        yield
-    except BaseException as error:
-        running = [job for job in jobs if job.slurm_job_id is not None and job.status in UNFINISHED]
-        if not running:
-            raise
-        for job in jobs:
-            if job.slurm_job_id is None and job.status == "pending":
-                observe(job, None)  # never submitted: failed, saying so
-        path = write_jobs(sweep_dir, jobs)
-        parents = " ".join(dict.fromkeys(job.slurm_job_id.split("_")[0] for job in running))
-        why = "" if isinstance(error, (KeyboardInterrupt, SystemExit)) else f" ({reason_of(error)})"
-        console.error(
-            f"the sweep stopped{why} with {len(running)} submitted job(s) not yet ended; Slurm still runs them and "
-            f"{path} records them. Follow them with `llmexp gather {sweep_dir}`, or cancel them "
-            f"with `scancel {parents}`."
-        )
-        if isinstance(error, KeyboardInterrupt):
-            raise SystemExit(130) from None
-        raise
-
-
-def _remove_sweep_dir(sweep_dir: Path) -> None:
-    """Hydra's sweeper made the sweep directory (and its dated parents) for its record; a dry run leaves none."""
-    shutil.rmtree(sweep_dir)
-    parent, here = sweep_dir.parent.resolve(), Path.cwd().resolve()
-    while parent != here and here in parent.parents and not any(parent.iterdir()):
-        parent.rmdir()
-        parent = parent.parent
-
-
-def _job_return(job: SweepJob) -> JobReturn:
-    """Hydra's record of a job; its outcome is in jobs.json and the job's results.json, so Hydra never re-raises."""
-    return JobReturn(overrides=job.overrides, working_dir=job.run_dir, status=JobStatus.COMPLETED)
+def _scancel(running: List[SweepJob]) -> str:
+    """The command that cancels ``running`` (an array's tasks through their parent)."""
+    return "scancel " + " ".join(dict.fromkeys(job.slurm_job_id.split("_")[0] for job in running))

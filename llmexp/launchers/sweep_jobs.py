@@ -1,16 +1,18 @@
 """What became of each point of a sweep: ``<sweep dir>/jobs.json``, the console table and the exit code.
 
-One record for every sweep, whoever ran its jobs. The Slurm launcher writes jobs.json as it
-submits (each job's Slurm id and log files as soon as sbatch returns it) and rewrites it as
-jobs start and end; ``llmexp gather`` picks it up from there; a multirun on this machine
-(Hydra's basic or joblib launcher) writes it from its jobs' directories when it ends
-(``SweepSummary``).
+One record for every sweep, whoever ran its jobs. The Slurm and Kubernetes launchers write
+jobs.json as they submit (each job's Slurm id and log files as soon as sbatch returns it; each
+job's Kubernetes object as soon as the API server has created it) and rewrite it as jobs start
+and end; ``llmexp gather`` picks it up from there; a multirun on this machine (Hydra's basic or
+joblib launcher) writes it from its jobs' directories when it ends (``SweepSummary``).
 
 A job's own ``results.json`` (written by the job from its first second) says completed,
 skipped or failed. Slurm says what the job cannot: that it was cancelled, killed (SIGKILL,
 the OOM killer), lost with its node or timed out without a requeue. Such a job is failed with
 Slurm's state and exit code as its reason, never completed, and a ``results.json`` it left
-as ``running`` is rewritten as failed.
+as ``running`` is rewritten as failed. On Kubernetes the operator's status conditions play
+Slurm's part: a job it marks Failed is failed with the operator's reason and message (and the
+run's own reason when its results.json says more).
 
 The exit code, the same for a multirun and for gather (``exit_code``): 0 when every point
 completed or was skipped by the planner, 1 when any failed, 3 while any has not ended.
@@ -23,7 +25,7 @@ import json
 import pickle
 import time
 from pathlib import Path
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional, Sequence
 
 from hydra.experimental.callback import Callback
 from omegaconf import OmegaConf
@@ -32,9 +34,12 @@ from rich.text import Text
 
 from llmexp.display import console
 from llmexp.failure import last_error_line, one_line
-from llmexp.launchers.placement import SLURM_LAUNCHER
+from llmexp.launchers.placement import CLUSTER_LAUNCHERS
 from llmexp.launchers.slurm_queue import SlurmJobState
 from llmexp.results.record import RESULTS_FILE, RunRecord, read_results, write_json_atomic
+
+if TYPE_CHECKING:  # the kubernetes client is an extra; only its launcher and gather import it
+    from llmexp.launchers.kubernetes_jobs import KubernetesJobState
 
 JOBS_FILE = "jobs.json"
 UNFINISHED = ("pending", "running")
@@ -60,6 +65,13 @@ class SweepJob:
     stdout: Optional[str] = None  # the job's log files (its full traceback, when it failed)
     stderr: Optional[str] = None
     resources: Optional[Dict[str, Any]] = None
+    kubernetes: Optional[Dict[str, str]] = None  # its object: {kind, name, namespace, context}, once created
+    kubernetes_state: Optional[str] = None  # the operator's last word on it: Running, Complete, Failed (reason) ...
+
+    @property
+    def is_submitted(self) -> bool:
+        """The scheduler has taken it: Slurm gave it an id, or the API server created its object."""
+        return self.slurm_job_id is not None or self.kubernetes is not None
 
     @classmethod
     def from_dict(cls, data: Dict[str, Any]) -> "SweepJob":
@@ -89,6 +101,32 @@ def observe(job: SweepJob, slurm: Optional[SlurmJobState]) -> SweepJob:
     placed = (results or {}).get("environment", {}).get("slurm") or {}
     job.node, job.restarts = job.node or placed.get("node"), int(placed.get("restart_count") or 0)
     return _settle(job, results, lambda: _failure(job, slurm))
+
+
+def observe_kubernetes(job: SweepJob, state: Optional["KubernetesJobState"]) -> SweepJob:
+    """Update ``job`` from its object's status conditions now and, once it has ended, from its results.json.
+
+    Complete (Succeeded) leaves the outcome to the run's results.json; Failed, or an object
+    deleted before it ended, is failed with the operator's words, and the run's reason when it
+    recorded one.
+    """
+    if job.kubernetes is None:  # the sweep stopped before creating it
+        job.status, job.reason = "failed", NEVER_SUBMITTED
+        return job
+    if state is None:
+        return job
+    job.kubernetes_state = state.describe()
+    if not state.ended:
+        job.status = "running" if state.running else "pending"
+        return job
+    results = _results(job.run_dir)
+    if not state.failed:
+        return _settle(job, results, lambda: f"{state.describe()}, but the run left no final {RESULTS_FILE} in {job.run_dir}")
+    said = (results or {}).get("reason") if (results or {}).get("status") == "failed" else None
+    job.status, job.reason = "failed", one_line("; ".join(filter(None, (state.describe(), said))))
+    if results is not None and results["status"] == "running":
+        RunRecord.load(job.run_dir).finish("failed", job.reason).write()
+    return job
 
 
 def _settle(job: SweepJob, results: Optional[Dict[str, Any]], failure: Callable[[], str]) -> SweepJob:
@@ -155,6 +193,8 @@ def _print_table(path: Path, jobs: Sequence[SweepJob]) -> None:
         "status": lambda job: Text(job.status, style=_COLOURS.get(job.status, "cyan")),
         "slurm job": lambda job: job.slurm_job_id, "node": lambda job: job.node,
         "slurm state": lambda job: " ".join(filter(None, (job.slurm_state, job.exit_code))) or None,
+        "kubernetes object": lambda job: job.kubernetes and f"{job.kubernetes['kind']}/{job.kubernetes['name']}",
+        "operator": lambda job: job.kubernetes_state,
         "reason": lambda job: job.reason,
     }
     shown = [name for name, cell in columns.items() if any(cell(job) for job in jobs)]
@@ -182,15 +222,15 @@ class SweepSummary(Callback):
 
     Its jobs wrote their results.json in their own directories; those this multirun made
     (since it started) are its points. A job whose results.json is missing or still says
-    ``running`` ended without finishing its run: it is failed. The Slurm launcher keeps its
-    own jobs.json and is left alone here.
+    ``running`` ended without finishing its run: it is failed. The cluster launchers (Slurm,
+    Kubernetes) keep their own jobs.json and are left alone here.
     """
 
     def on_multirun_start(self, config, **kwargs: Any) -> None:
         self.started = time.time() - 1.0  # file times are whole seconds on some filesystems
 
     def on_multirun_end(self, config, **kwargs: Any) -> None:
-        if config.hydra.launcher.get("_target_") == SLURM_LAUNCHER:
+        if config.hydra.launcher.get("_target_") in CLUSTER_LAUNCHERS:
             return
         sweep_dir = Path(str(config.hydra.sweep.dir))
         jobs = [_local_job(hydra_dir.parent) for hydra_dir in sweep_dir.rglob(".hydra")
