@@ -4,8 +4,10 @@ official API models (kubeflow_trainer_api, kubeflow.training, kubernetes), witho
 from __future__ import annotations
 
 import copy
+import json
 import math
 import re
+from pathlib import Path
 
 import pytest
 import yaml
@@ -177,3 +179,39 @@ def test_manifests_print_as_one_yaml_stream_kubectl_applies():
     documents = [job("hardware=h100")[2], job("hardware=a100_80g", kind="PyTorchJob")[2]]
     text = manifests_yaml(documents)
     assert text.count("\n---\n") == 1 and list(yaml.safe_load_all(text)) == documents
+
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples" / "kubernetes"
+
+
+class _Response:
+    """What the kubernetes client's ``ApiClient.deserialize`` reads: an HTTP response's body."""
+
+    def __init__(self, document):
+        self.data = json.dumps(document)
+
+
+def test_the_eks_examples_are_valid_objects_that_match_the_profile():
+    from kubernetes.client import ApiClient
+
+    client, cluster = ApiClient(), compose_config(["cluster=eks_example"]).cluster
+    objects = {}
+    for name in ("namespace.yaml", "fsx-pvc.yaml"):
+        for document in yaml.safe_load_all((EXAMPLES / name).read_text(encoding="utf-8")):
+            model = f"V1{document['kind']}"
+            read = client.deserialize(_Response(document), model)
+            assert client.sanitize_for_serialization(read) == document, (name, model)  # no key the model lacks
+            objects[document["kind"]] = read
+    assert objects["Namespace"].metadata.name == cluster.namespace
+    assert objects["ServiceAccount"].metadata.name == cluster.service_account
+    claim = objects["PersistentVolumeClaim"]
+    assert (claim.metadata.name, claim.metadata.namespace) == (cluster.storage.claim, cluster.namespace)
+    assert claim.spec.access_modes == ["ReadWriteMany"]
+    assert claim.spec.storage_class_name == objects["StorageClass"].metadata.name
+    groups = {group["instanceType"]: group for group in
+              yaml.safe_load((EXAMPLES / "eks-cluster.yaml").read_text(encoding="utf-8"))["managedNodeGroups"]}
+    for hardware in ("h100", "a100_80g"):
+        place = cluster.hardware[hardware]
+        group = groups[place.node_selector["node.kubernetes.io/instance-type"]]
+        assert group["efaEnabled"] and [taint["key"] for taint in group["taints"]] == [
+            toleration.key for toleration in place.tolerations]
