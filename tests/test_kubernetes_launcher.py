@@ -233,6 +233,21 @@ def test_a_dry_run_prints_the_manifests_as_yaml_and_creates_nothing(emulator, tm
     assert emulator.objects() == [] and not (tmp_path / "fsx").exists()
 
 
+def test_an_api_server_that_cannot_be_reached_ends_the_sweep_with_exit_1_saying_what_to_check(tmp_path):
+    kubeconfig = tmp_path / "kubeconfig"
+    kubeconfig.write_text(yaml.safe_dump({
+        "apiVersion": "v1", "kind": "Config", "current-context": "emulator",
+        "clusters": [{"name": "nowhere", "cluster": {"server": "http://127.0.0.1:9"}}],  # the discard port: refused
+        "users": [{"name": "tester", "user": {"token": "x"}}],
+        "contexts": [{"name": "emulator", "context": {"cluster": "nowhere", "user": "tester"}}]}))
+    done = run_llmexp(*launcher_args(tmp_path, *POINTS), cwd=tmp_path, env={"KUBECONFIG": str(kubeconfig)})
+    assert done.returncode == 1, done.stderr[-3000:]
+    message = " ".join(done.stderr.split())
+    assert "the Kubernetes API (emulator) cannot be reached" in message
+    assert "`kubectl --context emulator -n llm get trainjobs` works here" in message
+    assert [job["status"] for job in jobs_of(tmp_path / "fsx" / "sweep")] == []  # nothing was created
+
+
 @pytest.mark.parametrize("cluster", ["none", "localhost"])
 def test_the_kubernetes_launcher_without_a_kubernetes_profile_is_refused_before_anything_is_written(tmp_path, cluster):
     done = run_llmexp("-m", "hydra/launcher=kubernetes", f"cluster={cluster}", "seed=0,1", cwd=tmp_path)
@@ -251,3 +266,20 @@ def test_the_kubernetes_launcher_without_its_extra_names_the_pip_line(monkeypatc
     assert placement.launcher_problem(placement.KUBERNETES_LAUNCHER, cfg) == (
         "hydra/launcher=kubernetes needs kubeflow_trainer_api, which this environment lacks: "
         "pip install 'llmexp[kubernetes]'")
+
+
+def test_a_jobs_state_is_its_operators_conditions():
+    from llmexp.launchers.kubernetes_jobs import job_state
+
+    created = {"type": "Created", "status": "True", "reason": "PyTorchJobCreated"}
+    running = job_state("PyTorchJob", {"status": {"conditions": [created, {"type": "Running", "status": "True"}]}})
+    assert running.running and not running.ended and running.describe() == "PyTorchJob Running"
+    failed = job_state("PyTorchJob", {"status": {"conditions": [
+        created, {"type": "Running", "status": "False"},
+        {"type": "Failed", "status": "True", "reason": "PyTorchJobFailed", "message": "pod master-0 exited with 1"}]}})
+    assert failed.ended and failed.failed
+    assert failed.describe() == "PyTorchJob Failed (PyTorchJobFailed: pod master-0 exited with 1)"
+    queued = job_state("TrainJob", {"status": {"jobsStatus": [{"name": "node", "active": 0, "ready": 0}]}})
+    assert not (queued.running or queued.ended) and queued.describe() == "TrainJob Pending"
+    gone = job_state("TrainJob", None)
+    assert gone.ended and gone.failed and "deleted before it ended" in gone.describe()

@@ -75,40 +75,44 @@ class KubernetesLauncher(Launcher):
             remove_sweep_dir(sweep_dir)
             return [job_return(job) for job in jobs]
         record_skipped(skipped)
-        cluster = self.config.cluster
-        with nothing_orphaned(sweep_dir, jobs, lambda running: f"llmexp cancel {sweep_dir}"):
-            try:
-                api = KubernetesJobs(cluster.context, cluster.namespace)
-                self._submit(api, sweep_dir, jobs, manifests)
-            except (KubernetesRefused, KubernetesUnreachable) as error:
-                context = f"--context {cluster.context} " if cluster.context else ""
-                console.error(f"{error}. Check the cluster profile (cluster={cluster.name}) and that `kubectl {context}"
-                              f"-n {cluster.namespace} get {API[str(cluster.job_kind)][2]}` works here.")
-                raise SystemExit(1) from None
-            if self.detach:
-                console.err.print(
-                    f"submitted {len(manifests)} job(s) to Kubernetes (label {SWEEP_LABEL}={sweep_id}), skipped "
-                    f"{len(skipped)}; they are recorded in {sweep_dir / JOBS_FILE}; collect them with `llmexp gather "
-                    f"{sweep_dir}`, cancel them with `llmexp cancel {sweep_dir}`", highlight=False, soft_wrap=True,
-                )
-                return [job_return(job) for job in jobs]
-            connections = {(api.context, api.namespace): api}
-            follow(sweep_dir, jobs, self.poll_seconds, lambda waiting: update(waiting, connections),
-                   KubernetesUnreachable, lambda job: keep_failed_log(job, sweep_dir, connections))
+        if manifests:  # else every point was skipped: nothing to ask the cluster
+            with nothing_orphaned(sweep_dir, jobs, lambda running: f"llmexp cancel {sweep_dir}"):
+                api = self._submit(sweep_dir, jobs, manifests)
+                if self.detach:
+                    console.err.print(
+                        f"submitted {len(manifests)} job(s) to Kubernetes (label {SWEEP_LABEL}={sweep_id}), skipped "
+                        f"{len(skipped)}; they are recorded in {sweep_dir / JOBS_FILE}; collect them with "
+                        f"`llmexp gather {sweep_dir}`, cancel them with `llmexp cancel {sweep_dir}`",
+                        highlight=False, soft_wrap=True,
+                    )
+                    return [job_return(job) for job in jobs]
+                connections = {(api.context, api.namespace): api}
+                follow(sweep_dir, jobs, self.poll_seconds, lambda waiting: update(waiting, connections),
+                       KubernetesUnreachable, lambda job: keep_failed_log(job, sweep_dir, connections))
         code = finish(sweep_dir, jobs)
         if code:
             raise SystemExit(code)
         return [job_return(job) for job in jobs]
 
-    def _submit(self, api: KubernetesJobs, sweep_dir: Path, jobs: List[SweepJob], manifests) -> None:
-        """Each job's object; jobs.json records it as soon as the API server has created it."""
-        for job, manifest in manifests:
-            api.create(manifest)
-            job.kubernetes = {"kind": manifest["kind"], "name": manifest["metadata"]["name"],
-                              "namespace": api.namespace, "context": api.context}
-            write_jobs(sweep_dir, jobs)
-            console.err.print(f"#{job.num} {' '.join(job.overrides)} -> {manifest['kind']} {job.kubernetes['name']}",
-                              highlight=False, soft_wrap=True)
+    def _submit(self, sweep_dir: Path, jobs: List[SweepJob], manifests) -> KubernetesJobs:
+        """Each job's object; jobs.json records it as soon as the API server has created it. An API that
+        cannot be reached or refuses ends the sweep (exit code 1), saying what to check."""
+        cluster = self.config.cluster
+        try:
+            api = KubernetesJobs(cluster.context, cluster.namespace)
+            for job, manifest in manifests:
+                api.create(manifest)
+                job.kubernetes = {"kind": manifest["kind"], "name": manifest["metadata"]["name"],
+                                  "namespace": api.namespace, "context": api.context}
+                write_jobs(sweep_dir, jobs)
+                console.err.print(f"#{job.num} {' '.join(job.overrides)} -> {manifest['kind']} {job.kubernetes['name']}",
+                                  highlight=False, soft_wrap=True)
+        except (KubernetesRefused, KubernetesUnreachable) as error:
+            context = f"--context {cluster.context} " if cluster.context else ""
+            console.error(f"{error}. Check the cluster profile (cluster={cluster.name}) and that "
+                          f"`kubectl {context}-n {cluster.namespace} get {API[str(cluster.job_kind)][2]}` works here.")
+            raise SystemExit(1) from None
+        return api
 
     def _print_dry_run(self, manifests, skipped) -> None:
         """The manifests exactly as they would be created, one YAML stream (``kubectl apply -f -`` takes it)."""
