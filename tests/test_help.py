@@ -19,7 +19,7 @@ def test_help_is_short_and_names_every_group_option_subcommand_and_the_full_conf
     for group in GROUPS:
         assert listed[group] == sorted(path.stem for path in (REPO / "llmexp" / "conf" / group).glob("*.yaml")), group
     assert listed["technique"] == sorted(techniques())
-    for subcommand in ("llmexp plan", "llmexp plugins", "llmexp gather", "llmexp report", "llmexp serve"):
+    for subcommand in ("llmexp plan", "llmexp plugins", "llmexp gather", "llmexp cancel", "llmexp report", "llmexp serve"):
         assert subcommand in result.stdout
     assert "llmexp --cfg job [overrides]" in result.stdout and "--cfg job --package technique" in result.stdout
     assert "llmexp --hydra-help" in result.stdout and "Examples:" in result.stdout
