@@ -82,17 +82,24 @@ def test_a_pytorchjob_has_one_master_and_a_worker_per_further_node():
             ] == ["pytorch", "pytorch"]  # the name the training operator sets PET_* variables in
 
 
-def test_a_trainjob_runs_on_the_profiles_runtime_with_its_image_env_and_deadline():
-    _, _, manifest = job("hardware=h200", "parallelism=tp8_dp2")
+def test_a_trainjob_runs_on_the_profiles_runtime_with_its_image_env_labels_and_deadline():
+    _, _, manifest = job("hardware=h200", "parallelism=tp8_dp2", "+cluster.labels.team=nlp")
+    validate(manifest)
     spec = manifest["spec"]
+    assert manifest["metadata"]["labels"] == {"team": "nlp", **LABELS}
     assert spec["runtimeRef"] == {"name": "torch-distributed", "apiGroup": "trainer.kubeflow.org",
                                   "kind": "ClusterTrainingRuntime"}
     assert spec["trainer"]["image"].endswith("/llmexp:latest") and spec["activeDeadlineSeconds"] == 240 * 60
     assert {"name": "FI_PROVIDER", "value": "efa"} in spec["trainer"]["env"]
     assert spec["trainer"]["resourcesPerNode"]["limits"]["vpc.amazonaws.com/efa"] == "16"  # p5en
     patch = spec["runtimePatches"][0]["trainingRuntimeSpec"]["template"]["spec"]["replicatedJobs"][0]
-    assert patch["name"] == "node" and patch["template"]["spec"]["template"]["metadata"]["labels"] == LABELS
-    assert patch["template"]["spec"]["template"]["spec"]["serviceAccountName"] == "llmexp-runner"
+    assert patch["name"] == "node" and patch["template"]["spec"]["template"]["metadata"]["labels"] == {
+        "team": "nlp", **LABELS}
+    pod = patch["template"]["spec"]["template"]["spec"]
+    assert pod["serviceAccountName"] == "llmexp-runner" and "nodeSelector" not in pod
+    assert pod["affinity"]["nodeAffinity"]["requiredDuringSchedulingIgnoredDuringExecution"]["nodeSelectorTerms"] == [
+        {"matchExpressions": [{"key": "node.kubernetes.io/instance-type", "operator": "In",
+                               "values": ["p5en.48xlarge", "p5e.48xlarge"]}]}]
 
 
 TRAINJOB_BREAKS = [

@@ -470,6 +470,7 @@ class KubernetesPlacement:
     """Where one ``hardware`` option's pods go on a Kubernetes cluster, and what each GPU brings with it."""
 
     node_selector: Dict[str, str] = field(default_factory=dict)  # node labels, e.g. node.kubernetes.io/instance-type
+    node_affinity: Dict[str, List[str]] = field(default_factory=dict)  # node label -> any of these values
     tolerations: List[KubernetesToleration] = field(default_factory=list)
     gpu_resource: str = "nvidia.com/gpu"  # the device plugin's extended resource
     gpus_per_node: int = 8  # 0: a CPU node, pods ask for no GPU
@@ -498,6 +499,7 @@ class KubernetesClusterConfig(ClusterConfig):
     image: str = MISSING  # a container image with llmexp installed (and its CUDA extras)
     service_account: Optional[str] = None
     env: Dict[str, str] = field(default_factory=dict)  # set in every container (NCCL/EFA settings, HF_HOME, ...)
+    labels: Dict[str, str] = field(default_factory=dict)  # on every job and pod, e.g. kueue.x-k8s.io/queue-name
     time_limit_min: int = 240  # per job: activeDeadlineSeconds
     storage: KubernetesStorage = field(default_factory=KubernetesStorage)
     hardware: Dict[str, KubernetesPlacement] = field(default_factory=dict)  # hardware option name -> placement

@@ -50,6 +50,7 @@ class KubernetesResources:
     memory_gb: Optional[int]  # per pod; None: no memory request
     efa_per_node: int  # EFA devices each pod asks for
     node_selector: Tuple[Tuple[str, str], ...]
+    node_affinity: Tuple[Tuple[str, Tuple[str, ...]], ...]  # node label -> any of these values
     tolerations: Tuple[Tuple[Tuple[str, str], ...], ...]  # each toleration's set fields, as (name, value) pairs
 
     def resource_requirements(self) -> Dict[str, Dict[str, str]]:
@@ -60,11 +61,20 @@ class KubernetesResources:
         memory = {"memory": f"{self.memory_gb}G"} if self.memory_gb else {}
         return {"requests": {"cpu": str(self.cpu), **memory, **devices}, "limits": {**memory, **devices}}
 
+    def affinity(self) -> Dict[str, Any]:
+        """The pod's core/v1 Affinity: nodes whose labels take one of the listed values, each label required."""
+        if not self.node_affinity:
+            return {}
+        expressions = [{"key": key, "operator": "In", "values": list(values)} for key, values in self.node_affinity]
+        return {"nodeAffinity": {"requiredDuringSchedulingIgnoredDuringExecution": {
+            "nodeSelectorTerms": [{"matchExpressions": expressions}]}}}
+
     def to_dict(self) -> Dict[str, Any]:
         return {
             "nodes": self.nodes, "procs_per_node": self.procs_per_node, "gpus_per_node": self.gpus_per_node,
             "gpu_resource": self.gpu_resource, "cpu": self.cpu, "memory_gb": self.memory_gb,
             "efa_per_node": self.efa_per_node, "node_selector": dict(self.node_selector),
+            "node_affinity": {key: list(values) for key, values in self.node_affinity},
             "tolerations": [dict(toleration) for toleration in self.tolerations],
         }
 
@@ -86,6 +96,7 @@ def kubernetes_resources(cfg) -> Union[KubernetesResources, str]:
         memory_gb=place.memory_per_gpu_gb * per_process if place.memory_per_gpu_gb else None,
         efa_per_node=math.ceil(place.efa_per_node * gpus / place.gpus_per_node) if gpus else 0,
         node_selector=tuple(sorted((str(key), str(value)) for key, value in place.node_selector.items())),
+        node_affinity=tuple(sorted((str(key), tuple(map(str, values))) for key, values in place.node_affinity.items())),
         tolerations=tuple(_toleration(toleration) for toleration in place.tolerations),
     )
 
@@ -137,9 +148,10 @@ def render(cfg, name: str, arguments: List[str], run_dir: str, resources: Kubern
 
     The pod runs ``torchrun -m llmexp <arguments> hydra.run.dir=<run_dir as pods see it>``;
     ``arguments`` are the point's overrides (the profile included), without ``hydra.run.dir``.
-    ``labels`` go on the job and its pods (a sweep's objects are found by them).
+    ``labels`` go on the job and its pods (a sweep's objects are found by them), after the profile's own.
     """
     cluster = cfg.cluster
+    labels = {**cluster.labels, **labels}
     command = ["torchrun", "-m", "llmexp", *arguments, f"hydra.run.dir={pod_path(cfg, run_dir)}"]
     env = [{"name": key, "value": str(value)} for key, value in cluster.env.items()]
     mounts = [{"name": RUN_VOLUME, "mountPath": cluster.storage.mount_path}, {"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
@@ -148,6 +160,7 @@ def render(cfg, name: str, arguments: List[str], run_dir: str, resources: Kubern
     placement = {
         **({"serviceAccountName": cluster.service_account} if cluster.service_account else {}),
         **({"nodeSelector": dict(resources.node_selector)} if resources.node_selector else {}),
+        **({"affinity": resources.affinity()} if resources.node_affinity else {}),
         **({"tolerations": [dict(toleration) for toleration in resources.tolerations]} if resources.tolerations else {}),
         "volumes": volumes,
     }
