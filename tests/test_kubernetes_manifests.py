@@ -140,10 +140,19 @@ def test_a_broken_manifest_fails_naming_the_field(kind, break_it, message):
     assert message in str(error.value)
 
 
+def test_cpu_pods_ask_for_cpus_and_memory_per_process_and_no_device():
+    _, resources, manifest = job("hardware=cpu", "hardware.accelerator=cpu", "parallelism=dp2")
+    validate(manifest)
+    assert manifest["spec"]["trainer"]["resourcesPerNode"] == {"requests": {"cpu": "4", "memory": "8G"},
+                                                                "limits": {"memory": "8G"}}
+    assert (resources.gpus_per_node, resources.efa_per_node, resources.procs_per_node) == (0, 0, 2)
+    assert pod_specs(manifest)[0][0]["nodeSelector"] == {"eks.amazonaws.com/nodegroup": "system"}
+
+
 def test_an_unmapped_hardware_or_a_crowded_node_gives_the_reason_and_the_fix():
     unmapped = kubernetes_resources(compose_config(["cluster=eks_example", "hardware=b200"]))
     assert unmapped == (
-        "hardware=b200 has no placement in cluster=eks_example (it maps a100_40g, a100_80g, h100, h200); add "
+        "hardware=b200 has no placement in cluster=eks_example (it maps a100_40g, a100_80g, cpu, h100, h200); add "
         "cluster.hardware.b200 to llmexp/conf/cluster/eks_example.yaml or choose a hardware it maps.")
     crowded = kubernetes_resources(compose_config(
         ["cluster=eks_example", "hardware=h100", "parallelism=tp8", "cluster.hardware.h100.gpus_per_node=4"]))
