@@ -172,12 +172,22 @@ def print_pipeline(pipeline: dict, pp: int, device_bytes: int) -> None:
         table.add_column(column, justify="left" if column == "stage" else "right")
     for stage in pipeline["stages"]:
         first, last = stage["layers"]
-        ranks = stage["ranks"]
         total = stage["memory_per_device_bytes"]
-        table.add_row(str(stage["stage"]), f"{first}-{last}", f"{ranks[0]}-{ranks[-1]}" if len(ranks) > 1 else str(ranks[0]),
+        table.add_row(str(stage["stage"]), f"{first}-{last}", spans(stage["ranks"]),
                       size(stage["memory_breakdown"].get("activations", 0)),
                       f"{size(total)} ({total / device_bytes:.0%})")
     console.out.print(table)
+
+
+def spans(ranks: List[int]) -> str:
+    """Ranks as runs of consecutive ones: 0-3, 16-19."""
+    runs: List[List[int]] = []
+    for rank in ranks:
+        if runs and rank == runs[-1][-1] + 1:
+            runs[-1].append(rank)
+        else:
+            runs.append([rank])
+    return ", ".join(f"{run[0]}-{run[-1]}" if len(run) > 1 else str(run[0]) for run in runs)
 
 
 def count(parameters: int) -> str:

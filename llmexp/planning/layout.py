@@ -51,11 +51,17 @@ def stage_layers(num_layers: int, pp: int) -> List[range]:
     return [range(i * per_stage, (i + 1) * per_stage) for i in range(pp)]
 
 
-def stage_ranks(tp: int, pp: int, dp: int, stage: int) -> range:
-    """The global ranks that hold pipeline stage ``stage``: Megatron's order, tp innermost and pp outermost
-    (rank = stage*tp*dp + dp_index*tp + tp_index), so a stage's tensor-parallel group shares a node and
-    consecutive stages sit on consecutive ranks' nodes."""
-    return range(stage * tp * dp, (stage + 1) * tp * dp)
+def stage_ranks(tp: int, pp: int, dp: int, stage: int, stages_outermost: bool) -> List[int]:
+    """The global ranks that hold pipeline stage ``stage``, tp innermost.
+
+    ``stages_outermost`` is Megatron's order (tp, then dp, then pp: a stage's ranks are consecutive, so
+    consecutive stages sit on different nodes and only the small activations cross between them). The torch
+    backend lays out one whole pipeline per data-parallel replica instead (rank = replica*pp*tp + stage*tp + t):
+    a replica's stages are consecutive ranks.
+    """
+    if stages_outermost:
+        return list(range(stage * tp * dp, (stage + 1) * tp * dp))
+    return [replica * pp * tp + stage * tp + t for replica in range(dp) for t in range(tp)]
 
 
 def stage_parameters(model: Dict[str, Any], pp: int, stage: int) -> int:
@@ -93,6 +99,7 @@ class Layout:
     distributed_optimizer: bool = False  # megatron's: optimizer states split over dp
     activation_checkpointing: bool = False
     schedule: str = "1f1b"  # the pipeline schedule: how many micro-batches' activations a stage keeps
+    stages_outermost: bool = False  # the ranks' order (``stage_ranks``): Megatron's, or the torch backend's
     # The pipeline stage sized and its share of the model's parameters (``for_stage``); None: the busiest
     # stage's activations, with every part of the model split evenly over pp.
     stage: Optional[int] = None
@@ -108,6 +115,7 @@ class Layout:
             fsdp=getattr(parallelism.sharding, "value", parallelism.sharding) == "fsdp",
             distributed_optimizer=megatron and bool(backend.get("distributed_optimizer")),
             activation_checkpointing=bool(parallelism.activation_checkpointing),
+            stages_outermost=megatron,
             # megatron runs 1F1B whatever the key says; the torch backend runs the one named
             schedule="1f1b" if megatron else str(getattr(parallelism.get("pipeline_schedule", "1f1b"), "value",
                                                          parallelism.get("pipeline_schedule", "1f1b"))),
@@ -136,6 +144,10 @@ class Layout:
         """The share of a step each stage idles while the pipeline fills and drains: (pp-1)/(m+pp-1),
         the same for GPipe and 1F1B (1F1B reorders the backward passes to hold fewer activations)."""
         return (self.pp - 1) / (self.micro_batches + self.pp - 1)
+
+    def ranks_of(self, stage: int) -> List[int]:
+        """The global ranks holding pipeline stage ``stage`` (``stage_ranks``)."""
+        return stage_ranks(self.tp, self.pp, self.dp, stage, self.stages_outermost)
 
     @property
     def state_shards(self) -> int:

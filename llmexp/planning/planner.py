@@ -23,7 +23,7 @@ from llmexp.models.vocabulary import vocabulary_problem
 from llmexp.planning.data_flow import data_flow_problems
 from llmexp.planning.feasibility import divisibility_problems, layout_problems, memory_problems
 from llmexp.planning.hardware import GIB, device_memory_bytes, precision_problems, precision_value
-from llmexp.planning.layout import Layout, stage_layers, stage_ranks
+from llmexp.planning.layout import Layout, stage_layers
 from llmexp.planning.stages import PlannedStage, StageMemory, heaviest_stage, model_numbers, planned_stages
 from llmexp.techniques import plugin_manager
 
@@ -111,7 +111,7 @@ def pipeline_plan(layout: Layout, heaviest: StageMemory, model: Dict[str, Any]) 
     """What each pipeline stage holds (layers, ranks, bytes per device) and the share of a step it idles."""
     stages = [
         {"stage": index, "layers": [layers.start, layers.stop - 1],
-         "ranks": list(stage_ranks(layout.tp, layout.pp, layout.dp, index)),
+         "ranks": layout.ranks_of(index),
          "memory_per_device_bytes": sum(breakdown.values()), "memory_breakdown": breakdown}
         for index, (layers, breakdown) in enumerate(zip(
             stage_layers(model["num_layers"], layout.pp) if heaviest.per_pipeline_stage else [],
