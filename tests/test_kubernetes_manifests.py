@@ -140,6 +140,13 @@ def test_a_broken_manifest_fails_naming_the_field(kind, break_it, message):
     assert message in str(error.value)
 
 
+def test_a_time_limit_of_zero_sets_no_deadline():
+    for kind in API:
+        _, _, manifest = job("hardware=h100", "cluster.time_limit_min=0", kind=kind)
+        validate(manifest)
+        assert "activeDeadlineSeconds" not in str(manifest)
+
+
 def test_cpu_pods_ask_for_cpus_and_memory_per_process_and_no_device():
     _, resources, manifest = job("hardware=cpu", "hardware.accelerator=cpu", "parallelism=dp2")
     validate(manifest)

@@ -500,7 +500,7 @@ class KubernetesClusterConfig(ClusterConfig):
     service_account: Optional[str] = None
     env: Dict[str, str] = field(default_factory=dict)  # set in every container (NCCL/EFA settings, HF_HOME, ...)
     labels: Dict[str, str] = field(default_factory=dict)  # on every job and pod, e.g. kueue.x-k8s.io/queue-name
-    time_limit_min: int = 240  # per job: activeDeadlineSeconds
+    time_limit_min: int = 240  # per job: activeDeadlineSeconds; 0: none
     storage: KubernetesStorage = field(default_factory=KubernetesStorage)
     hardware: Dict[str, KubernetesPlacement] = field(default_factory=dict)  # hardware option name -> placement
 

@@ -165,7 +165,7 @@ def render(cfg, name: str, arguments: List[str], run_dir: str, resources: Kubern
         "volumes": volumes,
     }
     metadata = {"name": name, "namespace": cluster.namespace, "labels": dict(labels)}
-    deadline = cluster.time_limit_min * 60
+    deadline = {"activeDeadlineSeconds": cluster.time_limit_min * 60} if cluster.time_limit_min > 0 else {}
     if cluster.job_kind == "PyTorchJob":
         container = {"name": PYTORCHJOB_CONTAINER, "image": cluster.image, "command": command,
                      "resources": resources.resource_requirements(), "volumeMounts": mounts,
@@ -176,7 +176,7 @@ def render(cfg, name: str, arguments: List[str], run_dir: str, resources: Kubern
             "apiVersion": "/".join(API["PyTorchJob"][:2]), "kind": "PyTorchJob", "metadata": metadata,
             "spec": {
                 "nprocPerNode": str(resources.procs_per_node),
-                "runPolicy": {"activeDeadlineSeconds": deadline, "backoffLimit": 0, "cleanPodPolicy": "None"},
+                "runPolicy": {**deadline, "backoffLimit": 0, "cleanPodPolicy": "None"},
                 "pytorchReplicaSpecs": {role: {"replicas": count, "restartPolicy": "Never", "template": pod}
                                         for role, count in replicas.items() if count},
             },
@@ -186,7 +186,7 @@ def render(cfg, name: str, arguments: List[str], run_dir: str, resources: Kubern
         "apiVersion": "/".join(API["TrainJob"][:2]), "kind": "TrainJob", "metadata": metadata,
         "spec": {
             "runtimeRef": {"name": cluster.runtime, "apiGroup": API["TrainJob"][0], "kind": "ClusterTrainingRuntime"},
-            "activeDeadlineSeconds": deadline,
+            **deadline,
             "trainer": {
                 "image": cluster.image, "command": command, "numNodes": resources.nodes,
                 "numProcPerNode": resources.procs_per_node, "resourcesPerNode": resources.resource_requirements(),
