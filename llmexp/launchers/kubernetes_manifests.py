@@ -16,10 +16,9 @@ import hashlib
 import math
 import posixpath
 import re
-import typing
 from dataclasses import dataclass
 from pathlib import PurePosixPath
-from typing import Any, Dict, List, Optional, Tuple, Union
+from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin
 
 import yaml
 
@@ -237,19 +236,19 @@ def _read_pydantic(annotation: Any, data: Any, path: str) -> None:
     """Read ``data`` as ``annotation`` of kubeflow_trainer_api (pydantic models), one object at a time."""
     from pydantic import BaseModel, TypeAdapter, ValidationError
 
-    origin, args = typing.get_origin(annotation), typing.get_args(annotation)
+    origin, args = get_origin(annotation), get_args(annotation)
     if origin is Union:  # Optional[X]
         _read_pydantic(next(arg for arg in args if arg is not type(None)), data, path)
-    elif origin in (list, List):
+    elif origin is list:
         _expect(data, list, "a list", path)
         for index, item in enumerate(data):
             _read_pydantic(args[0], item, f"{path}[{index}]")
-    elif origin in (dict, Dict):
+    elif origin is dict:
         _expect(data, dict, "an object", path)
         for key, value in data.items():
             _read_pydantic(args[1], value, _field(path, key))
     elif isinstance(annotation, type) and issubclass(annotation, BaseModel):
-        if "actual_instance" not in annotation.model_fields:  # not a oneOf wrapper (a quantity: string or number)
+        if "one_of_schemas" not in annotation.model_fields:  # not a oneOf wrapper (a quantity: string or number)
             _expect(data, dict, "an object", path)
             fields = {field.alias or name: field for name, field in annotation.model_fields.items()}
             for key, value in data.items():
@@ -264,7 +263,9 @@ def _read_pydantic(annotation: Any, data: Any, path: str) -> None:
             where = ".".join(str(part) for part in first["loc"])
             missing = first["loc"] and first["loc"][0] not in data
             raise ValueError(f"{_field(path, where)}: {'required, missing' if missing else first['msg']}.") from None
-        except ValueError:  # a oneOf wrapper matching none of its schemas
+        except ValueError as error:  # a oneOf wrapper matching none of its schemas
+            if "one_of_schemas" not in annotation.model_fields:
+                raise ValueError(f"{path}: {error}") from None
             schemas = " or ".join(sorted(annotation.model_fields["one_of_schemas"].default))
             raise ValueError(f"{path}: expects {schemas}, got {data!r}.") from None
     else:
