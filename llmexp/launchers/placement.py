@@ -6,7 +6,9 @@ tasks per node, each task one GPU of the profile's type, ``cpus_per_gpu`` CPUs a
 ``mem_per_gpu_gb`` memory with it.
 
 Which cluster launcher needs which kind of profile (``CLUSTER_LAUNCHERS``), and what the
-preflight refuses before anything is written (``launcher_problem``), are said here too.
+preflight refuses before anything is written (``launcher_problem``), are said here too, as is
+the rule every cluster kind shares (``hardware_placement``): a hardware the profile maps, on
+nodes with GPUs enough for the layout's ranks per node.
 """
 
 from __future__ import annotations
