@@ -392,11 +392,11 @@ def test_mlp_not_divisible_by_tp():
     assert "choose parallelism.tp from 1." in problem
 
 
-def test_training_through_pipeline_stages_is_refused_and_inference_is_not():
+def test_training_through_pipeline_and_tensor_parallel_stages_is_refused_and_inference_is_not():
     problem = only(plan_of("parallelism=tp8_pp2", "model=llama3_1_8b", "hardware=h100", "precision=bf16").problems,
                    "parallelism.pp=2")
-    assert "parallelism=tp8_pp2" in problem and "set parallelism.pp=1" in problem
-    assert "parallelism.sharding=fsdp" in problem
+    assert "parallelism=tp8_pp2" in problem and "set parallelism.tp=1" in problem and "backend=megatron" in problem
+    assert not [problem for problem in plan_of("parallelism=pp2").problems if "parallelism.pp" in problem]
     evaluation = plan_of("technique=quantize", "parallelism=tp8_pp2", "model=llama3_1_8b", "hardware=h100",
                          "precision=bf16")
     assert not [problem for problem in evaluation.problems if "parallelism.pp" in problem]

@@ -119,7 +119,7 @@ def test_parallelism_presets_are_consistent(name):
     assert p["devices_per_node"] <= 8
     plan = make_plan(compose_config([f"parallelism={name}", "model=llama3_1_8b", "hardware=h100",
                                      "precision=bf16"]))
-    # the torch backend trains through no pipeline stages (llmexp.training.loop): pp layouts are planned, then refused
+    # the torch backend pipelines whole layers only (llmexp.training.pipeline_parallel): pp x tp is planned, then refused
     refused = ("Memory per device", "parallelism.pp=")
     assert [problem for problem in plan.problems if not problem.startswith(refused)] == []
     assert plan.world_size == p["nodes"] * p["devices_per_node"]

@@ -197,13 +197,18 @@ def training_module_class() -> type:
             tokens = 0
             with torch.no_grad(), self.trainer.precision_plugin.forward_context():
                 for batch in self.val_batches():
-                    out = self.loss_fn(self.model, self.trainer.strategy.batch_to_device(batch))
+                    batch = self.trainer.strategy.batch_to_device(batch)
+                    out = self.pipeline.evaluate(batch) if self.pipeline is not None else self.loss_fn(self.model, batch)
+                    if out is None:  # an earlier pipeline stage: the last one has the loss
+                        continue
                     for key, value in {"loss": out.loss, **out.logs}.items():
                         value = value.detach().float() if torch.is_tensor(value) else value
                         sums[key] = sums.get(key, 0.0) + value * out.tokens
                     tokens += out.tokens
             self.model.train(was_training)
-            means = {key: float(total) / tokens for key, total in sums.items()}
+            means = {key: float(total) / tokens for key, total in sums.items()} if tokens else {}
+            if self.pipeline is not None:
+                means = self.pipeline.from_last_stage(means)
             self.val_metrics = means
             row = {"step": step, **{f"val_{key}": value for key, value in means.items()}}
             self._record(row, "val", means)

@@ -10,10 +10,12 @@ and the figures every technique reports.
 
 On several ranks (``parallelism``, ``llmexp.training.distributed``) every rank runs ``train`` together:
 data parallel through Lightning's DDP, and FSDP2 (``parallelism.sharding=fsdp``) and tensor
-parallel through its ModelParallelStrategy (``llmexp.training.model_parallel``). Each data-parallel rank
+parallel through its ModelParallelStrategy (``llmexp.training.model_parallel``), pipeline stages
+(``parallelism.pp``) through torch.distributed.pipelining (``llmexp.training.pipeline_stages``: there one batch
+is one optimiser step's micro-batches, which the pipeline's schedule runs). Each data-parallel rank
 sees its share of every optimiser step's global batch, so a step averages the gradient of the
-same examples as on one rank; tensor-parallel ranks of a data-parallel group see the same
-examples. Rank 0 does every write (step log, logger, checkpoints through Lightning's rank-zero
+same examples as on one rank; tensor-parallel ranks and pipeline stages of a data-parallel group see
+the same examples. Rank 0 does every write (step log, logger, checkpoints through Lightning's rank-zero
 saving); the logged losses are means over the ranks.
 
 What a training technique is (its schema, its plan, its loss's output) is ``llmexp.training.contract``;

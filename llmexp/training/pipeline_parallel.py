@@ -66,10 +66,6 @@ def pipeline_problems(config, key: str, node, technique_refusal: Optional[str]) 
             f"parallelism.pp={p.pp} needs at least {p.pp} micro-batches per step to keep every stage busy, and "
             f"parallelism.global_batch/(micro_batch*dp) = {p.global_batch}/({p.micro_batch}*{p.dp}) gives "
             f"{micro_batches}; raise parallelism.global_batch or lower parallelism.micro_batch.")
-    if node.get("val_every"):
-        problems.append(
-            f"{key}.val_every={node.val_every}: validation does not run through pipeline stages on the torch "
-            f"backend; set {key}.val_every=0, or evaluate the trained model in a later stage.")
     if node.get("compile"):
         problems.append(
             f"{key}.compile=true: the torch backend does not compile pipeline stages; set {key}.compile=false.")

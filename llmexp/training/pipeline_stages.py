@@ -177,6 +177,9 @@ class Pipeline:
 
     def __init__(self, model: nn.Module, parallelism, loss_fn, device):
         self.groups = process_groups(parallelism, dist.get_rank())
+        with torch.no_grad():  # rank 0's weights everywhere, as DDP starts: each rank may have drawn its own
+            for tensor in model.state_dict().values():
+                dist.broadcast(tensor, src=0)
         self.tied = prune_to_stage(model, self.groups)
         self.model, self.loss_fn, self.device = model, loss_fn, device
         self.parallelism = parallelism
@@ -200,18 +203,38 @@ class Pipeline:
             schedule.step(target=indices)
         else:
             schedule.step()
+        summary = None
         if self.groups.last:
-            summary = [sum(float(out.loss.detach()) for out in self._outputs), sum(out.tokens for out in self._outputs),
-                       {key: float(value) for key, value in self._outputs[-1].logs.items()}]
-        else:
-            summary = [None, None, None]
-        dist.broadcast_object_list(summary, group_src=self.groups.stages - 1, group=self.groups.pipeline)
-        return summary[0], summary[1], summary[2]
+            summary = (sum(float(out.loss.detach()) for out in self._outputs), sum(out.tokens for out in self._outputs),
+                       {key: float(value) for key, value in self._outputs[-1].logs.items()})
+        return self.from_last_stage(summary)
+
+    def evaluate(self, batch):
+        """The technique's loss on ``batch`` through the stages, forward only (run under no_grad): its
+        ``LossOutput`` on the last stage, None on the others."""
+        inputs = model_inputs(self.loss_fn, batch)
+        rows, length = inputs["input_ids"].shape
+        self.module.inputs, self.module.calls, self.module.length = [inputs], 0, length
+        received = None
+        if not self.groups.first:
+            received = torch.empty(rows, length, causal_lm(self.model).config.hidden_size, device=self.device)
+            dist.recv(received, group_src=self.groups.stage - 1, group=self.groups.pipeline)
+        output = self.module(received)
+        if not self.groups.last:
+            dist.send(output, group_dst=self.groups.stage + 1, group=self.groups.pipeline)
+            return None
+        return self.loss_fn(_StageLogits(causal_lm(self.model), output), batch)
+
+    def from_last_stage(self, value):
+        """The last stage's ``value`` (any picklable object) on every stage of this pipeline."""
+        box = [value]
+        dist.broadcast_object_list(box, group_src=self.groups.stages - 1, group=self.groups.pipeline)
+        return box[0]
 
     def _loss(self, output: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
         index = int(target[0])
         length = self.module.inputs[index]["input_ids"].shape[1]
-        out = self.loss_fn(_StageLogits(causal_lm(self.model), output[:, :length]), self._batches[index])
+        out = self.loss_fn(_StageLogits(causal_lm(self.model), output[:, :length].contiguous()), self._batches[index])
         self._outputs.append(out)
         return out.loss
 
