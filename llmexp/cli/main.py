@@ -11,6 +11,7 @@ the server.
 
 from __future__ import annotations
 
+import os
 import sys
 from pathlib import Path
 from typing import Callable, Dict, List, Optional
@@ -91,9 +92,15 @@ def main(argv: Optional[List[str]] = None) -> None:
     except UserError as error:
         console.error(str(error))
         sys.exit(EXIT_USER_ERROR)
-    sys.argv = [sys.argv[0], *with_implied_pipeline(argv), *SWEEP_SUMMARY]
+    sys.argv = [sys.argv[0], *with_implied_pipeline(argv), *rank_overrides(), *SWEEP_SUMMARY]
     register_launchers()
     hydra_entry()
+
+
+def rank_overrides() -> List[str]:
+    """Under torchrun (a Kubernetes pod, a user's own launch) every rank runs this command: only rank 0 keeps the
+    run's ``.hydra`` record (secrets redacted), as the Slurm launcher's job side does, so ranks never write it twice."""
+    return ["hydra.output_subdir=null"] if os.environ.get("RANK", "0") != "0" else []
 
 
 def register_launchers() -> None:
