@@ -117,8 +117,7 @@ class Layout:
             activation_checkpointing=bool(parallelism.activation_checkpointing),
             stages_outermost=megatron,
             # megatron runs 1F1B whatever the key says; the torch backend runs the one named
-            schedule="1f1b" if megatron else str(getattr(parallelism.get("pipeline_schedule", "1f1b"), "value",
-                                                         parallelism.get("pipeline_schedule", "1f1b"))),
+            schedule="1f1b" if megatron else parallelism.get("pipeline_schedule", "1f1b"),
         )
 
     def for_stage(self, model: Dict[str, Any], stage: int) -> "Layout":
