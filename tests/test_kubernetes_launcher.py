@@ -11,6 +11,8 @@ adds a failed pod with a log. Nothing trains: the launcher never runs a job itse
 from __future__ import annotations
 
 import asyncio
+import json
+import re
 import signal
 import threading
 from pathlib import Path
@@ -51,7 +53,8 @@ class Emulator:
     async def _serve(self, ready: threading.Event) -> None:
         async with kmock.KubernetesEmulator() as emulator, kmock.Server(emulator) as server:
             for resource, kind in (("trainer.kubeflow.org/v1alpha1/trainjobs", "TrainJob"),
-                                   ("kubeflow.org/v1/pytorchjobs", "PyTorchJob"), ("v1/pods", "Pod")):
+                                   ("kubeflow.org/v1/pytorchjobs", "PyTorchJob"), ("v1/pods", "Pod"),
+                                   ("v1/secrets", "Secret")):
                 emulator.resources[resource] = kmock.ResourceInfo(kind=kind, namespaced=True)
             self.emulator, self.url = emulator, str(server.url).rstrip("/")
             self.loop, self.stop = asyncio.get_running_loop(), asyncio.Event()
@@ -65,6 +68,9 @@ class Emulator:
     def objects(self, api=TRAINJOBS) -> list:
         group, version, plural = api
         return self.custom.list_namespaced_custom_object(group, version, NAMESPACE, plural)["items"]
+
+    def secrets(self) -> list:
+        return [secret.to_dict() for secret in self.core.list_namespaced_secret(NAMESPACE).items]
 
     def set_status(self, name: str, status: dict, api=TRAINJOBS) -> None:
         """The object's status, as its operator writes it (the status subresource)."""
@@ -283,3 +289,62 @@ def test_a_jobs_state_is_its_operators_conditions():
     assert not (queued.running or queued.ended) and queued.describe() == "TrainJob Pending"
     gone = job_state("TrainJob", None)
     assert gone.ended and gone.failed and "deleted before it ended" in gone.describe()
+
+
+PASSWORD = "pw-3a9f1c77e2"  # the mlflow URI's, typed on the command line
+
+
+def test_a_secret_typed_on_the_command_line_reaches_the_pods_through_one_secret_written_nowhere(emulator, tmp_path):
+    sweep = tmp_path / "fsx" / "sweep"
+    secret_args = ["tracker=mlflow", f"tracker.uri=https://ci:{PASSWORD}@mlflow.example", *POINTS]
+    outputs = []
+    dry = run_llmexp(*launcher_args(tmp_path, "hydra.launcher.dry_run=true", *secret_args), cwd=tmp_path,
+                     env=emulator.env)
+    assert dry.returncode == 0, dry.stderr[-3000:]
+    outputs += [dry.stdout, dry.stderr]
+    printed = [document for document in yaml.safe_load_all(dry.stdout) if document]
+    name = re.search(r"# a Secret (llmexp-[0-9a-f]{8}-secrets) \(namespace llm\) would be created first, holding "
+                     r"LLMEXP_SECRET_0 ", dry.stdout)[1]
+    reference = {"name": "LLMEXP_SECRET_0", "valueFrom": {"secretKeyRef": {"name": name, "key": "LLMEXP_SECRET_0"}}}
+    assert all(reference in manifest["spec"]["trainer"]["env"] for manifest in printed) and len(printed) == 2
+    assert emulator.secrets() == []
+
+    process = start_llmexp(*launcher_args(tmp_path, *secret_args), cwd=tmp_path, env=emulator.env)
+    try:
+        jobs = submitted(sweep, 2)
+        (secret,) = emulator.secrets()
+        name = secret["metadata"]["name"]
+        sweep_id = secret["metadata"]["labels"]["llmexp.io/sweep"]
+        assert (name, secret["type"], secret["string_data"]) == (
+            f"llmexp-{sweep_id}-secrets", "Opaque", {"LLMEXP_SECRET_0": f"ci:{PASSWORD}"})
+        reference["valueFrom"]["secretKeyRef"]["name"] = name
+        for obj in emulator.objects():
+            assert obj["metadata"]["labels"]["llmexp.io/sweep"] == sweep_id
+            assert reference in obj["spec"]["trainer"]["env"] and PASSWORD not in json.dumps(obj)
+            assert r"tracker.uri=https\://$\{oc.env\:LLMEXP_SECRET_0\}@mlflow.example" in obj["spec"]["trainer"][
+                "command"]  # as the sweep writes the job's override: the pod resolves it from its variable
+        assert [job["kubernetes"] and job["kubernetes"]["secret"] for job in jobs] == [name, name, None]
+        run_finished(jobs[0])
+        emulator.set_status(jobs[0]["kubernetes"]["name"], COMPLETE)
+        wait_for(lambda: jobs_of(sweep)[0]["status"] == "completed", "the first job completed")
+        assert len(emulator.secrets()) == 1  # the second job may still start pods that read it
+        run_finished(jobs[1])
+        emulator.set_status(jobs[1]["kubernetes"]["name"], COMPLETE)
+        outputs += process.communicate(timeout=120)
+    finally:
+        process.kill()
+    assert process.returncode == 0, outputs[-1][-3000:]
+    assert emulator.secrets() == []  # every job using it has ended
+
+    detached = run_llmexp(*launcher_args(tmp_path, "hydra.launcher.detach=true", "hydra.sweep.dir=" + str(
+        tmp_path / "fsx" / "detached"), *secret_args), cwd=tmp_path, env=emulator.env)
+    assert detached.returncode == 0 and len(emulator.secrets()) == 1, detached.stderr[-3000:]
+    cancelled = run_llmexp("cancel", str(tmp_path / "fsx" / "detached"), cwd=tmp_path, env=emulator.env)
+    assert cancelled.returncode == 0, cancelled.stderr[-3000:]
+    assert emulator.secrets() == []  # the detached sweep's objects are gone, the ended first sweep's are kept
+    assert [obj["metadata"]["labels"]["llmexp.io/sweep"] for obj in emulator.objects()] == [sweep_id] * 2
+    outputs += [detached.stdout, detached.stderr, cancelled.stdout, cancelled.stderr]
+    assert [text for text in outputs if PASSWORD in text] == []
+    files = [path for path in tmp_path.rglob("*") if path.is_file() and path.name != "kubeconfig"]
+    assert {"jobs.json", "multirun.yaml", "results.json"} <= {path.name for path in files}
+    assert [path for path in files if PASSWORD.encode() in path.read_bytes()] == []

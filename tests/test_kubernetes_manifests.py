@@ -17,7 +17,9 @@ from llmexp.errors import UserError
 from llmexp.launchers.kubernetes_manifests import (
     API, KubernetesResources, job_name, kubernetes_resources, manifests_yaml, pod_path, render, validate,
 )
+from llmexp.launchers.placement import KUBERNETES_LAUNCHER, launcher_problem
 from llmexp.planning.planner import make_plan
+from tests.conftest import run_llmexp
 
 PRESETS = ["single", "dp2", "tp8", "tp8_dp2", "tp4_pp4_dp4"]
 LABELS = {"llmexp.io/sweep": "s1"}
@@ -238,3 +240,48 @@ def test_the_eks_examples_are_valid_objects_that_match_the_profile():
         group = groups[place.node_selector["node.kubernetes.io/instance-type"]]
         assert group["efaEnabled"] and [taint["key"] for taint in group["taints"]] == [
             toleration.key for toleration in place.tolerations]
+
+
+# A secret typed on the command line, as a sweep writes the job's override (Hydra escapes $, {, } and :)
+TYPED_SECRET = r"tracker.uri=https\://$\{oc.env\:LLMEXP_SECRET_2\}@mlflow.example"
+
+
+@pytest.mark.parametrize("kind", list(API))
+def test_secret_env_and_the_sweeps_secret_reach_the_container_as_secret_key_refs(kind):
+    cfg = compose_config(["cluster=eks_example", f"cluster.job_kind={kind}", "hardware=h100",
+                          "+cluster.secret_env.HF_TOKEN=hf/token"])
+    resources = kubernetes_resources(cfg)
+    mapped = {"name": "HF_TOKEN", "valueFrom": {"secretKeyRef": {"name": "hf", "key": "token"}}}
+    typed = {"name": "LLMEXP_SECRET_2", "valueFrom": {"secretKeyRef": {"name": "llmexp-s1-secrets",
+                                                                        "key": "LLMEXP_SECRET_2"}}}
+    for arguments, expected in ((["tracker=mlflow", TYPED_SECRET], [mapped, typed]), (["tracker=mlflow"], [mapped])):
+        manifest = render(cfg, job_name("s1", 0), arguments, "/fsx/s1/0", resources, LABELS, "llmexp-s1-secrets")
+        validate(manifest)
+        env = pod_specs(manifest)[0][2]["env"]
+        assert env[0] == {"name": "FI_PROVIDER", "value": "efa"} and env[3:] == expected
+    with pytest.raises(ValueError, match="read LLMEXP_SECRET_2, but no Secret of the sweep holds them"):
+        render(cfg, job_name("s1", 0), [TYPED_SECRET], "/fsx/s1/0", resources, LABELS)
+
+
+@pytest.mark.parametrize("entry, message", [
+    ("WANDB_API_KEY=wandb", "cluster.secret_env.WANDB_API_KEY=wandb is not <secret name>/<key>: it names the key of a "
+     "Secret in namespace llm"),
+    ("WANDB_API_KEY='Wandb/api key'", "cluster.secret_env.WANDB_API_KEY=Wandb/api key is not <secret name>/<key>"),
+    ("NCCL_DEBUG=nccl/debug", "cluster.secret_env.NCCL_DEBUG: NCCL_DEBUG is set by cluster.env too"),
+    ("LLMEXP_SECRET_0=a/b", "LLMEXP_SECRET_0 is llmexp's own"),
+])
+def test_a_wrong_secret_env_is_refused_before_anything_is_submitted(entry, message):
+    cfg = compose_config(["cluster=eks_example", f"+cluster.secret_env.{entry}"])
+    assert message in launcher_problem(KUBERNETES_LAUNCHER, cfg)
+    with pytest.raises(UserError, match="cluster.secret_env"):
+        render(cfg, "llmexp-s1-0", [], "/fsx/s1/0", kubernetes_resources(cfg), LABELS)
+
+
+def test_a_wrong_secret_env_stops_the_sweep_with_exit_2_writing_nothing(tmp_path):
+    done = run_llmexp("-m", "hydra/launcher=kubernetes", "cluster=eks_example", "+cluster.secret_env.HF_TOKEN=hf",
+                      "hydra.launcher.dry_run=true", "seed=0,1", cwd=tmp_path)
+    assert done.returncode == 2, done.stderr[-2000:]
+    message = " ".join(done.stderr.split())
+    assert "cluster.secret_env.HF_TOKEN=hf is not <secret name>/<key>" in message
+    assert "`kubectl -n llm create secret generic wandb --from-literal=api-key=<value>`" in message
+    assert list(tmp_path.iterdir()) == []

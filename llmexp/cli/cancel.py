@@ -3,7 +3,8 @@
 Reads ``<sweep dir>/jobs.json`` (a sweep of ``hydra/launcher=kubernetes``, detached or
 stopped), asks the API how each job stands, deletes the object of each still pending or
 running (its pods go with it) and records those as failed, cancelled, in jobs.json; jobs that
-already ended keep their objects and outcome. Exit code 0 once done, 2 when there is no such
+already ended keep their objects and outcome. The sweep's Secret (secrets typed on the command
+line) is deleted too. Exit code 0 once done, 2 when there is no such
 sweep, or no cluster to ask. A Slurm sweep's jobs are cancelled with ``scancel``, as its
 launcher says.
 """

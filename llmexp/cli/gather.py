@@ -4,7 +4,8 @@ For a sweep submitted with ``hydra.launcher.detach=true``, or one whose launcher
 early: asks the cluster once about every job not yet ended (Slurm: ``squeue``/``sacct``;
 Kubernetes: each job's object and its status conditions), reads the results each finished job
 wrote into its own directory, marks a job that died as failed with the scheduler's word for it
-(Slurm's state and exit code, the operator's reason and message), and rewrites
+(Slurm's state and exit code, the operator's reason and message; a Kubernetes sweep's Secret is
+deleted once every job using it has ended), and rewrites
 ``<sweep dir>/jobs.json`` and the table. Run it again while jobs are pending or running. Exit
 code 0: every job completed or was skipped, 1: some failed, 3: some have not ended yet
 (whatever the others did), 2: no jobs.json there or no cluster to ask.
@@ -30,9 +31,8 @@ def main(argv: List[str]) -> int:
 
     jobs = sweep_jobs(args.sweep_dir)
     waiting = [job for job in jobs if job.status in UNFINISHED]
-    on_kubernetes = [job for job in waiting if job.kubernetes is not None]
-    if on_kubernetes:
-        gather_kubernetes(args.sweep_dir, on_kubernetes)
+    if any(job.kubernetes is not None for job in waiting):
+        gather_kubernetes(args.sweep_dir, jobs)
     on_slurm = [job for job in waiting if job.kubernetes is None]
     try:
         states = slurm_queue.query(job.slurm_job_id for job in on_slurm if job.slurm_job_id is not None)
@@ -55,17 +55,20 @@ def sweep_jobs(sweep_dir: Path) -> List[SweepJob]:
 
 
 def gather_kubernetes(sweep_dir: Path, jobs: List[SweepJob]) -> None:
-    """Each of ``jobs`` (Kubernetes objects) up to date; a failed one keeps its pod's log tail."""
+    """Each of ``jobs`` on Kubernetes not yet ended brought up to date (a failed one keeps its pod's log tail); the
+    sweep's Secret deleted once every job using it has ended."""
     if missing := [module for module in KUBERNETES_MODULES if not importable(module)]:
         raise UserError(f"this sweep's jobs are Kubernetes objects, and reaching them needs {', '.join(missing)}: "
                         f"{KUBERNETES_INSTALL}")
-    from llmexp.launchers.kubernetes import keep_failed_log, update
+    from llmexp.launchers.kubernetes import keep_failed_log, release_secrets, update
     from llmexp.launchers.kubernetes_jobs import KubernetesRefused, KubernetesUnreachable
 
     connections: dict = {}
+    waiting = [job for job in jobs if job.kubernetes is not None and job.status in UNFINISHED]
     try:
-        update(jobs, connections)
+        update(waiting, connections)
+        release_secrets(jobs, connections)
     except (KubernetesRefused, KubernetesUnreachable) as error:
         raise UserError(f"{error}; run gather where the kubeconfig (KUBECONFIG) reaches the sweep's cluster.") from None
-    for job in jobs:
+    for job in waiting:
         keep_failed_log(job, sweep_dir, connections)

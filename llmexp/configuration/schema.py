@@ -499,6 +499,8 @@ class KubernetesClusterConfig(ClusterConfig):
     image: str = MISSING  # a container image with llmexp installed (and its CUDA extras)
     service_account: Optional[str] = None
     env: Dict[str, str] = field(default_factory=dict)  # set in every container (NCCL/EFA settings, HF_HOME, ...)
+    # variable -> <secret name>/<key> of a Secret in the namespace, e.g. WANDB_API_KEY: wandb/api-key
+    secret_env: Dict[str, str] = field(default_factory=dict)
     labels: Dict[str, str] = field(default_factory=dict)  # on every job and pod, e.g. kueue.x-k8s.io/queue-name
     time_limit_min: int = 240  # per job: activeDeadlineSeconds; 0: none
     storage: KubernetesStorage = field(default_factory=KubernetesStorage)

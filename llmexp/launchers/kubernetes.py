@@ -7,6 +7,8 @@ The same shape as ``hydra/launcher=slurm`` (``launchers.cluster_sweep``):
   reason (its results.json says so) before anything is submitted;
 - each other point's manifest is rendered and checked against Kubeflow's own API models
   (``launchers.kubernetes_manifests``); ``dry_run`` prints them as YAML and submits nothing;
+- secrets typed on the command line go to the pods through one Secret per sweep, created first
+  and deleted once every job using it has ended (``launchers.kubernetes_secrets``);
 - each job's object is created through the official client (``launchers.kubernetes_jobs``),
   labelled with the sweep (``llmexp.io/sweep=<id>``, so ``kubectl get trainjobs -l ...``
   finds them), and jobs.json records it as soon as the API server has it;
@@ -24,9 +26,10 @@ each job writes there.
 
 from __future__ import annotations
 
+import os
 import secrets
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Set, Tuple
 
 from hydra.core.utils import JobReturn
 from hydra.plugins.launcher import Launcher
@@ -40,6 +43,7 @@ from llmexp.launchers.cluster_sweep import (
 )
 from llmexp.launchers.kubernetes_jobs import KubernetesJobs, KubernetesJobState, KubernetesRefused, KubernetesUnreachable
 from llmexp.launchers.kubernetes_manifests import API, job_name, kubernetes_resources, manifests_yaml, render, validate
+from llmexp.launchers.kubernetes_secrets import referenced, sweep_secret, sweep_secret_name
 from llmexp.launchers.sweep_jobs import JOBS_FILE, UNFINISHED, SweepJob, finish, observe_kubernetes, write_jobs
 
 SWEEP_LABEL = "llmexp.io/sweep"  # every object of a sweep carries it, with the sweep's id
@@ -62,6 +66,7 @@ class KubernetesLauncher(Launcher):
         sweep_id = secrets.token_hex(4)  # a sweep run again into the same directory gets objects of its own
         jobs, placed, skipped = compose_points(self, job_overrides, initial_job_idx, "kubernetes", kubernetes_resources)
         manifests: List[Tuple[SweepJob, Dict[str, Any]]] = []
+        secret_users: Dict[int, List[str]] = {}  # job number -> its overrides, when they read LLMEXP_SECRET_<n>
         for job, cfg, resources, overrides in placed:
             try:
                 manifest = _manifest(cfg, sweep_id, job, resources, overrides)
@@ -70,14 +75,21 @@ class KubernetesLauncher(Launcher):
                 continue
             job.resources = resources.to_dict()
             manifests.append((job, manifest))
+            if referenced(overrides):
+                secret_users[job.num] = overrides
+        secret = None
+        if secret_users:
+            keys = referenced(argument for overrides in secret_users.values() for argument in overrides)
+            secret = sweep_secret(sweep_secret_name(sweep_id), self.config.cluster.namespace, _labels(sweep_id), keys,
+                                  os.environ)
         if self.dry_run:
-            self._print_dry_run(manifests, skipped)
+            self._print_dry_run(manifests, skipped, secret)
             remove_sweep_dir(sweep_dir)
             return [job_return(job) for job in jobs]
         record_skipped(skipped)
         if manifests:  # else every point was skipped: nothing to ask the cluster
             with nothing_orphaned(sweep_dir, jobs, lambda running: f"llmexp cancel {sweep_dir}"):
-                api = self._submit(sweep_dir, jobs, manifests)
+                api = self._submit(sweep_dir, jobs, manifests, secret, set(secret_users))
                 if self.detach:
                     console.err.print(
                         f"submitted {len(manifests)} job(s) to Kubernetes (label {SWEEP_LABEL}={sweep_id}), skipped "
@@ -89,33 +101,57 @@ class KubernetesLauncher(Launcher):
                 connections = {(api.context, api.namespace): api}
                 follow(sweep_dir, jobs, self.poll_seconds, lambda waiting: update(waiting, connections),
                        KubernetesUnreachable, lambda job: keep_failed_log(job, sweep_dir, connections))
+                try:
+                    release_secrets(jobs, connections)
+                except (KubernetesRefused, KubernetesUnreachable) as error:
+                    console.warn(f"{error}; the sweep's Secret stays: `kubectl -n {api.namespace} delete secret "
+                                 f"{sweep_secret_name(sweep_id)}` deletes it")
         code = finish(sweep_dir, jobs)
         if code:
             raise SystemExit(code)
         return [job_return(job) for job in jobs]
 
-    def _submit(self, sweep_dir: Path, jobs: List[SweepJob], manifests) -> KubernetesJobs:
-        """Each job's object; jobs.json records it as soon as the API server has created it. An API that
-        cannot be reached or refuses ends the sweep (exit code 1), saying what to check."""
+    def _submit(self, sweep_dir: Path, jobs: List[SweepJob], manifests, secret: Optional[Dict[str, Any]],
+                secret_users: Set[int]) -> KubernetesJobs:
+        """The sweep's Secret if it has one, then each job's object; jobs.json records each as soon as the API server
+        has created it. An API that cannot be reached or refuses ends the sweep (exit code 1), saying what to check."""
         cluster = self.config.cluster
+        api = None
         try:
             api = KubernetesJobs(cluster.context, cluster.namespace)
+            if secret is not None:
+                api.create_secret(secret)
+                console.err.print(f"Secret {secret['metadata']['name']}: {', '.join(secret['stringData'])}, "
+                                  "for the pods (deleted once its jobs have ended)", highlight=False, soft_wrap=True)
             for job, manifest in manifests:
                 api.create(manifest)
                 job.kubernetes = {"kind": manifest["kind"], "name": manifest["metadata"]["name"],
-                                  "namespace": api.namespace, "context": api.context}
+                                  "namespace": api.namespace, "context": api.context,
+                                  **({"secret": secret["metadata"]["name"]} if job.num in secret_users else {})}
                 write_jobs(sweep_dir, jobs)
                 console.err.print(f"#{job.num} {' '.join(job.overrides)} -> {manifest['kind']} {job.kubernetes['name']}",
                                   highlight=False, soft_wrap=True)
         except (KubernetesRefused, KubernetesUnreachable) as error:
+            if api is not None and secret is not None and not any(job.kubernetes for job in jobs):
+                try:  # no job will read it
+                    api.delete_secret(secret["metadata"]["name"])
+                except (KubernetesRefused, KubernetesUnreachable):
+                    pass
             context = f"--context {cluster.context} " if cluster.context else ""
             console.error(f"{error}. Check the cluster profile (cluster={cluster.name}) and that "
                           f"`kubectl {context}-n {cluster.namespace} get {API[str(cluster.job_kind)][2]}` works here.")
             raise SystemExit(1) from None
         return api
 
-    def _print_dry_run(self, manifests, skipped) -> None:
-        """The manifests exactly as they would be created, one YAML stream (``kubectl apply -f -`` takes it)."""
+    def _print_dry_run(self, manifests, skipped, secret: Optional[Dict[str, Any]]) -> None:
+        """The manifests exactly as they would be created, one YAML stream (``kubectl apply -f -`` takes it);
+        the sweep's Secret by its name and keys only, never its values."""
+        if secret is not None:
+            metadata = secret["metadata"]
+            console.out.print(f"# a Secret {metadata['name']} (namespace {metadata['namespace']}) would be created "
+                              f"first, holding {', '.join(secret['stringData'])} (the secrets typed on the command "
+                              "line, not shown); each job reads those its overrides use (secretKeyRef)",
+                              highlight=False, soft_wrap=True, markup=False)
         for job, manifest in manifests:
             console.out.print(f"# #{job.num} {' '.join(job.overrides)}", highlight=False, soft_wrap=True)
         console.out.print(manifests_yaml([manifest for _, manifest in manifests]), highlight=False, soft_wrap=True,
@@ -126,10 +162,16 @@ class KubernetesLauncher(Launcher):
         console.out.print(f"# dry run: {len(manifests)} manifest(s); nothing submitted", highlight=False)
 
 
+def _labels(sweep_id: str) -> Dict[str, str]:
+    """What every object of the sweep carries."""
+    return {"app.kubernetes.io/managed-by": "llmexp", SWEEP_LABEL: sweep_id}
+
+
 def _manifest(cfg, sweep_id: str, job: SweepJob, resources, overrides: List[str]) -> Dict[str, Any]:
     """The job's manifest, rendered and checked against the official models (``ValueError`` naming the field)."""
-    labels = {"app.kubernetes.io/managed-by": "llmexp", SWEEP_LABEL: sweep_id, JOB_LABEL: str(job.num)}
-    manifest = render(cfg, job_name(sweep_id, job.num), overrides, job.run_dir, resources, labels)
+    labels = {**_labels(sweep_id), JOB_LABEL: str(job.num)}
+    manifest = render(cfg, job_name(sweep_id, job.num), overrides, job.run_dir, resources, labels,
+                      sweep_secret_name(sweep_id))
     validate(manifest)
     return manifest
 
@@ -168,8 +210,22 @@ def keep_failed_log(job: SweepJob, sweep_dir: Path, connections: Connections) ->
                       "\n".join(f"    {line}" for line in log.rstrip().splitlines()), highlight=False, markup=False)
 
 
+def release_secrets(jobs: Sequence[SweepJob], connections: Connections) -> List[str]:
+    """Delete each sweep Secret all of whose jobs (of ``jobs``) have ended; the Secrets so deleted. A job still
+    pending or running keeps its Secret: its pods may start (again) and read it."""
+    users: Dict[str, List[SweepJob]] = {}
+    for job in jobs:
+        if job.kubernetes and job.kubernetes.get("secret"):
+            users.setdefault(job.kubernetes["secret"], []).append(job)
+    ended = [secret for secret, using in users.items() if all(job.status not in UNFINISHED for job in using)]
+    for secret in ended:
+        _api(users[secret][0], connections).delete_secret(secret)
+    return ended
+
+
 def cancel(jobs: List[SweepJob]) -> List[SweepJob]:
-    """Delete the object of each of ``jobs`` not yet ended (its pods go with it); the jobs so cancelled."""
+    """Delete the object of each of ``jobs`` not yet ended (its pods go with it), then the sweep's Secret; the
+    jobs so cancelled."""
     connections: Connections = {}
     waiting = [job for job in jobs if job.kubernetes and job.status in UNFINISHED]
     update(waiting, connections)
@@ -177,4 +233,5 @@ def cancel(jobs: List[SweepJob]) -> List[SweepJob]:
     for job in cancelled:  # deleted, whether the API has let it go yet or still deletes its pods
         _api(job, connections).delete(job.kubernetes["kind"], job.kubernetes["name"])
         observe_kubernetes(job, KubernetesJobState(job.kubernetes["kind"], deleted=True))
+    release_secrets(jobs, connections)
     return cancelled

@@ -4,7 +4,8 @@ Through the official client (``kubernetes``, the extra of that name, imported wh
 made, so that the launcher loads, and the preflight names the extra, without it): the kubeconfig
 (``KUBECONFIG``, else ~/.kube/config) and the cluster profile's context, the namespace the
 profile names. Jobs are custom objects (``CustomObjectsApi``): Trainer v2's TrainJob or the
-training operator's PyTorchJob (``kubernetes_manifests.API`` says where each lives).
+training operator's PyTorchJob (``kubernetes_manifests.API`` says where each lives); a sweep's
+Secret (``kubernetes_secrets``) is a core/v1 object.
 
 How a job stands is the operator's word, its status conditions: a TrainJob ends Complete or
 Failed (and runs while one of its child Jobs is active), a PyTorchJob ends Succeeded or
@@ -123,6 +124,18 @@ class KubernetesJobs:
         try:
             self._call(self.custom.delete_namespaced_custom_object, group, version, self.namespace, plural, name,
                        propagation_policy="Foreground")
+        except _NotFound:
+            return False
+        return True
+
+    def create_secret(self, manifest: Dict[str, Any]) -> None:
+        """Create the Secret (core/v1); what the API answers, which holds the values, is not kept."""
+        self._call(self.core.create_namespaced_secret, self.namespace, manifest)
+
+    def delete_secret(self, name: str) -> bool:
+        """Delete the Secret; False when it was already gone."""
+        try:
+            self._call(self.core.delete_namespaced_secret, name, self.namespace)
         except _NotFound:
             return False
         return True

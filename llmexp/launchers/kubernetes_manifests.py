@@ -23,6 +23,7 @@ from typing import Any, Dict, List, Optional, Tuple, Union, get_args, get_origin
 import yaml
 
 from llmexp.errors import UserError
+from llmexp.launchers.kubernetes_secrets import secret_env
 from llmexp.launchers.placement import hardware_placement
 
 # kind -> (API group, version, plural): what the client's CustomObjectsApi calls take
@@ -142,17 +143,20 @@ def pod_path(cfg, local_path: str) -> str:
 
 
 def render(cfg, name: str, arguments: List[str], run_dir: str, resources: KubernetesResources,
-           labels: Dict[str, str]) -> Dict[str, Any]:
+           labels: Dict[str, str], secret: Optional[str] = None) -> Dict[str, Any]:
     """The job's manifest (a plain dict) of kind ``cfg.cluster.job_kind``.
 
     The pod runs ``torchrun -m llmexp <arguments> hydra.run.dir=<run_dir as pods see it>``;
     ``arguments`` are the point's overrides (the profile included), without ``hydra.run.dir``.
     ``labels`` go on the job and its pods (a sweep's objects are found by them), after the profile's own.
+    ``secret`` names the sweep's Secret, where the container finds the ``LLMEXP_SECRET_<n>`` that
+    ``arguments`` read (``kubernetes_secrets``).
     """
     cluster = cfg.cluster
     labels = {**cluster.labels, **labels}
     command = ["torchrun", "-m", "llmexp", *arguments, f"hydra.run.dir={pod_path(cfg, run_dir)}"]
     env = [{"name": key, "value": str(value)} for key, value in cluster.env.items()]
+    env += secret_env(cluster, arguments, secret)
     mounts = [{"name": RUN_VOLUME, "mountPath": cluster.storage.mount_path}, {"name": SHM_VOLUME, "mountPath": "/dev/shm"}]
     volumes = [{"name": RUN_VOLUME, "persistentVolumeClaim": {"claimName": cluster.storage.claim}},
                {"name": SHM_VOLUME, "emptyDir": {"medium": "Memory"}}]

@@ -20,6 +20,7 @@ from omegaconf import OmegaConf
 
 from llmexp.configuration.compose import cluster_profiles
 from llmexp.configuration.schema import CLUSTER_KINDS
+from llmexp.launchers.kubernetes_secrets import secret_env_problem
 from llmexp.machine.backends import importable
 
 # llmexp/conf/hydra/launcher/slurm.yaml's _target_: a launcher that starts each job's ranks on the nodes it asks for
@@ -72,7 +73,7 @@ class SlurmResources:
 
 def launcher_problem(target: str, cfg) -> Optional[str]:
     """Why the launcher ``target`` (a ``_target_``) cannot take ``cfg``'s jobs at all, else None: a cluster
-    launcher without a profile of its kind, or the Kubernetes one without its extra."""
+    launcher without a profile of its kind, or the Kubernetes one without its extra or with a wrong ``secret_env``."""
     kind = CLUSTER_LAUNCHERS.get(target)
     if kind is None:  # the others start the ranks on this machine
         return None
@@ -81,6 +82,8 @@ def launcher_problem(target: str, cfg) -> Optional[str]:
     if kind == "kubernetes" and (missing := [module for module in KUBERNETES_MODULES if not importable(module)]):
         return (f"hydra/launcher=kubernetes needs {', '.join(missing)}, which this environment lacks: "
                 f"{KUBERNETES_INSTALL}")
+    if kind == "kubernetes":
+        return secret_env_problem(cfg.cluster)
     return None
 
 
