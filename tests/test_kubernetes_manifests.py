@@ -172,8 +172,8 @@ def test_an_unmapped_hardware_or_a_crowded_node_gives_the_reason_and_the_fix():
 @pytest.mark.parametrize("overrides, message", [
     (["cluster=eks_example", "cluster.account=my_project"], "cluster.account is a key of cluster=example and "
      "cluster=localhost; this run has cluster=eks_example, which has no such key"),
-    (["cluster=example", "cluster.namespace=llm"], "cluster.namespace=llm: cluster.namespace is not a key of cluster, "
-     "whose keys are name, account, qos, time_limit_min, setup, hardware."),
+    (["cluster=example", "cluster.namespace=llm"], "cluster.namespace=llm: cluster.namespace is a key of "
+     "cluster=eks_example; this run has cluster=example, which has no such key: choose cluster=eks_example"),
     (["cluster=localhost", "cluster.hardware.h100.efa_per_node=4"], "efa_per_node"),
     (["cluster=eks_example", "cluster.job_kind=MPIJob"], "cluster.job_kind expects one of TrainJob, PyTorchJob"),
 ])

@@ -37,7 +37,7 @@ from .conftest import run_llmexp
     (["cluster=none", "cluster.account=my_project"], "cluster.account is a key of cluster=example and "
      "cluster=localhost; this run has cluster=none, which has no such key: choose cluster=example or drop the override."),
     (["cluster=localhost", "cluster.acount=my_project"],
-     "cluster.acount is not a key of cluster; did you mean cluster.account=my_project?"),
+     "cluster.acount is not a key of cluster=localhost; did you mean cluster.account=my_project?"),
     (["parallelism.shardin=fsdp"],
      "parallelism.shardin is not a key of parallelism; did you mean parallelism.sharding=fsdp?"),
 ])

@@ -173,20 +173,22 @@ def _unknown_key_message(error: OmegaConfBaseException, override: Optional[str])
     schema, full_key = error.object_type, str(error.full_key)
     node = full_key.rpartition(".")[0]
     if is_dataclass(schema):
-        if owned := _owned_elsewhere(error.key, node, schema):
+        parent = error.parent_node
+        named = parent.get("name") if isinstance(parent, DictConfig) and "name" in parent else None
+        if owned := _owned_elsewhere(error.key, node, schema, named):
             return owned
-        return _unknown_key(full_key, _where(full_key, schema), _keys(schema), override)
+        return _unknown_key(full_key, _where(full_key, schema, named), _keys(schema), override)
     if isinstance(error.parent_node, DictConfig):  # a mapping such as pipeline.nodes: its keys are the valid ones
         return _unknown_key(full_key, node, [str(key) for key in error.parent_node], override)
     return None
 
 
-def _owned_elsewhere(key: str, node: str, schema: type) -> Optional[str]:
+def _owned_elsewhere(key: str, node: str, schema: type, named: Optional[str] = None) -> Optional[str]:
     """``key`` belongs to another option of the group whose option ``schema`` is: name it and how to choose it."""
     from llmexp.configuration.compose import option_schemas  # composes with this module's messages, so it imports it first
 
     for group, options in option_schemas().items():
-        chosen = _option_of(options, schema)
+        chosen = _option_of(options, schema, named)
         owners = [name for name, option in options.items() if key in _keys(option)]
         if chosen is not None and owners:
             named = [f"{group}={name}" for name in owners]
@@ -197,22 +199,23 @@ def _owned_elsewhere(key: str, node: str, schema: type) -> Optional[str]:
     return None
 
 
-def _where(full_key: str, schema: type) -> str:
+def _where(full_key: str, schema: type, named: Optional[str] = None) -> str:
     """How a message names the node holding ``full_key``: its option (technique=pretrain), its path, or the config."""
     from llmexp.configuration.compose import option_schemas
 
     node = full_key.rpartition(".")[0]
     for group, options in option_schemas().items():
-        chosen = _option_of(options, schema)
+        chosen = _option_of(options, schema, named)
         if chosen is not None:
             return f"{group}={chosen}" if node == group else f"{node} ({group}={chosen})"
     return node or "the config"
 
 
-def _option_of(options: Dict[str, type], schema: type) -> Optional[str]:
-    """The one option whose schema is ``schema``; None where none is, or several share it (Slurm cluster profiles)."""
+def _option_of(options: Dict[str, type], schema: type, named: Optional[str] = None) -> Optional[str]:
+    """The option whose schema is ``schema``: the only one, or where several share it (Slurm cluster profiles) the
+    one ``named`` (the node's own ``name``); else None."""
     chosen = [name for name, option in options.items() if option is schema]
-    return chosen[0] if len(chosen) == 1 else None
+    return chosen[0] if len(chosen) == 1 else named if named in chosen else None
 
 
 def _unknown_key(full_key: str, where: str, keys: Sequence[str], override: Optional[str]) -> str:
