@@ -285,3 +285,12 @@ def test_a_wrong_secret_env_stops_the_sweep_with_exit_2_writing_nothing(tmp_path
     assert "cluster.secret_env.HF_TOKEN=hf is not <secret name>/<key>" in message
     assert "`kubectl -n llm create secret generic wandb --from-literal=api-key=<value>`" in message
     assert list(tmp_path.iterdir()) == []
+
+
+def test_the_pods_llmexp_resolves_the_typed_secret_from_its_variable(monkeypatch):
+    """The pod's command line passes through llmexp's own secret hiding first: a reference stays a reference."""
+    from llmexp.configuration.secrets import secrets_to_environment
+
+    monkeypatch.setenv("LLMEXP_SECRET_2", "ci:pw-3a9f")  # what secretKeyRef gives the container
+    overrides = secrets_to_environment(["tracker=mlflow", TYPED_SECRET])
+    assert compose_config(overrides).tracker.uri == "https://ci:pw-3a9f@mlflow.example"

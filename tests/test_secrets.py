@@ -78,7 +78,8 @@ def test_a_secret_key_and_its_neighbours():
     assert redact_url_credentials("see https://u:pw@host/x") == f"see https://{REDACTED}@host/x"
     environ = {f"{ENV_PREFIX}0": "someone else's"}  # a variable already in use is left alone
     kept = ["-cn", "config", "--config-dir=sweeps", "x.password=", "x.token=null", "x.api_key=${oc.env:MINE}",
-            "data.pad_token=<pad>", "tracker.uri=http://${oc.env:MINE}@host"]
+            "data.pad_token=<pad>", "tracker.uri=http://${oc.env:MINE}@host",
+            r"tracker.uri=https\://$\{oc.env\:MINE\}@host"]  # as a sweep writes a job's override (a pod's command)
     assert secrets_to_environment([*kept, "x.api_key=k"], environ) == [*kept, f"x.api_key=${{oc.env:{ENV_PREFIX}1}}"]
 
 

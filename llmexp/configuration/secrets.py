@@ -14,7 +14,8 @@ process (``LLMEXP_SECRET_<n>``), and the override reads it back through OmegaCon
 ``${oc.env:...}``. Every record then holds the interpolation, while the job, which
 resolves its config, gets the real value; child processes (joblib workers, torch
 distributed ranks, Slurm jobs, which sbatch starts with the submitting environment)
-inherit the variable.
+inherit the variable; a Kubernetes sweep's pods read it from a Secret of the sweep
+(``llmexp.launchers.kubernetes_secrets``).
 """
 
 from __future__ import annotations
@@ -118,7 +119,7 @@ def _hide_value(head: str, value: str, environ: MutableMapping[str, str]) -> str
 
 def _hide_credentials(match: "re.Match[str]", environ: MutableMapping[str, str]) -> str:
     credentials = match.group(1)
-    if "${" in credentials:  # already an interpolation
+    if "${" in credentials or "$\\{" in credentials:  # already an interpolation (escaped: as a sweep's job has it)
         return match.group(0)
     return _interpolation(credentials, environ) + "@"
 
