@@ -344,6 +344,17 @@ def test_a_secret_typed_on_the_command_line_reaches_the_pods_through_one_secret_
     assert emulator.secrets() == []  # the detached sweep's objects are gone, the ended first sweep's are kept
     assert [obj["metadata"]["labels"]["llmexp.io/sweep"] for obj in emulator.objects()] == [sweep_id] * 2
     outputs += [detached.stdout, detached.stderr, cancelled.stdout, cancelled.stderr]
+
+    gathered_sweep = tmp_path / "fsx" / "gathered"
+    detached = run_llmexp(*launcher_args(tmp_path, "hydra.launcher.detach=true", f"hydra.sweep.dir={gathered_sweep}",
+                                         *secret_args), cwd=tmp_path, env=emulator.env)
+    assert detached.returncode == 0 and len(emulator.secrets()) == 1, detached.stderr[-3000:]
+    for job in jobs_of(gathered_sweep)[:2]:
+        run_finished(job)
+        emulator.set_status(job["kubernetes"]["name"], COMPLETE)
+    gathered = run_llmexp("gather", str(gathered_sweep), cwd=tmp_path, env=emulator.env)
+    assert gathered.returncode == 0 and emulator.secrets() == [], gathered.stderr[-3000:]
+    outputs += [detached.stdout, detached.stderr, gathered.stdout, gathered.stderr]
     assert [text for text in outputs if PASSWORD in text] == []
     files = [path for path in tmp_path.rglob("*") if path.is_file() and path.name != "kubeconfig"]
     assert {"jobs.json", "multirun.yaml", "results.json"} <= {path.name for path in files}
