@@ -12,7 +12,7 @@ stand-in model (``_StageLogits``) that answers its call with the pipeline's logi
 model's own loss on the labels it passes. Which inputs a micro-batch hands the model (input ids, an attention
 mask) every stage learns by calling the loss once with a model that records the call (``model_inputs``).
 Stages exchange hidden states padded to the step's longest micro-batch, so every micro-batch of a step has one
-shape; the schedule is made once per shape.
+shape; a step of another shape than the last makes its schedule anew.
 """
 
 from __future__ import annotations
@@ -184,7 +184,8 @@ class Pipeline:
         self.model, self.loss_fn, self.device = model, loss_fn, device
         self.parallelism = parallelism
         self.module = _StageModule(model, self.groups)
-        self.schedules: Dict[Tuple[int, ...], Any] = {}
+        self._shape: Optional[Tuple[int, ...]] = None  # of the micro-batches ``_current`` runs
+        self._current: Any = None
         self._outputs: List[Any] = []
 
     def step(self, micro_batches: List[Any]) -> Tuple[float, int, Dict[str, float]]:
@@ -239,12 +240,13 @@ class Pipeline:
         return out.loss
 
     def _schedule(self, rows: int, length: int, micro_batches: int):
-        """The schedule for micro-batches of ``rows`` x ``length`` tokens (made once per shape: the stages are
-        told the shapes they exchange, so none is inferred by an extra forward)."""
+        """The schedule for micro-batches of ``rows`` x ``length`` tokens, made again when the shape changes: the
+        stages are told the shapes they exchange (so none is inferred by an extra forward), and only the current
+        shape's receive buffers are kept."""
         from torch.distributed.pipelining import PipelineStage, Schedule1F1B, ScheduleGPipe
 
         key = (rows, length, micro_batches)
-        if key not in self.schedules:
+        if self._shape != key:
             config = causal_lm(self.model).config
             hidden = torch.empty(rows, length, config.hidden_size, device=self.device, requires_grad=True)
             received = torch.zeros(1, dtype=torch.long, device=self.device) if self.groups.first else hidden
@@ -252,8 +254,9 @@ class Pipeline:
             stage = PipelineStage(self.module, self.groups.stage, self.groups.stages, self.device,
                                   input_args=received, output_args=sent, group=self.groups.pipeline)
             kind = {"gpipe": ScheduleGPipe, "1f1b": Schedule1F1B}[self.parallelism.pipeline_schedule]
-            self.schedules[key] = kind(stage, micro_batches, loss_fn=self._loss, scale_grads=True)
-        return self.schedules[key]
+            self._current = kind(stage, micro_batches, loss_fn=self._loss, scale_grads=True)
+            self._shape = key
+        return self._current
 
     def synchronize_gradients(self) -> None:
         """Average over the data-parallel replicas of this stage; sum a tied embedding's over its two stages."""
