@@ -135,6 +135,7 @@ def test_fine_tuning_through_pipeline_stages_matches_one_process(tmp_path, tiny_
     (["parallelism=pp2", "parallelism.global_batch=8"], ["needs at least 2 micro-batches", "parallelism.global_batch"]),
     (["parallelism=pp2", "technique.compile=true"], ["does not compile pipeline stages", "technique.compile=false"]),
     (["parallelism=pp2", "parallelism.sharding=fsdp"], ["parallelism.sharding=none"]),
+    (["parallelism=pp2", "hardware=h100", "precision=fp16"], ["precision=fp16 with parallelism.pp=2", "bf16"]),
     (["parallelism=pp2", "parallelism.pipeline_schedule=zb"], ["parallelism.pipeline_schedule=zb", "gpipe or 1f1b"]),
 ])
 def test_what_pipeline_stages_cannot_train_is_refused_at_plan_time(overrides, names):

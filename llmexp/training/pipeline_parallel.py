@@ -66,6 +66,10 @@ def pipeline_problems(config, key: str, node, technique_refusal: Optional[str]) 
             f"parallelism.pp={p.pp} needs at least {p.pp} micro-batches per step to keep every stage busy, and "
             f"parallelism.global_batch/(micro_batch*dp) = {p.global_batch}/({p.micro_batch}*{p.dp}) gives "
             f"{micro_batches}; raise parallelism.global_batch or lower parallelism.micro_batch.")
+    if getattr(config.precision, "value", config.precision) == "fp16":
+        problems.append(
+            f"precision=fp16 with parallelism.pp={p.pp}: the pipeline's backward runs outside Lightning's loss "
+            "scaling, which fp16 needs; train with precision=bf16 (or fp32).")
     if node.get("compile"):
         problems.append(
             f"{key}.compile=true: the torch backend does not compile pipeline stages; set {key}.compile=false.")
