@@ -15,8 +15,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from llmexp.training.pipeline_parallel import stage_layers
-
 from .conftest import read_results, run_llmexp
 from .test_distributed import COMMAND, losses, metrics
 from .test_planner import only, plan_of
@@ -33,13 +31,6 @@ def runs(tmp_path_factory) -> Path:
         result = run_llmexp(*COMMAND, *overrides, f"hydra.run.dir={name}", cwd=cwd)
         assert result.returncode == 0, f"{name}: {result.stderr[-3000:]}"
     return cwd
-
-
-def test_stage_layers_split_equal_contiguous_blocks():
-    assert stage_layers(8, 4) == [range(0, 2), range(2, 4), range(4, 6), range(6, 8)]
-    assert stage_layers(2, 1) == [range(0, 2)]
-    with pytest.raises(ValueError):
-        stage_layers(6, 4)
 
 
 @pytest.mark.slow

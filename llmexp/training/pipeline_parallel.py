@@ -1,24 +1,14 @@
 """Pipeline parallelism on the torch backend: which layers and ranks each stage holds, and what it refuses.
 
 Ranks are laid out data-parallel outermost: rank = data_rank * pp + stage, so the ``pp`` ranks of one
-data-parallel replica form one pipeline. Pure Python (the planner shows and sizes the stages without
-torch); running the stages is ``llmexp.training.pipeline_stages``.
+data-parallel replica form one pipeline; each stage holds ``llmexp.planning.layout.stage_layers``'s share of the
+layers. Pure Python (plan checks call it); running the stages is ``llmexp.training.pipeline_stages``.
 """
 from typing import Any, Dict, List, Optional
 
+from llmexp.planning.layout import stage_layers
+
 SCHEDULES = ("gpipe", "1f1b")  # torch.distributed.pipelining's ScheduleGPipe and Schedule1F1B
-
-
-def stage_layers(num_layers: int, pp: int) -> List[range]:
-    """Equal contiguous blocks of decoder layers, stage ``i`` holding ``result[i]``.
-
-    The split must be exact (the planner refuses ``num_layers % pp != 0`` at plan time), so every stage
-    does the same work and no stage sets the pipeline's pace alone.
-    """
-    if pp < 1 or num_layers % pp:
-        raise ValueError(f"num_layers={num_layers} does not split into pp={pp} equal stages")
-    per_stage = num_layers // pp
-    return [range(i * per_stage, (i + 1) * per_stage) for i in range(pp)]
 
 
 def stage_of(rank: int, pp: int) -> int:

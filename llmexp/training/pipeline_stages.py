@@ -1,6 +1,6 @@
 """A Hugging Face causal LM trained as pipeline stages with torch.distributed.pipelining (``parallelism.pp > 1``).
 
-Each rank keeps a copy of the model pruned to its stage (``llmexp.training.pipeline_parallel.stage_layers``):
+Each rank keeps a copy of the model pruned to its stage (``llmexp.planning.layout.stage_layers``):
 the layers of other stages become pass-throughs, the input embedding stays on the first stage and the final
 norm and LM head on the last. Parameter names are the full model's, so the stages' state dicts together
 are the full model's state dict. A tied input/output embedding is held by the first and the last stage;
@@ -26,7 +26,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from llmexp.errors import UserError
-from llmexp.training.pipeline_parallel import data_rank_of, pipeline_stages, stage_layers, stage_of
+from llmexp.planning.layout import stage_layers
+from llmexp.training.pipeline_parallel import data_rank_of, pipeline_stages, stage_of
 
 
 @dataclass
