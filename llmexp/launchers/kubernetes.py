@@ -19,8 +19,8 @@ The same shape as ``hydra/launcher=slurm`` (``launchers.cluster_sweep``):
   more, and the tail of its failed pod's log), and exits 1 if any failed, 0 when every job
   completed or was skipped. Ctrl-C leaves the jobs running and prints the command that cancels them.
 
-The pods run the point's overrides with ``torchrun -m llmexp`` in the run directory on the
-profile's shared volume, which this machine mounts too: the launcher reads the results.json
+The pods run the point's overrides with ``torchrun -m llmexp`` (and the sweep's ``--config-name``
+and ``--config-dir``, which must then be on the volume) in the run directory on the profile's shared volume, which this machine mounts too: the launcher reads the results.json
 each job writes there.
 """
 
@@ -36,13 +36,16 @@ from hydra.plugins.launcher import Launcher
 from hydra.types import HydraContext, TaskFunction
 from omegaconf import DictConfig
 
+from llmexp.configuration.compose import CONFIG_NAME
 from llmexp.display import console
 from llmexp.errors import UserError
 from llmexp.launchers.cluster_sweep import (
     compose_points, follow, job_return, nothing_orphaned, record_skipped, remove_sweep_dir,
 )
 from llmexp.launchers.kubernetes_jobs import KubernetesJobs, KubernetesJobState, KubernetesRefused, KubernetesUnreachable
-from llmexp.launchers.kubernetes_manifests import API, job_name, kubernetes_resources, manifests_yaml, render, validate
+from llmexp.launchers.kubernetes_manifests import (
+    API, CONFIG_DIR, job_name, kubernetes_resources, manifests_yaml, pod_path, render, validate,
+)
 from llmexp.launchers.kubernetes_secrets import referenced, sweep_secret, sweep_secret_name
 from llmexp.launchers.sweep_jobs import JOBS_FILE, UNFINISHED, SweepJob, finish, observe_kubernetes, write_jobs
 
@@ -69,7 +72,7 @@ class KubernetesLauncher(Launcher):
         secret_users: Dict[int, List[str]] = {}  # job number -> its overrides, when they read LLMEXP_SECRET_<n>
         for job, cfg, resources, overrides in placed:
             try:
-                manifest = _manifest(cfg, sweep_id, job, resources, overrides)
+                manifest = _manifest(cfg, sweep_id, job, resources, [*self._config_arguments(cfg), *overrides])
             except (UserError, ValueError) as error:  # a run directory off the shared volume, a value the API refuses
                 skipped.append((job, cfg, str(error)))
                 continue
@@ -110,6 +113,19 @@ class KubernetesLauncher(Launcher):
         if code:
             raise SystemExit(code)
         return [job_return(job) for job in jobs]
+
+    def _config_arguments(self, cfg) -> List[str]:
+        """The config the sweep was composed from, for the pod's llmexp: ``--config-name`` (a sweep file's, say) and a
+        ``--config-dir`` as pods see it on the shared volume. Without them a pod would compose its point from the
+        default config, a different experiment."""
+        hydra = self.config.hydra
+        arguments = []
+        for source in hydra.runtime.config_sources:
+            if source.provider == "command-line" and source.schema == "file":
+                arguments.append(f"--config-dir={pod_path(cfg, str(Path(source.path).absolute()), CONFIG_DIR)}")
+        if arguments or hydra.job.config_name != CONFIG_NAME:
+            arguments.append(f"--config-name={hydra.job.config_name}")
+        return arguments
 
     def _submit(self, sweep_dir: Path, jobs: List[SweepJob], manifests, secret: Optional[Dict[str, Any]],
                 secret_users: Set[int]) -> KubernetesJobs:

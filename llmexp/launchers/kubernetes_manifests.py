@@ -123,23 +123,27 @@ def job_name(sweep_id: str, num: int) -> str:
     return f"llmexp-{slug}{suffix}" if slug else f"llmexp{suffix}"
 
 
-def pod_path(cfg, local_path: str) -> str:
-    """``local_path`` (a run directory on this machine) as the pods see it on the shared volume.
+def pod_path(cfg, local_path: str, what: str = "run directory") -> str:
+    """``local_path`` (a run directory or a ``--config-dir`` on this machine) as the pods see it on the shared volume.
 
     The launcher's machine sees the volume at ``cluster.storage.local_path`` (or at ``mount_path``
-    when unset), pods at ``mount_path``; a directory outside the volume is one pods cannot write.
+    when unset), pods at ``mount_path``; a directory outside the volume is one pods cannot reach.
     """
     storage = cfg.cluster.storage
     root = PurePosixPath(posixpath.normpath(storage.local_path or storage.mount_path))
     path = PurePosixPath(posixpath.normpath(local_path))
     if path != root and root not in path.parents:
+        fix = (f"copy it under {root} and pass --config-dir={root}/<dir>" if what == CONFIG_DIR else
+               f"run the sweep from a directory under {root} or set hydra.sweep.dir={root}/<dir>")
         raise UserError(
-            f"the run directory {local_path} is not on cluster={cfg.cluster.name}'s shared volume (claim "
-            f"{storage.claim}, seen here at {root}), so its pods could not write it: run the sweep from a directory "
-            f"under {root} or set hydra.sweep.dir={root}/<dir>, or set cluster.storage.local_path to where this "
-            f"machine mounts the volume."
+            f"the {what} {local_path} is not on cluster={cfg.cluster.name}'s shared volume (claim "
+            f"{storage.claim}, seen here at {root}), so its pods could not reach it: {fix}, or set "
+            "cluster.storage.local_path to where this machine mounts the volume."
         )
     return str(PurePosixPath(storage.mount_path) / path.relative_to(root))
+
+
+CONFIG_DIR = "config directory (--config-dir)"
 
 
 def render(cfg, name: str, arguments: List[str], run_dir: str, resources: KubernetesResources,
@@ -147,7 +151,8 @@ def render(cfg, name: str, arguments: List[str], run_dir: str, resources: Kubern
     """The job's manifest (a plain dict) of kind ``cfg.cluster.job_kind``.
 
     The pod runs ``torchrun -m llmexp <arguments> hydra.run.dir=<run_dir as pods see it>``;
-    ``arguments`` are the point's overrides (the profile included), without ``hydra.run.dir``.
+    ``arguments`` are the sweep's ``--config-name``/``--config-dir`` (as pods see it), if any, and the point's
+    overrides (the profile included), without ``hydra.run.dir``.
     ``labels`` go on the job and its pods (a sweep's objects are found by them), after the profile's own.
     ``secret`` names the sweep's Secret, where the container finds the ``LLMEXP_SECRET_<n>`` that
     ``arguments`` read (``kubernetes_secrets``).
