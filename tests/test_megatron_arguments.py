@@ -55,6 +55,8 @@ LAYOUTS = {
     "tp8": (8, 1, 4, 16, 4, 1, None),
     "tp8_dp2": (8, 1, 4, 32, 4, 2, None),
     "tp8_pp2": (8, 2, 2, 16, 8, 1, None),
+    "pp2": (1, 2, 8, 16, 2, 1, None),
+    "pp2_dp2": (1, 2, 4, 16, 2, 2, None),
     "tp4_pp4_dp4": (4, 4, 1, 64, 16, 4, "full"),
 }
 FSDP_LAYOUTS = ("fsdp2", "fsdp8", "fsdp16")  # Megatron FSDP is not wired in: refused (see the refusals below)
