@@ -23,7 +23,7 @@ from llmexp.configuration.secrets import secrets_to_environment
 
 REPO = Path(__file__).resolve().parents[1]
 # Subcommands whose arguments are not overrides (paths of runs, servers): nothing to compose.
-NOT_COMPOSED = ("serve", "report", "gather", "plugins")
+NOT_COMPOSED = ("serve", "report", "gather", "cancel", "plugins")
 
 
 def readme_commands() -> List[Tuple[List[str], str]]:
