@@ -13,6 +13,7 @@ from pathlib import Path
 
 import pytest
 
+from llmexp.configuration.compose import compose_config
 from tests.conftest import run_llmexp
 
 pytest.importorskip("datasketch")
@@ -145,13 +146,33 @@ def test_the_dask_engine_writes_the_same_bytes_with_near_duplicates_in_other_par
 def test_the_dask_engine_uses_a_running_scheduler_given_by_address(corpus, local_run):
     from distributed import LocalCluster
 
+    from llmexp.plugins.curate.dask_engine import _own_environment
+
     cwd, _ = corpus
-    with LocalCluster(n_workers=1, threads_per_worker=1, processes=True, dashboard_address=None) as cluster:
+    # a LocalCluster here would leave OMP_NUM_THREADS=1 in the tests' environment, and every later run on one thread
+    with _own_environment(), LocalCluster(n_workers=1, threads_per_worker=1, processes=True,
+                                          dashboard_address=None) as cluster:
         finished = curate(cwd, cwd / "address", "technique.engine=dask", f"technique.dask.address={cluster.scheduler_address}")
         transitions = cluster.scheduler.transition_counter
     assert finished.returncode == 0, finished.stderr[-3000:]
     assert transitions > 0  # the tasks ran on this scheduler
     assert outputs(cwd / "address") == outputs(local_run)
+
+
+def test_a_local_dask_cluster_leaves_the_runs_environment_as_it_was(tmp_path):
+    """distributed's nannies set OMP_NUM_THREADS=1 (and more) in the process that starts the workers; a run's later
+    stages, and their ranks, must not inherit it: they would train on one thread."""
+    from llmexp.plugins.curate.dask_engine import DaskEngine
+
+    config = compose_config(["technique=curate", "technique.engine=dask", "technique.dask.workers=1"])
+    before = dict(os.environ)
+    engine = DaskEngine(config, config.technique.dask, tmp_path / "dask-logs")
+    try:
+        assert engine.client.run(lambda: os.environ.get("OMP_NUM_THREADS")) != {}  # the workers run
+        assert dict(os.environ) == before
+    finally:
+        engine.close()
+    assert dict(os.environ) == before
 
 
 def test_a_curation_killed_mid_run_resumes_without_redoing_finished_shards(tmp_path):
@@ -208,7 +229,6 @@ def test_dask_on_slurm_needs_a_cluster_profile_that_places_the_hardware(tmp_path
 def test_the_slurm_workers_job_script_follows_the_cluster_profile(tmp_path):
     from dask_jobqueue import SLURMCluster
 
-    from llmexp.configuration.compose import compose_config
     from llmexp.plugins.curate.dask_engine import slurm_job
 
     config = compose_config(["technique=curate", "cluster=example", "hardware=h100", "technique.engine=dask",

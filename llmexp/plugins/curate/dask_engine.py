@@ -15,7 +15,9 @@ The cluster is a ``LocalCluster`` of ``dask.workers`` processes by default, an e
 from __future__ import annotations
 
 import operator
+import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any, Callable, Dict, Iterator, List, Sequence
 
@@ -63,12 +65,13 @@ class DaskEngine:
 
             self.cluster = SLURMCluster(**{**slurm_job(config, dask), "log_directory": str(log_directory)})
             self.cluster.scale(jobs=dask.workers)
-        else:
-            # processes, not threads: the rules are pure Python and would share one interpreter lock
-            self.cluster = LocalCluster(n_workers=dask.workers, threads_per_worker=dask.threads_per_worker,
-                                        processes=True, memory_limit=dask.worker_memory, dashboard_address=None)
-        self.client = Client(self.cluster)
-        self.client.wait_for_workers(dask.workers, timeout=WORKERS_TIMEOUT_S)
+        with _own_environment():
+            if self.cluster is None:
+                # processes, not threads: the rules are pure Python and would share one interpreter lock
+                self.cluster = LocalCluster(n_workers=dask.workers, threads_per_worker=dask.threads_per_worker,
+                                            processes=True, memory_limit=dask.worker_memory, dashboard_address=None)
+            self.client = Client(self.cluster)
+            self.client.wait_for_workers(dask.workers, timeout=WORKERS_TIMEOUT_S)
 
     def each(self, function: Callable[..., int], shards: Sequence[Shard], *args) -> Iterator[int]:
         """``function(shard, *args)`` for each shard as a task, its results as they come."""
@@ -103,6 +106,23 @@ class DaskEngine:
         self.client.close()
         if self.cluster is not None:
             self.cluster.close()
+
+
+@contextmanager
+def _own_environment() -> Iterator[None]:
+    """This process's environment as it was, once the workers have started.
+
+    distributed's Nanny sets its pre-spawn variables (``OMP_NUM_THREADS=1``, ``MKL_NUM_THREADS=1``,
+    ``OPENBLAS_NUM_THREADS=1``, ``MALLOC_TRIM_THRESHOLD_``) in the process that starts the workers, and leaves them
+    there: for a LocalCluster that is the run's own process, whose later stages would then train on one thread
+    (``llmexp.machine.cpu_threads`` honours ``OMP_NUM_THREADS``) and hand it to their ranks. The workers keep theirs.
+    """
+    saved = dict(os.environ)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
 
 
 def keyed_pieces(shard: Shard, folder: Path, reducers: int, rows_of: Callable, *args) -> List[Dict[int, List[int]]]:
